@@ -1,0 +1,119 @@
+"""Public ops of the Mix Block: validate the arguments, pick a backend, call it.
+
+    ops.mixblock_attention(q, k, v, scale=None, *, backend="auto") -> (N, L) float32
+    ops.mask_mix(logits, x, perm, *, mode="nearest", backend="auto") -> (x_mix, s_mean)
+
+backend: "auto" runs the Triton kernels on CUDA tensors (or on CPU tensors when
+TRITON_INTERPRET=1) and the torch reference otherwise; "triton" and "torch" force one.
+The Triton modules are imported on first use, never at import time.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference
+
+BACKENDS = ("auto", "triton", "torch")
+MODES = ("nearest", "bilinear")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+__all__ = ["mixblock_attention", "mask_mix", "resolve_backend", "BACKENDS", "MODES", "reference"]
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that will run for tensors on `device`: "triton" or "torch"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    usable = device.type == "cuda" or (device.type == "cpu" and triton_interpret())
+    if backend == "auto":
+        return "triton" if usable and triton_available() else "torch"
+    if not triton_available():
+        raise ValueError("backend='triton' needs the triton package: pip install triton")
+    if not usable:
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got device {device}")
+    return "triton"
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_same_device(**tensors: torch.Tensor) -> torch.device:
+    names = list(tensors)
+    first = tensors[names[0]].device
+    for name in names[1:]:
+        if tensors[name].device != first:
+            raise ValueError(f"{name} is on {tensors[name].device} but {names[0]} is on {first}")
+    return first
+
+
+def mixblock_attention(q, k, v, scale=None, *, backend: str = "auto") -> torch.Tensor:
+    """softmax(q @ k^T * scale, -1) @ v with a one-channel v; (N, L) float32, differentiable in q, k, v."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_float(name, t)
+    if q.dim() != 3:
+        raise ValueError(f"q must be (N, L, D), got shape {tuple(q.shape)}")
+    if k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"k must be (N, Lk, D) = ({q.shape[0]}, Lk, {q.shape[2]}) to match q, got shape {tuple(k.shape)}")
+    if v.dim() != 2 or tuple(v.shape) != tuple(k.shape[:2]):
+        raise ValueError(f"v must be (N, Lk) = {tuple(k.shape[:2])} to match k, got shape {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if min(q.shape) == 0 or k.shape[1] == 0:
+        raise ValueError(f"q and k must be non-empty, got shapes {tuple(q.shape)} and {tuple(k.shape)}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    elif not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    device = _check_same_device(q=q, k=k, v=v)
+    if resolve_backend(backend, device) == "triton":
+        from automix_fast.kernels.mixblock_attention import mixblock_attention as triton_op
+
+        return triton_op(q, k, v, float(scale))
+    return reference.mixblock_attention(q, k, v, float(scale))
+
+
+def mask_mix(logits, x, perm, *, mode: str = "nearest", backend: str = "auto"):
+    """x_mix = (1 - s) x + s x[perm], s = sigmoid(interpolate(logits, x's size, mode)).
+
+    Returns (x_mix in x's dtype and memory format, s_mean (N,) float32); differentiable in logits.
+    """
+    _check_float("logits", logits)
+    _check_float("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    n = x.shape[0]
+    if logits.dim() != 4 or logits.shape[0] != n or logits.shape[1] != 1:
+        raise ValueError(f"logits must be (N, 1, h, w) with N = {n}, got shape {tuple(logits.shape)}")
+    if min(x.shape) == 0 or min(logits.shape) == 0:
+        raise ValueError(f"x and logits must be non-empty, got shapes {tuple(x.shape)} and {tuple(logits.shape)}")
+    if not isinstance(perm, torch.Tensor) or perm.dtype != torch.int64 or tuple(perm.shape) != (n,):
+        shape = tuple(perm.shape) if isinstance(perm, torch.Tensor) else type(perm).__name__
+        raise ValueError(f"perm must be an int64 tensor of shape ({n},), got {getattr(perm, 'dtype', None)} {shape}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    device = _check_same_device(x=x, logits=logits, perm=perm)
+    if resolve_backend(backend, device) == "triton":
+        from automix_fast.kernels.mask_mix import mask_mix as triton_op
+
+        return triton_op(logits, x, perm, mode)
+    return reference.mask_mix(logits, x, perm, mode)

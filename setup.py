@@ -1,0 +1,36 @@
+"""automix-fast: AutoMix training with fused Triton kernels and a DALI data path."""
+from setuptools import setup
+
+setup(
+    name="automix-fast",
+    version="0.1.0",
+    description="AutoMix (learned mixup) training engine with fused Triton kernels and DALI loading",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ ships as automix_fast.kernels so the project never claims the global name `kernels`.
+    package_dir={"automix_fast": "automix_fast", "automix_fast.kernels": "kernels"},
+    packages=[
+        "automix_fast",
+        "automix_fast.ops",
+        "automix_fast.models",
+        "automix_fast.mixing",
+        "automix_fast.data",
+        "automix_fast.engine",
+        "automix_fast.kernels",
+    ],
+    package_data={"automix_fast": ["configs/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "triton; platform_system == 'Linux'",
+        "numpy",
+        "pyyaml",
+        "pillow",
+    ],
+    extras_require={
+        "dali": ["nvidia-dali-cuda130"],
+        "dali-cuda120": ["nvidia-dali-cuda120"],
+        "test": ["pytest", "pytest-benchmark"],
+    },
+    entry_points={"console_scripts": ["automix-fast=automix_fast.cli:main"]},
+)
