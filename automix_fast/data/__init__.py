@@ -1,14 +1,19 @@
 """Data: datasets (image folders, CIFAR batches, the embedded default) and their loaders.
 
 `build_loaders(spec)` returns (train_loader, val_loader, info); see docs/INTERNALS.md for the
-loader contract. The DALI loaders live in `automix_fast.data.dali` and are imported only when
+loader contract. `resolve_dataset(spec)` finds the data (auto-detecting CIFAR batches, an image
+folder, or the embedded default when there is no data_dir) and applies the bad-file policy of
+`automix_fast.data.folder` before any loader is built. The DALI loaders live in `automix_fast.data.dali` and are imported only when
 asked for, so the package works where DALI is not installed.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
+
+from ..errors import ConfigError, DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -60,3 +65,90 @@ class DatasetInfo:
     @property
     def num_val(self) -> int:
         return len(self.val_samples) if self.val_samples is not None else len(self.val_arrays[1])
+
+
+DATASETS = ("auto", "embedded", "folder", "cifar10", "cifar100")
+LOADERS = ("torch", "dali")
+AUGS = ("auto", "cifar", "imagenet")
+IMAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate_spec(spec: DataSpec) -> None:
+    """ConfigError naming the first bad field; normalises spec.device to a torch.device."""
+    _require(spec.dataset in DATASETS, f"dataset: unknown '{spec.dataset}'; choose from {', '.join(DATASETS)}")
+    _require(spec.loader in LOADERS, f"loader: unknown '{spec.loader}'; choose from {', '.join(LOADERS)}")
+    _require(spec.aug in AUGS, f"aug: unknown '{spec.aug}'; choose from {', '.join(AUGS)}")
+    for name, low in (("img_size", 8), ("batch_size", 1), ("eval_batch_size", 1), ("workers", 0), ("world_size", 1)):
+        value = getattr(spec, name)
+        _require(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+                 f"{name}: must be an integer >= {low}, got {value!r}")
+    _require(isinstance(spec.rank, int) and 0 <= spec.rank < spec.world_size,
+             f"rank: must be in 0..{spec.world_size - 1}, got {spec.rank!r}")
+    _require(spec.dtype in IMAGE_DTYPES, f"dtype: images must be float32, bfloat16 or float16, got {spec.dtype}")
+    _require(len(spec.mean) == 3 and len(spec.std) == 3 and all(s > 0 for s in spec.std),
+             f"mean/std: need 3 values each and std > 0, got mean={spec.mean} std={spec.std}")
+    _require(spec.dataset in ("auto", "embedded") or spec.data_dir is not None,
+             f"data_dir: dataset '{spec.dataset}' needs a data directory")
+    try:
+        spec.device = torch.device(spec.device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device: {e}") from None
+
+
+def detect_dataset(data_dir: str | None) -> str:
+    """The dataset kind 'auto' means for data_dir (see resolve_dataset)."""
+    from .cifar import find_cifar_dir
+    from .folder import is_image_folder_root
+
+    if data_dir is None:
+        return "embedded"
+    if not os.path.isdir(data_dir):
+        raise DataError(f"data directory not found: {data_dir}")
+    for kind in ("cifar10", "cifar100"):
+        if find_cifar_dir(data_dir, kind) is not None:
+            return kind
+    if is_image_folder_root(data_dir):
+        return "folder"
+    raise DataError(
+        f"cannot tell what dataset {data_dir} holds: expected cifar-10-batches-py/, cifar-100-python/, "
+        "or train/ and val/ folders of class folders"
+    )
+
+
+def resolve_dataset(spec: DataSpec) -> DatasetInfo:
+    """Find and check the data. dataset 'auto': no data_dir -> embedded; a dir that contains or is
+    cifar-10-batches-py / cifar-100-python -> cifar10 / cifar100; a dir with train/ and val/ ->
+    folder. 'embedded' uses data_dir, when given, as the cache directory."""
+    from .folder import resolve_image_folder
+
+    kind = detect_dataset(spec.data_dir) if spec.dataset == "auto" else spec.dataset
+    if kind == "embedded":
+        from .embedded import ensure_embedded_dataset
+
+        cache = spec.data_dir if spec.dataset == "embedded" else None
+        return resolve_image_folder(ensure_embedded_dataset(cache), spec.skip_bad_images, kind="embedded")
+    if kind in ("cifar10", "cifar100"):
+        from .cifar import load_cifar
+
+        return load_cifar(spec.data_dir, kind)
+    return resolve_image_folder(spec.data_dir, spec.skip_bad_images)
+
+
+def build_loaders(spec: DataSpec):
+    """(train_loader, val_loader, info): validate the spec, resolve the data, build the loaders."""
+    validate_spec(spec)
+    info = resolve_dataset(spec)
+    if spec.loader == "dali":
+        from .dali import build_dali_loaders  # imported only here: DALI is an optional extra
+
+        train, val = build_dali_loaders(spec, info)
+    else:
+        from .torch_loader import build_torch_loaders
+
+        train, val = build_torch_loaders(spec, info)
+    return train, val, info

@@ -1,0 +1,5 @@
+import sys
+
+from automix_fast.cli import main
+
+sys.exit(main())

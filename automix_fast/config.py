@@ -1,0 +1,233 @@
+"""The training configuration: one dataclass, its YAML files, and its validation.
+
+Precedence: built-in defaults < `-c/--config FILE` (YAML) < explicit command-line flags.
+Field names are the YAML keys and, with '-' for '_', the flags (timm's names where the
+meaning is the same). The resolved config is saved as `config.yaml` in the run folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+from automix_fast.errors import ConfigError
+
+AUTO = "auto"
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data_dir: str | None = None  # none: the embedded default dataset
+    dataset: str = "auto"  # auto | embedded | folder | cifar10 | cifar100
+    loader: str = "auto"  # auto (dali when installed and useful) | dali | torch
+    workers: int = 2
+    img_size: int | None = None  # none: the model's default
+    aug: str = "auto"  # auto | cifar | imagenet
+    skip_bad_images: bool = False
+    num_classes: int | None = None  # none: from the data; a mismatch is an error
+    # model
+    model: str = "tinynet"
+    # optimisation
+    epochs: int = 15
+    batch_size: int = 64  # per process
+    validation_batch_size: int | None = None
+    opt: str = "sgd"
+    lr: float = 0.1
+    min_lr: float = 0.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    sched: str = "cosine"  # cosine | step | const
+    decay_epochs: list | None = None  # for sched=step
+    warmup_epochs: float = 0.0
+    warmup_lr: float = 1e-5
+    smoothing: float = 0.0
+    # mixing
+    mix: str = "automix"  # vanilla | mixup | cutmix | automix
+    mix_alpha: float | None = None  # none: 1.0 mixup, 0.2 cutmix, 2.0 automix
+    # AutoMix
+    encoder_momentum: float = 0.999
+    encoder_momentum_end: float = 0.999999
+    mask_loss_weight: float = 0.1
+    mask_loss_anneal: bool = False
+    mask_margin: float = 0.1
+    lam_margin: float = 0.08
+    lam_concat: bool = False
+    mask_mode: str = "nearest"  # nearest | bilinear
+    mix_stage: int | None = None  # none: the model's (stage 3 of a ResNet)
+    mix_block_lr: float | None = None  # none: lr
+    mix_block_min_lr: float | None = None  # none: min_lr
+    kernel_backend: str = "auto"  # auto | triton | torch
+    # engine
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool | None = None  # none: on with CUDA
+    amp_dtype: str = "bfloat16"  # bfloat16 | float16
+    channels_last: bool | None = None  # none: on with CUDA
+    torchcompile: bool = False
+    sync_bn: bool = False
+    deterministic: bool = False
+    max_bad_steps: int = 20
+    seed: int = 42
+    # output
+    output: str = "output"
+    experiment: str | None = None
+    resume: str | None = None  # a checkpoint path, or "auto"
+    allow_config_change: bool = False
+    checkpoint_hist: int = 3
+    log_interval: int = 50
+    visualize: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "dataset": ("auto", "embedded", "folder", "cifar10", "cifar100"),
+    "loader": ("auto", "dali", "torch"),
+    "aug": ("auto", "cifar", "imagenet"),
+    "opt": ("sgd", "adamw", "fused_sgd", "apex_sgd"),
+    "sched": ("cosine", "step", "const"),
+    "mix": ("vanilla", "mixup", "cutmix", "automix"),
+    "mask_mode": ("nearest", "bilinear"),
+    "kernel_backend": ("auto", "triton", "torch"),
+    "device": ("auto", "cpu", "cuda"),
+    "amp_dtype": ("bfloat16", "float16"),
+}
+
+# Fields that change what a resumed run computes; resuming with another value is refused
+# unless --allow-config-change.
+RESULT_FIELDS = (
+    "model", "mix", "mix_alpha", "epochs", "batch_size", "lr", "min_lr", "momentum", "weight_decay", "opt",
+    "sched", "warmup_epochs", "smoothing", "encoder_momentum", "encoder_momentum_end", "mask_loss_weight",
+    "mask_loss_anneal", "mask_margin", "lam_margin", "lam_concat", "mask_mode", "mix_stage", "mix_block_lr",
+    "mix_block_min_lr", "seed", "img_size", "num_classes", "dataset", "data_dir",
+)
+
+
+def field_types() -> dict[str, Any]:
+    return {f.name: f.type for f in fields(TrainConfig)}
+
+
+def _coerce(name: str, value: Any, type_str: str) -> Any:
+    """Check and convert one value against the dataclass annotation (kept as a string)."""
+    optional = "None" in type_str
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"config field '{name}' must not be empty")
+    base = type_str.replace(" | None", "").strip()
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config field '{name}' must be true or false, got {value!r}")
+    if base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config field '{name}' must be an integer, got {value!r}")
+        return value
+    if base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config field '{name}' must be a number, got {value!r}")
+        return float(value)
+    if base == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"config field '{name}' must be a string, got {value!r}")
+        return value
+    if base == "list":
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config field '{name}' must be a list, got {value!r}")
+        return list(value)
+    return value
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of field: value")
+    known = field_types()
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"unknown config key '{key}' in {path}")
+    return data
+
+
+def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the YAML values, then explicit overrides; every value checked."""
+    types = field_types()
+    values: dict[str, Any] = {}
+    for source in (file_values or {}, overrides or {}):
+        for key, value in source.items():
+            if key not in types:
+                raise ConfigError(f"unknown config key '{key}'")
+            values[key] = _coerce(key, value, str(types[key]))
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, name: str, what: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"config field '{name}' {what}, got {value!r}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Range and choice checks; one ConfigError naming the first bad field."""
+    for name, choices in CHOICES.items():
+        value = getattr(cfg, name)
+        _require(value in choices, name, f"must be one of {', '.join(choices)}", value)
+    _require(cfg.batch_size >= 1, "batch_size", "must be at least 1", cfg.batch_size)
+    _require(cfg.mix == "vanilla" or cfg.batch_size >= 2, "batch_size", f"must be at least 2 to mix pairs (mix={cfg.mix})", cfg.batch_size)
+    if cfg.validation_batch_size is not None:
+        _require(cfg.validation_batch_size >= 1, "validation_batch_size", "must be at least 1", cfg.validation_batch_size)
+    _require(cfg.epochs >= 1, "epochs", "must be at least 1", cfg.epochs)
+    _require(cfg.workers >= 0, "workers", "must be 0 or more", cfg.workers)
+    if cfg.img_size is not None:
+        _require(cfg.img_size >= 8, "img_size", "must be at least 8", cfg.img_size)
+    if cfg.num_classes is not None:
+        _require(cfg.num_classes >= 2, "num_classes", "must be at least 2", cfg.num_classes)
+    _require(cfg.lr > 0, "lr", "must be positive", cfg.lr)
+    _require(0 <= cfg.min_lr <= cfg.lr, "min_lr", "must be between 0 and lr", cfg.min_lr)
+    _require(0 <= cfg.momentum < 1, "momentum", "must be in [0, 1)", cfg.momentum)
+    _require(cfg.weight_decay >= 0, "weight_decay", "must be 0 or more", cfg.weight_decay)
+    _require(cfg.warmup_epochs >= 0, "warmup_epochs", "must be 0 or more", cfg.warmup_epochs)
+    _require(0 <= cfg.smoothing < 1, "smoothing", "must be in [0, 1)", cfg.smoothing)
+    if cfg.mix_alpha is not None:
+        _require(cfg.mix_alpha > 0, "mix_alpha", "must be positive (Beta(alpha, alpha))", cfg.mix_alpha)
+    _require(0 < cfg.encoder_momentum < 1, "encoder_momentum", "must be in (0, 1)", cfg.encoder_momentum)
+    _require(0 < cfg.encoder_momentum_end < 1, "encoder_momentum_end", "must be in (0, 1)", cfg.encoder_momentum_end)
+    _require(cfg.mask_loss_weight >= 0, "mask_loss_weight", "must be 0 or more", cfg.mask_loss_weight)
+    _require(cfg.mask_margin >= 0, "mask_margin", "must be 0 or more", cfg.mask_margin)
+    _require(0 <= cfg.lam_margin < 0.5, "lam_margin", "must be in [0, 0.5)", cfg.lam_margin)
+    if cfg.mix_stage is not None:
+        _require(cfg.mix_stage >= 1, "mix_stage", "must be at least 1", cfg.mix_stage)
+    if cfg.mix_block_lr is not None:
+        _require(cfg.mix_block_lr > 0, "mix_block_lr", "must be positive", cfg.mix_block_lr)
+    if cfg.mix_block_min_lr is not None:
+        _require(cfg.mix_block_min_lr >= 0, "mix_block_min_lr", "must be 0 or more", cfg.mix_block_min_lr)
+    _require(cfg.max_bad_steps >= 1, "max_bad_steps", "must be at least 1", cfg.max_bad_steps)
+    _require(cfg.checkpoint_hist >= 1, "checkpoint_hist", "must be at least 1", cfg.checkpoint_hist)
+    _require(cfg.log_interval >= 1, "log_interval", "must be at least 1", cfg.log_interval)
+    if cfg.sched == "step":
+        _require(bool(cfg.decay_epochs), "decay_epochs", "must list epochs when sched is step", cfg.decay_epochs)
+
+
+def save_config(cfg: TrainConfig, path: str) -> None:
+    import yaml
+
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def config_changes(old: dict[str, Any], new: TrainConfig) -> list[str]:
+    """Result-changing fields whose values differ between a checkpoint's config and this one."""
+    return [k for k in RESULT_FIELDS if k in old and old[k] != getattr(new, k)]

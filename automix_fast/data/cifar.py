@@ -1,0 +1,91 @@
+"""CIFAR-10 / CIFAR-100 from the official python batches, loaded into memory.
+
+`cifar-10-batches-py/` holds data_batch_1..5, test_batch and batches.meta; `cifar-100-python/`
+holds train, test and meta (fine labels are used). Each batch is a pickle of a dict whose
+b"data" is (N, 3072) uint8 in CHW row order. The whole set is 180 MB at most, so it is read
+once into uint8 NHWC arrays that the resident loader puts on the device.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+
+from ..errors import DataError
+
+CIFAR10_DIR = "cifar-10-batches-py"
+CIFAR100_DIR = "cifar-100-python"
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+_LAYOUT = {
+    # kind: (folder name, train files, val files, label key, meta file, class-names key)
+    "cifar10": (CIFAR10_DIR, [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", "batches.meta", "label_names"),
+    "cifar100": (CIFAR100_DIR, ["train"], ["test"], "fine_labels", "meta", "fine_label_names"),
+}
+
+
+def find_cifar_dir(data_dir: str, kind: str) -> str | None:
+    """The batches folder for `kind` when data_dir is it or contains it, else None."""
+    folder = _LAYOUT[kind][0]
+    inner = os.path.join(data_dir, folder)
+    if os.path.isdir(inner):
+        return inner
+    if os.path.basename(os.path.normpath(data_dir)) == folder and os.path.isdir(data_dir):
+        return data_dir
+    return None
+
+
+def _load_pickle(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise DataError(f"missing CIFAR file: {path}")
+    try:
+        with open(path, "rb") as f:
+            raw = pickle.load(f, encoding="bytes")  # the batches were written by Python 2
+    except Exception as e:  # a damaged pickle can raise nearly anything
+        raise DataError(f"cannot read CIFAR file {path}: {e}") from None
+    # Python-2 pickles have bytes keys; batches re-saved by Python 3 have str keys.
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+
+
+def _load_split(root: str, files: list[str], label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for name in files:
+        batch = _load_pickle(os.path.join(root, name))
+        if "data" not in batch or label_key not in batch:
+            raise DataError(f"CIFAR file {os.path.join(root, name)} has no 'data'/'{label_key}' entry")
+        data = np.asarray(batch["data"], dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3072:
+            raise DataError(f"CIFAR file {os.path.join(root, name)}: data has shape {data.shape}, expected (N, 3072)")
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+    return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
+
+
+def _class_names(root: str, kind: str, num_classes: int) -> list[str]:
+    meta_file, key = _LAYOUT[kind][4], _LAYOUT[kind][5]
+    path = os.path.join(root, meta_file)
+    if os.path.isfile(path):
+        names = _load_pickle(path).get(key)
+        if names is not None and len(names) == num_classes:
+            return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    return CIFAR10_CLASSES[:] if kind == "cifar10" else [f"class_{i:03d}" for i in range(num_classes)]
+
+
+def load_cifar(data_dir: str, kind: str):
+    """DatasetInfo with train_arrays/val_arrays = (uint8 NHWC, int64 labels) for cifar10|cifar100."""
+    from . import DatasetInfo
+
+    if not os.path.isdir(data_dir):
+        raise DataError(f"data directory not found: {data_dir}")
+    root = find_cifar_dir(data_dir, kind)
+    if root is None:
+        raise DataError(f"no {_LAYOUT[kind][0]}/ folder in {data_dir}")
+    _, train_files, val_files, label_key, _, _ = _LAYOUT[kind]
+    train = _load_split(root, train_files, label_key)
+    val = _load_split(root, val_files, label_key)
+    num_classes = 10 if kind == "cifar10" else 100
+    for split, (_, y) in (("train", train), ("test", val)):
+        if len(y) and (y.min() < 0 or y.max() >= num_classes):
+            raise DataError(f"{kind} {split} labels out of range 0..{num_classes - 1} in {root}")
+    return DatasetInfo(kind=kind, root=root, classes=_class_names(root, kind, num_classes), train_arrays=train, val_arrays=val)

@@ -1,0 +1,129 @@
+"""DALI pipeline definitions for image folders (the loader wrapper is `automix_fast.data.dali`).
+
+Import this module only where DALI is installed: it imports nvidia.dali at the top. Every
+pipeline takes its files from an external source (one batch of encoded paths and labels per
+iteration, planned in Python by the loader) and reads them with `fn.io.file.read` on DALI's
+threads, so the loader alone decides the order, the sharding and the size of every batch
+(a partial last validation batch is just a smaller batch, never padding).
+
+The same definitions serve both modes:
+- GPU (`device_id` set): decode on device "mixed" (nvJPEG, the A100/H100 hardware JPEG engine
+  for `hw_decoder_load` of the images), then resize / crop / flip / normalize on the GPU.
+- CPU-only (`device_id=None`): decode with libjpeg-turbo ("cpu"), cpu operators throughout.
+
+Images leave the pipeline normalized, as HWC float (FLOAT16 or FLOAT): a batch is an NHWC
+buffer, which the loader views as a channels-last NCHW tensor without copying.
+"""
+from __future__ import annotations
+
+from nvidia.dali import fn, pipeline_def, types
+
+from .transforms import eval_resize_for
+
+# Decoder settings used on the GPU ("mixed") only. Sized for ImageNet-like JPEGs (mostly around
+# 500x375, a few up to ~6000x6000): the paddings are the per-thread nvJPEG buffers of NVIDIA's
+# ImageNet ResNet-50 DALI example (big enough for the largest ImageNet image, so the decoder
+# never reallocates mid-epoch); 0.65 is DALI's default share for the hardware JPEG decoder.
+# All four still need measuring on the target GPU (bench/bench_loader.py, see bench/README.md).
+GPU_DECODER_LARGE = dict(
+    hw_decoder_load=0.65,
+    preallocate_width_hint=5980,
+    preallocate_height_hint=6430,
+    device_memory_padding=211025920,
+    host_memory_padding=140544512,
+)
+# Tiny images (CIFAR-like, <= 64 px): DALI's default paddings (16 MiB / 8 MiB) are already far
+# larger than any image; no hardware-decoder preallocation.
+GPU_DECODER_SMALL = dict(hw_decoder_load=0.65)
+
+RANDOM_AREA = (0.08, 1.0)
+RANDOM_ASPECT_RATIO = (3 / 4, 4 / 3)
+CIFAR_PAD = 4
+
+
+def _read(source):
+    """`source()` -> one batch of (encoded paths, labels); the files are read on DALI's threads."""
+    paths, labels = fn.external_source(
+        source=source, num_outputs=2, dtype=[types.UINT8, types.INT64], ndim=[1, 0], batch=True
+    )
+    # Labels go through the pipeline with their images so they can never fall out of step.
+    return fn.io.file.read(paths), labels
+
+
+def _decoder_kwargs(gpu: bool, large: bool) -> dict:
+    if not gpu:
+        return {}
+    return dict(GPU_DECODER_LARGE if large else GPU_DECODER_SMALL)
+
+
+def _normalize(images, *, mean, std, out_dtype, crop=None, mirror=None):
+    kwargs = {}
+    if crop is not None:
+        kwargs["crop"] = (crop, crop)
+    if mirror is not None:
+        kwargs["mirror"] = mirror
+    return fn.crop_mirror_normalize(
+        images,
+        dtype=out_dtype,
+        output_layout="HWC",  # NHWC batch = channels-last NCHW view, no copy in torch
+        mean=[255.0 * m for m in mean],
+        std=[255.0 * s for s in std],
+        **kwargs,
+    )
+
+
+@pipeline_def(enable_conditionals=False)
+def train_pipeline(*, source, gpu: bool, img_size: int, aug: str, mean, std, out_dtype):
+    """Training augmentation.
+
+    imagenet: fused decode + random-resized-crop (area [0.08, 1], aspect [3/4, 4/3], ROI decode
+    where the decoder can) -> resize to img_size x img_size -> random flip + normalize.
+    cifar: decode -> shorter side to img_size, center img_size crop -> random crop with 4 px
+    zero padding -> random flip + normalize (torchvision RandomCrop(padding=4) + flip).
+    """
+    data, labels = _read(source)
+    device = "mixed" if gpu else "cpu"
+    mirror = fn.random.coin_flip(probability=0.5)
+    if aug == "imagenet":
+        images = fn.decoders.image_random_crop(
+            data,
+            device=device,
+            output_type=types.RGB,
+            random_area=list(RANDOM_AREA),
+            random_aspect_ratio=list(RANDOM_ASPECT_RATIO),
+            num_attempts=10,
+            **_decoder_kwargs(gpu, large=True),
+        )
+        images = fn.resize(images, resize_x=img_size, resize_y=img_size, interp_type=types.INTERP_LINEAR, antialias=True)
+        images = _normalize(images, mean=mean, std=std, out_dtype=out_dtype, mirror=mirror)
+    else:
+        images = fn.decoders.image(data, device=device, output_type=types.RGB, **_decoder_kwargs(gpu, large=False))
+        images = fn.resize(images, resize_shorter=img_size, interp_type=types.INTERP_LINEAR, antialias=True)
+        images = fn.crop(images, crop=(img_size, img_size))  # center; a no-op copy for square images
+        shift = fn.random.uniform(values=list(range(-CIFAR_PAD, CIFAR_PAD + 1)), shape=[2], dtype=types.INT32)
+        images = fn.slice(
+            images, start=shift, shape=[img_size, img_size], axis_names="HW", out_of_bounds_policy="pad", fill_values=0
+        )
+        images = _normalize(images, mean=mean, std=std, out_dtype=out_dtype, mirror=mirror)
+    return images, labels
+
+
+@pipeline_def(enable_conditionals=False)
+def val_pipeline(*, source, gpu: bool, img_size: int, aug: str, mean, std, out_dtype):
+    """Deterministic evaluation: decode -> shorter side to img_size / 0.875 (imagenet) or img_size
+    (cifar), as the torch loader's `eval_resize_for` -> center crop img_size + normalize."""
+    data, labels = _read(source)
+    images = fn.decoders.image(
+        data, device="mixed" if gpu else "cpu", output_type=types.RGB, **_decoder_kwargs(gpu, aug == "imagenet")
+    )
+    images = fn.resize(images, resize_shorter=eval_resize_for(img_size, aug), interp_type=types.INTERP_LINEAR, antialias=True)
+    images = _normalize(images, mean=mean, std=std, out_dtype=out_dtype, crop=img_size)
+    return images, labels
+
+
+@pipeline_def(enable_conditionals=False)
+def decode_pipeline(*, source, gpu: bool):
+    """Plain decode with the loaders' decoder settings: uint8 HWC RGB at the file's own size (tests)."""
+    data, labels = _read(source)
+    images = fn.decoders.image(data, device="mixed" if gpu else "cpu", output_type=types.RGB, **_decoder_kwargs(gpu, True))
+    return images, labels

@@ -1,0 +1,145 @@
+"""Image folders (ImageFolder layout) and the bad-file policy shared by every loader.
+
+Layout: `DIR/train/<class>/**/<image>` and `DIR/val/<class>/**/<image>`; the label of a file is
+the index of its class folder's name in the sorted list of class names, and train and val must
+hold the same class names. Image files are those ending in .jpg .jpeg .png .bmp .webp (any case);
+other files are ignored, and so are folders and files whose name starts with a dot.
+
+Bad-file policy (the torch and the DALI loaders both read the lists made here, so both follow it):
+every image file is checked cheaply BEFORE training starts, on threads: its first bytes must be a
+JPEG, PNG, BMP or WEBP signature, and its end must be intact (a JPEG ends with the EOI marker
+FF D9, trailing zero padding allowed; a PNG ends with its IEND chunk; BMP and WEBP files are at
+least as long as their header says). This catches garbage and truncated files, the usual damage
+of an interrupted copy, without decoding anything. By default any bad file stops the run with a
+DataError naming the first few paths and the count and suggesting `--skip-bad-images`; with
+skip_bad=True they are dropped and one warning line names them. A file that passes the check but
+fails to decode later still raises in the loader: the check is cheap, not a full decode.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from ..errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"IEND\xaeB`\x82"
+_TAIL_BYTES = 64  # enough to see the JPEG/PNG end markers behind a little padding
+_SHOW_BAD = 3  # paths named in the one-line error / warning
+
+
+def is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def image_problem(path: str) -> str | None:
+    """Why `path` is not a usable image file, or None when the cheap check passes."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(16)
+            f.seek(max(0, size - _TAIL_BYTES))
+            tail = f.read()
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if size == 0:
+        return "empty file"
+    if head.startswith(b"\xff\xd8\xff"):
+        # Encoders and some copy tools pad with zeros after EOI; DALI and PIL accept that.
+        return None if tail.rstrip(b"\x00").endswith(b"\xff\xd9") else "truncated JPEG (no end marker)"
+    if head.startswith(_PNG_SIGNATURE):
+        return None if tail.rstrip(b"\x00").endswith(_PNG_END) else "truncated PNG (no IEND chunk)"
+    if head.startswith(b"BM") and len(head) >= 6:
+        declared = int.from_bytes(head[2:6], "little")
+        return None if size >= declared else "truncated BMP"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        declared = int.from_bytes(head[4:8], "little") + 8
+        return None if size >= declared else "truncated WEBP"
+    return "not a JPEG, PNG, BMP or WEBP file"
+
+
+def find_bad_images(paths: list[str], threads: int = 16) -> list[tuple[str, str]]:
+    """(path, problem) for every path that fails `image_problem`, in input order."""
+    if not paths:
+        return []
+    # The check is I/O bound (two small reads per file): threads overlap the disk latency.
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(paths)))) as pool:
+        problems = list(pool.map(image_problem, paths, chunksize=256))
+    return [(p, why) for p, why in zip(paths, problems) if why is not None]
+
+
+def apply_bad_image_policy(samples: list[tuple[str, int]], skip_bad: bool, where: str) -> list[tuple[str, int]]:
+    """The one place the bad-file policy lives: refuse (default) or drop with one warning line."""
+    bad = find_bad_images([p for p, _ in samples])
+    if not bad:
+        return samples
+    shown = "; ".join(f"{p}: {why}" for p, why in bad[:_SHOW_BAD])
+    more = f" (and {len(bad) - _SHOW_BAD} more)" if len(bad) > _SHOW_BAD else ""
+    if not skip_bad:
+        raise DataError(
+            f"{len(bad)} unreadable image file(s) in {where}: {shown}{more}; "
+            "fix or delete them, or pass --skip-bad-images to leave them out"
+        )
+    print(f"warning: skipping {len(bad)} unreadable image file(s) in {where}: {shown}{more}", file=sys.stderr)
+    dropped = {p for p, _ in bad}
+    return [(p, y) for p, y in samples if p not in dropped]
+
+
+def _list_images(class_dir: str) -> list[str]:
+    """Image files under class_dir, recursively, in a stable (sorted) order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".") and is_image_file(f))
+    return found
+
+
+def scan_image_folder(root: str, skip_bad: bool = False) -> tuple[list[str], list[tuple[str, int]]]:
+    """(classes, samples) of one split folder `root/<class>/...`, checked by the bad-file policy.
+
+    samples are (path, label) with label = index of the class in the sorted class list.
+    """
+    if not os.path.isdir(root):
+        raise DataError(f"data folder not found: {root}")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataError(f"no class folders in {root} (expected {root}/<class>/<image files>)")
+    samples = []
+    for label, name in enumerate(classes):
+        files = _list_images(os.path.join(root, name))
+        if not files:
+            raise DataError(f"class folder '{name}' has no images ({', '.join(IMAGE_EXTENSIONS)}): {os.path.join(root, name)}")
+        samples.extend((p, label) for p in files)
+    samples = apply_bad_image_policy(samples, skip_bad, root)
+    emptied = sorted(set(range(len(classes))) - {y for _, y in samples})
+    if emptied:
+        raise DataError(f"class folder '{classes[emptied[0]]}' has no readable images left in {root}")
+    return classes, samples
+
+
+def is_image_folder_root(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "train")) and os.path.isdir(os.path.join(path, "val"))
+
+
+def resolve_image_folder(data_dir: str, skip_bad: bool = False, kind: str = "folder"):
+    """DatasetInfo of `data_dir/{train,val}/<class>/...`; train and val must name the same classes."""
+    from . import DatasetInfo
+
+    if not os.path.isdir(data_dir):
+        raise DataError(f"data directory not found: {data_dir}")
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(data_dir, split)):
+            raise DataError(f"no {split}/ folder in {data_dir} (expected {data_dir}/train/<class>/... and {data_dir}/val/<class>/...)")
+    classes, train = scan_image_folder(os.path.join(data_dir, "train"), skip_bad)
+    val_classes, val = scan_image_folder(os.path.join(data_dir, "val"), skip_bad)
+    if classes != val_classes:
+        only_train = sorted(set(classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(classes))
+        raise DataError(
+            f"train/ and val/ class folders differ in {data_dir}: "
+            f"only in train: {only_train[:5] or 'none'}; only in val: {only_val[:5] or 'none'}"
+        )
+    return DatasetInfo(kind=kind, root=data_dir, classes=classes, train_samples=train, val_samples=val)

@@ -1,0 +1,291 @@
+"""Torch loaders: a device-resident loader for small datasets and a streaming one for folders.
+
+Resident (`ResidentLoader`): CIFAR arrays, and image folders of small images (the embedded set)
+decoded once into a uint8 NHWC tensor on spec.device. Each batch is an index_select plus, for
+training, one batched pad-crop-flip gather, then normalization: no per-image Python, no workers.
+
+Streaming (`StreamingLoader`): a torch DataLoader whose workers decode with PIL and crop to a
+fixed-size uint8 HWC array (RandomResizedCrop + flip for ImageNet-style training; resize +
+centre crop otherwise); batches are collated as uint8 NHWC (pinned on CUDA), moved with
+non_blocking=True, and converted/normalized on the device, where the CIFAR-style crop and flip
+also run batched. Moving uint8 instead of float32 is 4x less host->device traffic.
+
+Sharding and randomness (both loaders): the train order is a permutation drawn from
+(seed, epoch); rank r takes every world_size-th index from position r, all ranks get the same
+count, and the last partial batch is dropped. Val keeps order: rank r gets the r-th contiguous
+slice, so every sample is seen exactly once over the ranks. Augmentation draws come from
+(seed, epoch, rank) (per sample for worker-side crops), so a run repeats whatever the number of
+workers. Call set_epoch(e) before each epoch, as with DistributedSampler.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import DataError
+from .transforms import (cifar_augment, draw_cifar_params, eval_resize_for, load_rgb, norm_constants,
+                         normalize_to, random_resized_crop, resize_center_crop, resize_uint8_batch)
+
+RESIDENT_MAX_BYTES = 2 << 30  # decoded uint8 size above which a folder is streamed instead
+RESIDENT_MAX_SIDE = 64  # folders of images at most this large (and img_size too) may be resident
+_PROBE_FILES = 32  # files whose header is read to decide whether a folder holds small images
+
+
+def resolve_aug(spec) -> str:
+    """'cifar' (pad-crop-flip) for small images, 'imagenet' (random-resized-crop) otherwise."""
+    if spec.aug != "auto":
+        return spec.aug
+    return "cifar" if spec.img_size <= 64 else "imagenet"
+
+
+def _seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from small integers (seed, epoch, rank, stream)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def train_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's train indices for `epoch`: a strided shard of one shared permutation, whole batches."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, epoch, 0)))
+    per_rank = n // world_size  # equal counts on all ranks keep DDP's collectives in step
+    shard = perm[rank::world_size][:per_rank]
+    return shard[: per_rank // batch_size * batch_size]
+
+
+def val_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of this rank's contiguous val slice; slices tile 0..n exactly."""
+    return rank * n // world_size, (rank + 1) * n // world_size
+
+
+class _Shards:
+    """Epoch bookkeeping and index plans shared by both loaders."""
+
+    def __init__(self, n: int, spec, train: bool):
+        self.n, self.spec, self.train = n, spec, train
+        self.batch_size = spec.batch_size if train else spec.eval_batch_size
+        self.epoch = 0
+        if train and n // spec.world_size < spec.batch_size:
+            raise DataError(
+                f"train set has {n} images: too few for one batch of {spec.batch_size} on each of {spec.world_size} rank(s)"
+            )
+
+    def indices(self) -> torch.Tensor:
+        if self.train:
+            s = self.spec
+            return train_indices(self.n, self.batch_size, s.seed, self.epoch, s.rank, s.world_size)
+        start, stop = val_range(self.n, self.spec.rank, self.spec.world_size)
+        return torch.arange(start, stop)
+
+    @property
+    def num_samples(self) -> int:
+        if self.train:
+            return self.n // self.spec.world_size // self.batch_size * self.batch_size
+        start, stop = val_range(self.n, self.spec.rank, self.spec.world_size)
+        return stop - start
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def aug_generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(_seed(self.spec.seed, self.epoch, self.spec.rank, 1))
+
+
+class _LoaderBase:
+    """The contract surface: len, num_samples, set_epoch, and the device-side finishing step."""
+
+    def __init__(self, n: int, spec, train: bool, aug: str):
+        self.spec, self.train, self.aug = spec, train, aug
+        self.device = spec.device
+        self.shards = _Shards(n, spec, train)
+        self._mean, self._std_inv = norm_constants(spec.mean, spec.std, spec.device)
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    @property
+    def num_samples(self) -> int:
+        return self.shards.num_samples
+
+    @property
+    def batch_size(self) -> int:
+        return self.shards.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.shards.epoch = int(epoch)
+
+    def _cifar_params(self):
+        """Crop offsets and flips for the whole epoch, drawn once and moved to the device once."""
+        if not (self.train and self.aug == "cifar"):
+            return None
+        dy, dx, flip = draw_cifar_params(self.num_samples, self.spec.img_size, self.shards.aug_generator())
+        return dy.to(self.device), dx.to(self.device), flip.to(self.device)
+
+    def _finish(self, images: torch.Tensor, params, start: int) -> torch.Tensor:
+        """uint8 NHWC on device -> augmented (train, cifar) and normalized NCHW."""
+        if params is not None:
+            stop = start + images.shape[0]
+            images = cifar_augment(images, params[0][start:stop], params[1][start:stop], params[2][start:stop])
+        return normalize_to(images, self._mean, self._std_inv, self.spec.dtype, self.spec.channels_last)
+
+
+class ResidentLoader(_LoaderBase):
+    """The whole split as one uint8 NHWC tensor on the device; batches gathered and augmented there."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, spec, train: bool, aug: str):
+        super().__init__(len(labels), spec, train, aug)
+        self.images = images.to(spec.device)
+        self.labels = labels.to(device=spec.device, dtype=torch.int64)
+
+    def __iter__(self):
+        idx = self.shards.indices().to(self.device)
+        params = self._cifar_params()
+        bs = self.batch_size
+        for start in range(0, len(idx), bs):
+            sel = idx[start:start + bs]
+            yield self._finish(self.images.index_select(0, sel), params, start), self.labels.index_select(0, sel)
+
+
+# ----------------------------------------------------------------------------- streaming
+
+class _ImageDataset(torch.utils.data.Dataset):
+    """Items are (index, seed) pairs from the sampler; returns (uint8 HWC size x size, label).
+
+    The source is either a list of (path, label) or in-memory (uint8 NHWC, labels) arrays.
+    mode: 'rrc' (RandomResizedCrop + flip, seeded per sample) or 'fixed' (resize + centre crop).
+    """
+
+    def __init__(self, samples=None, arrays=None, size: int = 224, mode: str = "fixed", resize_to: int | None = None):
+        self.samples, self.arrays = samples, arrays
+        self.size, self.mode, self.resize_to = size, mode, resize_to
+
+    def __len__(self) -> int:
+        return len(self.samples) if self.samples is not None else len(self.arrays[1])
+
+    def _image(self, index: int) -> tuple[Image.Image, int]:
+        if self.samples is not None:
+            path, label = self.samples[index]
+            return load_rgb(path), label
+        return Image.fromarray(self.arrays[0][index]), int(self.arrays[1][index])
+
+    def __getitem__(self, item):
+        index, seed = item
+        img, label = self._image(index)
+        if self.mode == "rrc":
+            return random_resized_crop(img, self.size, np.random.default_rng(seed)), label
+        return resize_center_crop(img, self.size, self.resize_to), label
+
+
+class _ShardSampler(torch.utils.data.Sampler):
+    """Yields (index, per-sample seed) for this rank and the current epoch of `shards`."""
+
+    def __init__(self, shards: _Shards):
+        self.shards = shards
+
+    def __iter__(self):
+        idx = self.shards.indices().tolist()
+        s = self.shards.spec
+        seeds = np.random.default_rng(_seed(s.seed, self.shards.epoch, s.rank, 2)).integers(0, 2**62, len(idx))
+        return iter(zip(idx, seeds.tolist()))
+
+    def __len__(self) -> int:
+        return self.shards.num_samples
+
+
+def _collate(batch):
+    images = torch.from_numpy(np.stack([b[0] for b in batch]))
+    labels = torch.tensor([b[1] for b in batch], dtype=torch.int64)
+    return images, labels
+
+
+class StreamingLoader(_LoaderBase):
+    """DataLoader workers decode and crop to uint8; conversion and normalization run on the device."""
+
+    def __init__(self, dataset: _ImageDataset, spec, train: bool, aug: str):
+        super().__init__(len(dataset), spec, train, aug)
+        workers = spec.workers
+        self.loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=_ShardSampler(self.shards),
+            num_workers=workers,
+            collate_fn=_collate,
+            pin_memory=spec.device.type == "cuda",
+            drop_last=train,
+            persistent_workers=workers > 0,  # forking workers every epoch costs seconds on big sets
+            prefetch_factor=4 if workers > 0 else None,
+        )
+
+    def __iter__(self):
+        params = self._cifar_params()
+        start = 0
+        for images, labels in self.loader:
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            yield self._finish(images, params, start), labels
+            start += images.shape[0]
+
+
+# ----------------------------------------------------------------------------- choosing and building
+
+def _probe_small(samples: list[tuple[str, int]]) -> bool:
+    """True when evenly spaced files (header only, no decode) are all at most RESIDENT_MAX_SIDE."""
+    step = max(1, len(samples) // _PROBE_FILES)
+    for path, _ in samples[::step][:_PROBE_FILES]:
+        try:
+            with Image.open(path) as img:
+                if max(img.size) > RESIDENT_MAX_SIDE:
+                    return False
+        except OSError:
+            return False  # let the streaming loader raise its precise decode error later
+    return True
+
+
+def folder_fits_resident(info, spec, aug: str) -> bool:
+    """Small-image folders (e.g. the embedded set) with CIFAR-style aug are decoded once into memory."""
+    if aug != "cifar" or spec.img_size > RESIDENT_MAX_SIDE:
+        return False
+    total = (info.num_train + info.num_val) * spec.img_size ** 2 * 3
+    return total <= RESIDENT_MAX_BYTES and _probe_small(info.train_samples) and _probe_small(info.val_samples)
+
+
+def decode_folder(samples: list[tuple[str, int]], size: int, threads: int | None = None):
+    """All images decoded, resized (shorter side) and centre-cropped to size: (uint8 NHWC, int64)."""
+    out = np.empty((len(samples), size, size, 3), dtype=np.uint8)
+
+    def fill(i: int) -> None:
+        out[i] = resize_center_crop(load_rgb(samples[i][0]), size)
+
+    threads = threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=threads) as pool:  # PIL releases the GIL while decoding
+        list(pool.map(fill, range(len(samples)), chunksize=64))
+    return out, np.array([y for _, y in samples], dtype=np.int64)
+
+
+def _resident_pair(arrays, spec, train: bool, aug: str) -> ResidentLoader:
+    images = resize_uint8_batch(torch.from_numpy(np.ascontiguousarray(arrays[0])), spec.img_size)
+    return ResidentLoader(images, torch.from_numpy(np.asarray(arrays[1])), spec, train, aug)
+
+
+def build_torch_loaders(spec, info):
+    """(train_loader, val_loader) for a resolved dataset, resident when it fits, else streaming."""
+    aug = resolve_aug(spec)
+    if info.train_arrays is not None and aug == "cifar":
+        return _resident_pair(info.train_arrays, spec, True, aug), _resident_pair(info.val_arrays, spec, False, aug)
+    if info.train_samples is not None and folder_fits_resident(info, spec, aug):
+        train = decode_folder(info.train_samples, spec.img_size)
+        val = decode_folder(info.val_samples, spec.img_size)
+        return _resident_pair(train, spec, True, aug), _resident_pair(val, spec, False, aug)
+    return _streaming(info, spec, True, aug), _streaming(info, spec, False, aug)
+
+
+def _streaming(info, spec, train: bool, aug: str) -> StreamingLoader:
+    source = dict(samples=info.train_samples if train else info.val_samples) if info.train_samples is not None \
+        else dict(arrays=info.train_arrays if train else info.val_arrays)
+    if train and aug == "imagenet":
+        dataset = _ImageDataset(**source, size=spec.img_size, mode="rrc")
+    else:  # cifar-style train (crop/flip follow on the device) and every eval: a fixed-size view
+        dataset = _ImageDataset(**source, size=spec.img_size, mode="fixed", resize_to=eval_resize_for(spec.img_size, aug))
+    return StreamingLoader(dataset, spec, train, aug)

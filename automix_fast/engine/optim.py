@@ -1,0 +1,68 @@
+"""Optimizers: SGD (fused on CUDA), AdamW, and apex's FusedSGD when it is installed.
+
+Note for timm users: `sgd` here is plain momentum SGD (nesterov only with `nesterov=True`),
+as in the AutoMix/OpenMixup recipes; timm's `sgd` means nesterov.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from automix_fast.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adamw", "fused_sgd", "apex_sgd")
+
+
+def param_groups_weight_decay(model: nn.Module, weight_decay: float, no_decay_1d: bool = True,
+                              skip: tuple[str, ...] = ()) -> list[dict]:
+    """Two groups, timm style: weights with decay, and biases/norm weights (every parameter
+    with ndim <= 1 when `no_decay_1d`) plus names in `skip` without. Frozen parameters are left
+    out; empty groups are dropped. Decaying BN scales and biases only hurts accuracy."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if (no_decay_1d and p.ndim <= 1) or name.endswith(".bias") or name in skip:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _with_fast_path(cls, params, device, **kwargs) -> torch.optim.Optimizer:
+    """fused=True on CUDA (one kernel for all parameters), foreach if fused is refused there
+    (older torch, or a dtype the fused kernel lacks); torch's default on CPU."""
+    if device is not None and torch.device(device).type == "cuda":
+        try:
+            return cls(params, fused=True, **kwargs)
+        except (RuntimeError, ValueError, TypeError):
+            return cls(params, foreach=True, **kwargs)
+    return cls(params, **kwargs)
+
+
+def build_optimizer(param_groups, opt: str = "sgd", *, lr: float, momentum: float = 0.9,
+                    weight_decay: float = 0.0, nesterov: bool = False, device=None,
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+    """`--opt sgd|adamw|fused_sgd|apex_sgd`. `param_groups` is an iterable of parameters or of
+    group dicts; a group's own `lr`/`weight_decay` override the arguments. `device`: where the
+    parameters live (a fused kernel is chosen for CUDA)."""
+    params = list(param_groups)
+    if lr <= 0:
+        raise ConfigError(f"lr must be > 0, got {lr}")
+    if opt == "sgd":
+        if nesterov and momentum <= 0:
+            raise ConfigError("nesterov needs momentum > 0")
+        return _with_fast_path(torch.optim.SGD, params, device, lr=lr, momentum=momentum,
+                               weight_decay=weight_decay, nesterov=nesterov)
+    if opt == "adamw":
+        return _with_fast_path(torch.optim.AdamW, params, device, lr=lr, betas=tuple(betas), eps=eps,
+                               weight_decay=weight_decay)
+    if opt in ("fused_sgd", "apex_sgd"):
+        try:  # NVIDIA apex; the PyPI package named `apex` is unrelated and has no `apex.optimizers`
+            from apex.optimizers import FusedSGD
+        except ImportError:
+            raise ConfigError(f"opt '{opt}' needs NVIDIA apex (apex.optimizers.FusedSGD), which is not "
+                              "installed; use --opt sgd (fused on CUDA already)") from None
+        return FusedSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    raise ConfigError(f"unknown opt '{opt}'; choose from: {', '.join(OPTIMIZERS)}")

@@ -1,0 +1,340 @@
+"""`automix-fast train`: build everything from a resolved TrainConfig and run it.
+
+Single process or under torchrun (DDP by gradient all-reduce: the policies run several
+forwards per step, which DDP's wrapper does not support without a static graph). Lambdas are
+shared by all ranks (drawn from (seed, step)); permutations are drawn per rank over its own
+shard. BN running statistics are averaged over ranks before each evaluation and checkpoint.
+Only rank 0 prints, logs and writes files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from automix_fast.config import TrainConfig, config_changes, save_config
+from automix_fast.errors import CheckpointError, ConfigError, UserError
+
+FORMAT = "automix-fast/1"
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checks it at each step boundary. A second SIGINT aborts."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint at the end of this step", file=sys.stderr, flush=True)
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test runner thread)
+                pass
+        return self
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no CUDA device is available (use --device cpu)")
+    return torch.device(name)
+
+
+def resolve_loader(name: str) -> str:
+    if name != "auto":
+        return name
+    from automix_fast.data.dali import dali_available
+
+    return "dali" if dali_available() else "torch"
+
+
+def run_dir_for(cfg: TrainConfig) -> Path:
+    if cfg.experiment:
+        return Path(cfg.output) / cfg.experiment
+    if cfg.resume and cfg.resume != "auto":
+        return Path(cfg.resume).resolve().parent
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model}-{cfg.mix}"
+    return Path(cfg.output) / name
+
+
+def flat_allreduce_mean(tensors: list[torch.Tensor]) -> None:
+    """Average tensors over ranks in one collective (gradients, BN statistics)."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    if not tensors:
+        return
+    flat = _flatten_dense_tensors(tensors)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for t, synced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+        t.copy_(synced)
+
+
+def average_bn_stats(module: torch.nn.Module) -> None:
+    bufs = [b for name, b in module.named_buffers() if name.endswith(("running_mean", "running_var"))]
+    flat_allreduce_mean(bufs)
+
+
+class Trainer:
+    """Everything one training run holds, built from a config."""
+
+    def __init__(self, cfg: TrainConfig, *, quiet: bool = False):
+        from automix_fast.data import DataSpec, build_loaders
+        from automix_fast.engine.distributed import init_distributed
+        from automix_fast.engine.optim import build_optimizer
+        from automix_fast.engine.schedule import build_schedule
+        from automix_fast.engine.train import StepGuard
+        from automix_fast.mixing import build_mixer
+        from automix_fast.models import create_model
+
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dist = init_distributed(self.device.type)
+        if self.dist.is_distributed and self.device.type == "cuda":
+            self.device = self.dist.device
+        self.is_main = self.dist.is_main
+        self.quiet = quiet or not self.is_main
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        cuda = self.device.type == "cuda"
+        use_amp = cfg.amp if cfg.amp is not None else cuda
+        self.amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.amp_dtype] if use_amp else None
+        self.channels_last = cfg.channels_last if cfg.channels_last is not None else cuda
+
+        torch.manual_seed(cfg.seed)  # same on every rank: identical initial weights
+        probe = create_model(cfg.model, num_classes=2)  # unknown model names fail before any data work
+        img_size = cfg.img_size or probe.default_img_size
+        self.mix_stage = cfg.mix_stage or probe.mix_stage
+        if self.mix_stage > probe.num_stages:
+            raise ConfigError(f"config field 'mix_stage' must be at most {probe.num_stages} for {cfg.model}, got {self.mix_stage}")
+        del probe
+        self.loader_kind = resolve_loader(cfg.loader)
+        self.spec = DataSpec(
+            dataset=cfg.dataset, data_dir=cfg.data_dir, img_size=img_size, batch_size=cfg.batch_size,
+            eval_batch_size=cfg.validation_batch_size or 2 * cfg.batch_size, workers=cfg.workers,
+            device=self.device, channels_last=self.channels_last,
+            dtype=self.amp_dtype if (self.amp_dtype is not None and cuda) else torch.float32,
+            loader=self.loader_kind, aug=cfg.aug, rank=self.dist.rank, world_size=self.dist.world_size,
+            seed=cfg.seed, skip_bad_images=cfg.skip_bad_images,
+        )
+        self.train_loader, self.val_loader, self.info = build_loaders(self.spec)
+        if len(self.train_loader) == 0:
+            raise UserError(
+                f"batch size {cfg.batch_size} x {self.dist.world_size} process(es) is larger than the "
+                f"{self.info.num_train} training images: no full batch to train on"
+            )
+        num_classes = self.info.num_classes
+        if cfg.num_classes is not None and cfg.num_classes != num_classes:
+            raise ConfigError(f"config field 'num_classes' is {cfg.num_classes} but the data has {num_classes} classes")
+        self.num_classes = num_classes
+
+        torch.manual_seed(cfg.seed)
+        model = create_model(cfg.model, num_classes=num_classes, mix_head=cfg.mix == "automix")
+        if cfg.sync_bn and self.dist.is_distributed:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.mixer = build_mixer(
+            cfg.mix, model, alpha=cfg.mix_alpha, seed=cfg.seed, rank=self.dist.rank, smoothing=cfg.smoothing,
+            momentum_base=cfg.encoder_momentum, momentum_end=cfg.encoder_momentum_end,
+            mask_loss_weight=cfg.mask_loss_weight, mask_loss_anneal=cfg.mask_loss_anneal,
+            mask_margin=cfg.mask_margin, lam_margin=cfg.lam_margin, lam_concat=cfg.lam_concat,
+            mask_mode=cfg.mask_mode, mix_stage=self.mix_stage, kernel_backend=cfg.kernel_backend,
+        ).to(self.device)
+        if cfg.torchcompile:
+            self.model.compile()
+            if hasattr(self.mixer, "momentum_encoder"):
+                self.mixer.momentum_encoder.compile()
+        groups = self.mixer.param_groups(
+            cfg.lr, cfg.weight_decay, cfg.min_lr, mix_block_lr=cfg.mix_block_lr, mix_block_min_lr=cfg.mix_block_min_lr
+        )
+        self.optimizer = build_optimizer(groups, cfg.opt, lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay, device=self.device)
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.schedule = build_schedule(
+            cfg.sched, [g["lr"] for g in groups], total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+            warmup_steps=int(cfg.warmup_epochs * self.steps_per_epoch), floors=[g["min_lr"] for g in groups],
+            decay_milestones=cfg.decay_epochs or (), warmup_lr=cfg.warmup_lr,
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        self.guard = StepGuard(self.device)
+        self.run_dir = run_dir_for(cfg)
+        self.start_epoch, self.start_batch, self.history = 0, 0, []
+        self.best = None
+
+    # ------------------------------------------------------------------ state
+    def state(self, next_epoch: int, next_batch: int) -> dict:
+        from automix_fast.engine.checkpoint import rng_state
+
+        return {
+            "format": FORMAT,
+            "config": self.cfg.to_dict(),
+            "model_name": self.cfg.model,
+            "num_classes": self.num_classes,
+            "classes": list(self.info.classes),
+            "next_epoch": next_epoch,
+            "next_batch": next_batch,
+            "mixer": self.mixer.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "skipped_steps": int(self.guard.skipped.item()),
+            "rng": rng_state(),
+            "history": json.dumps(self.history),
+        }
+
+    def load_state(self, path, state: dict) -> None:
+        from automix_fast.engine.checkpoint import set_rng_state
+
+        if state.get("format") != FORMAT:
+            raise CheckpointError(f"{path} is not an automix-fast training checkpoint")
+        if state.get("model_name") != self.cfg.model or state.get("num_classes") != self.num_classes:
+            raise CheckpointError(
+                f"{path} holds a {state.get('model_name')} with {state.get('num_classes')} classes, "
+                f"but this run is a {self.cfg.model} with {self.num_classes} classes"
+            )
+        changed = config_changes(state.get("config", {}), self.cfg)
+        if changed and not self.cfg.allow_config_change:
+            old = state["config"]
+            details = ", ".join(f"{k}: {old[k]!r} -> {getattr(self.cfg, k)!r}" for k in changed)
+            raise ConfigError(f"resuming {path} with a changed config ({details}); pass --allow-config-change to accept")
+        try:
+            self.mixer.load_state_dict(state["mixer"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path} does not match this model: {str(e).splitlines()[0]}") from None
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.guard.skipped.fill_(state.get("skipped_steps", 0))
+        set_rng_state(state["rng"])
+        self.start_epoch, self.start_batch = state["next_epoch"], state["next_batch"]
+        self.history = json.loads(state.get("history", "[]"))
+
+    def log(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, flush=True)
+
+    # ------------------------------------------------------------------ run
+    def fit(self) -> dict:
+        from automix_fast.engine.checkpoint import CheckpointManager, resolve_resume
+        from automix_fast.engine.metrics import MetricLogger, ProgressLine
+        from automix_fast.engine.train import evaluate, train_one_epoch
+
+        cfg = self.cfg
+        if cfg.resume == "auto" and not cfg.experiment:
+            raise ConfigError("--resume auto needs --experiment NAME (the run folder to continue)")
+        manager = CheckpointManager(self.run_dir, keep_recent=cfg.checkpoint_hist)
+        found = resolve_resume(cfg.resume, self.run_dir) if cfg.resume else None
+        if found is not None:
+            path, state = found
+            self.load_state(path, state)
+            manager.restore(state)
+            self.log(f"resumed from {path} at epoch {self.start_epoch + 1}, batch {self.start_batch}")
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, str(self.run_dir / "config.yaml"))
+        logger = MetricLogger(self.run_dir, enabled=self.is_main)
+        self.log(
+            f"automix-fast: {cfg.mix} on {self.info.kind} ({self.info.num_train} train / {self.info.num_val} val, "
+            f"{self.num_classes} classes, {self.spec.img_size}px), {cfg.model}, {self.device.type}"
+            f"{' x' + str(self.dist.world_size) if self.dist.is_distributed else ''}, loader {self.loader_kind}, "
+            f"amp {self.amp_dtype and str(self.amp_dtype).replace('torch.', '')}, "
+            f"{'channels-last' if self.channels_last else 'NCHW'}, {cfg.epochs} epochs x {self.steps_per_epoch} steps"
+        )
+        self.log(f"run folder: {self.run_dir}")
+        grad_sync = flat_allreduce_mean if self.dist.is_distributed else None
+        reduce = None
+        if self.dist.is_distributed:
+            from automix_fast.engine.distributed import all_reduce_sum
+
+            reduce = all_reduce_sum
+        stop = StopFlag().install()
+        t_run = time.perf_counter()
+        eval_result = self.history[-1]["eval"] if self.history else {}
+        try:
+            for epoch in range(self.start_epoch, cfg.epochs):
+                skip = self.start_batch if epoch == self.start_epoch else 0
+                progress = ProgressLine(epoch + 1, cfg.epochs, self.steps_per_epoch, log_interval=cfg.log_interval,
+                                        enabled=not self.quiet)
+                progress.step = skip
+
+                def on_log(i, values, epoch=epoch):
+                    logger.log("train", values, epoch=epoch + 1, step=epoch * self.steps_per_epoch + i)
+
+                result = train_one_epoch(
+                    self.mixer, self.train_loader, self.optimizer, self.schedule, epoch=epoch,
+                    start_step=epoch * self.steps_per_epoch, total_steps=self.total_steps, amp_dtype=self.amp_dtype,
+                    guard=self.guard, scaler=self.scaler, grad_sync=grad_sync, skip_batches=skip,
+                    log_interval=cfg.log_interval, on_log=on_log, progress=progress, should_stop=stop,
+                    max_bad_steps=cfg.max_bad_steps,
+                )
+                progress.close()
+                if self.dist.is_distributed:
+                    average_bn_stats(self.mixer)
+                if result.stopped and skip + result.steps < self.steps_per_epoch:
+                    if self.is_main:
+                        manager.save_last(self.state(epoch, skip + result.steps))
+                    self.log(f"stopped by {signal.Signals(stop.signal).name}; checkpoint written to {self.run_dir / 'last.pt'}")
+                    self.log(f"continue with: automix-fast train --resume auto --output {cfg.output} --experiment {self.run_dir.name}")
+                    return {"stopped": True, "run_dir": str(self.run_dir)}
+                eval_result = evaluate(self.mixer, self.val_loader, amp_dtype=self.amp_dtype, device=self.device, reduce=reduce)
+                main_head = next(iter(self.mixer.eval_heads()))
+                self.history.append({"epoch": epoch + 1, "train": result.means, "eval": eval_result})
+                logger.log("eval", eval_result, epoch=epoch + 1, step=(epoch + 1) * self.steps_per_epoch)
+                self.log("  eval " + "  ".join(
+                    f"{h} {eval_result[h + '_top1']:.2f}/{eval_result[h + '_top5']:.2f}" for h in self.mixer.eval_heads()
+                ) + "  (top-1/top-5 %)")
+                if self.is_main:
+                    manager.save(self.state(epoch + 1, 0), epoch + 1, metric=eval_result[main_head + "_top1"])
+                if stop():
+                    self.log(f"stopped by {signal.Signals(stop.signal).name} after epoch {epoch + 1}; continue with --resume auto")
+                    return {"stopped": True, "run_dir": str(self.run_dir)}
+        finally:
+            stop.restore()
+            logger.close()
+        summary = {
+            "run_dir": str(self.run_dir),
+            "mix": cfg.mix,
+            "model": cfg.model,
+            "epochs": cfg.epochs,
+            "eval": eval_result,
+            "heads": list(self.mixer.eval_heads()),
+            "skipped_steps": int(self.guard.skipped.item()),
+            "train_seconds": time.perf_counter() - t_run,
+            "stopped": False,
+        }
+        if self.is_main:
+            with open(self.run_dir / "summary.json", "w") as f:
+                json.dump(summary, f, indent=2)
+            if cfg.visualize and cfg.mix == "automix":
+                from automix_fast.visualize import write_mix_grid
+
+                png = write_mix_grid(self.mixer, self.val_loader, self.run_dir / "mixes.png", self.spec)
+                summary["mixes_png"] = str(png)
+        return summary

@@ -1,0 +1,123 @@
+"""Learning-rate schedules as pure functions of the global step.
+
+No scheduler object carries state across steps, so a resumed run only needs its step count:
+`schedule.apply(optimizer, step)` before each optimizer step gives the same LRs as an
+uninterrupted run. Every schedule has one base LR per parameter group (the Mix Block can have
+its own LR and floor) and an optional linear warmup.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from automix_fast.errors import ConfigError
+
+SCHEDULES = ("cosine", "step", "const")
+
+
+def cosine_anneal(start: float, end: float, step: float, total: float) -> float:
+    """Half-cosine from `start` (step 0) to `end` (step >= total), clamped outside [0, total].
+
+    Used for the mask-loss weight (0.1 -> 0) and, as `cosine_anneal(base, end, t, T)`, for the
+    momentum-encoder schedule of DESIGN §1.1 (the same formula).
+    """
+    t = 1.0 if total <= 0 else min(max(step / total, 0.0), 1.0)
+    return end + (start - end) * (1.0 + math.cos(math.pi * t)) / 2.0
+
+
+def _per_group(value, n: int, name: str) -> list[float]:
+    values = [float(value)] * n if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} values for {n} parameter groups")
+    return values
+
+
+class LRSchedule:
+    """Linear warmup from a start LR to each group's base LR, then `_decayed(step)`.
+
+    The start LR is `warmup_lr` when given (timm's absolute --warmup-lr), else
+    `base * warmup_start_factor`.
+    """
+
+    def __init__(self, base_lrs: Sequence[float] | float, *, warmup_steps: int = 0,
+                 warmup_start_factor: float = 0.0, warmup_lr: float | None = None):
+        self.base_lrs = ([float(base_lrs)] if isinstance(base_lrs, (int, float))
+                         else [float(b) for b in base_lrs])
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.warmup_steps = int(warmup_steps)
+        self.warmup_start = ([float(warmup_lr)] * len(self.base_lrs) if warmup_lr is not None
+                             else [b * warmup_start_factor for b in self.base_lrs])
+
+    def _decayed(self, step: int) -> list[float]:
+        raise NotImplementedError
+
+    def lr_at(self, step: int) -> list[float]:
+        """The LR of every parameter group for global step `step` (0-based)."""
+        if step < self.warmup_steps:
+            frac = step / self.warmup_steps
+            return [s + (b - s) * frac for s, b in zip(self.warmup_start, self.base_lrs)]
+        return self._decayed(step)
+
+    def apply(self, optimizer, step: int) -> list[float]:
+        """Set each param group's lr for `step`; returns the LRs (for logging)."""
+        lrs = self.lr_at(step)
+        if len(optimizer.param_groups) != len(lrs):
+            raise ValueError(f"schedule has {len(lrs)} groups, optimizer has {len(optimizer.param_groups)}")
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        return lrs
+
+
+class CosineSchedule(LRSchedule):
+    """After warmup: `floor + (base - floor) * (1 + cos(pi * t)) / 2`, t from 0 at the end of
+    warmup to 1 at `total_steps`, and the floor after that."""
+
+    def __init__(self, total_steps: int, base_lrs: Sequence[float] | float, *,
+                 floors: Sequence[float] | float = 0.0, **warmup):
+        super().__init__(base_lrs, **warmup)
+        self.total_steps = int(total_steps)
+        self.floors = _per_group(floors, len(self.base_lrs), "floors")
+
+    def _decayed(self, step: int) -> list[float]:
+        span = self.total_steps - self.warmup_steps
+        return [cosine_anneal(b, f, step - self.warmup_steps, span)
+                for b, f in zip(self.base_lrs, self.floors)]
+
+
+class StepSchedule(LRSchedule):
+    """After warmup: base * gamma ** (number of milestones <= step); milestones in steps."""
+
+    def __init__(self, milestones: Sequence[int], base_lrs: Sequence[float] | float, *,
+                 gamma: float = 0.1, **warmup):
+        super().__init__(base_lrs, **warmup)
+        self.milestones = sorted(int(m) for m in milestones)
+        self.gamma = float(gamma)
+
+    def _decayed(self, step: int) -> list[float]:
+        k = sum(step >= m for m in self.milestones)
+        return [b * self.gamma**k for b in self.base_lrs]
+
+
+class ConstSchedule(LRSchedule):
+    """After warmup: the base LR."""
+
+    def _decayed(self, step: int) -> list[float]:
+        return list(self.base_lrs)
+
+
+def build_schedule(name: str, base_lrs: Sequence[float] | float, *, total_steps: int,
+                   steps_per_epoch: int, warmup_steps: int = 0, floors=0.0,
+                   decay_milestones: Sequence[int] = (), decay_rate: float = 0.1,
+                   warmup_start_factor: float = 0.0, warmup_lr: float | None = None) -> LRSchedule:
+    """`--sched cosine|step|const`; `decay_milestones` are epochs (timm's --decay-milestones)."""
+    warmup = dict(warmup_steps=warmup_steps, warmup_start_factor=warmup_start_factor,
+                  warmup_lr=warmup_lr)
+    if name == "cosine":
+        return CosineSchedule(total_steps, base_lrs, floors=floors, **warmup)
+    if name == "step":
+        return StepSchedule([e * steps_per_epoch for e in decay_milestones], base_lrs,
+                            gamma=decay_rate, **warmup)
+    if name == "const":
+        return ConstSchedule(base_lrs, **warmup)
+    raise ConfigError(f"unknown sched '{name}'; choose from: {', '.join(SCHEDULES)}")

@@ -1,0 +1,203 @@
+"""The training and evaluation loops, with explicit arguments (no argument namespace).
+
+Inside a step nothing waits on the device: lambdas are host floats, the non-finite check
+writes a device flag that the fused optimizer reads to skip its update, and running sums
+stay on the device until a log interval reads them.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from automix_fast.errors import UserError
+
+
+class NonFiniteError(UserError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclass
+class StepGuard:
+    """Device-side bookkeeping of skipped (non-finite) steps."""
+
+    device: torch.device
+    found_inf: torch.Tensor = None
+    skipped: torch.Tensor = None
+    consecutive: torch.Tensor = None
+
+    def __post_init__(self):
+        self.found_inf = torch.zeros(1, device=self.device)
+        self.skipped = torch.zeros(1, device=self.device)
+        self.consecutive = torch.zeros(1, device=self.device)
+        self._one = torch.ones(1, device=self.device)
+
+    def check(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """Set found_inf to 1 when any gradient is NaN/inf (one fused pass, no sync)."""
+        self.found_inf.zero_()
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, self._one)
+        return self.found_inf
+
+    def record(self, found_inf: torch.Tensor) -> None:
+        bad = (found_inf > 0).float()
+        self.skipped += bad
+        self.consecutive.mul_(bad).add_(bad)  # reset on a good step, count up on a bad one
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype)
+
+
+def optimizer_step(optimizer, params, guard: StepGuard, scaler=None) -> torch.Tensor:
+    """One update that is skipped when a gradient is not finite; returns the device flag."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+        found = sum(v.float() for v in scaler._found_inf_per_device(optimizer).values()).reshape(1)
+        scaler.step(optimizer)  # GradScaler skips on overflow and lowers the scale
+        scaler.update()
+        return found
+    found = guard.check(params)
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = found  # the fused kernel skips the whole update on the device
+        optimizer.step()
+    elif found.item() == 0:  # unfused optimizers cannot skip on the device
+        optimizer.step()
+    return found
+
+
+@dataclass
+class EpochResult:
+    steps: int = 0  # steps run in this call
+    stopped: bool = False  # a stop was requested before the epoch ended
+    means: dict = field(default_factory=dict)
+    images: int = 0
+    seconds: float = 0.0
+    data_seconds: float = 0.0
+
+
+def train_one_epoch(
+    mixer,
+    loader,
+    optimizer,
+    schedule,
+    *,
+    epoch: int,
+    start_step: int,
+    total_steps: int,
+    amp_dtype: torch.dtype | None,
+    guard: StepGuard,
+    scaler=None,
+    grad_sync: Callable[[list[torch.Tensor]], None] | None = None,
+    skip_batches: int = 0,
+    log_interval: int = 50,
+    on_log: Callable[[int, dict], None] | None = None,
+    progress=None,
+    should_stop: Callable[[], bool] | None = None,
+    max_bad_steps: int = 20,
+) -> EpochResult:
+    """Train over one epoch of `loader`, starting `skip_batches` batches in (a resumed epoch).
+
+    start_step is the global step of the epoch's first batch. on_log(i, values) receives
+    host floats every log_interval steps and at the end; progress.update(...) (see
+    metrics.ProgressLine) is called every step with device values it reads only when drawn.
+    """
+    mixer.train()
+    loader.set_epoch(epoch)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    device = guard.device
+    batches = len(loader)
+    result = EpochResult()
+    sums: dict[str, torch.Tensor] = {}
+    count_since_log = 0
+    it = iter(loader)
+    for _ in range(skip_batches):  # replay the data order of an interrupted epoch
+        next(it)
+    t_start = time.perf_counter()
+    for i in range(skip_batches, batches):
+        t0 = time.perf_counter()
+        x, y = next(it)
+        data_time = time.perf_counter() - t0
+        result.data_seconds += data_time
+        step = start_step + i
+        schedule.apply(optimizer, step)
+        with autocast(device, amp_dtype):
+            loss, logs = mixer.loss(x, y, step, total_steps)
+        optimizer.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if grad_sync is not None:
+            grad_sync(params)
+        found = optimizer_step(optimizer, params, guard, scaler)
+        guard.record(found)
+        mixer.after_step(step, total_steps)
+
+        for k, v in logs.items():
+            v = v.detach().float().to(device)
+            sums[k] = sums[k] + v if k in sums else v.clone()
+        count_since_log += 1
+        if progress is not None:
+            progress.update(loss=logs["loss"], lr=optimizer.param_groups[0]["lr"], images=x.shape[0], data_time=data_time)
+        result.steps += 1
+        result.images += x.shape[0]
+        last = i == batches - 1
+        stop = should_stop is not None and should_stop()
+        if (i + 1) % log_interval == 0 or last or stop:
+            values = {k: (v / count_since_log).item() for k, v in sums.items()}  # one sync per interval
+            values["lr"] = optimizer.param_groups[0]["lr"]
+            values["skipped_steps"] = int(guard.skipped.item())
+            elapsed = time.perf_counter() - t_start
+            values["img_per_s"] = result.images / max(elapsed, 1e-9)
+            values["data_share"] = result.data_seconds / max(elapsed, 1e-9)
+            result.means = values
+            sums, count_since_log = {}, 0
+            if on_log is not None:
+                on_log(i + 1, values)
+            if guard.consecutive.item() >= max_bad_steps:
+                raise NonFiniteError(
+                    f"{int(guard.consecutive.item())} consecutive steps had non-finite loss or gradients "
+                    f"(epoch {epoch + 1}, step {step + 1}); stopping without saving the current state"
+                )
+        if stop:
+            result.stopped = True
+            break
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+@torch.no_grad()
+def evaluate(mixer, loader, *, amp_dtype: torch.dtype | None, device: torch.device, reduce=None) -> dict:
+    """Top-1/top-5 (%) of every head the policy names, each backbone run once per batch."""
+    mixer.eval()
+    heads = mixer.eval_heads()  # name -> (module, head)
+    encoders: dict[int, tuple] = {}
+    for name, (module, head) in heads.items():
+        encoders.setdefault(id(module), (module, []))[1].append((name, head))
+    correct = {name: torch.zeros(2, device=device) for name in heads}
+    total = torch.zeros(1, device=device)
+    for x, y in loader:
+        with autocast(device, amp_dtype):
+            for module, named in encoders.values():
+                feat = module.forward_features(x)
+                for name, head in named:
+                    logits = module.forward_head(feat, head=head)
+                    k = min(5, logits.shape[1])
+                    top = logits.topk(k, dim=1).indices
+                    hits = top.eq(y[:, None])
+                    correct[name] += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]).float()
+        total += y.shape[0]
+    if reduce is not None:
+        for t in list(correct.values()) + [total]:
+            reduce(t)
+    n = max(total.item(), 1.0)
+    out = {"count": int(total.item())}
+    for name, c in correct.items():
+        top1, top5 = (100.0 * c / n).tolist()
+        out[f"{name}_top1"], out[f"{name}_top5"] = top1, top5
+    mixer.train()
+    return out

@@ -1,0 +1,74 @@
+"""What every mixing policy shares: the mixed-label loss, per-step random draws, the base class."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def mix_cross_entropy(logits, y, perm, lam: float, smoothing: float = 0.0):
+    """mixCE = lam * CE(logits, y) + (1 - lam) * CE(logits, y[perm])."""
+    return lam * F.cross_entropy(logits, y, label_smoothing=smoothing) + (1.0 - lam) * F.cross_entropy(
+        logits, y[perm], label_smoothing=smoothing
+    )
+
+
+class StepRandom:
+    """Random draws that are a pure function of (seed, step, stream[, rank]).
+
+    Nothing to checkpoint: a resumed run draws the same lambdas and permutations as an
+    uninterrupted one. Lambdas come from numpy on the host (no device sync to read them);
+    permutations from a CPU torch generator and are copied to the batch's device.
+    """
+
+    def __init__(self, seed: int, rank: int = 0):
+        self.seed = int(seed)
+        self.rank = int(rank)
+
+    def beta(self, alpha: float, step: int, stream: int) -> float:
+        # Shared across ranks: every rank mixes with the same lambda.
+        return float(np.random.default_rng([self.seed, step, stream]).beta(alpha, alpha))
+
+    def uniform(self, step: int, stream: int, size: int = 1) -> np.ndarray:
+        return np.random.default_rng([self.seed, step, stream, 1]).random(size)
+
+    def perm(self, n: int, step: int, stream: int, device) -> torch.Tensor:
+        # Per rank: each rank pairs the images of its own shard.
+        g = torch.Generator().manual_seed(hash((self.seed, step, stream, self.rank)) & 0x7FFF_FFFF_FFFF)
+        return torch.randperm(n, generator=g).to(device, non_blocking=True)
+
+
+class Mixer(nn.Module):
+    """A mixing policy wrapping the online model `model`.
+
+    loss(x, y, step, total_steps) -> (loss, logs) where logs holds detached device scalars;
+    after_step(step, total_steps) runs after each optimizer step; eval_heads() names the
+    (encoder, head) pairs evaluated at the end of an epoch.
+    """
+
+    name = "base"
+
+    def __init__(self, model: nn.Module, *, seed: int = 0, rank: int = 0, smoothing: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.random = StepRandom(seed, rank)
+        self.smoothing = smoothing
+
+    def loss(self, x, y, step: int, total_steps: int):
+        raise NotImplementedError
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        pass
+
+    def eval_heads(self) -> dict[str, tuple[nn.Module, str]]:
+        """name -> (encoder, head) evaluated at the end of each epoch."""
+        return {"one": (self.model, "one")}
+
+    def param_groups(self, lr: float, weight_decay: float, min_lr: float = 0.0, **_) -> list[dict]:
+        from automix_fast.engine.optim import param_groups_weight_decay
+
+        groups = param_groups_weight_decay(self.model, weight_decay)
+        for g in groups:
+            g.update(lr=lr, min_lr=min_lr, name=g.get("name", "model"))
+        return groups

@@ -1,0 +1,57 @@
+"""The Mix Block: a per-pixel mask from a pair of feature maps (DESIGN §1.2).
+
+    a = concat(f, lam)          if lam_concat else f           # self
+    b = concat(f[perm], 1-lam)  if lam_concat else f[perm]     # partner
+    q = W_q a, k = W_q b (N, L, D);  v = W_v b (N, L)
+    m = softmax(q k^T / sqrt(D)) v  -> (N, 1, h, w)            # partner-weight logits
+
+The 1x1 convs commute with the batch permutation and a constant lam channel is a per-sample
+bias, so W f is computed once for the whole batch, gathered for the partner, and the lam
+terms are added as biases: the same numbers as the concatenated form with less work.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from automix_fast import ops
+
+
+class MixBlock(nn.Module):
+    def __init__(self, in_channels: int, *, lam_concat: bool = False, mode: str = "nearest", backend: str = "auto"):
+        super().__init__()
+        if mode not in ops.MODES:
+            raise ValueError(f"mask mode must be one of {ops.MODES}, got {mode!r}")
+        self.in_channels = in_channels
+        self.dim = max(in_channels // 2, 1)
+        self.lam_concat = lam_concat
+        self.mode = mode
+        self.backend = backend
+        c_in = in_channels + int(lam_concat)
+        self.q_proj = nn.Conv2d(c_in, self.dim, 1, bias=True)  # W_q, shared by q and k
+        self.v_proj = nn.Conv2d(c_in, 1, 1, bias=True)  # W_v
+        for conv in (self.q_proj, self.v_proj):
+            nn.init.normal_(conv.weight, 0.0, 0.01)  # first masks ~0.5 everywhere
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, f: torch.Tensor, lam: float, perm: torch.Tensor) -> torch.Tensor:
+        """Mask logits (N, 1, h, w) float32 for mixing each sample with its partner f[perm]."""
+        n, c, h, w = f.shape
+        if c != self.in_channels:
+            raise ValueError(f"Mix Block expects {self.in_channels} feature channels, got {c}")
+        feat = f.flatten(2).transpose(1, 2)  # (N, L, C); a free view for channels-last f
+        wq = self.q_proj.weight.flatten(1)  # (D, C(+1))
+        wv = self.v_proj.weight.flatten(1)  # (1, C(+1))
+        proj = torch.nn.functional.linear(feat, torch.cat([wq[:, :c], wv[:, :c]]))  # (N, L, D + 1), once
+        q_all, v_all = proj[..., : self.dim] + self.q_proj.bias, proj[..., self.dim] + self.v_proj.bias
+        q, k, v = q_all, q_all[perm], v_all[perm]
+        if self.lam_concat:
+            q = q + lam * wq[:, c]
+            k = k + (1.0 - lam) * wq[:, c]
+            v = v + (1.0 - lam) * wv[0, c]
+        logits = ops.mixblock_attention(q, k, v, backend=self.backend)  # (N, L) float32
+        return logits.view(n, 1, h, w)
+
+    def mix(self, logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor):
+        """(x_mix, s_mean): blend x with x[perm] by s = sigmoid(upsample(logits))."""
+        return ops.mask_mix(logits, x, perm, mode=self.mode, backend=self.backend)

@@ -1,0 +1,157 @@
+"""ResNet-18/34/50/101 and ResNeXt-50 32x4d, layer for layer as torchvision builds them
+(so parameter counts and state-dict shapes match), each with an ImageNet and a CIFAR stem.
+
+Bottlenecks put the stride on the 3x3 conv (ResNet v1.5), as torchvision does.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .classifier import Classifier
+from .registry import register_model
+from .stems import CIFAR, DEFAULT_IMG_SIZE, IMAGENET, STEM_NAMES, make_stem
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, groups=groups, bias=False)
+
+
+def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+
+def shortcut(cin: int, cout: int, stride: int) -> nn.Module | None:
+    """1x1 conv + BN where the shape changes, None (identity) where it does not."""
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int = 1, groups: int = 1, base_width: int = 64):
+        super().__init__()
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock supports only groups=1, base_width=64")
+        self.conv1 = conv3x3(cin, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = shortcut(cin, planes, stride)
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.bn2.weight)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int = 1, groups: int = 1, base_width: int = 64):
+        super().__init__()
+        width = int(planes * (base_width / 64.0)) * groups  # ResNeXt widens the 3x3 group conv
+        cout = planes * self.expansion
+        self.conv1 = conv1x1(cin, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = conv3x3(width, width, stride, groups)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = conv1x1(width, cout)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = shortcut(cin, cout, stride)
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.bn3.weight)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+def make_stages(block, layers, planes, cin: int, *, groups: int = 1, base_width: int = 64):
+    """One nn.Sequential per stage; the first stage keeps resolution, the others halve it.
+    Returns (stages, stage_channels)."""
+    stages, channels = [], []
+    for i, (n, p) in enumerate(zip(layers, planes)):
+        blocks = []
+        for j in range(n):
+            stride = 2 if (i > 0 and j == 0) else 1
+            blocks.append(block(cin, p, stride, groups, base_width))
+            cin = p * block.expansion
+        stages.append(nn.Sequential(*blocks))
+        channels.append(cin)
+    return stages, channels
+
+
+def resnet(block, layers, num_classes: int, *, stem: str, mix_head: bool = False,
+           zero_init_residual: bool = True, groups: int = 1, base_width: int = 64,
+           planes=(64, 128, 256, 512)) -> Classifier:
+    stages, channels = make_stages(block, layers, planes, planes[0], groups=groups, base_width=base_width)
+    return Classifier(
+        make_stem(stem, planes[0]), stages, channels, num_classes,
+        mix_head=mix_head, mix_stage=3, default_img_size=DEFAULT_IMG_SIZE[stem],
+        stem_type=STEM_NAMES[stem], zero_init_residual=zero_init_residual,
+    )
+
+
+# One named builder per model, so `grep "def resnet50"` finds it.
+@register_model
+def resnet18(num_classes, *, mix_head=False, zero_init_residual=True):
+    return resnet(BasicBlock, (2, 2, 2, 2), num_classes, stem=IMAGENET, mix_head=mix_head, zero_init_residual=zero_init_residual)
+
+
+@register_model
+def resnet18_cifar(num_classes, *, mix_head=False, zero_init_residual=True):
+    return resnet(BasicBlock, (2, 2, 2, 2), num_classes, stem=CIFAR, mix_head=mix_head, zero_init_residual=zero_init_residual)
+
+
+@register_model
+def resnet34(num_classes, *, mix_head=False, zero_init_residual=True):
+    return resnet(BasicBlock, (3, 4, 6, 3), num_classes, stem=IMAGENET, mix_head=mix_head, zero_init_residual=zero_init_residual)
+
+
+@register_model
+def resnet34_cifar(num_classes, *, mix_head=False, zero_init_residual=True):
+    return resnet(BasicBlock, (3, 4, 6, 3), num_classes, stem=CIFAR, mix_head=mix_head, zero_init_residual=zero_init_residual)
+
+
+@register_model
+def resnet50(num_classes, *, mix_head=False, zero_init_residual=True):
+    return resnet(Bottleneck, (3, 4, 6, 3), num_classes, stem=IMAGENET, mix_head=mix_head, zero_init_residual=zero_init_residual)
+
+
+@register_model
+def resnet50_cifar(num_classes, *, mix_head=False, zero_init_residual=True):
+    return resnet(Bottleneck, (3, 4, 6, 3), num_classes, stem=CIFAR, mix_head=mix_head, zero_init_residual=zero_init_residual)
+
+
+@register_model
+def resnet101(num_classes, *, mix_head=False, zero_init_residual=True):
+    return resnet(Bottleneck, (3, 4, 23, 3), num_classes, stem=IMAGENET, mix_head=mix_head, zero_init_residual=zero_init_residual)
+
+
+@register_model
+def resnet101_cifar(num_classes, *, mix_head=False, zero_init_residual=True):
+    return resnet(Bottleneck, (3, 4, 23, 3), num_classes, stem=CIFAR, mix_head=mix_head, zero_init_residual=zero_init_residual)
+
+
+@register_model
+def resnext50_32x4d(num_classes, *, mix_head=False, zero_init_residual=True):
+    return resnet(Bottleneck, (3, 4, 6, 3), num_classes, stem=IMAGENET, mix_head=mix_head,
+                  zero_init_residual=zero_init_residual, groups=32, base_width=4)
+
+
+@register_model
+def resnext50_32x4d_cifar(num_classes, *, mix_head=False, zero_init_residual=True):
+    return resnet(Bottleneck, (3, 4, 6, 3), num_classes, stem=CIFAR, mix_head=mix_head,
+                  zero_init_residual=zero_init_residual, groups=32, base_width=4)

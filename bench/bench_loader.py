@@ -1,0 +1,298 @@
+"""Loader throughput: the DALI loader against the torch loaders, in images per second.
+
+Cases (each runs `--batches` timed batches after `--warmup` batches, train augmentation):
+  imagenet/*  an ImageNet-like folder (JPEGs of varied sizes around 500x375, generated once into
+              --cache-dir), 224 px random-resized-crop + flip + normalize:
+              dali (DaliFolderLoader) vs torch (StreamingLoader: PIL in DataLoader workers).
+  cifar/*     the CIFAR-10 JPEG folder (--data-dir: a folder holding test/ or train/ of class
+              folders, or the cifar10-*.tar.gz archives, unpacked into --cache-dir), 32 px
+              pad-4 crop + flip + normalize:
+              dali-folder (DALI decodes the JPEGs every epoch), dali-memory (a DALI
+              external_source pipeline over the decoded uint8 arrays: crop pad 4 + flip +
+              normalize), torch-resident (ResidentLoader: decoded once, batched gather + crop +
+              flip on the device; the one-time decode is reported apart), torch-stream.
+The device is --device (cpu: DALI's CPU-only mode). Results: JSON in bench/results/
+(loader-<device>-<date>.json) with the machine, versions and git commit, and a table on stdout.
+
+    python bench/bench_loader.py --data-dir /path/to/cifar10-jpeg --device cpu --workers 2
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from automix_fast.data import DataSpec
+from automix_fast.data.folder import scan_image_folder
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----------------------------------------------------------------------------- data
+
+def make_imagenet_like(root: str, count: int, classes: int = 10, seed: int = 0) -> str:
+    """`count` JPEGs (quality 90, 4:2:0) of varied sizes around 500x375 in root/<class>/, once."""
+    done = os.path.join(root, f".done-{count}")
+    if os.path.exists(done):
+        return root
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        w = int(np.clip(rng.normal(500, 60), 200, 900))
+        h = int(np.clip(w * rng.choice([0.75, 1.0, 1.333, 0.66]), 150, 900))
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        img = np.empty((h, w, 3), np.float32)
+        for c in range(3):  # smooth random waves + texture noise: realistic JPEG sizes
+            fx, fy, ph = rng.uniform(0.005, 0.05), rng.uniform(0.005, 0.05), rng.uniform(0, 6.3)
+            img[..., c] = 128 + 90 * np.sin(xx * fx + yy * fy + ph)
+        img += rng.normal(0, 12, img.shape).astype(np.float32)
+        folder = os.path.join(root, f"c{i % classes:02d}")
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
+    open(done, "w").close()
+    return root
+
+
+def cifar_folder(data_dir: str, cache_dir: str) -> str:
+    """A CIFAR-10 JPEG split folder: data_dir/test (or train), or unpacked from data_dir/cifar10-test.tar.gz."""
+    for split in ("test", "train"):
+        if os.path.isdir(os.path.join(data_dir, split)):
+            return os.path.join(data_dir, split)
+    archive = os.path.join(data_dir, "cifar10-test.tar.gz")
+    if not os.path.exists(archive):
+        sys.exit(f"no test/ or train/ folder or cifar10-test.tar.gz in {data_dir}")
+    dest = os.path.join(cache_dir, "cifar10-jpeg")
+    if not os.path.isdir(os.path.join(dest, "test")):
+        os.makedirs(dest, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(dest, filter="data")
+    return os.path.join(dest, "test")
+
+
+def balanced_prefix(samples, count: int):
+    """The first count // classes samples of every class."""
+    per_class = max(1, count // (max(y for _, y in samples) + 1))
+    taken: dict[int, int] = {}
+    out = []
+    for path, y in samples:
+        if taken.get(y, 0) < per_class:
+            taken[y] = taken.get(y, 0) + 1
+            out.append((path, y))
+    return out
+
+
+# ----------------------------------------------------------------------------- timing
+
+def time_loader(loader, warmup: int, batches: int) -> dict:
+    """Images per second over `batches` batches after `warmup` batches (the epoch restarts if short)."""
+    seen, t0, epoch, step = 0, None, 0, 0
+    while True:
+        loader.set_epoch(epoch)
+        for x, _ in loader:
+            if step == warmup:
+                t0, seen = time.perf_counter(), 0
+            elif step > warmup:
+                seen += x.shape[0]
+            step += 1
+            if step > warmup + batches:
+                if x.is_cuda:
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                return {"img_per_s": round(seen / dt, 1), "images": seen, "seconds": round(dt, 3)}
+        epoch += 1
+
+
+class DaliMemoryLoader:
+    """DALI external_source pipeline over uint8 NHWC arrays: crop with 4 px pad + flip + normalize.
+
+    Only for this measurement (the in-memory choice in automix_fast/data/dali.py rests on it).
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, spec: DataSpec):
+        from nvidia.dali import fn, pipeline_def, types
+
+        from automix_fast.data.dali import dali_mode
+
+        self.images, self.labels, self.spec = images, labels, spec
+        self.bs = spec.batch_size
+        self.device_id = dali_mode(spec)
+        self.gpu = self.device_id is not None
+        size, pad = images.shape[1], 4
+        self._order = iter(())
+
+        @pipeline_def(batch_size=self.bs, num_threads=max(1, spec.workers), device_id=self.device_id,
+                      seed=spec.seed, prefetch_queue_depth=2)
+        def pipe():
+            img, lab = fn.external_source(source=self._source, num_outputs=2, batch=True, layout=["HWC", ""])
+            if self.gpu:
+                img = img.gpu()
+            shift = fn.random.uniform(values=list(range(-pad, pad + 1)), shape=[2], dtype=types.INT32)
+            img = fn.slice(img, start=shift, shape=[size, size], axis_names="HW", out_of_bounds_policy="pad")
+            img = fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="HWC",
+                                           mean=[255 * m for m in spec.mean], std=[255 * s for s in spec.std],
+                                           mirror=fn.random.coin_flip())
+            return img, lab
+
+        self.pipe = pipe()
+        self.pipe.build()
+
+    def _source(self):
+        idx = next(self._order)
+        return [self.images[i] for i in idx], self.labels[idx]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        from automix_fast.data.dali import _copy_out
+
+        n = len(self.labels) // self.bs * self.bs
+        perm = np.random.default_rng(self.epoch).permutation(len(self.labels))[:n]
+        self._order = (perm[i:i + self.bs] for i in range(0, n, self.bs))
+        for _ in range(n // self.bs):
+            img, lab = self.pipe.run()
+            out = torch.empty((self.bs, *img[0].shape()), dtype=torch.float32,
+                              device=f"cuda:{self.device_id}" if self.gpu else "cpu")
+            _copy_out(img, out, torch.cuda.current_stream() if self.gpu else None)
+            yield out.permute(0, 3, 1, 2).to(self.spec.device), torch.from_numpy(np.array(lab.as_tensor()))
+        try:
+            while True:
+                self.pipe.run()
+        except StopIteration:
+            self.pipe.reset()
+
+
+# ----------------------------------------------------------------------------- environment
+
+def environment(device: torch.device) -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=HERE, capture_output=True, text=True).stdout.strip())
+    except OSError:
+        commit, dirty = "", False
+    try:
+        import nvidia.dali
+
+        dali = nvidia.dali.__version__
+    except ImportError:
+        dali = None
+    import PIL
+
+    env = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "dali": dali,
+        "pillow": PIL.__version__,
+        "numpy": np.__version__,
+        "git_commit": commit,
+        "git_dirty": dirty,
+    }
+    return env
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data-dir", default="/work/shared/data/cifar10-jpeg", help="CIFAR-10 JPEG folder or archives")
+    ap.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "automix-fast", "bench"))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--imagenet-count", type=int, default=2000, help="images in the generated ImageNet-like folder")
+    ap.add_argument("--cifar-count", type=int, default=10000, help="CIFAR images used (a class-balanced prefix)")
+    ap.add_argument("-b", "--batch-size", type=int, default=64)
+    ap.add_argument("--cifar-batch-size", type=int, default=256)
+    ap.add_argument("--workers", type=int, default=2, help="DALI threads and torch DataLoader workers")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--only", default="", help="comma-separated case names to run (default: all)")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/loader-<device>-<date>.json)")
+    args = ap.parse_args(argv)
+
+    from automix_fast.data.dali import DaliFolderLoader, dali_available
+    from automix_fast.data.torch_loader import ResidentLoader, StreamingLoader, _ImageDataset, decode_folder
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    only = {c for c in args.only.split(",") if c}
+    results = []
+
+    def run(case: str, make, **extra):
+        if only and case not in only:
+            return
+        t = time.perf_counter()
+        loader = make()
+        setup = time.perf_counter() - t
+        r = {"case": case, **time_loader(loader, args.warmup, args.batches), "setup_s": round(setup, 3), **extra}
+        results.append(r)
+        print(f"{case:24s} {r['img_per_s']:>10.1f} img/s   (setup {setup:.2f} s)", flush=True)
+
+    # ImageNet-like folder at 224 px.
+    inet = make_imagenet_like(os.path.join(args.cache_dir, "imagenet-like"), args.imagenet_count)
+    _, inet_samples = scan_image_folder(inet)
+    spec = DataSpec(img_size=224, batch_size=args.batch_size, workers=args.workers, device=device,
+                    channels_last=True, dtype=dtype, aug="imagenet")
+    if dali_available():
+        run("imagenet/dali", lambda: DaliFolderLoader(inet_samples, spec, True, "imagenet"))
+    run("imagenet/torch-stream", lambda: StreamingLoader(_ImageDataset(samples=inet_samples, size=224, mode="rrc"),
+                                                         spec, True, "imagenet"))
+
+    # CIFAR-10 JPEGs at 32 px.
+    _, cifar_samples = scan_image_folder(cifar_folder(args.data_dir, args.cache_dir))
+    cifar_samples = balanced_prefix(cifar_samples, args.cifar_count)
+    cspec = DataSpec(img_size=32, batch_size=args.cifar_batch_size, workers=args.workers, device=device,
+                     channels_last=True, dtype=dtype, aug="cifar")
+    if dali_available():
+        run("cifar/dali-folder", lambda: DaliFolderLoader(cifar_samples, cspec, True, "cifar"))
+    t = time.perf_counter()
+    arrays = decode_folder(cifar_samples, 32, threads=args.workers)
+    decode_s = time.perf_counter() - t
+    print(f"{'cifar/one-time decode':24s} {len(cifar_samples) / decode_s:>10.1f} img/s   ({decode_s:.2f} s, PIL, {args.workers} threads)")
+    if dali_available():
+        run("cifar/dali-memory", lambda: DaliMemoryLoader(arrays[0], arrays[1], cspec))
+    run("cifar/torch-resident", lambda: ResidentLoader(torch.from_numpy(arrays[0]), torch.from_numpy(arrays[1]),
+                                                       cspec, True, "cifar"),
+        one_time_decode_s=round(decode_s, 3))
+    run("cifar/torch-stream", lambda: StreamingLoader(_ImageDataset(samples=cifar_samples, size=32, mode="fixed"),
+                                                      cspec, True, "cifar"))
+
+    record = {
+        "benchmark": "loader",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": str(device),
+        "environment": environment(device),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "cache_dir")},
+        "image_dtype": str(dtype),
+        "results": results,
+    }
+    out = args.out or os.path.join(HERE, "results", f"loader-{device.type}-{datetime.date.today().isoformat()}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(record, f, indent=2)
+    print(f"\n| case | img/s |\n| --- | ---: |")
+    for r in results:
+        print(f"| {r['case']} | {r['img_per_s']:.0f} |")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

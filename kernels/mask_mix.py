@@ -1,0 +1,320 @@
+"""Fused mask upsample + sigmoid + blend of a batch with its permuted partner, in Triton.
+
+Math (per sample n, pixel p = (y, x) of the H x W image, channel c; logits are h x w):
+
+    z[p]       = interpolate(logits[n, 0], (H, W), mode)[p]      nearest | bilinear (align_corners=False)
+    s[p]       = sigmoid(z[p])
+    x_mix[c,p] = (1 - s[p]) x[n, c, p] + s[p] x[perm[n], c, p]     (fp32, torch.lerp's formula)
+    s_mean[n]  = mean_p s[p]
+
+Interpolation follows torch.nn.functional.interpolate with `size=` exactly, separably per axis:
+    nearest:  src = min(floor(dst * (in / out)), in - 1), the scale a float32 quotient;
+    bilinear: src = max((dst + 0.5) * (in / out) - 0.5, 0); i0 = floor(src);
+              i1 = i0 + (i0 < in - 1); lambda1 = src - i0; lambda0 = 1 - lambda1.
+so z[y, x] = sum_{a, b} wy[y, a] wx[x, b] logits[a, b] with wy, wx those one- or two-tap weights.
+
+Backward (x is data and gets no gradient), from g = d loss / d x_mix and gs = d loss / d s_mean:
+
+    ds[p]         = sum_c g[c, p] (x[perm[n], c, p] - x[n, c, p]) + gs[n] / (H W)
+    dz[p]         = ds[p] s[p] (1 - s[p])
+    dlogits[a, b] = sum_y wy[y, a] sum_x wx[x, b] dz[y, x]
+
+Design:
+- `_fwd`: one program per (BLOCK_P pixels, sample), a [BLOCK_P, BLOCK_C] tile per channel
+  chunk. s is computed once per pixel and reused for every channel; the partner image is
+  read through perm[n] inside the kernel (x[perm] is never built). x_mix is written in x's
+  memory format through its strides (channels_last stays channels_last, nothing is made
+  contiguous). When the pixels of x, x_mix are equally strided (contiguous and
+  channels_last both are) the pixel offset is p * stride_w, which lets the compiler see
+  contiguous runs. s_mean: each program writes the sum of its pixels' s to a partial buffer
+  (N, pixel blocks), summed afterwards in a fixed order: deterministic, no atomics.
+- Backward, two kernels, deterministic, no atomics, and no N x H x W intermediate:
+  `_bwd_rows` owns (image row y, block of logit columns b, sample). It reads g, x and
+  x[perm] once for the row's pixels x that touch its columns, forms dz and contracts it
+  with wx right away: t[n, y, b] = sum_x wx[x, b] dz[y, x], an (N, H, w) float32 buffer
+  (W / w times smaller than dz). `_bwd_cols` owns (logit row a, block of columns, sample)
+  and sums t over the image rows that touch a: dlogits[a, b] = sum_y wy[y, a] t[y, b].
+  A program finds its footprint (the pixels touching its cells) from the inverse of the
+  index map with a margin of two pixels, then keeps only the pixels whose exact forward
+  index (same code as the forward) lands on its cells, so rounding never drops a pixel.
+- All indexing and blending is fp32 whatever the image dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from automix_fast.ops.reference import is_channels_last
+
+__all__ = ["mask_mix", "mask_mix_forward", "mask_mix_backward", "POISON_OUTPUTS"]
+
+# Test hook: allocate every kernel-filled buffer full of NaN so unwritten elements show up.
+POISON_OUTPUTS = False
+
+
+def _new(shape, dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device).contiguous(memory_format=memory_format)
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+
+
+@triton.jit
+def _src_index(dst, in_size, scale, BILINEAR: tl.constexpr):
+    """Source taps of output index `dst` (int32 tensor): (i0, i1, lambda1), as F.interpolate."""
+    if BILINEAR:
+        src = (dst.to(tl.float32) + 0.5) * scale - 0.5
+        src = tl.maximum(src, 0.0)
+        i0 = src.to(tl.int32)  # floor: src >= 0
+        i1 = i0 + (i0 < in_size - 1).to(tl.int32)
+        lam1 = src - i0.to(tl.float32)
+    else:
+        i0 = tl.minimum(tl.floor(dst.to(tl.float32) * scale).to(tl.int32), in_size - 1)
+        i1 = i0
+        lam1 = tl.zeros(dst.shape, dtype=tl.float32)
+    return i0, i1, lam1
+
+
+@triton.jit
+def _tap_weight(i0, i1, lam1, cell, BILINEAR: tl.constexpr):
+    """Weight of source cell `cell` in an output index with taps (i0, i1, lam1) (broadcasts)."""
+    if BILINEAR:
+        return tl.where(i0 == cell, 1.0 - lam1, 0.0) + tl.where(i1 == cell, lam1, 0.0)
+    else:
+        return tl.where(i0 == cell, 1.0, 0.0)
+
+
+@triton.jit
+def _footprint(first, last, out_size, in_size, inv_scale, BILINEAR: tl.constexpr):
+    """[lo, hi): a superset of the output indices whose taps touch source cells first..last."""
+    if BILINEAR:
+        lo_f = (first.to(tl.float32) - 0.5) * inv_scale - 0.5
+        hi_f = (last.to(tl.float32) + 1.5) * inv_scale - 0.5
+    else:
+        lo_f = first.to(tl.float32) * inv_scale
+        hi_f = (last.to(tl.float32) + 1.0) * inv_scale
+    lo = tl.maximum(tl.floor(lo_f).to(tl.int32) - 2, 0)
+    hi = tl.minimum(tl.ceil(hi_f).to(tl.int32) + 2, out_size)
+    hi = tl.where(last >= in_size - 1, out_size, hi)
+    return lo, hi
+
+
+@triton.jit
+def _mask_logit(l_base, slh, slw, yy, xx, mask, h, w, scale_h, scale_w, BILINEAR: tl.constexpr):
+    """interpolate(logits)[yy, xx] in fp32 (yy, xx broadcastable int32 tensors)."""
+    y0, y1, ly = _src_index(yy, h, scale_h, BILINEAR)
+    x0, x1, lx = _src_index(xx, w, scale_w, BILINEAR)
+    if BILINEAR:
+        v00 = tl.load(l_base + y0 * slh + x0 * slw, mask=mask, other=0.0).to(tl.float32)
+        v01 = tl.load(l_base + y0 * slh + x1 * slw, mask=mask, other=0.0).to(tl.float32)
+        v10 = tl.load(l_base + y1 * slh + x0 * slw, mask=mask, other=0.0).to(tl.float32)
+        v11 = tl.load(l_base + y1 * slh + x1 * slw, mask=mask, other=0.0).to(tl.float32)
+        z = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
+    else:
+        z = tl.load(l_base + y0 * slh + x0 * slw, mask=mask, other=0.0).to(tl.float32)
+    return z
+
+
+@triton.jit
+def _sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _fwd(LOG, X, PERM, OUT, PART,
+         H, W, h, w, C, scale_h, scale_w, n_pblocks,
+         sln, slh, slw, sxn, sxc, sxh, sxw, son, soc, soh, sow, spn,
+         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BILINEAR: tl.constexpr, FLAT: tl.constexpr):
+    pid_p = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < H * W
+    yy = offs_p // W
+    xx = offs_p % W
+    z = _mask_logit(LOG + n * sln, slh, slw, yy, xx, mask_p, h, w, scale_h, scale_w, BILINEAR)
+    s = _sigmoid(z)
+    partner = tl.load(PERM + n).to(tl.int64)
+    x_base = X + n * sxn
+    p_base = X + partner * sxn
+    o_base = OUT + n * son
+    if FLAT:
+        pix_x = offs_p * sxw
+        pix_o = offs_p * sow
+    else:
+        pix_x = yy * sxh + xx * sxw
+        pix_o = yy * soh + xx * sow
+    s2 = s[:, None]
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        m2 = mask_p[:, None] & (offs_c < C)[None, :]
+        a = tl.load(x_base + pix_x[:, None] + offs_c[None, :] * sxc, mask=m2, other=0.0).to(tl.float32)
+        b = tl.load(p_base + pix_x[:, None] + offs_c[None, :] * sxc, mask=m2, other=0.0).to(tl.float32)
+        # torch.lerp's two-sided formula, so fp32 results match the reference bit for bit.
+        mixed = tl.where(s2 < 0.5, a + s2 * (b - a), b - (b - a) * (1.0 - s2))
+        tl.store(o_base + pix_o[:, None] + offs_c[None, :] * soc, mixed.to(OUT.dtype.element_ty), mask=m2)
+    tl.store(PART + n * spn + pid_p, tl.sum(tl.where(mask_p, s, 0.0), axis=0))
+
+
+@triton.jit
+def _bwd_rows(LOG, X, PERM, G, GS, T,
+              H, W, h, w, C, scale_h, scale_w, inv_scale_w, inv_hw,
+              sln, slh, slw, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sgsn, stn, sty, stb,
+              ROWS: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
+              BILINEAR: tl.constexpr, HAS_G: tl.constexpr, HAS_GS: tl.constexpr):
+    pid_y = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < w
+    b_first = pid_b * BLOCK_B
+    b_last = tl.minimum(b_first + BLOCK_B, w) - 1
+    x_lo, x_hi = _footprint(b_first, b_last, W, w, inv_scale_w, BILINEAR)
+    if HAS_GS:
+        g_mean = tl.load(GS + n * sgsn).to(tl.float32) * inv_hw
+    else:
+        g_mean = 0.0
+    l_base = LOG + n * sln
+    if HAS_G:
+        partner = tl.load(PERM + n).to(tl.int64)
+        x_base = X + n * sxn
+        p_base = X + partner * sxn
+        g_base = G + n * sgn
+    for r in tl.static_range(ROWS):
+        y = pid_y * ROWS + r
+        acc = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        for x0 in range(x_lo, x_hi, BLOCK_X):
+            xx = x0 + tl.arange(0, BLOCK_X)
+            yy = xx * 0 + y
+            mask_x = (xx < x_hi) & (yy < H)
+            z = _mask_logit(l_base, slh, slw, yy, xx, mask_x, h, w, scale_h, scale_w, BILINEAR)
+            s = _sigmoid(z)
+            ds = tl.zeros((BLOCK_X,), dtype=tl.float32) + g_mean
+            if HAS_G:
+                for c0 in range(0, C, BLOCK_C):
+                    offs_c = c0 + tl.arange(0, BLOCK_C)
+                    m2 = mask_x[:, None] & (offs_c < C)[None, :]
+                    pix = y * sxh + xx * sxw
+                    a = tl.load(x_base + pix[:, None] + offs_c[None, :] * sxc, mask=m2, other=0.0).to(tl.float32)
+                    b = tl.load(p_base + pix[:, None] + offs_c[None, :] * sxc, mask=m2, other=0.0).to(tl.float32)
+                    gg = tl.load(g_base + (y * sgh + xx * sgw)[:, None] + offs_c[None, :] * sgc,
+                                 mask=m2, other=0.0).to(tl.float32)
+                    ds += tl.sum(gg * (b - a), axis=1)
+            dz = tl.where(mask_x, ds * s * (1.0 - s), 0.0)
+            x0i, x1i, lx = _src_index(xx, w, scale_w, BILINEAR)
+            wx = _tap_weight(x0i[:, None], x1i[:, None], lx[:, None], offs_b[None, :], BILINEAR)
+            acc += tl.sum(wx * dz[:, None], axis=0)
+        tl.store(T + n * stn + y * sty + offs_b * stb, acc, mask=mask_b & ((offs_b * 0 + y) < H))
+
+
+@triton.jit
+def _bwd_cols(T, DL, H, h, w, scale_h, inv_scale_h,
+              stn, sty, stb, sdn, sdh, sdw,
+              BLOCK_Y: tl.constexpr, BLOCK_B: tl.constexpr, BILINEAR: tl.constexpr):
+    a = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < w
+    y_lo, y_hi = _footprint(a, a, H, h, inv_scale_h, BILINEAR)
+    acc = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for y0 in range(y_lo, y_hi, BLOCK_Y):
+        yy = y0 + tl.arange(0, BLOCK_Y)
+        mask_y = yy < y_hi
+        i0, i1, ly = _src_index(yy, h, scale_h, BILINEAR)
+        wy = tl.where(mask_y, _tap_weight(i0, i1, ly, a, BILINEAR), 0.0)
+        t = tl.load(T + n * stn + yy[:, None] * sty + offs_b[None, :] * stb,
+                    mask=mask_y[:, None] & mask_b[None, :], other=0.0)
+        acc += tl.sum(wy[:, None] * t, axis=0)
+    tl.store(DL + n * sdn + a * sdh + offs_b * sdw, acc.to(DL.dtype.element_ty), mask=mask_b)
+
+
+# ----------------------------------------------------------------------------- host side
+
+def _scale(in_size: int, out_size: int) -> float:
+    """PyTorch's source/destination scale: a float32 quotient (exact as a Python float)."""
+    return float(np.float32(in_size) / np.float32(out_size))
+
+
+def _flat_pixels(t: torch.Tensor) -> bool:
+    """True when pixel (y, x) sits at (y * W + x) * stride(3): contiguous and channels_last are."""
+    H, W = t.shape[-2:]
+    return H == 1 or t.stride(2) == W * t.stride(3)
+
+
+def mask_mix_forward(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, mode: str):
+    N, C, H, W = x.shape
+    h, w = logits.shape[-2:]
+    memory_format = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    out = _new(x.shape, x.dtype, x.device, memory_format)
+    block_p = 1024 if H * W >= 1024 else max(16, triton.next_power_of_2(H * W))
+    block_c = min(4, triton.next_power_of_2(C))
+    n_pblocks = triton.cdiv(H * W, block_p)
+    partial = _new((N, n_pblocks), torch.float32, x.device)
+    lg = logits[:, 0]
+    _fwd[(n_pblocks, N)](
+        lg, x, perm, out, partial,
+        H, W, h, w, C, _scale(h, H), _scale(w, W), n_pblocks,
+        *lg.stride(), *x.stride(), *out.stride(), partial.stride(0),
+        BLOCK_P=block_p, BLOCK_C=block_c, BILINEAR=(mode == "bilinear"),
+        FLAT=_flat_pixels(x) and _flat_pixels(out), num_warps=4 if block_p <= 512 else 8)
+    s_mean = partial.sum(dim=1) / (H * W)
+    return out, s_mean
+
+
+def mask_mix_backward(logits, x, perm, mode, g, g_smean):
+    """d logits (N, 1, h, w) in logits' dtype; g or g_smean may be None (no gradient)."""
+    N, C, H, W = x.shape
+    h, w = logits.shape[-2:]
+    bilinear = mode == "bilinear"
+    lg = logits[:, 0]
+    block_x = min(256, max(16, triton.next_power_of_2(W)))
+    block_b = min(64, max(2, triton.next_power_of_2(w)))
+    block_c = min(4, triton.next_power_of_2(C))
+    rows = max(1, min(8, 1024 // block_x))
+    t = _new((N, H, w), torch.float32, x.device)
+    has_g, has_gs = g is not None, g_smean is not None
+    g_arg = g if has_g else x
+    gs_arg = g_smean if has_gs else t
+    _bwd_rows[(triton.cdiv(H, rows), triton.cdiv(w, block_b), N)](
+        lg, x, perm, g_arg, gs_arg, t,
+        H, W, h, w, C, _scale(h, H), _scale(w, W), W / w, 1.0 / (H * W),
+        *lg.stride(), *x.stride(), *g_arg.stride(), gs_arg.stride(0), *t.stride(),
+        ROWS=rows, BLOCK_X=block_x, BLOCK_C=block_c, BLOCK_B=block_b,
+        BILINEAR=bilinear, HAS_G=has_g, HAS_GS=has_gs, num_warps=4)
+    dlogits = _new((N, 1, h, w), logits.dtype, logits.device)
+    dl = dlogits[:, 0]
+    block_y = min(64, max(16, triton.next_power_of_2(math.ceil(2 * H / h) + 6)))
+    _bwd_cols[(h, triton.cdiv(w, block_b), N)](
+        t, dl, H, h, w, _scale(h, H), H / h,
+        *t.stride(), *dl.stride(),
+        BLOCK_Y=block_y, BLOCK_B=block_b, BILINEAR=bilinear, num_warps=4)
+    return dlogits
+
+
+class MaskMix(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, x, perm, mode):
+        x = x.detach()
+        x_mix, s_mean = mask_mix_forward(logits, x, perm, mode)
+        ctx.save_for_backward(logits, x, perm)
+        ctx.mode = mode
+        ctx.set_materialize_grads(False)
+        return x_mix, s_mean
+
+    @staticmethod
+    def backward(ctx, g, g_smean):
+        logits, x, perm = ctx.saved_tensors
+        if (g is None and g_smean is None) or not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        return mask_mix_backward(logits, x, perm, ctx.mode, g, g_smean), None, None, None
+
+
+def mask_mix(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, mode: str = "nearest"):
+    """(x_mix in x's dtype and memory format, s_mean (N,) fp32); differentiable in logits.
+
+    Arguments are validated by `automix_fast.ops.mask_mix`; call that instead.
+    """
+    return MaskMix.apply(logits, x, perm, mode)

@@ -1,0 +1,355 @@
+"""Fused Mix Block cross-attention with a one-channel value: forward and backward in Triton.
+
+Math (per sample n; i runs over the L queries, j over the Lk keys, d over D):
+
+    S_ij   = scale * sum_d q_id k_jd
+    P_ij   = softmax_j(S_ij) = exp(S_ij - lse_i),   lse_i = log sum_j exp(S_ij)
+    out_i  = sum_j P_ij v_j                                     (N, L) float32
+
+Backward, with g_i = d loss / d out_i. Because v has one channel, flash-attention's
+Delta_i = sum_j P_ij dP_ij collapses to out_i:
+
+    dv_j   = sum_i P_ij g_i
+    dS_ij  = P_ij g_i (v_j - out_i)
+    dq_i   = scale * sum_j dS_ij k_j
+    dk_j   = scale * sum_i dS_ij q_i
+
+Design:
+- Forward (`_fwd`): one program per (block of BLOCK_M queries, sample). It walks the keys in
+  blocks of BLOCK_N with an online softmax (running max m_i, running sum l_i, running
+  P.v numerator), so the N x L x Lk matrix never exists. Scores are accumulated over D in
+  chunks of BLOCK_D (D = 512 for ResNet-50's Mix Block does not fit one tile). The only
+  saved statistic is lse_i, kept in base 2 (lse2_i = lse_i * log2(e)) so the kernels use exp2.
+- Backward: two kernels, no atomics, so two runs are bitwise equal.
+  `_bwd_dq` owns a block of queries, `_bwd_dkdv` owns a block of keys; each recomputes P
+  from lse. When the other side fits one tile (<= 256 positions, every Mix Block preset:
+  L = 64 or 196), a program computes its whole dS tile once and then writes its gradient
+  D-chunk by D-chunk (no accumulator wider than BLOCK_D). Otherwise a program owns one
+  (row block, D chunk) output tile and loops over the other side, recomputing scores
+  (correct for any L; scores are recomputed once per D chunk).
+- Precision: products of fp16/bf16 tiles are exact in fp32 and every accumulation is fp32.
+  The second GEMM of the backward (dS @ k, dS^T @ q) feeds dS in the input dtype, as
+  flash-attention does. fp32 inputs use IEEE fp32 dots (no TF32).
+  Under TRITON_INTERPRET=1 tiles are cast to fp32 before `tl.dot` (the interpreter's
+  low-precision dot is wrong); the products are exact either way, so the math is the same.
+- Every stride is passed; nothing is made contiguous. Gradients come back in the inputs'
+  dtypes, laid out contiguously.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["mixblock_attention", "attention_forward", "attention_backward", "POISON_OUTPUTS"]
+
+# Test hook: when True every buffer a kernel is meant to fill is allocated full of NaN, so an
+# element a kernel forgets to write shows up as NaN instead of as stale memory.
+POISON_OUTPUTS = False
+
+LOG2E = 1.4426950408889634
+ONE_TILE_MAX = 256  # the "other side" is handled in a single tile up to this many positions
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _new(shape, dtype, device) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
+@triton.jit
+def _scores(a_base, b_base, offs_a, offs_b, mask_a, mask_b, sa_row, sa_d, sb_row, sb_d, D,
+            BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+            DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Unscaled A @ B^T for a (BLOCK_A, BLOCK_B) tile, summed over D in BLOCK_D chunks, fp32."""
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        a = tl.load(a_base + offs_a[:, None] * sa_row + offs_d[None, :] * sa_d,
+                    mask=mask_a[:, None] & mask_d[None, :], other=0.0)
+        bt = tl.load(b_base + offs_b[None, :] * sb_row + offs_d[:, None] * sb_d,
+                     mask=mask_b[None, :] & mask_d[:, None], other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), bt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _fwd(Q, K, V, OUT, LSE,
+         L, LK, D, qk_scale,
+         sqn, sql, sqd, skn, skl, skd, svn, svl, son, sol, sln, sll,
+         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < L
+    q_base = Q + n * sqn
+    k_base = K + n * skn
+    v_base = V + n * svn
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, LK, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < LK
+        s = _scores(q_base, k_base, offs_m, offs_n, mask_m, mask_n, sql, sqd, skl, skd, D,
+                    BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, PRECISION)
+        s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        v = tl.load(v_base + offs_n * svl, mask=mask_n, other=0.0).to(tl.float32)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha + tl.sum(p * v[None, :], axis=1)
+        m_i = m_new
+    out = acc / l_i
+    lse2 = m_i + tl.log2(l_i)
+    tl.store(OUT + n * son + offs_m * sol, out, mask=mask_m)
+    tl.store(LSE + n * sln + offs_m * sll, lse2, mask=mask_m)
+
+
+@triton.jit
+def _bwd_dq(Q, K, V, OUT, LSE, G, DQ,
+            L, LK, D, qk_scale, scale,
+            sqn, sql, sqd, skn, skl, skd, svn, svl, son, sol, sln, sll, sgn, sgl,
+            sdqn, sdql, sdqd,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            ONE_TILE: tl.constexpr, IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < L
+    q_base = Q + n * sqn
+    k_base = K + n * skn
+    lse = tl.load(LSE + n * sln + offs_m * sll, mask=mask_m, other=0.0)
+    o = tl.load(OUT + n * son + offs_m * sol, mask=mask_m, other=0.0)
+    g = tl.load(G + n * sgn + offs_m * sgl, mask=mask_m, other=0.0).to(tl.float32)
+    dq_base = DQ + n * sdqn
+
+    if ONE_TILE:
+        # All keys in one tile: dS once, then dq chunk by chunk over D.
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_n = offs_n < LK
+        s = _scores(q_base, k_base, offs_m, offs_n, mask_m, mask_n, sql, sqd, skl, skd, D,
+                    BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, PRECISION)
+        valid = mask_m[:, None] & mask_n[None, :]
+        p = tl.where(valid, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        v = tl.load(V + n * svn + offs_n * svl, mask=mask_n, other=0.0).to(tl.float32)
+        ds = (p * g[:, None] * (v[None, :] - o[:, None])).to(IN_DTYPE).to(DOT_DTYPE)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            kt = tl.load(k_base + offs_n[:, None] * skl + offs_d[None, :] * skd,
+                         mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            dq = tl.dot(ds, kt.to(DOT_DTYPE), input_precision=PRECISION) * scale
+            tl.store(dq_base + offs_m[:, None] * sdql + offs_d[None, :] * sdqd,
+                     dq.to(DQ.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    else:
+        # This program owns the (query block, D chunk) tile and loops over key blocks.
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for n0 in range(0, LK, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < LK
+            s = _scores(q_base, k_base, offs_m, offs_n, mask_m, mask_n, sql, sqd, skl, skd, D,
+                        BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, PRECISION)
+            valid = mask_m[:, None] & mask_n[None, :]
+            p = tl.where(valid, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+            v = tl.load(V + n * svn + offs_n * svl, mask=mask_n, other=0.0).to(tl.float32)
+            ds = (p * g[:, None] * (v[None, :] - o[:, None])).to(IN_DTYPE).to(DOT_DTYPE)
+            kt = tl.load(k_base + offs_n[:, None] * skl + offs_d[None, :] * skd,
+                         mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            acc = tl.dot(ds, kt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        tl.store(dq_base + offs_m[:, None] * sdql + offs_d[None, :] * sdqd,
+                 (acc * scale).to(DQ.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _bwd_dkdv(Q, K, V, OUT, LSE, G, DK, DV,
+              L, LK, D, qk_scale, scale,
+              sqn, sql, sqd, skn, skl, skd, svn, svl, son, sol, sln, sll, sgn, sgl,
+              sdkn, sdkl, sdkd, sdvn, sdvl,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              ONE_TILE: tl.constexpr, IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    # Tiles here are transposed: rows are keys (BLOCK_N), columns queries (BLOCK_M).
+    pid_n = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < LK
+    q_base = Q + n * sqn
+    k_base = K + n * skn
+    v = tl.load(V + n * svn + offs_n * svl, mask=mask_n, other=0.0).to(tl.float32)
+    dk_base = DK + n * sdkn
+
+    if ONE_TILE:
+        offs_m = tl.arange(0, BLOCK_M)
+        mask_m = offs_m < L
+        lse = tl.load(LSE + n * sln + offs_m * sll, mask=mask_m, other=0.0)
+        o = tl.load(OUT + n * son + offs_m * sol, mask=mask_m, other=0.0)
+        g = tl.load(G + n * sgn + offs_m * sgl, mask=mask_m, other=0.0).to(tl.float32)
+        st = _scores(k_base, q_base, offs_n, offs_m, mask_n, mask_m, skl, skd, sql, sqd, D,
+                     BLOCK_N, BLOCK_M, BLOCK_D, DOT_DTYPE, PRECISION)
+        valid = mask_n[:, None] & mask_m[None, :]
+        pt = tl.where(valid, tl.exp2(st * qk_scale - lse[None, :]), 0.0)
+        pg = pt * g[None, :]
+        dv = tl.sum(pg, axis=1)
+        dst = (pg * (v[:, None] - o[None, :])).to(IN_DTYPE).to(DOT_DTYPE)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            qt = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :] * sqd,
+                         mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            dk = tl.dot(dst, qt.to(DOT_DTYPE), input_precision=PRECISION) * scale
+            tl.store(dk_base + offs_n[:, None] * sdkl + offs_d[None, :] * sdkd,
+                     dk.to(DK.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
+        tl.store(DV + n * sdvn + offs_n * sdvl, dv.to(DV.dtype.element_ty), mask=mask_n)
+    else:
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for m0 in range(0, L, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < L
+            lse = tl.load(LSE + n * sln + offs_m * sll, mask=mask_m, other=0.0)
+            o = tl.load(OUT + n * son + offs_m * sol, mask=mask_m, other=0.0)
+            g = tl.load(G + n * sgn + offs_m * sgl, mask=mask_m, other=0.0).to(tl.float32)
+            st = _scores(k_base, q_base, offs_n, offs_m, mask_n, mask_m, skl, skd, sql, sqd, D,
+                         BLOCK_N, BLOCK_M, BLOCK_D, DOT_DTYPE, PRECISION)
+            valid = mask_n[:, None] & mask_m[None, :]
+            pt = tl.where(valid, tl.exp2(st * qk_scale - lse[None, :]), 0.0)
+            pg = pt * g[None, :]
+            dv += tl.sum(pg, axis=1)
+            dst = (pg * (v[:, None] - o[None, :])).to(IN_DTYPE).to(DOT_DTYPE)
+            qt = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :] * sqd,
+                         mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            acc = tl.dot(dst, qt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        tl.store(dk_base + offs_n[:, None] * sdkl + offs_d[None, :] * sdkd,
+                 (acc * scale).to(DK.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
+        if pid_d == 0:
+            tl.store(DV + n * sdvn + offs_n * sdvl, dv.to(DV.dtype.element_ty), mask=mask_n)
+
+
+# ----------------------------------------------------------------------------- host side
+
+def _pow2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(x))
+
+
+def _dot_settings(dtype: torch.dtype):
+    """(operand dtype for tl.dot, input_precision)."""
+    if _interpret() or dtype == torch.float32:
+        return tl.float32, "ieee"
+    return _tl_dtype(dtype), "ieee"
+
+
+def _d_chunk(D: int, dtype: torch.dtype) -> int:
+    # 64 columns of fp16/bf16 (128 B rows) or 32 of fp32 per chunk; smaller when D is small.
+    return min(_pow2(D), 32 if dtype == torch.float32 else 64)
+
+
+def _fwd_config(L: int, LK: int, D: int, dtype: torch.dtype):
+    block_m = min(64, _pow2(L))
+    block_n = min(128, _pow2(LK))
+    warps = 8 if block_m * block_n >= 8192 else 4
+    return block_m, block_n, _d_chunk(D, dtype), warps
+
+
+def _bwd_config(rows: int, other: int, D: int, dtype: torch.dtype):
+    """Blocks for a backward kernel that owns `rows` positions and reduces over `other`.
+
+    Returns (own block, other block, D chunk, one_tile, D chunks in the grid, warps).
+    """
+    chunk = _d_chunk(D, dtype)
+    if _pow2(other) <= ONE_TILE_MAX:
+        block_other = _pow2(other)
+        block_own = min(_pow2(rows), max(16, 8192 // block_other), 64)
+        warps = 8 if block_own * block_other >= 8192 else 4
+        return block_own, block_other, chunk, True, 1, warps
+    block_own = min(64, _pow2(rows))
+    block_other = 64
+    return block_own, block_other, chunk, False, triton.cdiv(D, chunk), 4
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """(out (N, L) fp32, lse2 (N, L) fp32 in base 2) without building the N x L x Lk matrix."""
+    N, L, D = q.shape
+    LK = k.shape[1]
+    out = _new((N, L), torch.float32, q.device)
+    lse = _new((N, L), torch.float32, q.device)
+    block_m, block_n, block_d, warps = _fwd_config(L, LK, D, q.dtype)
+    dot_dtype, precision = _dot_settings(q.dtype)
+    grid = (triton.cdiv(L, block_m), N)
+    _fwd[grid](q, k, v, out, lse, L, LK, D, scale * LOG2E,
+               *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+               DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=warps, num_stages=2)
+    return out, lse
+
+
+def attention_backward(q, k, v, out, lse, g, scale: float, need_dq: bool = True, need_dkdv: bool = True):
+    """(dq, dk, dv) in the inputs' dtypes; None for the ones not asked for."""
+    N, L, D = q.shape
+    LK = k.shape[1]
+    dot_dtype, precision = _dot_settings(q.dtype)
+    common = (L, LK, D, scale * LOG2E, scale,
+              *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *g.stride())
+    dq = dk = dv = None
+    if need_dq:
+        dq = _new((N, L, D), q.dtype, q.device)
+        bm, bn, bd, one, nd, warps = _bwd_config(L, LK, D, q.dtype)
+        _bwd_dq[(triton.cdiv(L, bm), nd, N)](
+            q, k, v, out, lse, g, dq, *common, *dq.stride(),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_TILE=one, IN_DTYPE=_tl_dtype(q.dtype),
+            DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=warps, num_stages=2)
+    if need_dkdv:
+        dk = _new((N, LK, D), k.dtype, k.device)
+        dv = _new((N, LK), v.dtype, v.device)
+        bn, bm, bd, one, nd, warps = _bwd_config(LK, L, D, q.dtype)
+        _bwd_dkdv[(triton.cdiv(LK, bn), nd, N)](
+            q, k, v, out, lse, g, dk, dv, *common, *dk.stride(), *dv.stride(),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_TILE=one, IN_DTYPE=_tl_dtype(q.dtype),
+            DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=warps, num_stages=2)
+    return dq, dk, dv
+
+
+class MixBlockAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        out, lse = attention_forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, out, lse = ctx.saved_tensors
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        dq, dk, dv = attention_backward(q, k, v, out, lse, g, ctx.scale,
+                                        need_dq=need_q, need_dkdv=need_k or need_v)
+        return dq, (dk if need_k else None), (dv if need_v else None), None
+
+
+def mixblock_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v for a one-channel v: (N, L) float32, differentiable in q, k, v.
+
+    Arguments are validated by `automix_fast.ops.mixblock_attention`; call that instead.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return MixBlockAttention.apply(q, k, v, float(scale))

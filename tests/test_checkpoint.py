@@ -1,0 +1,171 @@
+import argparse
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from automix_fast.engine import checkpoint as ck
+from automix_fast.errors import CheckpointError, UserError
+
+
+def _state(v=1.0):
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    m(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    return {"model": m.state_dict(), "optimizer": opt.state_dict(), "step": 7, "value": v,
+            "config": {"lr": 0.1, "name": "x", "sizes": [1, 2]}, "rng": ck.rng_state()}
+
+
+def test_round_trip(tmp_path):
+    s = _state()
+    ck.save_checkpoint(tmp_path / "a.pt", s)
+    out = ck.load_checkpoint(tmp_path / "a.pt")
+    assert out["step"] == 7 and out["config"] == s["config"]
+    for k, v in s["model"].items():
+        assert torch.equal(out["model"][k], v)
+    assert out["optimizer"]["param_groups"] == s["optimizer"]["param_groups"]
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]  # no temp files left
+
+
+def test_unloadable_state_rejected_before_writing(tmp_path):
+    with pytest.raises(TypeError, match=r"state\['args'\].*Namespace"):
+        ck.save_checkpoint(tmp_path / "a.pt", {"args": argparse.Namespace(lr=1)})
+    with pytest.raises(TypeError, match=r"state\['m'\]\['acc'\].*numpy"):
+        ck.save_checkpoint(tmp_path / "a.pt", {"m": {"acc": np.float64(1.0)}})
+    assert not list(tmp_path.iterdir())
+
+
+def test_crash_during_replace_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    ck.save_checkpoint(path, {"value": 1.0})
+
+    def boom(*a, **k):
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(ck.os, "replace", boom)
+    with pytest.raises(OSError, match="simulated"):
+        ck.save_checkpoint(path, {"value": 2.0})
+    monkeypatch.undo()
+    assert ck.load_checkpoint(path)["value"] == 1.0
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_crash_during_write_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    ck.save_checkpoint(path, {"value": 1.0})
+    monkeypatch.setattr(ck.os, "fsync", lambda fd: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_checkpoint(path, {"value": 2.0})
+    monkeypatch.undo()
+    assert ck.load_checkpoint(path)["value"] == 1.0
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_truncated_flipped_foreign_missing(tmp_path):
+    path = tmp_path / "c.pt"
+    ck.save_checkpoint(path, _state())
+    data = path.read_bytes()
+
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=rf"{path}.*truncated"):
+        ck.load_checkpoint(path)
+    path.write_bytes(data[:20])
+    with pytest.raises(CheckpointError, match="truncated"):
+        ck.load_checkpoint(path)
+
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match=rf"{path}.*checksum mismatch"):
+        ck.load_checkpoint(path)
+
+    torch.save({"a": 1}, path)  # a plain torch file is not ours
+    with pytest.raises(CheckpointError, match="not an automix-fast checkpoint"):
+        ck.load_checkpoint(path)
+
+    with pytest.raises(CheckpointError, match="not found") as e:
+        ck.load_checkpoint(tmp_path / "nope.pt")
+    assert isinstance(e.value, UserError) and "\n" not in str(e.value)
+
+
+def test_manager_keeps_recent_and_best(tmp_path):
+    mgr = ck.CheckpointManager(tmp_path, keep_recent=2)
+    metrics = [0.5, 0.7, 0.6, 0.9, 0.8]
+    for epoch, m in enumerate(metrics):
+        mgr.save({"value": float(epoch)}, epoch, metric=m)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["best.pt", "checkpoint-0003.pt", "checkpoint-0004.pt", "last.pt"]
+    assert not (tmp_path / "last.pt").is_symlink()
+    best = ck.load_checkpoint(tmp_path / "best.pt")
+    assert best["epoch"] == 3 and best["best_metric"] == 0.9 and best["best_epoch"] == 3
+    last = ck.load_checkpoint(tmp_path / "last.pt")
+    assert last["epoch"] == 4 and last["best_metric"] == 0.9
+
+    # Resume: a fresh manager restored from last.pt does not overwrite best.pt with a worse metric.
+    mgr2 = ck.CheckpointManager(tmp_path, keep_recent=2)
+    mgr2.restore(last)
+    assert not mgr2.save({"value": 5.0}, 5, metric=0.85)
+    assert ck.load_checkpoint(tmp_path / "best.pt")["epoch"] == 3
+    assert mgr2.save({"value": 6.0}, 6, metric=0.95)
+    assert ck.load_checkpoint(tmp_path / "best.pt")["epoch"] == 6
+
+    # A mid-epoch last.pt still carries the best metric, so a resume from it keeps following it.
+    mgr2.save_last({"value": 6.5})
+    mgr3 = ck.CheckpointManager(tmp_path, keep_recent=2)
+    mgr3.restore(ck.load_checkpoint(tmp_path / "last.pt"))
+    assert (mgr3.best_metric, mgr3.best_epoch) == (0.95, 6)
+    assert sorted(p.name for p in tmp_path.iterdir())[1:3] == ["checkpoint-0005.pt", "checkpoint-0006.pt"]
+
+
+def test_manager_lower_is_better(tmp_path):
+    mgr = ck.CheckpointManager(tmp_path)
+    assert mgr.save({}, 0, metric=torch.tensor(2.0), higher_is_better=False)
+    assert not mgr.save({}, 1, metric=3.0, higher_is_better=False)
+    assert mgr.save({}, 2, metric=1.0, higher_is_better=False)
+    assert not mgr.save({}, 3)  # no metric: no best.pt update
+    assert ck.load_checkpoint(tmp_path / "best.pt")["epoch"] == 2
+
+
+def test_latest_valid_falls_back(tmp_path, capsys):
+    mgr = ck.CheckpointManager(tmp_path, keep_recent=3)
+    for epoch in range(3):
+        mgr.save({"value": float(epoch)}, epoch)
+    (tmp_path / "last.pt").write_bytes(b"garbage")
+    data = (tmp_path / "checkpoint-0002.pt").read_bytes()
+    (tmp_path / "checkpoint-0002.pt").write_bytes(data[:-10])
+    path, state = ck.latest_valid(tmp_path)
+    assert path.name == "checkpoint-0001.pt" and state["epoch"] == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2
+    assert f"checkpoint {tmp_path / 'last.pt'} is corrupt (" in err[0]
+    assert err[0].endswith(f"falling back to {tmp_path / 'checkpoint-0002.pt'}")
+    assert "truncated" in err[1] and err[1].endswith("checkpoint-0001.pt")
+
+
+def test_resolve_resume(tmp_path, capsys):
+    assert ck.resolve_resume(None, tmp_path) is None
+    assert ck.resolve_resume("auto", tmp_path / "empty") is None
+    assert "starting fresh" in capsys.readouterr().err
+    ck.CheckpointManager(tmp_path).save({"value": 1.0}, 0)
+    path, state = ck.resolve_resume("auto", tmp_path)
+    assert path.name == "last.pt" and state["epoch"] == 0
+    path, state = ck.resolve_resume(str(tmp_path / "checkpoint-0000.pt"), tmp_path)
+    assert state["value"] == 1.0
+    with pytest.raises(CheckpointError, match="missing.pt"):
+        ck.resolve_resume(str(tmp_path / "missing.pt"), tmp_path)
+
+
+def _draws():
+    return (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.randn(),
+            torch.rand(3).tolist())
+
+
+def test_rng_state_round_trip(tmp_path):
+    random.gauss(0, 1)  # leave a cached gaussian in both generators
+    np.random.randn()
+    ck.save_checkpoint(tmp_path / "r.pt", {"rng": ck.rng_state()})
+    first = _draws()
+    ck.set_rng_state(ck.load_checkpoint(tmp_path / "r.pt")["rng"])
+    assert _draws() == first

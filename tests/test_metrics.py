@@ -1,0 +1,79 @@
+import io
+import json
+
+import torch
+
+from automix_fast.engine.metrics import Mean, MeanDict, MetricLogger, ProgressLine, accuracy_topk
+
+
+def test_accuracy_topk_by_hand():
+    logits = torch.tensor([
+        [0.1, 0.9, 0.0, 0.0, 0.0, 0.0],  # ranking 1,0,...   target 1: top1
+        [0.5, 0.1, 0.4, 0.0, 0.0, 0.0],  # ranking 0,2,1     target 2: top2
+        [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],  # ranking 5,4,3,2,1 target 1: top5
+        [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],  # target 0: rank 6, missed by top-5
+    ])
+    targets = torch.tensor([1, 2, 1, 0])
+    out = accuracy_topk(logits, targets, ks=(1, 2, 5))
+    assert out.dtype == torch.int64 and out.tolist() == [1, 2, 3]
+    # one-hot targets and k beyond the class count
+    assert accuracy_topk(logits[:, :3], torch.eye(3)[[1, 2, 1, 0]], ks=(1, 5)).tolist() == [1, 4]
+
+
+def test_means_accumulate_tensors():
+    m = Mean()
+    for v in [1.0, 2.0, 3.0]:
+        m.add(torch.tensor(v))
+    m.add(10.0, n=2)
+    assert m.value() == (6.0 + 20.0) / 5
+    d = MeanDict()
+    d.add({"a": torch.tensor(1.0), "b": 2})
+    d.add({"a": torch.tensor(3.0), "b": 4})
+    assert d.values() == {"a": 2.0, "b": 3.0}
+
+
+def test_metric_logger_json_lines(tmp_path):
+    with MetricLogger(tmp_path) as log:
+        log.log("train", {"loss": torch.tensor(2.5), "lr": 0.1, "bad": float("nan")}, epoch=0, step=10)
+        log.log("eval", {"q_one/top1": 0.75, "acc": torch.tensor([1.0, 2.0])}, epoch=0)
+    MetricLogger(tmp_path, enabled=False).log("train", {"x": 1})  # other ranks: no-op
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    recs = [json.loads(line) for line in lines]
+    assert len(recs) == 2
+    assert recs[0]["type"] == "train" and recs[0]["epoch"] == 0 and recs[0]["step"] == 10
+    assert recs[0]["values"] == {"loss": 2.5, "lr": 0.1, "bad": "nan"} and "time" in recs[0]
+    assert recs[1]["values"] == {"q_one/top1": 0.75, "acc": [1.0, 2.0]} and recs[1]["step"] is None
+    with MetricLogger(tmp_path) as log:  # appends
+        log.log("train", {}, epoch=1)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_progress_line_not_tty():
+    out = io.StringIO()
+    p = ProgressLine(2, 10, 7, log_interval=3, stream=out)
+    for i in range(7):
+        p.update(loss=torch.tensor(float(i)), lr=0.1, images=32, data_time=0.0)
+    s = p.close()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    assert len(lines) == 3  # steps 3 and 6, then the summary
+    assert lines[0].startswith("epoch 2/10 [########------------] 3/7 loss 1.000 lr 0.1 img/s ")
+    assert lines[0].endswith(" data 0%")
+    assert " 6/7 loss 4.000 " in lines[1]  # mean over the window since the previous line
+    assert lines[2].startswith("epoch 2/10 done: 7 steps in ") and " loss 3.0000 " in lines[2]
+    assert s["loss"] == 3.0 and s["steps"] == 7 and s["lr"] == 0.1
+
+
+def test_progress_line_tty_and_disabled():
+    out = io.StringIO()
+    p = ProgressLine(1, 1, 3, stream=out, is_tty=True, min_interval=3600)
+    for _ in range(3):
+        p.update(loss=1.0)
+    p.close()
+    text = out.getvalue()
+    assert text.count("\r") == 2  # first step, then the final step; throttled in between
+    assert "3/3" in text and text.endswith("\n") and "done:" in text.splitlines()[-1]
+    quiet = io.StringIO()
+    p = ProgressLine(1, 1, 3, stream=quiet, enabled=False)
+    p.update(loss=1.0)
+    assert p.close()["loss"] == 1.0 and quiet.getvalue() == ""
