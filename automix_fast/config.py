@@ -140,11 +140,27 @@ def _coerce(name: str, value: Any, type_str: str) -> Any:
     return value
 
 
-def load_yaml(path: str) -> dict[str, Any]:
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+
+def find_config(name: str) -> str:
+    """A config path as given, or the name of a shipped config (`cifar100_r18_automix`)."""
+    if os.path.isfile(name):
+        return name
+    for candidate in (os.path.join(CONFIG_DIR, name), os.path.join(CONFIG_DIR, name + ".yaml")):
+        if os.path.isfile(candidate):
+            return candidate
+    shipped = ", ".join(sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml")))
+    raise ConfigError(f"config file not found: {name} (shipped configs: {shipped})")
+
+
+def load_yaml(path: str, _seen: tuple = ()) -> dict[str, Any]:
+    """Field values from a YAML file; `base: other.yaml` (relative to the file) is read first."""
     import yaml
 
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
+    path = find_config(path)
+    if os.path.abspath(path) in _seen:
+        raise ConfigError(f"config file {path} includes itself through 'base'")
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
@@ -154,9 +170,16 @@ def load_yaml(path: str) -> dict[str, Any]:
         raise ConfigError(f"config file {path} must hold a mapping of field: value")
     known = field_types()
     for key in data:
-        if key not in known:
+        if key not in known and key != "base":
             raise ConfigError(f"unknown config key '{key}' in {path}")
-    return data
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config key 'base' in {path} must be a file name, got {base!r}")
+    merged = load_yaml(os.path.join(os.path.dirname(path), base), _seen + (os.path.abspath(path),))
+    merged.update(data)
+    return merged
 
 
 def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:

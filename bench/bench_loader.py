@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -171,6 +172,32 @@ class DaliMemoryLoader:
             self.pipe.reset()
 
 
+def train_step_rate(spec: DataSpec, args) -> dict:
+    """A CIFAR ResNet-18 train step (forward, backward, SGD) on random data: the rate a loader must beat."""
+    from automix_fast.models import create_model
+
+    model = create_model("resnet18_cifar", 10).to(spec.device, memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    batch = spec.batch_size if spec.device.type == "cuda" else 64  # a CPU step is slow: keep it short
+    x = torch.randn(batch, 3, 32, 32, device=spec.device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=spec.device)
+    steps = 3 if x.is_cuda else 2
+    for i in range(steps + 1):
+        if i == 1:
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        with torch.autocast(spec.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    return {"case": "cifar/train-step", "img_per_s": round(steps * batch / dt, 1), "model": "resnet18_cifar", "batch": batch}
+
+
 # ----------------------------------------------------------------------------- environment
 
 def environment(device: torch.device) -> dict:
@@ -242,6 +269,8 @@ def main(argv=None) -> int:
         loader = make()
         setup = time.perf_counter() - t
         r = {"case": case, **time_loader(loader, args.warmup, args.batches), "setup_s": round(setup, 3), **extra}
+        del loader
+        gc.collect()  # DALI pipelines sit in reference cycles: free them before DataLoader workers fork
         results.append(r)
         print(f"{case:24s} {r['img_per_s']:>10.1f} img/s   (setup {setup:.2f} s)", flush=True)
 
@@ -273,6 +302,10 @@ def main(argv=None) -> int:
         one_time_decode_s=round(decode_s, 3))
     run("cifar/torch-stream", lambda: StreamingLoader(_ImageDataset(samples=cifar_samples, size=32, mode="fixed"),
                                                       cspec, True, "cifar"))
+
+    if not only or "cifar/train-step" in only:
+        results.append(train_step_rate(cspec, args))
+        print(f"{'cifar/train-step':24s} {results[-1]['img_per_s']:>10.1f} img/s   (resnet18_cifar fwd+bwd+SGD, for scale)")
 
     record = {
         "benchmark": "loader",

@@ -167,6 +167,8 @@ def _bwd_rows(LOG, X, PERM, G, GS, T,
     pid_y = tl.program_id(0)
     pid_b = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
+    offs_r = pid_y * ROWS + tl.arange(0, ROWS)
+    mask_r = offs_r < H
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < w
     b_first = pid_b * BLOCK_B
@@ -182,31 +184,29 @@ def _bwd_rows(LOG, X, PERM, G, GS, T,
         x_base = X + n * sxn
         p_base = X + partner * sxn
         g_base = G + n * sgn
-    for r in tl.static_range(ROWS):
-        y = pid_y * ROWS + r
-        acc = tl.zeros((BLOCK_B,), dtype=tl.float32)
-        for x0 in range(x_lo, x_hi, BLOCK_X):
-            xx = x0 + tl.arange(0, BLOCK_X)
-            yy = xx * 0 + y
-            mask_x = (xx < x_hi) & (yy < H)
-            z = _mask_logit(l_base, slh, slw, yy, xx, mask_x, h, w, scale_h, scale_w, BILINEAR)
-            s = _sigmoid(z)
-            ds = tl.zeros((BLOCK_X,), dtype=tl.float32) + g_mean
-            if HAS_G:
-                for c0 in range(0, C, BLOCK_C):
-                    offs_c = c0 + tl.arange(0, BLOCK_C)
-                    m2 = mask_x[:, None] & (offs_c < C)[None, :]
-                    pix = y * sxh + xx * sxw
-                    a = tl.load(x_base + pix[:, None] + offs_c[None, :] * sxc, mask=m2, other=0.0).to(tl.float32)
-                    b = tl.load(p_base + pix[:, None] + offs_c[None, :] * sxc, mask=m2, other=0.0).to(tl.float32)
-                    gg = tl.load(g_base + (y * sgh + xx * sgw)[:, None] + offs_c[None, :] * sgc,
-                                 mask=m2, other=0.0).to(tl.float32)
-                    ds += tl.sum(gg * (b - a), axis=1)
-            dz = tl.where(mask_x, ds * s * (1.0 - s), 0.0)
-            x0i, x1i, lx = _src_index(xx, w, scale_w, BILINEAR)
-            wx = _tap_weight(x0i[:, None], x1i[:, None], lx[:, None], offs_b[None, :], BILINEAR)
-            acc += tl.sum(wx * dz[:, None], axis=0)
-        tl.store(T + n * stn + y * sty + offs_b * stb, acc, mask=mask_b & ((offs_b * 0 + y) < H))
+    acc = tl.zeros((ROWS, BLOCK_B), dtype=tl.float32)
+    for x0 in range(x_lo, x_hi, BLOCK_X):
+        xx = x0 + tl.arange(0, BLOCK_X)
+        m2 = mask_r[:, None] & (xx < x_hi)[None, :]
+        z = _mask_logit(l_base, slh, slw, offs_r[:, None], xx[None, :], m2, h, w, scale_h, scale_w, BILINEAR)
+        s = _sigmoid(z)
+        ds = tl.zeros((ROWS, BLOCK_X), dtype=tl.float32) + g_mean
+        if HAS_G:
+            pix = (offs_r[:, None] * sxh + xx[None, :] * sxw)[:, :, None]
+            gpix = (offs_r[:, None] * sgh + xx[None, :] * sgw)[:, :, None]
+            for c0 in range(0, C, BLOCK_C):
+                offs_c = c0 + tl.arange(0, BLOCK_C)
+                m3 = m2[:, :, None] & (offs_c < C)[None, None, :]
+                a = tl.load(x_base + pix + offs_c[None, None, :] * sxc, mask=m3, other=0.0).to(tl.float32)
+                b = tl.load(p_base + pix + offs_c[None, None, :] * sxc, mask=m3, other=0.0).to(tl.float32)
+                gg = tl.load(g_base + gpix + offs_c[None, None, :] * sgc, mask=m3, other=0.0).to(tl.float32)
+                ds += tl.sum(gg * (b - a), axis=2)
+        dz = tl.where(m2, ds * s * (1.0 - s), 0.0)
+        x0i, x1i, lx = _src_index(xx, w, scale_w, BILINEAR)
+        wx = _tap_weight(x0i[:, None], x1i[:, None], lx[:, None], offs_b[None, :], BILINEAR)
+        acc += tl.sum(dz[:, :, None] * wx[None, :, :], axis=1)
+    tl.store(T + n * stn + offs_r[:, None] * sty + offs_b[None, :] * stb, acc,
+             mask=mask_r[:, None] & mask_b[None, :])
 
 
 @triton.jit
@@ -273,7 +273,9 @@ def mask_mix_backward(logits, x, perm, mode, g, g_smean):
     block_x = min(256, max(16, triton.next_power_of_2(W)))
     block_b = min(64, max(2, triton.next_power_of_2(w)))
     block_c = min(4, triton.next_power_of_2(C))
-    rows = max(1, min(8, 1024 // block_x))
+    # Rows per program: ~1024 pixels per tile, and the (rows, x, b) product tile of the
+    # contraction with wx at most 8192 elements.
+    rows = max(1, min(1024 // block_x, 8192 // (block_x * block_b), triton.next_power_of_2(H)))
     t = _new((N, H, w), torch.float32, x.device)
     has_g, has_gs = g is not None, g_smean is not None
     g_arg = g if has_g else x
@@ -283,7 +285,8 @@ def mask_mix_backward(logits, x, perm, mode, g, g_smean):
         H, W, h, w, C, _scale(h, H), _scale(w, W), W / w, 1.0 / (H * W),
         *lg.stride(), *x.stride(), *g_arg.stride(), gs_arg.stride(0), *t.stride(),
         ROWS=rows, BLOCK_X=block_x, BLOCK_C=block_c, BLOCK_B=block_b,
-        BILINEAR=bilinear, HAS_G=has_g, HAS_GS=has_gs, num_warps=4)
+        BILINEAR=bilinear, HAS_G=has_g, HAS_GS=has_gs,
+        num_warps=8 if rows * block_x * block_b >= 8192 else 4)
     dlogits = _new((N, 1, h, w), logits.dtype, logits.device)
     dl = dlogits[:, 0]
     block_y = min(64, max(16, triton.next_power_of_2(math.ceil(2 * H / h) + 6)))

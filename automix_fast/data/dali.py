@@ -35,20 +35,27 @@ operators draw per sample, so the thread count does not matter), but a run resum
 draws different crops than the uninterrupted run did; reseeding would mean rebuilding the
 pipeline every epoch (nvJPEG and buffer start-up each time).
 
-Small images. In-memory datasets (CIFAR arrays) and folders of small images with CIFAR-style
-augmentation (the embedded set; the torch loader's `folder_fits_resident` rule) are delegated to
-the torch loader's device-resident loader (`ResidentLoader`): decoded once, then every batch is
-a gather plus one batched pad-crop-flip on the device. Measured with bench/bench_loader.py (CPU
-only, 2 cores, 32 px, batch 256; bench/results/loader-cpu-*.json):
-    DALI external_source pipeline over the uint8 arrays (crop pad 4 + flip + normalize):
-        ~10,000 img/s
-    DALI decoding the CIFAR-10 JPEG folder every epoch (cifar aug):  ~4,000 img/s
-    resident loader (gather + crop + flip + normalize in torch):     ~26,000 img/s
-The resident loader wins by 2.5-6x with no decode at all after the first pass, and on a GPU its
-per-batch work is a few kernels on data already in device memory, against a host-to-device
-copy plus per-sample DALI operators; DALI is for image sets that do not fit in memory.
+In-memory data. CIFAR arrays (info.train_arrays) go to the torch loader's device-resident
+loader (`ResidentLoader`, through `build_torch_loaders`: one gather plus one batched pad-crop-flip per batch on the device),
+chosen by measurement against a DALI external_source pipeline over the same arrays (pad-4 crop +
+flip + normalize). bench/bench_loader.py, CPU-only mode, 2 shared AMD EPYC cores, 32 px, batch
+256 (bench/results/loader-cpu-2026-11-23.json; two runs, the second in brackets):
+    DALI external_source over the uint8 arrays        13,900 (10,700) img/s
+    resident loader                                    1,580  (1,480) img/s
+    DALI decoding the CIFAR-10 JPEG folder each epoch  4,380  (4,160) img/s
+    torch streaming loader over the JPEG folder          890    (850) img/s
+    a ResNet-18 (CIFAR) training step, for scale           9 img/s
+DALI is faster on the CPU, but both loaders run 150x+ faster than the training step there, so
+the loader is under 1% of a CPU step either way; on a GPU the resident loader's data already
+lives in device memory (no host work, no host-to-device copy per batch) and it applies the very
+augmentation `--loader torch` does. So the resident loader, for both modes; the bench keeps the
+DALI case so a GPU measurement can overturn this. Image folders always run through DALI, small
+images included (the embedded set): there DALI was the fastest folder loader measured
+(ImageNet-like 224 px: DALI 243 (226) img/s against the torch loader's 89 (186) img/s).
 """
 from __future__ import annotations
+
+import weakref
 
 import numpy as np
 import torch
@@ -101,6 +108,25 @@ def _copy_out(tensor_list, out: torch.Tensor, stream) -> torch.Tensor:
     else:
         tensor_list.copy_to_external(ptr)
     return out
+
+
+class _PlanSource:
+    """The external-source callable: the loader's next batch, held weakly.
+
+    The pipeline keeps its source alive; a weak reference back to the loader keeps that from
+    being a reference cycle, so dropping the loader frees the DALI pipeline (and its threads and
+    device buffers) at once rather than at some later garbage collection, and no pipeline
+    lingers into a forked DataLoader worker.
+    """
+
+    def __init__(self, loader):
+        self._loader = weakref.ref(loader)
+
+    def __call__(self):
+        loader = self._loader()
+        if loader is None:
+            raise StopIteration
+        return loader._source()
 
 
 class DaliFolderLoader:
@@ -166,7 +192,7 @@ class DaliFolderLoader:
         s = self.spec
         definition = P.train_pipeline if self.train else P.val_pipeline
         pipe = definition(
-            source=self._source,
+            source=_PlanSource(self),
             gpu=self.device_id is not None,
             img_size=s.img_size,
             aug=self.aug,
@@ -224,25 +250,41 @@ class DaliFolderLoader:
         return x, y.to(self.device, non_blocking=True)
 
 
-def _resident_loader(arrays, spec, train: bool, aug: str):
-    from .torch_loader import ResidentLoader
-    from .transforms import resize_uint8_batch
-
-    images = resize_uint8_batch(torch.from_numpy(np.ascontiguousarray(arrays[0])), spec.img_size)
-    return ResidentLoader(images, torch.from_numpy(np.asarray(arrays[1], dtype=np.int64)), spec, train, aug)
-
-
 def build_dali_loaders(spec, info):
     """(train_loader, val_loader) for `--loader dali`; see the module docstring for what runs where."""
     require_dali()
-    from .torch_loader import decode_folder, folder_fits_resident, resolve_aug
+    from .torch_loader import build_torch_loaders, resolve_aug
 
+    if info.train_samples is None:  # in-memory arrays (CIFAR batches): the torch loader's resident path
+        return build_torch_loaders(spec, info)
     aug = resolve_aug(spec)
-    if info.train_samples is None:  # in-memory arrays (CIFAR): the resident loader, by measurement
-        return _resident_loader(info.train_arrays, spec, True, aug), _resident_loader(info.val_arrays, spec, False, aug)
-    if folder_fits_resident(info, spec, aug):  # small images: decode once, then resident
-        threads = max(1, int(spec.workers))
-        train = decode_folder(info.train_samples, spec.img_size, threads)
-        val = decode_folder(info.val_samples, spec.img_size, threads)
-        return _resident_loader(train, spec, True, aug), _resident_loader(val, spec, False, aug)
     return DaliFolderLoader(info.train_samples, spec, True, aug), DaliFolderLoader(info.val_samples, spec, False, aug)
+
+
+def decode_images(paths: list[str], device_id: int | None = None, num_threads: int = 1) -> list[np.ndarray]:
+    """Decode files with the loaders' decoder and settings: uint8 HWC RGB arrays at their own sizes.
+
+    For tests and debugging (what does DALI make of this file?); device_id=None is CPU-only mode.
+    """
+    require_dali()
+    from . import dali_pipelines as P
+
+    batch = iter([np.arange(i, min(i + 16, len(paths))) for i in range(0, len(paths), 16)])
+
+    def source():
+        idx = next(batch)
+        return [np.frombuffer(paths[i].encode("utf-8"), dtype=np.uint8) for i in idx], np.asarray(idx, dtype=np.int64)
+
+    pipe = P.decode_pipeline(source=source, gpu=device_id is not None, batch_size=16, num_threads=num_threads,
+                             device_id=device_id, prefetch_queue_depth=1)
+    pipe.build()
+    out: list[np.ndarray] = []
+    try:
+        while True:
+            images, _ = pipe.run()
+            if device_id is not None:
+                images = images.as_cpu()
+            out.extend(np.array(images[i]) for i in range(len(images)))
+    except StopIteration:
+        pass
+    return out

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import functools
 import io
+import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
@@ -174,17 +176,34 @@ def _write_file(path: str, data: bytes) -> None:
         f.write(data)
 
 
-def _write_split(root: str, split: str, per_class: int, pool: ThreadPoolExecutor) -> list:
-    """Render on this thread; writing thousands of tiny files is I/O-bound, so threads do it."""
-    pending = []
-    for kind, name in enumerate(CLASSES):
-        folder = os.path.join(root, split, name)
-        os.makedirs(folder)
-        for i in range(per_class):
+def _write_class(root: str, split: str, kind: int, count: int) -> None:
+    """Render one class folder; writing thousands of tiny files is I/O-bound, so threads do it."""
+    folder = os.path.join(root, split, CLASSES[kind])
+    os.makedirs(folder)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        pending = []
+        for i in range(count):
             buf = io.BytesIO()
             Image.fromarray(render_image(kind, _image_rng(split, kind, i))).save(buf, format="JPEG", quality=JPEG_QUALITY)
             pending.append(pool.submit(_write_file, os.path.join(folder, f"{i:05d}.jpg"), buf.getvalue()))
-    return pending
+        for f in pending:
+            f.result()  # re-raise a failed write (disk full, ...) before the rename
+
+
+def _generate(root: str, train_per_class: int, val_per_class: int) -> None:
+    """All class folders, on up to 8 forked processes (rendering is CPU-bound numpy)."""
+    jobs = [(root, split, kind, n) for split, n in (("train", train_per_class), ("val", val_per_class))
+            for kind in range(len(CLASSES))]
+    procs = min(8, os.cpu_count() or 1)
+    # fork: children start at once and inherit the imports (spawn would re-import torch per child).
+    # Tiny sets (tests) are not worth the processes.
+    if procs > 1 and sys.platform == "linux" and train_per_class + val_per_class >= 50:
+        with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("fork")) as pool:
+            for _ in pool.map(_write_class, *zip(*jobs)):
+                pass
+    else:
+        for job in jobs:
+            _write_class(*job)
 
 
 def dataset_dir_name(train_per_class: int = TRAIN_PER_CLASS, val_per_class: int = VAL_PER_CLASS) -> str:
@@ -206,10 +225,7 @@ def ensure_embedded_dataset(cache_dir: str | None = None, train_per_class: int =
     # crashed run's leftovers from ever being mistaken for the dataset.
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=cache_dir)
     try:
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            pending = _write_split(tmp, "train", train_per_class, pool) + _write_split(tmp, "val", val_per_class, pool)
-            for f in pending:
-                f.result()  # re-raise a failed write (disk full, ...) before the rename
+        _generate(tmp, train_per_class, val_per_class)
         try:
             os.rename(tmp, final)
         except OSError:

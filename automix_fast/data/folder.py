@@ -1,6 +1,7 @@
 """Image folders (ImageFolder layout) and the bad-file policy shared by every loader.
 
-Layout: `DIR/train/<class>/**/<image>` and `DIR/val/<class>/**/<image>`; the label of a file is
+Layout: `DIR/train/<class>/**/<image>` and `DIR/val/<class>/**/<image>` (`DIR/test/` is taken
+for val when there is no val/, as CIFAR-as-JPEG mirrors ship it); the label of a file is
 the index of its class folder's name in the sorted list of class names, and train and val must
 hold the same class names. Image files are those ending in .jpg .jpeg .png .bmp .webp (any case);
 other files are ignored, and so are folders and files whose name starts with a dot.
@@ -27,12 +28,25 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"IEND\xaeB`\x82"
-_TAIL_BYTES = 64  # enough to see the JPEG/PNG end markers behind a little padding
+_TAIL_BYTES = 4096  # one block: the end marker and usual zero padding in a single read
 _SHOW_BAD = 3  # paths named in the one-line error / warning
 
 
 def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _tail_without_padding(f, size: int) -> bytes:
+    """The last bytes of the file before any trailing zeros (padding may span whole blocks)."""
+    end = size
+    while end > 0:
+        start = max(0, end - _TAIL_BYTES)
+        f.seek(start)
+        chunk = f.read(end - start).rstrip(b"\x00")
+        if chunk:
+            return chunk
+        end = start
+    return b""
 
 
 def image_problem(path: str) -> str | None:
@@ -41,17 +55,16 @@ def image_problem(path: str) -> str | None:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(16)
-            f.seek(max(0, size - _TAIL_BYTES))
-            tail = f.read()
+            tail = _tail_without_padding(f, size)
     except OSError as e:
         return f"cannot be read ({e.strerror or e})"
     if size == 0:
         return "empty file"
     if head.startswith(b"\xff\xd8\xff"):
         # Encoders and some copy tools pad with zeros after EOI; DALI and PIL accept that.
-        return None if tail.rstrip(b"\x00").endswith(b"\xff\xd9") else "truncated JPEG (no end marker)"
+        return None if tail.endswith(b"\xff\xd9") else "truncated JPEG (no end marker)"
     if head.startswith(_PNG_SIGNATURE):
-        return None if tail.rstrip(b"\x00").endswith(_PNG_END) else "truncated PNG (no IEND chunk)"
+        return None if tail.endswith(_PNG_END) else "truncated PNG (no IEND chunk)"
     if head.startswith(b"BM") and len(head) >= 6:
         declared = int.from_bytes(head[2:6], "little")
         return None if size >= declared else "truncated BMP"
@@ -120,8 +133,13 @@ def scan_image_folder(root: str, skip_bad: bool = False) -> tuple[list[str], lis
     return classes, samples
 
 
+def val_split_name(path: str) -> str:
+    """'val', or 'test' when only that exists (as in several CIFAR-as-JPEG mirrors)."""
+    return "test" if not os.path.isdir(os.path.join(path, "val")) and os.path.isdir(os.path.join(path, "test")) else "val"
+
+
 def is_image_folder_root(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, "train")) and os.path.isdir(os.path.join(path, "val"))
+    return os.path.isdir(os.path.join(path, "train")) and os.path.isdir(os.path.join(path, val_split_name(path)))
 
 
 def resolve_image_folder(data_dir: str, skip_bad: bool = False, kind: str = "folder"):
@@ -130,16 +148,17 @@ def resolve_image_folder(data_dir: str, skip_bad: bool = False, kind: str = "fol
 
     if not os.path.isdir(data_dir):
         raise DataError(f"data directory not found: {data_dir}")
-    for split in ("train", "val"):
+    val_split = val_split_name(data_dir)
+    for split in ("train", val_split):
         if not os.path.isdir(os.path.join(data_dir, split)):
             raise DataError(f"no {split}/ folder in {data_dir} (expected {data_dir}/train/<class>/... and {data_dir}/val/<class>/...)")
     classes, train = scan_image_folder(os.path.join(data_dir, "train"), skip_bad)
-    val_classes, val = scan_image_folder(os.path.join(data_dir, "val"), skip_bad)
+    val_classes, val = scan_image_folder(os.path.join(data_dir, val_split), skip_bad)
     if classes != val_classes:
         only_train = sorted(set(classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(classes))
         raise DataError(
-            f"train/ and val/ class folders differ in {data_dir}: "
-            f"only in train: {only_train[:5] or 'none'}; only in val: {only_val[:5] or 'none'}"
+            f"train/ and {val_split}/ class folders differ in {data_dir}: "
+            f"only in train: {only_train[:5] or 'none'}; only in {val_split}: {only_val[:5] or 'none'}"
         )
     return DatasetInfo(kind=kind, root=data_dir, classes=classes, train_samples=train, val_samples=val)

@@ -1,0 +1,227 @@
+"""Benchmark the Mix Block ops: Triton kernels vs the torch reference vs torch.compile(reference).
+
+    python bench/bench_ops.py                      # every preset, op, pass and provider (CUDA)
+    python bench/bench_ops.py --presets cifar-r18 --ops mask_mix --providers triton torch
+    TRITON_INTERPRET=1 python bench/bench_ops.py --smoke   # tiny CPU run that checks the script
+
+Times are medians of triton.testing.do_bench (CUDA). Results, with the GPU name, library
+versions, git commit and the device-to-device copy bandwidth measured in the same run, go to
+bench/results/ops-<gpu>-<date>.json; a short table is printed. See bench/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from automix_fast import ops
+from automix_fast.ops import reference
+
+# name: (N, L, D, image size); images are (N, 3, S, S) bf16 channels-last, logits (N, 1, h, h), h*h = L.
+PRESETS = {
+    "cifar-r18": (100, 64, 128, 32),
+    "imagenet-r18": (256, 196, 128, 224),
+    "imagenet-r50": (256, 196, 512, 224),
+}
+SMOKE_PRESETS = {"smoke": (2, 16, 24, 12)}
+PASSES = ("fwd", "bwd", "fwd+bwd")
+PROVIDERS = ("triton", "torch", "compile")
+OPS = ("attention", "mask_mix")
+
+
+def git_commit() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def bench_ms(fn, device: torch.device) -> float:
+    """Median milliseconds of fn()."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy of a large buffer: (read + write) bytes / median time."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src), device)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def attention_fns(provider: str):
+    if provider == "triton":
+        return lambda q, k, v: ops.mixblock_attention(q, k, v, backend="triton")
+    if provider == "torch":
+        return lambda q, k, v: reference.mixblock_attention(q, k, v)
+    return torch.compile(reference.mixblock_attention)
+
+
+def mask_mix_fns(provider: str, mode: str):
+    if provider == "triton":
+        return lambda lg, x, perm: ops.mask_mix(lg, x, perm, mode=mode, backend="triton")
+    if provider == "torch":
+        return lambda lg, x, perm: reference.mask_mix(lg, x, perm, mode)
+    compiled = torch.compile(reference.mask_mix)
+    return lambda lg, x, perm: compiled(lg, x, perm, mode)
+
+
+def measure(make_out, inputs, grads, device: torch.device) -> dict:
+    """Median ms of forward, backward (graph kept, grads w.r.t. `inputs`) and both; peak memory."""
+    outs = make_out()
+    outs = outs if isinstance(outs, tuple) else (outs,)
+
+    def bwd():
+        torch.autograd.grad(outs, inputs, grads, retain_graph=True)
+
+    def both():
+        o = make_out()
+        torch.autograd.grad(o if isinstance(o, tuple) else (o,), inputs, grads)
+
+    res = {"fwd": bench_ms(make_out, device), "bwd": bench_ms(bwd, device), "fwd+bwd": bench_ms(both, device)}
+    del outs
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        both()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return {"ms": res, "peak_extra_mib": peak}
+
+
+def run_attention(preset, shape, provider, device, dtype) -> list[dict]:
+    N, L, D, _ = shape
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q, k = (torch.randn(N, L, D, generator=gen).to(device, dtype).requires_grad_(True) for _ in range(2))
+    v = torch.randn(N, L, generator=gen).to(device, dtype).requires_grad_(True)
+    g = torch.randn(N, L, generator=gen).to(device)
+    fn = attention_fns(provider)
+    m = measure(lambda: fn(q, k, v), (q, k, v), (g,), device)
+    flops = {"fwd": 2 * N * L * L * D, "bwd": 4 * N * L * L * D}
+    flops["fwd+bwd"] = flops["fwd"] + flops["bwd"]
+    return [{"op": "attention", "preset": preset, "provider": provider, "pass": p, "ms": m["ms"][p],
+             "tflops": flops[p] / (m["ms"][p] * 1e-3) / 1e12, "peak_extra_mib": m["peak_extra_mib"],
+             "shape": {"N": N, "L": L, "D": D, "dtype": str(dtype)}} for p in PASSES]
+
+
+def run_mask_mix(preset, shape, provider, device, dtype, mode) -> list[dict]:
+    N, L, _, S = shape
+    h = int(round(L ** 0.5))
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(N, 3, S, S, generator=gen).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    logits = torch.randn(N, 1, h, h, generator=gen).to(device).requires_grad_(True)
+    perm = torch.randperm(N, generator=gen).to(device)
+    g = torch.randn(N, 3, S, S, generator=gen).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    gs = torch.randn(N, generator=gen).to(device)
+    fn = mask_mix_fns(provider, mode)
+    m = measure(lambda: fn(logits, x, perm), (logits,), (g, gs), device)
+    img = x.numel() * x.element_size()
+    nbytes = {"fwd": 3 * img, "bwd": 3 * img, "fwd+bwd": 6 * img}  # fwd: x, x[perm], x_mix; bwd: g, x, x[perm]
+    return [{"op": f"mask_mix-{mode}", "preset": preset, "provider": provider, "pass": p, "ms": m["ms"][p],
+             "gbps": nbytes[p] / (m["ms"][p] * 1e-3) / 1e9, "peak_extra_mib": m["peak_extra_mib"],
+             "shape": {"N": N, "C": 3, "H": S, "W": S, "h": h, "dtype": str(dtype), "memory_format": "channels_last"}}
+            for p in PASSES]
+
+
+def print_table(rows: list[dict], copy_gbps: float | None) -> None:
+    if copy_gbps:
+        print(f"device-to-device copy: {copy_gbps:.0f} GB/s")
+    print(f"{'op':<20}{'preset':<14}{'provider':<9}{'pass':<9}{'ms':>9}{'rate':>14}{'peak MiB':>10}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['op']:<20}{r['preset']:<14}{r['provider']:<9}{'-':<9}  error: {r['error'][:60]}")
+            continue
+        rate = f"{r['tflops']:.2f} TFLOP/s" if "tflops" in r else f"{r['gbps']:.0f} GB/s"
+        peak = "" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.0f}"
+        print(f"{r['op']:<20}{r['preset']:<14}{r['provider']:<9}{r['pass']:<9}{r['ms']:>9.3f}{rate:>14}{peak:>10}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", nargs="+", choices=list(PRESETS), default=list(PRESETS))
+    ap.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    ap.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    ap.add_argument("--modes", nargs="+", choices=ops.MODES, default=["nearest", "bilinear"], help="mask_mix upsampling modes")
+    ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    ap.add_argument("--output", type=Path, default=None, help="JSON path (default bench/results/ops-<gpu>-<date>.json)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes; runs on CPU under TRITON_INTERPRET=1 to check the script")
+    args = ap.parse_args(argv)
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif args.smoke and ops.triton_interpret():
+        device = torch.device("cpu")
+    else:
+        print("bench_ops.py: no CUDA device; these benchmarks time GPU kernels. "
+              "For a CPU check of the script: TRITON_INTERPRET=1 python bench/bench_ops.py --smoke", file=sys.stderr)
+        return 0
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    presets = SMOKE_PRESETS if args.smoke else {p: PRESETS[p] for p in args.presets}
+    providers = [p for p in args.providers if not (args.smoke and p == "compile")]
+
+    copy_gbps = copy_bandwidth_gbps(device) if device.type == "cuda" else None
+    rows = []
+    for preset, shape in presets.items():
+        for provider in providers:
+            jobs = []
+            if "attention" in args.ops:
+                jobs.append(("attention", lambda: run_attention(preset, shape, provider, device, dtype)))
+            if "mask_mix" in args.ops:
+                for mode in args.modes:
+                    jobs.append((f"mask_mix-{mode}", lambda mode=mode: run_mask_mix(preset, shape, provider, device, dtype, mode)))
+            for op, job in jobs:
+                try:
+                    rows += job()
+                except Exception as exc:  # a provider failing (e.g. torch.compile) must not lose the others
+                    rows.append({"op": op, "preset": preset, "provider": provider, "error": f"{type(exc).__name__}: {exc}"})
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    import triton
+
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu-interpreter"
+    meta = {
+        "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+        "python": platform.python_version(), "commit": git_commit(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "copy_gbps": copy_gbps, "dtype": args.dtype, "timer": "triton.testing.do_bench median" if device.type == "cuda" else "perf_counter median of 3",
+        "counted": {"attention_flops": "fwd 2*N*L*L*D, bwd 4*N*L*L*D (no recompute counted)",
+                    "mask_mix_bytes": "fwd: read x and x[perm], write x_mix; bwd: read grad, x, x[perm]"},
+    }
+    print_table(rows, copy_gbps)
+    out = args.output
+    if out is None:
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
+        out = Path(__file__).resolve().parent / "results" / f"ops-{slug}-{dt.date.today().isoformat()}{'-smoke' if args.smoke else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

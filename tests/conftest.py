@@ -1,0 +1,33 @@
+"""Shared pytest setup.
+
+Without CUDA the Triton kernels run under the interpreter: TRITON_INTERPRET=1 must be set
+before triton is first imported, so it is set here, at collection time. With CUDA the same
+tests run compiled on the GPU. Tests marked `gpu` need CUDA and are skipped without it.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (compiled Triton kernels, large sizes); skipped without one")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where parity tests run: the GPU when there is one, else CPU under the Triton interpreter."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,288 @@
+"""The DALI data path in CPU-only mode (device_id=None, cpu operators): the same pipeline code
+that runs with "mixed" decode on a GPU. A tiny corpus is generated with PIL in tmp_path.
+
+Decode parity: DALI (nvImageCodec over libjpeg-turbo on the CPU) is held to PIL within JPEG
+decoder tolerance: mean |diff| < 2 levels, max <= 16 (IDCT variants and chroma upsampling
+differ between decoders; on the CPU both use libjpeg-turbo and usually agree exactly). CMYK is
+held to the same bound: both decoders convert CMYK/YCCK to RGB by the plain
+(255 - C) * (255 - K) / 255 formula with no ICC colour management, so they agree; a
+colour-managed decoder would not.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from automix_fast.data import DataSpec, DatasetInfo, build_loaders
+from automix_fast.data import dali as dali_mod
+from automix_fast.errors import ConfigError, DataError
+
+needs_dali = pytest.mark.skipif(not dali_mod.dali_available(), reason="NVIDIA DALI is not installed (pip install \"automix-fast[dali]\")")
+
+MEAN = np.array([0.485, 0.456, 0.406]) * 255
+STD = np.array([0.229, 0.224, 0.225]) * 255
+
+
+def _smooth(h: int, w: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([x * 255 / max(w - 1, 1), y * 255 / max(h - 1, 1), (x + y) * 127 / max(w + h - 2, 1)], -1)
+    img += rng.normal(0, 6, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _write_real_world(folder: str) -> list[str]:
+    """Baseline/progressive JPEG, 4:4:4 and 4:2:0, grayscale, CMYK, PNG with alpha, EXIF-rotated, odd sizes."""
+    os.makedirs(folder, exist_ok=True)
+    im = Image.fromarray(_smooth(53, 37, 0))  # odd size: 37 wide, 53 high
+    paths = []
+
+    def save(name, img, **kw):
+        path = os.path.join(folder, name)
+        img.save(path, **kw)
+        paths.append(path)
+
+    save("baseline.jpg", im, quality=95)
+    save("progressive.jpg", im, quality=95, progressive=True)
+    save("s444.jpg", im, quality=95, subsampling=0)
+    save("s420.jpg", Image.fromarray(_smooth(31, 45, 1)), quality=95, subsampling=2)
+    save("gray.jpg", im.convert("L"), quality=95)
+    save("cmyk.jpg", im.convert("CMYK"), quality=95)
+    rgba = np.array(im.convert("RGBA"))
+    rgba[..., 3] = np.linspace(0, 255, rgba.shape[1], dtype=np.uint8)[None, :]
+    save("alpha.png", Image.fromarray(rgba))
+    save("plain.png", Image.fromarray(_smooth(17, 64, 2)))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW to display
+    save("exif6.jpg", im, quality=95, exif=exif.tobytes())
+    return paths
+
+
+@pytest.fixture(scope="module")
+def real_world(tmp_path_factory):
+    return _write_real_world(str(tmp_path_factory.mktemp("real_world")))
+
+
+def _color_folder(root: str, per_class: dict[str, int], size=(40, 30)) -> None:
+    """Class 'a' images are reddish, class 'b' bluish (noisy), at varied sizes: labels are visible in pixels."""
+    rng = np.random.default_rng(0)
+    for cls, count in per_class.items():
+        os.makedirs(os.path.join(root, cls), exist_ok=True)
+        for i in range(count):
+            w, h = size[0] + 3 * i, size[1] + 2 * (i % 4)
+            img = rng.normal(60, 15, (h, w, 3))
+            img[..., 0 if cls == "a" else 2] += 150
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(os.path.join(root, cls, f"{i:03d}.jpg"), quality=90)
+
+
+@pytest.fixture(scope="module")
+def color_data(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("color"))
+    _color_folder(os.path.join(root, "train"), {"a": 7, "b": 6})
+    _color_folder(os.path.join(root, "val"), {"a": 4, "b": 3})
+    return root
+
+
+def _spec(**kw) -> DataSpec:
+    base = dict(img_size=24, batch_size=4, eval_batch_size=5, workers=1, seed=3)
+    base.update(kw)
+    return DataSpec(**base)
+
+
+def _indexed(paths):
+    """(path, index) samples: the label a loader returns says which file a sample came from."""
+    return [(p, i) for i, p in enumerate(paths)]
+
+
+# ----------------------------------------------------------------------------- availability
+
+def test_missing_dali_is_one_line_config_error(monkeypatch):
+    monkeypatch.setattr(dali_mod, "dali_available", lambda: False)
+    info = DatasetInfo(kind="folder", root="x", classes=["a"], train_samples=[("x.jpg", 0)], val_samples=[("x.jpg", 0)])
+    with pytest.raises(ConfigError) as err:
+        dali_mod.build_dali_loaders(_spec(), info)
+    msg = str(err.value)
+    assert 'pip install "automix-fast[dali]"' in msg and "\n" not in msg
+
+
+# ----------------------------------------------------------------------------- decoding
+
+@needs_dali
+def test_real_world_files_decode_like_pil(real_world):
+    decoded = dali_mod.decode_images(real_world)
+    assert len(decoded) == len(real_world)
+    for path, got in zip(real_world, decoded):
+        with Image.open(path) as img:
+            ref = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))  # alpha dropped, as DALI does
+        name = os.path.basename(path)
+        assert got.dtype == np.uint8 and got.shape == ref.shape, f"{name}: {got.shape} vs {ref.shape}"
+        diff = np.abs(got.astype(np.int16) - ref.astype(np.int16))
+        assert diff.mean() < 2.0 and diff.max() <= 16, f"{name}: mean |diff| {diff.mean():.2f}, max {diff.max()}"
+    exif = decoded[[os.path.basename(p) for p in real_world].index("exif6.jpg")]
+    assert exif.shape == (37, 53, 3)  # EXIF orientation applied: the 37x53 image displays as 53x37
+
+
+@needs_dali
+def test_val_pipeline_normalizes_like_reference(tmp_path):
+    """Val output of a file already img_size x img_size is exactly its normalized pixels."""
+    path = str(tmp_path / "square.png")
+    Image.fromarray(_smooth(24, 24, 5)).save(path)
+    loader = dali_mod.DaliFolderLoader([(path, 0)], _spec(), train=False, aug="cifar")
+    (x, y), = list(loader)
+    ref = (np.asarray(Image.open(path).convert("RGB"), np.float64) - MEAN) / STD
+    np.testing.assert_allclose(x[0].permute(1, 2, 0).numpy(), ref, atol=1e-4)
+    assert y.tolist() == [0]
+
+
+# ----------------------------------------------------------------------------- validation: every sample once
+
+@needs_dali
+@pytest.mark.parametrize("batch", [1, 5, 64])
+@pytest.mark.parametrize("world", [1, 2])
+def test_val_sees_every_sample_exactly_once(real_world, batch, world):
+    samples = _indexed(real_world)  # 9 files: odd counts per shard, partial batches
+    seen = []
+    for rank in range(world):
+        loader = dali_mod.DaliFolderLoader(samples, _spec(eval_batch_size=batch, rank=rank, world_size=world), False, "imagenet")
+        for epoch in range(2):  # the pipeline is reused across epochs: the second must repeat the first
+            loader.set_epoch(epoch)
+            labels = [y for _, y in loader]
+            assert len(labels) == len(loader)
+            got = torch.cat(labels).tolist()
+            assert len(got) == loader.num_samples
+            if epoch == 0:
+                first = got
+                seen.extend(got)
+            else:
+                assert got == first
+    assert sorted(seen) == list(range(len(samples)))
+
+
+@needs_dali
+def test_val_restarts_cleanly_after_an_abandoned_epoch(real_world):
+    loader = dali_mod.DaliFolderLoader(_indexed(real_world), _spec(eval_batch_size=2), False, "imagenet")
+    it = iter(loader)
+    next(it)
+    del it  # the consumer stopped after one batch; DALI had prefetched more
+    assert torch.cat([y for _, y in loader]).tolist() == list(range(len(real_world)))
+
+
+# ----------------------------------------------------------------------------- training batches
+
+@needs_dali
+@pytest.mark.parametrize("aug", ["imagenet", "cifar"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_train_batches_shape_layout_normalization_labels(color_data, aug, channels_last):
+    spec = _spec(dataset="folder", data_dir=color_data, loader="dali", aug=aug, channels_last=channels_last)
+    train, val, info = build_loaders(spec)
+    assert isinstance(train, dali_mod.DaliFolderLoader)
+    assert info.classes == ["a", "b"] and len(train) == 13 // 4 and train.num_samples == 12
+    count = 0
+    for x, y in train:
+        assert x.shape == (4, 3, 24, 24) and x.dtype == torch.float32 and x.device.type == "cpu"
+        assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert y.dtype == torch.int64 and y.shape == (4,)
+        assert -3.0 < float(x.mean()) < 3.0 and float(x.abs().max()) < 3.0  # normalized, not 0..255
+        red_minus_blue = x[:, 0].mean(dim=(1, 2)) - x[:, 2].mean(dim=(1, 2))
+        assert torch.equal((red_minus_blue < 0).long(), y), (red_minus_blue, y)  # a = red = 0, b = blue = 1
+        count += x.shape[0]
+    assert count == train.num_samples
+    vx, vy = next(iter(val))
+    assert vx.shape == (5, 3, 24, 24) and vy.tolist() == [0, 0, 0, 0, 1]
+
+
+@needs_dali
+def test_train_order_is_a_function_of_seed_and_epoch_and_shards_are_disjoint(real_world):
+    samples = _indexed(real_world * 3)  # 27 samples
+
+    def epoch_labels(rank, world, epoch, seed=3):
+        loader = dali_mod.DaliFolderLoader(samples, _spec(batch_size=4, rank=rank, world_size=world, seed=seed), True, "imagenet")
+        loader.set_epoch(epoch)
+        return torch.cat([y for _, y in loader]).tolist()
+
+    first = epoch_labels(0, 1, 0)
+    assert len(first) == 24 and len(set(first)) == 24  # 27 // 4 whole batches, no repeats
+    assert epoch_labels(0, 1, 0) == first  # a new loader (and pipeline) repeats epoch 0
+    assert epoch_labels(0, 1, 1) != first
+    assert epoch_labels(0, 1, 0, seed=4) != first
+    r0, r1 = epoch_labels(0, 2, 5), epoch_labels(1, 2, 5)
+    assert len(r0) == len(r1) == 12 and not set(r0) & set(r1)  # 27 // 2 = 13 -> 3 batches of 4 each
+
+
+@needs_dali
+def test_set_epoch_on_a_live_loader_matches_a_fresh_one(real_world):
+    samples = _indexed(real_world * 2)
+    live = dali_mod.DaliFolderLoader(samples, _spec(), True, "cifar")
+    for epoch in range(3):
+        live.set_epoch(epoch)
+        got = torch.cat([y for _, y in live]).tolist()
+    fresh = dali_mod.DaliFolderLoader(samples, _spec(), True, "cifar")
+    fresh.set_epoch(2)
+    assert torch.cat([y for _, y in fresh]).tolist() == got
+
+
+@needs_dali
+def test_too_few_training_images_is_a_data_error(real_world):
+    with pytest.raises(DataError, match="too few"):
+        dali_mod.DaliFolderLoader(_indexed(real_world), _spec(batch_size=5, world_size=2), True, "imagenet")
+
+
+# ----------------------------------------------------------------------------- bad files, in-memory data
+
+@needs_dali
+def test_bad_files_refused_or_skipped_before_the_pipeline(color_data, tmp_path):
+    import shutil
+
+    root = str(tmp_path / "data")
+    shutil.copytree(color_data, root)
+    good = os.path.join(root, "train", "a", "000.jpg")
+    data = open(good, "rb").read()
+    with open(os.path.join(root, "train", "a", "truncated.jpg"), "wb") as f:
+        f.write(data[: len(data) // 2])
+    with open(os.path.join(root, "train", "b", "garbage.jpg"), "wb") as f:
+        f.write(b"not an image at all")
+    spec = _spec(dataset="folder", data_dir=root, loader="dali")
+    with pytest.raises(DataError) as err:
+        build_loaders(spec)
+    assert "truncated.jpg" in str(err.value) and "\n" not in str(err.value)
+    spec = _spec(dataset="folder", data_dir=root, loader="dali", skip_bad_images=True)
+    train, _, info = build_loaders(spec)
+    assert len(info.train_samples) == 13
+    assert sum(x.shape[0] for x, _ in train) == train.num_samples == 12
+
+
+@needs_dali
+def test_in_memory_arrays_go_to_the_resident_loader():
+    from automix_fast.data.torch_loader import ResidentLoader
+
+    rng = np.random.default_rng(0)
+    arrays = (rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), np.arange(20) % 10)
+    info = DatasetInfo(kind="cifar10", root="mem", classes=[str(i) for i in range(10)], train_arrays=arrays, val_arrays=arrays)
+    train, val = dali_mod.build_dali_loaders(_spec(img_size=32, channels_last=True), info)
+    assert isinstance(train, ResidentLoader) and isinstance(val, ResidentLoader)
+    x, y = next(iter(train))
+    assert x.shape == (4, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------- GPU (mixed decode)
+
+@needs_dali
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_mixed_decode_and_loader(real_world, color_data):
+    decoded = dali_mod.decode_images(real_world, device_id=torch.cuda.current_device())
+    for path, got in zip(real_world, decoded):
+        with Image.open(path) as img:
+            ref = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+        diff = np.abs(got.astype(np.int16) - ref.astype(np.int16))
+        assert got.shape == ref.shape and diff.mean() < 3.0, f"{os.path.basename(path)}: mean |diff| {diff.mean():.2f}"
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        spec = _spec(dataset="folder", data_dir=color_data, loader="dali", device=torch.device("cuda"), dtype=dtype,
+                     channels_last=True, aug="imagenet")
+        train, val, _ = build_loaders(spec)
+        for loader in (train, val):
+            x, y = next(iter(loader))
+            assert x.is_cuda and y.is_cuda and x.dtype == dtype and x.is_contiguous(memory_format=torch.channels_last)

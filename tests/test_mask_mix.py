@@ -1,0 +1,152 @@
+"""Parity of the Triton mask upsample + blend with the torch reference: x_mix, s_mean, d logits.
+
+Runs compiled on CUDA, or under TRITON_INTERPRET=1 on CPU (set by conftest.py). Kernel-filled
+buffers are NaN-poisoned, so unwritten elements fail.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from automix_fast import ops
+from automix_fast.kernels import mask_mix as mm_mod
+from tolerances import assert_bitwise_equal, assert_close
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(mm_mod, "POISON_OUTPUTS", True)
+
+
+def _inputs(N, C, h, w, H, W, dtype, device, channels_last, logits_dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, H, W, generator=gen).to(device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    logits = (2 * torch.randn(N, 1, h, w, generator=gen)).to(device=device, dtype=logits_dtype).requires_grad_(True)
+    perm = torch.randperm(N, generator=gen).to(device)
+    g = torch.randn(N, C, H, W, generator=gen).to(device=device, dtype=dtype)
+    gs = torch.randn(N, generator=gen).to(device)
+    return logits, x, perm, g, gs
+
+
+def _loss(x_mix, s_mean, g, gs, use_g=True, use_gs=True):
+    loss = 0
+    if use_g:
+        loss = loss + (x_mix.float() * g.float()).sum()
+    if use_gs:
+        loss = loss + (s_mean * gs).sum()
+    return loss
+
+
+def _check(N, C, h, w, H, W, mode, dtype, device, channels_last, logits_dtype=torch.float32,
+           use_g=True, use_gs=True, x=None):
+    logits, x0, perm, g, gs = _inputs(N, C, h, w, H, W, dtype, device, channels_last, logits_dtype)
+    x = x0 if x is None else x
+    tag = f"N={N} C={C} {h}x{w}->{H}x{W} {mode} {dtype} channels_last={channels_last}"
+    x_mix, s_mean = ops.mask_mix(logits, x, perm, mode=mode, backend="triton")
+    ref_mix, ref_mean = ops.reference.mask_mix(logits, x, perm, mode)
+    assert x_mix.dtype == x.dtype and x_mix.shape == x.shape
+    assert x_mix.stride() == ref_mix.stride(), f"x_mix strides {x_mix.stride()} != reference {ref_mix.stride()} [{tag}]"
+    assert s_mean.dtype == torch.float32 and s_mean.shape == (N,)
+    assert_close(x_mix, ref_mix, dtype, f"x_mix [{tag}]")
+    assert_close(s_mean, ref_mean, torch.float32, f"s_mean [{tag}]")
+
+    (dl,) = torch.autograd.grad(_loss(x_mix, s_mean, g, gs, use_g, use_gs), logits)
+    (ref_dl,) = torch.autograd.grad(_loss(ref_mix, ref_mean, g, gs, use_g, use_gs), logits)
+    assert dl.dtype == logits.dtype and dl.shape == logits.shape
+    # The gradient math is fp32 in both (x is upcast); only the logits' dtype rounds it.
+    assert_close(dl, ref_dl, logits_dtype, f"d logits [{tag} g={use_g} gs={use_gs}]",
+                 scale=float(ref_dl.abs().max()))
+
+
+# (N, C, h, w, H, W): H not divisible by h, 8x8 -> 32x32 CIFAR-like, non-square, downsampling.
+SIZES = [(2, 3, 8, 8, 30, 30), (2, 3, 7, 7, 32, 32), (3, 3, 4, 4, 17, 23), (1, 3, 8, 8, 32, 32), (2, 3, 9, 9, 5, 7)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "{}x{}-to-{}x{}".format(*s[2:]))
+def test_parity_fp32(size, mode, channels_last, device):
+    _check(*size, mode, torch.float32, device, channels_last)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_parity_low_precision_images(dtype, mode, device):
+    _check(2, 3, 7, 7, 32, 32, mode, DTYPES[dtype], device, channels_last=True)
+
+
+def test_parity_bf16_logits(device):
+    _check(2, 3, 4, 4, 17, 23, "bilinear", torch.bfloat16, device, channels_last=True, logits_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("use_g, use_gs", [(True, False), (False, True)], ids=["x_mix-only", "s_mean-only"])
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_gradient_through_one_output(mode, use_g, use_gs, device):
+    _check(2, 3, 4, 4, 17, 23, mode, torch.float32, device, channels_last=False, use_g=use_g, use_gs=use_gs)
+
+
+def test_many_channels_and_wide_logits(device):
+    # C = 5 crosses the 4-channel chunk; w = 70 spans two 64-column blocks of logits.
+    _check(1, 5, 3, 70, 9, 150, "bilinear", torch.float32, device, channels_last=False)
+
+
+def test_strided_image(device):
+    # Neither contiguous nor channels_last: a row-subsampled view; x_mix comes back contiguous.
+    x_big = torch.randn(2, 3, 34, 17, device=device)
+    x = x_big[:, :, ::2, :]
+    _check(2, 3, 4, 4, 17, 17, "bilinear", torch.float32, device, channels_last=False, x=x)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_backward_is_deterministic(mode, device):
+    logits, x, perm, g, gs = _inputs(3, 3, 7, 7, 32, 32, torch.bfloat16, device, channels_last=True)
+    runs = []
+    for _ in range(2):
+        x_mix, s_mean = ops.mask_mix(logits, x, perm, mode=mode, backend="triton")
+        runs.append((x_mix, s_mean, *torch.autograd.grad(_loss(x_mix, s_mean, g, gs), logits)))
+    for name, a, b in zip(("x_mix", "s_mean", "d logits"), *runs):
+        assert_bitwise_equal(a, b, name)
+
+
+def test_auto_backend_picks_triton(device):
+    assert ops.resolve_backend("auto", device) == "triton"
+
+
+@pytest.mark.parametrize("case, arg", [
+    (lambda lg, x, p: (lg[:, :, None], x, p), "logits"),
+    (lambda lg, x, p: (lg, x[0], p), "x"),
+    (lambda lg, x, p: (lg, x, p.int()), "perm"),
+    (lambda lg, x, p: (lg, x, p[:1]), "perm"),
+    (lambda lg, x, p: (lg, x.long(), p), "x"),
+])
+def test_bad_arguments_raise(case, arg, device):
+    logits, x, perm, _, _ = _inputs(2, 3, 4, 4, 8, 8, torch.float32, device, channels_last=False)
+    with pytest.raises(ValueError, match=arg):
+        ops.mask_mix(*case(logits.detach(), x, perm), backend="triton")
+    with pytest.raises(ValueError, match="mode"):
+        ops.mask_mix(logits, x, perm, mode="bicubic", backend="triton")
+
+
+# Compiled-GPU parity at the benchmark presets: bf16 channels-last images, C = 3.
+PRESETS = {"cifar-r18": (100, 3, 8, 8, 32, 32), "imagenet-r18": (256, 3, 14, 14, 224, 224),
+           "imagenet-r50": (256, 3, 14, 14, 224, 224)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+@pytest.mark.parametrize("preset", ["cifar-r18", "imagenet-r18"])
+def test_parity_presets_gpu(preset, mode, device):
+    _check(*PRESETS[preset], mode, torch.bfloat16, device, channels_last=True)
+    _check(*PRESETS[preset], mode, torch.float32, device, channels_last=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_parity_odd_sizes_gpu(mode, device):
+    _check(16, 3, 7, 7, 225, 223, mode, torch.bfloat16, device, channels_last=True)
+    _check(4, 3, 13, 11, 1000, 700, mode, torch.float16, device, channels_last=False)
+    _check(4, 3, 100, 90, 300, 1400, mode, torch.float32, device, channels_last=True)
