@@ -23,8 +23,6 @@ import datetime
 import gc
 import json
 import os
-import platform
-import subprocess
 import sys
 import tarfile
 import time
@@ -33,7 +31,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from automix_fast.data import DataSpec
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment  # noqa: E402
+
+from automix_fast.data import DataSpec  # noqa: E402
 from automix_fast.data.folder import scan_image_folder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -200,40 +201,10 @@ def train_step_rate(spec: DataSpec, args) -> dict:
 
 # ----------------------------------------------------------------------------- environment
 
-def environment(device: torch.device) -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=HERE, capture_output=True, text=True).stdout.strip())
-    except OSError:
-        commit, dirty = "", False
-    try:
-        import nvidia.dali
-
-        dali = nvidia.dali.__version__
-    except ImportError:
-        dali = None
+def loader_environment(device: torch.device) -> dict:
     import PIL
 
-    env = {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "dali": dali,
-        "pillow": PIL.__version__,
-        "numpy": np.__version__,
-        "git_commit": commit,
-        "git_dirty": dirty,
-    }
-    return env
+    return {**environment(device), "pillow": PIL.__version__}
 
 
 # ----------------------------------------------------------------------------- main
@@ -311,7 +282,7 @@ def main(argv=None) -> int:
         "benchmark": "loader",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": str(device),
-        "environment": environment(device),
+        "environment": loader_environment(device),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "cache_dir")},
         "image_dtype": str(dtype),
         "results": results,
@@ -320,7 +291,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(record, f, indent=2)
-    print(f"\n| case | img/s |\n| --- | ---: |")
+    print("\n| case | img/s |\n| --- | ---: |")
     for r in results:
         print(f"| {r['case']} | {r['img_per_s']:.0f} |")
     print(f"\nwrote {out}")

@@ -16,15 +16,17 @@ import json
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from automix_fast import ops
-from automix_fast.ops import reference
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import git_commit  # noqa: E402
+
+from automix_fast import ops  # noqa: E402
+from automix_fast.ops import reference  # noqa: E402
 
 # name: (N, L, D, image size); images are (N, 3, S, S) bf16 channels-last, logits (N, 1, h, h), h*h = L.
 PRESETS = {
@@ -36,16 +38,6 @@ SMOKE_PRESETS = {"smoke": (2, 16, 24, 12)}
 PASSES = ("fwd", "bwd", "fwd+bwd")
 PROVIDERS = ("triton", "torch", "compile")
 OPS = ("attention", "mask_mix")
-
-
-def git_commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def bench_ms(fn, device: torch.device) -> float:
@@ -101,7 +93,7 @@ def measure(make_out, inputs, grads, device: torch.device) -> dict:
         torch.autograd.grad(o if isinstance(o, tuple) else (o,), inputs, grads)
 
     res = {"fwd": bench_ms(make_out, device), "bwd": bench_ms(bwd, device), "fwd+bwd": bench_ms(both, device)}
-    del outs
+    outs = None  # drop the kept graph before measuring peak memory
     peak = None
     if device.type == "cuda":
         torch.cuda.synchronize()

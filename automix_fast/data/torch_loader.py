@@ -13,9 +13,11 @@ also run batched. Moving uint8 instead of float32 is 4x less host->device traffi
 Sharding and randomness (both loaders): the train order is a permutation drawn from
 (seed, epoch); rank r takes every world_size-th index from position r, all ranks get the same
 count, and the last partial batch is dropped. Val keeps order: rank r gets the r-th contiguous
-slice, so every sample is seen exactly once over the ranks. Augmentation draws come from
-(seed, epoch, rank) (per sample for worker-side crops), so a run repeats whatever the number of
-workers. Call set_epoch(e) before each epoch, as with DistributedSampler.
+slice, so every sample is seen exactly once over the ranks. Augmentation draws are made for
+every position of the epoch's permutation from (seed, epoch) (per sample for worker-side crops)
+and each rank takes the draws of its own positions, so a run repeats whatever the number of
+workers, and N ranks with batch B augment each sample exactly as one process with batch N*B
+does. Call set_epoch(e) before each epoch, as with DistributedSampler.
 """
 from __future__ import annotations
 
@@ -90,7 +92,17 @@ class _Shards:
         return -(-self.num_samples // self.batch_size)
 
     def aug_generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(_seed(self.spec.seed, self.epoch, self.spec.rank, 1))
+        """The epoch's augmentation generator, the same on every rank (see `positions`)."""
+        return torch.Generator().manual_seed(_seed(self.spec.seed, self.epoch, 0, 1))
+
+    def positions(self, total: int) -> slice:
+        """Which of `total` per-epoch draws (one per position of the shared order) are this rank's:
+        train shards are strided (rank::world_size), val shards contiguous."""
+        if self.train:
+            s = self.spec
+            return slice(s.rank, s.rank + s.world_size * self.num_samples, s.world_size)
+        start, stop = val_range(self.n, self.spec.rank, self.spec.world_size)
+        return slice(start, stop)
 
 
 class _LoaderBase:
@@ -120,8 +132,12 @@ class _LoaderBase:
         """Crop offsets and flips for the whole epoch, drawn once and moved to the device once."""
         if not (self.train and self.aug == "cifar"):
             return None
-        dy, dx, flip = draw_cifar_params(self.num_samples, self.spec.img_size, self.shards.aug_generator())
-        return dy.to(self.device), dx.to(self.device), flip.to(self.device)
+        # Drawn for every position of the epoch on every rank (cheap: 3 ints per image), then this
+        # rank's positions kept: the draws do not depend on the number of ranks.
+        total = self.shards.n
+        dy, dx, flip = draw_cifar_params(total, self.spec.img_size, self.shards.aug_generator())
+        mine = self.shards.positions(total)
+        return dy[mine].to(self.device), dx[mine].to(self.device), flip[mine].to(self.device)
 
     def _finish(self, images: torch.Tensor, params, start: int) -> torch.Tensor:
         """uint8 NHWC on device -> augmented (train, cifar) and normalized NCHW."""
@@ -187,7 +203,9 @@ class _ShardSampler(torch.utils.data.Sampler):
     def __iter__(self):
         idx = self.shards.indices().tolist()
         s = self.shards.spec
-        seeds = np.random.default_rng(_seed(s.seed, self.shards.epoch, s.rank, 2)).integers(0, 2**62, len(idx))
+        # One seed per position of the epoch, the same on every rank; this rank keeps its positions.
+        seeds = np.random.default_rng(_seed(s.seed, self.shards.epoch, 0, 2)).integers(0, 2**62, self.shards.n)
+        seeds = seeds[self.shards.positions(self.shards.n)][: len(idx)]
         return iter(zip(idx, seeds.tolist()))
 
     def __len__(self) -> int:

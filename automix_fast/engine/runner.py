@@ -9,7 +9,6 @@ Only rank 0 prints, logs and writes files.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
