@@ -64,8 +64,15 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cutmix", type=float, default=argparse.SUPPRESS, metavar="ALPHA", help="shorthand for --mix cutmix --mix-alpha ALPHA")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag value as one 'error: ...' line (no usage block), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="automix-fast", description="AutoMix training engine")
+    parser = _Parser(prog="automix-fast", description="AutoMix training engine")
     sub = parser.add_subparsers(dest="command", metavar="{train,eval,visualize,models}")
     train = sub.add_parser("train", help="train a classifier (default: AutoMix on the embedded dataset)")
     train.add_argument("-c", "--config", default=None, help="YAML config; explicit flags override it")

@@ -238,6 +238,8 @@ def validate(cfg: TrainConfig) -> None:
     _require(cfg.max_bad_steps >= 1, "max_bad_steps", "must be at least 1", cfg.max_bad_steps)
     _require(cfg.checkpoint_hist >= 1, "checkpoint_hist", "must be at least 1", cfg.checkpoint_hist)
     _require(cfg.log_interval >= 1, "log_interval", "must be at least 1", cfg.log_interval)
+    _require(cfg.resume != "auto" or bool(cfg.experiment), "experiment",
+             "must name the run folder to continue with --resume auto (--experiment NAME)", cfg.experiment)
     if cfg.sched == "step":
         _require(bool(cfg.decay_epochs), "decay_epochs", "must list epochs when sched is step", cfg.decay_epochs)
 

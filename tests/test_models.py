@@ -29,6 +29,16 @@ EXPECTED = {
     for suffix in ("", "_cifar")
 } | {"tinynet"}
 
+STAGE_CHANNELS = {
+    "resnet18": (64, 128, 256, 512),
+    "resnet34": (64, 128, 256, 512),
+    "resnet50": (256, 512, 1024, 2048),
+    "resnet101": (256, 512, 1024, 2048),
+    "resnext50_32x4d": (256, 512, 1024, 2048),
+    "wrn28_8": (128, 256, 512),
+    "tinynet": (32, 64, 64, 128),
+}
+
 _cache: dict[str, Classifier] = {}
 
 
@@ -126,19 +136,25 @@ def test_logits_and_stage_shapes(name):
     model = built(name)
     x = sample(model)
     n = x.shape[0]
+    assert model.stage_channels == STAGE_CHANNELS[name.removesuffix("_cifar")]
     assert model.num_stages == len(model.stage_channels)
     assert model.num_features == model.stage_channels[-1]
     assert model.mix_stage == 3  # for WRN that is its last stage
     assert model.num_stages == (3 if name.startswith("wrn") else 4)
     assert model.default_img_size == (32 if name == "tinynet" or name.endswith("_cifar") else 224)
-    stem_stride = 1 if is_cifar(model) else 4
+    # Input pixels per feature pixel after each stage.
+    if name == "tinynet":
+        reduction = (2, 4, 4, 8)  # max-pools before stages 1, 2 and 4, see models/tiny.py
+    else:
+        stem_stride = 1 if is_cifar(model) else 4
+        reduction = tuple(stem_stride * 2**k for k in range(model.num_stages))
     with torch.no_grad():
         logits = model(x)
         assert logits.shape == (n, NUM_CLASSES)
         assert model(x, head="mix").shape == (n, NUM_CLASSES)
         for k in range(1, model.num_stages + 1):
             feat = model.forward_features(x, stages=k)
-            side = x.shape[-1] // (stem_stride * 2 ** (k - 1))
+            side = x.shape[-1] // reduction[k - 1]
             assert feat.shape == (n, model.stage_channels[k - 1], side, side), f"stage {k}"
         # stages=None is all of them, and forward = head(features).
         torch.testing.assert_close(model.forward_head(model.forward_features(x)), logits)
@@ -240,7 +256,7 @@ def _last_of(block) -> torch.Tensor:
     return block.conv2.weight
 
 
-@pytest.mark.parametrize("name", ["resnet18_cifar", "resnet50_cifar", "wrn28_8_cifar", "tinynet"])
+@pytest.mark.parametrize("name", ["resnet18_cifar", "resnet50_cifar", "wrn28_8_cifar"])  # tinynet has no residual blocks
 def test_zero_init_residual(name):
     blocks = _residual_blocks(built(name))
     assert blocks and all(torch.count_nonzero(_last_of(b)) == 0 for b in blocks)

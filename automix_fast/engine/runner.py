@@ -4,11 +4,14 @@ Single process or under torchrun (DDP by gradient all-reduce: the policies run s
 forwards per step, which DDP's wrapper does not support without a static graph). Lambdas are
 shared by all ranks (drawn from (seed, step)); permutations are drawn per rank over its own
 shard. BN running statistics are averaged over ranks before each evaluation and checkpoint.
-Only rank 0 prints, logs and writes files.
+Logged train metrics are averaged over ranks, eval counts summed. All ranks agree on a stop
+(signal) at the same step boundary. Only rank 0 prints, logs and writes files.
+See docs/DISTRIBUTED.md.
 """
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -17,6 +20,7 @@ from pathlib import Path
 import torch
 
 from automix_fast.config import TrainConfig, config_changes, save_config
+from automix_fast.engine.train import NonFiniteError
 from automix_fast.errors import CheckpointError, ConfigError, UserError
 
 FORMAT = "automix-fast/1"
@@ -31,6 +35,11 @@ class StopFlag:
 
     def __call__(self) -> bool:
         return self.signal is not None
+
+    @property
+    def name(self) -> str:
+        # Under torchrun another rank may have been signalled first: this one still stops with it.
+        return signal.Signals(self.signal).name if self.signal is not None else "a signal to another rank"
 
     def _handle(self, signum, frame):
         if self.signal is not None and signum == signal.SIGINT:
@@ -95,6 +104,23 @@ def average_bn_stats(module: torch.nn.Module) -> None:
     flat_allreduce_mean(bufs)
 
 
+def first_nonfinite(module: torch.nn.Module) -> str | None:
+    """The name of the first parameter or buffer holding a NaN/inf, or None (one host sync)."""
+    tensors = [(n, t) for n, t in module.state_dict().items() if torch.is_tensor(t) and t.is_floating_point()]
+    if not tensors:
+        return None
+    bad = torch.stack([(~torch.isfinite(t)).any() for _, t in tensors])
+    if not bad.any().item():
+        return None
+    return tensors[int(bad.nonzero()[0].item())][0]
+
+
+# Test/debug hook: when set, every rank writes its policy state (weights, Mix Block, momentum
+# encoder, BN buffers) to $AUTOMIX_FAST_RANK_STATE_DIR/rank<r>.pt at the end of each epoch, so a
+# test can check that all ranks hold identical parameters. Normal runs never set it.
+RANK_STATE_ENV = "AUTOMIX_FAST_RANK_STATE_DIR"
+
+
 class Trainer:
     """Everything one training run holds, built from a config."""
 
@@ -115,6 +141,8 @@ class Trainer:
         self.is_main = self.dist.is_main
         self.quiet = quiet or not self.is_main
         if cfg.deterministic:
+            if self.device.type == "cuda":  # deterministic cuBLAS needs this before its first call
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         elif self.device.type == "cuda":
@@ -154,7 +182,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = create_model(cfg.model, num_classes=num_classes, mix_head=cfg.mix == "automix")
         if cfg.sync_bn and self.dist.is_distributed:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            from automix_fast.engine.distributed import convert_sync_batchnorm
+
+            model = convert_sync_batchnorm(model, self.device)  # a CPU version where torch's needs a GPU
         model = model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -187,6 +217,7 @@ class Trainer:
         self.run_dir = run_dir_for(cfg)
         self.start_epoch, self.start_batch, self.history = 0, 0, []
         self.best = None
+        self.last_good = None  # (path, next_epoch, next_batch) of the newest checkpoint written
 
     # ------------------------------------------------------------------ state
     def state(self, next_epoch: int, next_batch: int) -> dict:
@@ -215,8 +246,8 @@ class Trainer:
             raise CheckpointError(f"{path} is not an automix-fast training checkpoint")
         if state.get("model_name") != self.cfg.model or state.get("num_classes") != self.num_classes:
             raise CheckpointError(
-                f"{path} holds a {state.get('model_name')} with {state.get('num_classes')} classes, "
-                f"but this run is a {self.cfg.model} with {self.num_classes} classes"
+                f"{path} holds model '{state.get('model_name')}' with num_classes {state.get('num_classes')}, "
+                f"but this run has model '{self.cfg.model}' with num_classes {self.num_classes}"
             )
         changed = config_changes(state.get("config", {}), self.cfg)
         if changed and not self.cfg.allow_config_change:
@@ -234,6 +265,32 @@ class Trainer:
         set_rng_state(state["rng"])
         self.start_epoch, self.start_batch = state["next_epoch"], state["next_batch"]
         self.history = json.loads(state.get("history", "[]"))
+
+    def _save(self, manager, state: dict, *, epoch: int | None = None, metric=None, mid_epoch: bool = False) -> None:
+        """Rank 0 writes the checkpoint(s), never one holding NaN/inf (every rank checks, so all
+        ranks raise together). With the debug hook set, every rank also dumps its own state."""
+        bad = first_nonfinite(self.mixer)
+        if bad is not None:
+            raise NonFiniteError(f"'{bad}' holds NaN/inf values; "
+                                 "not writing it to a checkpoint")
+        if self.is_main:
+            if mid_epoch:
+                manager.save_last(state)
+            else:
+                manager.save(state, epoch, metric=metric)
+            self.last_good = (self.run_dir / "last.pt", state["next_epoch"], state["next_batch"])
+        debug_dir = os.environ.get(RANK_STATE_ENV)
+        if debug_dir:
+            Path(debug_dir).mkdir(parents=True, exist_ok=True)
+            torch.save({k: v.detach().cpu() for k, v in self.mixer.state_dict().items()},
+                       Path(debug_dir) / f"rank{self.dist.rank}.pt")
+
+    def _last_good(self) -> str:
+        if self.last_good is None:
+            return f"no checkpoint was written in {self.run_dir}"
+        path, epoch, batch = self.last_good
+        where = f"end of epoch {epoch}" if batch == 0 else f"epoch {epoch + 1}, batch {batch}"
+        return f"the last good checkpoint is {path} ({where})"
 
     def log(self, msg: str) -> None:
         if not self.quiet:
@@ -254,6 +311,7 @@ class Trainer:
             path, state = found
             self.load_state(path, state)
             manager.restore(state)
+            self.last_good = (path, self.start_epoch, self.start_batch)
             self.log(f"resumed from {path} at epoch {self.start_epoch + 1}, batch {self.start_batch}")
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -274,6 +332,13 @@ class Trainer:
 
             reduce = all_reduce_sum
         stop = StopFlag().install()
+        if self.dist.is_distributed:
+            from automix_fast.engine.distributed import any_rank
+
+            def should_stop() -> bool:  # all ranks stop at the same step boundary
+                return any_rank(stop(), self.device)
+        else:
+            should_stop = stop
         t_run = time.perf_counter()
         eval_result = self.history[-1]["eval"] if self.history else {}
         try:
@@ -286,20 +351,21 @@ class Trainer:
                 def on_log(i, values, epoch=epoch):
                     logger.log("train", values, epoch=epoch + 1, step=epoch * self.steps_per_epoch + i)
 
-                result = train_one_epoch(
-                    self.mixer, self.train_loader, self.optimizer, self.schedule, epoch=epoch,
-                    start_step=epoch * self.steps_per_epoch, total_steps=self.total_steps, amp_dtype=self.amp_dtype,
-                    guard=self.guard, scaler=self.scaler, grad_sync=grad_sync, skip_batches=skip,
-                    log_interval=cfg.log_interval, on_log=on_log, progress=progress, should_stop=stop,
-                    max_bad_steps=cfg.max_bad_steps,
-                )
-                progress.close()
+                try:
+                    result = train_one_epoch(
+                        self.mixer, self.train_loader, self.optimizer, self.schedule, epoch=epoch,
+                        start_step=epoch * self.steps_per_epoch, total_steps=self.total_steps, amp_dtype=self.amp_dtype,
+                        guard=self.guard, scaler=self.scaler, grad_sync=grad_sync, skip_batches=skip,
+                        log_interval=cfg.log_interval, on_log=on_log, progress=progress, should_stop=should_stop,
+                        max_bad_steps=cfg.max_bad_steps, metric_mean=grad_sync,
+                    )
+                finally:
+                    progress.close()
                 if self.dist.is_distributed:
                     average_bn_stats(self.mixer)
                 if result.stopped and skip + result.steps < self.steps_per_epoch:
-                    if self.is_main:
-                        manager.save_last(self.state(epoch, skip + result.steps))
-                    self.log(f"stopped by {signal.Signals(stop.signal).name}; checkpoint written to {self.run_dir / 'last.pt'}")
+                    self._save(manager, self.state(epoch, skip + result.steps), mid_epoch=True)
+                    self.log(f"stopped by {stop.name}; checkpoint written to {self.run_dir / 'last.pt'}")
                     self.log(f"continue with: automix-fast train --resume auto --output {cfg.output} --experiment {self.run_dir.name}")
                     return {"stopped": True, "run_dir": str(self.run_dir)}
                 eval_result = evaluate(self.mixer, self.val_loader, amp_dtype=self.amp_dtype, device=self.device, reduce=reduce)
@@ -309,11 +375,12 @@ class Trainer:
                 self.log("  eval " + "  ".join(
                     f"{h} {eval_result[h + '_top1']:.2f}/{eval_result[h + '_top5']:.2f}" for h in self.mixer.eval_heads()
                 ) + "  (top-1/top-5 %)")
-                if self.is_main:
-                    manager.save(self.state(epoch + 1, 0), epoch + 1, metric=eval_result[main_head + "_top1"])
-                if stop():
-                    self.log(f"stopped by {signal.Signals(stop.signal).name} after epoch {epoch + 1}; continue with --resume auto")
+                self._save(manager, self.state(epoch + 1, 0), epoch=epoch + 1, metric=eval_result[main_head + "_top1"])
+                if should_stop():
+                    self.log(f"stopped by {stop.name} after epoch {epoch + 1}; continue with --resume auto")
                     return {"stopped": True, "run_dir": str(self.run_dir)}
+        except NonFiniteError as e:
+            raise NonFiniteError(f"{e}; {self._last_good()}") from None
         finally:
             stop.restore()
             logger.close()

@@ -28,25 +28,36 @@ class StepGuard:
     found_inf: torch.Tensor = None
     skipped: torch.Tensor = None
     consecutive: torch.Tensor = None
+    worst: torch.Tensor = None  # the longest run of consecutive bad steps since the last check
 
     def __post_init__(self):
         self.found_inf = torch.zeros(1, device=self.device)
         self.skipped = torch.zeros(1, device=self.device)
         self.consecutive = torch.zeros(1, device=self.device)
+        self.worst = torch.zeros(1, device=self.device)
         self._one = torch.ones(1, device=self.device)
 
-    def check(self, params: list[torch.Tensor]) -> torch.Tensor:
-        """Set found_inf to 1 when any gradient is NaN/inf (one fused pass, no sync)."""
+    def check(self, params: list[torch.Tensor], loss: torch.Tensor | None = None) -> torch.Tensor:
+        """Set found_inf to 1 when the loss or any gradient is NaN/inf (one fused pass, no sync)."""
         self.found_inf.zero_()
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads:
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, self._one)
+        tensors = [p.grad for p in params if p.grad is not None]
+        if loss is not None:
+            tensors.append(loss.detach().float().reshape(1).clone())  # the check multiplies in place
+        if tensors:
+            torch._amp_foreach_non_finite_check_and_unscale_(tensors, self.found_inf, self._one)
         return self.found_inf
 
     def record(self, found_inf: torch.Tensor) -> None:
         bad = (found_inf > 0).float()
         self.skipped += bad
         self.consecutive.mul_(bad).add_(bad)  # reset on a good step, count up on a bad one
+        torch.maximum(self.worst, self.consecutive, out=self.worst)
+
+    def too_many_bad(self, max_bad_steps: int) -> int:
+        """The longest bad run since the last call when it reached max_bad_steps, else 0 (one sync)."""
+        worst = int(self.worst.item())
+        self.worst.copy_(self.consecutive)
+        return worst if worst >= max_bad_steps else 0
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
@@ -55,15 +66,17 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp_dtype)
 
 
-def optimizer_step(optimizer, params, guard: StepGuard, scaler=None) -> torch.Tensor:
-    """One update that is skipped when a gradient is not finite; returns the device flag."""
+def optimizer_step(optimizer, params, guard: StepGuard, scaler=None, loss: torch.Tensor | None = None) -> torch.Tensor:
+    """One update that is skipped when the loss or a gradient is not finite; returns the device flag."""
     if scaler is not None:
         scaler.unscale_(optimizer)
         found = sum(v.float() for v in scaler._found_inf_per_device(optimizer).values()).reshape(1)
+        if loss is not None:  # a non-finite loss with finite (e.g. zero) gradients is still a bad step
+            found = found + (~torch.isfinite(loss.detach().float())).float().reshape(1)
         scaler.step(optimizer)  # GradScaler skips on overflow and lowers the scale
         scaler.update()
         return found
-    found = guard.check(params)
+    found = guard.check(params, loss)
     if optimizer.defaults.get("fused"):
         optimizer.found_inf = found  # the fused kernel skips the whole update on the device
         optimizer.step()
@@ -101,12 +114,15 @@ def train_one_epoch(
     progress=None,
     should_stop: Callable[[], bool] | None = None,
     max_bad_steps: int = 20,
+    metric_mean: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> EpochResult:
     """Train over one epoch of `loader`, starting `skip_batches` batches in (a resumed epoch).
 
     start_step is the global step of the epoch's first batch. on_log(i, values) receives
     host floats every log_interval steps and at the end; progress.update(...) (see
     metrics.ProgressLine) is called every step with device values it reads only when drawn.
+    metric_mean (under torchrun) averages the logged values over ranks in place, one collective
+    per log interval, so the metrics describe the global batch (every rank must log together).
     """
     mixer.train()
     loader.set_epoch(epoch)
@@ -132,8 +148,11 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         if grad_sync is not None:
-            grad_sync(params)
-        found = optimizer_step(optimizer, params, guard, scaler)
+            for p in params:  # every rank must all-reduce the same list of tensors
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grad_sync([p.grad for p in params])  # mean over ranks; a NaN on one rank reaches all
+        found = optimizer_step(optimizer, params, guard, scaler, loss)
         guard.record(found)
         mixer.after_step(step, total_steps)
 
@@ -148,6 +167,8 @@ def train_one_epoch(
         last = i == batches - 1
         stop = should_stop is not None and should_stop()
         if (i + 1) % log_interval == 0 or last or stop:
+            if metric_mean is not None:
+                metric_mean(list(sums.values()))
             values = {k: (v / count_since_log).item() for k, v in sums.items()}  # one sync per interval
             values["lr"] = optimizer.param_groups[0]["lr"]
             values["skipped_steps"] = int(guard.skipped.item())
@@ -158,10 +179,11 @@ def train_one_epoch(
             sums, count_since_log = {}, 0
             if on_log is not None:
                 on_log(i + 1, values)
-            if guard.consecutive.item() >= max_bad_steps:
+            worst = guard.too_many_bad(max_bad_steps)  # read once per interval, not per step
+            if worst:
                 raise NonFiniteError(
-                    f"{int(guard.consecutive.item())} consecutive steps had non-finite loss or gradients "
-                    f"(epoch {epoch + 1}, step {step + 1}); stopping without saving the current state"
+                    f"{worst} consecutive steps had a non-finite loss or gradients (max_bad_steps "
+                    f"{max_bad_steps}; epoch {epoch + 1}, step {step + 1}); stopping without saving the current state"
                 )
         if stop:
             result.stopped = True

@@ -78,15 +78,15 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-def make_stages(block, layers, planes, cin: int, *, groups: int = 1, base_width: int = 64):
-    """One nn.Sequential per stage; the first stage keeps resolution, the others halve it.
-    Returns (stages, stage_channels)."""
+def make_stages(block, layers, planes, cin: int, *, groups: int = 1, base_width: int = 64, strides=None):
+    """One nn.Sequential per stage, the stride on its first block; by default the first stage
+    keeps resolution and the others halve it. Returns (stages, stage_channels)."""
+    strides = strides or (1,) + (2,) * (len(layers) - 1)
     stages, channels = [], []
-    for i, (n, p) in enumerate(zip(layers, planes)):
+    for n, p, s in zip(layers, planes, strides):
         blocks = []
         for j in range(n):
-            stride = 2 if (i > 0 and j == 0) else 1
-            blocks.append(block(cin, p, stride, groups, base_width))
+            blocks.append(block(cin, p, s if j == 0 else 1, groups, base_width))
             cin = p * block.expansion
         stages.append(nn.Sequential(*blocks))
         channels.append(cin)

@@ -1,22 +1,39 @@
-"""tinynet: a four-stage ResNet small enough that a whole AutoMix step on CPU takes
-milliseconds, for tests, smoke runs and the CI training check. Not for accuracy."""
+"""tinynet: a small plain (VGG-style) four-stage net for CPU smoke runs, tests and the default
+`automix-fast train` on the embedded dataset. Not for accuracy records.
+
+Layout at 32 px: stem conv 3->16 (32 px); stage 1 max-pool + conv 16->32 (16 px); stage 2
+max-pool + conv 32->64 (8 px); stage 3 conv 64->64 (8 px, the mix stage: an 8x8 map for the
+Mix Block, as resnet18_cifar gives); stage 4 max-pool + conv 64->128 (4 px). Each conv is
+3x3 + BN + ReLU. About 13 MFLOP per 32 px image forward.
+
+Why not a tiny ResNet: measured on the embedded dataset on 2 CPU cores, a one-block-per-stage
+ResNet narrow enough to be as fast (8/16/32/64 channels, early strides) stayed near chance for
+4 epochs, while this plain net with early max-pooling reached ~40% in the same time.
+"""
 from __future__ import annotations
+
+from torch import nn
 
 from .classifier import Classifier
 from .registry import register_model
-from .resnet import BasicBlock, make_stages
-from .stems import CIFAR, DEFAULT_IMG_SIZE, STEM_NAMES, make_stem
+from .stems import CIFAR, DEFAULT_IMG_SIZE, STEM_NAMES
 
-TINY_PLANES = (16, 32, 64, 128)
+TINY_STEM = 16
+TINY_STAGES = ((32, True), (64, True), (64, False), (128, True))  # (channels, max-pool first)
+
+
+def conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
 
 @register_model
 def tinynet(num_classes, *, mix_head=False, zero_init_residual=True):
-    # One BasicBlock per stage: the same block types and mix stage (3, 8x8 at 32 px) as
-    # resnet18_cifar, so it exercises the same code paths at a fraction of the cost.
-    stages, channels = make_stages(BasicBlock, (1, 1, 1, 1), TINY_PLANES, TINY_PLANES[0])
+    stages, c_in = [], TINY_STEM
+    for c_out, pool in TINY_STAGES:
+        stages.append(nn.Sequential(*([nn.MaxPool2d(2)] if pool else []), *conv_bn_relu(c_in, c_out)))
+        c_in = c_out
     return Classifier(
-        make_stem(CIFAR, TINY_PLANES[0]), stages, channels, num_classes,
+        nn.Sequential(*conv_bn_relu(3, TINY_STEM)), stages, [c for c, _ in TINY_STAGES], num_classes,
         mix_head=mix_head, mix_stage=3, default_img_size=DEFAULT_IMG_SIZE[CIFAR],
-        stem_type=STEM_NAMES[CIFAR], zero_init_residual=zero_init_residual,
+        stem_type=STEM_NAMES[CIFAR], zero_init_residual=zero_init_residual,  # no residual blocks: a no-op
     )

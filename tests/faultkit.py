@@ -1,0 +1,99 @@
+"""Helpers for the end-to-end engine tests (test_distributed, test_faults, test_bad_input).
+
+Tiny runs only: a generated 3-class ImageFolder of 32 px PNGs, `tinynet`, the torch loader
+with no workers, the torch kernel backend (never the Triton interpreter), one CPU thread per
+process (several processes on a shared 2-core machine otherwise spin-wait in OpenMP).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from automix_fast.engine.checkpoint import load_checkpoint
+
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+ENV.pop("TRITON_INTERPRET", None)  # every run passes --kernel-backend torch
+
+
+def make_folder(root: Path, train_per_class: int = 20, val_per_class: int = 7, classes: int = 3) -> Path:
+    """An ImageFolder (train/, val/) of distinguishable 32x32 PNGs: class c is brighter in channel c % 3."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for c in range(classes):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                a = (rng.random((32, 32, 3)) * 90).astype(np.uint8)
+                a[..., c % 3] += 120 + 10 * (c // 3)
+                Image.fromarray(a).save(d / f"{i:03d}.png")
+    return root
+
+
+def train_args(data: Path, out: Path, experiment: str, *extra: str, batch: int = 8, epochs: int = 2) -> list[str]:
+    return ["train", "--data-dir", str(data), "--img-size", "32", "--epochs", str(epochs), "-b", str(batch),
+            "--kernel-backend", "torch", "--loader", "torch", "--workers", "0", "--device", "cpu",
+            "--model", "tinynet", "--output", str(out), "--experiment", experiment, "--log-interval", "1",
+            "--no-visualize", *extra]
+
+
+def cli(args: list[str], **kw) -> subprocess.CompletedProcess:
+    """`automix-fast ARGS` in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "automix_fast", *args], env={**ENV, **kw.pop("env", {})},
+                          capture_output=True, text=True, timeout=kw.pop("timeout", 120), **kw)
+
+
+def popen(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "automix_fast", *args], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+
+
+def torchrun(nproc: int, args: list[str], env: dict | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "automix_fast", *args]
+    return subprocess.run(cmd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def records(run_dir: Path, kind: str = "train") -> list[dict]:
+    with open(run_dir / "metrics.jsonl") as f:
+        return [r for r in map(json.loads, f) if r["type"] == kind]
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [r["values"]["loss"] for r in records(run_dir)]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["mixer"]
+
+
+def assert_states_equal(a: dict, b: dict, atol: float = 0.0, keys=None) -> None:
+    assert set(a) == set(b)
+    for k in keys or a:
+        if atol == 0.0:
+            assert torch.equal(a[k], b[k]), f"{k} differs"
+        else:
+            torch.testing.assert_close(a[k].double(), b[k].double(), atol=atol, rtol=atol, msg=lambda m: f"{k}: {m}")
+
+
+def all_finite(state: dict) -> bool:
+    return all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v) and v.is_floating_point())

@@ -1,0 +1,129 @@
+"""Bad input everywhere: each mistake is exit status 2 and one line 'error: ...' naming the field,
+never a traceback. Runs `automix_fast.cli.main` in this process (one CPU thread)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from automix_fast.cli import main
+from faultkit import make_folder, train_args
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("bad") / "data")
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """A finished 1-epoch vanilla run to resume from: (output folder, experiment name)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("runs")
+        assert main(train_args(data, out, "done", "--mix", "vanilla", epochs=1)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out, "done"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def one_error(capsys, argv) -> str:
+    """Run the CLI, which must fail with status 2 and print exactly one 'error:' line."""
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own exit for unparsable flag values
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+FLAG_CASES = [
+    (["--mix-alpha", "0"], "'mix_alpha'"),
+    (["--mix-alpha", "-1"], "'mix_alpha'"),
+    (["--encoder-momentum", "0"], "'encoder_momentum'"),
+    (["--encoder-momentum", "1"], "'encoder_momentum'"),
+    (["--encoder-momentum-end", "1.5"], "'encoder_momentum_end'"),
+    (["--mask-margin", "-0.1"], "'mask_margin'"),
+    (["--mix", "mixup", "-b", "1"], "'batch_size'"),
+    (["-b", "0", "--mix", "vanilla"], "'batch_size'"),
+    (["--epochs", "0"], "'epochs'"),
+    (["--lr", "0"], "'lr'"),
+    (["--momentum", "1"], "'momentum'"),
+    (["--lam-margin", "0.5"], "'lam_margin'"),
+    (["--max-bad-steps", "0"], "'max_bad_steps'"),
+    (["--num-classes", "1"], "'num_classes'"),
+    (["--img-size", "4"], "'img_size'"),
+    (["--lr", "fast"], "--lr"),  # wrong type on the command line
+    (["--mix", "mixdown"], "--mix"),
+    (["--sched", "step"], "'decay_epochs'"),
+    (["--resume", "auto"], "--experiment"),
+]
+
+
+@pytest.mark.parametrize("flags,field", FLAG_CASES, ids=[" ".join(f) for f, _ in FLAG_CASES])
+def test_bad_flag_values(capsys, tmp_path, flags, field):
+    argv = ["train", "--output", str(tmp_path), "--device", "cpu", "--kernel-backend", "torch", *flags]
+    assert field in one_error(capsys, argv)
+
+
+@pytest.mark.parametrize("text,field", [
+    ("lr: 0.1\nlearning_rate: 0.1\n", "unknown config key 'learning_rate'"),
+    ("lr: fast\n", "'lr' must be a number"),
+    ("epochs: 2.5\n", "'epochs' must be an integer"),
+    ("sync_bn: 'yes'\n", "'sync_bn' must be true or false"),
+    ("mix_alpha: 0\n", "'mix_alpha'"),
+    ("- lr\n", "mapping"),
+    ("lr: [\n", "not valid YAML"),
+])
+def test_bad_config_files(capsys, tmp_path, text, field):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    assert field in one_error(capsys, ["train", "-c", str(cfg), "--output", str(tmp_path)])
+
+
+def test_class_count_that_does_not_match_the_data(capsys, data, tmp_path):
+    msg = one_error(capsys, train_args(data, tmp_path, "nc", "--num-classes", "5", epochs=1))
+    assert "'num_classes' is 5 but the data has 3 classes" in msg
+
+
+def test_resume_with_changed_config_refuses_unless_asked(capsys, data, trained):
+    out, name = trained
+    msg = one_error(capsys, train_args(data, out, name, "--mix", "vanilla", "--lr", "0.05", "--resume", "auto", epochs=1))
+    assert "changed config (lr: 0.1 -> 0.05)" in msg and "--allow-config-change" in msg
+    # Asked for: it resumes (the run is complete, so nothing is left to train) and exits 0.
+    argv = train_args(data, out, name, "--mix", "vanilla", "--lr", "0.05", "--resume", "auto", "--allow-config-change",
+                      epochs=1)
+    assert main(argv) == 0
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_checkpoint_of_another_model(capsys, data, trained):
+    out, name = trained
+    msg = one_error(capsys, train_args(data, out, "other", "--mix", "vanilla", "--model", "resnet18_cifar",
+                                       "--resume", str(out / name / "last.pt"), epochs=1))
+    assert "model 'tinynet'" in msg and "model 'resnet18_cifar'" in msg
+
+
+def test_resume_from_a_file_that_is_not_a_checkpoint(capsys, data, tmp_path):
+    junk = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(2)}, junk)
+    msg = one_error(capsys, train_args(data, tmp_path, "junk", "--resume", str(junk), epochs=1))
+    assert "not an automix-fast checkpoint" in msg
+    msg = one_error(capsys, train_args(data, tmp_path, "gone", "--resume", str(tmp_path / "missing.pt"), epochs=1))
+    assert "file not found" in msg
+
+
+def test_unknown_model_and_missing_data(capsys, tmp_path):
+    assert "unknown model 'resnet9000'" in one_error(capsys, ["train", "--model", "resnet9000", "--output", str(tmp_path)])
+    assert "data directory not found" in one_error(
+        capsys, ["train", "--data-dir", str(tmp_path / "nope"), "--device", "cpu", "--output", str(tmp_path)])

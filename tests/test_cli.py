@@ -1,0 +1,127 @@
+"""The automix-fast command end to end on small embedded data: train, eval, visualize, models,
+the Triton and torch backends step by step, and the DALI loader."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from automix_fast.cli import main
+from automix_fast.data.embedded import ensure_embedded_dataset
+
+FAST = ["--model", "tinynet", "--kernel-backend", "torch", "--loader", "torch", "--workers", "0", "--log-interval", "5"]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """A prefix of the embedded dataset: 60 train / 20 val images per class, 10 classes."""
+    return ensure_embedded_dataset(str(tmp_path_factory.mktemp("cache")), train_per_class=60, val_per_class=20)
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def metrics(run_dir, kind="train"):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["type"] == kind]
+
+
+@pytest.mark.slow
+def test_short_automix_run_learns(small_data, tmp_path, capsys):
+    code, out, err = run(["train", "--data-dir", small_data, "--epochs", "6", "-b", "32", "--lr", "0.05",
+                          "--output", str(tmp_path), "--experiment", "learn", *FAST], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "learn" / "summary.json").read_text())
+    ev = summary["eval"]
+    assert ev["count"] == 200
+    for head in ("q_one", "q_mix", "k_one", "k_mix"):
+        assert f"{head}_top1" in ev and head in out
+    assert ev["q_one_top1"] > 30.0, ev  # chance is 10%
+    assert (tmp_path / "learn" / "mixes.png").stat().st_size > 0
+    assert (tmp_path / "learn" / "best.pt").exists() and (tmp_path / "learn" / "last.pt").exists()
+    assert "run folder:" in out
+    losses = [r["values"]["loss"] for r in metrics(tmp_path / "learn")]
+    assert losses[-1] < losses[0]
+
+
+def test_eval_visualize_and_models(small_data, tmp_path, capsys):
+    code, _, err = run(["train", "--data-dir", small_data, "--epochs", "1", "-b", "50", "--mix", "automix",
+                        "--output", str(tmp_path), "--experiment", "e", "--no-visualize", *FAST], capsys)
+    assert code == 0, err
+    ckpt = tmp_path / "e" / "last.pt"
+    trained = json.loads((tmp_path / "e" / "summary.json").read_text())["eval"]
+    code, out, err = run(["eval", "--checkpoint", str(ckpt), "--kernel-backend", "torch", "--loader", "torch", "-j", "0"], capsys)
+    assert code == 0, err
+    assert "200 validation images" in out
+    row = next(line for line in out.splitlines() if line.startswith("k_mix"))
+    assert float(row.split()[1]) == pytest.approx(trained["k_mix_top1"], abs=1e-6)
+    png = tmp_path / "grid.png"
+    code, out, err = run(["visualize", "--checkpoint", str(ckpt), "--output", str(png), "--num", "4",
+                          "--kernel-backend", "torch", "--loader", "torch", "-j", "0"], capsys)
+    assert code == 0, err
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.size[0] > im.size[1] > 0  # 4 columns by 4 rows of 32 px tiles, scaled up
+    code, out, _ = run(["models"], capsys)
+    assert code == 0 and "resnet50_cifar" in out and "tinynet" in out
+
+
+@pytest.mark.parametrize("mix", ["vanilla", "mixup", "cutmix"])
+def test_baselines_train(mix, small_data, tmp_path, capsys):
+    code, out, err = run(["train", "--data-dir", small_data, "--epochs", "1", "-b", "100", "--mix", mix,
+                          "--output", str(tmp_path), "--experiment", mix, *FAST], capsys)
+    assert code == 0, err
+    ev = json.loads((tmp_path / mix / "summary.json").read_text())["eval"]
+    assert set(k for k in ev if k.endswith("_top1")) == {"one_top1"}
+
+
+def test_config_file_and_flag_override(small_data, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("base: cifar100_r18_automix.yaml\nepochs: 1\nbatch_size: 100\nlr: 0.3\n")
+    code, _, err = run(["train", "-c", str(cfg), "--dataset", "folder", "--data-dir", small_data, "--lr", "0.2",
+                        "--output", str(tmp_path), "--experiment", "c", *FAST], capsys)
+    assert code == 0, err
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "c" / "config.yaml").read_text())
+    assert saved["lr"] == 0.2 and saved["batch_size"] == 100 and saved["min_lr"] == 0.05
+    assert saved["model"] == "tinynet" and saved["encoder_momentum_end"] == 0.999999
+
+
+def _step_losses(backend, data, tmp_path, capsys):
+    argv = ["train", "--data-dir", data, "--epochs", "1", "-b", "8", "--model", "tinynet", "--loader", "torch",
+            "-j", "0", "--log-interval", "1", "--kernel-backend", backend, "--output", str(tmp_path),
+            "--experiment", backend, "--no-visualize", "--mask-mode", "bilinear"]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    return [r["values"] for r in metrics(tmp_path / backend)]
+
+
+def test_triton_and_torch_backends_give_the_same_losses(tmp_path, capsys):
+    """A whole AutoMix run with the Triton kernels (interpreter on CPU) against the reference."""
+    if not torch.cuda.is_available():
+        assert os.environ.get("TRITON_INTERPRET") == "1"  # set by conftest: the kernels run interpreted
+    data = ensure_embedded_dataset(str(tmp_path / "cache"), train_per_class=4, val_per_class=2)
+    ref = _step_losses("torch", data, tmp_path, capsys)
+    tri = _step_losses("triton", data, tmp_path, capsys)
+    assert len(ref) == len(tri) == 5
+    for step, (a, b) in enumerate(zip(ref, tri)):
+        for key in ("loss", "l_mix_k", "l_mask", "mask_self_weight"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (step, key, a[key], b[key])
+
+
+def test_dali_loader_trains_an_epoch(small_data, tmp_path, capsys):
+    pytest.importorskip("nvidia.dali")
+    code, out, err = run(["train", "--data-dir", small_data, "--epochs", "1", "-b", "50", "--model", "tinynet",
+                          "--kernel-backend", "torch", "--loader", "dali", "-j", "2", "--output", str(tmp_path),
+                          "--experiment", "dali", "--no-visualize"], capsys)
+    assert code == 0, err
+    assert "loader dali" in out
+    ev = json.loads((tmp_path / "dali" / "summary.json").read_text())["eval"]
+    assert ev["count"] == 200

@@ -1,0 +1,135 @@
+"""DDP under torchrun on CPU (gloo): 2 processes against 1, rank agreement, the sharding they rely on.
+
+See docs/DISTRIBUTED.md. The exact 2-vs-1 match uses `--mix vanilla --sync-bn`: with equal per-rank
+batches the mean of the per-rank gradients is the global-batch gradient, SyncBatchNorm makes the
+batch statistics global, and the loader gives rank r the r-th of every world_size samples of the
+epoch order (with the same augmentation draws), so rank 0 + rank 1 with batch B see exactly the
+samples one process with batch 2B sees at each step. AutoMix/mixup pair images within each rank's
+shard, so they differ from a 1-process run by design; for them the test checks that every rank
+holds the same Mix Block, momentum encoder and weights.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from faultkit import assert_states_equal, cli, make_folder, records, torchrun, train_args, train_losses, weights
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("ddp") / "data")
+
+
+def test_two_processes_match_one_process(data, tmp_path):
+    common = ["--mix", "vanilla", "--sync-bn", "--seed", "3"]
+    one = cli(train_args(data, tmp_path, "one", *common, batch=16))
+    assert one.returncode == 0, one.stderr
+    two = torchrun(2, train_args(data, tmp_path, "two", *common, batch=8))
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert "cpu x2" in two.stdout  # really ran distributed
+
+    # Same number of logged steps (only rank 0 writes), same global-batch losses per step.
+    l1, l2 = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert len(l1) == len(l2) == 2 * 3  # 60 images // 16 per step = 3 steps per epoch
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-5, atol=1e-6)
+    # Final weights and BN statistics within float tolerance (summation order differs).
+    assert_states_equal(weights(tmp_path / "two" / "last.pt"), weights(tmp_path / "one" / "last.pt"), atol=1e-5)
+    # Global accuracy: every one of the 21 val images counted once over the two ranks.
+    e1, e2 = records(tmp_path / "one", "eval")[-1]["values"], records(tmp_path / "two", "eval")[-1]["values"]
+    assert e1["count"] == e2["count"] == 21
+    assert e2["one_top1"] == pytest.approx(e1["one_top1"])
+    assert "one" in two.stdout and "top-1" in two.stdout  # the summary reports the global accuracy
+
+
+def test_automix_ranks_hold_identical_mix_block_and_momentum_encoder(data, tmp_path):
+    dump = tmp_path / "ranks"
+    run = torchrun(2, train_args(data, tmp_path, "am", "--mix", "automix", epochs=1, batch=8),
+                   env={"AUTOMIX_FAST_RANK_STATE_DIR": str(dump)})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    r0, r1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
+    params = [k for k in r0 if "running" not in k and "num_batches" not in k]
+    assert any(k.startswith("mix_block.") for k in params) and any(k.startswith("momentum_encoder.") for k in params)
+    assert_states_equal(r0, r1, keys=params)  # bitwise: same all-reduced gradients, same EMA
+    # BN running statistics are per rank between syncs and averaged before evaluation/checkpoints.
+    assert_states_equal(r0, r1, atol=1e-6)
+    # Rank 0's checkpoint is what the ranks hold; the eval count covers the whole val set.
+    assert_states_equal(weights(tmp_path / "am" / "last.pt"), r0, keys=params)
+    assert records(tmp_path / "am", "eval")[-1]["values"]["count"] == 21
+    # Only rank 0 logged: one train record per step (60 images // (2 x 8) = 3 steps).
+    assert len(records(tmp_path / "am")) == 3
+
+
+def test_rank_shards_reassemble_the_global_batch():
+    """Rank r's batch k + ... == the 1-process batch k of size world*B, with the same crops/flips."""
+    from automix_fast.data import DataSpec
+    from automix_fast.data.torch_loader import ResidentLoader
+
+    n, b = 37, 4
+    images = torch.arange(n * 8 * 8 * 3, dtype=torch.int64).remainder(251).to(torch.uint8).reshape(n, 8, 8, 3)
+    labels = torch.arange(n)
+
+    def batches(rank, world, bs):
+        spec = DataSpec(img_size=8, batch_size=bs, rank=rank, world_size=world, seed=7)
+        loader = ResidentLoader(images, labels, spec, train=True, aug="cifar")
+        loader.set_epoch(2)
+        return list(loader)
+
+    single = batches(0, 1, 2 * b)
+    ranks = [batches(r, 2, b) for r in range(2)]
+    assert len(single) == len(ranks[0]) == len(ranks[1]) == 37 // 8
+    for k, (x, y) in enumerate(single):
+        (x0, y0), (x1, y1) = ranks[0][k], ranks[1][k]
+        assert sorted(y.tolist()) == sorted(y0.tolist() + y1.tolist())
+        got = {int(l): img for l, img in zip(torch.cat([y0, y1]), torch.cat([x0, x1]))}
+        for l, img in zip(y, x):
+            assert torch.equal(got[int(l)], img), "augmentation differs between 1 and 2 ranks"
+
+
+def test_cpu_sync_batchnorm_is_batchnorm_in_one_process():
+    from automix_fast.engine.distributed import CPUSyncBatchNorm, convert_sync_batchnorm
+
+    torch.manual_seed(0)
+    bn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    sync = convert_sync_batchnorm(__import__("copy").deepcopy(bn), torch.device("cpu"))
+    assert isinstance(sync[1], CPUSyncBatchNorm)
+    x = torch.randn(5, 3, 6, 6)
+    torch.testing.assert_close(sync(x), bn(x))
+    assert_states_equal(sync.state_dict(), bn.state_dict())
+
+
+def test_sigterm_to_torchrun_stops_all_ranks_at_one_step_and_resumes(data, tmp_path):
+    """torchrun forwards SIGTERM to every worker; the ranks agree on the stop step (a rank leaving
+    alone would hang the others in the next all-reduce), rank 0 writes last.pt, and a torchrun
+    with --resume auto finishes the run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from automix_fast.engine.checkpoint import load_checkpoint
+    from faultkit import ENV, free_port
+
+    args = train_args(data, tmp_path, "pre", "--mix", "automix", batch=2)  # 15 steps per epoch
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "automix_fast", *args]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    try:
+        seen, t0 = [], time.monotonic()
+        for line in proc.stdout:
+            seen.append(line)
+            if "epoch 1/2 [" in line:
+                break
+            assert time.monotonic() - t0 < 120, "no progress"
+        proc.send_signal(signal.SIGTERM)  # to the torchrun agent, which passes it to the workers
+        out = "".join(seen) + proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    # (torchrun's agent itself exits non-zero after a SIGTERM; the workers exit 0.)
+    assert out.count("received SIGTERM") == 2 and "stopped by SIGTERM" in out, out[-3000:]
+    state = load_checkpoint(tmp_path / "pre" / "last.pt")
+    assert state["next_epoch"] == 0 and 0 < state["next_batch"] < 15
+    resumed = torchrun(2, args + ["--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"batch {state['next_batch']}" in resumed.stdout and "done:" in resumed.stdout
+    assert len(records(tmp_path / "pre")) == 2 * 15  # every step logged once over the two runs
