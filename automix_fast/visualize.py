@@ -32,12 +32,24 @@ def mix_examples(mixer, x: torch.Tensor, lam: float = 0.5):
     return x[perm], s, x_mix
 
 
+def diverse_batch(loader, num: int, max_batches: int = 20) -> torch.Tensor:
+    """`num` images of different classes where the first batches have them (val sets are often
+    sorted by class, so the first batch alone would show one class)."""
+    picked, seen, spare = [], set(), []
+    for i, (x, y) in enumerate(loader):
+        for img, label in zip(x, y.tolist()):
+            (spare if label in seen else picked).append(img)
+            seen.add(label)
+        if len(picked) >= num or i + 1 >= max_batches:
+            break
+    return torch.stack((picked + spare)[:num])
+
+
 def write_mix_grid(mixer, loader, path, spec, num: int = 8, lam: float = 0.5) -> Path:
     """Rows: image, partner, mask (white = partner), mixed; `num` columns; small images scaled up."""
     from PIL import Image
 
-    x, _ = next(iter(loader))
-    x = x[:num]
+    x = diverse_batch(loader, num)
     partner, s, x_mix = mix_examples(mixer, x, lam)
     rows = [_to_uint8(t, spec.mean, spec.std) for t in (x, partner)]
     rows.append(np.repeat((s[:, 0].cpu().numpy() * 255).round().astype(np.uint8)[..., None], 3, axis=-1))

@@ -201,7 +201,8 @@ class Trainer:
             if hasattr(self.mixer, "momentum_encoder"):
                 self.mixer.momentum_encoder.compile()
         groups = self.mixer.param_groups(
-            cfg.lr, cfg.weight_decay, cfg.min_lr, mix_block_lr=cfg.mix_block_lr, mix_block_min_lr=cfg.mix_block_min_lr
+            cfg.lr, cfg.weight_decay, cfg.min_lr, mix_block_lr=cfg.mix_block_lr, mix_block_min_lr=cfg.mix_block_min_lr,
+            mix_block_weight_decay=cfg.mix_block_weight_decay,
         )
         self.optimizer = build_optimizer(groups, cfg.opt, lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay, device=self.device)

@@ -127,14 +127,15 @@ class AutoMix(Mixer):
         q, k = self.model, self.momentum_encoder
         return {"q_one": (q, "one"), "q_mix": (q, "mix"), "k_one": (k, "one"), "k_mix": (k, "mix")}
 
-    def param_groups(self, lr, weight_decay, min_lr=0.0, mix_block_lr=None, mix_block_min_lr=None, **_):
+    def param_groups(self, lr, weight_decay, min_lr=0.0, mix_block_lr=None, mix_block_min_lr=None,
+                     mix_block_weight_decay=None, **_):
         groups = super().param_groups(lr, weight_decay, min_lr)
         groups.append(
             {
                 "params": list(self.mix_block.parameters()),
                 "lr": lr if mix_block_lr is None else mix_block_lr,
                 "min_lr": min_lr if mix_block_min_lr is None else mix_block_min_lr,
-                "weight_decay": weight_decay,
+                "weight_decay": weight_decay if mix_block_weight_decay is None else mix_block_weight_decay,
                 "name": "mix_block",
             }
         )
