@@ -106,12 +106,15 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args) -> int:
+    from automix_fast.engine.distributed import cleanup
     from automix_fast.engine.runner import Trainer
 
-    summary = Trainer(train_config(args)).fit()
-    if summary.get("stopped"):
-        return 0
-    _print_summary(summary)
+    try:
+        summary = Trainer(train_config(args)).fit()
+    finally:
+        cleanup()  # leave the process group before exit: a live gloo group can abort at shutdown
+    if not summary.get("stopped") and summary.get("is_main", True):
+        _print_summary(summary)
     return 0
 
 

@@ -180,7 +180,8 @@ def load_yaml(path: str, _seen: tuple = ()) -> dict[str, Any]:
         return data
     if not isinstance(base, str):
         raise ConfigError(f"config key 'base' in {path} must be a file name, got {base!r}")
-    merged = load_yaml(os.path.join(os.path.dirname(path), base), _seen + (os.path.abspath(path),))
+    beside = os.path.join(os.path.dirname(path), base)  # a file next to this one, else a shipped config
+    merged = load_yaml(beside if os.path.isfile(beside) else base, _seen + (os.path.abspath(path),))
     merged.update(data)
     return merged
 

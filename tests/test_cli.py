@@ -32,27 +32,29 @@ def metrics(run_dir, kind="train"):
 
 
 @pytest.mark.slow
-def test_short_automix_run_learns(small_data, tmp_path, capsys):
-    code, out, err = run(["train", "--data-dir", small_data, "--epochs", "6", "-b", "32", "--lr", "0.05",
+def test_short_run_learns_the_embedded_data(tmp_path, capsys, monkeypatch):
+    """The embedded default dataset (generated here, 5,000 train / 1,000 val) is learnable: six
+    epochs of tinynet reach well above the 10% of chance."""
+    monkeypatch.setenv("AUTOMIX_FAST_CACHE", str(tmp_path / "cache"))
+    code, out, err = run(["train", "--mix", "vanilla", "--epochs", "6", "--warmup-epochs", "1",
                           "--output", str(tmp_path), "--experiment", "learn", *FAST], capsys)
     assert code == 0, err
-    summary = json.loads((tmp_path / "learn" / "summary.json").read_text())
-    ev = summary["eval"]
-    assert ev["count"] == 200
-    for head in ("q_one", "q_mix", "k_one", "k_mix"):
-        assert f"{head}_top1" in ev and head in out
-    assert ev["q_one_top1"] > 30.0, ev  # chance is 10%
-    assert (tmp_path / "learn" / "mixes.png").stat().st_size > 0
-    assert (tmp_path / "learn" / "best.pt").exists() and (tmp_path / "learn" / "last.pt").exists()
-    assert "run folder:" in out
+    assert "on embedded (5000 train / 1000 val, 10 classes, 32px)" in out
+    ev = json.loads((tmp_path / "learn" / "summary.json").read_text())["eval"]
+    assert ev["count"] == 1000
+    assert ev["one_top1"] > 30.0, ev
     losses = [r["values"]["loss"] for r in metrics(tmp_path / "learn")]
-    assert losses[-1] < losses[0]
+    assert losses[-1] < 0.9 * losses[0]
 
 
-def test_eval_visualize_and_models(small_data, tmp_path, capsys):
-    code, _, err = run(["train", "--data-dir", small_data, "--epochs", "1", "-b", "50", "--mix", "automix",
-                        "--output", str(tmp_path), "--experiment", "e", "--no-visualize", *FAST], capsys)
+def test_automix_run_eval_visualize_and_models(small_data, tmp_path, capsys):
+    code, out, err = run(["train", "--data-dir", small_data, "--epochs", "2", "-b", "50", "--mix", "automix",
+                          "--output", str(tmp_path), "--experiment", "e", *FAST], capsys)
     assert code == 0, err
+    for head in ("q_one", "q_mix", "k_one", "k_mix"):  # the summary table names all four heads
+        assert any(line.startswith(head) for line in out.splitlines())
+    assert "run folder:" in out and (tmp_path / "e" / "mixes.png").stat().st_size > 0
+    assert (tmp_path / "e" / "best.pt").exists() and (tmp_path / "e" / "checkpoint-0002.pt").exists()
     ckpt = tmp_path / "e" / "last.pt"
     trained = json.loads((tmp_path / "e" / "summary.json").read_text())["eval"]
     code, out, err = run(["eval", "--checkpoint", str(ckpt), "--kernel-backend", "torch", "--loader", "torch", "-j", "0"], capsys)
@@ -67,7 +69,8 @@ def test_eval_visualize_and_models(small_data, tmp_path, capsys):
     from PIL import Image
 
     with Image.open(png) as im:
-        assert im.size[0] > im.size[1] > 0  # 4 columns by 4 rows of 32 px tiles, scaled up
+        # 4 rows (image, partner, mask, mix) by 4 columns of 32 px tiles with 2 px gaps, scaled x8.
+        assert im.size == (8 * (4 * 34 + 2), 8 * (4 * 34 + 2))
     code, out, _ = run(["models"], capsys)
     assert code == 0 and "resnet50_cifar" in out and "tinynet" in out
 

@@ -395,6 +395,7 @@ class Trainer:
             "skipped_steps": int(self.guard.skipped.item()),
             "train_seconds": time.perf_counter() - t_run,
             "stopped": False,
+            "is_main": self.is_main,
         }
         if self.is_main:
             with open(self.run_dir / "summary.json", "w") as f:
@@ -404,4 +405,8 @@ class Trainer:
 
                 png = write_mix_grid(self.mixer, self.val_loader, self.run_dir / "mixes.png", self.spec)
                 summary["mixes_png"] = str(png)
+        if self.dist.is_distributed:
+            from automix_fast.engine.distributed import barrier
+
+            barrier()  # no rank leaves (and tears down gloo/NCCL) while another is still writing
         return summary
