@@ -128,3 +128,12 @@ def test_dali_loader_trains_an_epoch(small_data, tmp_path, capsys):
     assert "loader dali" in out
     ev = json.loads((tmp_path / "dali" / "summary.json").read_text())["eval"]
     assert ev["count"] == 200
+
+
+def test_triton_backend_without_cuda_or_interpreter_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA the Triton backend is available")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    code, out, err = run(["train", "--kernel-backend", "triton", "--output", str(tmp_path)], capsys)
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "kernel_backend" in err and "TRITON_INTERPRET=1" in err

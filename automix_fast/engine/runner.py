@@ -151,6 +151,12 @@ class Trainer:
         use_amp = cfg.amp if cfg.amp is not None else cuda
         self.amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.amp_dtype] if use_amp else None
         self.channels_last = cfg.channels_last if cfg.channels_last is not None else cuda
+        from automix_fast import ops
+
+        try:  # --kernel-backend triton without CUDA or TRITON_INTERPRET: say so before any data work
+            ops.resolve_backend(cfg.kernel_backend, self.device)
+        except ValueError as e:
+            raise ConfigError(f"config field 'kernel_backend': {e}") from None
 
         torch.manual_seed(cfg.seed)  # same on every rank: identical initial weights
         probe = create_model(cfg.model, num_classes=2)  # unknown model names fail before any data work
