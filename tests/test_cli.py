@@ -137,3 +137,31 @@ def test_triton_backend_without_cuda_or_interpreter_is_a_one_line_error(tmp_path
     code, out, err = run(["train", "--kernel-backend", "triton", "--output", str(tmp_path)], capsys)
     assert code == 2
     assert err.strip().count("\n") == 0 and "kernel_backend" in err and "TRITON_INTERPRET=1" in err
+
+
+def _tiny_folder(root, classes=("cat", "dog"), per_class=3):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for i, c in enumerate(classes):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for j in range(per_class):
+                Image.new("RGB", (16, 16), (40 * i, 20 * j, 100)).save(root / split / c / f"{j}.jpg")
+    return root
+
+
+@pytest.mark.parametrize("damage", ["empty_class", "unreadable_image"])
+def test_bad_data_is_a_one_line_error_naming_it(damage, tmp_path, capsys):
+    data = _tiny_folder(tmp_path / "data")
+    if damage == "empty_class":
+        (data / "train" / "emu").mkdir()
+        (data / "val" / "emu").mkdir()
+        named = "emu"
+    else:
+        (data / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+        named = "broken.jpg"
+    code, _, err = run(["train", "--data-dir", str(data), "--output", str(tmp_path), *FAST], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], lines
+    assert "Traceback" not in err
