@@ -23,7 +23,7 @@ HELP = {
     "mix": "mixing policy",
     "mix_alpha": "Beta(alpha, alpha) for lambda (default: mixup 1.0, cutmix 0.2, automix 2.0)",
     "encoder_momentum": "AutoMix momentum encoder: EMA momentum at the start (the cosine rise begins at 10%% of training)",
-    "encoder_momentum_end": "EMA momentum at the end (0.999999 CIFAR, 0.99999 ImageNet)",
+    "encoder_momentum_end": "EMA momentum at the end (default 0.999 for the short default run; recipes: 0.999999 CIFAR, 0.99999 ImageNet)",
     "mask_loss_weight": "weight of the Mix Block mask loss",
     "mask_loss_anneal": "cosine-anneal the mask loss weight to 0 (ImageNet recipes)",
     "mask_margin": "mask loss margin around lambda",

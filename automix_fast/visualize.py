@@ -24,8 +24,10 @@ def mix_examples(mixer, x: torch.Tensor, lam: float = 0.5):
     perm = torch.roll(torch.arange(n, device=x.device), -1)
     was_training = mixer.training
     mixer.eval()
-    f = mixer.momentum_encoder.forward_features(x, stages=mixer.mix_stage)
-    logits = mixer.mix_block(f.float(), lam, perm)
+    # Loaders emit bf16/fp16 images on CUDA with amp: run the encoder under the same autocast.
+    with torch.autocast(x.device.type, dtype=x.dtype, enabled=x.dtype != torch.float32):
+        f = mixer.momentum_encoder.forward_features(x, stages=mixer.mix_stage)
+        logits = mixer.mix_block(f, lam, perm)
     x_mix, _ = mixer.mix_block.mix(logits, x, perm)
     s = reference.upsample_mask(logits, tuple(x.shape[-2:]), mixer.mix_block.mode)
     mixer.train(was_training)

@@ -84,16 +84,6 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-@torch.no_grad()
-def broadcast_module(module: nn.Module, src: int = 0) -> None:
-    """Copy `src`'s parameters and buffers to every rank (e.g. the momentum encoder, which DDP
-    does not wrap, after building or resuming)."""
-    if not (is_initialized() and dist.get_world_size() > 1):
-        return
-    for t in list(module.parameters()) + list(module.buffers()):
-        dist.broadcast(t.data, src=src)
-
-
 def barrier() -> None:
     if is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -164,6 +164,7 @@ class ProgressLine:
         self.images = self._win_images = 0
         self.data_time = self._win_data = 0.0
         self._drawn = 0  # length of the line currently on screen (TTY), to blank leftovers
+        self._shown_loss = None
 
     def update(self, *, loss=None, lr: float | None = None, images: int = 0, data_time: float = 0.0) -> None:
         """Record one finished step. `loss` may be a device tensor (read only when drawn),
@@ -193,7 +194,9 @@ class ProgressLine:
         parts = [f"epoch {self.epoch}/{self.epochs}", f"[{'#' * filled}{'-' * (self.BAR - filled)}]",
                  f"{self.step:>{width}}/{self.total}"]
         if self.window_loss.count:
-            parts.append(f"loss {self.window_loss.value():.3f}")
+            self._shown_loss = self.window_loss.value()
+        if self._shown_loss is not None:  # the newest loss read, until a newer one arrives
+            parts.append(f"loss {self._shown_loss:.3f}")
         if self.lr is not None:
             parts.append(f"lr {self.lr:.3g}")
         elapsed = max(now - self._win_start, 1e-9)

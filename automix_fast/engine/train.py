@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-from automix_fast.errors import UserError
+from automix_fast.engine.metrics import accuracy_topk
+from automix_fast.errors import CheckpointError, UserError
 
 
 class NonFiniteError(UserError):
@@ -120,7 +121,8 @@ def train_one_epoch(
 
     start_step is the global step of the epoch's first batch. on_log(i, values) receives
     host floats every log_interval steps and at the end; progress.update(...) (see
-    metrics.ProgressLine) is called every step with device values it reads only when drawn.
+    metrics.ProgressLine) is called every step, with the loss only at those intervals, so
+    drawing the bar never waits on the device.
     metric_mean (under torchrun) averages the logged values over ranks in place, one collective
     per log interval, so the metrics describe the global batch (every rank must log together).
     """
@@ -133,6 +135,11 @@ def train_one_epoch(
     sums: dict[str, torch.Tensor] = {}
     count_since_log = 0
     it = iter(loader)
+    if skip_batches >= batches:
+        raise CheckpointError(
+            f"the checkpoint stopped after batch {skip_batches} of epoch {epoch + 1}, but an epoch now has "
+            f"only {batches} batches (batch size or process count changed?); resume from an epoch checkpoint"
+        )
     for _ in range(skip_batches):  # replay the data order of an interrupted epoch
         next(it)
     t_start = time.perf_counter()
@@ -160,13 +167,14 @@ def train_one_epoch(
             v = v.detach().float().to(device)
             sums[k] = sums[k] + v if k in sums else v.clone()
         count_since_log += 1
-        if progress is not None:
-            progress.update(loss=logs["loss"], lr=optimizer.param_groups[0]["lr"], images=x.shape[0], data_time=data_time)
         result.steps += 1
         result.images += x.shape[0]
         last = i == batches - 1
         stop = should_stop is not None and should_stop()
-        if (i + 1) % log_interval == 0 or last or stop:
+        logging_now = (i + 1) % log_interval == 0 or last or stop
+        if progress is not None and not logging_now:  # the bar moves; the loss waits for the interval's read
+            progress.update(lr=optimizer.param_groups[0]["lr"], images=x.shape[0], data_time=data_time)
+        if logging_now:
             if metric_mean is not None:
                 metric_mean(list(sums.values()))
             values = {k: (v / count_since_log).item() for k, v in sums.items()}  # one sync per interval
@@ -177,6 +185,8 @@ def train_one_epoch(
             values["data_share"] = result.data_seconds / max(elapsed, 1e-9)
             result.means = values
             sums, count_since_log = {}, 0
+            if progress is not None:
+                progress.update(loss=values["loss"], lr=values["lr"], images=x.shape[0], data_time=data_time)
             if on_log is not None:
                 on_log(i + 1, values)
             worst = guard.too_many_bad(max_bad_steps)  # read once per interval, not per step
@@ -207,11 +217,7 @@ def evaluate(mixer, loader, *, amp_dtype: torch.dtype | None, device: torch.devi
             for module, named in encoders.values():
                 feat = module.forward_features(x)
                 for name, head in named:
-                    logits = module.forward_head(feat, head=head)
-                    k = min(5, logits.shape[1])
-                    top = logits.topk(k, dim=1).indices
-                    hits = top.eq(y[:, None])
-                    correct[name] += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]).float()
+                    correct[name] += accuracy_topk(module.forward_head(feat, head=head), y, (1, 5)).float()
         total += y.shape[0]
     if reduce is not None:
         for t in list(correct.values()) + [total]:

@@ -15,28 +15,28 @@ One step:
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
+
+from automix_fast.engine.schedule import cosine_anneal
 
 from .base import Mixer, mix_cross_entropy
 from .mixblock import MixBlock
 
 
 def encoder_momentum(step: int, total_steps: int, base: float = 0.999, end: float = 0.99999) -> float:
-    """base for the first 10% of training, then a cosine rise from base to end."""
+    """base for the first 10% of training, then end - (end - base) (cos(pi t / T) + 1) / 2."""
     if total_steps <= 0 or step < 0.1 * total_steps:
         return base
-    t = min(step, total_steps)
-    return end - (end - base) * (math.cos(math.pi * t / total_steps) + 1.0) / 2.0
+    return cosine_anneal(base, end, step, total_steps)
 
 
 def mask_loss_weight(step: int, total_steps: int, weight: float, anneal: bool) -> float:
     """w_mask, cosine-annealed to 0 over training when `anneal` (ImageNet recipes)."""
     if not anneal or total_steps <= 0:
         return weight
-    return weight * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1.0) / 2.0
+    return cosine_anneal(weight, 0.0, step, total_steps)
 
 
 class AutoMix(Mixer):
@@ -79,9 +79,11 @@ class AutoMix(Mixer):
         """Mask logits for the MB branch (with gradient) and the backbone branch (detached)."""
         with torch.no_grad():
             f = self.momentum_encoder.forward_features(x, stages=self.mix_stage)
-        m_mb = self.mix_block(f, lam_mb, perm_mb)
+        size = tuple(f.shape[-2:])
+        projected = self.mix_block.project(f)  # once for both masks
+        m_mb = self.mix_block.attend(projected, lam_mb, perm_mb, size)
         with torch.no_grad():
-            m_bb = self.mix_block(f, lam_bb, perm_bb)
+            m_bb = self.mix_block.attend(tuple(t.detach() for t in projected), lam_bb, perm_bb, size)
         return m_mb, m_bb
 
     def loss_terms(self, x, y, step, total_steps) -> dict[str, torch.Tensor]:

@@ -59,7 +59,7 @@ class CutMix(Mixer):
         h, w = x.shape[-2:]
         y0, y1, x0, x1 = cutmix_box(lam, h, w, self.random.uniform(step, 0, 2))
         x_mix = x.clone()  # clone keeps x's memory format
-        x_mix[:, :, y0:y1, x0:x1] = x[perm][:, :, y0:y1, x0:x1]
+        x_mix[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]  # gathers only the box
         lam = 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)  # the box area after clipping decides the labels
         loss = mix_cross_entropy(self.model(x_mix), y, perm, lam, self.smoothing)
         return loss, {"loss": loss.detach()}

@@ -34,23 +34,34 @@ class MixBlock(nn.Module):
             nn.init.normal_(conv.weight, 0.0, 0.01)  # first masks ~0.5 everywhere
             nn.init.zeros_(conv.bias)
 
-    def forward(self, f: torch.Tensor, lam: float, perm: torch.Tensor) -> torch.Tensor:
-        """Mask logits (N, 1, h, w) float32 for mixing each sample with its partner f[perm]."""
+    def project(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_q f (N, L, D) and W_v f (N, L) for the whole batch, once per step: both of the step's
+        masks gather from these (the 1x1 convs commute with the permutation)."""
         n, c, h, w = f.shape
         if c != self.in_channels:
             raise ValueError(f"Mix Block expects {self.in_channels} feature channels, got {c}")
         feat = f.flatten(2).transpose(1, 2)  # (N, L, C); a free view for channels-last f
-        wq = self.q_proj.weight.flatten(1)  # (D, C(+1))
-        wv = self.v_proj.weight.flatten(1)  # (1, C(+1))
-        proj = torch.nn.functional.linear(feat, torch.cat([wq[:, :c], wv[:, :c]]))  # (N, L, D + 1), once
-        q_all, v_all = proj[..., : self.dim] + self.q_proj.bias, proj[..., self.dim] + self.v_proj.bias
+        weight = torch.cat([self.q_proj.weight.flatten(1)[:, :c], self.v_proj.weight.flatten(1)[:, :c]])
+        bias = torch.cat([self.q_proj.bias, self.v_proj.bias])
+        proj = torch.nn.functional.linear(feat, weight, bias)  # (N, L, D + 1); autocast keeps bf16/fp16
+        return proj[..., : self.dim], proj[..., self.dim]
+
+    def attend(self, projected, lam: float, perm: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Mask logits (N, 1, h, w) float32 from projected features, for partners f[perm]."""
+        q_all, v_all = projected
         q, k, v = q_all, q_all[perm], v_all[perm]
-        if self.lam_concat:
-            q = q + lam * wq[:, c]
-            k = k + (1.0 - lam) * wq[:, c]
-            v = v + (1.0 - lam) * wv[0, c]
+        if self.lam_concat:  # the lam channel of concat(f, lam) as a per-sample bias, in q's dtype
+            c = self.in_channels
+            w_lam = self.q_proj.weight[:, c, 0, 0].to(q.dtype)
+            q = q + lam * w_lam
+            k = k + (1.0 - lam) * w_lam
+            v = v + (1.0 - lam) * self.v_proj.weight[0, c, 0, 0].to(v.dtype)
         logits = ops.mixblock_attention(q, k, v, backend=self.backend)  # (N, L) float32
-        return logits.view(n, 1, h, w)
+        return logits.view(q.shape[0], 1, *size)
+
+    def forward(self, f: torch.Tensor, lam: float, perm: torch.Tensor) -> torch.Tensor:
+        """Mask logits (N, 1, h, w) float32 for mixing each sample with its partner f[perm]."""
+        return self.attend(self.project(f), lam, perm, tuple(f.shape[-2:]))
 
     def mix(self, logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor):
         """(x_mix, s_mean): blend x with x[perm] by s = sigmoid(upsample(logits))."""

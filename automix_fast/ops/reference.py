@@ -18,15 +18,17 @@ def mixblock_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    scores = torch.bmm(q.float(), k.float().transpose(1, 2)) * scale
-    probs = torch.softmax(scores, dim=-1)
-    return torch.bmm(probs, v.float().unsqueeze(-1)).squeeze(-1)
+    with torch.autocast(q.device.type, enabled=False):  # float32 as promised, also inside autocast
+        scores = torch.bmm(q.float(), k.float().transpose(1, 2)) * scale
+        probs = torch.softmax(scores, dim=-1)
+        return torch.bmm(probs, v.float().unsqueeze(-1)).squeeze(-1)
 
 
 def upsample_mask(logits: torch.Tensor, size: tuple[int, int], mode: str = "nearest") -> torch.Tensor:
     """s = sigmoid(interpolate(logits, size, mode)) in float32: the partner weight per pixel."""
     kwargs = {"align_corners": False} if mode == "bilinear" else {}
-    return torch.sigmoid(F.interpolate(logits.float(), size=size, mode=mode, **kwargs))
+    with torch.autocast(logits.device.type, enabled=False):
+        return torch.sigmoid(F.interpolate(logits.float(), size=size, mode=mode, **kwargs))
 
 
 def mask_mix(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, mode: str = "nearest") -> tuple[torch.Tensor, torch.Tensor]:
