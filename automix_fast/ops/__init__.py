@@ -96,6 +96,8 @@ def mask_mix(logits, x, perm, *, mode: str = "nearest", backend: str = "auto"):
     """x_mix = (1 - s) x + s x[perm], s = sigmoid(interpolate(logits, x's size, mode)).
 
     Returns (x_mix in x's dtype and memory format, s_mean (N,) float32); differentiable in logits.
+    perm must hold indices in [0, N) (a permutation in practice); its values are not checked,
+    since reading them would wait on the device.
     """
     _check_float("logits", logits)
     _check_float("x", x)
