@@ -98,10 +98,10 @@ def test_class_count_that_does_not_match_the_data(capsys, data, tmp_path):
 
 def test_resume_with_changed_config_refuses_unless_asked(capsys, data, trained):
     out, name = trained
-    msg = one_error(capsys, train_args(data, out, name, "--mix", "vanilla", "--lr", "0.05", "--resume", "auto", epochs=1))
-    assert "changed config (lr: 0.1 -> 0.05)" in msg and "--allow-config-change" in msg
+    msg = one_error(capsys, train_args(data, out, name, "--mix", "vanilla", "--lr", "0.2", "--resume", "auto", epochs=1))
+    assert "changed config (lr: 0.05 -> 0.2)" in msg and "--allow-config-change" in msg
     # Asked for: it resumes (the run is complete, so nothing is left to train) and exits 0.
-    argv = train_args(data, out, name, "--mix", "vanilla", "--lr", "0.05", "--resume", "auto", "--allow-config-change",
+    argv = train_args(data, out, name, "--mix", "vanilla", "--lr", "0.2", "--resume", "auto", "--allow-config-change",
                       epochs=1)
     assert main(argv) == 0
     assert "resumed from" in capsys.readouterr().out
