@@ -104,54 +104,25 @@ def resnet(block, layers, num_classes: int, *, stem: str, mix_head: bool = False
     )
 
 
-# One named builder per model, so `grep "def resnet50"` finds it.
-@register_model
-def resnet18(num_classes, *, mix_head=False, zero_init_residual=True):
-    return resnet(BasicBlock, (2, 2, 2, 2), num_classes, stem=IMAGENET, mix_head=mix_head, zero_init_residual=zero_init_residual)
+# name: (block, blocks per stage, options); each is registered twice: with the ImageNet stem under
+# its name, and with the CIFAR stem as `<name>_cifar`.
+RESNETS = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2), {}),
+    "resnet34": (BasicBlock, (3, 4, 6, 3), {}),
+    "resnet50": (Bottleneck, (3, 4, 6, 3), {}),
+    "resnet101": (Bottleneck, (3, 4, 23, 3), {}),
+    "resnext50_32x4d": (Bottleneck, (3, 4, 6, 3), {"groups": 32, "base_width": 4}),
+}
 
 
-@register_model
-def resnet18_cifar(num_classes, *, mix_head=False, zero_init_residual=True):
-    return resnet(BasicBlock, (2, 2, 2, 2), num_classes, stem=CIFAR, mix_head=mix_head, zero_init_residual=zero_init_residual)
+def _builder(block, layers, stem: str, options: dict):
+    def build(num_classes, *, mix_head=False, zero_init_residual=True):
+        return resnet(block, layers, num_classes, stem=stem, mix_head=mix_head,
+                      zero_init_residual=zero_init_residual, **options)
+
+    return build
 
 
-@register_model
-def resnet34(num_classes, *, mix_head=False, zero_init_residual=True):
-    return resnet(BasicBlock, (3, 4, 6, 3), num_classes, stem=IMAGENET, mix_head=mix_head, zero_init_residual=zero_init_residual)
-
-
-@register_model
-def resnet34_cifar(num_classes, *, mix_head=False, zero_init_residual=True):
-    return resnet(BasicBlock, (3, 4, 6, 3), num_classes, stem=CIFAR, mix_head=mix_head, zero_init_residual=zero_init_residual)
-
-
-@register_model
-def resnet50(num_classes, *, mix_head=False, zero_init_residual=True):
-    return resnet(Bottleneck, (3, 4, 6, 3), num_classes, stem=IMAGENET, mix_head=mix_head, zero_init_residual=zero_init_residual)
-
-
-@register_model
-def resnet50_cifar(num_classes, *, mix_head=False, zero_init_residual=True):
-    return resnet(Bottleneck, (3, 4, 6, 3), num_classes, stem=CIFAR, mix_head=mix_head, zero_init_residual=zero_init_residual)
-
-
-@register_model
-def resnet101(num_classes, *, mix_head=False, zero_init_residual=True):
-    return resnet(Bottleneck, (3, 4, 23, 3), num_classes, stem=IMAGENET, mix_head=mix_head, zero_init_residual=zero_init_residual)
-
-
-@register_model
-def resnet101_cifar(num_classes, *, mix_head=False, zero_init_residual=True):
-    return resnet(Bottleneck, (3, 4, 23, 3), num_classes, stem=CIFAR, mix_head=mix_head, zero_init_residual=zero_init_residual)
-
-
-@register_model
-def resnext50_32x4d(num_classes, *, mix_head=False, zero_init_residual=True):
-    return resnet(Bottleneck, (3, 4, 6, 3), num_classes, stem=IMAGENET, mix_head=mix_head,
-                  zero_init_residual=zero_init_residual, groups=32, base_width=4)
-
-
-@register_model
-def resnext50_32x4d_cifar(num_classes, *, mix_head=False, zero_init_residual=True):
-    return resnet(Bottleneck, (3, 4, 6, 3), num_classes, stem=CIFAR, mix_head=mix_head,
-                  zero_init_residual=zero_init_residual, groups=32, base_width=4)
+for _name, (_block, _layers, _options) in RESNETS.items():
+    register_model(_builder(_block, _layers, IMAGENET, _options), name=_name)
+    register_model(_builder(_block, _layers, CIFAR, _options), name=_name + "_cifar")
