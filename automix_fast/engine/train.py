@@ -177,9 +177,12 @@ def train_one_epoch(
         if logging_now:
             if metric_mean is not None:
                 metric_mean(list(sums.values()))
-            values = {k: (v / count_since_log).item() for k, v in sums.items()}  # one sync per interval
+            names = list(sums)
+            read = torch.cat([torch.stack([sums[k].reshape(()) for k in names]) / count_since_log,
+                              guard.skipped.reshape(1)]).tolist()  # one device read per interval
+            values = dict(zip(names, read[:-1]))
             values["lr"] = optimizer.param_groups[0]["lr"]
-            values["skipped_steps"] = int(guard.skipped.item())
+            values["skipped_steps"] = int(read[-1])
             elapsed = time.perf_counter() - t_start
             values["img_per_s"] = result.images / max(elapsed, 1e-9)
             values["data_share"] = result.data_seconds / max(elapsed, 1e-9)

@@ -89,8 +89,8 @@ class AutoMix(Mixer):
     def loss_terms(self, x, y, step, total_steps) -> dict[str, torch.Tensor]:
         """The four loss terms of the step (graph-connected) and the mask's self weight."""
         n = x.shape[0]
-        lam_mb, lam_bb = self.random.beta(self.alpha, step, 0), self.random.beta(self.alpha, step, 1)
-        perm_mb, perm_bb = self.random.perm(n, step, 0, x.device), self.random.perm(n, step, 1, x.device)
+        lam_mb, perm_mb = self.random.pair(self.alpha, n, step, 0, x.device)  # independent streams
+        lam_bb, perm_bb = self.random.pair(self.alpha, n, step, 1, x.device)
         m_mb, m_bb = self.mix_masks(x, lam_mb, perm_mb, lam_bb, perm_bb)
 
         x_mb, s_mean_mb = self.mix_block.mix(m_mb, x, perm_mb)

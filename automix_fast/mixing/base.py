@@ -33,6 +33,10 @@ class StepRandom:
     def uniform(self, step: int, stream: int, size: int = 1) -> np.ndarray:
         return np.random.default_rng([self.seed, step, stream, 1]).random(size)
 
+    def pair(self, alpha: float, n: int, step: int, stream: int, device) -> tuple[float, torch.Tensor]:
+        """(lambda, permutation) of one mix: what every mixing policy draws per step and stream."""
+        return self.beta(alpha, step, stream), self.perm(n, step, stream, device)
+
     def perm(self, n: int, step: int, stream: int, device) -> torch.Tensor:
         # Per rank: each rank pairs the images of its own shard.
         g = torch.Generator().manual_seed(hash((self.seed, step, stream, self.rank)) & 0x7FFF_FFFF_FFFF)

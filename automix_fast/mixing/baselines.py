@@ -27,8 +27,7 @@ class Mixup(Mixer):
         self.alpha = alpha
 
     def loss(self, x, y, step, total_steps):
-        lam = self.random.beta(self.alpha, step, 0)
-        perm = self.random.perm(x.shape[0], step, 0, x.device)
+        lam, perm = self.random.pair(self.alpha, x.shape[0], step, 0, x.device)
         x_mix = torch.lerp(x[perm], x, lam)
         loss = mix_cross_entropy(self.model(x_mix), y, perm, lam, self.smoothing)
         return loss, {"loss": loss.detach()}
@@ -54,8 +53,7 @@ class CutMix(Mixer):
         self.alpha = alpha
 
     def loss(self, x, y, step, total_steps):
-        lam = self.random.beta(self.alpha, step, 0)
-        perm = self.random.perm(x.shape[0], step, 0, x.device)
+        lam, perm = self.random.pair(self.alpha, x.shape[0], step, 0, x.device)
         h, w = x.shape[-2:]
         y0, y1, x0, x1 = cutmix_box(lam, h, w, self.random.uniform(step, 0, 2))
         x_mix = x.clone()  # clone keeps x's memory format
