@@ -1,14 +1,16 @@
-"""The `automix-fast` command: train, eval, visualize, models.
+"""The `automix-fast` command: builds the parser and dispatches to automix_fast.commands.
 
-Mistakes in the user's input (flags, config files, data, checkpoints) print one line
-starting with 'error:' and exit with status 2; nothing is printed as a traceback.
+Mistakes in the user's input (flags, config files, data, checkpoints, unwritable outputs)
+print one line starting with 'error:' and exit with status 2; nothing is printed as a
+traceback. Flags must be spelled out: abbreviations (`--epoch`) are refused, so a typo can
+never set another field.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from dataclasses import fields
+from dataclasses import MISSING, fields
 
 from automix_fast.config import CHOICES, TrainConfig
 from automix_fast.errors import UserError
@@ -19,24 +21,62 @@ ALIASES = {
     "workers": ["-j"],
     "validation_batch_size": ["-vb"],
 }
+# Every TrainConfig field has a line here (a test checks); `--help` adds the default.
 HELP = {
     "data_dir": "dataset folder: ImageFolder train/ and val/, or CIFAR python batches; none: the embedded default",
+    "dataset": "what --data-dir holds; auto: detected",
+    "loader": "data loader: DALI, torch, or auto (DALI when installed)",
+    "workers": "loader worker processes/threads per process",
+    "img_size": "training image size in pixels; none: the model's default",
+    "aug": "augmentation: cifar (pad-crop-flip), imagenet (random-resized-crop), auto (cifar up to 64 px)",
+    "skip_bad_images": "leave out unreadable image files (with a warning) instead of stopping",
+    "num_classes": "expected class count; none: from the data (a mismatch is an error)",
+    "model": "network (see `automix-fast models`)",
+    "epochs": "epochs to train (may be raised when resuming)",
+    "batch_size": "images per batch per process",
+    "validation_batch_size": "images per eval batch; none: twice --batch-size",
+    "opt": "optimizer",
+    "lr": "peak learning rate (for the batch size given; scale it yourself with the global batch)",
+    "min_lr": "learning rate floor of the cosine schedule",
+    "momentum": "SGD momentum",
+    "weight_decay": "weight decay (not on biases and norm weights)",
+    "sched": "learning-rate schedule, per step",
+    "decay_epochs": "epochs at which --sched step divides the lr by 10",
+    "warmup_epochs": "linear warmup length in epochs (fractions allowed)",
+    "warmup_lr": "learning rate at the start of warmup",
+    "smoothing": "label smoothing",
     "mix": "mixing policy",
-    "mix_alpha": "Beta(alpha, alpha) for lambda (default: mixup 1.0, cutmix 0.2, automix 2.0)",
+    "mix_alpha": "Beta(alpha, alpha) for lambda; none: mixup 1.0, cutmix 0.2, automix 2.0",
     "encoder_momentum": "AutoMix momentum encoder: EMA momentum at the start (the cosine rise begins at 10%% of training)",
-    "encoder_momentum_end": "EMA momentum at the end (default 0.999 for the short default run; recipes: 0.999999 CIFAR, 0.99999 ImageNet)",
+    "encoder_momentum_end": "EMA momentum at the end (recipes: 0.999999 CIFAR, 0.99999 ImageNet)",
     "mask_loss_weight": "weight of the Mix Block mask loss",
     "mask_loss_anneal": "cosine-anneal the mask loss weight to 0 (ImageNet recipes)",
     "mask_margin": "mask loss margin around lambda",
     "lam_margin": "plain mixup instead of the Mix Block mask when min(lam, 1-lam) <= this",
     "lam_concat": "append lambda as a feature channel in the Mix Block (ImageNet recipes)",
+    "mask_mode": "Mix Block mask upsampling",
+    "mix_stage": "backbone stage whose features feed the Mix Block; none: the model's (3 for ResNets)",
+    "mix_block_lr": "Mix Block learning rate; none: --lr",
+    "mix_block_min_lr": "Mix Block learning-rate floor; none: --min-lr",
+    "mix_block_weight_decay": "Mix Block weight decay; none: --weight-decay",
     "kernel_backend": "Mix Block ops: Triton kernels, the torch reference, or auto (Triton on CUDA)",
-    "loader": "data loader: DALI, torch, or auto (DALI when installed)",
+    "device": "where to train; auto: CUDA when available",
+    "amp": "mixed precision; none: on with CUDA",
+    "amp_dtype": "mixed-precision dtype (float16 adds a GradScaler)",
+    "channels_last": "channels-last memory format; none: on with CUDA",
+    "torchcompile": "torch.compile the encoders",
+    "sync_bn": "synchronise BatchNorm statistics across processes (torchrun)",
+    "deterministic": "deterministic algorithms (slower)",
+    "max_bad_steps": "stop after this many consecutive steps with a NaN/inf loss or gradient",
+    "seed": "random seed (weights, lambdas, permutations, data order)",
     "output": "parent folder of run folders",
-    "experiment": "run folder name under --output (default: date-model-mix)",
-    "resume": "checkpoint path, or 'auto' for the newest valid checkpoint of --experiment",
-    "amp": "mixed precision (default: on with CUDA)",
-    "channels_last": "channels-last memory format (default: on with CUDA)",
+    "experiment": "run folder name under --output; none: <date>-<time>-<model>-<mix> (a new name, never a used one)",
+    "resume": "continue a run: 'auto' (the newest valid checkpoint of --experiment) or a checkpoint path; "
+              "its stored config is used, flags may change only --epochs, --workers, --log-interval and other run settings",
+    "allow_config_change": "with --resume: accept flags that change what the run computes",
+    "checkpoint_hist": "epoch checkpoints to keep (the newest); last.pt and best.pt are links to them, not copies",
+    "log_interval": "steps between progress lines and metrics.jsonl records",
+    "visualize": "write mixes.png (AutoMix) at the end of training",
 }
 
 
@@ -44,12 +84,23 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _default_text(f) -> str:
+    default = f.default if f.default is not MISSING else None
+    if default is None:
+        return "none"
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return str(default)
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; defaults are SUPPRESSed so only explicit flags override."""
+    """One flag per TrainConfig field; defaults are SUPPRESSed so only explicit flags override
+    (the help shows the built-in default)."""
     for f in fields(TrainConfig):
         base = str(f.type).replace(" | None", "")
         names = ALIASES.get(f.name, []) + [_flag(f.name)]
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=HELP.get(f.name, ""))
+        help_text = f"{HELP.get(f.name, '')} (default: {_default_text(f)})"
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
         if base == "bool":
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
             continue
@@ -61,131 +112,74 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             kw["choices"] = CHOICES[f.name]
         parser.add_argument(*names, **kw)
     # timm's switches: --mixup ALPHA / --cutmix ALPHA pick the policy and its alpha.
-    parser.add_argument("--mixup", type=float, default=argparse.SUPPRESS, metavar="ALPHA", help="shorthand for --mix mixup --mix-alpha ALPHA")
-    parser.add_argument("--cutmix", type=float, default=argparse.SUPPRESS, metavar="ALPHA", help="shorthand for --mix cutmix --mix-alpha ALPHA")
+    parser.add_argument("--mixup", type=float, default=argparse.SUPPRESS, metavar="ALPHA",
+                        help="shorthand for --mix mixup --mix-alpha ALPHA (default: not set)")
+    parser.add_argument("--cutmix", type=float, default=argparse.SUPPRESS, metavar="ALPHA",
+                        help="shorthand for --mix cutmix --mix-alpha ALPHA (default: not set)")
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag value as one 'error: ...' line (no usage block), exit 2."""
+    """argparse that reports a bad flag value as one 'error: ...' line (no usage block), exit 2,
+    and never accepts an abbreviated long flag."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def _add_eval_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a .pt file written by automix-fast train (required)")
+    p.add_argument("--data-dir", default=argparse.SUPPRESS,
+                   help="dataset root, a folder holding val/, or a flat ImageFolder (default: the one it was trained on)")
+    p.add_argument("--device", choices=CHOICES["device"], default=argparse.SUPPRESS, help="default: as trained")
+    p.add_argument("--kernel-backend", dest="kernel_backend", choices=CHOICES["kernel_backend"],
+                   default=argparse.SUPPRESS, help="Mix Block ops (default: as trained)")
+    p.add_argument("--loader", choices=CHOICES["loader"], default=argparse.SUPPRESS, help="data loader (default: as trained)")
+    p.add_argument("-j", "--workers", type=int, default=argparse.SUPPRESS, help="loader workers (default: as trained)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="automix-fast", description="AutoMix training engine")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,visualize,models}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,export,visualize,models}", parser_class=_Parser)
     train = sub.add_parser("train", help="train a classifier (default: AutoMix on the embedded dataset)")
-    train.add_argument("-c", "--config", default=None, help="YAML config; explicit flags override it")
+    train.add_argument("-c", "--config", default=None,
+                       help="YAML config or shipped config name; explicit flags override it (default: none)")
     add_config_flags(train)
-    ev = sub.add_parser("eval", help="evaluate every head of a checkpoint")
+
+    ev = sub.add_parser("eval", help="evaluate every head of a checkpoint: top-1/top-5, per-class accuracy, confusion")
+    _add_eval_data_flags(ev)
+    ev.add_argument("-b", "--batch-size", dest="validation_batch_size", type=int, default=argparse.SUPPRESS,
+                    help="images per batch (default: as trained)")
+    ev.add_argument("--output", default=None,
+                    help="JSON file for the results (default: eval-<checkpoint>.json in the run folder, never overwritten)")
+
+    ex = sub.add_parser("export", help="write one encoder and head of a checkpoint as plain weights (.safetensors/.pt + .json)")
+    ex.add_argument("--checkpoint", required=True, help="a .pt file written by automix-fast train (required)")
+    ex.add_argument("--head", choices=("q", "k"), default="q",
+                    help="encoder: q (online) or k (AutoMix's momentum encoder) (default: q)")
+    ex.add_argument("--classifier", choices=("one", "mix"), default="one",
+                    help="head exported as fc: one (plain labels) or mix (AutoMix's mixed-label head) (default: one)")
+    ex.add_argument("--output", default=None,
+                    help="FILE.safetensors, FILE.pt or FILE.pth; FILE.json is written beside it "
+                         "(default: <checkpoint>-<head>.safetensors beside the checkpoint)")
+
     vis = sub.add_parser("visualize", help="write a PNG of Mix Block masks from a checkpoint")
-    for p in (ev, vis):
-        p.add_argument("--checkpoint", required=True, help="a .pt file written by automix-fast train")
-        p.add_argument("--data-dir", default=argparse.SUPPRESS, help="dataset folder (default: the one it was trained on)")
-        p.add_argument("--device", choices=CHOICES["device"], default=argparse.SUPPRESS)
-        p.add_argument("--kernel-backend", dest="kernel_backend", choices=CHOICES["kernel_backend"], default=argparse.SUPPRESS)
-        p.add_argument("--loader", choices=CHOICES["loader"], default=argparse.SUPPRESS)
-        p.add_argument("-j", "--workers", type=int, default=argparse.SUPPRESS)
-    ev.add_argument("-b", "--batch-size", dest="validation_batch_size", type=int, default=argparse.SUPPRESS)
+    _add_eval_data_flags(vis)
     vis.add_argument("--output", dest="png", default=None, help="PNG path (default: mixes.png beside the checkpoint)")
-    vis.add_argument("--num", type=int, default=8, help="pairs to show")
+    vis.add_argument("--num", type=int, default=8, help="pairs to show (default: 8)")
     sub.add_parser("models", help="list the models")
     return parser
 
 
-def train_config(args: argparse.Namespace) -> TrainConfig:
-    from automix_fast.config import build_config, load_yaml
+def _commands() -> dict:
+    from automix_fast.commands import eval as eval_cmd
+    from automix_fast.commands import export, models, train, visualize
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "mixup", "cutmix")}
-    for policy in ("mixup", "cutmix"):
-        if policy in vars(args):
-            overrides.setdefault("mix", policy)
-            overrides.setdefault("mix_alpha", getattr(args, policy))
-    file_values = load_yaml(args.config) if args.config else {}
-    return build_config(file_values, overrides)
-
-
-def cmd_train(args) -> int:
-    from automix_fast.engine.distributed import cleanup
-    from automix_fast.engine.runner import Trainer
-
-    try:
-        summary = Trainer(train_config(args)).fit()
-    finally:
-        cleanup()  # leave the process group before exit: a live gloo group can abort at shutdown
-    if not summary.get("stopped") and summary.get("is_main", True):
-        _print_summary(summary)
-    return 0
-
-
-def _print_summary(summary: dict) -> None:
-    ev = summary["eval"]
-    print(f"\ndone: {summary['mix']} {summary['model']}, {summary['epochs']} epochs in {summary['train_seconds']:.0f}s")
-    print(f"{'head':<8} {'top-1':>7} {'top-5':>7}")
-    for head in summary["heads"]:
-        print(f"{head:<8} {ev[head + '_top1']:>7.2f} {ev[head + '_top5']:>7.2f}")
-    print(f"run folder: {summary['run_dir']}")
-    if summary.get("mixes_png"):
-        print(f"mixed samples: {summary['mixes_png']}")
-
-
-def _trainer_from_checkpoint(args):
-    """A Trainer rebuilt from the config stored in a checkpoint, with its weights loaded."""
-    from automix_fast.config import build_config
-    from automix_fast.engine.checkpoint import load_checkpoint
-    from automix_fast.engine.runner import FORMAT, Trainer
-    from automix_fast.errors import CheckpointError
-
-    state = load_checkpoint(args.checkpoint)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{args.checkpoint} is not an automix-fast training checkpoint")
-    stored = dict(state["config"])
-    for key in ("data_dir", "device", "kernel_backend", "loader", "workers", "validation_batch_size"):
-        if key in vars(args):
-            stored[key] = getattr(args, key)
-    stored.update(resume=None, torchcompile=False)
-    trainer = Trainer(build_config(stored), quiet=True)
-    try:
-        trainer.mixer.load_state_dict(state["mixer"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{args.checkpoint} does not match its model: {str(e).splitlines()[0]}") from None
-    return trainer
-
-
-def cmd_eval(args) -> int:
-    from automix_fast.engine.train import evaluate
-
-    t = _trainer_from_checkpoint(args)
-    ev = evaluate(t.mixer, t.val_loader, amp_dtype=t.amp_dtype, device=t.device)
-    print(f"{args.checkpoint}: {ev['count']} validation images")
-    print(f"{'head':<8} {'top-1':>7} {'top-5':>7}")
-    for head in t.mixer.eval_heads():
-        print(f"{head:<8} {ev[head + '_top1']:>7.2f} {ev[head + '_top5']:>7.2f}")
-    return 0
-
-
-def cmd_visualize(args) -> int:
-    from pathlib import Path
-
-    from automix_fast.visualize import write_mix_grid
-
-    t = _trainer_from_checkpoint(args)
-    if not hasattr(t.mixer, "mix_block"):
-        raise UserError(f"{args.checkpoint} was trained with --mix {t.cfg.mix}, which has no Mix Block to visualize")
-    if args.num < 1:
-        raise UserError(f"--num must be at least 1, got {args.num}")
-    png = args.png or str(Path(args.checkpoint).with_name("mixes.png"))
-    print(write_mix_grid(t.mixer, t.val_loader, png, t.spec, num=args.num))
-    return 0
-
-
-def cmd_models(args) -> int:
-    from automix_fast.models import list_models, model_summary
-
-    for name in list_models():
-        print(model_summary(name))
-    return 0
+    return {"train": train.run, "eval": eval_cmd.run, "export": export.run, "visualize": visualize.run,
+            "models": models.run}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,9 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv or ["train"])
     if args.command is None:
         args = parser.parse_args(["train"] + argv)
-    commands = {"train": cmd_train, "eval": cmd_eval, "visualize": cmd_visualize, "models": cmd_models}
     try:
-        return commands[args.command](args)
+        return _commands()[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -98,18 +98,26 @@ CHOICES = {
     "amp_dtype": ("bfloat16", "float16"),
 }
 
-# Fields that change what a resumed run computes; resuming with another value is refused
-# unless --allow-config-change.
-RESULT_FIELDS = (
-    "model", "mix", "mix_alpha", "epochs", "batch_size", "lr", "min_lr", "momentum", "weight_decay", "opt",
-    "sched", "warmup_epochs", "smoothing", "encoder_momentum", "encoder_momentum_end", "mask_loss_weight",
-    "mask_loss_anneal", "mask_margin", "lam_margin", "lam_concat", "mask_mode", "mix_stage", "mix_block_lr",
-    "mix_block_min_lr", "mix_block_weight_decay", "seed", "img_size", "num_classes", "dataset", "data_dir",
+# The only fields a resumed run may change from the command line (`--resume` with flags): how
+# long it runs and how it runs, never what it computes per step. Any other field given with a
+# different value is refused unless --allow-config-change. New fields are fixed by default.
+RESUMABLE_FIELDS = (
+    "epochs", "workers", "loader", "device", "kernel_backend", "validation_batch_size", "torchcompile",
+    "max_bad_steps", "skip_bad_images", "checkpoint_hist", "log_interval", "visualize",
+    "output", "experiment", "resume", "allow_config_change",
 )
 
 
 def field_types() -> dict[str, Any]:
     return {f.name: f.type for f in fields(TrainConfig)}
+
+
+def coerce_field(name: str, value: Any) -> Any:
+    """One value checked and converted for field `name` (ConfigError for an unknown name)."""
+    types = field_types()
+    if name not in types:
+        raise ConfigError(f"unknown config key '{name}'")
+    return _coerce(name, value, str(types[name]))
 
 
 def _coerce(name: str, value: Any, type_str: str) -> Any:
@@ -250,15 +258,32 @@ def validate(cfg: TrainConfig) -> None:
         _require(bool(cfg.decay_epochs), "decay_epochs", "must list epochs when sched is step", cfg.decay_epochs)
 
 
-def save_config(cfg: TrainConfig, path: str) -> None:
+def config_yaml(cfg: TrainConfig, resolved: dict[str, Any] | None = None) -> str:
+    """The config as YAML, with `resolved` values in place of null/auto ones, each marked with
+    a comment saying what was asked (so the file shows what ran and still loads with -c)."""
     import yaml
 
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    os.replace(tmp, path)
+    values = cfg.to_dict()
+    asked = {}
+    for key, value in (resolved or {}).items():
+        if values.get(key) in (None, AUTO) and value != values.get(key):
+            asked[key] = values[key]
+            values[key] = value
+    lines = yaml.safe_dump(values, sort_keys=False).splitlines()
+    for i, line in enumerate(lines):
+        key = line.split(":", 1)[0]
+        if key in asked:
+            lines[i] = f"{line}  # resolved from {'null' if asked[key] is None else asked[key]}"
+    return "\n".join(lines) + "\n"
+
+
+def save_config(cfg: TrainConfig, path: str, resolved: dict[str, Any] | None = None) -> None:
+    from automix_fast.rundir import write_text
+
+    write_text(path, config_yaml(cfg, resolved), "config")
 
 
 def config_changes(old: dict[str, Any], new: TrainConfig) -> list[str]:
-    """Result-changing fields whose values differ between a checkpoint's config and this one."""
-    return [k for k in RESULT_FIELDS if k in old and old[k] != getattr(new, k)]
+    """Fields outside RESUMABLE_FIELDS whose values differ between a checkpoint's config and this one."""
+    return [f.name for f in fields(TrainConfig)
+            if f.name not in RESUMABLE_FIELDS and f.name in old and old[f.name] != getattr(new, f.name)]

@@ -15,3 +15,12 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint cannot be read or does not match the run."""
+
+
+class OutputError(UserError, OSError):
+    """A file of the run cannot be written (read-only folder, full disk, no permission).
+
+    Also an OSError, so code that handles failed writes generically still sees one."""
+
+    def __init__(self, message: str):
+        super().__init__(message)

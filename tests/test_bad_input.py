@@ -99,7 +99,7 @@ def test_class_count_that_does_not_match_the_data(capsys, data, tmp_path):
 def test_resume_with_changed_config_refuses_unless_asked(capsys, data, trained):
     out, name = trained
     msg = one_error(capsys, train_args(data, out, name, "--mix", "vanilla", "--lr", "0.2", "--resume", "auto", epochs=1))
-    assert "changed config (lr: 0.05 -> 0.2)" in msg and "--allow-config-change" in msg
+    assert "--lr (0.05 -> 0.2) cannot change on resume" in msg and "--allow-config-change" in msg
     # Asked for: it resumes (the run is complete, so nothing is left to train) and exits 0.
     argv = train_args(data, out, name, "--mix", "vanilla", "--lr", "0.2", "--resume", "auto", "--allow-config-change",
                       epochs=1)
@@ -111,6 +111,10 @@ def test_checkpoint_of_another_model(capsys, data, trained):
     out, name = trained
     msg = one_error(capsys, train_args(data, out, "other", "--mix", "vanilla", "--model", "resnet18_cifar",
                                        "--resume", str(out / name / "last.pt"), epochs=1))
+    assert "--model ('tinynet' -> 'resnet18_cifar') cannot change on resume" in msg
+    # Forced: the checkpoint still cannot load into another network, said in one line.
+    msg = one_error(capsys, train_args(data, out, "other", "--mix", "vanilla", "--model", "resnet18_cifar",
+                                       "--resume", str(out / name / "last.pt"), "--allow-config-change", epochs=1))
     assert "model 'tinynet'" in msg and "model 'resnet18_cifar'" in msg
 
 

@@ -1,4 +1,5 @@
 import argparse
+import os
 import random
 
 import numpy as np
@@ -132,9 +133,12 @@ def test_latest_valid_falls_back(tmp_path, capsys):
     mgr = ck.CheckpointManager(tmp_path, keep_recent=3)
     for epoch in range(3):
         mgr.save({"value": float(epoch)}, epoch)
-    (tmp_path / "last.pt").write_bytes(b"garbage")
+    # last.pt and checkpoint-0002.pt are one file under two names: damage each name on its own
+    # (unlink first), as two separate failures would.
     data = (tmp_path / "checkpoint-0002.pt").read_bytes()
-    (tmp_path / "checkpoint-0002.pt").write_bytes(data[:-10])
+    for name, blob in (("last.pt", b"garbage"), ("checkpoint-0002.pt", data[:-10])):
+        (tmp_path / name).unlink()
+        (tmp_path / name).write_bytes(blob)
     path, state = ck.latest_valid(tmp_path)
     assert path.name == "checkpoint-0001.pt" and state["epoch"] == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -169,3 +173,54 @@ def test_rng_state_round_trip(tmp_path):
     first = _draws()
     ck.set_rng_state(ck.load_checkpoint(tmp_path / "r.pt")["rng"])
     assert _draws() == first
+
+
+def test_epoch_last_and_best_are_one_file_on_disk(tmp_path):
+    """An epoch's state is written once; its other names are hard links, and old epochs go."""
+    mgr = ck.CheckpointManager(tmp_path, keep_recent=2)
+    for epoch, metric in ((1, 50.0), (2, 40.0), (3, 45.0)):
+        mgr.save({"value": float(epoch)}, epoch, metric=metric)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["best.pt", "checkpoint-0002.pt", "checkpoint-0003.pt", "last.pt"]
+    inode = {n: (tmp_path / n).stat().st_ino for n in names}
+    assert inode["last.pt"] == inode["checkpoint-0003.pt"]
+    assert inode["best.pt"] not in (inode["checkpoint-0002.pt"], inode["checkpoint-0003.pt"])  # epoch 1, deleted name
+    assert len(set(inode.values())) == 3  # three states on disk, not five copies
+    assert ck.load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+    mgr.save({"value": 4.0}, 4, metric=60.0)
+    assert (tmp_path / "best.pt").stat().st_ino == (tmp_path / "last.pt").stat().st_ino
+
+
+def test_no_hard_links_falls_back_to_copies(tmp_path, monkeypatch):
+    import errno
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(ck.os, "link", no_links)
+    ck.CheckpointManager(tmp_path, keep_recent=1).save({"value": 1.0}, 1, metric=1.0)
+    assert ck.load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+    assert ck.load_checkpoint(tmp_path / "checkpoint-0001.pt")["epoch"] == 1
+    assert (tmp_path / "best.pt").stat().st_ino != (tmp_path / "last.pt").stat().st_ino
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EROFS"])
+def test_failed_write_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, code):
+    import errno
+
+    from automix_fast.errors import OutputError
+
+    mgr = ck.CheckpointManager(tmp_path, keep_recent=3)
+    mgr.save({"value": 1.0}, 1, metric=1.0)
+
+    def full(fd):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(ck.os, "fsync", full)
+    with pytest.raises(OutputError) as info:
+        mgr.save({"value": 2.0}, 2, metric=2.0)
+    monkeypatch.undo()
+    msg = str(info.value)
+    assert "\n" not in msg and str(tmp_path / "last.pt") in msg and os.strerror(getattr(errno, code)) in msg
+    assert ck.load_checkpoint(tmp_path / "last.pt")["value"] == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "checkpoint-0001.pt", "last.pt"]  # no temp files

@@ -59,7 +59,7 @@ def test_automix_run_eval_visualize_and_models(small_data, tmp_path, capsys):
     trained = json.loads((tmp_path / "e" / "summary.json").read_text())["eval"]
     code, out, err = run(["eval", "--checkpoint", str(ckpt), "--kernel-backend", "torch", "--loader", "torch", "-j", "0"], capsys)
     assert code == 0, err
-    assert "200 validation images" in out
+    assert "200 images in" in out
     row = next(line for line in out.splitlines() if line.startswith("k_mix"))
     assert float(row.split()[1]) == pytest.approx(trained["k_mix_top1"], abs=1e-6)
     png = tmp_path / "grid.png"

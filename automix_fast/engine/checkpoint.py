@@ -17,6 +17,7 @@ the final name, never a half-written one.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import math
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from automix_fast.errors import CheckpointError
+from automix_fast.rundir import write_failure
 
 MAGIC = b"AMXFCK01"  # bump the trailing digits if the container layout ever changes
 _HEADER = struct.Struct("<8s32sQ")  # magic, sha256 digest, payload length
@@ -42,6 +44,8 @@ BEST_METRIC_KEY = "best_metric"  # best metric seen so far (None until one is gi
 BEST_EPOCH_KEY = "best_epoch"
 
 _LEAF_TYPES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+# os.link failures that mean "no hard links here" (FAT, some network and FUSE file systems).
+_NO_LINK_ERRNOS = {errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 _EPOCH_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
 
 
@@ -80,22 +84,60 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, blob: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _replace_from_tmp(path: Path, fill) -> None:
+    """`fill(tmp)` creates a temp file beside `path`, which then replaces `path` in one rename.
+    On any failure the temp file is removed and `path` is untouched; a full disk or a read-only
+    folder becomes a one-line OutputError naming the file."""
+    tmp = _tmp_name(path)
     try:
+        fill(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        # Includes KeyboardInterrupt: never leave temp files behind; the final name is untouched.
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        err = write_failure(path, e, "checkpoint") if isinstance(e, OSError) else None
+        if err is not None:
+            raise err from None
+        raise
+    _fsync_dir(path.parent)
+
+
+def _write_atomic(path: Path, blob: bytes) -> None:
+    def fill(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             f.write(blob)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Includes KeyboardInterrupt: never leave temp files behind; the final name is untouched.
+
+    _replace_from_tmp(path, fill)
+
+
+def _link_atomic(source: Path, path: Path, blob: bytes) -> None:
+    """`path` becomes a second name of `source`'s file (a hard link: no second copy on disk);
+    where the file system has no hard links, a copy of `blob` is written instead."""
+    def fill(tmp: Path) -> None:
         try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+            os.link(source, tmp)
+        except OSError as e:
+            if e.errno not in _NO_LINK_ERRNOS:
+                raise
+            raise _NoHardLinks from None
+
+    try:
+        _replace_from_tmp(path, fill)
+    except _NoHardLinks:
+        _write_atomic(path, blob)
+
+
+class _NoHardLinks(Exception):
+    """os.link is not supported where the run folder lives."""
 
 
 def _encode(state: dict) -> bytes:
@@ -189,6 +231,10 @@ def resolve_resume(resume_arg: str | None, run_dir: str | os.PathLike) -> tuple[
 class CheckpointManager:
     """Writes last.pt, checkpoint-<epoch:04d>.pt (keeping `keep_recent`) and best.pt in run_dir.
 
+    An epoch's state is written once: checkpoint-<epoch>.pt and best.pt are hard links to the
+    last.pt of that epoch (a copy only where the file system has no hard links), so the
+    folder holds at most keep_recent + 1 copies (the +1 when best.pt is older than all of them).
+
     Call on rank 0 only. After resuming, call `restore(state)` so best.pt keeps following the
     best metric of the whole run, not just of the resumed part.
     """
@@ -237,14 +283,18 @@ class CheckpointManager:
         is_best = self._improves(metric, higher_is_better)
         if is_best:
             self.best_metric, self.best_epoch = metric, epoch
-        blob = self._blob(state, epoch)  # serialized once, written up to 3 times
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        blob = self._blob(state, epoch)  # serialized and written once, linked under the other names
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise (write_failure(self.run_dir, e, "run folder") or e) from None
+        last = self.run_dir / "last.pt"
         # last.pt first: if we crash before the epoch file, last.pt is still the newest state.
-        _write_atomic(self.run_dir / "last.pt", blob)
+        _write_atomic(last, blob)
         if self.keep_recent > 0:
-            _write_atomic(self.run_dir / f"checkpoint-{epoch:04d}.pt", blob)
+            _link_atomic(last, self.run_dir / f"checkpoint-{epoch:04d}.pt", blob)
         if is_best:
-            _write_atomic(self.run_dir / "best.pt", blob)
+            _link_atomic(last, self.run_dir / "best.pt", blob)
         for _, old in _epoch_checkpoints(self.run_dir)[self.keep_recent :]:
             old.unlink(missing_ok=True)
         return is_best

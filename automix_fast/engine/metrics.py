@@ -114,18 +114,26 @@ class MetricLogger:
     def log(self, type: str, values: dict, *, epoch: int | None = None, step: int | None = None) -> None:
         if not self.enabled:
             return
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")
         record = {"type": type, "epoch": epoch, "step": step, "time": round(time.time(), 3),
                   "values": _json_safe(dict(values))}
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
+        try:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "a", encoding="utf-8")
+            self._file.write(json.dumps(record, allow_nan=False) + "\n")
+            self._file.flush()
+        except OSError as e:  # a full disk or a read-only folder: one line naming the file
+            from automix_fast.rundir import write_failure
+
+            raise (write_failure(self.path, e, "metrics") or e) from None
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError:
+                pass  # the failed write was already reported by log(); do not hide that error
 
     def __enter__(self):
         return self

@@ -12,53 +12,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from automix_fast import rundir
 from automix_fast.config import TrainConfig, config_changes, save_config
+from automix_fast.engine.stopflag import StopFlag
 from automix_fast.engine.train import NonFiniteError
-from automix_fast.errors import CheckpointError, ConfigError, UserError
+from automix_fast.errors import CheckpointError, ConfigError, OutputError, UserError
 
 FORMAT = "automix-fast/1"
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a signal (DDP only)
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGINT; the loop checks it at each step boundary. A second SIGINT aborts."""
-
-    def __init__(self):
-        self.signal = None
-        self._previous = {}
-
-    def __call__(self) -> bool:
-        return self.signal is not None
-
-    @property
-    def name(self) -> str:
-        # Under torchrun another rank may have been signalled first: this one still stops with it.
-        return signal.Signals(self.signal).name if self.signal is not None else "a signal to another rank"
-
-    def _handle(self, signum, frame):
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signum
-        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint at the end of this step", file=sys.stderr, flush=True)
-
-    def install(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a test runner thread)
-                pass
-        return self
-
-    def restore(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,15 +41,6 @@ def resolve_loader(name: str) -> str:
     from automix_fast.data.dali import dali_available
 
     return "dali" if dali_available() else "torch"
-
-
-def run_dir_for(cfg: TrainConfig) -> Path:
-    if cfg.experiment:
-        return Path(cfg.output) / cfg.experiment
-    if cfg.resume and cfg.resume != "auto":
-        return Path(cfg.resume).resolve().parent
-    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model}-{cfg.mix}"
-    return Path(cfg.output) / name
 
 
 def flat_allreduce_mean(tensors: list[torch.Tensor]) -> None:
@@ -125,13 +82,15 @@ RANK_STATE_ENV = "AUTOMIX_FAST_RANK_STATE_DIR"
 class Trainer:
     """Everything one training run holds, built from a config."""
 
-    def __init__(self, cfg: TrainConfig, *, quiet: bool = False):
+    def __init__(self, cfg: TrainConfig, *, quiet: bool = False, resume_from=None):
+        """`resume_from`: (path, state) of the checkpoint to continue from, when the caller has
+        already read it (the train command does, for its config); else `cfg.resume` is followed."""
         from automix_fast.data import DataSpec, build_loaders
         from automix_fast.engine.distributed import init_distributed
         from automix_fast.engine.optim import build_optimizer
         from automix_fast.engine.schedule import build_schedule
         from automix_fast.engine.train import StepGuard
-        from automix_fast.mixing import build_mixer
+        from automix_fast.engine.policy import create_policy_model, wrap_policy
         from automix_fast.models import create_model
 
         self.cfg = cfg
@@ -141,6 +100,10 @@ class Trainer:
             self.device = self.dist.device
         self.is_main = self.dist.is_main
         self.quiet = quiet or not self.is_main
+        self.resume_from = resume_from
+        self.run_dir = rundir.locate(cfg)
+        if self.is_main and cfg.experiment and not cfg.resume and not quiet:
+            rundir.refuse_used(self.run_dir)  # before any data work: runs never mix
         if cfg.deterministic:
             if self.device.type == "cuda":  # deterministic cuBLAS needs this before its first call
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -187,7 +150,7 @@ class Trainer:
         self.num_classes = num_classes
 
         torch.manual_seed(cfg.seed)
-        model = create_model(cfg.model, num_classes=num_classes, mix_head=cfg.mix == "automix")
+        model = create_policy_model(cfg, num_classes)
         if cfg.sync_bn and self.dist.is_distributed:
             from automix_fast.engine.distributed import convert_sync_batchnorm
 
@@ -196,13 +159,7 @@ class Trainer:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.mixer = build_mixer(
-            cfg.mix, model, alpha=cfg.mix_alpha, seed=cfg.seed, rank=self.dist.rank, smoothing=cfg.smoothing,
-            momentum_base=cfg.encoder_momentum, momentum_end=cfg.encoder_momentum_end,
-            mask_loss_weight=cfg.mask_loss_weight, mask_loss_anneal=cfg.mask_loss_anneal,
-            mask_margin=cfg.mask_margin, lam_margin=cfg.lam_margin, lam_concat=cfg.lam_concat,
-            mask_mode=cfg.mask_mode, mix_stage=self.mix_stage, kernel_backend=cfg.kernel_backend,
-        ).to(self.device)
+        self.mixer = wrap_policy(cfg, model, mix_stage=self.mix_stage, rank=self.dist.rank).to(self.device)
         if cfg.torchcompile:
             self.model.compile()
             if hasattr(self.mixer, "momentum_encoder"):
@@ -222,7 +179,6 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.guard = StepGuard(self.device)
-        self.run_dir = run_dir_for(cfg)
         self.start_epoch, self.start_batch, self.history = 0, 0, []
         self.best = None
         self.last_good = None  # (path, next_epoch, next_batch) of the newest checkpoint written
@@ -300,38 +256,61 @@ class Trainer:
         where = f"end of epoch {epoch}" if batch == 0 else f"epoch {epoch + 1}, batch {batch}"
         return f"the last good checkpoint is {path} ({where})"
 
+    def resolved(self) -> dict:
+        """What the null/auto fields of the config became on this machine (for config.yaml)."""
+        from automix_fast import ops
+        from automix_fast.data.torch_loader import resolve_aug
+
+        return {
+            "dataset": self.info.kind, "loader": self.loader_kind, "device": self.device.type,
+            "img_size": self.spec.img_size, "aug": resolve_aug(self.spec), "num_classes": self.num_classes,
+            "validation_batch_size": self.spec.eval_batch_size, "mix_stage": self.mix_stage,
+            "mix_alpha": getattr(self.mixer, "alpha", None), "amp": self.amp_dtype is not None,
+            "channels_last": self.channels_last,
+            "kernel_backend": ops.resolve_backend(self.cfg.kernel_backend, self.device),
+        }
+
+    def header(self) -> str:
+        cfg, amp = self.cfg, self.amp_dtype
+        return (
+            f"automix-fast: {cfg.mix} on {self.info.kind} ({self.info.num_train} train / {self.info.num_val} val, "
+            f"{self.num_classes} classes, {self.spec.img_size}px), {cfg.model}, {self.device.type}"
+            f"{' x' + str(self.dist.world_size) if self.dist.is_distributed else ''}, loader {self.loader_kind}, "
+            f"amp {str(amp).replace('torch.', '') if amp is not None else 'off'}, "
+            f"{'channels-last' if self.channels_last else 'NCHW'}, "
+            f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''} x {self.steps_per_epoch} steps"
+        )
+
     def log(self, msg: str) -> None:
         if not self.quiet:
             print(msg, flush=True)
 
     # ------------------------------------------------------------------ run
     def fit(self) -> dict:
-        from automix_fast.engine.checkpoint import CheckpointManager, resolve_resume
+        from automix_fast.engine.checkpoint import CheckpointManager
         from automix_fast.engine.metrics import MetricLogger, ProgressLine
         from automix_fast.engine.train import evaluate, train_one_epoch
 
         cfg = self.cfg
         if cfg.resume == "auto" and not cfg.experiment:
             raise ConfigError("--resume auto needs --experiment NAME (the run folder to continue)")
-        manager = CheckpointManager(self.run_dir, keep_recent=cfg.checkpoint_hist)
-        found = resolve_resume(cfg.resume, self.run_dir) if cfg.resume else None
+        found = self.resume_from
+        if found is None and cfg.resume:
+            found = rundir.find_resume(cfg.resume, self.run_dir)
         if found is not None:
             path, state = found
             self.load_state(path, state)
-            manager.restore(state)
             self.last_good = (path, self.start_epoch, self.start_batch)
             self.log(f"resumed from {path} at epoch {self.start_epoch + 1}, batch {self.start_batch}")
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, str(self.run_dir / "config.yaml"))
+            if found is None:  # a new run: its own folder (a suffixed default name when taken)
+                self.run_dir = rundir.claim(self.run_dir, named=bool(cfg.experiment))
+            save_config(cfg, str(self.run_dir / rundir.CONFIG_FILE), self.resolved())
+        manager = CheckpointManager(self.run_dir, keep_recent=cfg.checkpoint_hist)
+        if found is not None:
+            manager.restore(found[1])
         logger = MetricLogger(self.run_dir, enabled=self.is_main)
-        self.log(
-            f"automix-fast: {cfg.mix} on {self.info.kind} ({self.info.num_train} train / {self.info.num_val} val, "
-            f"{self.num_classes} classes, {self.spec.img_size}px), {cfg.model}, {self.device.type}"
-            f"{' x' + str(self.dist.world_size) if self.dist.is_distributed else ''}, loader {self.loader_kind}, "
-            f"amp {self.amp_dtype and str(self.amp_dtype).replace('torch.', '')}, "
-            f"{'channels-last' if self.channels_last else 'NCHW'}, {cfg.epochs} epochs x {self.steps_per_epoch} steps"
-        )
+        self.log(self.header())
         self.log(f"run folder: {self.run_dir}")
         grad_sync = flat_allreduce_mean if self.dist.is_distributed else None
         reduce = None
@@ -380,7 +359,7 @@ class Trainer:
                 if result.stopped and skip + result.steps < self.steps_per_epoch:
                     self._save(manager, self.state(epoch, skip + result.steps), mid_epoch=True)
                     self.log(f"stopped by {stop.name}; checkpoint written to {self.run_dir / 'last.pt'}")
-                    self.log(f"continue with: automix-fast train --resume auto --output {cfg.output} --experiment {self.run_dir.name}")
+                    self.log(f"continue with: {rundir.resume_command(self.run_dir, self.dist.world_size)}")
                     return {"stopped": True, "run_dir": str(self.run_dir)}
                 eval_result = evaluate(self.mixer, self.val_loader, amp_dtype=self.amp_dtype, device=self.device, reduce=reduce)
                 main_head = next(iter(self.mixer.eval_heads()))
@@ -391,10 +370,13 @@ class Trainer:
                 ) + "  (top-1/top-5 %)")
                 self._save(manager, self.state(epoch + 1, 0), epoch=epoch + 1, metric=eval_result[main_head + "_top1"])
                 if (should_stop(every=1) if self.dist.is_distributed else should_stop()):
-                    self.log(f"stopped by {stop.name} after epoch {epoch + 1}; continue with --resume auto")
+                    self.log(f"stopped by {stop.name} after epoch {epoch + 1}; checkpoint written to {self.run_dir / 'last.pt'}")
+                    self.log(f"continue with: {rundir.resume_command(self.run_dir, self.dist.world_size)}")
                     return {"stopped": True, "run_dir": str(self.run_dir)}
         except NonFiniteError as e:
             raise NonFiniteError(f"{e}; {self._last_good()}") from None
+        except OutputError as e:
+            raise OutputError(f"{e}; {self._last_good()}") from None
         finally:
             stop.restore()
             logger.close()
@@ -411,8 +393,7 @@ class Trainer:
             "is_main": self.is_main,
         }
         if self.is_main:
-            with open(self.run_dir / "summary.json", "w") as f:
-                json.dump(summary, f, indent=2)
+            rundir.write_json(self.run_dir / rundir.SUMMARY_FILE, summary, "summary")
             if cfg.visualize and cfg.mix == "automix":
                 from automix_fast.visualize import write_mix_grid
 

@@ -1,0 +1,103 @@
+"""What eval, export and visualize share: a checkpoint read and checked, the trained policy
+rebuilt from it without touching any data, and the evaluation data with its class check."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from automix_fast.errors import CheckpointError, DataError
+
+# Fields of the stored config that eval/visualize flags may replace.
+EVAL_OVERRIDES = ("data_dir", "device", "kernel_backend", "loader", "workers", "validation_batch_size")
+
+
+@dataclass
+class Trained:
+    """A policy with its weights, and what the checkpoint says about how it was trained."""
+
+    path: Path
+    state: dict
+    cfg: object  # TrainConfig
+    mixer: torch.nn.Module
+    device: torch.device
+    amp_dtype: torch.dtype | None
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.state.get("classes") or [])
+
+    @property
+    def img_size(self) -> int:
+        return self.cfg.img_size or self.mixer.model.default_img_size
+
+
+def read_training_checkpoint(path: str) -> dict:
+    from automix_fast.engine.checkpoint import load_checkpoint
+    from automix_fast.engine.runner import FORMAT
+
+    state = load_checkpoint(path)
+    if state.get("format") != FORMAT or not isinstance(state.get("config"), dict) or "mixer" not in state:
+        raise CheckpointError(f"{path} is not an automix-fast training checkpoint")
+    return state
+
+
+def load_trained(path: str, overrides: dict | None = None) -> Trained:
+    """The policy of checkpoint `path` (config as stored, with `overrides`), weights loaded,
+    in eval mode on its device. Builds no loader and reads no data."""
+    from automix_fast.config import build_config
+    from automix_fast.engine.policy import create_policy_model, wrap_policy
+    from automix_fast.engine.runner import resolve_device
+
+    state = read_training_checkpoint(path)
+    stored = dict(state["config"])
+    stored.update(overrides or {})
+    stored.update(resume=None, experiment=None, torchcompile=False)
+    cfg = build_config(stored)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = create_policy_model(cfg, int(state["num_classes"]))
+    mixer = wrap_policy(cfg, model)
+    try:
+        mixer.load_state_dict(state["mixer"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not match its model: {str(e).splitlines()[0]}") from None
+    use_amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
+    amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.amp_dtype] if use_amp else None
+    return Trained(Path(path), state, cfg, mixer.to(device).eval(), device, amp_dtype)
+
+
+def eval_data(trained: Trained):
+    """(loader, info, spec) of the evaluation split for `trained` (its stored data_dir unless
+    overridden); DataError in one line when the class names differ from the checkpoint's."""
+    from automix_fast.data import DataSpec
+    from automix_fast.data.evalset import build_eval_loader, resolve_eval_data
+    from automix_fast.engine.runner import resolve_loader
+
+    cfg = trained.cfg
+    info = resolve_eval_data(cfg.data_dir, cfg.dataset, cfg.skip_bad_images)
+    check_classes(info.classes, trained.classes, info.root, trained.path)
+    spec = DataSpec(
+        dataset=cfg.dataset, data_dir=cfg.data_dir, img_size=trained.img_size,
+        batch_size=cfg.batch_size, eval_batch_size=cfg.validation_batch_size or 2 * cfg.batch_size,
+        workers=cfg.workers, device=trained.device, loader=resolve_loader(cfg.loader), aug=cfg.aug,
+        seed=cfg.seed, skip_bad_images=cfg.skip_bad_images,
+        dtype=trained.amp_dtype if (trained.amp_dtype is not None and trained.device.type == "cuda") else torch.float32,
+    )
+    return build_eval_loader(spec, info), info, spec
+
+
+def check_classes(found: list[str], trained: list[str], root, checkpoint) -> None:
+    if not trained or list(found) == list(trained):
+        return
+    only_data = [c for c in found if c not in set(trained)]
+    only_ckpt = [c for c in trained if c not in set(found)]
+    if not only_data and not only_ckpt:
+        detail = "the same names in another order"
+    else:
+        detail = f"only in the data: {only_data[:5] or 'none'}; only in the checkpoint: {only_ckpt[:5] or 'none'}"
+    raise DataError(
+        f"the class folders of {root} ({len(found)}) differ from the {len(trained)} classes "
+        f"{checkpoint} was trained on: {detail}"
+    )

@@ -1,0 +1,65 @@
+"""`automix-fast train`: resolve the config (defaults < -c file < flags, or the stored config of
+the run being resumed), run the Trainer, print the summary."""
+from __future__ import annotations
+
+import argparse
+
+from automix_fast import rundir
+
+# Parser entries that are not TrainConfig fields.
+NOT_FIELDS = ("command", "config", "mixup", "cutmix")
+
+
+def given_values(args: argparse.Namespace) -> tuple[dict, dict]:
+    """(values from the -c file, values of the flags typed): only what the user gave."""
+    from automix_fast.config import load_yaml
+
+    flags = {k: v for k, v in vars(args).items() if k not in NOT_FIELDS}
+    for policy in ("mixup", "cutmix"):
+        if policy in vars(args):
+            flags.setdefault("mix", policy)
+            flags.setdefault("mix_alpha", getattr(args, policy))
+    file_values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    return file_values, flags
+
+
+def train_config(args: argparse.Namespace):
+    """(TrainConfig, resume_from): with --resume and a checkpoint to continue from, the run's
+    stored config with the given values of the fields that may change on resume."""
+    from automix_fast.config import build_config
+
+    file_values, flags = given_values(args)
+    cfg = build_config(file_values, flags)  # checks every given value, and --resume auto needs --experiment
+    if not cfg.resume:
+        return cfg, None
+    found = rundir.find_resume(cfg.resume, rundir.locate(cfg))
+    if found is None:
+        return cfg, None
+    return rundir.resumed_config(found, {**file_values, **flags}), found
+
+
+def run(args) -> int:
+    from automix_fast.engine.distributed import cleanup
+    from automix_fast.engine.runner import Trainer
+
+    try:
+        cfg, resume_from = train_config(args)
+        summary = Trainer(cfg, resume_from=resume_from).fit()
+    finally:
+        cleanup()  # leave the process group before exit: a live gloo group can abort at shutdown
+    if not summary.get("stopped") and summary.get("is_main", True):
+        print_summary(summary)
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    ev = summary["eval"]
+    epochs = summary["epochs"]
+    print(f"\ndone: {summary['mix']} {summary['model']}, {epochs} epoch{'s' if epochs != 1 else ''} "
+          f"in {summary['train_seconds']:.0f}s")
+    print(f"{'head':<8} {'top-1':>7} {'top-5':>7}")
+    for head in summary["heads"]:
+        print(f"{head:<8} {ev[head + '_top1']:>7.2f} {ev[head + '_top5']:>7.2f}")
+    print(f"run folder: {summary['run_dir']}")
+    if summary.get("mixes_png"):
+        print(f"mixed samples: {summary['mixes_png']}")

@@ -1,0 +1,72 @@
+"""Evaluation data alone: one split of a dataset and its loader, with no train/ folder read
+and no train loader built (`automix-fast eval`, `visualize`).
+
+Where the images are, for `data_dir`:
+  - CIFAR python batches (`cifar-10-batches-py` / `cifar-100-python`): the test batch;
+  - `DIR/val/` (or `DIR/test/` when there is no val/), with or without a `DIR/train/` beside it;
+  - otherwise DIR itself as a flat ImageFolder, `DIR/<class>/<images>`;
+  - no data_dir: the embedded dataset's val/ split.
+"""
+from __future__ import annotations
+
+import os
+
+from . import DatasetInfo, validate_spec
+from ..errors import DataError
+
+
+def eval_split_dir(data_dir: str) -> str:
+    """The folder of class folders to evaluate on (see the module docstring)."""
+    from .folder import val_split_name
+
+    if not os.path.isdir(data_dir):
+        raise DataError(f"data directory not found: {data_dir}")
+    split = os.path.join(data_dir, val_split_name(data_dir))
+    return split if os.path.isdir(split) else data_dir
+
+
+def resolve_eval_data(data_dir: str | None, dataset: str = "auto", skip_bad: bool = False) -> DatasetInfo:
+    """A DatasetInfo whose val split is the evaluation data and whose train split is empty."""
+    from . import detect_dataset
+    from .folder import scan_image_folder
+
+    kind = dataset
+    if kind == "auto":
+        kind = "embedded" if data_dir is None else None
+    if kind is None:
+        try:
+            kind = detect_dataset(data_dir)
+        except DataError:
+            kind = "folder"  # not a train/val tree: a val/ folder alone or a flat ImageFolder
+    if kind in ("cifar10", "cifar100"):
+        from .cifar import load_cifar
+
+        info = load_cifar(data_dir, kind)
+        info.train_arrays = (info.train_arrays[0][:0], info.train_arrays[1][:0])  # not needed here
+        return info
+    if kind == "embedded":
+        from .embedded import ensure_embedded_dataset
+
+        root = os.path.join(ensure_embedded_dataset(data_dir if dataset == "embedded" else None), "val")
+    else:
+        root = eval_split_dir(data_dir)
+    classes, samples = scan_image_folder(root, skip_bad)
+    return DatasetInfo(kind=kind, root=root, classes=classes, train_samples=[], val_samples=samples)
+
+
+def build_eval_loader(spec, info: DatasetInfo):
+    """The val loader that `build_loaders(spec)` would build for `info`, alone."""
+    from .torch_loader import _resident_pair, _streaming, decode_folder, folder_fits_resident, resolve_aug
+
+    validate_spec(spec)
+    aug = resolve_aug(spec)
+    if spec.loader == "dali" and info.val_samples is not None:
+        from .dali import DaliFolderLoader, require_dali
+
+        require_dali()
+        return DaliFolderLoader(info.val_samples, spec, False, aug)
+    if info.val_arrays is not None and aug == "cifar":
+        return _resident_pair(info.val_arrays, spec, False, aug)
+    if info.val_samples is not None and folder_fits_resident(info, spec, aug):
+        return _resident_pair(decode_folder(info.val_samples, spec.img_size), spec, False, aug)
+    return _streaming(info, spec, False, aug)
