@@ -140,13 +140,21 @@ def claim(run_dir: Path, *, named: bool) -> Path:
 def find_resume(resume: str | None, run_dir: Path):
     """(path, state) of the checkpoint `--resume` names, or None to start fresh (auto, nothing
     saved yet). A fresh start in a folder that holds files is refused: runs never mix."""
-    from automix_fast.engine.checkpoint import resolve_resume
+    import sys
+
+    from automix_fast.engine.checkpoint import latest_valid, resolve_resume
 
     if not resume:
         return None
-    found = resolve_resume(resume, run_dir)
+    if resume != "auto":
+        return resolve_resume(resume, run_dir)
+    found = latest_valid(run_dir)
     if found is None:
-        refuse_used(run_dir)
+        if holds_files(run_dir):
+            names = ", ".join(sorted(p.name for p in run_dir.iterdir())[:4])
+            raise OutputError(f"run folder {run_dir} holds files ({names}) but no checkpoint to resume from; "
+                              "delete it or choose another --experiment")
+        print(f"resume auto: no checkpoint in {run_dir} yet; starting fresh", file=sys.stderr)
     return found
 
 
