@@ -26,6 +26,7 @@ setup(
         "numpy",
         "pyyaml",
         "pillow",
+        "safetensors",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],

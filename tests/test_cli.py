@@ -165,3 +165,32 @@ def test_bad_data_is_a_one_line_error_naming_it(damage, tmp_path, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], lines
     assert "Traceback" not in err
+
+
+def test_abbreviated_flags_are_refused_through_the_command():
+    from faultkit import cli
+
+    run = cli(["train", "--epoch", "3", "--output", "/nonexistent"])
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unrecognized arguments: --epoch 3" in lines[0]
+
+
+def test_every_flag_has_help_and_shows_its_default():
+    import argparse
+
+    from automix_fast.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {"train", "eval", "export", "visualize", "models"}
+    for name, sub in commands.items():
+        assert sub.allow_abbrev is False
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            text = action.help or ""
+            assert len(text) > 10 and ("default" in text or "required" in text), (name, action.option_strings, text)
+    text = " ".join(commands["train"].format_help().split())
+    assert "--epochs EPOCHS epochs to train (may be raised when resuming) (default: 15)" in text
+    assert "--mix {vanilla,mixup,cutmix,automix} mixing policy (default: automix)" in text
