@@ -11,7 +11,7 @@ Cases (each runs `--batches` timed batches after `--warmup` batches, train augme
               external_source pipeline over the decoded uint8 arrays: crop pad 4 + flip +
               normalize), torch-resident (ResidentLoader: decoded once, batched gather + crop +
               flip on the device; the one-time decode is reported apart), torch-stream.
-The device is --device (cpu: DALI's CPU-only mode). Results: JSON in bench/results/
+The device is --device (cpu: DALI's CPU-only mode). Results: JSON in output/bench/ (--out to choose)
 (loader-<device>-<date>.json) with the machine, versions and git commit, and a table on stdout.
 
     python bench/bench_loader.py --data-dir /path/to/cifar10-jpeg --device cpu --workers 2
@@ -32,12 +32,11 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment  # noqa: E402
+from common import environment, results_path  # noqa: E402
 
 from automix_fast.data import DataSpec  # noqa: E402
 from automix_fast.data.folder import scan_image_folder
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # ----------------------------------------------------------------------------- data
@@ -222,7 +221,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--only", default="", help="comma-separated case names to run (default: all)")
-    ap.add_argument("--out", default=None, help="JSON path (default bench/results/loader-<device>-<date>.json)")
+    ap.add_argument("--out", default=None, help="JSON path (default output/bench/loader-<device>-<date>.json)")
     args = ap.parse_args(argv)
 
     from automix_fast.data.dali import DaliFolderLoader, dali_available
@@ -287,7 +286,7 @@ def main(argv=None) -> int:
         "image_dtype": str(dtype),
         "results": results,
     }
-    out = args.out or os.path.join(HERE, "results", f"loader-{device.type}-{datetime.date.today().isoformat()}.json")
+    out = args.out or str(results_path("loader", device.type))
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(record, f, indent=2)

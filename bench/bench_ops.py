@@ -6,7 +6,7 @@
 
 Times are medians of triton.testing.do_bench (CUDA). Results, with the GPU name, library
 versions, git commit and the device-to-device copy bandwidth measured in the same run, go to
-bench/results/ops-<gpu>-<date>.json; a short table is printed. See bench/README.md.
+output/bench/ops-<gpu>-<date>.json (--output to choose); a short table is printed. See bench/README.md.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import git_commit  # noqa: E402
+from common import git_commit, results_path  # noqa: E402
 
 from automix_fast import ops  # noqa: E402
 from automix_fast.ops import reference  # noqa: E402
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     ap.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     ap.add_argument("--modes", nargs="+", choices=ops.MODES, default=["nearest", "bilinear"], help="mask_mix upsampling modes")
     ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    ap.add_argument("--output", type=Path, default=None, help="JSON path (default bench/results/ops-<gpu>-<date>.json)")
+    ap.add_argument("--output", type=Path, default=None, help="JSON path (default output/bench/ops-<gpu>-<date>.json)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes; runs on CPU under TRITON_INTERPRET=1 to check the script")
     args = ap.parse_args(argv)
 
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     out = args.output
     if out is None:
         slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
-        out = Path(__file__).resolve().parent / "results" / f"ops-{slug}-{dt.date.today().isoformat()}{'-smoke' if args.smoke else ''}.json"
+        out = results_path("ops", slug, "-smoke" if args.smoke else "")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     print(f"wrote {out}")

@@ -11,8 +11,8 @@ already on the device, so loading is measured apart (bench_loader.py). A timed "
 reported. Configurations, side by side in one run:
   optimized: bf16 autocast, channels-last, Triton kernels (on CUDA), fused SGD, optional compile
   reference: fp32, NCHW, --kernel-backend torch, eager
-The JSON (bench/results/train-step-<device>-<date>.json) holds device, versions, commit,
-img/s, step time, peak memory, and the automix/mixup time ratio next to DESIGN §4's ~2.9 floor.
+The JSON (output/bench/train-step-<device>-<date>.json, or --output) holds device, versions, commit,
+img/s, step time, peak memory, and the automix/mixup time ratio next to the ~2.9 floor (bench/README.md, "The ~2.9 floor").
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from automix_fast.engine.train import StepGuard, train_one_epoch  # noqa: E402
 from automix_fast.mixing import build_mixer  # noqa: E402
 from automix_fast.models import create_model  # noqa: E402
 
-FLOOR = 2.9  # DESIGN §4: ~8.8 backbone units per AutoMix step against 3 for mixup
+FLOOR = 2.9  # bench/README.md "The ~2.9 floor": ~8.8 backbone units per AutoMix step against 3 for mixup
 
 
 class SyntheticLoader:
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="steps per timed epoch")
     ap.add_argument("--repeats", type=int, default=5, help="timed epochs; the median is reported")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--output", default=None, help="JSON path (default bench/results/train-step-<device>-<date>.json)")
+    ap.add_argument("--output", default=None, help="JSON path (default output/bench/train-step-<device>-<date>.json)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
 

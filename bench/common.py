@@ -12,7 +12,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+# Results go to the working directory's output/bench/, like training runs go to output/: running
+# a benchmark never writes into the source tree. bench/results/ holds the ones kept in git; pass
+# --output bench/results/NAME.json to add one there.
+RESULTS = Path("output") / "bench"
+
+
+def results_path(kind: str, slug: str, suffix: str = "") -> Path:
+    """output/bench/<kind>-<device>-<date><suffix>.json (relative to the working directory)."""
+    return RESULTS / f"{kind}-{slug}-{dt.date.today().isoformat()}{suffix}.json"
 
 
 def git_commit() -> str:
@@ -63,8 +71,8 @@ def device_slug(env: dict) -> str:
 
 
 def write_results(kind: str, env: dict, payload: dict, output: str | Path | None = None) -> Path:
-    """bench/results/<kind>-<device>-<date>.json unless an explicit path is given."""
-    path = Path(output) if output else RESULTS / f"{kind}-{device_slug(env)}-{dt.date.today().isoformat()}.json"
+    """output/bench/<kind>-<device>-<date>.json unless an explicit path is given."""
+    path = Path(output) if output else results_path(kind, device_slug(env))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": env, **payload}, indent=2) + "\n")
     return path
