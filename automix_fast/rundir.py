@@ -186,6 +186,29 @@ def resumed_config(found, given: dict[str, Any]):
     return build_config(values)
 
 
+def trim_metrics(run_dir: Path, step: int) -> int:
+    """Drop the metrics.jsonl records logged after global step `step` (the resumed checkpoint's):
+    a run killed after its last checkpoint logged steps that the resumed run logs again. Also
+    drops a line cut short by the kill. Returns how many were dropped."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            keep = record.get("step") is None or record["step"] <= step
+        except (ValueError, AttributeError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        write_text(path, "".join(line + "\n" for line in kept), "metrics")
+    return dropped
+
+
 def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 

@@ -161,3 +161,13 @@ def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(data, tmp_p
     monkeypatch.undo()
     assert ck.load_checkpoint(tmp_path / "ckfull" / "last.pt")["next_epoch"] == 1
     assert not [p for p in (tmp_path / "ckfull").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_resume_drops_metrics_logged_after_its_checkpoint(tmp_path):
+    """A run killed after its last checkpoint logged steps the resumed run logs again: they go."""
+    lines = [json.dumps({"type": "train", "step": s, "values": {}}) for s in range(1, 11)]
+    lines.insert(5, json.dumps({"type": "eval", "step": 5, "values": {}}))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"type": "train", "st')  # cut by the kill
+    assert rundir.trim_metrics(tmp_path, 5) == 6
+    kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["type"], r["step"]) for r in kept] == [("train", s) for s in range(1, 6)] + [("eval", 5)]

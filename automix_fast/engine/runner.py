@@ -102,7 +102,7 @@ class Trainer:
         self.quiet = quiet or not self.is_main
         self.resume_from = resume_from
         self.run_dir = rundir.locate(cfg)
-        if self.is_main and cfg.experiment and not cfg.resume and not quiet:
+        if self.is_main and cfg.experiment and not cfg.resume:
             rundir.refuse_used(self.run_dir)  # before any data work: runs never mix
         if cfg.deterministic:
             if self.device.type == "cuda":  # deterministic cuBLAS needs this before its first call
@@ -305,6 +305,10 @@ class Trainer:
         if self.is_main:
             if found is None:  # a new run: its own folder (a suffixed default name when taken)
                 self.run_dir = rundir.claim(self.run_dir, named=bool(cfg.experiment))
+            elif Path(found[0]).resolve().parent != self.run_dir.resolve():
+                rundir.claim(self.run_dir, named=True)  # continuing elsewhere: into a new or empty folder
+            else:  # steps logged after that checkpoint (a kill) are logged again from here
+                rundir.trim_metrics(self.run_dir, self.start_epoch * self.steps_per_epoch + self.start_batch)
             save_config(cfg, str(self.run_dir / rundir.CONFIG_FILE), self.resolved())
         manager = CheckpointManager(self.run_dir, keep_recent=cfg.checkpoint_hist)
         if found is not None:
