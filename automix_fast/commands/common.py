@@ -48,7 +48,7 @@ def load_trained(path: str, overrides: dict | None = None) -> Trained:
     in eval mode on its device. Builds no loader and reads no data."""
     from automix_fast.config import build_config
     from automix_fast.engine.policy import create_policy_model, wrap_policy
-    from automix_fast.engine.runner import resolve_device
+    from automix_fast.engine.policy import resolve_amp, resolve_device
 
     state = read_training_checkpoint(path)
     stored = dict(state["config"])
@@ -63,9 +63,7 @@ def load_trained(path: str, overrides: dict | None = None) -> Trained:
         mixer.load_state_dict(state["mixer"])
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not match its model: {str(e).splitlines()[0]}") from None
-    use_amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
-    amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.amp_dtype] if use_amp else None
-    return Trained(Path(path), state, cfg, mixer.to(device).eval(), device, amp_dtype)
+    return Trained(Path(path), state, cfg, mixer.to(device).eval(), device, resolve_amp(cfg, device))
 
 
 def eval_data(trained: Trained):
@@ -73,7 +71,7 @@ def eval_data(trained: Trained):
     overridden); DataError in one line when the class names differ from the checkpoint's."""
     from automix_fast.data import DataSpec
     from automix_fast.data.evalset import build_eval_loader, resolve_eval_data
-    from automix_fast.engine.runner import resolve_loader
+    from automix_fast.engine.policy import resolve_loader
 
     cfg = trained.cfg
     info = resolve_eval_data(cfg.data_dir, cfg.dataset, cfg.skip_bad_images)

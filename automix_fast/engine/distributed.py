@@ -159,3 +159,21 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
         out.add_module(name, convert_sync_batchnorm(child, device))
     return out
 
+
+def flat_allreduce_mean(tensors: list[torch.Tensor]) -> None:
+    """Average tensors over ranks in one collective (gradients, BN statistics)."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    if not tensors:
+        return
+    flat = _flatten_dense_tensors(tensors)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for t, synced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+        t.copy_(synced)
+
+
+def average_bn_stats(module: torch.nn.Module) -> None:
+    bufs = [b for name, b in module.named_buffers() if name.endswith(("running_mean", "running_var"))]
+    flat_allreduce_mean(bufs)

@@ -1,6 +1,33 @@
-"""The network and its mixing policy, built from a config: shared by train, eval and export,
-so a checkpoint's `mixer` state always loads into what these build."""
+"""What a config resolves to on this machine (device, loader, mixed precision) and the network
+with its mixing policy: shared by train, eval and visualize, so a checkpoint's `mixer` state
+always loads into what they build."""
 from __future__ import annotations
+
+import torch
+
+from automix_fast.errors import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no CUDA device is available (use --device cpu)")
+    return torch.device(name)
+
+
+def resolve_loader(name: str) -> str:
+    if name != "auto":
+        return name
+    from automix_fast.data.dali import dali_available
+
+    return "dali" if dali_available() else "torch"
+
+
+def resolve_amp(cfg, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None: --amp as given, else on with CUDA."""
+    use_amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.amp_dtype] if use_amp else None
 
 
 def create_policy_model(cfg, num_classes: int):

@@ -19,47 +19,13 @@ import torch
 
 from automix_fast import rundir
 from automix_fast.config import TrainConfig, config_changes, save_config
+from automix_fast.engine.policy import resolve_amp, resolve_device, resolve_loader
 from automix_fast.engine.stopflag import StopFlag
 from automix_fast.engine.train import NonFiniteError
 from automix_fast.errors import CheckpointError, ConfigError, OutputError, UserError
 
 FORMAT = "automix-fast/1"
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a signal (DDP only)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but no CUDA device is available (use --device cpu)")
-    return torch.device(name)
-
-
-def resolve_loader(name: str) -> str:
-    if name != "auto":
-        return name
-    from automix_fast.data.dali import dali_available
-
-    return "dali" if dali_available() else "torch"
-
-
-def flat_allreduce_mean(tensors: list[torch.Tensor]) -> None:
-    """Average tensors over ranks in one collective (gradients, BN statistics)."""
-    import torch.distributed as dist
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-    if not tensors:
-        return
-    flat = _flatten_dense_tensors(tensors)
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for t, synced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
-        t.copy_(synced)
-
-
-def average_bn_stats(module: torch.nn.Module) -> None:
-    bufs = [b for name, b in module.named_buffers() if name.endswith(("running_mean", "running_var"))]
-    flat_allreduce_mean(bufs)
 
 
 def first_nonfinite(module: torch.nn.Module) -> str | None:
@@ -112,8 +78,7 @@ class Trainer:
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         cuda = self.device.type == "cuda"
-        use_amp = cfg.amp if cfg.amp is not None else cuda
-        self.amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.amp_dtype] if use_amp else None
+        self.amp_dtype = resolve_amp(cfg, self.device)
         self.channels_last = cfg.channels_last if cfg.channels_last is not None else cuda
         from automix_fast import ops
 
@@ -316,6 +281,8 @@ class Trainer:
         logger = MetricLogger(self.run_dir, enabled=self.is_main)
         self.log(self.header())
         self.log(f"run folder: {self.run_dir}")
+        from automix_fast.engine.distributed import average_bn_stats, flat_allreduce_mean
+
         grad_sync = flat_allreduce_mean if self.dist.is_distributed else None
         reduce = None
         if self.dist.is_distributed:
