@@ -119,6 +119,20 @@ def refuse_used(run_dir: Path) -> None:
         )
 
 
+def check_new_run(run_dir: Path, *, named: bool) -> None:
+    """Before any data work: the parent folder can be created and written, and a named run
+    folder holds no other run. (The folder itself is created by `claim` when training starts.)"""
+    parent = run_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create run folder {run_dir}: {e.strerror or e} (choose a writable --output)") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot create run folder {run_dir}: {parent} is not writable (choose a writable --output)")
+    if named:
+        refuse_used(run_dir)
+
+
 def claim(run_dir: Path, *, named: bool) -> Path:
     """Create the folder of a new run and return it. A named folder must be new or empty; a
     default name that is taken gets the first free `-N` suffix."""

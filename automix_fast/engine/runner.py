@@ -68,8 +68,8 @@ class Trainer:
         self.quiet = quiet or not self.is_main
         self.resume_from = resume_from
         self.run_dir = rundir.locate(cfg)
-        if self.is_main and cfg.experiment and not cfg.resume:
-            rundir.refuse_used(self.run_dir)  # before any data work: runs never mix
+        if self.is_main and not cfg.resume:
+            rundir.check_new_run(self.run_dir, named=bool(cfg.experiment))  # before any data work
         if cfg.deterministic:
             if self.device.type == "cuda":  # deterministic cuBLAS needs this before its first call
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
