@@ -23,6 +23,7 @@ class Trained:
     mixer: torch.nn.Module
     device: torch.device
     amp_dtype: torch.dtype | None
+    channels_last: bool
 
     @property
     def classes(self) -> list[str]:
@@ -63,7 +64,9 @@ def load_trained(path: str, overrides: dict | None = None) -> Trained:
         mixer.load_state_dict(state["mixer"])
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not match its model: {str(e).splitlines()[0]}") from None
-    return Trained(Path(path), state, cfg, mixer.to(device).eval(), device, resolve_amp(cfg, device))
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    mixer = mixer.to(device, memory_format=torch.channels_last) if channels_last else mixer.to(device)
+    return Trained(Path(path), state, cfg, mixer.eval(), device, resolve_amp(cfg, device), channels_last)
 
 
 def eval_data(trained: Trained):
@@ -79,7 +82,8 @@ def eval_data(trained: Trained):
     spec = DataSpec(
         dataset=cfg.dataset, data_dir=cfg.data_dir, img_size=trained.img_size,
         batch_size=cfg.batch_size, eval_batch_size=cfg.validation_batch_size or 2 * cfg.batch_size,
-        workers=cfg.workers, device=trained.device, loader=resolve_loader(cfg.loader), aug=cfg.aug,
+        workers=cfg.workers, device=trained.device, channels_last=trained.channels_last,
+        loader=resolve_loader(cfg.loader), aug=cfg.aug,
         seed=cfg.seed, skip_bad_images=cfg.skip_bad_images,
         dtype=trained.amp_dtype if (trained.amp_dtype is not None and trained.device.type == "cuda") else torch.float32,
     )
