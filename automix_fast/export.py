@@ -11,6 +11,7 @@ load straight into `torchvision.models.<name>(num_classes=C)`. Other models keep
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -94,6 +95,9 @@ def write_export(state: dict[str, torch.Tensor], meta: dict, output: str | Path)
             from safetensors.torch import save_file
 
             save_file(state, str(tmp), metadata={"format": EXPORT_FORMAT, "model": meta["model"]})
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600; give it a normal file's mode
         else:
             torch.save(state, tmp)
         tmp.replace(output)
