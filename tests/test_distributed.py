@@ -130,6 +130,8 @@ def test_sigterm_to_torchrun_stops_all_ranks_at_one_step_and_resumes(data, tmp_p
         proc.kill()
     # (torchrun's agent itself exits non-zero after a SIGTERM; the workers exit 0.)
     assert out.count("received SIGTERM") == 2 and "stopped by SIGTERM" in out, out[-3000:]
+    assert f"continue with: torchrun --nproc_per_node 2 $(which automix-fast) train --resume auto --output {tmp_path} " \
+           "--experiment pre" in out
     state = load_checkpoint(tmp_path / "pre" / "last.pt")
     assert state["next_epoch"] == 0 and 0 < state["next_batch"] < 15
     resumed = torchrun(2, args + ["--resume", "auto"])
