@@ -17,6 +17,7 @@ setup(
         "automix_fast.mixing",
         "automix_fast.data",
         "automix_fast.engine",
+        "automix_fast.commands",
         "automix_fast.kernels",
     ],
     package_data={"automix_fast": ["configs/*.yaml"]},
