@@ -10,7 +10,7 @@ import os
 import sys
 from dataclasses import fields
 
-from automix_fast.config import CHOICES, TrainConfig
+from automix_fast.config import CHOICES, TIMM_HELP, TrainConfig
 from automix_fast.errors import UserError
 
 # Short or timm-style spellings of some fields.
@@ -38,6 +38,7 @@ HELP = {
     "amp": "mixed precision (default: on with CUDA)",
     "channels_last": "channels-last memory format (default: on with CUDA)",
 }
+HELP.update(TIMM_HELP)
 
 
 def _flag(name: str) -> str:
@@ -60,9 +61,6 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         if f.name in CHOICES:
             kw["choices"] = CHOICES[f.name]
         parser.add_argument(*names, **kw)
-    # timm's switches: --mixup ALPHA / --cutmix ALPHA pick the policy and its alpha.
-    parser.add_argument("--mixup", type=float, default=argparse.SUPPRESS, metavar="ALPHA", help="shorthand for --mix mixup --mix-alpha ALPHA")
-    parser.add_argument("--cutmix", type=float, default=argparse.SUPPRESS, metavar="ALPHA", help="shorthand for --mix cutmix --mix-alpha ALPHA")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,11 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 def train_config(args: argparse.Namespace) -> TrainConfig:
     from automix_fast.config import build_config, load_yaml
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "mixup", "cutmix")}
-    for policy in ("mixup", "cutmix"):
-        if policy in vars(args):
-            overrides.setdefault("mix", policy)
-            overrides.setdefault("mix_alpha", getattr(args, policy))
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     file_values = load_yaml(args.config) if args.config else {}
     return build_config(file_values, overrides)
 

@@ -131,6 +131,7 @@ class Trainer:
         from automix_fast.engine.optim import build_optimizer
         from automix_fast.engine.schedule import build_schedule
         from automix_fast.engine.train import StepGuard
+        from automix_fast.engine.train_options import mixer_options, model_options, optimizer_steps_per_epoch
         from automix_fast.mixing import build_mixer
         from automix_fast.models import create_model
 
@@ -160,7 +161,7 @@ class Trainer:
             raise ConfigError(f"config field 'kernel_backend': {e}") from None
 
         torch.manual_seed(cfg.seed)  # same on every rank: identical initial weights
-        probe = create_model(cfg.model, num_classes=2)  # unknown model names fail before any data work
+        probe = create_model(cfg.model, num_classes=2, **model_options(cfg))  # unknown model names fail before any data work
         img_size = cfg.img_size or probe.default_img_size
         self.mix_stage = cfg.mix_stage or probe.mix_stage
         if self.mix_stage > probe.num_stages:
@@ -187,7 +188,7 @@ class Trainer:
         self.num_classes = num_classes
 
         torch.manual_seed(cfg.seed)
-        model = create_model(cfg.model, num_classes=num_classes, mix_head=cfg.mix == "automix")
+        model = create_model(cfg.model, num_classes=num_classes, mix_head=cfg.mix == "automix", **model_options(cfg))
         if cfg.sync_bn and self.dist.is_distributed:
             from automix_fast.engine.distributed import convert_sync_batchnorm
 
@@ -202,7 +203,12 @@ class Trainer:
             mask_loss_weight=cfg.mask_loss_weight, mask_loss_anneal=cfg.mask_loss_anneal,
             mask_margin=cfg.mask_margin, lam_margin=cfg.lam_margin, lam_concat=cfg.lam_concat,
             mask_mode=cfg.mask_mode, mix_stage=self.mix_stage, kernel_backend=cfg.kernel_backend,
+            **mixer_options(cfg),
         ).to(self.device)
+        if cfg.initial_checkpoint:  # timm's --initial-checkpoint: weights only
+            from automix_fast.engine.initial_checkpoint import load_initial_checkpoint
+
+            load_initial_checkpoint(self.mixer, cfg.initial_checkpoint, cfg.model, num_classes)
         if cfg.torchcompile:
             self.model.compile()
             if hasattr(self.mixer, "momentum_encoder"):
@@ -213,7 +219,7 @@ class Trainer:
         )
         self.optimizer = build_optimizer(groups, cfg.opt, lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay, device=self.device)
-        self.steps_per_epoch = len(self.train_loader)
+        self.steps_per_epoch = optimizer_steps_per_epoch(cfg, len(self.train_loader))
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.schedule = build_schedule(
             cfg.sched, [g["lr"] for g in groups], total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
@@ -308,7 +314,9 @@ class Trainer:
     def fit(self) -> dict:
         from automix_fast.engine.checkpoint import CheckpointManager, resolve_resume
         from automix_fast.engine.metrics import MetricLogger, ProgressLine
+        from automix_fast.engine.summary_csv import write_summary_csv
         from automix_fast.engine.train import evaluate, train_one_epoch
+        from automix_fast.engine.train_options import loop_options
 
         cfg = self.cfg
         if cfg.resume == "auto" and not cfg.experiment:
@@ -324,7 +332,7 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, str(self.run_dir / "config.yaml"))
-        logger = MetricLogger(self.run_dir, enabled=self.is_main)
+        logger = MetricLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.log_tensorboard)
         self.log(
             f"automix-fast: {cfg.mix} on {self.info.kind} ({self.info.num_train} train / {self.info.num_val} val, "
             f"{self.num_classes} classes, {self.spec.img_size}px), {cfg.model}, {self.device.type}"
@@ -371,7 +379,7 @@ class Trainer:
                         start_step=epoch * self.steps_per_epoch, total_steps=self.total_steps, amp_dtype=self.amp_dtype,
                         guard=self.guard, scaler=self.scaler, grad_sync=grad_sync, skip_batches=skip,
                         log_interval=cfg.log_interval, on_log=on_log, progress=progress, should_stop=should_stop,
-                        max_bad_steps=cfg.max_bad_steps, metric_mean=grad_sync,
+                        max_bad_steps=cfg.max_bad_steps, metric_mean=grad_sync, **loop_options(cfg),
                     )
                 finally:
                     progress.close()
@@ -385,6 +393,8 @@ class Trainer:
                 eval_result = evaluate(self.mixer, self.val_loader, amp_dtype=self.amp_dtype, device=self.device, reduce=reduce)
                 main_head = next(iter(self.mixer.eval_heads()))
                 self.history.append({"epoch": epoch + 1, "train": result.means, "eval": eval_result})
+                if self.is_main:
+                    write_summary_csv(self.run_dir / "summary.csv", self.history, list(self.mixer.eval_heads()))
                 logger.log("eval", eval_result, epoch=epoch + 1, step=(epoch + 1) * self.steps_per_epoch)
                 self.log("  eval " + "  ".join(
                     f"{h} {eval_result[h + '_top1']:.2f}/{eval_result[h + '_top5']:.2f}" for h in self.mixer.eval_heads()
