@@ -205,10 +205,6 @@ class Trainer:
             mask_mode=cfg.mask_mode, mix_stage=self.mix_stage, kernel_backend=cfg.kernel_backend,
             **mixer_options(cfg),
         ).to(self.device)
-        if cfg.initial_checkpoint:  # timm's --initial-checkpoint: weights only
-            from automix_fast.engine.initial_checkpoint import load_initial_checkpoint
-
-            load_initial_checkpoint(self.mixer, cfg.initial_checkpoint, cfg.model, num_classes)
         if cfg.torchcompile:
             self.model.compile()
             if hasattr(self.mixer, "momentum_encoder"):
@@ -329,6 +325,11 @@ class Trainer:
             manager.restore(state)
             self.last_good = (path, self.start_epoch, self.start_batch)
             self.log(f"resumed from {path} at epoch {self.start_epoch + 1}, batch {self.start_batch}")
+        elif cfg.initial_checkpoint:  # timm's --initial-checkpoint: a fresh start from its weights only
+            from automix_fast.engine.initial_checkpoint import load_initial_checkpoint
+
+            load_initial_checkpoint(self.mixer, cfg.initial_checkpoint, cfg.model, self.num_classes)
+            self.log(f"model weights from {cfg.initial_checkpoint}")
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, str(self.run_dir / "config.yaml"))
