@@ -256,7 +256,7 @@ class _Schedule:
         self.steps.append(step)
 
 
-def _accumulated_run(micro_batch: int, accum: int, images: int = 40):
+def _accumulated_run(micro_batch: int, accum: int, images: int = 40, grad_sync=None):
     """Train a BN-free net (Vanilla) for one epoch; returns its weights and the steps scheduled."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(images, 3, 8, 8, generator=g), torch.randint(0, 4, (images,), generator=g)
@@ -269,7 +269,8 @@ def _accumulated_run(micro_batch: int, accum: int, images: int = 40):
     loader = _Loader([(x[i:i + micro_batch], y[i:i + micro_batch]) for i in range(0, images, micro_batch)])
     schedule = _Schedule()
     result = train_one_epoch(mixer, loader, opt, schedule, epoch=0, start_step=0, total_steps=100, amp_dtype=None,
-                             guard=StepGuard(torch.device("cpu")), accum_steps=accum, log_interval=2)
+                             guard=StepGuard(torch.device("cpu")), accum_steps=accum, log_interval=2,
+                             grad_sync=grad_sync)
     return model.state_dict(), schedule.steps, result
 
 
@@ -283,9 +284,29 @@ def test_grad_accum_matches_the_larger_batch():
     torch.testing.assert_close(acc_result.means["epoch_loss"], big_result.means["epoch_loss"], rtol=1e-5, atol=1e-6)
 
 
+def test_grad_accum_under_torchrun_matches_one_process(data, tmp_path):
+    """2 ranks x batch 4 x 2 micro-batches with SyncBN see, micro-batch for micro-batch, the images
+    (and BN statistics) of 1 process x batch 8 x 2 micro-batches (see test_distributed); the
+    gradients are all-reduced once per step, after the second micro-batch."""
+    from faultkit import assert_states_equal, torchrun, train_losses, weights
+
+    common = ["--mix", "vanilla", "--sync-bn", "--seed", "3", "--grad-accum-steps", "2"]
+    one = cli(train_args(data, tmp_path, "one", *common, batch=8, epochs=1))
+    assert one.returncode == 0, one.stderr
+    two = torchrun(2, train_args(data, tmp_path, "two", *common, batch=4, epochs=1))
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    l1, l2 = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert len(l1) == len(l2) == 4  # 7 micro-batches: 3 steps of 2 and 1 of 1
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-4, atol=1e-5)
+    # The summation order differs (per-rank means, then the all-reduce), as in test_distributed.
+    assert_states_equal(weights(tmp_path / "two" / "last.pt"), weights(tmp_path / "one" / "last.pt"), atol=2e-4)
+
+
 def test_grad_accum_last_step_takes_the_rest():
-    _, steps, result = _accumulated_run(4, 3)  # 10 micro-batches: 3 + 3 + 3 + 1
+    syncs = []
+    _, steps, result = _accumulated_run(4, 3, grad_sync=syncs.append)  # 10 micro-batches: 3 + 3 + 3 + 1
     assert steps == [0, 1, 2, 3] and result.steps == 4 and result.images == 40
+    assert len(syncs) == 4  # one all-reduce per optimizer step, none for the other micro-batches
 
 
 # ----------------------------------------------------------------------------- the command line
