@@ -326,6 +326,7 @@ def test_train_with_timm_flags_then_resume_keeps_ema_and_summary_rows(data, tmp_
     straight = cli(train_args(data, tmp_path, "straight", *FLAGS, *(["--log-tensorboard"] if tensorboard else [])))
     assert straight.returncode == 0, straight.stderr
     run = tmp_path / "straight"
+    assert "mixup 0.8 / cutmix 1 (cutmix share 0.5) + model EMA 0.9" in straight.stdout  # neither one dropped
     if tensorboard:
         assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     state = load_checkpoint(run / "last.pt")

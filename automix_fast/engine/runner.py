@@ -335,7 +335,7 @@ class Trainer:
             save_config(cfg, str(self.run_dir / "config.yaml"))
         logger = MetricLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.log_tensorboard)
         self.log(
-            f"automix-fast: {cfg.mix} on {self.info.kind} ({self.info.num_train} train / {self.info.num_val} val, "
+            f"automix-fast: {self.mixer.label} on {self.info.kind} ({self.info.num_train} train / {self.info.num_val} val, "
             f"{self.num_classes} classes, {self.spec.img_size}px), {cfg.model}, {self.device.type}"
             f"{' x' + str(self.dist.world_size) if self.dist.is_distributed else ''}, loader {self.loader_kind}, "
             f"amp {self.amp_dtype and str(self.amp_dtype).replace('torch.', '')}, "

@@ -69,6 +69,11 @@ class Mixer(nn.Module):
             raise ValueError("AutoMix's momentum encoder is its EMA model; model EMA is for the baselines")
         self.model_ema, self.model_ema_decay = ema_copy(self.model), float(decay)
 
+    @property
+    def label(self) -> str:
+        """The policy as the run header names it (with its settings where the name is not enough)."""
+        return self.name + (f" + model EMA {self.model_ema_decay:g}" if self.model_ema is not None else "")
+
     def loss(self, x, y, step: int, total_steps: int):
         raise NotImplementedError
 

@@ -51,6 +51,14 @@ class MixupCutmix(Mixer):
         self.mixup_alpha, self.cutmix_alpha = float(mixup_alpha), float(cutmix_alpha)
         self.prob, self.switch_prob = float(prob), float(switch_prob)
 
+    @property
+    def label(self) -> str:
+        parts = [f"{k} {a:g}" for k, a in (("mixup", self.mixup_alpha), ("cutmix", self.cutmix_alpha)) if a > 0]
+        text = " / ".join(parts) + (f" (cutmix share {self.switch_prob:g})" if len(parts) == 2 else "")
+        if self.prob < 1:
+            text += f" on {self.prob:.0%} of batches"
+        return text + (f" + model EMA {self.model_ema_decay:g}" if self.model_ema is not None else "")
+
     def choose(self, step: int) -> str | None:
         """'mixup', 'cutmix' or None (this batch is not mixed), as timm's _params_per_batch."""
         u_mix, u_switch = self.random.uniform(step, DECISION_STREAM, 2)
