@@ -381,6 +381,32 @@ def test_initial_checkpoint_class_mismatch_is_one_line(data, tmp_path):
     assert run.stderr.strip().count("\n") == 0 and "trained for 3 classes, but the data has 4" in run.stderr
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_initial_checkpoint_from_plain_weights(tmp_path, suffix):
+    from automix_fast.engine.initial_checkpoint import load_initial_checkpoint
+    from automix_fast.errors import CheckpointError
+
+    torch.manual_seed(0)
+    source = create_model("tinynet", num_classes=3)
+    path = tmp_path / ("w" + suffix)
+    if suffix == ".pt":
+        torch.save(source.state_dict(), path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(source.state_dict(), str(path))
+    torch.manual_seed(1)
+    mixer = build_mixer("vanilla", create_model("tinynet", num_classes=3), model_ema_decay=0.9)
+    load_initial_checkpoint(mixer, str(path), "tinynet", 3)
+    for k, v in source.state_dict().items():
+        assert torch.equal(mixer.model.state_dict()[k], v) and torch.equal(mixer.model_ema.state_dict()[k], v), k
+    with pytest.raises(ConfigError, match="trained for 3 classes, but the data has 4"):
+        load_initial_checkpoint(build_mixer("vanilla", create_model("tinynet", num_classes=4)), str(path), "tinynet", 4)
+    with pytest.raises(CheckpointError, match="does not match resnet18_cifar"):
+        load_initial_checkpoint(build_mixer("vanilla", create_model("resnet18_cifar", num_classes=3)), str(path),
+                                "resnet18_cifar", 3)
+
+
 def test_mix_and_mixup_flags_disagree_on_the_command_line(data, tmp_path):
     run = cli(train_args(data, tmp_path, "bad", "--mix", "automix", "--cutmix", "1.0", epochs=1))
     assert run.returncode == 2

@@ -6,7 +6,9 @@ Copies of q start equal to the loaded weights, as they do at a fresh start: Auto
 momentum encoder k and the --model-ema copy. The Mix Block starts fresh. A checkpoint
 trained without the mix head may start an AutoMix run (head_mix stays freshly initialized),
 and the mix head of an AutoMix checkpoint is dropped for a baseline run. A different model
-or class count is a one-line error.
+or class count is a one-line error. A plain state dict with our key names (`.pt` loadable
+with weights_only, or `.safetensors`) is accepted too; other key names (torchvision's) are not
+mapped here.
 """
 from __future__ import annotations
 
@@ -18,11 +20,38 @@ from automix_fast.errors import CheckpointError, ConfigError
 OPTIONAL_PREFIX = "head_mix."  # the only weights allowed to be missing on either side
 
 
+def plain_weights(path: str, num_classes: int) -> dict[str, torch.Tensor]:
+    """A plain state dict with our key names (`torch.save(model.state_dict())`, or the same as
+    .safetensors); the class count is read from head_one.weight."""
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            weights = load_file(path)
+        else:
+            weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file: one line naming it
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"--initial-checkpoint {path}: neither an automix-fast checkpoint nor plain weights ({first})") from None
+    if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
+        raise CheckpointError(f"--initial-checkpoint {path}: neither an automix-fast checkpoint nor a state dict of tensors")
+    weights = {k[len("model."):] if k.startswith("model.") else k: v for k, v in weights.items()}
+    head = weights.get("head_one.weight")
+    if head is not None and head.shape[0] != num_classes:
+        raise ConfigError(f"--initial-checkpoint {path} was trained for {head.shape[0]} classes, but the data has {num_classes}")
+    return weights
+
+
 def initial_weights(path: str, model_name: str, num_classes: int) -> dict[str, torch.Tensor]:
     """The `model.*` weights of checkpoint `path`, checked against this run's model and classes."""
     from automix_fast.engine.runner import FORMAT
 
-    state = load_checkpoint(path)
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as e:
+        if "unknown header" not in str(e):
+            raise
+        return plain_weights(path, num_classes)
     if state.get("format") != FORMAT or not isinstance(state.get("mixer"), dict):
         raise CheckpointError(f"--initial-checkpoint {path} is not an automix-fast training checkpoint")
     if state.get("model_name") != model_name:
