@@ -256,21 +256,29 @@ class _Schedule:
         self.steps.append(step)
 
 
-def _accumulated_run(micro_batch: int, accum: int, images: int = 40, grad_sync=None):
-    """Train a BN-free net (Vanilla) for one epoch; returns its weights and the steps scheduled."""
+def _accumulated_run(micro_batch: int, accum: int, images: int = 40, grad_sync=None, stop_after=None, resume=None):
+    """Train a BN-free net (Vanilla) for one epoch; returns its weights and the steps scheduled.
+    stop_after: stop after that many steps; resume: (model, optimizer, steps done) to continue."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(images, 3, 8, 8, generator=g), torch.randint(0, 4, (images,), generator=g)
     torch.manual_seed(0)
     # No BatchNorm: its batch statistics over b and 2b images differ, which would make the
     # comparison inexact for a reason that has nothing to do with accumulation.
     model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 36, 4))
-    mixer = Vanilla(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    skip = 0
+    if resume is not None:
+        model, opt, skip = resume
+    mixer = Vanilla(model)
     loader = _Loader([(x[i:i + micro_batch], y[i:i + micro_batch]) for i in range(0, images, micro_batch)])
     schedule = _Schedule()
+    calls = []
+    stop = None if stop_after is None else (lambda: calls.append(1) or len(calls) >= stop_after)
     result = train_one_epoch(mixer, loader, opt, schedule, epoch=0, start_step=0, total_steps=100, amp_dtype=None,
                              guard=StepGuard(torch.device("cpu")), accum_steps=accum, log_interval=2,
-                             grad_sync=grad_sync)
+                             grad_sync=grad_sync, should_stop=stop, skip_batches=skip)
+    if stop_after is not None:
+        return model, opt, result
     return model.state_dict(), schedule.steps, result
 
 
@@ -300,6 +308,16 @@ def test_grad_accum_under_torchrun_matches_one_process(data, tmp_path):
     torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-4, atol=1e-5)
     # The summation order differs (per-rank means, then the all-reduce), as in test_distributed.
     assert_states_equal(weights(tmp_path / "two" / "last.pt"), weights(tmp_path / "one" / "last.pt"), atol=2e-4)
+
+
+def test_grad_accum_resumes_mid_epoch_at_a_step_boundary():
+    whole, _, _ = _accumulated_run(4, 3)
+    model, opt, first = _accumulated_run(4, 3, stop_after=2)
+    assert first.stopped and first.steps == 2
+    rest, steps, _ = _accumulated_run(4, 3, resume=(model, opt, first.steps))  # replays 2 x 3 micro-batches
+    assert steps == [2, 3]
+    for k in whole:
+        assert torch.equal(rest[k], whole[k]), k
 
 
 def test_grad_accum_last_step_takes_the_rest():
