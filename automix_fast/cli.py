@@ -12,7 +12,7 @@ import os
 import sys
 from dataclasses import MISSING, fields
 
-from automix_fast.config import CHOICES, TrainConfig
+from automix_fast.config import CHOICES, TIMM_HELP, TrainConfig
 from automix_fast.errors import UserError
 
 # Short or timm-style spellings of some fields.
@@ -78,6 +78,7 @@ HELP = {
     "log_interval": "steps between progress lines and metrics.jsonl records",
     "visualize": "write mixes.png (AutoMix) at the end of training",
 }
+HELP.update(TIMM_HELP)
 
 
 def _flag(name: str) -> str:
@@ -111,11 +112,6 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         if f.name in CHOICES:
             kw["choices"] = CHOICES[f.name]
         parser.add_argument(*names, **kw)
-    # timm's switches: --mixup ALPHA / --cutmix ALPHA pick the policy and its alpha.
-    parser.add_argument("--mixup", type=float, default=argparse.SUPPRESS, metavar="ALPHA",
-                        help="shorthand for --mix mixup --mix-alpha ALPHA (default: not set)")
-    parser.add_argument("--cutmix", type=float, default=argparse.SUPPRESS, metavar="ALPHA",
-                        help="shorthand for --mix cutmix --mix-alpha ALPHA (default: not set)")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -80,6 +80,19 @@ class TrainConfig:
     checkpoint_hist: int = 3
     log_interval: int = 50
     visualize: bool = True
+    # ---- timm's training flags, with timm's meanings (docs/TIMM_FLAGS.md) ----
+    mixup: float | None = None  # mixup alpha; 0 disables; none: not given (see resolve_mixup_cutmix)
+    cutmix: float | None = None  # cutmix alpha; with mixup > 0 too, one of the two per batch
+    mixup_prob: float = 1.0  # probability of mixing a batch at all (mixup/cutmix)
+    mixup_switch_prob: float = 0.5  # probability of cutmix when both alphas are positive
+    model_ema: bool = False  # an EMA copy of the weights, evaluated as head `ema` (baselines only)
+    model_ema_decay: float = 0.9998
+    clip_grad: float | None = None  # none: no clipping
+    clip_mode: str = "norm"  # norm | value | agc
+    drop_path: float | None = None  # stochastic depth rate of the last block (ResNet family, WRN)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    initial_checkpoint: str | None = None  # start from these weights (no optimizer or step state)
+    log_tensorboard: bool = False  # TensorBoard event files in RUN/tensorboard/
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -96,6 +109,7 @@ CHOICES = {
     "kernel_backend": ("auto", "triton", "torch"),
     "device": ("auto", "cpu", "cuda"),
     "amp_dtype": ("bfloat16", "float16"),
+    "clip_mode": ("norm", "value", "agc"),
 }
 
 # The only fields a resumed run may change from the command line (`--resume` with flags): how
@@ -203,6 +217,7 @@ def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str,
             if key not in types:
                 raise ConfigError(f"unknown config key '{key}'")
             values[key] = _coerce(key, value, str(types[key]))
+    resolve_mixup_cutmix(values)
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg
@@ -256,6 +271,70 @@ def validate(cfg: TrainConfig) -> None:
              "must name the run folder to continue with --resume auto (--experiment NAME)", cfg.experiment)
     if cfg.sched == "step":
         _require(bool(cfg.decay_epochs), "decay_epochs", "must list epochs when sched is step", cfg.decay_epochs)
+    validate_timm_flags(cfg)
+
+
+# ---- timm's training flags ----------------------------------------------------------------
+def resolve_mixup_cutmix(values: dict[str, Any]) -> None:
+    """Pick `mix` from timm's --mixup/--cutmix (in place, on the explicitly given values).
+
+    Given neither, `mix` and `mix_alpha` decide as before. Given either, they are the alphas
+    of the baseline policy (0 or absent: off) and `mix` follows: mixup when mixup > 0, else
+    cutmix when cutmix > 0, else vanilla (timm trains unmixed with both 0). An explicit
+    `mix` must agree (mixup or cutmix with its alpha > 0; both names mean the same switching
+    policy when both alphas are positive); automix and `mix_alpha` do not combine with them.
+    """
+    mixup, cutmix = values.get("mixup"), values.get("cutmix")
+    if mixup is None and cutmix is None:
+        return
+    given = " ".join(f"--{k} {v:g}" for k, v in (("mixup", mixup), ("cutmix", cutmix)) if v is not None)
+    if values.get("mix_alpha") is not None:
+        raise ConfigError(f"{given} gives the alphas; drop --mix-alpha {values['mix_alpha']:g} (it is for --mix alone)")
+    alphas = {"mixup": mixup or 0.0, "cutmix": cutmix or 0.0}
+    if min(alphas.values()) < 0:
+        raise ConfigError(f"{given}: alphas must be 0 (off) or positive")
+    resolved = "mixup" if alphas["mixup"] > 0 else "cutmix" if alphas["cutmix"] > 0 else "vanilla"
+    mix = values.get("mix")
+    if mix is None:
+        values["mix"] = resolved
+    elif mix in alphas and alphas[mix] > 0 or mix == resolved:
+        return
+    elif mix == "automix":
+        raise ConfigError(f"{given} sets the mixup/cutmix baselines and does not combine with --mix automix "
+                          "(AutoMix's lambda comes from --mix-alpha)")
+    else:
+        raise ConfigError(f"--mix {mix} disagrees with {given} (which means --mix {resolved}); give one of them")
+
+
+# --help texts of the fields above (cli.py merges them into its own).
+TIMM_HELP = {
+    "mixup": "mixup alpha, as timm (0: off); with --cutmix too, one of the two per batch (sets --mix; see docs/TIMM_FLAGS.md)",
+    "cutmix": "cutmix alpha, as timm (0: off)",
+    "mixup_prob": "probability of mixing a batch at all (mixup/cutmix)",
+    "mixup_switch_prob": "probability of cutmix rather than mixup for a batch when both alphas are positive",
+    "model_ema": "keep an EMA copy of the weights, evaluated as head 'ema' (vanilla/mixup/cutmix)",
+    "model_ema_decay": "decay of the EMA copy per optimizer step",
+    "clip_grad": "gradient clipping threshold (none: off); fp16 gradients are unscaled first",
+    "clip_mode": "norm: total L2 norm; value: each element; agc: adaptive (the value is the clip factor)",
+    "drop_path": "stochastic depth: drop rate of the last residual block, rising linearly from 0 (ResNet family, WRN)",
+    "grad_accum_steps": "micro-batches of --batch-size per optimizer step; schedules and EMA count optimizer steps",
+    "initial_checkpoint": "start from the model weights of this checkpoint (not its optimizer, step or epoch)",
+    "log_tensorboard": "also write TensorBoard event files to RUN/tensorboard/ (needs the tensorboard package)",
+}
+
+
+def validate_timm_flags(cfg: TrainConfig) -> None:
+    _require(0 <= cfg.mixup_prob <= 1, "mixup_prob", "must be in [0, 1]", cfg.mixup_prob)
+    _require(0 <= cfg.mixup_switch_prob <= 1, "mixup_switch_prob", "must be in [0, 1]", cfg.mixup_switch_prob)
+    _require(0 < cfg.model_ema_decay < 1, "model_ema_decay", "must be in (0, 1)", cfg.model_ema_decay)
+    _require(not (cfg.model_ema and cfg.mix == "automix"), "model_ema",
+             "is for the baselines; AutoMix's momentum encoder k (heads k_one, k_mix) is its EMA model, "
+             "set by --encoder-momentum", cfg.model_ema)
+    if cfg.clip_grad is not None:
+        _require(cfg.clip_grad > 0, "clip_grad", "must be positive", cfg.clip_grad)
+    if cfg.drop_path is not None:
+        _require(0 <= cfg.drop_path < 1, "drop_path", "must be in [0, 1)", cfg.drop_path)
+    _require(cfg.grad_accum_steps >= 1, "grad_accum_steps", "must be at least 1", cfg.grad_accum_steps)
 
 
 def config_yaml(cfg: TrainConfig, resolved: dict[str, Any] | None = None) -> str:

@@ -7,7 +7,7 @@ import argparse
 from automix_fast import rundir
 
 # Parser entries that are not TrainConfig fields.
-NOT_FIELDS = ("command", "config", "mixup", "cutmix")
+NOT_FIELDS = ("command", "config")
 
 
 def given_values(args: argparse.Namespace) -> tuple[dict, dict]:
@@ -15,10 +15,6 @@ def given_values(args: argparse.Namespace) -> tuple[dict, dict]:
     from automix_fast.config import load_yaml
 
     flags = {k: v for k, v in vars(args).items() if k not in NOT_FIELDS}
-    for policy in ("mixup", "cutmix"):
-        if policy in vars(args):
-            flags.setdefault("mix", policy)
-            flags.setdefault("mix_alpha", getattr(args, policy))
     file_values = load_yaml(args.config) if getattr(args, "config", None) else {}
     return file_values, flags
 

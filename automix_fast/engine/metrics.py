@@ -106,10 +106,16 @@ class MetricLogger:
     file can be tailed. With `enabled=False` (ranks other than 0) every call is a no-op.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, *, enabled: bool = True, filename: str = "metrics.jsonl"):
+    def __init__(self, run_dir: str | os.PathLike, *, enabled: bool = True, filename: str = "metrics.jsonl",
+                 tensorboard: bool = False):
         self.enabled = enabled
         self.path = Path(run_dir) / filename
         self._file = None
+        self._tensorboard = None  # with `tensorboard`, the same values as TensorBoard scalars
+        if tensorboard and enabled:
+            from automix_fast.engine.tensorboard_log import TensorBoardWriter
+
+            self._tensorboard = TensorBoardWriter(run_dir)
 
     def log(self, type: str, values: dict, *, epoch: int | None = None, step: int | None = None) -> None:
         if not self.enabled:
@@ -126,6 +132,8 @@ class MetricLogger:
             from automix_fast.rundir import write_failure
 
             raise (write_failure(self.path, e, "metrics") or e) from None
+        if self._tensorboard is not None:
+            self._tensorboard.log(type, record["values"], step)
 
     def close(self) -> None:
         if self._file is not None:
@@ -134,6 +142,9 @@ class MetricLogger:
                 file.close()
             except OSError:
                 pass  # the failed write was already reported by log(); do not hide that error
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
 
     def __enter__(self):
         return self

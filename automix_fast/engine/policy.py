@@ -32,13 +32,15 @@ def resolve_amp(cfg, device: torch.device) -> torch.dtype | None:
 
 def create_policy_model(cfg, num_classes: int):
     """The online network for `cfg` (with the mixed-label head when the policy is AutoMix)."""
+    from automix_fast.engine.train_options import model_options
     from automix_fast.models import create_model
 
-    return create_model(cfg.model, num_classes=num_classes, mix_head=cfg.mix == "automix")
+    return create_model(cfg.model, num_classes=num_classes, mix_head=cfg.mix == "automix", **model_options(cfg))
 
 
 def wrap_policy(cfg, model, *, mix_stage: int | None = None, rank: int = 0):
     """The mixing policy `cfg.mix` around `model` (AutoMix adds the Mix Block and momentum encoder)."""
+    from automix_fast.engine.train_options import mixer_options
     from automix_fast.mixing import build_mixer
 
     return build_mixer(
@@ -47,5 +49,5 @@ def wrap_policy(cfg, model, *, mix_stage: int | None = None, rank: int = 0):
         mask_loss_weight=cfg.mask_loss_weight, mask_loss_anneal=cfg.mask_loss_anneal,
         mask_margin=cfg.mask_margin, lam_margin=cfg.lam_margin, lam_concat=cfg.lam_concat,
         mask_mode=cfg.mask_mode, mix_stage=mix_stage or cfg.mix_stage or model.mix_stage,
-        kernel_backend=cfg.kernel_backend,
+        kernel_backend=cfg.kernel_backend, **mixer_options(cfg),
     )

@@ -57,6 +57,7 @@ class Trainer:
         from automix_fast.engine.schedule import build_schedule
         from automix_fast.engine.train import StepGuard
         from automix_fast.engine.policy import create_policy_model, wrap_policy
+        from automix_fast.engine.train_options import model_options, optimizer_steps_per_epoch
         from automix_fast.models import create_model
 
         self.cfg = cfg
@@ -88,7 +89,7 @@ class Trainer:
             raise ConfigError(f"config field 'kernel_backend': {e}") from None
 
         torch.manual_seed(cfg.seed)  # same on every rank: identical initial weights
-        probe = create_model(cfg.model, num_classes=2)  # unknown model names fail before any data work
+        probe = create_model(cfg.model, num_classes=2, **model_options(cfg))  # unknown model names fail before any data work
         img_size = cfg.img_size or probe.default_img_size
         self.mix_stage = cfg.mix_stage or probe.mix_stage
         if self.mix_stage > probe.num_stages:
@@ -135,7 +136,7 @@ class Trainer:
         )
         self.optimizer = build_optimizer(groups, cfg.opt, lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay, device=self.device)
-        self.steps_per_epoch = len(self.train_loader)
+        self.steps_per_epoch = optimizer_steps_per_epoch(cfg, len(self.train_loader))
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.schedule = build_schedule(
             cfg.sched, [g["lr"] for g in groups], total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
@@ -238,7 +239,7 @@ class Trainer:
     def header(self) -> str:
         cfg, amp = self.cfg, self.amp_dtype
         return (
-            f"automix-fast: {cfg.mix} on {self.info.kind} ({self.info.num_train} train / {self.info.num_val} val, "
+            f"automix-fast: {self.mixer.label} on {self.info.kind} ({self.info.num_train} train / {self.info.num_val} val, "
             f"{self.num_classes} classes, {self.spec.img_size}px), {cfg.model}, {self.device.type}"
             f"{' x' + str(self.dist.world_size) if self.dist.is_distributed else ''}, loader {self.loader_kind}, "
             f"amp {str(amp).replace('torch.', '') if amp is not None else 'off'}, "
@@ -254,7 +255,9 @@ class Trainer:
     def fit(self) -> dict:
         from automix_fast.engine.checkpoint import CheckpointManager
         from automix_fast.engine.metrics import MetricLogger, ProgressLine
+        from automix_fast.engine.summary_csv import write_summary_csv
         from automix_fast.engine.train import evaluate, train_one_epoch
+        from automix_fast.engine.train_options import loop_options
 
         cfg = self.cfg
         if cfg.resume == "auto" and not cfg.experiment:
@@ -267,6 +270,11 @@ class Trainer:
             self.load_state(path, state)
             self.last_good = (path, self.start_epoch, self.start_batch)
             self.log(f"resumed from {path} at epoch {self.start_epoch + 1}, batch {self.start_batch}")
+        elif cfg.initial_checkpoint:  # timm's --initial-checkpoint: a fresh start from its weights only
+            from automix_fast.engine.initial_checkpoint import load_initial_checkpoint
+
+            load_initial_checkpoint(self.mixer, cfg.initial_checkpoint, cfg.model, self.num_classes)
+            self.log(f"model weights from {cfg.initial_checkpoint}")
         if self.is_main:
             if found is None:  # a new run: its own folder (a suffixed default name when taken)
                 self.run_dir = rundir.claim(self.run_dir, named=bool(cfg.experiment))
@@ -278,7 +286,7 @@ class Trainer:
         manager = CheckpointManager(self.run_dir, keep_recent=cfg.checkpoint_hist)
         if found is not None:
             manager.restore(found[1])
-        logger = MetricLogger(self.run_dir, enabled=self.is_main)
+        logger = MetricLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.log_tensorboard)
         self.log(self.header())
         self.log(f"run folder: {self.run_dir}")
         from automix_fast.engine.distributed import average_bn_stats, flat_allreduce_mean
@@ -321,7 +329,7 @@ class Trainer:
                         start_step=epoch * self.steps_per_epoch, total_steps=self.total_steps, amp_dtype=self.amp_dtype,
                         guard=self.guard, scaler=self.scaler, grad_sync=grad_sync, skip_batches=skip,
                         log_interval=cfg.log_interval, on_log=on_log, progress=progress, should_stop=should_stop,
-                        max_bad_steps=cfg.max_bad_steps, metric_mean=grad_sync,
+                        max_bad_steps=cfg.max_bad_steps, metric_mean=grad_sync, **loop_options(cfg),
                     )
                 finally:
                     progress.close()
@@ -335,6 +343,8 @@ class Trainer:
                 eval_result = evaluate(self.mixer, self.val_loader, amp_dtype=self.amp_dtype, device=self.device, reduce=reduce)
                 main_head = next(iter(self.mixer.eval_heads()))
                 self.history.append({"epoch": epoch + 1, "train": result.means, "eval": eval_result})
+                if self.is_main:
+                    write_summary_csv(self.run_dir / "summary.csv", self.history, list(self.mixer.eval_heads()))
                 logger.log("eval", eval_result, epoch=epoch + 1, step=(epoch + 1) * self.steps_per_epoch)
                 self.log("  eval " + "  ".join(
                     f"{h} {eval_result[h + '_top1']:.2f}/{eval_result[h + '_top5']:.2f}" for h in self.mixer.eval_heads()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from automix_fast.engine.metrics import accuracy_topk
 from automix_fast.errors import CheckpointError, UserError
@@ -67,16 +68,22 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp_dtype)
 
 
-def optimizer_step(optimizer, params, guard: StepGuard, scaler=None, loss: torch.Tensor | None = None) -> torch.Tensor:
-    """One update that is skipped when the loss or a gradient is not finite; returns the device flag."""
+def optimizer_step(optimizer, params, guard: StepGuard, scaler=None, loss: torch.Tensor | None = None,
+                   clip: Callable[[list[torch.Tensor]], None] | None = None) -> torch.Tensor:
+    """One update that is skipped when the loss or a gradient is not finite; returns the device flag.
+    `clip(params)` (engine/grad_clip.py) runs on the unscaled gradients just before the update."""
     if scaler is not None:
         scaler.unscale_(optimizer)
+        if clip is not None:
+            clip(params)
         found = sum(v.float() for v in scaler._found_inf_per_device(optimizer).values()).reshape(1)
         if loss is not None:  # a non-finite loss with finite (e.g. zero) gradients is still a bad step
             found = found + (~torch.isfinite(loss.detach().float())).float().reshape(1)
         scaler.step(optimizer)  # GradScaler skips on overflow and lowers the scale
         scaler.update()
         return found
+    if clip is not None:
+        clip(params)
     found = guard.check(params, loss)
     if optimizer.defaults.get("fused"):
         optimizer.found_inf = found  # the fused kernel skips the whole update on the device
@@ -116,10 +123,18 @@ def train_one_epoch(
     should_stop: Callable[[], bool] | None = None,
     max_bad_steps: int = 20,
     metric_mean: Callable[[list[torch.Tensor]], None] | None = None,
+    accum_steps: int = 1,
+    clip: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> EpochResult:
-    """Train over one epoch of `loader`, starting `skip_batches` batches in (a resumed epoch).
+    """Train over one epoch of `loader`, starting `skip_batches` optimizer steps in (a resumed epoch).
 
-    start_step is the global step of the epoch's first batch. on_log(i, values) receives
+    A step is `accum_steps` micro-batches (timm's --grad-accum-steps): each backward adds
+    loss / accum_steps to the gradients, gradients are all-reduced (grad_sync) once, after
+    the last one, and the epoch's last step takes the micro-batches left (timm's rule), so
+    an epoch is ceil(len(loader) / accum_steps) steps. Steps, schedules, lambdas and the
+    after_step updates (EMA, momentum encoder) count optimizer steps. `clip` (grad_clip.py)
+    runs before each update.
+    start_step is the global step of the epoch's first step. on_log(i, values) receives
     host floats every log_interval steps and at the end; progress.update(...) (see
     metrics.ProgressLine) is called every step, with the loss only at those intervals, so
     drawing the bar never waits on the device.
@@ -130,50 +145,58 @@ def train_one_epoch(
     loader.set_epoch(epoch)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     device = guard.device
-    batches = len(loader)
+    micro_batches = len(loader)
+    batches = steps_per_epoch(micro_batches, accum_steps)  # optimizer steps
     result = EpochResult()
     sums: dict[str, torch.Tensor] = {}
-    count_since_log = 0
+    count_since_log = 0  # micro-batches
+    epoch_loss, epoch_count = 0.0, 0  # host floats from the interval reads: the epoch's mean loss
     it = iter(loader)
     if skip_batches >= batches:
         raise CheckpointError(
             f"the checkpoint stopped after batch {skip_batches} of epoch {epoch + 1}, but an epoch now has "
             f"only {batches} batches (batch size or process count changed?); resume from an epoch checkpoint"
         )
-    for _ in range(skip_batches):  # replay the data order of an interrupted epoch
+    for _ in range(skip_batches * accum_steps):  # replay the data order of an interrupted epoch
         next(it)
     t_start = time.perf_counter()
     for i in range(skip_batches, batches):
-        t0 = time.perf_counter()
-        x, y = next(it)
-        data_time = time.perf_counter() - t0
-        result.data_seconds += data_time
         step = start_step + i
         schedule.apply(optimizer, step)
-        with autocast(device, amp_dtype):
-            loss, logs = mixer.loss(x, y, step, total_steps)
         optimizer.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        if grad_sync is not None:
+        micro = min(accum_steps, micro_batches - i * accum_steps)
+        data_time, step_images, loss_sum = 0.0, 0, None
+        for _ in range(micro):
+            t0 = time.perf_counter()
+            x, y = next(it)
+            data_time += time.perf_counter() - t0
+            with autocast(device, amp_dtype):
+                loss, logs = mixer.loss(x, y, step, total_steps)
+            part = loss / micro if micro > 1 else loss
+            (scaler.scale(part) if scaler is not None else part).backward()
+            loss_sum = part.detach() if loss_sum is None else loss_sum + part.detach()
+            for k, v in logs.items():
+                v = v.detach().float().to(device)
+                sums[k] = sums[k] + v if k in sums else v.clone()
+            count_since_log += 1
+            step_images += x.shape[0]
+        result.data_seconds += data_time
+        if grad_sync is not None:  # once per step: no all-reduce for the first micro-batches
             for p in params:  # every rank must all-reduce the same list of tensors
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             grad_sync([p.grad for p in params])  # mean over ranks; a NaN on one rank reaches all
-        found = optimizer_step(optimizer, params, guard, scaler, loss)
+        found = optimizer_step(optimizer, params, guard, scaler, loss_sum, clip)
         guard.record(found)
         mixer.after_step(step, total_steps)
 
-        for k, v in logs.items():
-            v = v.detach().float().to(device)
-            sums[k] = sums[k] + v if k in sums else v.clone()
-        count_since_log += 1
         result.steps += 1
-        result.images += x.shape[0]
+        result.images += step_images
         last = i == batches - 1
         stop = should_stop is not None and should_stop()
         logging_now = (i + 1) % log_interval == 0 or last or stop
         if progress is not None and not logging_now:  # the bar moves; the loss waits for the interval's read
-            progress.update(lr=optimizer.param_groups[0]["lr"], images=x.shape[0], data_time=data_time)
+            progress.update(lr=optimizer.param_groups[0]["lr"], images=step_images, data_time=data_time)
         if logging_now:
             if metric_mean is not None:
                 metric_mean(list(sums.values()))
@@ -187,9 +210,11 @@ def train_one_epoch(
             values["img_per_s"] = result.images / max(elapsed, 1e-9)
             values["data_share"] = result.data_seconds / max(elapsed, 1e-9)
             result.means = values
+            epoch_loss += values["loss"] * count_since_log
+            epoch_count += count_since_log
             sums, count_since_log = {}, 0
             if progress is not None:
-                progress.update(loss=values["loss"], lr=values["lr"], images=x.shape[0], data_time=data_time)
+                progress.update(loss=values["loss"], lr=values["lr"], images=step_images, data_time=data_time)
             if on_log is not None:
                 on_log(i + 1, values)
             worst = guard.too_many_bad(max_bad_steps)  # read once per interval, not per step
@@ -202,25 +227,34 @@ def train_one_epoch(
             result.stopped = True
             break
     result.seconds = time.perf_counter() - t_start
+    if epoch_count:  # timm's train_loss: the mean over the epoch (over the part run, after a resume)
+        result.means = {**result.means, "epoch_loss": epoch_loss / epoch_count}
     return result
+
+
+def steps_per_epoch(micro_batches: int, accum_steps: int) -> int:
+    """Optimizer steps in an epoch of `micro_batches` loader batches (the last step takes the rest)."""
+    return -(-micro_batches // accum_steps)
 
 
 @torch.no_grad()
 def evaluate(mixer, loader, *, amp_dtype: torch.dtype | None, device: torch.device, reduce=None) -> dict:
-    """Top-1/top-5 (%) of every head the policy names, each backbone run once per batch."""
+    """Top-1/top-5 (%) and mean cross-entropy of every head the policy names, each backbone run once per batch."""
     mixer.eval()
     heads = mixer.eval_heads()  # name -> (module, head)
     encoders: dict[int, tuple] = {}
     for name, (module, head) in heads.items():
         encoders.setdefault(id(module), (module, []))[1].append((name, head))
-    correct = {name: torch.zeros(2, device=device) for name in heads}
+    correct = {name: torch.zeros(3, device=device) for name in heads}  # top-1, top-5 counts, loss sum
     total = torch.zeros(1, device=device)
     for x, y in loader:
         with autocast(device, amp_dtype):
             for module, named in encoders.values():
                 feat = module.forward_features(x)
                 for name, head in named:
-                    correct[name] += accuracy_topk(module.forward_head(feat, head=head), y, (1, 5)).float()
+                    logits = module.forward_head(feat, head=head)
+                    correct[name][:2] += accuracy_topk(logits, y, (1, 5)).float()
+                    correct[name][2] += F.cross_entropy(logits.float(), y, reduction="sum")
         total += y.shape[0]
     if reduce is not None:
         for t in list(correct.values()) + [total]:
@@ -228,7 +262,7 @@ def evaluate(mixer, loader, *, amp_dtype: torch.dtype | None, device: torch.devi
     n = max(total.item(), 1.0)
     out = {"count": int(total.item())}
     for name, c in correct.items():
-        top1, top5 = (100.0 * c / n).tolist()
-        out[f"{name}_top1"], out[f"{name}_top5"] = top1, top5
+        top1, top5, loss = (c / n).tolist()
+        out[f"{name}_top1"], out[f"{name}_top5"], out[f"{name}_loss"] = 100.0 * top1, 100.0 * top5, loss
     mixer.train()
     return out

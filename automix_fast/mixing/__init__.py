@@ -11,20 +11,30 @@ __all__ = ["MIXERS", "Mixer", "StepRandom", "build_mixer", "mix_cross_entropy"]
 
 
 def build_mixer(name: str, model, **settings) -> Mixer:
-    """The policy `name` around `model`; settings the policy does not take are ignored."""
-    from .automix import AutoMix
-    from .baselines import CutMix, Mixup, Vanilla
+    """The policy `name` around `model`; settings the policy does not take are ignored.
 
-    classes = {"vanilla": Vanilla, "mixup": Mixup, "cutmix": CutMix, "automix": AutoMix}
-    if name not in classes:
+    mixup and cutmix are one policy (timm's Mixup): `alpha` is the named one's alpha unless
+    `mixup`/`cutmix` (timm's flags) give both, with `mix_prob` and `switch_prob`.
+    `model_ema_decay` (not None) adds an EMA copy of the model (the baselines only).
+    """
+    from .automix import AutoMix
+    from .baselines import MixupCutmix, Vanilla, baseline_alphas
+
+    if name not in MIXERS:
         raise ConfigError(f"unknown mix policy {name!r}; choose from: {', '.join(MIXERS)}")
-    cls = classes[name]
     common = {k: settings[k] for k in ("seed", "rank", "smoothing") if k in settings}
-    own = {}
-    if name in ("mixup", "cutmix", "automix") and settings.get("alpha") is not None:
-        own["alpha"] = settings["alpha"]
-    if name == "automix":
+    if name == "vanilla":
+        mixer = Vanilla(model, **common)
+    elif name in ("mixup", "cutmix"):
+        mixup, cutmix = baseline_alphas(name, settings.get("alpha"), settings.get("mixup"), settings.get("cutmix"))
+        extra = {k: settings[v] for k, v in (("prob", "mix_prob"), ("switch_prob", "switch_prob")) if settings.get(v) is not None}
+        mixer = MixupCutmix(model, mixup_alpha=mixup, cutmix_alpha=cutmix, **extra, **common)
+    else:
+        own = {"alpha": settings["alpha"]} if settings.get("alpha") is not None else {}
         keys = ("momentum_base", "momentum_end", "mask_loss_weight", "mask_loss_anneal", "mask_margin",
                 "lam_margin", "lam_concat", "mask_mode", "mix_stage", "kernel_backend")
         own.update({k: settings[k] for k in keys if settings.get(k) is not None})
-    return cls(model, **common, **own)
+        mixer = AutoMix(model, **common, **own)
+    if settings.get("model_ema_decay") is not None:
+        mixer.enable_model_ema(settings["model_ema_decay"])
+    return mixer

@@ -48,7 +48,8 @@ class Mixer(nn.Module):
 
     loss(x, y, step, total_steps) -> (loss, logs) where logs holds detached device scalars;
     after_step(step, total_steps) runs after each optimizer step; eval_heads() names the
-    (encoder, head) pairs evaluated at the end of an epoch.
+    (encoder, head) pairs evaluated at the end of an epoch. `enable_model_ema(decay)` adds
+    timm's EMA copy of the model (`model_ema`, head `ema`) to a baseline.
     """
 
     name = "base"
@@ -58,16 +59,36 @@ class Mixer(nn.Module):
         self.model = model
         self.random = StepRandom(seed, rank)
         self.smoothing = smoothing
+        self.model_ema = None
+        self.model_ema_decay = None
+
+    def enable_model_ema(self, decay: float) -> None:
+        from automix_fast.engine.model_ema import ema_copy
+
+        if hasattr(self, "momentum_encoder"):
+            raise ValueError("AutoMix's momentum encoder is its EMA model; model EMA is for the baselines")
+        self.model_ema, self.model_ema_decay = ema_copy(self.model), float(decay)
+
+    @property
+    def label(self) -> str:
+        """The policy as the run header names it (with its settings where the name is not enough)."""
+        return self.name + (f" + model EMA {self.model_ema_decay:g}" if self.model_ema is not None else "")
 
     def loss(self, x, y, step: int, total_steps: int):
         raise NotImplementedError
 
     def after_step(self, step: int, total_steps: int) -> None:
-        pass
+        if self.model_ema is not None:
+            from automix_fast.engine.model_ema import ema_update
+
+            ema_update(self.model_ema, self.model, self.model_ema_decay)
 
     def eval_heads(self) -> dict[str, tuple[nn.Module, str]]:
-        """name -> (encoder, head) evaluated at the end of each epoch."""
-        return {"one": (self.model, "one")}
+        """name -> (encoder, head) evaluated at the end of each epoch; the first is the main one."""
+        heads = {"one": (self.model, "one")}
+        if self.model_ema is not None:
+            heads["ema"] = (self.model_ema, "one")
+        return heads
 
     def param_groups(self, lr: float, weight_decay: float, min_lr: float = 0.0, **_) -> list[dict]:
         from automix_fast.engine.optim import param_groups_weight_decay

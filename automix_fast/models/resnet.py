@@ -2,12 +2,15 @@
 (so parameter counts and state-dict shapes match), each with an ImageNet and a CIFAR stem.
 
 Bottlenecks put the stride on the 3x3 conv (ResNet v1.5), as torchvision does.
+`drop_path_rate` adds timm's stochastic depth to the residual branches (models/drop_path.py);
+it adds no parameters, so state dicts are unchanged.
 """
 from __future__ import annotations
 
 from torch import nn
 
 from .classifier import Classifier
+from .drop_path import drop_path_or_identity, drop_path_rates
 from .registry import register_model
 from .stems import CIFAR, DEFAULT_IMG_SIZE, IMAGENET, STEM_NAMES, make_stem
 
@@ -30,7 +33,8 @@ def shortcut(cin: int, cout: int, stride: int) -> nn.Module | None:
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, cin: int, planes: int, stride: int = 1, groups: int = 1, base_width: int = 64):
+    def __init__(self, cin: int, planes: int, stride: int = 1, groups: int = 1, base_width: int = 64,
+                 drop_path: float = 0.0):
         super().__init__()
         if groups != 1 or base_width != 64:
             raise ValueError("BasicBlock supports only groups=1, base_width=64")
@@ -40,6 +44,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = shortcut(cin, planes, stride)
+        self.drop_path = drop_path_or_identity(drop_path)
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn2.weight)
@@ -48,13 +53,14 @@ class BasicBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        return self.relu(self.drop_path(out) + identity)
 
 
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, cin: int, planes: int, stride: int = 1, groups: int = 1, base_width: int = 64):
+    def __init__(self, cin: int, planes: int, stride: int = 1, groups: int = 1, base_width: int = 64,
+                 drop_path: float = 0.0):
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups  # ResNeXt widens the 3x3 group conv
         cout = planes * self.expansion
@@ -66,6 +72,7 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = shortcut(cin, cout, stride)
+        self.drop_path = drop_path_or_identity(drop_path)
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)
@@ -75,18 +82,20 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        return self.relu(self.drop_path(out) + identity)
 
 
-def make_stages(block, layers, planes, cin: int, *, groups: int = 1, base_width: int = 64, strides=None):
+def make_stages(block, layers, planes, cin: int, *, groups: int = 1, base_width: int = 64, strides=None,
+                drop_path_rate: float = 0.0):
     """One nn.Sequential per stage, the stride on its first block; by default the first stage
     keeps resolution and the others halve it. Returns (stages, stage_channels)."""
     strides = strides or (1,) + (2,) * (len(layers) - 1)
+    rates = iter(drop_path_rates(drop_path_rate, sum(layers)))
     stages, channels = [], []
     for n, p, s in zip(layers, planes, strides):
         blocks = []
         for j in range(n):
-            blocks.append(block(cin, p, s if j == 0 else 1, groups, base_width))
+            blocks.append(block(cin, p, s if j == 0 else 1, groups, base_width, next(rates)))
             cin = p * block.expansion
         stages.append(nn.Sequential(*blocks))
         channels.append(cin)
@@ -95,8 +104,9 @@ def make_stages(block, layers, planes, cin: int, *, groups: int = 1, base_width:
 
 def resnet(block, layers, num_classes: int, *, stem: str, mix_head: bool = False,
            zero_init_residual: bool = True, groups: int = 1, base_width: int = 64,
-           planes=(64, 128, 256, 512)) -> Classifier:
-    stages, channels = make_stages(block, layers, planes, planes[0], groups=groups, base_width=base_width)
+           planes=(64, 128, 256, 512), drop_path_rate: float = 0.0) -> Classifier:
+    stages, channels = make_stages(block, layers, planes, planes[0], groups=groups, base_width=base_width,
+                                   drop_path_rate=drop_path_rate)
     return Classifier(
         make_stem(stem, planes[0]), stages, channels, num_classes,
         mix_head=mix_head, mix_stage=3, default_img_size=DEFAULT_IMG_SIZE[stem],
@@ -116,9 +126,9 @@ RESNETS = {
 
 
 def _builder(block, layers, stem: str, options: dict):
-    def build(num_classes, *, mix_head=False, zero_init_residual=True):
+    def build(num_classes, *, mix_head=False, zero_init_residual=True, drop_path_rate=0.0):
         return resnet(block, layers, num_classes, stem=stem, mix_head=mix_head,
-                      zero_init_residual=zero_init_residual, **options)
+                      zero_init_residual=zero_init_residual, drop_path_rate=drop_path_rate, **options)
 
     return build
 

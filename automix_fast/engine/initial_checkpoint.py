@@ -1,0 +1,81 @@
+"""timm's `--initial-checkpoint PATH`: start a new run from a checkpoint's model weights.
+
+Only the encoder q (the `model.*` weights of an automix-fast checkpoint) is taken: not the
+optimizer, step, epoch, RNG or history, so the run starts at epoch 1 with a fresh schedule.
+Copies of q start equal to the loaded weights, as they do at a fresh start: AutoMix's
+momentum encoder k and the --model-ema copy. The Mix Block starts fresh. A checkpoint
+trained without the mix head may start an AutoMix run (head_mix stays freshly initialized),
+and the mix head of an AutoMix checkpoint is dropped for a baseline run. A different model
+or class count is a one-line error. A plain state dict with our key names (`.pt` loadable
+with weights_only, or `.safetensors`) is accepted too; other key names (torchvision's) are not
+mapped here.
+"""
+from __future__ import annotations
+
+import torch
+
+from automix_fast.engine.checkpoint import load_checkpoint
+from automix_fast.errors import CheckpointError, ConfigError
+
+OPTIONAL_PREFIX = "head_mix."  # the only weights allowed to be missing on either side
+
+
+def plain_weights(path: str, num_classes: int) -> dict[str, torch.Tensor]:
+    """A plain state dict with our key names (`torch.save(model.state_dict())`, or the same as
+    .safetensors); the class count is read from head_one.weight."""
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            weights = load_file(path)
+        else:
+            weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file: one line naming it
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"--initial-checkpoint {path}: neither an automix-fast checkpoint nor plain weights ({first})") from None
+    if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
+        raise CheckpointError(f"--initial-checkpoint {path}: neither an automix-fast checkpoint nor a state dict of tensors")
+    weights = {k[len("model."):] if k.startswith("model.") else k: v for k, v in weights.items()}
+    head = weights.get("head_one.weight")
+    if head is not None and head.shape[0] != num_classes:
+        raise ConfigError(f"--initial-checkpoint {path} was trained for {head.shape[0]} classes, but the data has {num_classes}")
+    return weights
+
+
+def initial_weights(path: str, model_name: str, num_classes: int) -> dict[str, torch.Tensor]:
+    """The `model.*` weights of checkpoint `path`, checked against this run's model and classes."""
+    from automix_fast.engine.runner import FORMAT
+
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as e:
+        if "unknown header" not in str(e):
+            raise
+        return plain_weights(path, num_classes)
+    if state.get("format") != FORMAT or not isinstance(state.get("mixer"), dict):
+        raise CheckpointError(f"--initial-checkpoint {path} is not an automix-fast training checkpoint")
+    if state.get("model_name") != model_name:
+        raise ConfigError(f"--initial-checkpoint {path} holds model '{state.get('model_name')}', "
+                          f"but this run trains '{model_name}'")
+    if state.get("num_classes") != num_classes:
+        raise ConfigError(f"--initial-checkpoint {path} was trained for {state.get('num_classes')} classes, "
+                          f"but the data has {num_classes}")
+    return {k[len("model."):]: v for k, v in state["mixer"].items() if k.startswith("model.")}
+
+
+@torch.no_grad()
+def load_initial_checkpoint(mixer, path: str, model_name: str, num_classes: int) -> None:
+    """Load the weights into mixer.model and restart its copies (k, model EMA) from them."""
+    weights = initial_weights(path, model_name, num_classes)
+    model = mixer.model
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights and not k.startswith(OPTIONAL_PREFIX)]
+    wrong = [k for k in own if k in weights and weights[k].shape != own[k].shape]
+    if missing or wrong:
+        what = f"lacks {missing[0]}" if missing else f"has {wrong[0]} of shape {tuple(weights[wrong[0]].shape)}"
+        raise CheckpointError(f"--initial-checkpoint {path} does not match {model_name}: it {what}")
+    model.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
+    for copy_name in ("momentum_encoder", "model_ema"):
+        copy = getattr(mixer, copy_name, None)
+        if copy is not None:
+            copy.load_state_dict(model.state_dict())

@@ -1,0 +1,462 @@
+"""timm's training flags (issue 12 B): --mixup/--cutmix together with --mixup-prob and
+--mixup-switch-prob, --model-ema, --clip-grad/--clip-mode, --drop-path, --grad-accum-steps,
+--initial-checkpoint, summary.csv and --log-tensorboard.
+
+Unit tests build tiny modules directly; the points about the command line run the real
+`automix-fast train` in a subprocess (tinynet, 32 px, the generated 3-class folder).
+"""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from automix_fast.config import build_config
+from automix_fast.engine.checkpoint import load_checkpoint
+from automix_fast.engine.grad_clip import grad_clipper
+from automix_fast.engine.model_ema import ema_update
+from automix_fast.engine.tensorboard_log import tensorboard_available
+from automix_fast.engine.train import StepGuard, optimizer_step, train_one_epoch
+from automix_fast.errors import ConfigError
+from automix_fast.mixing import build_mixer
+from automix_fast.mixing.baselines import MixupCutmix, Vanilla
+from automix_fast.models import create_model
+from automix_fast.models.drop_path import DropPath
+from faultkit import cli, make_folder, records, train_args
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("timm") / "data")
+
+
+def batch(n=8, classes=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+# ----------------------------------------------------------------------------- mixup + cutmix
+def test_mixup_cutmix_switch_and_prob_follow_timm():
+    model = create_model("tinynet", num_classes=5)
+    both = MixupCutmix(model, mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.6, switch_prob=0.3, seed=3)
+    kinds = [both.choose(s) for s in range(2000)]
+    mixed = [k for k in kinds if k is not None]
+    assert abs(len(mixed) / len(kinds) - 0.6) < 0.04  # --mixup-prob: share of mixed batches
+    assert abs(mixed.count("cutmix") / len(mixed) - 0.3) < 0.05  # --mixup-switch-prob: share of cutmix
+    assert kinds == [both.choose(s) for s in range(2000)]  # host draws, a pure function of the step
+    only_cutmix = MixupCutmix(model, mixup_alpha=0.0, cutmix_alpha=1.0, seed=3)
+    assert {only_cutmix.choose(s) for s in range(50)} == {"cutmix"}
+    always = MixupCutmix(model, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=1.0, seed=3)
+    assert {always.choose(s) for s in range(50)} == {"cutmix"}
+
+
+def test_unmixed_batch_is_plain_cross_entropy():
+    torch.manual_seed(0)
+    model = create_model("tinynet", num_classes=5)
+    never = MixupCutmix(model, mixup_alpha=1.0, cutmix_alpha=1.0, prob=0.0, seed=0)
+    x, y = batch()
+    loss, _ = never.loss(x, y, 7, 10)
+    torch.testing.assert_close(loss, F.cross_entropy(model(x), y))
+
+
+def test_cutmix_step_of_the_combined_policy_pastes_a_box():
+    torch.manual_seed(0)
+    model = create_model("tinynet", num_classes=5)
+    mixer = build_mixer("mixup", model, mixup=0.8, cutmix=1.0, switch_prob=0.5, seed=1)
+    step = next(s for s in range(100) if mixer.choose(s) == "cutmix")
+    seen = {}
+    real = model.forward
+    model.forward = lambda x, head="one": (seen.setdefault("x", x.clone()), real(x, head))[1]
+    x, y = batch()
+    mixer.loss(x, y, step, 100)
+    changed = (seen["x"] != x).any(dim=1)  # (N, H, W): pixels taken from the partner
+    assert changed.any() and not changed.all()  # a box, not a blend of every pixel
+
+
+@pytest.mark.parametrize("flags,mix,alphas", [
+    ({"mixup": 0.8, "cutmix": 1.0}, "mixup", (0.8, 1.0)),
+    ({"cutmix": 1.0}, "cutmix", (0.0, 1.0)),
+    ({"mixup": 0.0, "cutmix": 0.0}, "vanilla", None),
+    ({"mix": "cutmix", "mixup": 0.8, "cutmix": 1.0}, "cutmix", (0.8, 1.0)),
+    ({"mix": "mixup", "mix_alpha": 0.4}, "mixup", (0.4, 0.0)),
+])
+def test_mix_follows_mixup_and_cutmix(flags, mix, alphas):
+    cfg = build_config(overrides=flags)
+    assert cfg.mix == mix
+    mixer = build_mixer(cfg.mix, create_model("tinynet", num_classes=3), alpha=cfg.mix_alpha, mixup=cfg.mixup,
+                        cutmix=cfg.cutmix)
+    if alphas is None:
+        assert isinstance(mixer, Vanilla)
+    else:
+        assert (mixer.mixup_alpha, mixer.cutmix_alpha) == alphas
+
+
+@pytest.mark.parametrize("flags,message", [
+    ({"mix": "automix", "cutmix": 1.0}, "does not combine with --mix automix"),
+    ({"mixup": 0.8, "mix_alpha": 1.0}, "drop --mix-alpha"),
+    ({"mix": "cutmix", "mixup": 0.8}, "--mix cutmix disagrees"),
+    ({"mix": "vanilla", "mixup": 0.8}, "--mix vanilla disagrees"),
+    ({"mixup": -1.0}, r"must be 0 \(off\) or positive"),
+    ({"mix": "mixup", "mixup_prob": 1.5}, "'mixup_prob'"),
+    ({"mix": "automix", "model_ema": True}, "'model_ema' is for the baselines"),
+    ({"mix": "vanilla", "grad_accum_steps": 0}, "'grad_accum_steps'"),
+    ({"mix": "vanilla", "drop_path": 1.0}, "'drop_path'"),
+    ({"mix": "vanilla", "clip_grad": 0.0}, "'clip_grad'"),
+])
+def test_nonsense_combinations_are_one_line_errors(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(overrides=flags)
+
+
+# ----------------------------------------------------------------------------- model EMA
+def test_ema_update_is_timm_formula_and_copies_integer_buffers():
+    torch.manual_seed(0)
+    model, ema = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    model[1].num_batches_tracked.fill_(7)
+    model[1].running_mean.normal_()
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    ema_update(ema, model, 0.9)
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(ema.state_dict()[k], 0.9 * before[k] + 0.1 * v)
+        else:
+            assert torch.equal(ema.state_dict()[k], v)
+
+
+def test_ema_head_follows_optimizer_steps_and_lives_in_the_state_dict():
+    torch.manual_seed(0)
+    mixer = build_mixer("vanilla", create_model("tinynet", num_classes=3), model_ema_decay=0.5)
+    assert list(mixer.eval_heads()) == ["one", "ema"]
+    assert any(k.startswith("model_ema.") for k in mixer.state_dict())
+    assert not any(p.requires_grad for p in mixer.model_ema.parameters())
+    w = mixer.model.head_one.weight
+    start = w.detach().clone()
+    with torch.no_grad():
+        w.add_(1.0)
+    mixer.after_step(0, 10)
+    torch.testing.assert_close(mixer.model_ema.head_one.weight, start + 0.5)
+    with pytest.raises(ValueError, match="momentum encoder"):
+        build_mixer("automix", create_model("tinynet", num_classes=3, mix_head=True), model_ema_decay=0.9)
+
+
+# ----------------------------------------------------------------------------- gradient clipping
+def _linear_with_grad(scale: float = 100.0):
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 3)
+    (lin(torch.randn(4, 6)).pow(2).sum() * scale).backward()
+    return lin, list(lin.parameters())
+
+
+def test_clip_modes():
+    lin, params = _linear_with_grad()
+    grad_clipper(0.5, "norm")(params)
+    total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    assert total == pytest.approx(0.5, rel=1e-4)
+    lin, params = _linear_with_grad()
+    grad_clipper(0.01, "value")(params)
+    assert max(p.grad.abs().max().item() for p in params) == pytest.approx(0.01)
+    lin, params = _linear_with_grad()
+    grad_clipper(0.01, "agc")(params)
+    w, g = lin.weight.detach(), lin.weight.grad
+    assert torch.all(g.norm(dim=1) <= 0.01 * w.norm(dim=1) * (1 + 1e-4))
+    assert grad_clipper(None) is None
+
+
+def test_clipping_reads_nothing_on_the_host(monkeypatch):
+    """A host read per step would stall a GPU pipeline; every mode stays on the device."""
+    def refuse(*_a, **_k):
+        raise AssertionError("clipping read a device value on the host")
+
+    for mode in ("norm", "value", "agc"):
+        _, params = _linear_with_grad()
+        clip = grad_clipper(0.1, mode)
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "__bool__", "__float__"):
+                m.setattr(torch.Tensor, name, refuse)
+            clip(params)
+
+
+def test_clip_applies_to_unscaled_gradients_under_grad_scaler():
+    lin, params = _linear_with_grad(scale=0.0)
+    opt = torch.optim.SGD(params, lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    start = [p.detach().clone() for p in params]
+    loss = lin(torch.randn(4, 6)).pow(2).sum() * 100.0
+    opt.zero_grad()
+    scaler.scale(loss).backward()
+    optimizer_step(opt, params, StepGuard(torch.device("cpu")), scaler, loss, grad_clipper(0.5, "norm"))
+    moved = torch.linalg.vector_norm(torch.stack([(p.detach() - s).norm() for p, s in zip(params, start)]))
+    assert moved == pytest.approx(0.5, rel=1e-4)  # clipped after unscaling: the scale does not leak in
+
+
+# ----------------------------------------------------------------------------- drop path
+def test_drop_path_linear_rule_eval_noop_and_same_state_dict():
+    torch.manual_seed(0)
+    plain = create_model("resnet18_cifar", num_classes=10)
+    dropped = create_model("resnet18_cifar", num_classes=10, drop_path_rate=0.2)
+    rates = [m.p for m in dropped.modules() if isinstance(m, DropPath)]
+    assert rates == pytest.approx([0.2 * i / 7 for i in range(1, 8)])  # block 0 gets 0: no module
+    assert list(plain.state_dict()) == list(dropped.state_dict())
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    plain.eval(), dropped.eval()
+    torch.testing.assert_close(dropped(x), plain(x))  # no effect in eval mode
+
+
+def test_drop_path_drops_whole_samples_in_training():
+    torch.manual_seed(0)
+    dp = DropPath(0.5).train()
+    out = dp(torch.ones(400, 2, 3, 3))
+    per_sample = out.flatten(1)
+    assert set(per_sample.unique().tolist()) == {0.0, 2.0}  # dropped, or kept and scaled by 1/(1-p)
+    assert torch.all(per_sample.min(1).values == per_sample.max(1).values)  # the whole sample
+    assert abs((per_sample[:, 0] == 0).float().mean().item() - 0.5) < 0.1
+
+
+def test_drop_path_in_wrn_and_the_momentum_encoder():
+    from automix_fast.models.wrn import wide_resnet
+
+    wrn = wide_resnet(16, 1, 10, stem="cifar", drop_path_rate=0.3)  # 6 blocks
+    assert [m.p for m in wrn.modules() if isinstance(m, DropPath)] == pytest.approx([0.3 * i / 5 for i in range(1, 6)])
+    model = create_model("resnet18_cifar", num_classes=3, mix_head=True, drop_path_rate=0.1)
+    mixer = build_mixer("automix", model, kernel_backend="torch")
+    assert sum(isinstance(m, DropPath) for m in mixer.momentum_encoder.modules()) == 7
+
+
+def test_drop_path_on_a_model_without_residual_blocks(data, tmp_path):
+    run = cli(train_args(data, tmp_path, "dp", "--mix", "vanilla", "--drop-path", "0.1", epochs=1))
+    assert run.returncode == 2
+    assert run.stderr.strip().count("\n") == 0 and "residual blocks" in run.stderr
+
+
+# ----------------------------------------------------------------------------- gradient accumulation
+class _Loader:
+    def __init__(self, batches):
+        self.batches = batches
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+class _Schedule:
+    def __init__(self):
+        self.steps = []
+
+    def apply(self, optimizer, step):
+        self.steps.append(step)
+
+
+def _accumulated_run(micro_batch: int, accum: int, images: int = 40, grad_sync=None, stop_after=None, resume=None):
+    """Train a BN-free net (Vanilla) for one epoch; returns its weights and the steps scheduled.
+    stop_after: stop after that many steps; resume: (model, optimizer, steps done) to continue."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(images, 3, 8, 8, generator=g), torch.randint(0, 4, (images,), generator=g)
+    torch.manual_seed(0)
+    # No BatchNorm: its batch statistics over b and 2b images differ, which would make the
+    # comparison inexact for a reason that has nothing to do with accumulation.
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 36, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    skip = 0
+    if resume is not None:
+        model, opt, skip = resume
+    mixer = Vanilla(model)
+    loader = _Loader([(x[i:i + micro_batch], y[i:i + micro_batch]) for i in range(0, images, micro_batch)])
+    schedule = _Schedule()
+    calls = []
+    stop = None if stop_after is None else (lambda: calls.append(1) or len(calls) >= stop_after)
+    result = train_one_epoch(mixer, loader, opt, schedule, epoch=0, start_step=0, total_steps=100, amp_dtype=None,
+                             guard=StepGuard(torch.device("cpu")), accum_steps=accum, log_interval=2,
+                             grad_sync=grad_sync, should_stop=stop, skip_batches=skip)
+    if stop_after is not None:
+        return model, opt, result
+    return model.state_dict(), schedule.steps, result
+
+
+def test_grad_accum_matches_the_larger_batch():
+    big, big_steps, big_result = _accumulated_run(8, 1)
+    acc, acc_steps, acc_result = _accumulated_run(4, 2)
+    assert acc_steps == big_steps == list(range(5))  # steps count optimizer steps
+    assert acc_result.images == big_result.images == 40
+    for k in big:  # the same sums in another order: float32 rounding only
+        torch.testing.assert_close(acc[k], big[k], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(acc_result.means["epoch_loss"], big_result.means["epoch_loss"], rtol=1e-5, atol=1e-6)
+
+
+def test_grad_accum_under_torchrun_matches_one_process(data, tmp_path):
+    """2 ranks x batch 4 x 2 micro-batches with SyncBN see, micro-batch for micro-batch, the images
+    (and BN statistics) of 1 process x batch 8 x 2 micro-batches (see test_distributed); the
+    gradients are all-reduced once per step, after the second micro-batch."""
+    from faultkit import assert_states_equal, torchrun, train_losses, weights
+
+    common = ["--mix", "vanilla", "--sync-bn", "--seed", "3", "--grad-accum-steps", "2"]
+    one = cli(train_args(data, tmp_path, "one", *common, batch=8, epochs=1))
+    assert one.returncode == 0, one.stderr
+    two = torchrun(2, train_args(data, tmp_path, "two", *common, batch=4, epochs=1))
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    l1, l2 = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert len(l1) == len(l2) == 4  # 7 micro-batches: 3 steps of 2 and 1 of 1
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-4, atol=1e-5)
+    # The summation order differs (per-rank means, then the all-reduce), as in test_distributed.
+    assert_states_equal(weights(tmp_path / "two" / "last.pt"), weights(tmp_path / "one" / "last.pt"), atol=2e-4)
+
+
+def test_grad_accum_resumes_mid_epoch_at_a_step_boundary():
+    whole, _, _ = _accumulated_run(4, 3)
+    model, opt, first = _accumulated_run(4, 3, stop_after=2)
+    assert first.stopped and first.steps == 2
+    rest, steps, _ = _accumulated_run(4, 3, resume=(model, opt, first.steps))  # replays 2 x 3 micro-batches
+    assert steps == [2, 3]
+    for k in whole:
+        assert torch.equal(rest[k], whole[k]), k
+
+
+def test_grad_accum_last_step_takes_the_rest():
+    syncs = []
+    _, steps, result = _accumulated_run(4, 3, grad_sync=syncs.append)  # 10 micro-batches: 3 + 3 + 3 + 1
+    assert steps == [0, 1, 2, 3] and result.steps == 4 and result.images == 40
+    assert len(syncs) == 4  # one all-reduce per optimizer step, none for the other micro-batches
+
+
+# ----------------------------------------------------------------------------- the command line
+FLAGS = ("--mixup", "0.8", "--cutmix", "1.0", "--model-ema", "--model-ema-decay", "0.9", "--clip-grad", "1.0",
+         "--grad-accum-steps", "2")
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_with_timm_flags_then_resume_keeps_ema_and_summary_rows(data, tmp_path):
+    """Two epochs straight vs one epoch + a resume from checkpoint-0001.pt: the same EMA weights
+    and the same summary.csv rows (the resumed run rewrites the earlier row from its history)."""
+    tensorboard = tensorboard_available()  # the event files are checked when the package is installed
+    straight = cli(train_args(data, tmp_path, "straight", *FLAGS, *(["--log-tensorboard"] if tensorboard else [])))
+    assert straight.returncode == 0, straight.stderr
+    run = tmp_path / "straight"
+    assert "mixup 0.8 / cutmix 1 (cutmix share 0.5) + model EMA 0.9" in straight.stdout  # neither one dropped
+    if tensorboard:
+        assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    state = load_checkpoint(run / "last.pt")
+    assert state["config"]["mix"] == "mixup" and state["config"]["cutmix"] == 1.0
+    ema = {k: v for k, v in state["mixer"].items() if k.startswith("model_ema.")}
+    assert ema and not all(torch.equal(v, state["mixer"]["model." + k[len("model_ema."):]]) for k, v in ema.items())
+    evals = records(run, "eval")
+    assert {"one_top1", "ema_top1", "ema_loss"} <= set(evals[-1]["values"])
+    train = records(run)
+    assert max(r["step"] for r in train if r["epoch"] == 1) == 4  # 7 batches of 8 -> 4 steps of up to 2
+    rows = _rows(run / "summary.csv")
+    assert list(rows[0])[:6] == ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert float(rows[1]["eval_top1"]) == pytest.approx(evals[-1]["values"]["one_top1"])
+    assert float(rows[1]["eval_ema_top1"]) == pytest.approx(evals[-1]["values"]["ema_top1"])
+
+    resumed = cli(train_args(data, tmp_path, "resumed", *FLAGS, "--resume", str(run / "checkpoint-0001.pt")))
+    assert resumed.returncode == 0, resumed.stderr
+    again = load_checkpoint(tmp_path / "resumed" / "last.pt")["mixer"]
+    for k, v in ema.items():
+        assert torch.equal(again[k], v), k
+    assert _rows(tmp_path / "resumed" / "summary.csv") == rows
+
+
+def test_initial_checkpoint_loads_weights_only(data, tmp_path):
+    """An AutoMix run started from a vanilla run's weights, at an lr too small to move them: its
+    q and k end where the vanilla run ended (k restarts as a copy of q), at epoch 1 of its own."""
+    first = cli(train_args(data, tmp_path, "first", "--mix", "vanilla", epochs=1))
+    assert first.returncode == 0, first.stderr
+    ckpt = tmp_path / "first" / "last.pt"
+    second = cli(train_args(data, tmp_path, "second", "--mix", "automix", "--initial-checkpoint", str(ckpt),
+                            "--lr", "1e-7", "--warmup-epochs", "0", "--weight-decay", "0", epochs=1))
+    assert second.returncode == 0, second.stderr
+    saved = load_checkpoint(ckpt)["mixer"]
+    state = load_checkpoint(tmp_path / "second" / "last.pt")
+    weights = [k[len("model."):] for k in saved if k.startswith("model.") and "running_" not in k and "num_batches" not in k]
+    assert weights
+    for encoder in ("model.", "momentum_encoder."):
+        for k in weights:
+            torch.testing.assert_close(state["mixer"][encoder + k], saved["model." + k], atol=1e-4, rtol=0)
+    assert [r["epoch"] for r in records(tmp_path / "second", "eval")] == [1]
+    assert min(r["step"] for r in records(tmp_path / "second")) == 1  # a fresh step counter
+
+
+def test_initial_checkpoint_class_mismatch_is_one_line(tmp_path):
+    from automix_fast.engine.checkpoint import save_checkpoint
+    from automix_fast.engine.runner import FORMAT
+
+    model = create_model("tinynet", num_classes=3)  # what a 3-class run's checkpoint holds
+    save_checkpoint(tmp_path / "three.pt", {"format": FORMAT, "model_name": "tinynet", "num_classes": 3,
+                                            "mixer": {"model." + k: v for k, v in model.state_dict().items()}})
+    four = make_folder(tmp_path / "four", train_per_class=4, val_per_class=2, classes=4)
+    run = cli(train_args(four, tmp_path, "four", "--mix", "vanilla", "--initial-checkpoint",
+                         str(tmp_path / "three.pt"), epochs=1))
+    assert run.returncode == 2
+    assert run.stderr.strip().count("\n") == 0 and "trained for 3 classes, but the data has 4" in run.stderr
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_initial_checkpoint_from_plain_weights(tmp_path, suffix):
+    from automix_fast.engine.initial_checkpoint import load_initial_checkpoint
+    from automix_fast.errors import CheckpointError
+
+    torch.manual_seed(0)
+    source = create_model("tinynet", num_classes=3)
+    path = tmp_path / ("w" + suffix)
+    if suffix == ".pt":
+        torch.save(source.state_dict(), path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(source.state_dict(), str(path))
+    torch.manual_seed(1)
+    mixer = build_mixer("vanilla", create_model("tinynet", num_classes=3), model_ema_decay=0.9)
+    load_initial_checkpoint(mixer, str(path), "tinynet", 3)
+    for k, v in source.state_dict().items():
+        assert torch.equal(mixer.model.state_dict()[k], v) and torch.equal(mixer.model_ema.state_dict()[k], v), k
+    with pytest.raises(ConfigError, match="trained for 3 classes, but the data has 4"):
+        load_initial_checkpoint(build_mixer("vanilla", create_model("tinynet", num_classes=4)), str(path), "tinynet", 4)
+    with pytest.raises(CheckpointError, match="does not match resnet18_cifar"):
+        load_initial_checkpoint(build_mixer("vanilla", create_model("resnet18_cifar", num_classes=3)), str(path),
+                                "resnet18_cifar", 3)
+
+
+def test_mix_and_mixup_flags_disagree_on_the_command_line(data, tmp_path):
+    run = cli(train_args(data, tmp_path, "bad", "--mix", "automix", "--cutmix", "1.0", epochs=1))
+    assert run.returncode == 2
+    assert run.stderr.strip().count("\n") == 0 and "does not combine with --mix automix" in run.stderr
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+def test_tensorboard_missing_is_one_line(monkeypatch, tmp_path):
+    from automix_fast.engine import tensorboard_log
+    from automix_fast.engine.metrics import MetricLogger
+
+    monkeypatch.setattr(tensorboard_log, "tensorboard_available", lambda: False)
+    with pytest.raises(ConfigError, match="needs the tensorboard package"):
+        MetricLogger(tmp_path, tensorboard=True)
+
+
+def test_tensorboard_event_files(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from automix_fast.engine.metrics import MetricLogger
+
+    logger = MetricLogger(tmp_path, tensorboard=True)
+    for step, loss in enumerate(np.linspace(2.0, 1.0, 3)):
+        logger.log("train", {"loss": loss, "skipped_steps": 0}, epoch=1, step=step)
+    logger.log("eval", {"one_top1": 50.0, "count": 21}, epoch=1, step=3)
+    logger.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([2.0, 1.5, 1.0])
+    assert [e.step for e in acc.Scalars("eval/one_top1")] == [3]
