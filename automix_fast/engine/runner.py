@@ -231,10 +231,18 @@ class Trainer:
             "dataset": self.info.kind, "loader": self.loader_kind, "device": self.device.type,
             "img_size": self.spec.img_size, "aug": resolve_aug(self.spec), "num_classes": self.num_classes,
             "validation_batch_size": self.spec.eval_batch_size, "mix_stage": self.mix_stage,
-            "mix_alpha": getattr(self.mixer, "alpha", None), "amp": self.amp_dtype is not None,
+            "mix_alpha": self._mix_alpha(), "amp": self.amp_dtype is not None,
             "channels_last": self.channels_last,
             "kernel_backend": ops.resolve_backend(self.cfg.kernel_backend, self.device),
         }
+
+    def _mix_alpha(self) -> float | None:
+        """The alpha --mix-alpha null resolved to (None where timm's --mixup/--cutmix set them)."""
+        if hasattr(self.mixer, "alpha"):
+            return self.mixer.alpha
+        if self.cfg.mix in ("mixup", "cutmix") and self.cfg.mixup is None and self.cfg.cutmix is None:
+            return getattr(self.mixer, f"{self.cfg.mix}_alpha", None)
+        return None
 
     def header(self) -> str:
         cfg, amp = self.cfg, self.amp_dtype
