@@ -21,6 +21,7 @@ import torch
 
 from automix_fast.config import TrainConfig, config_changes, save_config
 from automix_fast.engine.train import NonFiniteError
+from automix_fast.mixing.automix import mask_summary
 from automix_fast.errors import CheckpointError, ConfigError, UserError
 
 FORMAT = "automix-fast/1"
@@ -202,6 +203,7 @@ class Trainer:
             mask_loss_weight=cfg.mask_loss_weight, mask_loss_anneal=cfg.mask_loss_anneal,
             mask_margin=cfg.mask_margin, lam_margin=cfg.lam_margin, lam_concat=cfg.lam_concat,
             mask_mode=cfg.mask_mode, mix_stage=self.mix_stage, kernel_backend=cfg.kernel_backend,
+            k_full_forward=cfg.k_full_forward, mix_shuffle_no_repeat=cfg.mix_shuffle_no_repeat,
         ).to(self.device)
         if cfg.torchcompile:
             self.model.compile()
@@ -209,7 +211,8 @@ class Trainer:
                 self.mixer.momentum_encoder.compile()
         groups = self.mixer.param_groups(
             cfg.lr, cfg.weight_decay, cfg.min_lr, mix_block_lr=cfg.mix_block_lr, mix_block_min_lr=cfg.mix_block_min_lr,
-            mix_block_weight_decay=cfg.mix_block_weight_decay,
+            mix_block_weight_decay=cfg.mix_block_weight_decay, mix_block_momentum=cfg.mix_block_momentum,
+            decay_norm_and_bias=cfg.decay_norm_and_bias,
         )
         self.optimizer = build_optimizer(groups, cfg.opt, lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay, device=self.device)
@@ -218,7 +221,7 @@ class Trainer:
         self.schedule = build_schedule(
             cfg.sched, [g["lr"] for g in groups], total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
             warmup_steps=int(cfg.warmup_epochs * self.steps_per_epoch), floors=[g["min_lr"] for g in groups],
-            decay_milestones=cfg.decay_epochs or (), warmup_lr=cfg.warmup_lr,
+            decay_milestones=cfg.decay_epochs or (), warmup_lr=cfg.warmup_lr, on_updates=cfg.sched_on_updates,
         )
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.guard = StepGuard(self.device)
@@ -407,6 +410,7 @@ class Trainer:
             "heads": list(self.mixer.eval_heads()),
             "skipped_steps": int(self.guard.skipped.item()),
             "train_seconds": time.perf_counter() - t_run,
+            **mask_summary(self.history),
             "stopped": False,
             "is_main": self.is_main,
         }

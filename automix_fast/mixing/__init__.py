@@ -25,6 +25,7 @@ def build_mixer(name: str, model, **settings) -> Mixer:
         own["alpha"] = settings["alpha"]
     if name == "automix":
         keys = ("momentum_base", "momentum_end", "mask_loss_weight", "mask_loss_anneal", "mask_margin",
-                "lam_margin", "lam_concat", "mask_mode", "mix_stage", "kernel_backend")
+                "lam_margin", "lam_concat", "mask_mode", "mix_stage", "kernel_backend", "k_full_forward",
+                "mix_shuffle_no_repeat")
         own.update({k: settings[k] for k in keys if settings.get(k) is not None})
     return cls(model, **common, **own)
