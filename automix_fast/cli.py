@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--loader", choices=CHOICES["loader"], default=argparse.SUPPRESS)
         p.add_argument("-j", "--workers", type=int, default=argparse.SUPPRESS)
     ev.add_argument("-b", "--batch-size", dest="validation_batch_size", type=int, default=argparse.SUPPRESS)
-    vis.add_argument("--output", dest="png", default=None, help="PNG path (default: mixes.png beside the checkpoint)")
+    vis.add_argument("--output", dest="png", default=None,
+                     help="PNG path (default: mixes.png beside the checkpoint, or mixes-1.png, mixes-2.png ... if taken)")
     vis.add_argument("--num", type=int, default=8, help="pairs to show")
     sub.add_parser("models", help="list the models")
     return parser
@@ -168,15 +169,19 @@ def cmd_eval(args) -> int:
 def cmd_visualize(args) -> int:
     from pathlib import Path
 
-    from automix_fast.visualize import write_mix_grid
+    from automix_fast.visualize import next_free_path, write_mix_grid
 
     t = _trainer_from_checkpoint(args)
     if not hasattr(t.mixer, "mix_block"):
         raise UserError(f"{args.checkpoint} was trained with --mix {t.cfg.mix}, which has no Mix Block to visualize")
     if args.num < 1:
         raise UserError(f"--num must be at least 1, got {args.num}")
-    png = args.png or str(Path(args.checkpoint).with_name("mixes.png"))
-    print(write_mix_grid(t.mixer, t.val_loader, png, t.spec, num=args.num))
+    png = args.png or next_free_path(Path(args.checkpoint).parent)  # never replaces an earlier picture
+    path, lines = write_mix_grid(t.mixer, t.val_loader, png, t.spec, num=args.num, classes=t.info.classes)
+    norms = {k: float(v) for k, v in t.mixer.mix_block.weight_norms().items()}
+    print("\n".join(lines))  # the mask statistics the training logs, on these pairs
+    print(f"Mix Block weight norms: W_q {norms['mix_block_q_norm']:.4f}  W_v {norms['mix_block_v_norm']:.4f}")
+    print(path)
     return 0
 
 

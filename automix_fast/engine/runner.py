@@ -420,7 +420,8 @@ class Trainer:
             if cfg.visualize and cfg.mix == "automix":
                 from automix_fast.visualize import write_mix_grid
 
-                png = write_mix_grid(self.mixer, self.val_loader, self.run_dir / "mixes.png", self.spec)
+                png, _ = write_mix_grid(self.mixer, self.val_loader, self.run_dir / "mixes.png", self.spec,
+                                        classes=self.info.classes)
                 summary["mixes_png"] = str(png)
         if self.dist.is_distributed:
             from automix_fast.engine.distributed import barrier
