@@ -16,17 +16,7 @@ from automix_fast.mixing import build_mixer
 from automix_fast.mixing.automix import derangement, encoder_momentum, mask_loss_weight, mask_statistics
 from automix_fast.models import create_model
 from automix_fast.ops import reference
-
-
-def make_automix(**kw):
-    torch.manual_seed(0)
-    model = create_model("tinynet", num_classes=5, mix_head=True)
-    return build_mixer("automix", model, seed=1, kernel_backend="torch", **kw)
-
-
-def batch(n=6, size=32):
-    g = torch.Generator().manual_seed(3)
-    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, 5, (n,), generator=g)
+from test_mixing import batch, make_automix  # the same tiny AutoMix and batch as the step tests
 
 
 def capture_mixes(mixer):
