@@ -268,3 +268,12 @@ def test_step_logs_hold_the_mask_statistics_without_a_host_read():
     text = mixer.progress_text({k: float(v) for k, v in logs.items()})
     assert text.startswith("mask ") and "px-sd" in text and "sat" in text
     assert np.isfinite([float(logs[k]) for k in keys]).all()
+
+
+def test_mask_loss_anneal_reads_the_old_boolean():
+    from automix_fast.config import config_changes
+
+    assert build_config({"mask_loss_anneal": True}).mask_loss_anneal == "cosine"
+    assert build_config({"mask_loss_anneal": False}).mask_loss_anneal == "none"
+    assert config_changes({"mask_loss_anneal": False}, build_config()) == []  # a checkpoint from before
+    assert config_changes({"mask_loss_anneal": True}, build_config()) == ["mask_loss_anneal"]

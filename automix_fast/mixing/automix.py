@@ -213,8 +213,9 @@ class AutoMix(Mixer):
         if "mask_partner_mean" not in values:
             return ""
         v = values
-        return (f"mask {v['mask_partner_mean']:.2f}/{v['mask_partner_target']:.2f} px-sd {v['mask_pixel_std']:.3f} "
-                f"img-sd {v['mask_image_std']:.3f} sat {100 * v['mask_saturated']:.0f}%")
+        # 3 significant digits: a spread of 1e-5 (a flat mask) must not print as 0.000.
+        return (f"mask {v['mask_partner_mean']:.2f}/{v['mask_partner_target']:.2f} px-sd {v['mask_pixel_std']:.3g} "
+                f"img-sd {v['mask_image_std']:.3g} sat {100 * v['mask_saturated']:.0f}%")
 
     @torch.no_grad()
     def after_step(self, step, total_steps):
