@@ -63,7 +63,7 @@ def mix_examples(mixer, x: torch.Tensor, lam: float = LAM_DEFAULT):
 
 def stats_line(lam: float, stats: dict) -> str:
     return (f"lam {lam:.2f}: partner weight {stats['mask_partner_mean']:.3f} (target {stats['mask_partner_target']:.3f})"
-            f"  pixel std {stats['mask_pixel_std']:.3f}  image std {stats['mask_image_std']:.3f}"
+            f"  pixel std {stats['mask_pixel_std']:.3g}  image std {stats['mask_image_std']:.3g}"
             f"  saturated {100 * stats['mask_saturated']:.1f}%")
 
 
