@@ -15,7 +15,7 @@ One step:
      theta_k = m theta_k + (1 - m) theta_q over parameters (not buffers).
 
 Every step also returns the mask statistics of `mask_statistics` (detached device scalars that
-the training loop reads with the losses once per log interval; docs/MASKS.md explains them).
+the training loop reads with the losses once per log interval; docs/AUTOMIX.md explains them).
 """
 from __future__ import annotations
 
@@ -167,11 +167,12 @@ class AutoMix(Mixer):
     def loss_terms(self, x, y, step, total_steps) -> dict[str, torch.Tensor]:
         """The four loss terms of the step (graph-connected) and the mask's self weight."""
         n = x.shape[0]
-        lam_mb, perm_mb = self.random.pair(self.alpha, n, step, 0, x.device)  # independent streams
-        lam_bb, perm_bb = self.random.pair(self.alpha, n, step, 1, x.device)
         if self.no_repeat:  # the official fine-grained recipes: no image mixed with itself
-            perm_mb = derangement(self.random, n, step, 0, x.device, fallback=True)
-            perm_bb = derangement(self.random, n, step, 1, x.device, fallback=False)
+            lam_mb, perm_mb = self.random.beta(self.alpha, step, 0), derangement(self.random, n, step, 0, x.device, fallback=True)
+            lam_bb, perm_bb = self.random.beta(self.alpha, step, 1), derangement(self.random, n, step, 1, x.device, fallback=False)
+        else:
+            lam_mb, perm_mb = self.random.pair(self.alpha, n, step, 0, x.device)  # independent streams
+            lam_bb, perm_bb = self.random.pair(self.alpha, n, step, 1, x.device)
         m_mb, m_bb = self.mix_masks(x, lam_mb, perm_mb, lam_bb, perm_bb)
 
         x_mb, s_mean_mb = self.mix_block.mix(m_mb, x, perm_mb)
