@@ -162,6 +162,8 @@ def test_wrn28_8_recipe_and_mix_stage():
     assert cfg.mix_block_momentum == 0.0 and cfg.mix_block_lr == 0.03 and cfg.epochs == 400
     for mix in ("vanilla", "mixup", "cutmix"):
         assert recipe(f"cifar100_wrn28_8_{mix}").model == "wrn28_8_cifar"
+        for base in ("cifar100_r18", "cifar100_rx50", "cifar100_wrn28_8", "tiny_r18"):
+            assert recipe(f"{base}_{mix}").min_lr == 0.0  # the official mixups baselines anneal to 0
     model = create_model("wrn28_8_cifar", num_classes=100, mix_head=True)
     assert model.mix_stage == 2 and model.stage_channels[model.mix_stage - 1] == 256
     assert make_automix_for(model).mix_block.in_channels == 256
