@@ -67,7 +67,7 @@ def stats_line(lam: float, stats: dict) -> str:
             f"  saturated {100 * stats['mask_saturated']:.1f}%")
 
 
-def diverse_batch(loader, num: int, max_batches: int = 20) -> tuple[torch.Tensor, list[int]]:
+def diverse_batch(loader, num: int, max_batches: int = 50) -> tuple[torch.Tensor, list[int]]:
     """`num` images of different classes where the first batches have them (val sets are often
     sorted by class, so the first batch alone would show one class), and their labels."""
     picked, seen, spare = [], set(), []
