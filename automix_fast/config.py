@@ -52,7 +52,7 @@ class TrainConfig:
     encoder_momentum: float = 0.99
     encoder_momentum_end: float = 0.999
     mask_loss_weight: float = 0.1
-    mask_loss_anneal: bool = False
+    mask_loss_anneal: str = "none"  # none | cosine | compound (official ImageNet hook)
     mask_margin: float = 0.1
     lam_margin: float = 0.08
     lam_concat: bool = False
@@ -62,6 +62,11 @@ class TrainConfig:
     mix_block_min_lr: float | None = None  # none: min_lr
     mix_block_weight_decay: float | None = None  # none: weight_decay
     kernel_backend: str = "auto"  # auto | triton | torch
+    mix_block_momentum: float | None = None  # none: momentum (SGD momentum of the Mix Block group)
+    k_full_forward: bool = True  # k runs all its stages on the clean batch (official); false: to the mix stage only
+    mix_shuffle_no_repeat: bool = False  # permutations without fixed points (official fine-grained recipes)
+    decay_norm_and_bias: bool = False  # weight decay on every parameter (official/mmcv); false: timm's exemption
+    sched_on_updates: bool = False  # timm's: the cosine moves every step; false: once per epoch (mmcv, official)
     # engine
     device: str = "auto"  # auto | cpu | cuda
     amp: bool | None = None  # none: on with CUDA
@@ -106,6 +111,7 @@ CHOICES = {
     "sched": ("cosine", "step", "const"),
     "mix": ("vanilla", "mixup", "cutmix", "automix"),
     "mask_mode": ("nearest", "bilinear"),
+    "mask_loss_anneal": ("none", "cosine", "compound"),
     "kernel_backend": ("auto", "triton", "torch"),
     "device": ("auto", "cpu", "cuda"),
     "amp_dtype": ("bfloat16", "float16"),
@@ -136,6 +142,8 @@ def coerce_field(name: str, value: Any) -> Any:
 
 def _coerce(name: str, value: Any, type_str: str) -> Any:
     """Check and convert one value against the dataclass annotation (kept as a string)."""
+    if name == "mask_loss_anneal" and isinstance(value, bool):  # configs and checkpoints before the 3-way choice
+        value = "cosine" if value else "none"
     optional = "None" in type_str
     if value is None:
         if optional:
@@ -262,6 +270,8 @@ def validate(cfg: TrainConfig) -> None:
         _require(cfg.mix_block_lr > 0, "mix_block_lr", "must be positive", cfg.mix_block_lr)
     if cfg.mix_block_weight_decay is not None:
         _require(cfg.mix_block_weight_decay >= 0, "mix_block_weight_decay", "must be 0 or more", cfg.mix_block_weight_decay)
+    if cfg.mix_block_momentum is not None:
+        _require(0 <= cfg.mix_block_momentum < 1, "mix_block_momentum", "must be in [0, 1)", cfg.mix_block_momentum)
     if cfg.mix_block_min_lr is not None:
         _require(cfg.mix_block_min_lr >= 0, "mix_block_min_lr", "must be 0 or more", cfg.mix_block_min_lr)
     _require(cfg.max_bad_steps >= 1, "max_bad_steps", "must be at least 1", cfg.max_bad_steps)
@@ -364,5 +374,13 @@ def save_config(cfg: TrainConfig, path: str, resolved: dict[str, Any] | None = N
 
 def config_changes(old: dict[str, Any], new: TrainConfig) -> list[str]:
     """Fields outside RESUMABLE_FIELDS whose values differ between a checkpoint's config and this one."""
+    types = field_types()
+
+    def stored(k):  # old spellings (mask_loss_anneal: true) read as today's values
+        try:
+            return _coerce(k, old[k], str(types[k]))
+        except ConfigError:
+            return old[k]
+
     return [f.name for f in fields(TrainConfig)
-            if f.name not in RESUMABLE_FIELDS and f.name in old and old[f.name] != getattr(new, f.name)]
+            if f.name not in RESUMABLE_FIELDS and f.name in old and stored(f.name) != getattr(new, f.name)]

@@ -53,6 +53,7 @@ def test_automix_run_eval_visualize_and_models(small_data, tmp_path, capsys):
     assert code == 0, err
     for head in ("q_one", "q_mix", "k_one", "k_mix"):  # the summary table names all four heads
         assert any(line.startswith(head) for line in out.splitlines())
+    assert any(" mask " in line and "px-sd" in line for line in out.splitlines() if line.startswith("epoch"))
     assert "run folder:" in out and (tmp_path / "e" / "mixes.png").stat().st_size > 0
     assert (tmp_path / "e" / "best.pt").exists() and (tmp_path / "e" / "checkpoint-0002.pt").exists()
     ckpt = tmp_path / "e" / "last.pt"
@@ -69,8 +70,16 @@ def test_automix_run_eval_visualize_and_models(small_data, tmp_path, capsys):
     from PIL import Image
 
     with Image.open(png) as im:
-        # 4 rows (image, partner, mask, mix) by 4 columns of 32 px tiles with 2 px gaps, scaled x8.
-        assert im.size == (8 * (4 * 34 + 2), 8 * (4 * 34 + 2))
+        # Without lam_concat the masks do not depend on lambda: rows image, partner, mask, mix once.
+        assert im.text["rows"].split(";") == ["image", "partner", "mask lam=0.50", "mix lam=0.50"]
+        assert len(im.text["pairs"].split(";")) == 4
+    # The mask statistics: in every train line of metrics.jsonl, in the progress lines, in summary.json.
+    for record in metrics(tmp_path / "e"):
+        for key in ("mask_partner_mean", "mask_partner_target", "mask_pixel_std", "mask_image_std",
+                    "mask_saturated", "mix_block_q_norm", "mix_block_v_norm"):
+            assert key in record["values"], key
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert 0.0 <= summary["mask_stats"]["mask_partner_mean"] <= 1.0
     code, out, _ = run(["models"], capsys)
     assert code == 0 and "resnet50_cifar" in out and "tinynet" in out
 

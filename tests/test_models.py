@@ -139,7 +139,8 @@ def test_logits_and_stage_shapes(name):
     assert model.stage_channels == STAGE_CHANNELS[name.removesuffix("_cifar")]
     assert model.num_stages == len(model.stage_channels)
     assert model.num_features == model.stage_channels[-1]
-    assert model.mix_stage == 3  # for WRN that is its last stage
+    # The official Mix Block reads stage 3 of a ResNet, stage 2 of WRN-28-8 (mask_layer=1, 256 ch).
+    assert model.mix_stage == (2 if name.startswith("wrn") else 3)
     assert model.num_stages == (3 if name.startswith("wrn") else 4)
     assert model.default_img_size == (32 if name == "tinynet" or name.endswith("_cifar") else 224)
     # Input pixels per feature pixel after each stage.
@@ -165,7 +166,7 @@ def test_logits_and_stage_shapes(name):
     [
         ("tinynet", 32, (64, 8, 8)),
         ("resnet18_cifar", 32, (256, 8, 8)),
-        ("wrn28_8_cifar", 32, (512, 8, 8)),
+        ("wrn28_8_cifar", 32, (256, 16, 16)),
         ("resnet18", 224, (256, 14, 14)),
     ],
 )
@@ -274,8 +275,12 @@ def test_init_kaiming_fan_out_and_bn():
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
-    # Linear keeps PyTorch's default: uniform(+-1/sqrt(fan_in)).
-    assert model.head_one.weight.abs().max() <= 1 / math.sqrt(512)
+    # Heads as the official ClsHead: N(0, 0.01), bias 0 (PyTorch's default would be
+    # uniform(+-1/sqrt(512)), std 0.026, with a non-zero bias).
+    model = create_model("resnet18", 1000, mix_head=True)
+    for head in (model.head_one, model.head_mix):
+        assert abs(head.weight.std().item() / 0.01 - 1) < 0.02 and abs(head.weight.mean().item()) < 1e-4
+        assert torch.all(head.bias == 0)
 
 
 # ---------------------------------------------------------------- gradients

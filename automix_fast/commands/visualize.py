@@ -9,7 +9,7 @@ from automix_fast.errors import UserError
 
 
 def run(args) -> int:
-    from automix_fast.visualize import write_mix_grid
+    from automix_fast.visualize import next_free_path, write_mix_grid
 
     if args.num < 1:
         raise UserError(f"--num must be at least 1, got {args.num}")
@@ -19,7 +19,11 @@ def run(args) -> int:
     trained = load_trained(args.checkpoint, overrides)
     if not hasattr(trained.mixer, "mix_block"):
         raise UserError(f"{args.checkpoint} was trained with --mix {trained.cfg.mix}, which has no Mix Block to visualize")
-    loader, _, spec = eval_data(trained)
-    png = args.png or str(Path(args.checkpoint).with_name("mixes.png"))
-    print(write_mix_grid(trained.mixer, loader, png, spec, num=args.num))
+    loader, info, spec = eval_data(trained)
+    png = args.png or next_free_path(Path(args.checkpoint).parent)  # never replaces an earlier picture
+    path, lines = write_mix_grid(trained.mixer, loader, png, spec, num=args.num, classes=info.classes)
+    norms = {k: float(v) for k, v in trained.mixer.mix_block.weight_norms().items()}
+    print("\n".join(lines))  # the mask statistics the training logs, on these pairs
+    print(f"Mix Block weight norms: W_q {norms['mix_block_q_norm']:.4f}  W_v {norms['mix_block_v_norm']:.4f}")
+    print(path)
     return 0

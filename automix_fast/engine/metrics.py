@@ -184,11 +184,16 @@ class ProgressLine:
         self.data_time = self._win_data = 0.0
         self._drawn = 0  # length of the line currently on screen (TTY), to blank leftovers
         self._shown_loss = None
+        self._note = ""
 
-    def update(self, *, loss=None, lr: float | None = None, images: int = 0, data_time: float = 0.0) -> None:
+    def update(self, *, loss=None, lr: float | None = None, images: int = 0, data_time: float = 0.0,
+               note: str | None = None) -> None:
         """Record one finished step. `loss` may be a device tensor (read only when drawn),
-        `images` the samples in the step, `data_time` host seconds spent waiting for the batch."""
+        `images` the samples in the step, `data_time` host seconds spent waiting for the batch,
+        `note` text shown at the end of the line until the next note (AutoMix's mask statistics)."""
         self.step += 1
+        if note is not None:
+            self._note = note
         if loss is not None:
             self.epoch_loss.add(loss)
             self.window_loss.add(loss)
@@ -222,6 +227,8 @@ class ProgressLine:
         if self._win_images:
             parts.append(f"img/s {self._win_images / elapsed:.0f}")
         parts.append(f"data {100 * min(self._win_data / elapsed, 1.0):.0f}%")
+        if self._note:
+            parts.append(self._note)
         return " ".join(parts)
 
     def _emit(self, line: str, now: float) -> None:

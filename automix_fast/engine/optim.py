@@ -14,15 +14,19 @@ OPTIMIZERS = ("sgd", "adamw", "fused_sgd", "apex_sgd")
 
 
 def param_groups_weight_decay(model: nn.Module, weight_decay: float, no_decay_1d: bool = True,
-                              skip: tuple[str, ...] = ()) -> list[dict]:
+                              skip: tuple[str, ...] = (), decay_all: bool = False) -> list[dict]:
     """Two groups, timm style: weights with decay, and biases/norm weights (every parameter
     with ndim <= 1 when `no_decay_1d`) plus names in `skip` without. Frozen parameters are left
-    out; empty groups are dropped. Decaying BN scales and biases only hurts accuracy."""
+    out; empty groups are dropped. Decaying BN scales and biases only hurts accuracy, but the
+    official AutoMix recipes (mmcv's DefaultOptimizerConstructor) decay every parameter:
+    `decay_all` reproduces that (one group, `--decay-norm-and-bias`)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if (no_decay_1d and p.ndim <= 1) or name.endswith(".bias") or name in skip:
+        if decay_all:
+            decay.append(p)
+        elif (no_decay_1d and p.ndim <= 1) or name.endswith(".bias") or name in skip:
             no_decay.append(p)
         else:
             decay.append(p)

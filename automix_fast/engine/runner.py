@@ -23,6 +23,7 @@ from automix_fast.engine.policy import resolve_amp, resolve_device, resolve_load
 from automix_fast.engine.stopflag import StopFlag
 from automix_fast.engine.train import NonFiniteError
 from automix_fast.errors import CheckpointError, ConfigError, OutputError, UserError
+from automix_fast.mixing.automix import mask_summary
 
 FORMAT = "automix-fast/1"
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a signal (DDP only)
@@ -132,7 +133,8 @@ class Trainer:
                 self.mixer.momentum_encoder.compile()
         groups = self.mixer.param_groups(
             cfg.lr, cfg.weight_decay, cfg.min_lr, mix_block_lr=cfg.mix_block_lr, mix_block_min_lr=cfg.mix_block_min_lr,
-            mix_block_weight_decay=cfg.mix_block_weight_decay,
+            mix_block_weight_decay=cfg.mix_block_weight_decay, mix_block_momentum=cfg.mix_block_momentum,
+            decay_norm_and_bias=cfg.decay_norm_and_bias,
         )
         self.optimizer = build_optimizer(groups, cfg.opt, lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay, device=self.device)
@@ -141,7 +143,7 @@ class Trainer:
         self.schedule = build_schedule(
             cfg.sched, [g["lr"] for g in groups], total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
             warmup_steps=int(cfg.warmup_epochs * self.steps_per_epoch), floors=[g["min_lr"] for g in groups],
-            decay_milestones=cfg.decay_epochs or (), warmup_lr=cfg.warmup_lr,
+            decay_milestones=cfg.decay_epochs or (), warmup_lr=cfg.warmup_lr, on_updates=cfg.sched_on_updates,
         )
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.guard = StepGuard(self.device)
@@ -378,6 +380,7 @@ class Trainer:
             "heads": list(self.mixer.eval_heads()),
             "skipped_steps": int(self.guard.skipped.item()),
             "train_seconds": time.perf_counter() - t_run,
+            **mask_summary(self.history),
             "stopped": False,
             "is_main": self.is_main,
         }
@@ -386,7 +389,8 @@ class Trainer:
             if cfg.visualize and cfg.mix == "automix":
                 from automix_fast.visualize import write_mix_grid
 
-                png = write_mix_grid(self.mixer, self.val_loader, self.run_dir / "mixes.png", self.spec)
+                png, _ = write_mix_grid(self.mixer, self.val_loader, self.run_dir / "mixes.png", self.spec,
+                                        classes=self.info.classes)
                 summary["mixes_png"] = str(png)
         if self.dist.is_distributed:
             from automix_fast.engine.distributed import barrier

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from automix_fast.errors import ConfigError
 
 SCHEDULES = ("cosine", "step", "const")
+MASK_LOSS_ANNEALS = ("none", "cosine", "compound")
 
 
 def cosine_anneal(start: float, end: float, step: float, total: float) -> float:
@@ -23,6 +24,36 @@ def cosine_anneal(start: float, end: float, step: float, total: float) -> float:
     """
     t = 1.0 if total <= 0 else min(max(step / total, 0.0), 1.0)
     return end + (start - end) * (1.0 + math.cos(math.pi * t)) / 2.0
+
+
+def momentum_cosine_start(total_steps: int) -> int:
+    """The first step of the momentum encoder's cosine rise: `int(0.1 T)`, the integer step the
+    official hook computes (`adjust_scope=[0.1, 1.0]`), not the real number 0.1 T."""
+    return int(total_steps * 0.1)
+
+
+class CompoundCosine:
+    """The official mask-loss anneal: each step's weight is the cosine factor applied to the
+    previous step's weight, w_t = w_{t-1} (1 + cos(pi t / T)) / 2 (the OpenMixup hook passes the
+    current value as its base every iteration), so w_t = w_0 prod_{i<=t} (1 + cos(pi i / T)) / 2.
+
+    A pure function of the step (resume needs nothing stored); consecutive steps extend a cached
+    product, any other step recomputes it (O(t) once, a fraction of a second at ImageNet scale).
+    """
+
+    def __init__(self, weight: float, total_steps: int):
+        self.weight, self.total = float(weight), int(total_steps)
+        self._step, self._value = -1, self.weight
+
+    def __call__(self, step: int) -> float:
+        if self.total <= 0:
+            return self.weight
+        if step < self._step:
+            self._step, self._value = -1, self.weight
+        for i in range(self._step + 1, step + 1):
+            self._value *= (1.0 + math.cos(math.pi * min(i / self.total, 1.0))) / 2.0
+        self._step = max(self._step, step)
+        return self._value
 
 
 def _per_group(value, n: int, name: str) -> list[float]:
@@ -74,12 +105,17 @@ class CosineSchedule(LRSchedule):
     warmup to 1 at `total_steps`, and the floor after that."""
 
     def __init__(self, total_steps: int, base_lrs: Sequence[float] | float, *,
-                 floors: Sequence[float] | float = 0.0, **warmup):
+                 floors: Sequence[float] | float = 0.0, steps_per_epoch: int | None = None, **warmup):
         super().__init__(base_lrs, **warmup)
         self.total_steps = int(total_steps)
         self.floors = _per_group(floors, len(self.base_lrs), "floors")
+        # Per epoch (timm without --sched-on-updates, mmcv's by_epoch cosine of the official
+        # recipes): the decay holds the value of the epoch's first step for the whole epoch.
+        self.steps_per_epoch = int(steps_per_epoch) if steps_per_epoch else None
 
     def _decayed(self, step: int) -> list[float]:
+        if self.steps_per_epoch:
+            step = step - step % self.steps_per_epoch
         span = self.total_steps - self.warmup_steps
         return [cosine_anneal(b, f, step - self.warmup_steps, span)
                 for b, f in zip(self.base_lrs, self.floors)]
@@ -109,12 +145,16 @@ class ConstSchedule(LRSchedule):
 def build_schedule(name: str, base_lrs: Sequence[float] | float, *, total_steps: int,
                    steps_per_epoch: int, warmup_steps: int = 0, floors=0.0,
                    decay_milestones: Sequence[int] = (), decay_rate: float = 0.1,
-                   warmup_start_factor: float = 0.0, warmup_lr: float | None = None) -> LRSchedule:
-    """`--sched cosine|step|const`; `decay_milestones` are epochs (timm's --decay-milestones)."""
+                   warmup_start_factor: float = 0.0, warmup_lr: float | None = None,
+                   on_updates: bool = True) -> LRSchedule:
+    """`--sched cosine|step|const`; `decay_milestones` are epochs (timm's --decay-milestones).
+    `on_updates` (timm's --sched-on-updates): the cosine moves every step; off, once per epoch
+    (warmup stays per step either way, as in timm and mmcv)."""
     warmup = dict(warmup_steps=warmup_steps, warmup_start_factor=warmup_start_factor,
                   warmup_lr=warmup_lr)
     if name == "cosine":
-        return CosineSchedule(total_steps, base_lrs, floors=floors, **warmup)
+        return CosineSchedule(total_steps, base_lrs, floors=floors,
+                              steps_per_epoch=None if on_updates else steps_per_epoch, **warmup)
     if name == "step":
         return StepSchedule([e * steps_per_epoch for e in decay_milestones], base_lrs,
                             gamma=decay_rate, **warmup)

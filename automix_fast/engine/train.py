@@ -214,7 +214,8 @@ def train_one_epoch(
             epoch_count += count_since_log
             sums, count_since_log = {}, 0
             if progress is not None:
-                progress.update(loss=values["loss"], lr=values["lr"], images=step_images, data_time=data_time)
+                note = mixer.progress_text(values) if hasattr(mixer, "progress_text") else None  # AutoMix: mask stats
+                progress.update(loss=values["loss"], lr=values["lr"], images=step_images, data_time=data_time, note=note)
             if on_log is not None:
                 on_log(i + 1, values)
             worst = guard.too_many_bad(max_bad_steps)  # read once per interval, not per step

@@ -2,7 +2,9 @@
 
 One step:
   1. lam_mb, lam_bb ~ Beta(alpha, alpha); independent permutations perm_mb, perm_bb.
-  2. f = k.stage3(x) without gradients (k in train mode: batch statistics, its own BN stats).
+  2. f = k.stage3(x) without gradients (k in train mode: batch statistics, its own BN stats);
+     by default k then runs its remaining stages on f too, as the official code does, so the BN
+     statistics after the mix stage also see the clean batch (`k_full_forward`).
   3. m_mb = MB(f, lam_mb, perm_mb) keeps its gradient; m_bb = MB(f, lam_bb, perm_bb) detached.
   4. x_bb: plain mixup when min(lam_bb, 1 - lam_bb) <= 0.08, else the MB mix with m_bb;
      x_mb: the MB mix with m_mb (differentiable w.r.t. m_mb).
@@ -11,32 +13,101 @@ One step:
      L_mask  = w_mask(t) * max(|1 - mean(s_mb) - lam_mb| - margin, 0)
   6. loss = L_mix_q + L_one_q + L_mix_k + L_mask; after the optimizer step, the EMA update
      theta_k = m theta_k + (1 - m) theta_q over parameters (not buffers).
+
+Every step also returns the mask statistics of `mask_statistics` (detached device scalars that
+the training loop reads with the losses once per log interval; docs/AUTOMIX.md explains them).
 """
 from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from automix_fast.engine.schedule import cosine_anneal
+from automix_fast.engine.schedule import MASK_LOSS_ANNEALS, CompoundCosine, cosine_anneal, momentum_cosine_start
 
 from .base import Mixer, mix_cross_entropy
 from .mixblock import MixBlock
 
 
 def encoder_momentum(step: int, total_steps: int, base: float = 0.999, end: float = 0.99999) -> float:
-    """base for the first 10% of training, then end - (end - base) (cos(pi t / T) + 1) / 2."""
-    if total_steps <= 0 or step < 0.1 * total_steps:
+    """base before step int(0.1 T) (the official hook's integer start), then
+    end - (end - base) (cos(pi t / T) + 1) / 2."""
+    if total_steps <= 0 or step < momentum_cosine_start(total_steps):
         return base
     return cosine_anneal(base, end, step, total_steps)
 
 
-def mask_loss_weight(step: int, total_steps: int, weight: float, anneal: bool) -> float:
-    """w_mask, cosine-annealed to 0 over training when `anneal` (ImageNet recipes)."""
-    if not anneal or total_steps <= 0:
+def _anneal_name(anneal) -> str:
+    """bool from configs written before the three-way choice: true was the plain cosine."""
+    if isinstance(anneal, bool):
+        return "cosine" if anneal else "none"
+    if anneal not in MASK_LOSS_ANNEALS:
+        raise ValueError(f"mask_loss_anneal must be one of {MASK_LOSS_ANNEALS}, got {anneal!r}")
+    return anneal
+
+
+def mask_loss_weight(step: int, total_steps: int, weight: float, anneal="none") -> float:
+    """w_mask at `step`: constant (`none`), the plain cosine to 0 (`cosine`, our alternative), or
+    the official compounding cosine (`compound`, CompoundCosine: ~0 after ~3% of training)."""
+    anneal = _anneal_name(anneal)
+    if anneal == "none" or total_steps <= 0:
         return weight
-    return cosine_anneal(weight, 0.0, step, total_steps)
+    if anneal == "cosine":
+        return cosine_anneal(weight, 0.0, step, total_steps)
+    return CompoundCosine(weight, total_steps)(step)
+
+
+def derangement(random, n: int, step: int, stream: int, device, *, fallback: bool) -> torch.Tensor:
+    """The official `mix_shuffle_no_repeat` permutation: draw up to 10 permutations, keep the
+    first without fixed points (no image mixed with itself). When all 10 have one, the official
+    code holds an 11th, unchecked draw; with `fallback` (the Mix Block's permutation) it shifts
+    every index by a random 1 <= s <= n - 2 instead, a permutation with no fixed point for sure.
+    Every draw is a pure function of (seed, step, stream, attempt) like the plain permutation."""
+    idx = torch.arange(n)
+    for attempt in range(11):
+        perm = random.perm(n, step, stream if attempt == 0 else (stream, attempt), "cpu")
+        if attempt < 10 and not bool((perm == idx).any()):
+            return perm.to(device, non_blocking=True)
+    if fallback and n >= 2:
+        shift = int(np.random.default_rng([random.seed, step, stream, 2]).integers(1, max(n - 1, 2)))
+        perm = (idx + shift) % n
+    return perm.to(device, non_blocking=True)
+
+
+SATURATED = 0.05  # a mask pixel is saturated below this or above 1 - this
+
+
+@torch.no_grad()
+def mask_statistics(logits: torch.Tensor, s_mean: torch.Tensor, lam: float) -> dict[str, torch.Tensor]:
+    """What the masks look like, as device scalars (no host read here).
+
+    mask_partner_mean: mean partner weight s over the batch (the mask loss holds it near
+    mask_partner_target = 1 - lam); mask_pixel_std: mean over images of the per-image std of s
+    (0 for a mask constant over the image); mask_image_std: std across the batch of the per-image
+    means (0 when every image gets the same ratio); mask_saturated: share of pixels with s below
+    0.05 or above 0.95. The pixel statistics read s at the Mix Block's resolution: exact for
+    nearest upsampling by an integer factor (each pixel repeated equally), close for bilinear.
+    """
+    s = torch.sigmoid(logits.detach().float()).flatten(1)  # (N, h*w)
+    s_mean = s_mean.detach().float()
+    partner = s_mean.mean()
+    return {
+        "mask_partner_mean": partner,
+        "mask_partner_target": torch.full_like(partner, 1.0 - lam),
+        "mask_pixel_std": s.std(dim=1, unbiased=False).mean(),
+        "mask_image_std": s_mean.std(unbiased=False) if s_mean.numel() > 1 else torch.zeros_like(partner),
+        "mask_saturated": ((s < SATURATED) | (s > 1.0 - SATURATED)).float().mean(),
+    }
+
+
+def mask_summary(history: list[dict]) -> dict:
+    """{"mask_stats": ...}: the mask statistics and Mix Block norms of the last logged interval,
+    for summary.json; empty for policies without a Mix Block."""
+    means = history[-1].get("train", {}) if history else {}
+    stats = {k: v for k, v in means.items() if k.startswith(("mask_", "mix_block_"))}
+    return {"mask_stats": stats} if stats else {}
 
 
 class AutoMix(Mixer):
@@ -50,13 +121,15 @@ class AutoMix(Mixer):
         momentum_base: float = 0.999,
         momentum_end: float = 0.99999,
         mask_loss_weight: float = 0.1,
-        mask_loss_anneal: bool = False,
+        mask_loss_anneal: str = "none",
         mask_margin: float = 0.1,
         lam_margin: float = 0.08,
         lam_concat: bool = False,
         mask_mode: str = "nearest",
         mix_stage: int | None = None,
         kernel_backend: str = "auto",
+        k_full_forward: bool = True,
+        mix_shuffle_no_repeat: bool = False,
         **kw,
     ):
         super().__init__(model, **kw)
@@ -64,7 +137,10 @@ class AutoMix(Mixer):
             raise ValueError("AutoMix needs a model built with mix_head=True")
         self.alpha = alpha
         self.momentum_base, self.momentum_end = momentum_base, momentum_end
-        self.mask_weight, self.mask_anneal, self.mask_margin = mask_loss_weight, mask_loss_anneal, mask_margin
+        self.mask_weight, self.mask_anneal, self.mask_margin = mask_loss_weight, _anneal_name(mask_loss_anneal), mask_margin
+        self._compound = None  # CompoundCosine, built on first use (it needs total_steps)
+        self.k_full_forward = k_full_forward
+        self.no_repeat = mix_shuffle_no_repeat
         self.lam_margin = lam_margin
         self.mix_stage = mix_stage or model.mix_stage
         # k: a copy of q that gets no weight gradients. It is a submodule, so it follows the
@@ -79,6 +155,8 @@ class AutoMix(Mixer):
         """Mask logits for the MB branch (with gradient) and the backbone branch (detached)."""
         with torch.no_grad():
             f = self.momentum_encoder.forward_features(x, stages=self.mix_stage)
+            if self.k_full_forward:  # only for k's BN running statistics; the output is unused
+                self.momentum_encoder.forward_after(f, self.mix_stage)
         size = tuple(f.shape[-2:])
         projected = self.mix_block.project(f)  # once for both masks
         m_mb = self.mix_block.attend(projected, lam_mb, perm_mb, size)
@@ -89,8 +167,12 @@ class AutoMix(Mixer):
     def loss_terms(self, x, y, step, total_steps) -> dict[str, torch.Tensor]:
         """The four loss terms of the step (graph-connected) and the mask's self weight."""
         n = x.shape[0]
-        lam_mb, perm_mb = self.random.pair(self.alpha, n, step, 0, x.device)  # independent streams
-        lam_bb, perm_bb = self.random.pair(self.alpha, n, step, 1, x.device)
+        if self.no_repeat:  # the official fine-grained recipes: no image mixed with itself
+            lam_mb, perm_mb = self.random.beta(self.alpha, step, 0), derangement(self.random, n, step, 0, x.device, fallback=True)
+            lam_bb, perm_bb = self.random.beta(self.alpha, step, 1), derangement(self.random, n, step, 1, x.device, fallback=False)
+        else:
+            lam_mb, perm_mb = self.random.pair(self.alpha, n, step, 0, x.device)  # independent streams
+            lam_bb, perm_bb = self.random.pair(self.alpha, n, step, 1, x.device)
         m_mb, m_bb = self.mix_masks(x, lam_mb, perm_mb, lam_bb, perm_bb)
 
         x_mb, s_mean_mb = self.mix_block.mix(m_mb, x, perm_mb)
@@ -106,9 +188,17 @@ class AutoMix(Mixer):
         l_mix_q = mix_cross_entropy(self.model(x_bb, head="mix"), y, perm_bb, lam_bb, self.smoothing)
         self_weight = 1.0 - s_mean_mb.mean()
         mask_loss = torch.clamp((self_weight - lam_mb).abs() - self.mask_margin, min=0.0)
-        l_mask = mask_loss_weight(step, total_steps, self.mask_weight, self.mask_anneal) * mask_loss
+        l_mask = self.mask_weight_at(step, total_steps) * mask_loss
         return {"l_mix_q": l_mix_q, "l_one_q": l_one_q, "l_mix_k": l_mix_k, "l_mask": l_mask,
-                "mask_self_weight": self_weight, "lam_mb": lam_mb}
+                "mask_self_weight": self_weight, "lam_mb": lam_mb,
+                **mask_statistics(m_mb, s_mean_mb, lam_mb), **self.mix_block.weight_norms()}
+
+    def mask_weight_at(self, step: int, total_steps: int) -> float:
+        if self.mask_anneal != "compound":
+            return mask_loss_weight(step, total_steps, self.mask_weight, self.mask_anneal)
+        if self._compound is None or self._compound.total != total_steps:
+            self._compound = CompoundCosine(self.mask_weight, total_steps)
+        return self._compound(step)
 
     def loss(self, x, y, step, total_steps):
         terms = self.loss_terms(x, y, step, total_steps)
@@ -116,6 +206,17 @@ class AutoMix(Mixer):
         logs = {k: v.detach() for k, v in terms.items() if k != "lam_mb"}
         logs["loss"] = loss.detach()
         return loss, logs
+
+    @staticmethod
+    def progress_text(values: dict) -> str:
+        """The mask statistics in the progress line: partner weight/target, pixel and image
+        spreads, saturated share."""
+        if "mask_partner_mean" not in values:
+            return ""
+        v = values
+        # 3 significant digits: a spread of 1e-5 (a flat mask) must not print as 0.000.
+        return (f"mask {v['mask_partner_mean']:.2f}/{v['mask_partner_target']:.2f} px-sd {v['mask_pixel_std']:.3g} "
+                f"img-sd {v['mask_image_std']:.3g} sat {100 * v['mask_saturated']:.0f}%")
 
     @torch.no_grad()
     def after_step(self, step, total_steps):
@@ -130,15 +231,16 @@ class AutoMix(Mixer):
         return {"q_one": (q, "one"), "q_mix": (q, "mix"), "k_one": (k, "one"), "k_mix": (k, "mix")}
 
     def param_groups(self, lr, weight_decay, min_lr=0.0, mix_block_lr=None, mix_block_min_lr=None,
-                     mix_block_weight_decay=None, **_):
-        groups = super().param_groups(lr, weight_decay, min_lr)
-        groups.append(
-            {
-                "params": list(self.mix_block.parameters()),
-                "lr": lr if mix_block_lr is None else mix_block_lr,
-                "min_lr": min_lr if mix_block_min_lr is None else mix_block_min_lr,
-                "weight_decay": weight_decay if mix_block_weight_decay is None else mix_block_weight_decay,
-                "name": "mix_block",
-            }
-        )
+                     mix_block_weight_decay=None, mix_block_momentum=None, decay_norm_and_bias=False, **_):
+        groups = super().param_groups(lr, weight_decay, min_lr, decay_norm_and_bias=decay_norm_and_bias)
+        mb = {
+            "params": list(self.mix_block.parameters()),
+            "lr": lr if mix_block_lr is None else mix_block_lr,
+            "min_lr": min_lr if mix_block_min_lr is None else mix_block_min_lr,
+            "weight_decay": weight_decay if mix_block_weight_decay is None else mix_block_weight_decay,
+            "name": "mix_block",
+        }
+        if mix_block_momentum is not None:  # SGD momentum of the Mix Block alone (0 in the WRN recipe)
+            mb["momentum"] = mix_block_momentum
+        groups.append(mb)
         return groups

@@ -90,10 +90,11 @@ class Mixer(nn.Module):
             heads["ema"] = (self.model_ema, "one")
         return heads
 
-    def param_groups(self, lr: float, weight_decay: float, min_lr: float = 0.0, **_) -> list[dict]:
+    def param_groups(self, lr: float, weight_decay: float, min_lr: float = 0.0, decay_norm_and_bias: bool = False,
+                     **_) -> list[dict]:
         from automix_fast.engine.optim import param_groups_weight_decay
 
-        groups = param_groups_weight_decay(self.model, weight_decay)
+        groups = param_groups_weight_decay(self.model, weight_decay, decay_all=decay_norm_and_bias)
         for g in groups:
             g.update(lr=lr, min_lr=min_lr, name=g.get("name", "model"))
         return groups

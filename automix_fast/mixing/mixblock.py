@@ -63,6 +63,13 @@ class MixBlock(nn.Module):
         """Mask logits (N, 1, h, w) float32 for mixing each sample with its partner f[perm]."""
         return self.attend(self.project(f), lam, perm, tuple(f.shape[-2:]))
 
+    @torch.no_grad()
+    def weight_norms(self) -> dict[str, torch.Tensor]:
+        """L2 norms of W_q and W_v (device scalars): near their init (~0.01 sqrt(size)) the masks
+        are still ~0.5 everywhere; W_v's norm sets how far the logits can move from 0."""
+        return {"mix_block_q_norm": torch.linalg.vector_norm(self.q_proj.weight.detach().float()),
+                "mix_block_v_norm": torch.linalg.vector_norm(self.v_proj.weight.detach().float())}
+
     def mix(self, logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor):
         """(x_mix, s_mean): blend x with x[perm] by s = sigmoid(upsample(logits))."""
         return ops.mask_mix(logits, x, perm, mode=self.mode, backend=self.backend)

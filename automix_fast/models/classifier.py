@@ -53,10 +53,14 @@ class Classifier(nn.Module):
         self.stem_type = stem_type
         self.arch = type(self).__name__  # create_model sets the registry name
         self._init_backbone(zero_init_residual)
-        # Heads keep nn.Linear's default init (as torchvision does); created after the
-        # backbone init so that loop never touches them.
+        # Heads start from N(0, 0.01), bias 0, as the official classification heads (OpenMixup's
+        # ClsHead.init_weights); created after the backbone init so that loop never touches them.
         self.head_one = nn.Linear(self.num_features, num_classes)
         self.head_mix = nn.Linear(self.num_features, num_classes) if mix_head else None
+        for head in (self.head_one, self.head_mix):
+            if head is not None:
+                nn.init.normal_(head.weight, 0.0, 0.01)
+                nn.init.zeros_(head.bias)
 
     @property
     def has_mix_head(self) -> bool:
@@ -86,6 +90,13 @@ class Classifier(nn.Module):
         for stage in self.stages[:stages]:
             x = stage(x)
         return x
+
+    def forward_after(self, feat: torch.Tensor, stage: int) -> torch.Tensor:
+        """The stages after `stage` on its output `feat`: with forward_features(x, stage) the
+        whole backbone, split where the Mix Block reads."""
+        for s in self.stages[stage:]:
+            feat = s(feat)
+        return feat
 
     def _head(self, head: str) -> nn.Linear:
         if head == "one":

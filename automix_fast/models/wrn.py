@@ -1,6 +1,7 @@
 """WRN-28-8: the pre-activation wide ResNet of Zagoruyko & Komodakis (2016), in the layout
 of their reference code: 3 stages of 4 blocks, widths 16k/32k/64k with k = 8, a final
-BN + ReLU before pooling, no conv biases, no dropout by default.
+BN + ReLU before pooling, no conv biases, no dropout by default. The Mix Block reads stage 2
+(256 channels, 16x16 at 32 px), as in the official AutoMix WRN-28-8 recipe.
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def wide_resnet(depth: int, widen: int, num_classes: int, *, stem: str, mix_head
     stages[-1] += [nn.BatchNorm2d(widths[-1]), nn.ReLU(inplace=True)]
     return Classifier(
         make_stem(stem, 16, norm_act=False), [nn.Sequential(*s) for s in stages], widths, num_classes,
-        mix_head=mix_head, mix_stage=3, default_img_size=DEFAULT_IMG_SIZE[stem],
+        # The official WRN-28-8 AutoMix places the Mix Block on stage 2 (mask_layer=1, 256 channels).
+        mix_head=mix_head, mix_stage=2, default_img_size=DEFAULT_IMG_SIZE[stem],
         stem_type=STEM_NAMES[stem], zero_init_residual=zero_init_residual,
     )
 
