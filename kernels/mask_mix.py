@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from automix_fast.ops.launches import launch
+
 from automix_fast.ops.reference import is_channels_last
 
 __all__ = ["mask_mix", "mask_mix_forward", "mask_mix_backward", "POISON_OUTPUTS"]
@@ -254,7 +256,7 @@ def mask_mix_forward(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, 
     n_pblocks = triton.cdiv(H * W, block_p)
     partial = _new((N, n_pblocks), torch.float32, x.device)
     lg = logits[:, 0]
-    _fwd[(n_pblocks, N)](
+    launch(_fwd, (n_pblocks, N),
         lg, x, perm, out, partial,
         H, W, h, w, C, _scale(h, H), _scale(w, W), n_pblocks,
         *lg.stride(), *x.stride(), *out.stride(), partial.stride(0),
@@ -280,7 +282,7 @@ def mask_mix_backward(logits, x, perm, mode, g, g_smean):
     has_g, has_gs = g is not None, g_smean is not None
     g_arg = g if has_g else x
     gs_arg = g_smean if has_gs else t
-    _bwd_rows[(triton.cdiv(H, rows), triton.cdiv(w, block_b), N)](
+    launch(_bwd_rows, (triton.cdiv(H, rows), triton.cdiv(w, block_b), N),
         lg, x, perm, g_arg, gs_arg, t,
         H, W, h, w, C, _scale(h, H), _scale(w, W), W / w, 1.0 / (H * W),
         *lg.stride(), *x.stride(), *g_arg.stride(), gs_arg.stride(0), *t.stride(),
@@ -290,7 +292,7 @@ def mask_mix_backward(logits, x, perm, mode, g, g_smean):
     dlogits = _new((N, 1, h, w), logits.dtype, logits.device)
     dl = dlogits[:, 0]
     block_y = min(64, max(16, triton.next_power_of_2(math.ceil(2 * H / h) + 6)))
-    _bwd_cols[(h, triton.cdiv(w, block_b), N)](
+    launch(_bwd_cols, (h, triton.cdiv(w, block_b), N),
         t, dl, H, h, w, _scale(h, H), H / h,
         *t.stride(), *dl.stride(),
         BLOCK_Y=block_y, BLOCK_B=block_b, BILINEAR=bilinear, num_warps=4)

@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from automix_fast.ops.launches import launch
+
 __all__ = ["mixblock_attention", "attention_forward", "attention_backward", "POISON_OUTPUTS"]
 
 # Test hook: when True every buffer a kernel is meant to fill is allocated full of NaN, so an
@@ -295,7 +297,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     block_m, block_n, block_d, warps = _fwd_config(L, LK, D, q.dtype)
     dot_dtype, precision = _dot_settings(q.dtype)
     grid = (triton.cdiv(L, block_m), N)
-    _fwd[grid](q, k, v, out, lse, L, LK, D, scale * LOG2E,
+    launch(_fwd, grid, q, k, v, out, lse, L, LK, D, scale * LOG2E,
                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
                DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=warps, num_stages=2)
@@ -313,7 +315,7 @@ def attention_backward(q, k, v, out, lse, g, scale: float, need_dq: bool = True,
     if need_dq:
         dq = _new((N, L, D), q.dtype, q.device)
         bm, bn, bd, one, nd, warps = _bwd_config(L, LK, D, q.dtype)
-        _bwd_dq[(triton.cdiv(L, bm), nd, N)](
+        launch(_bwd_dq, (triton.cdiv(L, bm), nd, N),
             q, k, v, out, lse, g, dq, *common, *dq.stride(),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_TILE=one, IN_DTYPE=_tl_dtype(q.dtype),
             DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=warps, num_stages=2)
@@ -321,7 +323,7 @@ def attention_backward(q, k, v, out, lse, g, scale: float, need_dq: bool = True,
         dk = _new((N, LK, D), k.dtype, k.device)
         dv = _new((N, LK), v.dtype, v.device)
         bn, bm, bd, one, nd, warps = _bwd_config(LK, L, D, q.dtype)
-        _bwd_dkdv[(triton.cdiv(LK, bn), nd, N)](
+        launch(_bwd_dkdv, (triton.cdiv(LK, bn), nd, N),
             q, k, v, out, lse, g, dk, dv, *common, *dk.stride(), *dv.stride(),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_TILE=one, IN_DTYPE=_tl_dtype(q.dtype),
             DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=warps, num_stages=2)
