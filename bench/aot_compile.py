@@ -266,8 +266,8 @@ def run(presets=tuple(PRESETS), dtypes=tuple(DTYPES), layouts=tuple(LAYOUTS), mo
 # ----------------------------------------------------------------------------- 4. budgets
 
 LOW_PRECISION = ("fp16", "bf16")
-# Source lines of the mask_mix forward that touch the images: from the load of x to the
-# store of x_mix (the PTX line info of a vector access may name any line of that range).
+# Source lines of the mask_mix forward that touch the images: from the first load of x to the
+# last store of x_mix (the PTX line info of a vector access may name any line of that range).
 IMAGE_ACCESS_FIRST, IMAGE_ACCESS_LAST = "tl.load(x_base", "tl.store(o_base"
 
 
@@ -278,7 +278,7 @@ def image_access_lines() -> range:
 
     lines, start = inspect.getsourcelines(mask_mix._fwd.fn)
     first = next(i for i, t in enumerate(lines) if IMAGE_ACCESS_FIRST in t)
-    last = next(i for i, t in enumerate(lines) if IMAGE_ACCESS_LAST in t)
+    last = max(i for i, t in enumerate(lines) if IMAGE_ACCESS_LAST in t)
     return range(start + first, start + last + 1)
 
 

@@ -129,35 +129,54 @@ def _sigmoid(z):
 def _fwd(LOG, X, PERM, OUT, PART,
          H, W, h, w, C, scale_h, scale_w, n_pblocks,
          sln, slh, slw, sxn, sxc, sxh, sxw, son, soc, soh, sow, spn,
-         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BILINEAR: tl.constexpr, FLAT: tl.constexpr):
+         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BILINEAR: tl.constexpr, FLAT: tl.constexpr,
+         CHANNELS_INNER: tl.constexpr):
     pid_p = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < H * W
-    yy = offs_p // W
-    xx = offs_p % W
-    z = _mask_logit(LOG + n * sln, slh, slw, yy, xx, mask_p, h, w, scale_h, scale_w, BILINEAR)
-    s = _sigmoid(z)
     partner = tl.load(PERM + n).to(tl.int64)
     x_base = X + n * sxn
     p_base = X + partner * sxn
     o_base = OUT + n * son
-    if FLAT:
-        pix_x = offs_p * sxw
-        pix_o = offs_p * sow
-    else:
-        pix_x = yy * sxh + xx * sxw
-        pix_o = yy * soh + xx * sow
-    s2 = s[:, None]
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        m2 = mask_p[:, None] & (offs_c < C)[None, :]
-        a = tl.load(x_base + pix_x[:, None] + offs_c[None, :] * sxc, mask=m2, other=0.0).to(tl.float32)
-        b = tl.load(p_base + pix_x[:, None] + offs_c[None, :] * sxc, mask=m2, other=0.0).to(tl.float32)
+    if CHANNELS_INNER:
+        # Channels-last x and x_mix: the image is one run of H*W*C elements, so a program
+        # takes BLOCK_P consecutive elements e = p * C + c (not pixels) and its loads and
+        # stores are contiguous and 16-byte aligned, whatever C is.
+        offs_e = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_e = offs_e < H * W * C
+        pix = offs_e // C
+        yy = pix // W
+        xx = pix % W
+        z = _mask_logit(LOG + n * sln, slh, slw, yy, xx, mask_e, h, w, scale_h, scale_w, BILINEAR)
+        s = _sigmoid(z)
+        a = tl.load(x_base + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+        b = tl.load(p_base + offs_e, mask=mask_e, other=0.0).to(tl.float32)
         # torch.lerp's two-sided formula, so fp32 results match the reference bit for bit.
-        mixed = tl.where(s2 < 0.5, a + s2 * (b - a), b - (b - a) * (1.0 - s2))
-        tl.store(o_base + pix_o[:, None] + offs_c[None, :] * soc, mixed.to(OUT.dtype.element_ty), mask=m2)
-    tl.store(PART + n * spn + pid_p, tl.sum(tl.where(mask_p, s, 0.0), axis=0))
+        mixed = tl.where(s < 0.5, a + s * (b - a), b - (b - a) * (1.0 - s))
+        tl.store(o_base + offs_e, mixed.to(OUT.dtype.element_ty), mask=mask_e)
+        s_sum = tl.sum(tl.where(mask_e & (offs_e - pix * C == 0), s, 0.0), axis=0)  # each pixel once
+    else:
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < H * W
+        yy = offs_p // W
+        xx = offs_p % W
+        z = _mask_logit(LOG + n * sln, slh, slw, yy, xx, mask_p, h, w, scale_h, scale_w, BILINEAR)
+        s = _sigmoid(z)
+        if FLAT:
+            pix_x = offs_p * sxw
+            pix_o = offs_p * sow
+        else:
+            pix_x = yy * sxh + xx * sxw
+            pix_o = yy * soh + xx * sow
+        s2 = s[:, None]
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            m2 = mask_p[:, None] & (offs_c < C)[None, :]
+            a = tl.load(x_base + pix_x[:, None] + offs_c[None, :] * sxc, mask=m2, other=0.0).to(tl.float32)
+            b = tl.load(p_base + pix_x[:, None] + offs_c[None, :] * sxc, mask=m2, other=0.0).to(tl.float32)
+            mixed = tl.where(s2 < 0.5, a + s2 * (b - a), b - (b - a) * (1.0 - s2))
+            tl.store(o_base + pix_o[:, None] + offs_c[None, :] * soc, mixed.to(OUT.dtype.element_ty), mask=m2)
+        s_sum = tl.sum(tl.where(mask_p, s, 0.0), axis=0)
+    tl.store(PART + n * spn + pid_p, s_sum)
 
 
 @triton.jit
@@ -246,14 +265,25 @@ def _flat_pixels(t: torch.Tensor) -> bool:
     return H == 1 or t.stride(2) == W * t.stride(3)
 
 
+def _channels_inner(t: torch.Tensor) -> bool:
+    """True when each image of t is one dense run in (y, x, c) order: channels_last, not a view."""
+    N, C, H, W = t.shape
+    return t.stride(1) == 1 and t.stride(3) == C and t.stride(2) == W * C and C > 1
+
+
 def mask_mix_forward(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, mode: str):
     N, C, H, W = x.shape
     h, w = logits.shape[-2:]
     memory_format = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     out = _new(x.shape, x.dtype, x.device, memory_format)
-    block_p = 1024 if H * W >= 1024 else max(16, triton.next_power_of_2(H * W))
+    channels_inner = _channels_inner(x) and _channels_inner(out)
+    if channels_inner:  # BLOCK_P counts elements: 8 per thread of 8 warps, 16-32 bytes each
+        block_p = min(2048, max(128, triton.next_power_of_2(H * W * C)))
+        n_pblocks = triton.cdiv(H * W * C, block_p)
+    else:
+        block_p = 1024 if H * W >= 1024 else max(16, triton.next_power_of_2(H * W))
+        n_pblocks = triton.cdiv(H * W, block_p)
     block_c = min(4, triton.next_power_of_2(C))
-    n_pblocks = triton.cdiv(H * W, block_p)
     partial = _new((N, n_pblocks), torch.float32, x.device)
     lg = logits[:, 0]
     launch(_fwd, (n_pblocks, N),
@@ -261,7 +291,8 @@ def mask_mix_forward(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, 
         H, W, h, w, C, _scale(h, H), _scale(w, W), n_pblocks,
         *lg.stride(), *x.stride(), *out.stride(), partial.stride(0),
         BLOCK_P=block_p, BLOCK_C=block_c, BILINEAR=(mode == "bilinear"),
-        FLAT=_flat_pixels(x) and _flat_pixels(out), num_warps=4 if block_p <= 512 else 8)
+        FLAT=_flat_pixels(x) and _flat_pixels(out), CHANNELS_INNER=channels_inner,
+        num_warps=4 if block_p <= 512 else 8)
     s_mean = partial.sum(dim=1) / (H * W)
     return out, s_mean
 
