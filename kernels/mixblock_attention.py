@@ -267,7 +267,7 @@ def _d_chunk(D: int, dtype: torch.dtype) -> int:
 
 def _fwd_config(L: int, LK: int, D: int, dtype: torch.dtype):
     block_m = min(64, _pow2(L))
-    block_n = min(128, _pow2(LK))
+    block_n = min(64, _pow2(LK))  # 128-key tiles spill on sm_80 in fp16/bf16
     warps = 8 if block_m * block_n >= 8192 else 4
     return block_m, block_n, _d_chunk(D, dtype), warps
 
@@ -280,12 +280,20 @@ def _bwd_config(rows: int, other: int, D: int, dtype: torch.dtype):
     chunk = _d_chunk(D, dtype)
     if _pow2(other) <= ONE_TILE_MAX:
         block_other = _pow2(other)
-        block_own = min(_pow2(rows), max(16, 8192 // block_other), 64)
+        if dtype == torch.float32:  # IEEE fp32 dots use no tensor cores; small tiles spill less
+            block_own = min(_pow2(rows), max(16, 8192 // block_other), 64)
+        else:  # 64 owned rows: wgmma's minimum M on sm_90 (32-row tiles fall back to mma.sync)
+            block_own = min(_pow2(rows), 64)
         warps = 8 if block_own * block_other >= 8192 else 4
         return block_own, block_other, chunk, True, 1, warps
+    # Tiled: a program owns (row block, D chunk) and recomputes the scores once per chunk, so
+    # wider chunks for fp16/bf16 (128 columns, 8 warps) halve that recomputation.
     block_own = min(64, _pow2(rows))
     block_other = 64
-    return block_own, block_other, chunk, False, triton.cdiv(D, chunk), 4
+    if dtype != torch.float32:
+        chunk = min(_pow2(D), 128)
+        return block_own, block_other, chunk, False, triton.cdiv(D, chunk), 8
+    return block_own, block_other, chunk, False, triton.cdiv(D, chunk), 8  # 4 warps spill ~300 B on sm_80
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
