@@ -81,7 +81,10 @@ def capture(presets=tuple(PRESETS), dtypes=tuple(DTYPES), layouts=tuple(LAYOUTS)
                             logits = block(f, 0.3, perm)
                             x_mix, s_mean = block.mix(logits, x, perm)
                             n_fwd = len(recorded)
-                            (x_mix.float().sum() + s_mean.sum()).backward()
+                            # square(): the gradient reaching the kernel is then a dense tensor in
+                            # x's dtype and memory format, as the k encoder's input gradient is in
+                            # training (a plain sum would hand it a stride-0 expanded one).
+                            (x_mix.float().square().sum() + s_mean.sum()).backward()
                         ctx = dict(preset=preset, dtype=dname, layout=layout, mode=mode, lam_concat=lam_concat)
                         for i, rec in enumerate(recorded):
                             out.append((dict(ctx, pass_="fwd" if i < n_fwd else "bwd"), rec))

@@ -195,6 +195,11 @@ def _bwd_rows(LOG, X, PERM, G, GS, T,
     b_first = pid_b * BLOCK_B
     b_last = tl.minimum(b_first + BLOCK_B, w) - 1
     x_lo, x_hi = _footprint(b_first, b_last, W, w, inv_scale_w, BILINEAR)
+    # Start and end on multiples of 16 pixels and mask only by the image width, so the row's
+    # loads are provably aligned and vectorize (contiguous layout); the extra pixels get zero
+    # weight from wx below.
+    x_lo = (x_lo // 16) * 16
+    x_hi = ((x_hi + 15) // 16) * 16
     if HAS_GS:
         g_mean = tl.load(GS + n * sgsn).to(tl.float32) * inv_hw
     else:
@@ -208,7 +213,7 @@ def _bwd_rows(LOG, X, PERM, G, GS, T,
     acc = tl.zeros((ROWS, BLOCK_B), dtype=tl.float32)
     for x0 in range(x_lo, x_hi, BLOCK_X):
         xx = x0 + tl.arange(0, BLOCK_X)
-        m2 = mask_r[:, None] & (xx < x_hi)[None, :]
+        m2 = mask_r[:, None] & (xx < W)[None, :]
         z = _mask_logit(l_base, slh, slw, offs_r[:, None], xx[None, :], m2, h, w, scale_h, scale_w, BILINEAR)
         s = _sigmoid(z)
         ds = tl.zeros((ROWS, BLOCK_X), dtype=tl.float32) + g_mean
@@ -277,12 +282,15 @@ def mask_mix_forward(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, 
     memory_format = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     out = _new(x.shape, x.dtype, x.device, memory_format)
     channels_inner = _channels_inner(x) and _channels_inner(out)
-    if channels_inner:  # BLOCK_P counts elements: 8 per thread of 8 warps, 16-32 bytes each
-        block_p = min(2048, max(128, triton.next_power_of_2(H * W * C)))
+    if channels_inner:  # BLOCK_P counts elements: 8 per thread, 16-32 bytes each
+        # 1024 (4 warps) for small images, so a CIFAR batch still spreads over every SM.
+        block_p = 2048 if H * W * C >= 16384 else max(128, min(1024, triton.next_power_of_2(H * W * C)))
         n_pblocks = triton.cdiv(H * W * C, block_p)
+        warps = max(1, block_p // 256)
     else:
         block_p = 1024 if H * W >= 1024 else max(16, triton.next_power_of_2(H * W))
         n_pblocks = triton.cdiv(H * W, block_p)
+        warps = 4 if block_p <= 512 else 8
     block_c = min(4, triton.next_power_of_2(C))
     partial = _new((N, n_pblocks), torch.float32, x.device)
     lg = logits[:, 0]
@@ -292,7 +300,7 @@ def mask_mix_forward(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, 
         *lg.stride(), *x.stride(), *out.stride(), partial.stride(0),
         BLOCK_P=block_p, BLOCK_C=block_c, BILINEAR=(mode == "bilinear"),
         FLAT=_flat_pixels(x) and _flat_pixels(out), CHANNELS_INNER=channels_inner,
-        num_warps=4 if block_p <= 512 else 8)
+        num_warps=warps)
     s_mean = partial.sum(dim=1) / (H * W)
     return out, s_mean
 
@@ -306,9 +314,10 @@ def mask_mix_backward(logits, x, perm, mode, g, g_smean):
     block_x = min(256, max(16, triton.next_power_of_2(W)))
     block_b = min(64, max(2, triton.next_power_of_2(w)))
     block_c = min(4, triton.next_power_of_2(C))
-    # Rows per program: ~1024 pixels per tile, and the (rows, x, b) product tile of the
-    # contraction with wx at most 8192 elements.
-    rows = max(1, min(1024 // block_x, 8192 // (block_x * block_b), triton.next_power_of_2(H)))
+    # Rows per program: ~256 pixels per tile and the (rows, x, b) product tile of the contraction
+    # with wx at most 4096 elements: ~128 registers instead of 255 at the CIFAR shape, and 4x
+    # the programs there (400 rather than 100 at batch 100).
+    rows = max(1, min(256 // block_x, 4096 // (block_x * block_b), triton.next_power_of_2(H)))
     t = _new((N, H, w), torch.float32, x.device)
     has_g, has_gs = g is not None, g_smean is not None
     g_arg = g if has_g else x
@@ -319,7 +328,7 @@ def mask_mix_backward(logits, x, perm, mode, g, g_smean):
         *lg.stride(), *x.stride(), *g_arg.stride(), gs_arg.stride(0), *t.stride(),
         ROWS=rows, BLOCK_X=block_x, BLOCK_C=block_c, BLOCK_B=block_b,
         BILINEAR=bilinear, HAS_G=has_g, HAS_GS=has_gs,
-        num_warps=8 if rows * block_x * block_b >= 8192 else 4)
+        num_warps=4)
     dlogits = _new((N, 1, h, w), logits.dtype, logits.device)
     dl = dlogits[:, 0]
     block_y = min(64, max(16, triton.next_power_of_2(math.ceil(2 * H / h) + 6)))
