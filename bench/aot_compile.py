@@ -229,7 +229,7 @@ def run(presets=tuple(PRESETS), dtypes=tuple(DTYPES), layouts=tuple(LAYOUTS), mo
             names = {path: rec.kernel.arg_names[path[0]] for path in constexprs}
             specs[key] = dict(id=len(specs), module=rec.module, kernel=rec.name, signature=signature,
                               constexprs=constexprs, attrs=attrs, options=opts, names=names)
-        uses.append(dict(ctx, kernel=rec.name, blocks=rec.blocks, spec=specs[key]["id"]))
+        uses.append(dict(ctx, kernel=rec.name, grid=[int(g) for g in rec.grid], blocks=rec.blocks, spec=specs[key]["id"]))
     t_capture = time.perf_counter() - t0
 
     jobs = [dict(spec, cc=TARGETS[t], target=t) for spec in specs.values() for t in targets]
