@@ -24,9 +24,11 @@ Design:
   chunk. s is computed once per pixel and reused for every channel; the partner image is
   read through perm[n] inside the kernel (x[perm] is never built). x_mix is written in x's
   memory format through its strides (channels_last stays channels_last, nothing is made
-  contiguous). When the pixels of x, x_mix are equally strided (contiguous and
-  channels_last both are) the pixel offset is p * stride_w, which lets the compiler see
-  contiguous runs. s_mean: each program writes the sum of its pixels' s to a partial buffer
+  contiguous). Channels-last x and x_mix (CHANNELS_INNER) are indexed by flat element
+  e = p * C + c instead, one dense run per image, so every load and store is a 16-byte vector
+  whatever C is (a (pixel, channel) tile with p * C offsets compiles to scalar accesses).
+  Otherwise, when the pixels are equally strided (contiguous), the pixel offset is
+  p * stride_w, which lets the compiler see contiguous runs. s_mean: each program writes the sum of its pixels' s to a partial buffer
   (N, pixel blocks), summed afterwards in a fixed order: deterministic, no atomics.
 - Backward, two kernels, deterministic, no atomics, and no N x H x W intermediate:
   `_bwd_rows` owns (image row y, block of logit columns b, sample). It reads g, x and
@@ -37,6 +39,10 @@ Design:
   A program finds its footprint (the pixels touching its cells) from the inverse of the
   index map with a margin of two pixels, then keeps only the pixels whose exact forward
   index (same code as the forward) lands on its cells, so rounding never drops a pixel.
+  The footprint is widened to multiples of 16 pixels and masked only by the image width,
+  so the compiler can prove the row loads aligned (16-byte vectors in the contiguous layout).
+- Which specializations the launchers pick, and what they compile to for sm_80 / sm_90, is
+  checked in CI without a GPU by bench/aot_compile.py (tests/test_aot_compile.py).
 - All indexing and blending is fp32 whatever the image dtype.
 """
 from __future__ import annotations

@@ -23,10 +23,13 @@ Design:
 - Backward: two kernels, no atomics, so two runs are bitwise equal.
   `_bwd_dq` owns a block of queries, `_bwd_dkdv` owns a block of keys; each recomputes P
   from lse. When the other side fits one tile (<= 256 positions, every Mix Block preset:
-  L = 64 or 196), a program computes its whole dS tile once and then writes its gradient
-  D-chunk by D-chunk (no accumulator wider than BLOCK_D). Otherwise a program owns one
-  (row block, D chunk) output tile and loops over the other side, recomputing scores
-  (correct for any L; scores are recomputed once per D chunk).
+  L = 64, 196 or 256), a program computes its whole dS tile once and then writes its gradient
+  D-chunk by D-chunk (no accumulator wider than BLOCK_D); fp16/bf16 programs own 64 rows,
+  wgmma's minimum on sm_90. Otherwise a program owns one (row block, D chunk) output tile and
+  loops over the other side, recomputing scores (correct for any L; scores are recomputed
+  once per D chunk, 128 columns wide for fp16/bf16).
+- Tile sizes and warps were chosen from the sm_80 / sm_90 compile report of
+  bench/aot_compile.py (no spills in fp16/bf16, wgmma on sm_90), which CI regenerates.
 - Precision: products of fp16/bf16 tiles are exact in fp32 and every accumulation is fp32.
   The second GEMM of the backward (dS @ k, dS^T @ q) feeds dS in the input dtype, as
   flash-attention does. fp32 inputs use IEEE fp32 dots (no TF32).
