@@ -24,9 +24,11 @@ Design:
   chunk. s is computed once per pixel and reused for every channel; the partner image is
   read through perm[n] inside the kernel (x[perm] is never built). x_mix is written in x's
   memory format through its strides (channels_last stays channels_last, nothing is made
-  contiguous). When the pixels of x, x_mix are equally strided (contiguous and
-  channels_last both are) the pixel offset is p * stride_w, which lets the compiler see
-  contiguous runs. s_mean: each program writes the sum of its pixels' s to a partial buffer
+  contiguous). Channels-last x and x_mix (CHANNELS_INNER) are indexed by flat element
+  e = p * C + c instead, one dense run per image, so every load and store is a 16-byte vector
+  whatever C is (a (pixel, channel) tile with p * C offsets compiles to scalar accesses).
+  Otherwise, when the pixels are equally strided (contiguous), the pixel offset is
+  p * stride_w, which lets the compiler see contiguous runs. s_mean: each program writes the sum of its pixels' s to a partial buffer
   (N, pixel blocks), summed afterwards in a fixed order: deterministic, no atomics.
 - Backward, two kernels, deterministic, no atomics, and no N x H x W intermediate:
   `_bwd_rows` owns (image row y, block of logit columns b, sample). It reads g, x and
@@ -37,6 +39,10 @@ Design:
   A program finds its footprint (the pixels touching its cells) from the inverse of the
   index map with a margin of two pixels, then keeps only the pixels whose exact forward
   index (same code as the forward) lands on its cells, so rounding never drops a pixel.
+  The footprint is widened to multiples of 16 pixels and masked only by the image width,
+  so the compiler can prove the row loads aligned (16-byte vectors in the contiguous layout).
+- Which specializations the launchers pick, and what they compile to for sm_80 / sm_90, is
+  checked in CI without a GPU by bench/aot_compile.py (tests/test_aot_compile.py).
 - All indexing and blending is fp32 whatever the image dtype.
 """
 from __future__ import annotations
@@ -47,6 +53,8 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from automix_fast.ops.launches import launch
 
 from automix_fast.ops.reference import is_channels_last
 
@@ -127,35 +135,54 @@ def _sigmoid(z):
 def _fwd(LOG, X, PERM, OUT, PART,
          H, W, h, w, C, scale_h, scale_w, n_pblocks,
          sln, slh, slw, sxn, sxc, sxh, sxw, son, soc, soh, sow, spn,
-         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BILINEAR: tl.constexpr, FLAT: tl.constexpr):
+         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BILINEAR: tl.constexpr, FLAT: tl.constexpr,
+         CHANNELS_INNER: tl.constexpr):
     pid_p = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < H * W
-    yy = offs_p // W
-    xx = offs_p % W
-    z = _mask_logit(LOG + n * sln, slh, slw, yy, xx, mask_p, h, w, scale_h, scale_w, BILINEAR)
-    s = _sigmoid(z)
     partner = tl.load(PERM + n).to(tl.int64)
     x_base = X + n * sxn
     p_base = X + partner * sxn
     o_base = OUT + n * son
-    if FLAT:
-        pix_x = offs_p * sxw
-        pix_o = offs_p * sow
-    else:
-        pix_x = yy * sxh + xx * sxw
-        pix_o = yy * soh + xx * sow
-    s2 = s[:, None]
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        m2 = mask_p[:, None] & (offs_c < C)[None, :]
-        a = tl.load(x_base + pix_x[:, None] + offs_c[None, :] * sxc, mask=m2, other=0.0).to(tl.float32)
-        b = tl.load(p_base + pix_x[:, None] + offs_c[None, :] * sxc, mask=m2, other=0.0).to(tl.float32)
+    if CHANNELS_INNER:
+        # Channels-last x and x_mix: the image is one run of H*W*C elements, so a program
+        # takes BLOCK_P consecutive elements e = p * C + c (not pixels) and its loads and
+        # stores are contiguous and 16-byte aligned, whatever C is.
+        offs_e = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_e = offs_e < H * W * C
+        pix = offs_e // C
+        yy = pix // W
+        xx = pix % W
+        z = _mask_logit(LOG + n * sln, slh, slw, yy, xx, mask_e, h, w, scale_h, scale_w, BILINEAR)
+        s = _sigmoid(z)
+        a = tl.load(x_base + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+        b = tl.load(p_base + offs_e, mask=mask_e, other=0.0).to(tl.float32)
         # torch.lerp's two-sided formula, so fp32 results match the reference bit for bit.
-        mixed = tl.where(s2 < 0.5, a + s2 * (b - a), b - (b - a) * (1.0 - s2))
-        tl.store(o_base + pix_o[:, None] + offs_c[None, :] * soc, mixed.to(OUT.dtype.element_ty), mask=m2)
-    tl.store(PART + n * spn + pid_p, tl.sum(tl.where(mask_p, s, 0.0), axis=0))
+        mixed = tl.where(s < 0.5, a + s * (b - a), b - (b - a) * (1.0 - s))
+        tl.store(o_base + offs_e, mixed.to(OUT.dtype.element_ty), mask=mask_e)
+        s_sum = tl.sum(tl.where(mask_e & (offs_e - pix * C == 0), s, 0.0), axis=0)  # each pixel once
+    else:
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < H * W
+        yy = offs_p // W
+        xx = offs_p % W
+        z = _mask_logit(LOG + n * sln, slh, slw, yy, xx, mask_p, h, w, scale_h, scale_w, BILINEAR)
+        s = _sigmoid(z)
+        if FLAT:
+            pix_x = offs_p * sxw
+            pix_o = offs_p * sow
+        else:
+            pix_x = yy * sxh + xx * sxw
+            pix_o = yy * soh + xx * sow
+        s2 = s[:, None]
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            m2 = mask_p[:, None] & (offs_c < C)[None, :]
+            a = tl.load(x_base + pix_x[:, None] + offs_c[None, :] * sxc, mask=m2, other=0.0).to(tl.float32)
+            b = tl.load(p_base + pix_x[:, None] + offs_c[None, :] * sxc, mask=m2, other=0.0).to(tl.float32)
+            mixed = tl.where(s2 < 0.5, a + s2 * (b - a), b - (b - a) * (1.0 - s2))
+            tl.store(o_base + pix_o[:, None] + offs_c[None, :] * soc, mixed.to(OUT.dtype.element_ty), mask=m2)
+        s_sum = tl.sum(tl.where(mask_p, s, 0.0), axis=0)
+    tl.store(PART + n * spn + pid_p, s_sum)
 
 
 @triton.jit
@@ -174,6 +201,11 @@ def _bwd_rows(LOG, X, PERM, G, GS, T,
     b_first = pid_b * BLOCK_B
     b_last = tl.minimum(b_first + BLOCK_B, w) - 1
     x_lo, x_hi = _footprint(b_first, b_last, W, w, inv_scale_w, BILINEAR)
+    # Start and end on multiples of 16 pixels and mask only by the image width, so the row's
+    # loads are provably aligned and vectorize (contiguous layout); the extra pixels get zero
+    # weight from wx below.
+    x_lo = (x_lo // 16) * 16
+    x_hi = ((x_hi + 15) // 16) * 16
     if HAS_GS:
         g_mean = tl.load(GS + n * sgsn).to(tl.float32) * inv_hw
     else:
@@ -187,7 +219,7 @@ def _bwd_rows(LOG, X, PERM, G, GS, T,
     acc = tl.zeros((ROWS, BLOCK_B), dtype=tl.float32)
     for x0 in range(x_lo, x_hi, BLOCK_X):
         xx = x0 + tl.arange(0, BLOCK_X)
-        m2 = mask_r[:, None] & (xx < x_hi)[None, :]
+        m2 = mask_r[:, None] & (xx < W)[None, :]
         z = _mask_logit(l_base, slh, slw, offs_r[:, None], xx[None, :], m2, h, w, scale_h, scale_w, BILINEAR)
         s = _sigmoid(z)
         ds = tl.zeros((ROWS, BLOCK_X), dtype=tl.float32) + g_mean
@@ -244,22 +276,38 @@ def _flat_pixels(t: torch.Tensor) -> bool:
     return H == 1 or t.stride(2) == W * t.stride(3)
 
 
+def _channels_inner(t: torch.Tensor) -> bool:
+    """True when each image of t is one dense run in (y, x, c) order: channels_last, not a view."""
+    N, C, H, W = t.shape
+    return t.stride(1) == 1 and t.stride(3) == C and t.stride(2) == W * C and C > 1
+
+
 def mask_mix_forward(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, mode: str):
     N, C, H, W = x.shape
     h, w = logits.shape[-2:]
     memory_format = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     out = _new(x.shape, x.dtype, x.device, memory_format)
-    block_p = 1024 if H * W >= 1024 else max(16, triton.next_power_of_2(H * W))
+    channels_inner = _channels_inner(x) and _channels_inner(out)
+    if channels_inner:  # BLOCK_P counts elements: 8 per thread, 16-32 bytes each
+        # 1024 (4 warps) for small images, so a CIFAR batch still spreads over every SM.
+        block_p = 2048 if H * W * C >= 16384 else max(128, min(1024, triton.next_power_of_2(H * W * C)))
+        n_pblocks = triton.cdiv(H * W * C, block_p)
+        warps = max(1, block_p // 256)
+    else:
+        # 512 pixels for images up to 2048 pixels: a CIFAR batch of 100 gets 200 programs, not 100.
+        block_p = 1024 if H * W > 2048 else max(16, min(512, triton.next_power_of_2(H * W)))
+        n_pblocks = triton.cdiv(H * W, block_p)
+        warps = 4 if block_p <= 512 else 8
     block_c = min(4, triton.next_power_of_2(C))
-    n_pblocks = triton.cdiv(H * W, block_p)
     partial = _new((N, n_pblocks), torch.float32, x.device)
     lg = logits[:, 0]
-    _fwd[(n_pblocks, N)](
+    launch(_fwd, (n_pblocks, N),
         lg, x, perm, out, partial,
         H, W, h, w, C, _scale(h, H), _scale(w, W), n_pblocks,
         *lg.stride(), *x.stride(), *out.stride(), partial.stride(0),
         BLOCK_P=block_p, BLOCK_C=block_c, BILINEAR=(mode == "bilinear"),
-        FLAT=_flat_pixels(x) and _flat_pixels(out), num_warps=4 if block_p <= 512 else 8)
+        FLAT=_flat_pixels(x) and _flat_pixels(out), CHANNELS_INNER=channels_inner,
+        num_warps=warps)
     s_mean = partial.sum(dim=1) / (H * W)
     return out, s_mean
 
@@ -273,24 +321,25 @@ def mask_mix_backward(logits, x, perm, mode, g, g_smean):
     block_x = min(256, max(16, triton.next_power_of_2(W)))
     block_b = min(64, max(2, triton.next_power_of_2(w)))
     block_c = min(4, triton.next_power_of_2(C))
-    # Rows per program: ~1024 pixels per tile, and the (rows, x, b) product tile of the
-    # contraction with wx at most 8192 elements.
-    rows = max(1, min(1024 // block_x, 8192 // (block_x * block_b), triton.next_power_of_2(H)))
+    # Rows per program: ~256 pixels per tile and the (rows, x, b) product tile of the contraction
+    # with wx at most 4096 elements: ~128 registers instead of 255 at the CIFAR shape, and 4x
+    # the programs there (400 rather than 100 at batch 100).
+    rows = max(1, min(256 // block_x, 4096 // (block_x * block_b), triton.next_power_of_2(H)))
     t = _new((N, H, w), torch.float32, x.device)
     has_g, has_gs = g is not None, g_smean is not None
     g_arg = g if has_g else x
     gs_arg = g_smean if has_gs else t
-    _bwd_rows[(triton.cdiv(H, rows), triton.cdiv(w, block_b), N)](
+    launch(_bwd_rows, (triton.cdiv(H, rows), triton.cdiv(w, block_b), N),
         lg, x, perm, g_arg, gs_arg, t,
         H, W, h, w, C, _scale(h, H), _scale(w, W), W / w, 1.0 / (H * W),
         *lg.stride(), *x.stride(), *g_arg.stride(), gs_arg.stride(0), *t.stride(),
         ROWS=rows, BLOCK_X=block_x, BLOCK_C=block_c, BLOCK_B=block_b,
         BILINEAR=bilinear, HAS_G=has_g, HAS_GS=has_gs,
-        num_warps=8 if rows * block_x * block_b >= 8192 else 4)
+        num_warps=4)
     dlogits = _new((N, 1, h, w), logits.dtype, logits.device)
     dl = dlogits[:, 0]
     block_y = min(64, max(16, triton.next_power_of_2(math.ceil(2 * H / h) + 6)))
-    _bwd_cols[(h, triton.cdiv(w, block_b), N)](
+    launch(_bwd_cols, (h, triton.cdiv(w, block_b), N),
         t, dl, H, h, w, _scale(h, H), H / h,
         *t.stride(), *dl.stride(),
         BLOCK_Y=block_y, BLOCK_B=block_b, BILINEAR=bilinear, num_warps=4)

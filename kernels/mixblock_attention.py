@@ -23,10 +23,13 @@ Design:
 - Backward: two kernels, no atomics, so two runs are bitwise equal.
   `_bwd_dq` owns a block of queries, `_bwd_dkdv` owns a block of keys; each recomputes P
   from lse. When the other side fits one tile (<= 256 positions, every Mix Block preset:
-  L = 64 or 196), a program computes its whole dS tile once and then writes its gradient
-  D-chunk by D-chunk (no accumulator wider than BLOCK_D). Otherwise a program owns one
-  (row block, D chunk) output tile and loops over the other side, recomputing scores
-  (correct for any L; scores are recomputed once per D chunk).
+  L = 64, 196 or 256), a program computes its whole dS tile once and then writes its gradient
+  D-chunk by D-chunk (no accumulator wider than BLOCK_D); fp16/bf16 programs own 64 rows,
+  wgmma's minimum on sm_90. Otherwise a program owns one (row block, D chunk) output tile and
+  loops over the other side, recomputing scores (correct for any L; scores are recomputed
+  once per D chunk, 128 columns wide for fp16/bf16).
+- Tile sizes and warps were chosen from the sm_80 / sm_90 compile report of
+  bench/aot_compile.py (no spills in fp16/bf16, wgmma on sm_90), which CI regenerates.
 - Precision: products of fp16/bf16 tiles are exact in fp32 and every accumulation is fp32.
   The second GEMM of the backward (dS @ k, dS^T @ q) feeds dS in the input dtype, as
   flash-attention does. fp32 inputs use IEEE fp32 dots (no TF32).
@@ -42,6 +45,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from automix_fast.ops.launches import launch
 
 __all__ = ["mixblock_attention", "attention_forward", "attention_backward", "POISON_OUTPUTS"]
 
@@ -265,7 +270,7 @@ def _d_chunk(D: int, dtype: torch.dtype) -> int:
 
 def _fwd_config(L: int, LK: int, D: int, dtype: torch.dtype):
     block_m = min(64, _pow2(L))
-    block_n = min(128, _pow2(LK))
+    block_n = min(64, _pow2(LK))  # 128-key tiles spill on sm_80 in fp16/bf16
     warps = 8 if block_m * block_n >= 8192 else 4
     return block_m, block_n, _d_chunk(D, dtype), warps
 
@@ -278,12 +283,20 @@ def _bwd_config(rows: int, other: int, D: int, dtype: torch.dtype):
     chunk = _d_chunk(D, dtype)
     if _pow2(other) <= ONE_TILE_MAX:
         block_other = _pow2(other)
-        block_own = min(_pow2(rows), max(16, 8192 // block_other), 64)
+        if dtype == torch.float32:  # IEEE fp32 dots use no tensor cores; small tiles spill less
+            block_own = min(_pow2(rows), max(16, 8192 // block_other), 64)
+        else:  # 64 owned rows: wgmma's minimum M on sm_90 (32-row tiles fall back to mma.sync)
+            block_own = min(_pow2(rows), 64)
         warps = 8 if block_own * block_other >= 8192 else 4
         return block_own, block_other, chunk, True, 1, warps
+    # Tiled: a program owns (row block, D chunk) and recomputes the scores once per chunk, so
+    # wider chunks for fp16/bf16 (128 columns, 8 warps) halve that recomputation.
     block_own = min(64, _pow2(rows))
     block_other = 64
-    return block_own, block_other, chunk, False, triton.cdiv(D, chunk), 4
+    if dtype != torch.float32:
+        chunk = min(_pow2(D), 128)
+        return block_own, block_other, chunk, False, triton.cdiv(D, chunk), 8
+    return block_own, block_other, chunk, False, triton.cdiv(D, chunk), 8  # 4 warps spill ~300 B on sm_80
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
@@ -295,7 +308,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     block_m, block_n, block_d, warps = _fwd_config(L, LK, D, q.dtype)
     dot_dtype, precision = _dot_settings(q.dtype)
     grid = (triton.cdiv(L, block_m), N)
-    _fwd[grid](q, k, v, out, lse, L, LK, D, scale * LOG2E,
+    launch(_fwd, grid, q, k, v, out, lse, L, LK, D, scale * LOG2E,
                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
                DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=warps, num_stages=2)
@@ -313,7 +326,7 @@ def attention_backward(q, k, v, out, lse, g, scale: float, need_dq: bool = True,
     if need_dq:
         dq = _new((N, L, D), q.dtype, q.device)
         bm, bn, bd, one, nd, warps = _bwd_config(L, LK, D, q.dtype)
-        _bwd_dq[(triton.cdiv(L, bm), nd, N)](
+        launch(_bwd_dq, (triton.cdiv(L, bm), nd, N),
             q, k, v, out, lse, g, dq, *common, *dq.stride(),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_TILE=one, IN_DTYPE=_tl_dtype(q.dtype),
             DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=warps, num_stages=2)
@@ -321,7 +334,7 @@ def attention_backward(q, k, v, out, lse, g, scale: float, need_dq: bool = True,
         dk = _new((N, LK, D), k.dtype, k.device)
         dv = _new((N, LK), v.dtype, v.device)
         bn, bm, bd, one, nd, warps = _bwd_config(LK, L, D, q.dtype)
-        _bwd_dkdv[(triton.cdiv(LK, bn), nd, N)](
+        launch(_bwd_dkdv, (triton.cdiv(LK, bn), nd, N),
             q, k, v, out, lse, g, dk, dv, *common, *dk.stride(), *dv.stride(),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_TILE=one, IN_DTYPE=_tl_dtype(q.dtype),
             DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=warps, num_stages=2)

@@ -271,7 +271,7 @@ def test_in_memory_arrays_go_to_the_resident_loader():
 # ----------------------------------------------------------------------------- GPU (mixed decode)
 
 @needs_dali
-@pytest.mark.gpu  # `pytest -m gpu` selects it; conftest skips it without CUDA
+@pytest.mark.gpu  # selected by `pytest -m gpu` (bench/gpu_check.sh); skipped without CUDA by conftest
 def test_gpu_mixed_decode_and_loader(real_world, color_data):
     decoded = dali_mod.decode_images(real_world, device_id=torch.cuda.current_device())
     for path, got in zip(real_world, decoded):

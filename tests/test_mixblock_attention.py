@@ -103,6 +103,11 @@ def test_parity_multi_tile_keys_and_queries(device):
     _check(1, 300, 272, 72, torch.float32, device)
 
 
+def test_parity_multi_tile_bf16_several_d_chunks(device):
+    # fp16/bf16 take 128-column D chunks in the general path: D = 200 is two, the second partial.
+    _check(1, 272, 260, 200, torch.bfloat16, device)
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_parity_strided(dtype, device):
     _check(2, 49, 49, 40, DTYPES[dtype], device, strided=True)

@@ -20,7 +20,7 @@ from automix_fast.engine.checkpoint import load_checkpoint
 from automix_fast.engine.grad_clip import grad_clipper
 from automix_fast.engine.model_ema import ema_update
 from automix_fast.engine.tensorboard_log import tensorboard_available
-from automix_fast.engine.train import StepGuard, optimizer_step, train_one_epoch
+from automix_fast.engine.train import StepGuard, nonfinite_flag, optimizer_step, train_one_epoch
 from automix_fast.errors import ConfigError
 from automix_fast.mixing import build_mixer
 from automix_fast.mixing.baselines import MixupCutmix, Vanilla
@@ -188,7 +188,7 @@ def test_clip_applies_to_unscaled_gradients_under_grad_scaler():
     loss = lin(torch.randn(4, 6)).pow(2).sum() * 100.0
     opt.zero_grad()
     scaler.scale(loss).backward()
-    optimizer_step(opt, params, StepGuard(torch.device("cpu")), scaler, loss, grad_clipper(0.5, "norm"))
+    optimizer_step(opt, params, StepGuard(torch.device("cpu")), scaler, nonfinite_flag(loss), grad_clipper(0.5, "norm"))
     moved = torch.linalg.vector_norm(torch.stack([(p.detach() - s).norm() for p, s in zip(params, start)]))
     assert moved == pytest.approx(0.5, rel=1e-4)  # clipped after unscaling: the scale does not leak in
 

@@ -26,7 +26,6 @@ from automix_fast.errors import CheckpointError, ConfigError, OutputError, UserE
 from automix_fast.mixing.automix import mask_summary
 
 FORMAT = "automix-fast/1"
-STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a signal (DDP only)
 
 
 def first_nonfinite(module: torch.nn.Module) -> str | None:
@@ -308,19 +307,9 @@ class Trainer:
 
             reduce = all_reduce_sum
         stop = StopFlag().install()
-        if self.dist.is_distributed:
-            from automix_fast.engine.distributed import any_rank
-
-            calls = [0]
-
-            def should_stop(every: int = STOP_CHECK_EVERY) -> bool:
-                """All ranks stop at the same step boundary. Agreeing costs a collective and a host
-                sync, so it happens every `every` calls; every rank makes the same calls (one per
-                step, one per epoch end with every=1), so all ranks agree on when to look."""
-                calls[0] += 1
-                return calls[0] % every == 0 and any_rank(stop(), self.device)
-        else:
-            should_stop = stop
+        # Under torchrun train_one_epoch agrees on `stop` across ranks at its log steps (inside
+        # the metrics collective); epoch ends agree with one any_rank.
+        should_stop = stop
         t_run = time.perf_counter()
         eval_result = self.history[-1]["eval"] if self.history else {}
         try:
@@ -360,7 +349,13 @@ class Trainer:
                     f"{h} {eval_result[h + '_top1']:.2f}/{eval_result[h + '_top5']:.2f}" for h in self.mixer.eval_heads()
                 ) + "  (top-1/top-5 %)")
                 self._save(manager, self.state(epoch + 1, 0), epoch=epoch + 1, metric=eval_result[main_head + "_top1"])
-                if (should_stop(every=1) if self.dist.is_distributed else should_stop()):
+                if self.dist.is_distributed:
+                    from automix_fast.engine.distributed import any_rank
+
+                    stopping = any_rank(stop(), self.device)
+                else:
+                    stopping = stop()
+                if stopping:
                     self.log(f"stopped by {stop.name} after epoch {epoch + 1}; checkpoint written to {self.run_dir / 'last.pt'}")
                     self.log(f"continue with: {rundir.resume_command(self.run_dir, self.dist.world_size)}")
                     return {"stopped": True, "run_dir": str(self.run_dir)}

@@ -39,14 +39,14 @@ class StepGuard:
         self.worst = torch.zeros(1, device=self.device)
         self._one = torch.ones(1, device=self.device)
 
-    def check(self, params: list[torch.Tensor], loss: torch.Tensor | None = None) -> torch.Tensor:
-        """Set found_inf to 1 when the loss or any gradient is NaN/inf (one fused pass, no sync)."""
+    def check(self, params: list[torch.Tensor], bad_loss: torch.Tensor | None = None) -> torch.Tensor:
+        """Set found_inf to 1 when any gradient is NaN/inf or bad_loss (a 0/1 flag) is set (no sync)."""
         self.found_inf.zero_()
         tensors = [p.grad for p in params if p.grad is not None]
-        if loss is not None:
-            tensors.append(loss.detach().float().reshape(1).clone())  # the check multiplies in place
         if tensors:
             torch._amp_foreach_non_finite_check_and_unscale_(tensors, self.found_inf, self._one)
+        if bad_loss is not None:
+            torch.maximum(self.found_inf, (bad_loss > 0).float(), out=self.found_inf)
         return self.found_inf
 
     def record(self, found_inf: torch.Tensor) -> None:
@@ -68,23 +68,36 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp_dtype)
 
 
-def optimizer_step(optimizer, params, guard: StepGuard, scaler=None, loss: torch.Tensor | None = None,
+def nonfinite_flag(loss: torch.Tensor) -> torch.Tensor:
+    """(1,) float32 on the loss's device: 1 when the loss is NaN/inf (no sync)."""
+    return (~torch.isfinite(loss.detach().float())).float().reshape(1)
+
+
+def optimizer_step(optimizer, params, guard: StepGuard, scaler=None, bad_loss: torch.Tensor | None = None,
                    clip: Callable[[list[torch.Tensor]], None] | None = None) -> torch.Tensor:
-    """One update that is skipped when the loss or a gradient is not finite; returns the device flag.
-    `clip(params)` (engine/grad_clip.py) runs on the unscaled gradients just before the update."""
+    """One update, skipped when a gradient is not finite or bad_loss (see nonfinite_flag) is set;
+    returns the device flag, which says exactly whether the update was skipped. `clip(params)`
+    (engine/grad_clip.py) runs on the unscaled gradients just before the update.
+
+    Under torchrun bad_loss must be the same on every rank (train_one_epoch all-reduces it with
+    the gradients), so that every rank skips, or applies, the same steps."""
     if scaler is not None:
         scaler.unscale_(optimizer)
         if clip is not None:
             clip(params)
-        found = sum(v.float() for v in scaler._found_inf_per_device(optimizer).values()).reshape(1)
-        if loss is not None:  # a non-finite loss with finite (e.g. zero) gradients is still a bad step
-            found = found + (~torch.isfinite(loss.detach().float())).float().reshape(1)
+        found_per_device = scaler._found_inf_per_device(optimizer)
+        if bad_loss is not None and found_per_device:
+            # A non-finite loss with finite (e.g. zero) gradients is still a bad step: make
+            # GradScaler skip it (and back off its scale) rather than apply it and count a skip.
+            first = next(iter(found_per_device.values()))  # a 0-dim float32 per device
+            first.add_(bad_loss.to(first.device, first.dtype).sum())
+        found = (sum(v.float() for v in found_per_device.values()).reshape(1) > 0).float()
         scaler.step(optimizer)  # GradScaler skips on overflow and lowers the scale
         scaler.update()
         return found
     if clip is not None:
         clip(params)
-    found = guard.check(params, loss)
+    found = guard.check(params, bad_loss)
     if optimizer.defaults.get("fused"):
         optimizer.found_inf = found  # the fused kernel skips the whole update on the device
         optimizer.step()
@@ -140,6 +153,8 @@ def train_one_epoch(
     drawing the bar never waits on the device.
     metric_mean (under torchrun) averages the logged values over ranks in place, one collective
     per log interval, so the metrics describe the global batch (every rank must log together).
+    Under torchrun should_stop is this rank's own flag; the ranks agree on it at log steps only,
+    inside that same collective, so a step makes no extra collective and no host sync.
     """
     mixer.train()
     loader.set_epoch(epoch)
@@ -181,31 +196,42 @@ def train_one_epoch(
             count_since_log += 1
             step_images += x.shape[0]
         result.data_seconds += data_time
+        bad_loss = nonfinite_flag(loss_sum)
         if grad_sync is not None:  # once per step: no all-reduce for the first micro-batches
             for p in params:  # every rank must all-reduce the same list of tensors
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            grad_sync([p.grad for p in params])  # mean over ranks; a NaN on one rank reaches all
-        found = optimizer_step(optimizer, params, guard, scaler, loss_sum, clip)
+            # Mean over ranks; a NaN on one rank reaches all. The loss flag rides along, so a
+            # non-finite loss on any rank skips the step on every rank and is counted the same.
+            grad_sync([p.grad for p in params] + [bad_loss])
+        found = optimizer_step(optimizer, params, guard, scaler, bad_loss, clip)
         guard.record(found)
         mixer.after_step(step, total_steps)
 
         result.steps += 1
         result.images += step_images
         last = i == batches - 1
-        stop = should_stop is not None and should_stop()
-        logging_now = (i + 1) % log_interval == 0 or last or stop
+        if metric_mean is None:
+            stop = should_stop is not None and should_stop()
+            logging_now = (i + 1) % log_interval == 0 or last or stop
+        else:  # torchrun: ranks agree on a stop request at log steps, in the log's own collective
+            stop = False
+            logging_now = (i + 1) % log_interval == 0 or last
         if progress is not None and not logging_now:  # the bar moves; the loss waits for the interval's read
             progress.update(lr=optimizer.param_groups[0]["lr"], images=step_images, data_time=data_time)
         if logging_now:
+            stop_flag = torch.zeros(1, device=device)
             if metric_mean is not None:
-                metric_mean(list(sums.values()))
+                if should_stop is not None and should_stop():  # this rank's own request (a host flag)
+                    stop_flag.fill_(1.0)
+                metric_mean(list(sums.values()) + [stop_flag])  # > 0 after the mean: some rank asked
             names = list(sums)
             read = torch.cat([torch.stack([sums[k].reshape(()) for k in names]) / count_since_log,
-                              guard.skipped.reshape(1)]).tolist()  # one device read per interval
-            values = dict(zip(names, read[:-1]))
+                              guard.skipped.reshape(1), stop_flag]).tolist()  # one device read per interval
+            values = dict(zip(names, read[:-2]))
             values["lr"] = optimizer.param_groups[0]["lr"]
-            values["skipped_steps"] = int(read[-1])
+            values["skipped_steps"] = int(read[-2])
+            stop = stop or read[-1] > 0
             elapsed = time.perf_counter() - t_start
             values["img_per_s"] = result.images / max(elapsed, 1e-9)
             values["data_share"] = result.data_seconds / max(elapsed, 1e-9)

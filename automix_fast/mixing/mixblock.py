@@ -43,7 +43,12 @@ class MixBlock(nn.Module):
         feat = f.flatten(2).transpose(1, 2)  # (N, L, C); a free view for channels-last f
         weight = torch.cat([self.q_proj.weight.flatten(1)[:, :c], self.v_proj.weight.flatten(1)[:, :c]])
         bias = torch.cat([self.q_proj.bias, self.v_proj.bias])
-        proj = torch.nn.functional.linear(feat, weight, bias)  # (N, L, D + 1); autocast keeps bf16/fp16
+        # Zero rows pad the output to a multiple of 16 columns, so the q view's row stride is
+        # 16-element aligned and the attention kernel's q loads vectorize (see issue 11).
+        pad = -(self.dim + 1) % 16
+        weight = torch.nn.functional.pad(weight, (0, 0, 0, pad))
+        bias = torch.nn.functional.pad(bias, (0, pad))
+        proj = torch.nn.functional.linear(feat, weight, bias)  # (N, L, D + 1 + pad); autocast keeps bf16/fp16
         return proj[..., : self.dim], proj[..., self.dim]
 
     def attend(self, projected, lam: float, perm: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

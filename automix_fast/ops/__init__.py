@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from . import reference
+from . import launches, reference
 
 BACKENDS = ("auto", "triton", "torch")
 MODES = ("nearest", "bilinear")
@@ -40,7 +40,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
-    usable = device.type == "cuda" or (device.type == "cpu" and triton_interpret())
+    # While launches are recorded (bench/aot_compile.py) nothing runs, so any device will do.
+    recording = launches.active() is not None
+    usable = device.type == "cuda" or (device.type == "cpu" and triton_interpret()) or recording
     if backend == "auto":
         return "triton" if usable and triton_available() else "torch"
     if not triton_available():
