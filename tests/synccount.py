@@ -120,7 +120,7 @@ def _distributed_main(argv: list[str]) -> None:
     import torch.distributed as dist
 
     from automix_fast.engine import train
-    from automix_fast.engine.runner import flat_allreduce_mean
+    from automix_fast.engine.distributed import flat_allreduce_mean
 
     policy, out_dir = argv[0], Path(argv[1])
     bad_rank = int(argv[3]) if len(argv) > 3 and argv[2] == "--bad-loss-rank" else None
