@@ -196,13 +196,16 @@ class BadFiles:
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(path, text.encode("utf-8"))
 
-    def stop_after_epoch(self) -> None:
+    def stop_after_epoch(self, before_training: bool = False) -> None:
         """With --skip-bad-images off: a DataError naming the files left out this epoch (call it
-        after the epoch's checkpoint is written)."""
+        after the epoch's checkpoint is written), or found while decoding a folder into memory."""
         new, self._new_left_out = self._new_left_out, []
         if self.skip or not new:
             return
         shown = "; ".join(new[:_SHOW]) + (f" and {len(new) - _SHOW} more" if len(new) > _SHOW else "")
+        if before_training:
+            raise DataError(f"{len(new)} image file(s) cannot be decoded: {shown}; "
+                            "remove them or pass --skip-bad-images to train without them")
         raise DataError(
             f"{len(new)} image file(s) could not be decoded and were left out of this epoch: {shown} "
             f"(listed in {BAD_FILES_NAME}); the checkpoint is written: remove them or pass --skip-bad-images, "
