@@ -124,3 +124,11 @@ def odd_folder(root: str, per_class: int = 10, size: int = 20, every: int = 10) 
                 write(path, data)
                 n += 1
     return odd
+
+
+# Both Pillow and DALI refuse these, yet they pass the cheap pre-check (JPEG signature, EOI at the
+# end): they stand for files no decoder can read, found only mid-run.
+UNREADABLE_EDITS = {
+    "tem_marker": lambda d: _after_soi(d, b"\xff\x01"),
+    "second_soi": lambda d: _after_soi(d, b"\xff\xd8"),
+}

@@ -47,6 +47,12 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def decode_reason(message: str, path: str) -> str:
+    """A decoder's error message without the path (the line names it once already)."""
+    return _one_line(str(message).replace(f"cannot decode image {path}: ", "").replace(f"'{path}'", "the file")
+                     .replace(path, "the file"))
+
+
 class BadFiles:
     """The run's list of files that failed to decode mid-run, shared by the train and val loaders."""
 
@@ -132,7 +138,7 @@ class BadFiles:
         try:
             image = load_rgb(path)
         except DataError as e:
-            return _one_line(str(e).replace(f"cannot decode image {path}: ", ""))
+            return decode_reason(str(e), path)
         if self._copy_dir is None:
             self._copy_dir = tempfile.mkdtemp(prefix="automix-fast-decoded-")
             weakref.finalize(self, shutil.rmtree, self._copy_dir, True)

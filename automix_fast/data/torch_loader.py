@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
+from .bad_files import decode_reason
 from .transforms import (cifar_augment, draw_cifar_params, eval_resize_for, load_rgb, norm_constants,
                          normalize_to, random_resized_crop, resize_center_crop, resize_uint8_batch)
 
@@ -273,7 +274,7 @@ class StreamingLoader(_LoaderBase):
         for images, labels, positions, failed in self.loader:
             for position, why in failed:  # decoded by no one: named once, left out from now on
                 path = self.paths[order[position]]
-                self.bad_files.record(path, why.replace(f"cannot decode image {path}: ", "Pillow: "), try_pillow=False)
+                self.bad_files.record(path, "Pillow: " + decode_reason(why, path), try_pillow=False)
             if images.shape[0] == 0:
                 if not self.train:
                     continue  # nothing readable left in this val batch
@@ -292,7 +293,8 @@ class StreamingLoader(_LoaderBase):
                 continue
             sample = self.loader.dataset[item]
             if sample[0] is None:
-                self.bad_files.record(self.paths[item[0]], sample[1], try_pillow=False)
+                self.bad_files.record(self.paths[item[0]], "Pillow: " + decode_reason(sample[1], self.paths[item[0]]),
+                                      try_pillow=False)
                 continue
             got.append(sample)
             if len(got) == n:
@@ -340,7 +342,7 @@ def decode_folder(samples: list[tuple[str, int]], size: int, threads: int | None
         except DataError as e:
             if bad_files is None:
                 raise
-            failed[i] = str(e).replace(f"cannot decode image {samples[i][0]}: ", "Pillow: ")
+            failed[i] = "Pillow: " + decode_reason(str(e), samples[i][0])
 
     threads = threads or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=threads) as pool:  # PIL releases the GIL while decoding

@@ -1,0 +1,195 @@
+"""Files that fail to decode in the middle of a run (issue 13): DALI rejects them, Pillow rejects
+them, or they change after the pre-check. Each is found, named once, decoded with Pillow or left
+out; the epoch goes on with nothing else skipped or repeated. Tiny corpora built by tests/oddkit.py;
+DALI in CPU-only mode.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from automix_fast.data import DataSpec, build_loaders
+from automix_fast.data import dali as dali_mod
+from automix_fast.data.bad_files import LEFT_OUT, PILLOW, BadFiles
+from automix_fast.errors import DataError
+from oddkit import (BENIGN_EDITS, ODD_EDITS, UNREADABLE_EDITS, jpeg_bytes, mutate, picture, pil_decodes, png_bytes,
+                    write)
+
+needs_dali = pytest.mark.skipif(not dali_mod.dali_available(), reason="NVIDIA DALI is not installed")
+
+
+def _spec(**kw) -> DataSpec:
+    base = dict(img_size=16, batch_size=4, eval_batch_size=4, workers=1, seed=3, skip_bad_images=True)
+    base.update(kw)
+    return DataSpec(**base)
+
+
+def _files(folder, n: int, seed: int = 0) -> list[str]:
+    return [write(os.path.join(folder, f"{i:03d}.jpg"), jpeg_bytes(picture(18, 20 + i % 3, seed + i))) for i in range(n)]
+
+
+def _dali(paths, train: bool, bad=None, **kw):
+    """A DALI loader whose labels are file indices, so a batch says which files it holds."""
+    return dali_mod.DaliFolderLoader([(p, i) for i, p in enumerate(paths)], _spec(**kw), train, "cifar", bad if bad is not None else BadFiles(True))
+
+
+def _epoch(loader, epoch: int = 0) -> list[list[int]]:
+    loader.set_epoch(epoch)
+    return [y.tolist() for _, y in loader]
+
+
+def _without(batches: list[list[int]], gone: set[int]) -> list[list[int]]:
+    return [[i for i in b if i not in gone] for b in batches]
+
+
+# ----------------------------------------------------------------------------- the oddities themselves
+
+@needs_dali
+def test_oddities_decode_with_pillow_but_not_dali(tmp_path):
+    """What DALI 2.4's CPU decoder really rejects among the real-world oddities (see oddkit)."""
+    base = jpeg_bytes(picture(20, 24, 0))
+    for name, edit in {**ODD_EDITS, **BENIGN_EDITS, **UNREADABLE_EDITS}.items():
+        path = write(str(tmp_path / f"{name}.jpg"), edit(base))
+        dali_ok = True
+        try:
+            dali_mod.decode_images([path])
+        except RuntimeError:
+            dali_ok = False
+        assert pil_decodes(path) == (name not in UNREADABLE_EDITS), name
+        assert dali_ok == (name in BENIGN_EDITS), name
+
+
+# ----------------------------------------------------------------------------- DALI loader
+
+@needs_dali
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_dali_odd_file_in_a_batch_is_decoded_with_pillow_and_nothing_moves(tmp_path, where):
+    paths = _files(tmp_path / "clean", 13)
+    clean = _epoch(_dali(paths, True))  # 3 batches of 4 (one image dropped by the epoch plan)
+    flat = [i for b in clean for i in b]
+    target = {"first": clean[0][0], "middle": clean[1][2], "last": clean[-1][-1]}[where]
+    odd = list(paths)
+    odd[target] = write(str(tmp_path / "odd" / "x.jpg"), ODD_EDITS["ff00_header"](open(paths[target], "rb").read()))
+    bad = BadFiles(True, announce=False)
+    loader = _dali(odd, True, bad)
+    assert _epoch(loader) == clean  # same files, same order, same batches: the odd one decoded by Pillow
+    assert bad.entries[odd[target]][0] == PILLOW and bad.recoveries == 1
+    assert _epoch(loader, 1) == _epoch(_dali(paths, True), 1)  # next epoch: read from the copy, no failure
+    assert bad.recoveries == 1 and len(flat) == 12
+
+
+@needs_dali
+def test_dali_unreadable_files_are_left_out_train_and_val(tmp_path, capsys):
+    paths = _files(tmp_path, 14)
+    clean_train = _epoch(_dali(paths, True))
+    clean_val = _epoch(_dali(paths, False))
+    gone = {clean_train[0][1], clean_train[2][3], clean_val[-1][-1]}
+    for i in gone:
+        write(paths[i], UNREADABLE_EDITS["tem_marker"](open(paths[i], "rb").read()))
+    bad = BadFiles(True)
+    train, val = _dali(paths, True, bad), _dali(paths, False, bad)
+    assert _epoch(train) == _without(clean_train, gone)  # holes where they were, nothing else moved
+    seen = _epoch(val)
+    assert sorted(i for b in seen for i in b) == sorted(set(range(14)) - gone)  # every readable one, once
+    assert {p for p in bad.left_out} == {paths[i] for i in gone}
+    assert _epoch(train, 0) == _without(clean_train, gone)  # again: planned around, no failure
+    err = capsys.readouterr().err
+    for i in gone:
+        assert err.count(paths[i]) == 1  # named once
+    assert "Traceback" not in err
+
+
+@needs_dali
+def test_dali_a_file_deleted_during_the_run(tmp_path):
+    paths = _files(tmp_path, 9)
+    bad = BadFiles(True, announce=False)
+    val = _dali(paths, False, bad)
+    assert len([i for b in _epoch(val) for i in b]) == 9
+    os.remove(paths[4])
+    assert sorted(i for b in _epoch(val) for i in b) == [0, 1, 2, 3, 5, 6, 7, 8]
+    assert bad.entries[paths[4]][0] == LEFT_OUT and "file.read" in bad.entries[paths[4]][1]
+
+
+@needs_dali
+def test_dali_batch_of_only_unreadable_files(tmp_path):
+    paths = _files(tmp_path, 8)
+    clean = _epoch(_dali(paths, True))
+    for i in clean[1]:  # every file of the second training batch
+        write(paths[i], UNREADABLE_EDITS["second_soi"](open(paths[i], "rb").read()))
+    got = _epoch(_dali(paths, True))
+    assert got[0] == clean[0] and len(got) == 2 and got[1] == clean[0]  # refilled from the epoch's first readable files
+
+
+# ----------------------------------------------------------------------------- torch loader
+
+def _torch(paths, train: bool, bad=None, **kw):
+    from automix_fast.data.torch_loader import StreamingLoader, _ImageDataset
+
+    spec = _spec(workers=0, **kw)
+    ds = _ImageDataset(samples=[(p, i) for i, p in enumerate(paths)], size=16, mode="fixed", resize_to=16)
+    return StreamingLoader(ds, spec, train, "cifar", bad if bad is not None else BadFiles(True))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "chmod"])
+def test_torch_file_broken_after_the_check_is_left_out(tmp_path, damage, capsys):
+    if damage == "chmod" and os.geteuid() == 0:
+        pytest.skip("root reads files whatever their permissions")
+    paths = _files(tmp_path, 13)
+    clean = _epoch(_torch(paths, True))
+    target = clean[1][1]
+    bad = BadFiles(True)
+    loader = _torch(paths, True, bad)
+    if damage == "truncate":
+        data = open(paths[target], "rb").read()
+        write(paths[target], data[: len(data) // 3])
+    elif damage == "delete":
+        os.remove(paths[target])
+    else:
+        os.chmod(paths[target], 0)
+    assert _epoch(loader) == _without(clean, {target})
+    assert bad.left_out == {paths[target]}
+    assert capsys.readouterr().err.count(paths[target]) == 1
+    val = _torch(paths, False, bad)
+    assert sorted(i for b in _epoch(val) for i in b) == sorted(set(range(13)) - {target})
+
+
+# ----------------------------------------------------------------------------- the fuzzer
+
+def _fuzz_corpus(folder, n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        img = picture(18, 20, seed * 100 + i)
+        data = png_bytes(img) if i % 3 == 2 else jpeg_bytes(img, progressive=bool(i % 2))
+        paths.append(write(os.path.join(folder, f"{i:03d}.{'png' if i % 3 == 2 else 'jpg'}"), mutate(data, rng)))
+    return paths
+
+
+@pytest.mark.parametrize("loader", [pytest.param("dali", marks=needs_dali), "torch"])
+def test_fuzzed_files_are_trained_on_or_named_and_left_out(tmp_path, loader, capsys):
+    from automix_fast.data.folder import image_problem
+
+    paths = [p for p in _fuzz_corpus(tmp_path, 40, seed=7) if image_problem(p) is None]  # the pre-check's share
+    assert len(paths) >= 24
+    make = _dali if loader == "dali" else _torch
+    bad = BadFiles(True)
+    train, val = make(paths, True, bad), make(paths, False, bad)
+    for epoch in range(2):
+        batches = _epoch(train, epoch)
+        seen_val = [i for b in _epoch(val) for i in b]
+        left = {i for i, p in enumerate(paths) if p in bad.left_out}
+        assert sorted(seen_val) == sorted(set(range(len(paths))) - left)  # val: each readable file once
+        planned = np.asarray(train.indices() if loader == "dali" else train.shards.indices()).tolist()
+        assert len(batches) == len(train) and all(batches)  # every step gets a batch: ranks stay in step
+        assert {i for b in batches for i in b} == set(planned) - left  # every readable file trained on
+        if epoch == 1:  # all known now: holes where the bad files were, refills only for all-bad batches
+            readable = [i for i in planned if i not in left]
+            chunks = [planned[k:k + 4] for k in range(0, len(planned), 4)]
+            assert batches == [[i for i in c if i not in left] or readable[:len(c)] for c in chunks]
+    if loader == "torch":
+        assert bad.left_out == {p for p in paths if not pil_decodes(p)}
+    err = capsys.readouterr().err
+    assert all(err.count(p) == 1 for p in bad.entries) and "Traceback" not in err
