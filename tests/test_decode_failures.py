@@ -193,3 +193,87 @@ def test_fuzzed_files_are_trained_on_or_named_and_left_out(tmp_path, loader, cap
         assert bad.left_out == {p for p in paths if not pil_decodes(p)}
     err = capsys.readouterr().err
     assert all(err.count(p) == 1 for p in bad.entries) and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- whole runs (CLI)
+
+def _odd_run_folder(root, unreadable: int = 0):
+    """oddkit.odd_folder (one file in ten DALI rejects) plus `unreadable` files no decoder reads."""
+    from oddkit import odd_folder
+
+    odd = odd_folder(str(root), per_class=15, size=32)
+    broken = []
+    for k in range(unreadable):
+        path = os.path.join(str(root), "train", "ab"[k % 2], f"{k:03d}.jpg")  # not one of the odd ones
+        write(path, UNREADABLE_EDITS["tem_marker"](open(path, "rb").read()))
+        broken.append(path)
+    return odd, broken
+
+
+def _data_records(run_dir):
+    from faultkit import records
+
+    return [r["values"] for r in records(run_dir, "data")]
+
+
+@pytest.mark.parametrize("loader", [pytest.param("dali", marks=needs_dali), "torch"])
+def test_one_odd_file_in_ten_trains_to_the_end(tmp_path, loader):
+    from faultkit import cli, records, train_args
+
+    odd, _ = _odd_run_folder(tmp_path / "data")
+    run = cli(train_args(tmp_path / "data", tmp_path, "r", "--mix", "mixup", "--loader", loader, "--workers", "1", batch=6))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr + run.stdout
+    assert records(tmp_path / "r", "eval")[-1]["values"]["count"] == 14  # every val image, odd ones included
+    if loader == "torch":  # Pillow reads them all: nothing to name
+        assert not (tmp_path / "r" / "bad_images.txt").exists()
+        return
+    for path in odd:
+        assert run.stderr.count(path) == 1, path  # named once, over both epochs
+    listed = (tmp_path / "r" / "bad_images.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0] for line in listed) == sorted(odd)
+    assert all(line.split("\t")[1] == PILLOW for line in listed)
+    counts = _data_records(tmp_path / "r")
+    assert counts[-1]["bad_images"] == len(odd) and counts[-1]["decoded_with_pillow"] == len(odd)
+
+
+@needs_dali
+def test_without_skip_the_run_stops_after_the_epoch_and_resumes_with_skip(tmp_path):
+    from faultkit import cli, records, train_args
+
+    _, broken = _odd_run_folder(tmp_path / "data", unreadable=2)
+    args = train_args(tmp_path / "data", tmp_path, "r", "--mix", "mixup", "--loader", "dali", "--workers", "1", batch=6)
+    first = cli(args)
+    assert first.returncode == 2, first.stderr[-3000:]
+    last = first.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and all(p in last for p in broken) and "--skip-bad-images" in last
+    assert "Traceback" not in first.stderr
+    assert (tmp_path / "r" / "last.pt").exists() and len(records(tmp_path / "r", "eval")) == 1  # epoch 1 finished
+    # Resuming without the flag is refused at once; with it, the listed files are planned around from the start.
+    again = cli(args + ["--resume", "auto"])
+    assert again.returncode == 2 and "bad_images.txt" in again.stderr and "Traceback" not in again.stderr
+    resumed = cli(args + ["--resume", "auto", "--skip-bad-images"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert all(p not in resumed.stderr for p in broken)  # known from bad_images.txt: not named again
+    assert len(records(tmp_path / "r", "eval")) == 2
+
+
+@needs_dali
+def test_two_ranks_agree_on_the_skip_list_and_stay_in_step(tmp_path):
+    import torch
+
+    from faultkit import assert_states_equal, torchrun, train_args, weights
+
+    odd, broken = _odd_run_folder(tmp_path / "data", unreadable=4)
+    dump = tmp_path / "ranks"
+    run = torchrun(2, train_args(tmp_path / "data", tmp_path, "r", "--mix", "mixup", "--loader", "dali", "--workers", "1",
+                                 "--skip-bad-images", batch=4), env={"AUTOMIX_FAST_RANK_STATE_DIR": str(dump)})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "cpu x2" in run.stdout and "Traceback" not in run.stderr
+    listed = dict(line.split("\t")[:2] for line in (tmp_path / "r" / "bad_images.txt").read_text().splitlines())
+    assert listed == {**{p: PILLOW for p in odd}, **{p: LEFT_OUT for p in broken}}  # found by either rank: all listed
+    for path in odd + broken:
+        assert run.stderr.count(path) == 1, path  # named once, by rank 0, whichever rank found it
+    r0, r1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
+    assert_states_equal(r0, r1, keys=[k for k in r0 if "running" not in k and "num_batches" not in k])
+    assert_states_equal(weights(tmp_path / "r" / "last.pt"), r0, keys=[k for k in r0 if "running" not in k])
