@@ -127,8 +127,16 @@ def odd_folder(root: str, per_class: int = 10, size: int = 20, every: int = 10) 
 
 
 # Both Pillow and DALI refuse these, yet they pass the cheap pre-check (JPEG signature, EOI at the
-# end): they stand for files no decoder can read, found only mid-run.
-UNREADABLE_EDITS = {
-    "tem_marker": lambda d: _after_soi(d, b"\xff\x01"),
-    "second_soi": lambda d: _after_soi(d, b"\xff\xd8"),
-}
+# end) and the header screening (jpeg_header.py): they stand for files no decoder can read, found
+# only mid-run, inside a DALI pipeline.
+def _sof_zero_height(d: bytes) -> bytes:
+    i = d.find(b"\xff\xc0")
+    return d[:i + 5] + b"\x00\x00" + d[i + 7:]
+
+
+def _bogus_huffman(d: bytes) -> bytes:
+    i = d.find(b"\xff\xc4")
+    return d[:i + 5] + b"\xff" * 16 + d[i + 21:]
+
+
+UNREADABLE_EDITS = {"sof_zero_height": _sof_zero_height, "bogus_huffman": _bogus_huffman}

@@ -13,7 +13,8 @@ import pytest
 
 from automix_fast.data import DataSpec, build_loaders
 from automix_fast.data import dali as dali_mod
-from automix_fast.data.bad_files import LEFT_OUT, PILLOW, BadFiles
+from automix_fast.data.bad_files import LEFT_OUT, PILLOW, REPAIRED, BadFiles
+from automix_fast.data.jpeg_header import header_problem, repaired
 from automix_fast.errors import DataError
 from oddkit import (BENIGN_EDITS, ODD_EDITS, UNREADABLE_EDITS, jpeg_bytes, mutate, picture, pil_decodes, png_bytes,
                     write)
@@ -62,6 +63,18 @@ def test_oddities_decode_with_pillow_but_not_dali(tmp_path):
         assert dali_ok == (name in BENIGN_EDITS), name
 
 
+def test_header_screening_flags_exactly_the_oddities_and_repairs_them(tmp_path):
+    img = picture(20, 24, 1)
+    base = jpeg_bytes(img)
+    for name, edit in {**ODD_EDITS, **BENIGN_EDITS, **UNREADABLE_EDITS}.items():
+        path = write(str(tmp_path / f"{name}.jpg"), edit(base))
+        assert (header_problem(path) is not None) == (name in ODD_EDITS), name
+        if name in ODD_EDITS:
+            assert repaired(path) == base  # the stray bytes dropped, nothing else touched
+    assert header_problem(write(str(tmp_path / "x.png"), png_bytes(img))) is None
+    assert header_problem(write(str(tmp_path / "ok.jpg"), base)) is None
+
+
 # ----------------------------------------------------------------------------- DALI loader
 
 @needs_dali
@@ -88,7 +101,7 @@ def test_dali_unreadable_files_are_left_out_train_and_val(tmp_path, capsys):
     clean_val = _epoch(_dali(paths, False))
     gone = {clean_train[0][1], clean_train[2][3], clean_val[-1][-1]}
     for i in gone:
-        write(paths[i], UNREADABLE_EDITS["tem_marker"](open(paths[i], "rb").read()))
+        write(paths[i], UNREADABLE_EDITS["sof_zero_height"](open(paths[i], "rb").read()))
     bad = BadFiles(True)
     train, val = _dali(paths, True, bad), _dali(paths, False, bad)
     assert _epoch(train) == _without(clean_train, gone)  # holes where they were, nothing else moved
@@ -118,7 +131,7 @@ def test_dali_batch_of_only_unreadable_files(tmp_path):
     paths = _files(tmp_path, 8)
     clean = _epoch(_dali(paths, True))
     for i in clean[1]:  # every file of the second training batch
-        write(paths[i], UNREADABLE_EDITS["second_soi"](open(paths[i], "rb").read()))
+        write(paths[i], UNREADABLE_EDITS["bogus_huffman"](open(paths[i], "rb").read()))
     got = _epoch(_dali(paths, True))
     assert got[0] == clean[0] and len(got) == 2 and got[1] == clean[0]  # refilled from the epoch's first readable files
 
@@ -205,7 +218,7 @@ def _odd_run_folder(root, unreadable: int = 0):
     broken = []
     for k in range(unreadable):
         path = os.path.join(str(root), "train", "ab"[k % 2], f"{k:03d}.jpg")  # not one of the odd ones
-        write(path, UNREADABLE_EDITS["tem_marker"](open(path, "rb").read()))
+        write(path, UNREADABLE_EDITS["sof_zero_height"](open(path, "rb").read()))
         broken.append(path)
     return odd, broken
 
@@ -232,9 +245,10 @@ def test_one_odd_file_in_ten_trains_to_the_end(tmp_path, loader):
         assert run.stderr.count(path) == 1, path  # named once, over both epochs
     listed = (tmp_path / "r" / "bad_images.txt").read_text().splitlines()
     assert sorted(line.split("\t")[0] for line in listed) == sorted(odd)
-    assert all(line.split("\t")[1] == PILLOW for line in listed)
+    assert all(line.split("\t")[1] == REPAIRED for line in listed)  # screened before any pipeline ran
     counts = _data_records(tmp_path / "r")
-    assert counts[-1]["bad_images"] == len(odd) and counts[-1]["decoded_with_pillow"] == len(odd)
+    assert counts[-1]["bad_images"] == len(odd) and counts[-1]["header_repaired"] == len(odd)
+    assert counts[-1]["pipeline_recoveries"] == 0
 
 
 @needs_dali
@@ -271,7 +285,7 @@ def test_two_ranks_agree_on_the_skip_list_and_stay_in_step(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "cpu x2" in run.stdout and "Traceback" not in run.stderr
     listed = dict(line.split("\t")[:2] for line in (tmp_path / "r" / "bad_images.txt").read_text().splitlines())
-    assert listed == {**{p: PILLOW for p in odd}, **{p: LEFT_OUT for p in broken}}  # found by either rank: all listed
+    assert listed == {**{p: REPAIRED for p in odd}, **{p: LEFT_OUT for p in broken}}  # found by either rank: all listed
     for path in odd + broken:
         assert run.stderr.count(path) == 1, path  # named once, by rank 0, whichever rank found it
     r0, r1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")

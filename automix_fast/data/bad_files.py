@@ -38,6 +38,7 @@ from pathlib import Path
 from ..errors import DataError
 
 BAD_FILES_NAME = "bad_images.txt"
+REPAIRED = "header repaired"  # DALI reads a copy without the stray header bytes (jpeg_header.py)
 PILLOW = "decoded with Pillow"
 LEFT_OUT = "left out"
 _SHOW = 3  # paths named in the one-line stop error
@@ -93,12 +94,38 @@ class BadFiles:
         return bool(self._copies)
 
     def drop_copy(self, path: str) -> bool:
-        """Forget `path`'s Pillow copy (DALI failed on the copy too) so it can be recorded as left out."""
+        """Forget `path`'s copy (DALI failed on the copy too) so it can be recorded again; True when
+        that copy was already Pillow's (then nothing else is left to try)."""
         if path not in self._copies:
             return False
         del self._copies[path]
-        self.entries.pop(path, None)
-        return True
+        how, _ = self.entries.pop(path, ("", ""))
+        return how == PILLOW
+
+    def record_header(self, path: str, problem: str) -> str:
+        """A JPEG whose header DALI's parser rejects (jpeg_header.py), found before any pipeline
+        runs: DALI reads a repaired copy, or Pillow's when dropping bytes cannot repair it."""
+        from .jpeg_header import repaired
+
+        if path in self.entries:
+            return self.entries[path][0]
+        try:
+            data = repaired(path)
+        except OSError as e:
+            data, problem = None, f"{problem}; {e.strerror or e}"
+        if data is None:
+            return self.record(path, f"JPEG header: {problem}", try_pillow=True)
+        self._copies[path] = self._copy_path(path, ".jpg")
+        with open(self._copies[path], "wb") as f:
+            f.write(data)
+        self._add(path, REPAIRED, f"JPEG header: {problem}")
+        return REPAIRED
+
+    def _copy_path(self, path: str, ext: str) -> str:
+        if self._copy_dir is None:
+            self._copy_dir = tempfile.mkdtemp(prefix="automix-fast-decoded-")
+            weakref.finalize(self, shutil.rmtree, self._copy_dir, True)
+        return os.path.join(self._copy_dir, hashlib.sha1(path.encode("utf-8")).hexdigest() + ext)
 
     # -- what the loaders report
     def record(self, path: str, reason: str, try_pillow: bool) -> str:
@@ -122,7 +149,9 @@ class BadFiles:
             self.left_out.add(path)
             self._new_left_out.append(path)
         if self.announce:
-            if how == PILLOW:
+            if how == REPAIRED:
+                line = f"warning: DALI cannot decode {path} ({reason}); reading a copy with the header repaired"
+            elif how == PILLOW:
                 line = f"warning: DALI cannot decode {path} ({reason}); decoded with Pillow instead"
             elif self.skip:
                 line = f"warning: cannot decode {path} ({reason}); left out of this run"
@@ -139,10 +168,7 @@ class BadFiles:
             image = load_rgb(path)
         except DataError as e:
             return decode_reason(str(e), path)
-        if self._copy_dir is None:
-            self._copy_dir = tempfile.mkdtemp(prefix="automix-fast-decoded-")
-            weakref.finalize(self, shutil.rmtree, self._copy_dir, True)
-        copy = os.path.join(self._copy_dir, hashlib.sha1(path.encode("utf-8")).hexdigest() + ".png")
+        copy = self._copy_path(path, ".png")
         image.save(copy, format="PNG", compress_level=1)  # fast; the copy lives for this run only
         self._copies[path] = copy
         return None
@@ -160,6 +186,9 @@ class BadFiles:
             path, how, reason = parts
             if self.dataset_paths is not None and path not in self.dataset_paths:
                 continue  # removed from the folder since: nothing to plan around
+            if how == REPAIRED:
+                self.record_header(path, reason)  # (the DALI loader's screening usually did it already)
+                continue
             if how == PILLOW and self._make_copy(path) is not None:
                 how = LEFT_OUT  # it was decodable by Pillow once and is not any more
             self.entries[path] = (how, reason)
@@ -182,6 +211,9 @@ class BadFiles:
             for entries in gathered:
                 for path, (how, reason) in sorted(entries.items()):
                     if path not in self.entries:
+                        if how == REPAIRED:
+                            self.record_header(path, reason)
+                            continue
                         if how == PILLOW and self._make_copy(path) is not None:
                             how = LEFT_OUT
                         self._add(path, how, reason)
@@ -190,7 +222,7 @@ class BadFiles:
         self._logged = (len(self.entries), self.recoveries)
         hows = [how for how, _ in self.entries.values()]
         logger.log("data", {"bad_images": len(hows), "left_out": hows.count(LEFT_OUT),
-                            "decoded_with_pillow": hows.count(PILLOW), "pipeline_recoveries": self.recoveries,
+                            "header_repaired": hows.count(REPAIRED), "decoded_with_pillow": hows.count(PILLOW), "pipeline_recoveries": self.recoveries,
                             "recovery_seconds": round(self.recovery_seconds, 4)}, epoch=epoch, step=step)
         if write:
             self._write(Path(run_dir) / BAD_FILES_NAME)

@@ -277,6 +277,7 @@ class DaliFolderLoader:
         self._in_flight = True
         done = 0  # batches yielded since the plan last (re)started: self._fed[done] is the next out
         while True:
+            failure = None
             try:
                 images, labels = self._pipe.run()
             except StopIteration:  # the plan is exhausted and every fed batch was yielded
@@ -284,7 +285,9 @@ class DaliFolderLoader:
             except RuntimeError as e:  # how DALI reports an operator error; the pipeline is now unusable
                 if done >= len(self._fed):
                     raise
-                self._recover(batches, done, e)
+                failure = _dali_reason(e)
+            if failure is not None:  # handled outside the except block: its traceback holds the old pipeline
+                self._recover(batches, done, failure)
                 done = 0
                 continue
             done += 1
@@ -293,7 +296,7 @@ class DaliFolderLoader:
         self._in_flight = False
 
     # -- decode failures (see bad_files.py): only ever entered after a pipeline raised
-    def _recover(self, batches: list[np.ndarray], done: int, error: RuntimeError) -> None:
+    def _recover(self, batches: list[np.ndarray], done: int, failure: str) -> None:
         """The fed batch `done` failed: find its failing file(s), record them, rebuild the pipeline and
         restart the plan at that batch. Batches fed after it were never yielded, so nothing is
         skipped or repeated."""
@@ -302,7 +305,7 @@ class DaliFolderLoader:
         t0 = time.perf_counter()
         k = self._fed[done][0]
         suspects = [idx for _, idx in self._fed[done:]]  # the failed batch first, then prefetched ones
-        self._pipe = None  # DALI: "Current pipeline object is no longer valid"
+        self._retire()  # DALI: "Current pipeline object is no longer valid"
         found = []
         for idx in suspects:  # a prefetched batch may be the one that raised (an error reported early)
             found = self._find_failing(idx)
@@ -310,7 +313,7 @@ class DaliFolderLoader:
                 break
         if not found:
             raise DataError(f"the DALI pipeline failed in batch {k + 1} of an epoch, but no single file of it "
-                            f"fails alone: {_dali_reason(error)}")
+                            f"fails alone: {failure}")
         for path, reason, try_pillow in found:
             self.bad_files.record(path, reason, try_pillow)
         self._rebuilds += 1
@@ -318,6 +321,21 @@ class DaliFolderLoader:
         self._start_plan(batches, k)
         self.bad_files.recoveries += 1
         self.bad_files.recovery_seconds += time.perf_counter() - t0
+
+    def _retire(self) -> None:
+        """Free the failed pipeline. DALI 2.4 can crash (SIGSEGV in Pipeline.Shutdown) when a pipeline
+        that raised is destroyed while iterations it had prefetched are still in flight, so those
+        are run out first (their outputs and errors are discarded: the plan restarts anyway)."""
+        pipe, self._pipe = self._pipe, None
+        self._plan = iter(())
+        for _ in range(PREFETCH_DEPTH + 1):
+            try:
+                pipe.run()
+            except StopIteration:
+                break
+            except RuntimeError:
+                continue
+        del pipe
 
     def _find_failing(self, idx: np.ndarray) -> list[tuple[str, str, bool]]:
         """(path, reason, try Pillow) of each file of a fed batch that fails alone in this loader's own
@@ -327,7 +345,7 @@ class DaliFolderLoader:
         while queue:
             fed: list[int] = []  # what the probe was given, in order (DALI may ask one ahead)
             probe = self._build(source=_OneAtATime(self, queue, fed), batch_size=1, prefetch=1)
-            out = 0
+            out, reason = 0, None
             try:
                 while True:
                     probe.run()
@@ -335,11 +353,13 @@ class DaliFolderLoader:
             except StopIteration:
                 pass
             except RuntimeError as e:
+                reason = _dali_reason(e)
+            del probe  # only one pipeline alive at a time
+            if reason is not None:
                 path = self.paths[fed[out]]
                 queue[:0] = fed[out + 1:]  # fed after the failing file but never checked
-                was_copy = self.bad_files.drop_copy(path)  # even its Pillow copy fails: nothing else to try
-                failing.append((path, f"DALI {_dali_reason(e)}", not was_copy))
-            del probe
+                was_pillow = self.bad_files.drop_copy(path)  # even its Pillow copy fails: nothing else to try
+                failing.append((path, f"DALI {reason}", not was_pillow))
         return failing
 
     def _to_torch(self, images, labels):
@@ -367,6 +387,23 @@ def _dali_reason(error: Exception) -> str:
     return f"{operator}: {what}" if operator else what or type(error).__name__
 
 
+def screen_jpeg_headers(paths: list[str], bad_files, threads: int = 16) -> None:
+    """Record every JPEG whose header DALI's parser rejects (jpeg_header.py) before any pipeline
+    runs: a decode error inside DALI can crash the process, so these never reach one. Reads only
+    the headers, on threads (the work is I/O: a few small reads per file)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .jpeg_header import header_problem
+
+    if not paths:
+        return
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(paths)))) as pool:
+        problems = list(pool.map(header_problem, paths, chunksize=256))
+    for path, problem in zip(paths, problems):
+        if problem is not None:
+            bad_files.record_header(path, problem)
+
+
 def build_dali_loaders(spec, info):
     """(train_loader, val_loader) for `--loader dali`; see the module docstring for what runs where."""
     require_dali()
@@ -376,6 +413,7 @@ def build_dali_loaders(spec, info):
         return build_torch_loaders(spec, info)
     aug = resolve_aug(spec)
     bad = info.bad_files
+    screen_jpeg_headers([p for p, _ in info.train_samples + info.val_samples], bad, threads=max(4, int(spec.workers)))
     return (DaliFolderLoader(info.train_samples, spec, True, aug, bad),
             DaliFolderLoader(info.val_samples, spec, False, aug, bad))
 
