@@ -1,16 +1,17 @@
-"""What a file that fails to decode mid-run costs the DALI loader, and what a clean folder pays.
+"""What a file that fails to decode costs the DALI loader, and what a clean folder pays.
 
 Three runs over the same generated ImageNet-like folder (JPEGs around 320x240, random-resized-crop
-to --img-size), DALI train loader, no model step:
-- clean: img/s per epoch (the handling of automix_fast/data/bad_files.py only runs after a
-  pipeline raised, so this is the loader as it was);
-- odd: --bad files edited so DALI rejects them and Pillow decodes them (tests/oddkit.py's
-  `ff00_header`): epoch 1 finds them (one pipeline failure each: the failed batch's files are
-  re-decoded one at a time, the Pillow copy written, the pipeline rebuilt), epoch 2 reads the
-  PNG copies with no failure;
-- unreadable: --bad files no decoder reads (left out): epoch 1 finds them, epoch 2 plans around.
-Per failure: seconds from the pipeline's error to the rebuilt pipeline (BadFiles.recovery_seconds
-/ recoveries), which is what a failure costs on top of the epoch.
+to --img-size), DALI train loader built as `build_dali_loaders` builds it (JPEG header screening
+first), no model step:
+- clean: screening time, then img/s per epoch (the mid-run handling of
+  automix_fast/data/bad_files.py only runs after a pipeline raised);
+- odd: --bad files with `FF 00` after SOI (DALI's parser rejects them, Pillow reads them): the
+  screening finds them and writes repaired copies; no pipeline ever fails;
+- unreadable: --bad files with a bogus Huffman table (no decoder reads them; the screening cannot
+  see it): epoch 1 finds them mid-run (one pipeline failure each: the failed batch's files
+  re-decoded one at a time on a batch-1 pipeline, the pipeline rebuilt), epoch 2 plans around them.
+Per failure: seconds from the pipeline's error to the rebuilt pipeline (BadFiles.recovery_seconds /
+recoveries), what a failure costs on top of the epoch.
 
     python bench/bench_bad_files.py                       # CPU-only DALI
     python bench/bench_bad_files.py --device cuda --workers 8 -b 128
@@ -54,8 +55,11 @@ def _folder(root: str, n: int, bad: int, kind: str) -> list[str]:
         path = os.path.join(root, f"{i:05d}.jpg")
         data = _jpeg(rng)
         if kind != "clean" and i % (n // bad) == n // bad // 2:  # spread over the epoch
-            edit = b"\xff\x00" if kind == "odd" else b"\xff\x01"  # DALI-only failure / no decoder reads it
-            data = data[:2] + edit + data[2:]
+            if kind == "odd":  # DALI's parser rejects it, Pillow reads it
+                data = data[:2] + b"\xff\x00" + data[2:]
+            else:  # a bogus Huffman table: no decoder reads it
+                at = data.find(b"\xff\xc4")
+                data = data[:at + 5] + b"\xff" * 16 + data[at + 21:]
         with open(path, "wb") as f:
             f.write(data)
         paths.append(path)
@@ -63,11 +67,14 @@ def _folder(root: str, n: int, bad: int, kind: str) -> list[str]:
 
 
 def _run(paths: list[str], args, device: torch.device) -> dict:
-    from automix_fast.data.dali import DaliFolderLoader
+    from automix_fast.data.dali import DaliFolderLoader, screen_jpeg_headers
 
     spec = DataSpec(img_size=args.img_size, batch_size=args.batch_size, workers=args.workers, device=device, seed=0,
                     skip_bad_images=True)
     bad = BadFiles(True, announce=False)
+    t0 = time.perf_counter()
+    screen_jpeg_headers(paths, bad, threads=max(4, args.workers))
+    screening = time.perf_counter() - t0
     loader = DaliFolderLoader([(p, 0) for p in paths], spec, True, "imagenet", bad)
     epochs = []
     for epoch in range(args.epochs):
@@ -79,7 +86,8 @@ def _run(paths: list[str], args, device: torch.device) -> dict:
         seconds = time.perf_counter() - t0
         epochs.append({"images": n, "seconds": round(seconds, 4), "img_per_s": round(n / seconds, 1)})
     per_failure = bad.recovery_seconds / bad.recoveries if bad.recoveries else None
-    return {"epochs": epochs, "bad_files": len(bad), "recoveries": bad.recoveries,
+    return {"screening_seconds": round(screening, 4), "screening_us_per_file": round(1e6 * screening / len(paths), 1),
+            "epochs": epochs, "bad_files": len(bad), "recoveries": bad.recoveries,
             "recovery_seconds": round(bad.recovery_seconds, 4),
             "seconds_per_failure": None if per_failure is None else round(per_failure, 4)}
 
@@ -103,7 +111,8 @@ def main() -> None:
             paths = _folder(os.path.join(tmp, kind), args.images, args.bad, kind)
             results[kind] = _run(paths, args, device)
             r = results[kind]
-            print(f"{kind:11s} img/s per epoch {[e['img_per_s'] for e in r['epochs']]}  failures {r['recoveries']}  "
+            print(f"{kind:11s} screening {r['screening_us_per_file']} us/file  img/s per epoch "
+                  f"{[e['img_per_s'] for e in r['epochs']]}  bad {r['bad_files']}  failures {r['recoveries']}  "
                   f"s/failure {r['seconds_per_failure']}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
