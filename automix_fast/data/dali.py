@@ -35,6 +35,14 @@ operators draw per sample, so the thread count does not matter), but a run resum
 draws different crops than the uninterrupted run did; reseeding would mean rebuilding the
 pipeline every epoch (nvJPEG and buffer start-up each time).
 
+Files that fail to decode (bad_files.py, jpeg_header.py). When the loaders are built, every JPEG's
+header is screened and a file DALI's parser would reject is read from a repaired copy: after a
+parser error in a batch of 32+, DALI 2.4 can crash the process, so such files never reach a
+pipeline. Any other failure inside a pipeline (`pipe.run()` raises) is handled in `_recover`:
+the failed batch's files are decoded one at a time in a batch-1 copy of this pipeline, each
+failing file is decoded with Pillow (a PNG copy) or left out, the pipeline is rebuilt and the
+epoch resumes at the failed batch. Nothing runs per batch for this on a clean dataset.
+
 In-memory data. CIFAR arrays (info.train_arrays) go to the torch loader's device-resident
 loader (`ResidentLoader`, through `build_torch_loaders`: one gather plus one batched pad-crop-flip per batch on the device),
 chosen by measurement against a DALI external_source pipeline over the same arrays (pad-4 crop +
