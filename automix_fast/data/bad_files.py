@@ -69,6 +69,8 @@ class BadFiles:
         self.recovery_seconds = 0.0  # time spent finding the files and rebuilding the pipeline
         self._logged = (0, 0)  # (entries, recoveries) at the last metrics record
         self.dataset_paths: set[str] | None = None  # the image files of this run (build_loaders sets it)
+        self._deferred: list[str] = []  # found by the screening, named when the first epoch starts
+        self._listed: set[str] = set()  # already in the run folder's bad_images.txt
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -114,11 +116,11 @@ class BadFiles:
         except OSError as e:
             data, problem = None, f"{problem}; {e.strerror or e}"
         if data is None:
-            return self.record(path, f"JPEG header: {problem}", try_pillow=True)
+            return self.record(path, f"JPEG header: {problem}", try_pillow=True, defer=True)
         self._copies[path] = self._copy_path(path, ".jpg")
         with open(self._copies[path], "wb") as f:
             f.write(data)
-        self._add(path, REPAIRED, f"JPEG header: {problem}")
+        self._add(path, REPAIRED, f"JPEG header: {problem}", defer=True)
         return REPAIRED
 
     def _copy_path(self, path: str, ext: str) -> str:
@@ -128,7 +130,7 @@ class BadFiles:
         return os.path.join(self._copy_dir, hashlib.sha1(path.encode("utf-8")).hexdigest() + ext)
 
     # -- what the loaders report
-    def record(self, path: str, reason: str, try_pillow: bool) -> str:
+    def record(self, path: str, reason: str, try_pillow: bool, defer: bool = False) -> str:
         """Note one failing file (once); returns what was done with it (PILLOW or LEFT_OUT)."""
         if path in self.entries:
             return self.entries[path][0]
@@ -140,25 +142,39 @@ class BadFiles:
                 how = PILLOW
             else:
                 reason = f"{reason}; Pillow: {problem}"
-        self._add(path, how, reason)
+        self._add(path, how, reason, defer)
         return how
 
-    def _add(self, path: str, how: str, reason: str) -> None:
+    def _add(self, path: str, how: str, reason: str, defer: bool = False) -> None:
         self.entries[path] = (how, reason)
         if how == LEFT_OUT:
             self.left_out.add(path)
             self._new_left_out.append(path)
-        if self.announce:
-            if how == REPAIRED:
-                line = f"warning: DALI cannot decode {path} ({reason}); reading a copy with the header repaired"
-            elif how == PILLOW:
-                line = f"warning: DALI cannot decode {path} ({reason}); decoded with Pillow instead"
-            elif self.skip:
-                line = f"warning: cannot decode {path} ({reason}); left out of this run"
-            else:
-                line = (f"warning: cannot decode {path} ({reason}); left out for the rest of this epoch, "
-                        "then the run stops (--skip-bad-images trains without it)")
-            print(line, file=sys.stderr, flush=True)
+        if defer:  # found by the screening, before the run could say which files it already named
+            self._deferred.append(path)
+        elif self.announce:
+            print(self._line(path), file=sys.stderr, flush=True)
+
+    def announce_screened(self) -> None:
+        """Name the files the screening found (the loaders call this when an epoch starts), except
+        those the run folder's bad_images.txt already listed: a resumed run does not name them again."""
+        deferred, self._deferred = self._deferred, []
+        for path in deferred:
+            if self.announce and path not in self._listed:
+                print(self._line(path), file=sys.stderr, flush=True)
+
+    def _line(self, path: str) -> str:
+        how, reason = self.entries[path]
+        if how == REPAIRED:
+            line = f"warning: DALI cannot decode {path} ({reason}); reading a copy with the header repaired"
+        elif how == PILLOW:
+            line = f"warning: DALI cannot decode {path} ({reason}); decoded with Pillow instead"
+        elif self.skip:
+            line = f"warning: cannot decode {path} ({reason}); left out of this run"
+        else:
+            line = (f"warning: cannot decode {path} ({reason}); left out for the rest of this epoch, "
+                    "then the run stops (--skip-bad-images trains without it)")
+        return line
 
     def _make_copy(self, path: str) -> str | None:
         """Decode `path` with Pillow into a lossless PNG copy; None on success, else why not."""
@@ -181,7 +197,10 @@ class BadFiles:
             return
         for line in listed.read_text(encoding="utf-8").splitlines():
             parts = line.split("\t")
-            if len(parts) != 3 or parts[0] in self.entries:
+            if len(parts) != 3:
+                continue
+            self._listed.add(parts[0])
+            if parts[0] in self.entries:  # the screening found it again
                 continue
             path, how, reason = parts
             if self.dataset_paths is not None and path not in self.dataset_paths:

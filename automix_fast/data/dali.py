@@ -271,6 +271,7 @@ class DaliFolderLoader:
             yield k, idx
 
     def __iter__(self):
+        self.bad_files.announce_screened()  # (nothing to do after the first epoch)
         idx = self.indices()
         if len(idx) == 0:  # e.g. a val slice of an empty rank
             return
