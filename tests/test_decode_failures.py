@@ -292,3 +292,18 @@ def test_two_ranks_agree_on_the_skip_list_and_stay_in_step(tmp_path):
     r0, r1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
     assert_states_equal(r0, r1, keys=[k for k in r0 if "running" not in k and "num_batches" not in k])
     assert_states_equal(weights(tmp_path / "r" / "last.pt"), r0, keys=[k for k in r0 if "running" not in k])
+
+
+@needs_dali
+def test_dali_abandoned_epoch_with_a_failing_prefetched_batch(tmp_path):
+    """An epoch left after its first batch (as the mask grid does with the val loader) while a
+    prefetched batch holds a failing file: the next epoch still starts cleanly."""
+    paths = _files(tmp_path, 12)
+    clean = _epoch(_dali(paths, False))
+    write(paths[clean[1][0]], UNREADABLE_EDITS["bogus_huffman"](open(paths[clean[1][0]], "rb").read()))
+    bad = BadFiles(True, announce=False)
+    val = _dali(paths, False, bad)
+    first = next(iter(val))[1].tolist()
+    assert first == clean[0]
+    assert _epoch(val) == _without(clean, {clean[1][0]})
+    assert bad.left_out == {paths[clean[1][0]]}

@@ -177,7 +177,8 @@ class DaliFolderLoader:
         self._plan = iter(())
         self._in_flight = False  # a pipeline epoch was started and not run to its end
         self.bad_files = bad_files if bad_files is not None else BadFiles(spec.skip_bad_images, spec.rank == 0)
-        self._fed: list[int] = []  # epoch batch numbers handed to the pipeline, oldest first
+        self._fed: list[tuple[int, np.ndarray]] = []  # (epoch batch number, indices) fed, oldest first
+        self._order = np.arange(0)  # this epoch's reading order (training refills come from it)
         self._rebuilds = 0
 
     # -- the contract surface
@@ -251,8 +252,9 @@ class DaliFolderLoader:
             while True:
                 self._pipe.run()
         except StopIteration:
-            pass
-        self._pipe.reset()
+            self._pipe.reset()
+        except RuntimeError:  # a prefetched, never-yielded batch holds a failing file: found when read again
+            self._pipe = None
         self._in_flight = False
 
     def _start_plan(self, batches: list[np.ndarray], first: int) -> None:
@@ -275,10 +277,10 @@ class DaliFolderLoader:
         idx = self.indices()
         if len(idx) == 0:  # e.g. a val slice of an empty rank
             return
+        if self._pipe is not None and self._in_flight:
+            self._drain()  # the previous epoch was abandoned part way
         if self._pipe is None:
             self._pipe = self._build()
-        elif self._in_flight:
-            self._drain()  # the previous epoch was abandoned part way
         bs = self.batch_size
         self._order = idx
         batches = [idx[i:i + bs] for i in range(0, len(idx), bs)]
@@ -314,7 +316,7 @@ class DaliFolderLoader:
         t0 = time.perf_counter()
         k = self._fed[done][0]
         suspects = [idx for _, idx in self._fed[done:]]  # the failed batch first, then prefetched ones
-        self._retire()  # DALI: "Current pipeline object is no longer valid"
+        self._pipe = None  # DALI: "Current pipeline object is no longer valid"
         found = []
         for idx in suspects:  # a prefetched batch may be the one that raised (an error reported early)
             found = self._find_failing(idx)
@@ -330,21 +332,6 @@ class DaliFolderLoader:
         self._start_plan(batches, k)
         self.bad_files.recoveries += 1
         self.bad_files.recovery_seconds += time.perf_counter() - t0
-
-    def _retire(self) -> None:
-        """Free the failed pipeline. DALI 2.4 can crash (SIGSEGV in Pipeline.Shutdown) when a pipeline
-        that raised is destroyed while iterations it had prefetched are still in flight, so those
-        are run out first (their outputs and errors are discarded: the plan restarts anyway)."""
-        pipe, self._pipe = self._pipe, None
-        self._plan = iter(())
-        for _ in range(PREFETCH_DEPTH + 1):
-            try:
-                pipe.run()
-            except StopIteration:
-                break
-            except RuntimeError:
-                continue
-        del pipe
 
     def _find_failing(self, idx: np.ndarray) -> list[tuple[str, str, bool]]:
         """(path, reason, try Pillow) of each file of a fed batch that fails alone in this loader's own
