@@ -307,3 +307,34 @@ def test_dali_abandoned_epoch_with_a_failing_prefetched_batch(tmp_path):
     assert first == clean[0]
     assert _epoch(val) == _without(clean, {clean[1][0]})
     assert bad.left_out == {paths[clean[1][0]]}
+
+
+def test_torch_batch_of_only_unreadable_files_is_refilled(tmp_path):
+    paths = _files(tmp_path, 8)
+    clean = _epoch(_torch(paths, True))
+    for i in clean[1]:
+        data = open(paths[i], "rb").read()
+        write(paths[i], data[: len(data) // 4])
+    bad = BadFiles(True, announce=False)
+    got = _epoch(_torch(paths, True, bad))
+    assert got == [clean[0], clean[0]]  # the step keeps a batch: the epoch's first readable files
+    assert bad.left_out == {paths[i] for i in clean[1]}
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_torch_resident_folder_with_a_file_pillow_cannot_decode(tmp_path, skip, capsys):
+    from oddkit import odd_folder
+
+    root = tmp_path / "data"
+    odd_folder(str(root), per_class=6, size=16, every=1000)  # no oddities: a clean tiny folder
+    broken = os.path.join(str(root), "train", "a", "002.jpg")
+    write(broken, UNREADABLE_EDITS["bogus_huffman"](open(broken, "rb").read()))
+    spec = _spec(dataset="folder", data_dir=str(root), loader="torch", skip_bad_images=skip)
+    if not skip:
+        with pytest.raises(DataError) as e:
+            build_loaders(spec)
+        assert broken in str(e.value) and "--skip-bad-images" in str(e.value) and "\n" not in str(e.value)
+        return
+    train, val, info = build_loaders(spec)
+    assert type(train).__name__ == "ResidentLoader" and len(train.labels) == 11
+    assert info.bad_files.left_out == {broken} and capsys.readouterr().err.count(broken) == 1
