@@ -69,6 +69,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from .bad_files import decode_reason
 
 INSTALL_HINT = 'pip install "automix-fast[dali]" (CUDA 13; "automix-fast[dali-cuda120]" for CUDA 12)'
 PREFETCH_DEPTH = 2  # batches DALI prepares ahead of the one being consumed
@@ -294,9 +295,9 @@ class DaliFolderLoader:
             except StopIteration:  # the plan is exhausted and every fed batch was yielded
                 break
             except RuntimeError as e:  # how DALI reports an operator error; the pipeline is now unusable
-                if done >= len(self._fed):
-                    raise
                 failure = _dali_reason(e)
+                if done >= len(self._fed):  # no batch to blame (not a file's fault): one line, no traceback
+                    raise DataError(f"the DALI pipeline failed: {failure}") from None
             if failure is not None:  # handled outside the except block: its traceback holds the old pipeline
                 self._recover(batches, done, failure)
                 done = 0
@@ -355,7 +356,7 @@ class DaliFolderLoader:
                 path = self.paths[fed[out]]
                 queue[:0] = fed[out + 1:]  # fed after the failing file but never checked
                 was_pillow = self.bad_files.drop_copy(path)  # even its Pillow copy fails: nothing else to try
-                failing.append((path, f"DALI {reason}", not was_pillow))
+                failing.append((path, f"DALI {decode_reason(reason, path)}", not was_pillow))
         return failing
 
     def _to_torch(self, images, labels):
