@@ -338,3 +338,55 @@ def test_torch_resident_folder_with_a_file_pillow_cannot_decode(tmp_path, skip, 
     train, val, info = build_loaders(spec)
     assert type(train).__name__ == "ResidentLoader" and len(train.labels) == 11
     assert info.bad_files.left_out == {broken} and capsys.readouterr().err.count(broken) == 1
+
+
+@needs_dali
+def test_fuzzed_folder_trains_to_the_end_and_counts_add_up(tmp_path):
+    """A whole DALI run over a folder where every third file is fuzzed: it finishes, each file it
+    could not use is named once, and the val count is every val file minus those left out."""
+    from faultkit import cli, records, train_args
+
+    from automix_fast.data.folder import image_problem
+
+    rng = np.random.default_rng(11)
+    root = tmp_path / "data"
+    files = []
+    for split, n in (("train", 24), ("val", 9)):
+        for c, cls in enumerate("ab"):
+            for i in range(n):
+                img = picture(16, 18, 1000 * c + i + (500 if split == "val" else 0), tint=2 * c)
+                data = png_bytes(img) if i % 2 else jpeg_bytes(img)
+                if i % 3 == 1:
+                    data = mutate(data, rng)
+                files.append(write(str(root / split / cls / f"{i:03d}.{'png' if i % 2 else 'jpg'}"), data))
+    precheck = {p for p in files if image_problem(p) is not None}  # dropped before training (--skip-bad-images)
+    run = cli(train_args(root, tmp_path, "r", "--mix", "mixup", "--loader", "dali", "--workers", "1",
+                         "--skip-bad-images", batch=6))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    listed = {}
+    if (tmp_path / "r" / "bad_images.txt").exists():
+        listed = dict(line.split("\t")[:2] for line in (tmp_path / "r" / "bad_images.txt").read_text().splitlines())
+    for path in listed:
+        assert run.stderr.count(path) == 1, [ln for ln in run.stderr.splitlines() if path in ln]
+    val_files = [p for p in files if "/val/" in p and p not in precheck]
+    left_val = [p for p in val_files if listed.get(p) == LEFT_OUT]
+    assert records(tmp_path / "r", "eval")[-1]["values"]["count"] == len(val_files) - len(left_val)
+
+
+@needs_dali
+@pytest.mark.gpu
+def test_gpu_mixed_decoder_failures_are_handled(tmp_path):
+    """The same handling with the GPU ("mixed", nvJPEG) decoder: an odd header is screened, a file
+    no decoder reads is found mid-run, and the epoch goes on (runs only where CUDA is)."""
+    import torch
+
+    paths = _files(tmp_path, 16)
+    write(paths[3], ODD_EDITS["app_len_0"](open(paths[3], "rb").read()))
+    write(paths[9], UNREADABLE_EDITS["bogus_huffman"](open(paths[9], "rb").read()))
+    bad = BadFiles(True, announce=False)
+    dali_mod.screen_jpeg_headers(paths, bad)
+    assert bad.entries[paths[3]][0] == REPAIRED
+    val = _dali(paths, False, bad, device=torch.device("cuda"))
+    seen = sorted(i for b in _epoch(val) for i in b)
+    assert seen == [i for i in range(16) if i != 9] and bad.left_out == {paths[9]}

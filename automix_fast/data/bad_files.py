@@ -69,8 +69,9 @@ class BadFiles:
         self.recovery_seconds = 0.0  # time spent finding the files and rebuilding the pipeline
         self._logged = (0, 0)  # (entries, recoveries) at the last metrics record
         self.dataset_paths: set[str] | None = None  # the image files of this run (build_loaders sets it)
-        self._deferred: list[str] = []  # found by the screening, named when the first epoch starts
+        self._deferred: list[str] = []  # found by the screening, named at the end of the first epoch
         self._listed: set[str] = set()  # already in the run folder's bad_images.txt
+        self.in_run = False  # True once a run (engine/runner.py) manages this list
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -150,14 +151,17 @@ class BadFiles:
         if how == LEFT_OUT:
             self.left_out.add(path)
             self._new_left_out.append(path)
-        if defer:  # found by the screening, before the run could say which files it already named
-            self._deferred.append(path)
+        if defer or path in self._deferred:  # screened: named with its final status at the epoch's end
+            if path not in self._deferred:
+                self._deferred.append(path)
         elif self.announce:
             print(self._line(path), file=sys.stderr, flush=True)
 
     def announce_screened(self) -> None:
-        """Name the files the screening found (the loaders call this when an epoch starts), except
-        those the run folder's bad_images.txt already listed: a resumed run does not name them again."""
+        """Name the files the screening found, with what became of them (a repaired copy can still
+        fail in DALI: then it is left out), once: at the end of the first epoch (`end_epoch`, or the
+        loader's own epoch end outside a run), except those the run folder's bad_images.txt already
+        listed, so a resumed run does not name them again."""
         deferred, self._deferred = self._deferred, []
         for path in deferred:
             if self.announce and path not in self._listed:
@@ -192,6 +196,7 @@ class BadFiles:
     # -- what the run does (engine/runner.py)
     def start_run(self, run_dir: str | os.PathLike) -> None:
         """Take over `run_dir/bad_images.txt` (a resumed run, or a new run in the same folder)."""
+        self.in_run = True  # the runner's end_epoch names the screened files from now on
         listed = Path(run_dir) / BAD_FILES_NAME
         if not listed.is_file():
             return
@@ -229,6 +234,8 @@ class BadFiles:
             dist.all_gather_object(gathered, dict(self.entries))
             for entries in gathered:
                 for path, (how, reason) in sorted(entries.items()):
+                    if how == LEFT_OUT and path in self.entries and path not in self.left_out:
+                        self.drop_copy(path)  # another rank found that its copy fails too
                     if path not in self.entries:
                         if how == REPAIRED:
                             self.record_header(path, reason)
@@ -236,6 +243,7 @@ class BadFiles:
                         if how == PILLOW and self._make_copy(path) is not None:
                             how = LEFT_OUT
                         self._add(path, how, reason)
+        self.announce_screened()
         if (len(self.entries), self.recoveries) == self._logged:
             return
         self._logged = (len(self.entries), self.recoveries)

@@ -274,7 +274,6 @@ class DaliFolderLoader:
             yield k, idx
 
     def __iter__(self):
-        self.bad_files.announce_screened()  # (nothing to do after the first epoch)
         idx = self.indices()
         if len(idx) == 0:  # e.g. a val slice of an empty rank
             return
@@ -306,6 +305,8 @@ class DaliFolderLoader:
             yield self._to_torch(images, labels)
         self._pipe.reset()
         self._in_flight = False
+        if not self.bad_files.in_run:  # inside a run, the runner's end_epoch names them (after val)
+            self.bad_files.announce_screened()
 
     # -- decode failures (see bad_files.py): only ever entered after a pipeline raised
     def _recover(self, batches: list[np.ndarray], done: int, failure: str) -> None:
