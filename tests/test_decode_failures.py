@@ -16,7 +16,7 @@ from automix_fast.data import dali as dali_mod
 from automix_fast.data.bad_files import LEFT_OUT, PILLOW, REPAIRED, BadFiles
 from automix_fast.data.jpeg_header import header_problem, repaired
 from automix_fast.errors import DataError
-from oddkit import (BENIGN_EDITS, ODD_EDITS, UNREADABLE_EDITS, jpeg_bytes, mutate, picture, pil_decodes, png_bytes,
+from oddkit import (BENIGN_EDITS, ODD_EDITS, SCREENED_UNREADABLE, UNREADABLE_EDITS, jpeg_bytes, mutate, picture, pil_decodes, png_bytes,
                     write)
 
 needs_dali = pytest.mark.skipif(not dali_mod.dali_available(), reason="NVIDIA DALI is not installed")
@@ -68,11 +68,18 @@ def test_header_screening_flags_exactly_the_oddities_and_repairs_them(tmp_path):
     base = jpeg_bytes(img)
     for name, edit in {**ODD_EDITS, **BENIGN_EDITS, **UNREADABLE_EDITS}.items():
         path = write(str(tmp_path / f"{name}.jpg"), edit(base))
-        assert (header_problem(path) is not None) == (name in ODD_EDITS), name
+        assert (header_problem(path) is not None) == (name in ODD_EDITS or name in SCREENED_UNREADABLE), name
         if name in ODD_EDITS:
             assert repaired(path) == base  # the stray bytes dropped, nothing else touched
     assert header_problem(write(str(tmp_path / "x.png"), png_bytes(img))) is None
-    assert header_problem(write(str(tmp_path / "ok.jpg"), base)) is None
+    exif = __import__("PIL.Image", fromlist=["Exif"]).Exif()
+    exif[0x0112] = 6
+    for name, im, kw in [("ok", img, {}), ("progressive", img, dict(progressive=True)), ("s444", img, dict(subsampling=0)),
+                         ("gray", img.convert("L"), {}), ("cmyk", img.convert("CMYK"), {}),
+                         ("exif", img, dict(exif=exif.tobytes())), ("optimized", img, dict(optimize=True))]:
+        assert header_problem(write(str(tmp_path / f"{name}.jpg"), jpeg_bytes(im, **kw))) is None, name  # no false alarms
+    damaged = write(str(tmp_path / "damaged.jpg"), UNREADABLE_EDITS["bogus_huffman"](base))
+    assert "Huffman" in header_problem(damaged) and repaired(damaged) is None  # not repairable: Pillow or left out
 
 
 # ----------------------------------------------------------------------------- DALI loader
@@ -218,7 +225,7 @@ def _odd_run_folder(root, unreadable: int = 0):
     broken = []
     for k in range(unreadable):
         path = os.path.join(str(root), "train", "ab"[k % 2], f"{k:03d}.jpg")  # not one of the odd ones
-        write(path, UNREADABLE_EDITS["sof_zero_height"](open(path, "rb").read()))
+        write(path, UNREADABLE_EDITS["undefined_huffman"](open(path, "rb").read()))  # found mid-run
         broken.append(path)
     return odd, broken
 
@@ -383,7 +390,7 @@ def test_gpu_mixed_decoder_failures_are_handled(tmp_path):
 
     paths = _files(tmp_path, 16)
     write(paths[3], ODD_EDITS["app_len_0"](open(paths[3], "rb").read()))
-    write(paths[9], UNREADABLE_EDITS["bogus_huffman"](open(paths[9], "rb").read()))
+    write(paths[9], UNREADABLE_EDITS["undefined_huffman"](open(paths[9], "rb").read()))
     bad = BadFiles(True, announce=False)
     dali_mod.screen_jpeg_headers(paths, bad)
     assert bad.entries[paths[3]][0] == REPAIRED

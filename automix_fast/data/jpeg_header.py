@@ -9,9 +9,12 @@ error in a batch of 32 or more images, DALI 2.4 can crash the process (SIGSEGV) 
 pipeline is destroyed or the next one is built, so these files must never reach a DALI pipeline.
 
 `header_problem(path)` walks the marker segments up to SOS, reading only the header (usually a few
-KB: seeks over segment bodies); `repaired(path)` returns the file's bytes with the offending bytes
-dropped, which is what Pillow/libjpeg effectively do (they skip a too-short segment's length field
-and the stray marker bytes and go on), so the pixels are the same. The DALI loader screens every
+KB: seeks over segment bodies) and checking the frame, scan and table segments the way decoders
+do (sizes, component ids, table numbers and lengths). For the known oddities (APPn length 0/1,
+`FF 00`, RST/TEM before SOS) `repaired(path)` returns the file's bytes with the offending bytes
+dropped, which is what Pillow/libjpeg effectively do (they skip a too-short segment's length
+field and the stray marker bytes and go on), so the pixels are the same; any other damage is
+not repairable by dropping bytes (None), and such a file is decoded with Pillow or left out. The DALI loader screens every
 JPEG with `header_problem` when it is built (threads; the cost is in docs/INTERNALS.md) and reads a
 repaired copy of each file it flags (see bad_files.py).
 """
@@ -21,21 +24,67 @@ _STANDALONE = {0x01} | set(range(0xD0, 0xD8))  # TEM, RST0-7: no length field
 _MAX_HEADER = 1 << 22  # stop looking for SOS after 4 MiB of segments (huge EXIF/ICC): assume fine
 
 
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _segment_problem(marker: int, body: bytes, frame: dict) -> str | None:
+    """What is inconsistent inside a frame/scan/table segment (what the decoders check before
+    decoding); `frame` collects the SOF's component ids for the SOS check."""
+    if marker in _SOF:
+        if frame.get("ids") is not None:
+            return "a second frame header (SOF)"
+        if len(body) < 6:
+            return "a short frame header"
+        bits, height, width, n = body[0], int.from_bytes(body[1:3], "big"), int.from_bytes(body[3:5], "big"), body[5]
+        if bits not in (8, 12, 16) or height == 0 or width == 0 or not 1 <= n <= 4 or len(body) != 6 + 3 * n:
+            return f"a bad frame header ({width}x{height}, {n} components, {bits} bits)"
+        frame["ids"] = {body[6 + 3 * i] for i in range(n)}
+        if any(body[8 + 3 * i] > 3 or not 1 <= body[7 + 3 * i] >> 4 <= 4 or not 1 <= body[7 + 3 * i] & 15 <= 4
+               for i in range(n)):
+            return "a bad sampling factor or table number in the frame header"
+    elif marker == 0xDA:
+        n = body[0] if body else 0
+        if frame.get("ids") is None:
+            return "a scan before the frame header"
+        if not 1 <= n <= 4 or len(body) != 4 + 2 * n or any(body[1 + 2 * i] not in frame["ids"] for i in range(n)):
+            return "a bad scan header"
+    elif marker == 0xDB:
+        at = 0
+        while at < len(body):
+            precision, table = body[at] >> 4, body[at] & 15
+            if precision > 1 or table > 3:
+                return "a bad quantization table"
+            at += 1 + 64 * (1 + precision)
+        if at != len(body):
+            return "a quantization table of the wrong length"
+    elif marker == 0xC4:
+        at = 0
+        while at < len(body):
+            if at + 17 > len(body) or body[at] >> 4 > 1 or body[at] & 15 > 3:
+                return "a bad Huffman table"
+            count = sum(body[at + 1:at + 17])
+            if count > 256:
+                return "a bad Huffman table"
+            at += 17 + count
+        if at != len(body):
+            return "a Huffman table of the wrong length"
+    return None
+
+
 def _walk(read_at, size: int):
-    """(problem, kept byte ranges) of the segments before SOS; read_at(offset, n) -> bytes."""
+    """(problems, kept byte ranges) of the segments before SOS; read_at(offset, n) -> bytes.
+    kept is None when dropping bytes cannot repair the header (then only Pillow may read it)."""
     problems: list[str] = []
-    keep: list[tuple[int, int]] = [(0, 2)]
+    keep: list[tuple[int, int]] | None = [(0, 2)]
+    frame: dict = {}
     pos = 2
     while pos < min(size, _MAX_HEADER):
         head = read_at(pos, 4)
         if len(head) < 2:
             break
-        if head[0] != 0xFF:
-            start = pos  # junk where a marker belongs: skip to the next FF
-            while pos < size and read_at(pos, 1) not in (b"\xff", b""):
-                pos += 1
-            problems.append(f"{pos - start} stray byte(s) at offset {start}")
-            continue
+        if head[0] != 0xFF:  # junk where a marker belongs: a damaged header, not a known oddity
+            problems.append(f"stray bytes at offset {pos}")
+            return problems, None
         marker = head[1]
         if marker == 0xFF:  # fill byte before a marker: allowed
             pos += 1
@@ -46,7 +95,7 @@ def _walk(read_at, size: int):
             continue
         if marker == 0xD9 or marker == 0xD8:
             problems.append(f"marker FF {marker:02X} before the image data")
-            return problems, None  # not repairable by dropping bytes
+            return problems, None
         if len(head) < 4:
             break
         length = int.from_bytes(head[2:4], "big")
@@ -54,11 +103,19 @@ def _walk(read_at, size: int):
             problems.append(f"segment FF {marker:02X} with length {length} at offset {pos}")
             pos += 4
             continue
+        if marker in _SOF or marker in (0xDA, 0xDB, 0xC4):
+            why = _segment_problem(marker, read_at(pos + 4, length - 2), frame)
+            if why is not None:
+                problems.append(f"{why} at offset {pos}")
+                return problems, None
         keep.append((pos, pos + 2 + length))
         if marker == 0xDA:  # start of scan: the rest is image data, untouched
             keep[-1] = (pos, size)
             return problems, keep
         pos += 2 + length
+    if pos >= size or pos < _MAX_HEADER:
+        problems.append("no image data (SOS) after the header")
+        return problems, None
     keep.append((pos, size))
     return problems, keep
 
