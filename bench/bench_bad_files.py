@@ -7,8 +7,8 @@ first), no model step:
   automix_fast/data/bad_files.py only runs after a pipeline raised);
 - odd: --bad files with `FF 00` after SOI (DALI's parser rejects them, Pillow reads them): the
   screening finds them and writes repaired copies; no pipeline ever fails;
-- unreadable: --bad files with a bogus Huffman table (no decoder reads them; the screening cannot
-  see it): epoch 1 finds them mid-run (one pipeline failure each: the failed batch's files
+- unreadable: --bad files whose scan names an undefined Huffman table (no decoder reads them; the
+  screening cannot see it): epoch 1 finds them mid-run (one pipeline failure each: the failed batch's files
   re-decoded one at a time on a batch-1 pipeline, the pipeline rebuilt), epoch 2 plans around them.
 Per failure: seconds from the pipeline's error to the rebuilt pipeline (BadFiles.recovery_seconds /
 recoveries), what a failure costs on top of the epoch.
@@ -57,9 +57,12 @@ def _folder(root: str, n: int, bad: int, kind: str) -> list[str]:
         if kind != "clean" and i % (n // bad) == n // bad // 2:  # spread over the epoch
             if kind == "odd":  # DALI's parser rejects it, Pillow reads it
                 data = data[:2] + b"\xff\x00" + data[2:]
-            else:  # a bogus Huffman table: no decoder reads it
-                at = data.find(b"\xff\xc4")
-                data = data[:at + 5] + b"\xff" * 16 + data[at + 21:]
+            else:  # the scan names Huffman table 3, never defined: passes the screening, no decoder reads it
+                at = data.find(b"\xff\xda")
+                data = bytearray(data)
+                for k in range(data[at + 4]):
+                    data[at + 6 + 2 * k] = 0x33
+                data = bytes(data)
         with open(path, "wb") as f:
             f.write(data)
         paths.append(path)
