@@ -4,8 +4,11 @@ The cheap check of `folder.py` runs before training; a file can still fail later
 rejects some JPEGs that Pillow decodes (measured on DALI 2.4's CPU decoder: an APPn segment whose
 length field is 0 or 1, `FF 00` or an RST marker between SOI and the first segment), nvJPEG on a
 GPU may reject a different set, and any file can be truncated, made unreadable or deleted
-after the check. The loaders report such a file here (`BadFiles.record`), and this module decides:
+after the check. The loaders report such a file here (`BadFiles.record`, or `record_header` for
+the DALI loader's header screening, see jpeg_header.py), and this module decides:
 
+- a JPEG header DALI's parser would reject, damaged in one of the known ways: "header repaired":
+  DALI reads a copy without the stray bytes (same pixels), whatever --skip-bad-images says.
 - DALI failed but Pillow decodes the file: it is "decoded with Pillow": re-encoded once, as a
   lossless PNG in a temporary folder, and the DALI pipeline reads that copy from then on. It
   trains and evaluates like any other file, whatever --skip-bad-images says.
