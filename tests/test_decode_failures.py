@@ -397,3 +397,23 @@ def test_gpu_mixed_decoder_failures_are_handled(tmp_path):
     val = _dali(paths, False, bad, device=torch.device("cuda"))
     seen = sorted(i for b in _epoch(val) for i in b)
     assert seen == [i for i in range(16) if i != 9] and bad.left_out == {paths[9]}
+
+
+@needs_dali
+@pytest.mark.parametrize("skip", [True, False])
+def test_dali_screening_finds_an_undecodable_header_before_training(tmp_path, skip):
+    from oddkit import odd_folder
+
+    root = tmp_path / "data"
+    odd_folder(str(root), per_class=6, size=16, every=1000)
+    broken = os.path.join(str(root), "val", "b", "001.jpg")
+    write(broken, SCREENED_UNREADABLE["sof_zero_height"](open(broken, "rb").read()))
+    spec = _spec(dataset="folder", data_dir=str(root), loader="dali", skip_bad_images=skip)
+    if not skip:
+        with pytest.raises(DataError, match="--skip-bad-images") as e:
+            build_loaders(spec)
+        assert broken in str(e.value)
+        return
+    _, val, info = build_loaders(spec)
+    assert info.bad_files.left_out == {broken}
+    assert sum(len(y) for _, y in val) == 5  # 6 val images, the broken one left out from the start

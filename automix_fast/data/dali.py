@@ -412,6 +412,8 @@ def build_dali_loaders(spec, info):
     aug = resolve_aug(spec)
     bad = info.bad_files
     screen_jpeg_headers([p for p, _ in info.train_samples + info.val_samples], bad, threads=max(4, int(spec.workers)))
+    if bad.left_out and not spec.skip_bad_images:
+        bad.stop_after_epoch(before_training=True)  # found before training: refused as the pre-check does
     return (DaliFolderLoader(info.train_samples, spec, True, aug, bad),
             DaliFolderLoader(info.val_samples, spec, False, aug, bad))
 
