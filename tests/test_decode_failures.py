@@ -417,3 +417,26 @@ def test_dali_screening_finds_an_undecodable_header_before_training(tmp_path, sk
     _, val, info = build_loaders(spec)
     assert info.bad_files.left_out == {broken}
     assert sum(len(y) for _, y in val) == 5  # 6 val images, the broken one left out from the start
+
+
+@needs_dali
+def test_dali_batch_of_32_with_oddities_and_a_mid_run_failure(tmp_path):
+    """At batch 32 a DALI 2.4 parser error can crash the process (see jpeg_header.py): the screened
+    oddities never reach a pipeline, and the mid-run failure (past the parser) is recovered."""
+    from oddkit import odd_folder
+
+    root = tmp_path / "data"
+    odd = odd_folder(str(root), per_class=40, size=16)
+    broken = os.path.join(str(root), "train", "b", "007.jpg")
+    write(broken, UNREADABLE_EDITS["undefined_huffman"](open(broken, "rb").read()))
+    spec = _spec(dataset="folder", data_dir=str(root), loader="dali", batch_size=32, eval_batch_size=32, workers=2)
+    train, val, info = build_loaders(spec)
+    for epoch in range(2):
+        train.set_epoch(epoch)
+        sizes = [len(y) for _, y in train]
+        planned = {info.train_samples[i][0] for i in train.indices()}
+        assert len(sizes) == 2 and sum(sizes) == 64 - (broken in planned)  # the broken file is a hole
+        assert sum(len(y) for _, y in val) == 40
+    bad = info.bad_files
+    assert bad.left_out == {broken} and bad.recoveries == 1
+    assert {p for p, (how, _) in bad.entries.items() if how == REPAIRED} == set(odd)
