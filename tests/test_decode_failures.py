@@ -148,7 +148,7 @@ def test_dali_batch_of_only_unreadable_files(tmp_path):
 def _torch(paths, train: bool, bad=None, **kw):
     from automix_fast.data.torch_loader import StreamingLoader, _ImageDataset
 
-    spec = _spec(workers=0, **kw)
+    spec = _spec(**{"workers": 0, **kw})
     ds = _ImageDataset(samples=[(p, i) for i, p in enumerate(paths)], size=16, mode="fixed", resize_to=16)
     return StreamingLoader(ds, spec, train, "cifar", bad if bad is not None else BadFiles(True))
 
@@ -440,3 +440,13 @@ def test_dali_batch_of_32_with_oddities_and_a_mid_run_failure(tmp_path):
     bad = info.bad_files
     assert bad.left_out == {broken} and bad.recoveries == 1
     assert {p for p, (how, _) in bad.entries.items() if how == REPAIRED} == set(odd)
+
+
+def test_torch_worker_processes_report_a_file_deleted_mid_run(tmp_path):
+    paths = _files(tmp_path, 10)
+    bad = BadFiles(True, announce=False)
+    val = _torch(paths, False, bad, workers=1)
+    assert len([i for b in _epoch(val) for i in b]) == 10
+    os.remove(paths[6])  # the persistent worker finds it gone next epoch
+    assert sorted(i for b in _epoch(val) for i in b) == [0, 1, 2, 3, 4, 5, 7, 8, 9]
+    assert bad.left_out == {paths[6]} and "No such file" in bad.entries[paths[6]][1]
