@@ -63,9 +63,9 @@ class BadFiles:
     def __init__(self, skip: bool = False, announce: bool = True):
         self.skip = skip
         self.announce = announce  # False on ranks other than 0: only rank 0 prints
-        self.entries: dict[str, tuple[str, str]] = {}  # path -> (PILLOW | LEFT_OUT, reason)
+        self.entries: dict[str, tuple[str, str]] = {}  # path -> (REPAIRED | PILLOW | LEFT_OUT, reason)
         self.left_out: set[str] = set()
-        self._copies: dict[str, str] = {}  # path -> the PNG copy DALI reads instead
+        self._copies: dict[str, str] = {}  # path -> the copy DALI reads instead (repaired JPEG or Pillow PNG)
         self._copy_dir: str | None = None
         self._new_left_out: list[str] = []  # left out since the last stop_after_epoch
         self.recoveries = 0  # pipeline failures handled
@@ -90,7 +90,7 @@ class BadFiles:
         return [i for i in order if paths[i] not in self.left_out][: len(batch)]
 
     def read_path(self, path: str) -> str:
-        """The file a DALI pipeline should read for `path`: its PNG copy when it has one."""
+        """The file a DALI pipeline should read for `path`: its copy when it has one."""
         if path not in self._copies:
             return path
         return self._copies[path]
