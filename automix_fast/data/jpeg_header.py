@@ -20,6 +20,8 @@ repaired copy of each file it flags (see bad_files.py).
 """
 from __future__ import annotations
 
+import os
+
 _STANDALONE = {0x01} | set(range(0xD0, 0xD8))  # TEM, RST0-7: no length field
 _MAX_HEADER = 1 << 22  # stop looking for SOS after 4 MiB of segments (huge EXIF/ICC): assume fine
 
@@ -120,8 +122,13 @@ def _walk(read_at, size: int):
     return problems, keep
 
 
-def _reader(f):
+_FIRST_READ = 1 << 16  # one read holds the whole header of nearly every JPEG (EXIF thumbnails included)
+
+
+def _reader(f, first: bytes):
     def read_at(offset: int, n: int) -> bytes:
+        if offset + n <= len(first):
+            return first[offset:offset + n]
         f.seek(offset)
         return f.read(n)
     return read_at
@@ -132,11 +139,11 @@ def header_problem(path: str) -> str | None:
     and files that cannot be read: the other checks name those)."""
     try:
         with open(path, "rb") as f:
-            if f.read(3) != b"\xff\xd8\xff":
+            first = f.read(_FIRST_READ)
+            if not first.startswith(b"\xff\xd8\xff"):
                 return None
-            f.seek(0, 2)
-            size = f.tell()
-            problems, _ = _walk(_reader(f), size)
+            size = os.fstat(f.fileno()).st_size
+            problems, _ = _walk(_reader(f, first), size)
     except OSError:
         return None
     return "; ".join(problems[:2]) + ("; ..." if len(problems) > 2 else "") if problems else None
