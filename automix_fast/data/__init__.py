@@ -53,6 +53,7 @@ class DatasetInfo:
     val_samples: list[tuple[str, int]] | None = None
     train_arrays: tuple | None = None  # (uint8 NHWC ndarray, int64 ndarray)
     val_arrays: tuple | None = None
+    bad_files: object = None  # bad_files.BadFiles: files that failed to decode mid-run (build_loaders sets it)
 
     @property
     def num_classes(self) -> int:
@@ -141,8 +142,13 @@ def resolve_dataset(spec: DataSpec) -> DatasetInfo:
 
 def build_loaders(spec: DataSpec):
     """(train_loader, val_loader, info): validate the spec, resolve the data, build the loaders."""
+    from .bad_files import BadFiles
+
     validate_spec(spec)
     info = resolve_dataset(spec)
+    info.bad_files = BadFiles(skip=spec.skip_bad_images, announce=spec.rank == 0)
+    if info.train_samples is not None:
+        info.bad_files.dataset_paths = {p for p, _ in info.train_samples} | {p for p, _ in info.val_samples}
     if spec.loader == "dali":
         from .dali import build_dali_loaders  # imported only here: DALI is an optional extra
 

@@ -4,6 +4,11 @@
 holds train, test and meta (fine labels are used). Each batch is a pickle of a dict whose
 b"data" is (N, 3072) uint8 in CHW row order. The whole set is 180 MB at most, so it is read
 once into uint8 NHWC arrays that the resident loader puts on the device.
+
+A pickle can run any code it names, and these files come from a folder the user downloaded, so
+they are read with `SafeUnpickler`: it rebuilds only what the official batches hold (dicts,
+lists, strings, bytes, numbers, numpy arrays and dtypes) and refuses any other global with a
+one-line DataError naming the file, before anything it names is called.
 """
 from __future__ import annotations
 
@@ -36,14 +41,47 @@ def find_cifar_dir(data_dir: str, kind: str) -> str | None:
     return None
 
 
+def _latin1_encode(text, encoding="latin1"):
+    """`_codecs.encode` as protocol-2 pickles of bytes use it, and nothing else."""
+    if not isinstance(text, str) or encoding.replace("-", "").lower() != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not how bytes are pickled")
+    return text.encode("latin1")
+
+
+def _allowed_globals() -> dict[tuple[str, str], object]:
+    """The globals the official batches name (numpy arrays and dtypes, bytes from protocol 2)."""
+    try:
+        from numpy._core import multiarray  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core import multiarray
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1_encode}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):  # written by numpy 1.x / 2.x
+        allowed[(module, "_reconstruct")] = multiarray._reconstruct
+        allowed[(module, "scalar")] = multiarray.scalar
+    return allowed
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Rebuilds dicts, lists, strings, bytes, numbers, numpy arrays and dtypes; any other global
+    (a function that would run, a class that would be built) is refused before it is looked up."""
+
+    def find_class(self, module: str, name: str):
+        found = _allowed_globals().get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR batch never holds (refused, nothing was run)")
+        return found
+
+
 def _load_pickle(path: str) -> dict:
     if not os.path.isfile(path):
         raise DataError(f"missing CIFAR file: {path}")
     try:
         with open(path, "rb") as f:
-            raw = pickle.load(f, encoding="bytes")  # the batches were written by Python 2
+            raw = SafeUnpickler(f, encoding="bytes").load()  # the batches were written by Python 2
     except Exception as e:  # a damaged pickle can raise nearly anything
-        raise DataError(f"cannot read CIFAR file {path}: {e}") from None
+        raise DataError(f"cannot read CIFAR file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"cannot read CIFAR file {path}: it holds a {type(raw).__name__}, not a dict")
     # Python-2 pickles have bytes keys; batches re-saved by Python 3 have str keys.
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
 

@@ -35,6 +35,14 @@ operators draw per sample, so the thread count does not matter), but a run resum
 draws different crops than the uninterrupted run did; reseeding would mean rebuilding the
 pipeline every epoch (nvJPEG and buffer start-up each time).
 
+Files that fail to decode (bad_files.py, jpeg_header.py). When the loaders are built, every JPEG's
+header is screened and a file DALI's parser would reject is read from a repaired copy: after a
+parser error in a batch of 32+, DALI 2.4 can crash the process, so such files never reach a
+pipeline. Any other failure inside a pipeline (`pipe.run()` raises) is handled in `_recover`:
+the failed batch's files are decoded one at a time in a batch-1 copy of this pipeline, each
+failing file is decoded with Pillow (a PNG copy) or left out, the pipeline is rebuilt and the
+epoch resumes at the failed batch. Nothing runs per batch for this on a clean dataset.
+
 In-memory data. CIFAR arrays (info.train_arrays) go to the torch loader's device-resident
 loader (`ResidentLoader`, through `build_torch_loaders`: one gather plus one batched pad-crop-flip per batch on the device),
 chosen by measurement against a DALI external_source pipeline over the same arrays (pad-4 crop +
@@ -61,6 +69,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from .bad_files import decode_reason
 
 INSTALL_HINT = 'pip install "automix-fast[dali]" (CUDA 13; "automix-fast[dali-cuda120]" for CUDA 12)'
 PREFETCH_DEPTH = 2  # batches DALI prepares ahead of the one being consumed
@@ -129,10 +138,24 @@ class _PlanSource:
         return loader._source()
 
 
+class _OneAtATime:
+    """External source of a probe pipeline: the next queued sample index as a batch of one."""
+
+    def __init__(self, loader, queue: list[int], fed: list[int]):
+        self.loader, self.queue, self.fed = loader, queue, fed
+
+    def __call__(self):
+        if not self.queue:
+            raise StopIteration
+        self.fed.append(self.queue.pop(0))
+        return self.loader._encoded(np.asarray(self.fed[-1:], dtype=np.int64))
+
+
 class DaliFolderLoader:
     """Train or val loader over a list of (path, label) with a DALI pipeline (see the module doc)."""
 
-    def __init__(self, samples: list[tuple[str, int]], spec, train: bool, aug: str):
+    def __init__(self, samples: list[tuple[str, int]], spec, train: bool, aug: str, bad_files=None):
+        from .bad_files import BadFiles
         from .torch_loader import train_indices, val_range
 
         self._train_indices, self._val_range = train_indices, val_range
@@ -154,6 +177,10 @@ class DaliFolderLoader:
         self._pipe = None
         self._plan = iter(())
         self._in_flight = False  # a pipeline epoch was started and not run to its end
+        self.bad_files = bad_files if bad_files is not None else BadFiles(spec.skip_bad_images, spec.rank == 0)
+        self._fed: list[tuple[int, np.ndarray]] = []  # (epoch batch number, indices) fed, oldest first
+        self._order = np.arange(0)  # this epoch's reading order (training refills come from it)
+        self._rebuilds = 0
 
     # -- the contract surface
     def __len__(self) -> int:
@@ -179,12 +206,21 @@ class DaliFolderLoader:
         return np.arange(start, stop)
 
     # -- the pipeline
+    def _encoded(self, idx):
+        """(encoded paths, labels) of one planned batch; a file DALI cannot decode is read from its Pillow copy."""
+        if self.bad_files.has_copies:
+            paths = [self.bad_files.read_path(self.paths[i]) for i in idx]
+        else:  # a clean run: no per-batch work
+            paths = [self.paths[i] for i in idx]
+        return [np.frombuffer(p.encode("utf-8"), dtype=np.uint8) for p in paths], self.labels[idx]
+
     def _source(self):
         """External source: the next planned batch as (encoded paths, labels); StopIteration ends the epoch."""
-        idx = next(self._plan)
-        return [np.frombuffer(self.paths[i].encode("utf-8"), dtype=np.uint8) for i in idx], self.labels[idx]
+        k, idx = next(self._plan)
+        self._fed.append((k, idx))
+        return self._encoded(idx)
 
-    def _build(self):
+    def _build(self, source=None, batch_size: int | None = None, prefetch: int = PREFETCH_DEPTH):
         from nvidia.dali import types
 
         from . import dali_pipelines as P
@@ -192,18 +228,20 @@ class DaliFolderLoader:
         s = self.spec
         definition = P.train_pipeline if self.train else P.val_pipeline
         pipe = definition(
-            source=_PlanSource(self),
+            source=source or _PlanSource(self),
             gpu=self.device_id is not None,
             img_size=s.img_size,
             aug=self.aug,
             mean=tuple(s.mean),
             std=tuple(s.std),
             out_dtype=types.FLOAT16 if self._half else types.FLOAT,
-            batch_size=self.batch_size,
+            batch_size=batch_size or self.batch_size,
             num_threads=max(1, int(s.workers)),
             device_id=self.device_id,
-            seed=_pipeline_seed(s.seed, s.rank, self.epoch, int(self.train)),
-            prefetch_queue_depth=PREFETCH_DEPTH,
+            # A rebuilt pipeline (after a decode failure) draws from a new stream: a stream cannot
+            # be wound forward to where the failed pipeline stood.
+            seed=_pipeline_seed(s.seed, s.rank, self.epoch, int(self.train), self._rebuilds),
+            prefetch_queue_depth=prefetch,
         )
         pipe.build()
         return pipe
@@ -215,25 +253,112 @@ class DaliFolderLoader:
             while True:
                 self._pipe.run()
         except StopIteration:
-            pass
-        self._pipe.reset()
+            self._pipe.reset()
+        except RuntimeError:  # a prefetched, never-yielded batch holds a failing file: found when read again
+            self._pipe = None
         self._in_flight = False
+
+    def _start_plan(self, batches: list[np.ndarray], first: int) -> None:
+        """Feed batches[first:] from now on, planned around the known bad files as each is fed."""
+        self._plan = self._planned(batches, first)
+        self._fed = []
+
+    def _planned(self, batches: list[np.ndarray], first: int):
+        bad, order = self.bad_files, self._order if self.train else None
+        for k in range(first, len(batches)):
+            idx = batches[k]
+            if bad.left_out:  # empty unless a file failed: a clean run does no per-batch work here
+                idx = np.asarray(bad.plan(idx, self.paths, order), dtype=np.int64)
+                if len(idx) == 0:  # a val batch of unreadable files only: nothing to evaluate
+                    continue
+            yield k, idx
 
     def __iter__(self):
         idx = self.indices()
         if len(idx) == 0:  # e.g. a val slice of an empty rank
             return
+        if self._pipe is not None and self._in_flight:
+            self._drain()  # the previous epoch was abandoned part way
         if self._pipe is None:
             self._pipe = self._build()
-        elif self._in_flight:
-            self._drain()  # the previous epoch was abandoned part way
         bs = self.batch_size
-        self._plan = (idx[i:i + bs] for i in range(0, len(idx), bs))
+        self._order = idx
+        batches = [idx[i:i + bs] for i in range(0, len(idx), bs)]
+        self._start_plan(batches, 0)
         self._in_flight = True
-        for _ in range(len(self)):
-            images, labels = self._pipe.run()
+        done = 0  # batches yielded since the plan last (re)started: self._fed[done] is the next out
+        while True:
+            failure = None
+            try:
+                images, labels = self._pipe.run()
+            except StopIteration:  # the plan is exhausted and every fed batch was yielded
+                break
+            except RuntimeError as e:  # how DALI reports an operator error; the pipeline is now unusable
+                failure = _dali_reason(e)
+                if done >= len(self._fed):  # no batch to blame (not a file's fault): one line, no traceback
+                    raise DataError(f"the DALI pipeline failed: {failure}") from None
+            if failure is not None:  # handled outside the except block: its traceback holds the old pipeline
+                self._recover(batches, done, failure)
+                done = 0
+                continue
+            done += 1
             yield self._to_torch(images, labels)
-        self._drain()
+        self._pipe.reset()
+        self._in_flight = False
+        if not self.bad_files.in_run:  # inside a run, the runner's end_epoch names them (after val)
+            self.bad_files.announce_screened()
+
+    # -- decode failures (see bad_files.py): only ever entered after a pipeline raised
+    def _recover(self, batches: list[np.ndarray], done: int, failure: str) -> None:
+        """The fed batch `done` failed: find its failing file(s), record them, rebuild the pipeline and
+        restart the plan at that batch. Batches fed after it were never yielded, so nothing is
+        skipped or repeated."""
+        import time
+
+        t0 = time.perf_counter()
+        k = self._fed[done][0]
+        suspects = [idx for _, idx in self._fed[done:]]  # the failed batch first, then prefetched ones
+        self._pipe = None  # DALI: "Current pipeline object is no longer valid"
+        found = []
+        for idx in suspects:  # a prefetched batch may be the one that raised (an error reported early)
+            found = self._find_failing(idx)
+            if found:
+                break
+        if not found:
+            raise DataError(f"the DALI pipeline failed in batch {k + 1} of an epoch, but no single file of it "
+                            f"fails alone: {failure}")
+        for path, reason, try_pillow in found:
+            self.bad_files.record(path, reason, try_pillow)
+        self._rebuilds += 1
+        self._pipe = self._build()
+        self._start_plan(batches, k)
+        self.bad_files.recoveries += 1
+        self.bad_files.recovery_seconds += time.perf_counter() - t0
+
+    def _find_failing(self, idx: np.ndarray) -> list[tuple[str, str, bool]]:
+        """(path, reason, try Pillow) of each file of a fed batch that fails alone in this loader's own
+        pipeline (same operators and device, batch size 1); the probe is rebuilt after each failure."""
+        queue = [int(i) for i in idx]
+        failing = []
+        while queue:
+            fed: list[int] = []  # what the probe was given, in order (DALI may ask one ahead)
+            probe = self._build(source=_OneAtATime(self, queue, fed), batch_size=1, prefetch=1)
+            out, reason = 0, None
+            try:
+                while True:
+                    probe.run()
+                    out += 1
+            except StopIteration:
+                pass
+            except RuntimeError as e:
+                reason = _dali_reason(e)
+            del probe  # only one pipeline alive at a time
+            if reason is not None:
+                path = self.paths[fed[out]]
+                queue[:0] = fed[out + 1:]  # fed after the failing file but never checked
+                was_pillow = self.bad_files.drop_copy(path)  # even its Pillow copy fails: nothing else to try
+                failing.append((path, f"DALI {decode_reason(reason, path)}", not was_pillow))
+        return failing
 
     def _to_torch(self, images, labels):
         n = len(images)
@@ -250,6 +375,33 @@ class DaliFolderLoader:
         return x, y.to(self.device, non_blocking=True)
 
 
+def _dali_reason(error: Exception) -> str:
+    """The operator and the first line of what it encountered, from DALI's multi-line error."""
+    text = str(error)
+    lines = [ln.strip() for ln in text.splitlines()]
+    operator = next((ln.split("`")[1].replace("nvidia.dali.", "") for ln in lines if ln.startswith("Error in") and "`" in ln), "")
+    after = text.split("encountered:", 1)[1] if "encountered:" in text else text
+    what = next((ln.strip() for ln in after.splitlines() if ln.strip() and not ln.startswith(("C++ context", "Current pipeline"))), "")
+    return f"{operator}: {what}" if operator else what or type(error).__name__
+
+
+def screen_jpeg_headers(paths: list[str], bad_files, threads: int = 16) -> None:
+    """Record every JPEG whose header DALI's parser rejects (jpeg_header.py) before any pipeline
+    runs: a decode error inside DALI can crash the process, so these never reach one. Reads only
+    the headers, on threads (the work is I/O: a few small reads per file)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .jpeg_header import header_problem
+
+    if not paths:
+        return
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(paths)))) as pool:
+        problems = list(pool.map(header_problem, paths, chunksize=256))
+    for path, problem in zip(paths, problems):
+        if problem is not None:
+            bad_files.record_header(path, problem)
+
+
 def build_dali_loaders(spec, info):
     """(train_loader, val_loader) for `--loader dali`; see the module docstring for what runs where."""
     require_dali()
@@ -258,7 +410,12 @@ def build_dali_loaders(spec, info):
     if info.train_samples is None:  # in-memory arrays (CIFAR batches): the torch loader's resident path
         return build_torch_loaders(spec, info)
     aug = resolve_aug(spec)
-    return DaliFolderLoader(info.train_samples, spec, True, aug), DaliFolderLoader(info.val_samples, spec, False, aug)
+    bad = info.bad_files
+    screen_jpeg_headers([p for p, _ in info.train_samples + info.val_samples], bad, threads=max(4, int(spec.workers)))
+    if bad.left_out and not spec.skip_bad_images:
+        bad.stop_after_epoch(before_training=True)  # found before training: refused as the pre-check does
+    return (DaliFolderLoader(info.train_samples, spec, True, aug, bad),
+            DaliFolderLoader(info.val_samples, spec, False, aug, bad))
 
 
 def decode_images(paths: list[str], device_id: int | None = None, num_threads: int = 1) -> list[np.ndarray]:

@@ -14,7 +14,8 @@ least as long as their header says). This catches garbage and truncated files, t
 of an interrupted copy, without decoding anything. By default any bad file stops the run with a
 DataError naming the first few paths and the count and suggesting `--skip-bad-images`; with
 skip_bad=True they are dropped and one warning line names them. A file that passes the check but
-fails to decode later still raises in the loader: the check is cheap, not a full decode.
+fails to decode later is handled by the loaders mid-run (bad_files.py): the check is cheap, not a
+full decode.
 """
 from __future__ import annotations
 

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
+from .bad_files import decode_reason
 from .transforms import (cifar_augment, draw_cifar_params, eval_resize_for, load_rgb, norm_constants,
                          normalize_to, random_resized_crop, resize_center_crop, resize_uint8_batch)
 
@@ -139,11 +140,13 @@ class _LoaderBase:
         mine = self.shards.positions(total)
         return dy[mine].to(self.device), dx[mine].to(self.device), flip[mine].to(self.device)
 
-    def _finish(self, images: torch.Tensor, params, start: int) -> torch.Tensor:
-        """uint8 NHWC on device -> augmented (train, cifar) and normalized NCHW."""
+    def _finish(self, images: torch.Tensor, params, where) -> torch.Tensor:
+        """uint8 NHWC on device -> augmented (train, cifar) and normalized NCHW. `where`: the batch's
+        positions in the epoch (the start of a contiguous run, or a tensor of positions)."""
         if params is not None:
-            stop = start + images.shape[0]
-            images = cifar_augment(images, params[0][start:stop], params[1][start:stop], params[2][start:stop])
+            if isinstance(where, int):
+                where = slice(where, where + images.shape[0])
+            images = cifar_augment(images, params[0][where], params[1][where], params[2][where])
         return normalize_to(images, self._mean, self._std_inv, self.spec.dtype, self.spec.channels_last)
 
 
@@ -187,63 +190,119 @@ class _ImageDataset(torch.utils.data.Dataset):
         return Image.fromarray(self.arrays[0][index]), int(self.arrays[1][index])
 
     def __getitem__(self, item):
-        index, seed = item
-        img, label = self._image(index)
+        """(uint8 image, label, position) or, for a file that cannot be decoded now (damaged, made
+        unreadable or deleted after the pre-check), (None, why, position): the main process
+        records it and leaves it out of the batch (see bad_files.py)."""
+        index, seed, position = item
+        try:
+            img, label = self._image(index)
+        except DataError as e:
+            return None, str(e), position
         if self.mode == "rrc":
-            return random_resized_crop(img, self.size, np.random.default_rng(seed)), label
-        return resize_center_crop(img, self.size, self.resize_to), label
+            return random_resized_crop(img, self.size, np.random.default_rng(seed)), label, position
+        return resize_center_crop(img, self.size, self.resize_to), label, position
 
 
-class _ShardSampler(torch.utils.data.Sampler):
-    """Yields (index, per-sample seed) for this rank and the current epoch of `shards`."""
+class _ShardBatchSampler(torch.utils.data.Sampler):
+    """Yields this rank's batches of (index, per-sample seed, position in the epoch) for the current
+    epoch of `shards` (whole batches only for training); files recorded as left out
+    (bad_files.py) are planned around."""
 
-    def __init__(self, shards: _Shards):
-        self.shards = shards
+    def __init__(self, shards: _Shards, paths: list[str] | None, bad_files):
+        self.shards, self.paths, self.bad_files = shards, paths, bad_files
 
-    def __iter__(self):
+    def items(self) -> list[tuple[int, int, int]]:
         idx = self.shards.indices().tolist()
         s = self.shards.spec
         # One seed per position of the epoch, the same on every rank; this rank keeps its positions.
         seeds = np.random.default_rng(_seed(s.seed, self.shards.epoch, 0, 2)).integers(0, 2**62, self.shards.n)
-        seeds = seeds[self.shards.positions(self.shards.n)][: len(idx)]
-        return iter(zip(idx, seeds.tolist()))
+        seeds = seeds[self.shards.positions(self.shards.n)][: len(idx)].tolist()
+        return list(zip(idx, seeds, range(len(idx))))
+
+    def __iter__(self):
+        items = self.items()
+        bs = self.shards.batch_size
+        left_out = self.bad_files.left_out if self.paths is not None else ()
+        order = [i for i, _, _ in items] if self.shards.train else None
+        for start in range(0, len(items), bs):
+            batch = items[start:start + bs]
+            if left_out:  # empty unless a file failed: a clean run does no per-batch work here
+                keep = self.bad_files.plan([i for i, _, _ in batch], self.paths, order)
+                batch = [it for it in batch if it[0] in keep] or [it for it in items if it[0] in keep][: len(keep)]
+                if not batch:
+                    continue
+            yield batch
 
     def __len__(self) -> int:
-        return self.shards.num_samples
+        return len(self.shards)
 
 
 def _collate(batch):
-    images = torch.from_numpy(np.stack([b[0] for b in batch]))
-    labels = torch.tensor([b[1] for b in batch], dtype=torch.int64)
-    return images, labels
+    """uint8 NHWC images, labels, positions in the epoch, and [(position, why)] of failed files."""
+    good = [b for b in batch if b[0] is not None]
+    failed = [(b[2], b[1]) for b in batch if b[0] is None]
+    images = torch.from_numpy(np.stack([b[0] for b in good])) if good else torch.empty(0, dtype=torch.uint8)
+    labels = torch.tensor([b[1] for b in good], dtype=torch.int64)
+    positions = torch.tensor([b[2] for b in good], dtype=torch.int64)
+    return images, labels, positions, failed
 
 
 class StreamingLoader(_LoaderBase):
     """DataLoader workers decode and crop to uint8; conversion and normalization run on the device."""
 
-    def __init__(self, dataset: _ImageDataset, spec, train: bool, aug: str):
+    def __init__(self, dataset: _ImageDataset, spec, train: bool, aug: str, bad_files=None):
+        from .bad_files import BadFiles
+
         super().__init__(len(dataset), spec, train, aug)
         workers = spec.workers
+        self.bad_files = bad_files if bad_files is not None else BadFiles(spec.skip_bad_images, spec.rank == 0)
+        self.paths = [p for p, _ in dataset.samples] if dataset.samples is not None else None
+        self.sampler = _ShardBatchSampler(self.shards, self.paths, self.bad_files)
         self.loader = torch.utils.data.DataLoader(
             dataset,
-            batch_size=self.batch_size,
-            sampler=_ShardSampler(self.shards),
+            batch_sampler=self.sampler,
             num_workers=workers,
             collate_fn=_collate,
             pin_memory=spec.device.type == "cuda",
-            drop_last=train,
             persistent_workers=workers > 0,  # forking workers every epoch costs seconds on big sets
             prefetch_factor=4 if workers > 0 else None,
         )
 
     def __iter__(self):
         params = self._cifar_params()
-        start = 0
-        for images, labels in self.loader:
+        order = self.shards.indices().tolist()
+        for images, labels, positions, failed in self.loader:
+            for position, why in failed:  # decoded by no one: named once, left out from now on
+                path = self.paths[order[position]]
+                self.bad_files.record(path, "Pillow: " + decode_reason(why, path), try_pillow=False)
+            if images.shape[0] == 0:
+                if not self.train:
+                    continue  # nothing readable left in this val batch
+                images, labels, positions = self._refill(len(failed))  # every step needs a batch (DDP)
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            yield self._finish(images, params, start), labels
-            start += images.shape[0]
+            where = positions.to(self.device) if params is not None else None
+            yield self._finish(images, params, where), labels
+
+    def _refill(self, n: int):
+        """A training batch whose files all failed: the first readable files of the epoch instead,
+        decoded here (the rule of bad_files.py; only reached when every file of a batch fails)."""
+        got = []
+        for item in self.sampler.items():
+            if self.paths[item[0]] in self.bad_files.left_out:
+                continue
+            sample = self.loader.dataset[item]
+            if sample[0] is None:
+                self.bad_files.record(self.paths[item[0]], "Pillow: " + decode_reason(sample[1], self.paths[item[0]]),
+                                      try_pillow=False)
+                continue
+            got.append(sample)
+            if len(got) == n:
+                break
+        if not got:
+            raise DataError("no image file of this training set can be decoded any more")
+        images, labels, positions, _ = _collate(got)
+        return images, labels, positions
 
 
 # ----------------------------------------------------------------------------- choosing and building
@@ -269,17 +328,32 @@ def folder_fits_resident(info, spec, aug: str) -> bool:
     return total <= RESIDENT_MAX_BYTES and _probe_small(info.train_samples) and _probe_small(info.val_samples)
 
 
-def decode_folder(samples: list[tuple[str, int]], size: int, threads: int | None = None):
-    """All images decoded, resized (shorter side) and centre-cropped to size: (uint8 NHWC, int64)."""
+def decode_folder(samples: list[tuple[str, int]], size: int, threads: int | None = None, bad_files=None):
+    """All images decoded, resized (shorter side) and centre-cropped to size: (uint8 NHWC, int64).
+
+    With `bad_files` (bad_files.BadFiles), a file Pillow cannot decode is recorded there and left
+    out of the arrays; without it, the first such file raises its DataError."""
     out = np.empty((len(samples), size, size, 3), dtype=np.uint8)
+    failed: dict[int, str] = {}
 
     def fill(i: int) -> None:
-        out[i] = resize_center_crop(load_rgb(samples[i][0]), size)
+        try:
+            out[i] = resize_center_crop(load_rgb(samples[i][0]), size)
+        except DataError as e:
+            if bad_files is None:
+                raise
+            failed[i] = "Pillow: " + decode_reason(str(e), samples[i][0])
 
     threads = threads or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=threads) as pool:  # PIL releases the GIL while decoding
         list(pool.map(fill, range(len(samples)), chunksize=64))
-    return out, np.array([y for _, y in samples], dtype=np.int64)
+    labels = np.array([y for _, y in samples], dtype=np.int64)
+    if not failed:
+        return out, labels
+    for i in sorted(failed):
+        bad_files.record(samples[i][0], failed[i], try_pillow=False)
+    keep = np.array([i not in failed for i in range(len(samples))])
+    return out[keep], labels[keep]
 
 
 def _resident_pair(arrays, spec, train: bool, aug: str) -> ResidentLoader:
@@ -293,8 +367,10 @@ def build_torch_loaders(spec, info):
     if info.train_arrays is not None and aug == "cifar":
         return _resident_pair(info.train_arrays, spec, True, aug), _resident_pair(info.val_arrays, spec, False, aug)
     if info.train_samples is not None and folder_fits_resident(info, spec, aug):
-        train = decode_folder(info.train_samples, spec.img_size)
-        val = decode_folder(info.val_samples, spec.img_size)
+        train = decode_folder(info.train_samples, spec.img_size, bad_files=info.bad_files)
+        val = decode_folder(info.val_samples, spec.img_size, bad_files=info.bad_files)
+        if info.bad_files is not None and info.bad_files.left_out and not spec.skip_bad_images:
+            info.bad_files.stop_after_epoch(before_training=True)  # refuse as the pre-check does
         return _resident_pair(train, spec, True, aug), _resident_pair(val, spec, False, aug)
     return _streaming(info, spec, True, aug), _streaming(info, spec, False, aug)
 
@@ -306,4 +382,4 @@ def _streaming(info, spec, train: bool, aug: str) -> StreamingLoader:
         dataset = _ImageDataset(**source, size=spec.img_size, mode="rrc")
     else:  # cifar-style train (crop/flip follow on the device) and every eval: a fixed-size view
         dataset = _ImageDataset(**source, size=spec.img_size, mode="fixed", resize_to=eval_resize_for(spec.img_size, aug))
-    return StreamingLoader(dataset, spec, train, aug)
+    return StreamingLoader(dataset, spec, train, aug, info.bad_files)

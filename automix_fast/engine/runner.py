@@ -296,6 +296,8 @@ class Trainer:
         if found is not None:
             manager.restore(found[1])
         logger = MetricLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.log_tensorboard)
+        bad_files = self.info.bad_files  # files that fail to decode mid-run: automix_fast/data/bad_files.py
+        bad_files.start_run(self.run_dir)  # a resumed run plans around the files its folder lists
         self.log(self.header())
         self.log(f"run folder: {self.run_dir}")
         from automix_fast.engine.distributed import average_bn_stats, flat_allreduce_mean
@@ -335,11 +337,15 @@ class Trainer:
                 if self.dist.is_distributed:
                     average_bn_stats(self.mixer)
                 if result.stopped and skip + result.steps < self.steps_per_epoch:
+                    bad_files.end_epoch(logger, epoch=epoch + 1, step=epoch * self.steps_per_epoch + skip + result.steps,
+                                        run_dir=self.run_dir, write=self.is_main, distributed=self.dist.is_distributed)
                     self._save(manager, self.state(epoch, skip + result.steps), mid_epoch=True)
                     self.log(f"stopped by {stop.name}; checkpoint written to {self.run_dir / 'last.pt'}")
                     self.log(f"continue with: {rundir.resume_command(self.run_dir, self.dist.world_size)}")
                     return {"stopped": True, "run_dir": str(self.run_dir)}
                 eval_result = evaluate(self.mixer, self.val_loader, amp_dtype=self.amp_dtype, device=self.device, reduce=reduce)
+                bad_files.end_epoch(logger, epoch=epoch + 1, step=(epoch + 1) * self.steps_per_epoch, run_dir=self.run_dir,
+                                    write=self.is_main, distributed=self.dist.is_distributed)
                 main_head = next(iter(self.mixer.eval_heads()))
                 self.history.append({"epoch": epoch + 1, "train": result.means, "eval": eval_result})
                 if self.is_main:
@@ -349,6 +355,7 @@ class Trainer:
                     f"{h} {eval_result[h + '_top1']:.2f}/{eval_result[h + '_top5']:.2f}" for h in self.mixer.eval_heads()
                 ) + "  (top-1/top-5 %)")
                 self._save(manager, self.state(epoch + 1, 0), epoch=epoch + 1, metric=eval_result[main_head + "_top1"])
+                bad_files.stop_after_epoch()  # --skip-bad-images off: stop now, the checkpoint written
                 if self.dist.is_distributed:
                     from automix_fast.engine.distributed import any_rank
 
