@@ -32,7 +32,8 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
         "dali-cuda120": ["nvidia-dali-cuda120"],
-        "test": ["pytest", "pytest-benchmark"],
+        "tensorboard": ["tensorboard"],  # --log-tensorboard
+        "test": ["pytest", "pytest-benchmark", "tensorboard"],
     },
     entry_points={"console_scripts": ["automix-fast=automix_fast.cli:main"]},
 )
