@@ -274,8 +274,9 @@ LOW_PRECISION = ("fp16", "bf16")
 IMAGE_ACCESS_FIRST, IMAGE_ACCESS_LAST = "tl.load(x_base", "tl.store(o_base"
 
 
-# Same for the backward rows kernel: from the first load of x to the last load of g.
-BWD_ACCESS_FIRST, BWD_ACCESS_LAST = "a = tl.load(x_base", "gg = tl.load(g_base"
+# Same for the backward rows kernel: from the first load of x to the store of its result
+# (LLVM may attach a load to a line of the arithmetic after it; no other load sits there).
+BWD_ACCESS_FIRST, BWD_ACCESS_LAST = "a = tl.load(x_base", "tl.store(T + n * stn"
 
 
 def image_access_lines(kernel: str = "_fwd") -> range:
