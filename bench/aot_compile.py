@@ -274,20 +274,28 @@ LOW_PRECISION = ("fp16", "bf16")
 IMAGE_ACCESS_FIRST, IMAGE_ACCESS_LAST = "tl.load(x_base", "tl.store(o_base"
 
 
-def image_access_lines() -> range:
+# Same for the backward rows kernel: from the first load of x to the store of its result
+# (LLVM may attach a load to a line of the arithmetic after it; no other load sits there).
+BWD_ACCESS_FIRST, BWD_ACCESS_LAST = "a = tl.load(x_base", "tl.store(T + n * stn"
+
+
+def image_access_lines(kernel: str = "_fwd") -> range:
     import inspect
 
     from automix_fast.kernels import mask_mix
 
-    lines, start = inspect.getsourcelines(mask_mix._fwd.fn)
-    first = next(i for i, t in enumerate(lines) if IMAGE_ACCESS_FIRST in t)
-    last = max(i for i, t in enumerate(lines) if IMAGE_ACCESS_LAST in t)
+    first_marker, last_marker = ((IMAGE_ACCESS_FIRST, IMAGE_ACCESS_LAST) if kernel == "_fwd"
+                                 else (BWD_ACCESS_FIRST, BWD_ACCESS_LAST))
+    lines, start = inspect.getsourcelines(getattr(mask_mix, kernel).fn)
+    first = next(i for i, t in enumerate(lines) if first_marker in t)
+    last = max(i for i, t in enumerate(lines) if last_marker in t)
     return range(start + first, start + last + 1)
 
 
 def budget_violations(report: dict) -> list[str]:
     """What the report breaks: compile errors; spills in kernels launched for fp16/bf16;
-    image loads/stores of the mask_mix forward that are not 16-byte vector accesses."""
+    image loads/stores of the mask_mix forward, and image/gradient loads of its backward rows
+    kernel, that are not 16-byte vector accesses (either layout)."""
     out = []
     targets = list(report["meta"]["targets"])
     kernels = report["kernels"]
@@ -302,21 +310,24 @@ def budget_violations(report: dict) -> list[str]:
             if k["id"] in lowp and r["ok"] and (r["spill_stores"] or r["spill_loads"]):
                 out.append(f"spill: {k['kernel']} #{k['id']} on {t}: {r['spill_stores']} B stores, "
                            f"{r['spill_loads']} B loads ({k['constexprs']})")
-    lines = image_access_lines()
-    fwd = {u["spec"]: u for u in report["launches"] if u["kernel"] == "_fwd" and "mask_mix" in kernels[u["spec"]]["module"]}
-    for sid, use in sorted(fwd.items()):
-        for t in targets:
-            r = kernels[sid][t]
-            if not r["ok"]:
-                continue
-            widths = {op: set() for op in ("ld", "st")}
-            for line, ops in r["access"].items():
-                if int(line) in lines:
-                    for op, ws in ops.items():
-                        widths[op].update(ws)
-            if not widths["ld"] or not widths["st"] or widths["ld"] | widths["st"] != {16}:
-                out.append(f"mask_mix forward #{sid} ({use['layout']}, {use['dtype']}) on {t}: image accesses are "
-                           f"not all 16-byte vectors: loads {sorted(widths['ld'])} B, stores {sorted(widths['st'])} B")
+    for kernel, ops_needed in (("_fwd", ("ld", "st")), ("_bwd_rows", ("ld",))):
+        lines = image_access_lines(kernel)
+        uses = {u["spec"]: u for u in report["launches"]
+                if u["kernel"] == kernel and "mask_mix" in kernels[u["spec"]]["module"]}
+        for sid, use in sorted(uses.items()):
+            for t in targets:
+                r = kernels[sid][t]
+                if not r["ok"]:
+                    continue
+                widths = {op: set() for op in ("ld", "st")}
+                for line, ops in r["access"].items():
+                    if int(line) in lines:
+                        for op, ws in ops.items():
+                            widths[op].update(ws)
+                found = set().union(*(widths[op] for op in ops_needed))
+                if any(not widths[op] for op in ops_needed) or found != {16}:
+                    out.append(f"mask_mix {kernel} #{sid} ({use['layout']}, {use['dtype']}) on {t}: image accesses are "
+                               f"not all 16-byte vectors: loads {sorted(widths['ld'])} B, stores {sorted(widths['st'])} B")
     return out
 
 

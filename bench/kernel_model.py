@@ -85,7 +85,8 @@ def inflight_bytes_per_thread(kernel: str, constexprs: dict, warps: int, dtype: 
             return 2 * constexprs["BLOCK_P"] * e // threads
         return 2 * constexprs["BLOCK_P"] * constexprs["BLOCK_C"] * e // threads
     if kernel == "_bwd_rows":
-        return 3 * constexprs["ROWS"] * constexprs["BLOCK_X"] * constexprs["BLOCK_C"] * e // threads
+        per_row = constexprs["BLOCK_X"] * (1 if constexprs.get("CHANNELS_INNER") else constexprs["BLOCK_C"])
+        return 3 * constexprs["ROWS"] * per_row * e // threads
     return 0
 
 

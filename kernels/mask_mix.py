@@ -40,7 +40,8 @@ Design:
   index map with a margin of two pixels, then keeps only the pixels whose exact forward
   index (same code as the forward) lands on its cells, so rounding never drops a pixel.
   The footprint is widened to multiples of 16 pixels and masked only by the image width,
-  so the compiler can prove the row loads aligned (16-byte vectors in the contiguous layout).
+  so the compiler can prove the row loads aligned (16-byte vectors); channels-last x and g
+  (CHANNELS_INNER) are walked by flat element x * C + c along the row, as in the forward.
 - Which specializations the launchers pick, and what they compile to for sm_80 / sm_90, is
   checked in CI without a GPU by bench/aot_compile.py (tests/test_aot_compile.py).
 - All indexing and blending is fp32 whatever the image dtype.
@@ -190,7 +191,7 @@ def _bwd_rows(LOG, X, PERM, G, GS, T,
               H, W, h, w, C, scale_h, scale_w, inv_scale_w, inv_hw,
               sln, slh, slw, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sgsn, stn, sty, stb,
               ROWS: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
-              BILINEAR: tl.constexpr, HAS_G: tl.constexpr, HAS_GS: tl.constexpr):
+              BILINEAR: tl.constexpr, HAS_G: tl.constexpr, HAS_GS: tl.constexpr, CHANNELS_INNER: tl.constexpr):
     pid_y = tl.program_id(0)
     pid_b = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
@@ -217,26 +218,49 @@ def _bwd_rows(LOG, X, PERM, G, GS, T,
         p_base = X + partner * sxn
         g_base = G + n * sgn
     acc = tl.zeros((ROWS, BLOCK_B), dtype=tl.float32)
-    for x0 in range(x_lo, x_hi, BLOCK_X):
-        xx = x0 + tl.arange(0, BLOCK_X)
-        m2 = mask_r[:, None] & (xx < W)[None, :]
-        z = _mask_logit(l_base, slh, slw, offs_r[:, None], xx[None, :], m2, h, w, scale_h, scale_w, BILINEAR)
-        s = _sigmoid(z)
-        ds = tl.zeros((ROWS, BLOCK_X), dtype=tl.float32) + g_mean
-        if HAS_G:
-            pix = (offs_r[:, None] * sxh + xx[None, :] * sxw)[:, :, None]
-            gpix = (offs_r[:, None] * sgh + xx[None, :] * sgw)[:, :, None]
-            for c0 in range(0, C, BLOCK_C):
-                offs_c = c0 + tl.arange(0, BLOCK_C)
-                m3 = m2[:, :, None] & (offs_c < C)[None, None, :]
-                a = tl.load(x_base + pix + offs_c[None, None, :] * sxc, mask=m3, other=0.0).to(tl.float32)
-                b = tl.load(p_base + pix + offs_c[None, None, :] * sxc, mask=m3, other=0.0).to(tl.float32)
-                gg = tl.load(g_base + gpix + offs_c[None, None, :] * sgc, mask=m3, other=0.0).to(tl.float32)
-                ds += tl.sum(gg * (b - a), axis=2)
-        dz = tl.where(m2, ds * s * (1.0 - s), 0.0)
-        x0i, x1i, lx = _src_index(xx, w, scale_w, BILINEAR)
-        wx = _tap_weight(x0i[:, None], x1i[:, None], lx[:, None], offs_b[None, :], BILINEAR)
-        acc += tl.sum(dz[:, :, None] * wx[None, :, :], axis=1)
+    if CHANNELS_INNER:
+        # Channels-last x and g: a row is one dense run of W * C elements, walked by flat
+        # element e = x * C + c (BLOCK_X counts elements here), so the loads are contiguous and
+        # aligned whatever C is. dz is linear in ds, so the sum over c folds into the sum over x
+        # below: each element contributes g (b - a) s (1 - s) to its pixel's column weights, and
+        # each pixel's first element adds the s_mean term once.
+        for e0 in range(x_lo * C, x_hi * C, BLOCK_X):
+            ee = e0 + tl.arange(0, BLOCK_X)
+            xx = ee // C
+            m2 = mask_r[:, None] & (ee < W * C)[None, :]
+            z = _mask_logit(l_base, slh, slw, offs_r[:, None], xx[None, :], m2, h, w, scale_h, scale_w, BILINEAR)
+            s = _sigmoid(z)
+            ds = tl.zeros((ROWS, BLOCK_X), dtype=tl.float32) + tl.where((ee - xx * C) == 0, g_mean, 0.0)[None, :]
+            if HAS_G:
+                a = tl.load(x_base + offs_r[:, None] * sxh + ee[None, :], mask=m2, other=0.0).to(tl.float32)
+                b = tl.load(p_base + offs_r[:, None] * sxh + ee[None, :], mask=m2, other=0.0).to(tl.float32)
+                gg = tl.load(g_base + offs_r[:, None] * sgh + ee[None, :], mask=m2, other=0.0).to(tl.float32)
+                ds += gg * (b - a)
+            dz = tl.where(m2, ds * s * (1.0 - s), 0.0)
+            x0i, x1i, lx = _src_index(xx, w, scale_w, BILINEAR)
+            wx = _tap_weight(x0i[:, None], x1i[:, None], lx[:, None], offs_b[None, :], BILINEAR)
+            acc += tl.sum(dz[:, :, None] * wx[None, :, :], axis=1)
+    else:
+        for x0 in range(x_lo, x_hi, BLOCK_X):
+            xx = x0 + tl.arange(0, BLOCK_X)
+            m2 = mask_r[:, None] & (xx < W)[None, :]
+            z = _mask_logit(l_base, slh, slw, offs_r[:, None], xx[None, :], m2, h, w, scale_h, scale_w, BILINEAR)
+            s = _sigmoid(z)
+            ds = tl.zeros((ROWS, BLOCK_X), dtype=tl.float32) + g_mean
+            if HAS_G:
+                pix = (offs_r[:, None] * sxh + xx[None, :] * sxw)[:, :, None]
+                gpix = (offs_r[:, None] * sgh + xx[None, :] * sgw)[:, :, None]
+                for c0 in range(0, C, BLOCK_C):
+                    offs_c = c0 + tl.arange(0, BLOCK_C)
+                    m3 = m2[:, :, None] & (offs_c < C)[None, None, :]
+                    a = tl.load(x_base + pix + offs_c[None, None, :] * sxc, mask=m3, other=0.0).to(tl.float32)
+                    b = tl.load(p_base + pix + offs_c[None, None, :] * sxc, mask=m3, other=0.0).to(tl.float32)
+                    gg = tl.load(g_base + gpix + offs_c[None, None, :] * sgc, mask=m3, other=0.0).to(tl.float32)
+                    ds += tl.sum(gg * (b - a), axis=2)
+            dz = tl.where(m2, ds * s * (1.0 - s), 0.0)
+            x0i, x1i, lx = _src_index(xx, w, scale_w, BILINEAR)
+            wx = _tap_weight(x0i[:, None], x1i[:, None], lx[:, None], offs_b[None, :], BILINEAR)
+            acc += tl.sum(dz[:, :, None] * wx[None, :, :], axis=1)
     tl.store(T + n * stn + offs_r[:, None] * sty + offs_b[None, :] * stb, acc,
              mask=mask_r[:, None] & mask_b[None, :])
 
@@ -329,13 +353,23 @@ def mask_mix_backward(logits, x, perm, mode, g, g_smean):
     has_g, has_gs = g is not None, g_smean is not None
     g_arg = g if has_g else x
     gs_arg = g_smean if has_gs else t
+    channels_inner = _channels_inner(x) and _channels_inner(g_arg)
+    warps = 4
+    if channels_inner:
+        # BLOCK_X counts elements of a row (x * C + c): 512-element tiles over 2 warps, 8 a
+        # thread (16-byte loads in fp16/bf16), and 8 logit columns, so the contraction with wx
+        # holds 64 products a thread.
+        block_x = min(512, max(16, triton.next_power_of_2(W * C)))
+        block_b = min(8, block_b)
+        rows = max(1, min(512 // block_x, triton.next_power_of_2(H)))
+        warps = 2
     launch(_bwd_rows, (triton.cdiv(H, rows), triton.cdiv(w, block_b), N),
         lg, x, perm, g_arg, gs_arg, t,
         H, W, h, w, C, _scale(h, H), _scale(w, W), W / w, 1.0 / (H * W),
         *lg.stride(), *x.stride(), *g_arg.stride(), gs_arg.stride(0), *t.stride(),
         ROWS=rows, BLOCK_X=block_x, BLOCK_C=block_c, BLOCK_B=block_b,
-        BILINEAR=bilinear, HAS_G=has_g, HAS_GS=has_gs,
-        num_warps=4)
+        BILINEAR=bilinear, HAS_G=has_g, HAS_GS=has_gs, CHANNELS_INNER=channels_inner,
+        num_warps=warps)
     dlogits = _new((N, 1, h, w), logits.dtype, logits.device)
     dl = dlogits[:, 0]
     block_y = min(64, max(16, triton.next_power_of_2(math.ceil(2 * H / h) + 6)))

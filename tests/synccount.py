@@ -89,23 +89,29 @@ class CountingLoader:
             yield b
 
 
-def run_steps(policy: str, *, grad_sync=None, metric_mean=None, scaler=None, seed: int = 0):
+def run_steps(policy: str, *, grad_sync=None, metric_mean=None, scaler=None, seed: int = 0, backend: str = "torch"):
     """Three steps of `policy` (log_interval 3: two plain steps, then a log step) with a fused
-    SGD, as on CUDA; returns (syncs seen per step, EpochResult, guard, mixer)."""
+    SGD, as on CUDA; returns (syncs seen per step, EpochResult, guard, mixer).
+
+    backend="triton" runs the Triton ops' host code (launchers, autograd Functions) with the
+    launches recorded instead of run (automix_fast.ops.launches): what is counted is the host
+    side of the GPU path, without the interpreter's own copies to numpy."""
     from automix_fast.engine.schedule import ConstSchedule
     from automix_fast.engine.train import StepGuard, train_one_epoch
     from automix_fast.mixing import build_mixer
     from automix_fast.models import create_model
+    from automix_fast.ops import launches
 
     torch.manual_seed(0)
     model = create_model("tinynet", num_classes=5, mix_head=policy == "automix")
-    mixer = build_mixer(policy, model, seed=1, kernel_backend="torch")
+    mixer = build_mixer(policy, model, seed=1, kernel_backend=backend)
     params = [p for g in mixer.param_groups(lr=0.1, weight_decay=1e-4) for p in g["params"]]
     optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True)  # skips on the device, as on CUDA
     guard = StepGuard(torch.device("cpu"))
     counter = SyncCounter()
     loader = CountingLoader(counter, seed=seed)
-    with counter.host_methods(), counter:
+    recording = launches.recording() if backend == "triton" else contextlib.nullcontext()
+    with recording, counter.host_methods(), counter:
         result = train_one_epoch(mixer, loader, optimizer, ConstSchedule(0.1), epoch=0, start_step=0,
                                  total_steps=100, amp_dtype=None, guard=guard, scaler=scaler, grad_sync=grad_sync,
                                  metric_mean=metric_mean, should_stop=lambda: False, log_interval=3)

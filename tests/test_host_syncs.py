@@ -31,6 +31,13 @@ def test_no_host_sync_in_a_step_but_the_log_reads(policy):
     assert sorted(per_step[2]) == LOG_STEP_READS, f"{policy}: log step: {per_step[2]}"
 
 
+def test_automix_step_on_the_triton_host_path_has_no_host_sync():
+    per_step, result, _, _ = run_steps("automix", backend="triton")  # kernel launches recorded, not run
+    assert result.steps == 3
+    assert per_step[0] == [] and per_step[1] == [], per_step[:2]
+    assert sorted(per_step[2]) == LOG_STEP_READS, per_step[2]
+
+
 def test_the_counter_sees_what_would_sync():
     counter = SyncCounter()
     t = torch.arange(6.0)

@@ -28,6 +28,8 @@ def _inputs(N, C, h, w, H, W, dtype, device, channels_last, logits_dtype=torch.f
     logits = (2 * torch.randn(N, 1, h, w, generator=gen)).to(device=device, dtype=logits_dtype).requires_grad_(True)
     perm = torch.randperm(N, generator=gen).to(device)
     g = torch.randn(N, C, H, W, generator=gen).to(device=device, dtype=dtype)
+    if channels_last:  # the gradient of x_mix has x_mix's layout in training
+        g = g.contiguous(memory_format=torch.channels_last)
     gs = torch.randn(N, generator=gen).to(device)
     return logits, x, perm, g, gs
 
@@ -83,15 +85,27 @@ def test_parity_bf16_logits(device):
     _check(2, 3, 4, 4, 17, 23, "bilinear", torch.bfloat16, device, channels_last=True, logits_dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("use_g, use_gs", [(True, False), (False, True)], ids=["x_mix-only", "s_mean-only"])
 @pytest.mark.parametrize("mode", ["nearest", "bilinear"])
-def test_gradient_through_one_output(mode, use_g, use_gs, device):
-    _check(2, 3, 4, 4, 17, 23, mode, torch.float32, device, channels_last=False, use_g=use_g, use_gs=use_gs)
+def test_gradient_through_one_output(mode, use_g, use_gs, channels_last, device):
+    _check(2, 3, 4, 4, 17, 23, mode, torch.float32, device, channels_last=channels_last, use_g=use_g, use_gs=use_gs)
 
 
-def test_many_channels_and_wide_logits(device):
-    # C = 5 crosses the 4-channel chunk; w = 70 spans two 64-column blocks of logits.
-    _check(1, 5, 3, 70, 9, 150, "bilinear", torch.float32, device, channels_last=False)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_many_channels_and_wide_logits(channels_last, device):
+    # C = 5 crosses the 4-channel chunk; w = 70 spans two 64-column blocks of logits; in
+    # channels-last a row is 750 elements, several 256-element chunks of the backward.
+    _check(1, 5, 3, 70, 9, 150, "bilinear", torch.float32, device, channels_last=channels_last)
+
+
+def test_channels_last_image_with_contiguous_gradient(device):
+    # Mixed layouts take the (pixel, channel) backward instead of the flat-element one.
+    logits, x, perm, g, gs = _inputs(2, 3, 7, 7, 32, 32, torch.float32, device, channels_last=True)
+    g = g.contiguous()
+    dl = torch.autograd.grad(_loss(*ops.mask_mix(logits, x, perm, mode="nearest", backend="triton"), g, gs), logits)[0]
+    ref = torch.autograd.grad(_loss(*ops.reference.mask_mix(logits, x, perm, "nearest"), g, gs), logits)[0]
+    assert_close(dl, ref, torch.float32, "d logits (x channels-last, g contiguous)", scale=float(ref.abs().max()))
 
 
 def test_strided_image(device):
