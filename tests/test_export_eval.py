@@ -151,3 +151,19 @@ def test_export_of_a_model_outside_the_resnet_family(trained, tmp_path, capsys):
     assert "fc.weight" in torch.load(tmp_path / "t.pt", weights_only=True)
     assert main(["export", "--checkpoint", str(run_dir / "best.pt"), "--head", "k"]) == 2  # vanilla: no momentum encoder
     assert "use --head q" in capsys.readouterr().err
+
+
+def test_an_export_starts_a_new_run_as_initial_checkpoint(automix_checkpoint, tmp_path):
+    """timm's --initial-checkpoint reads our own export (torchvision key names) back."""
+    from automix_fast.engine.initial_checkpoint import load_initial_checkpoint
+    from automix_fast.mixing import build_mixer
+
+    path, mixer = automix_checkpoint
+    run = cli(["export", "--checkpoint", str(path), "--head", "k", "--output", str(tmp_path / "k.pt")])
+    assert run.returncode == 0, run.stderr
+    torch.manual_seed(5)
+    fresh = build_mixer("vanilla", create_model("resnet18_cifar", num_classes=len(CLASSES)))
+    load_initial_checkpoint(fresh, str(tmp_path / "k.pt"), "resnet18_cifar", len(CLASSES))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.model.eval()(x), mixer.momentum_encoder(x, head="one"))

@@ -6,9 +6,9 @@ Copies of q start equal to the loaded weights, as they do at a fresh start: Auto
 momentum encoder k and the --model-ema copy. The Mix Block starts fresh. A checkpoint
 trained without the mix head may start an AutoMix run (head_mix stays freshly initialized),
 and the mix head of an AutoMix checkpoint is dropped for a baseline run. A different model
-or class count is a one-line error. A plain state dict with our key names (`.pt` loadable
-with weights_only, or `.safetensors`) is accepted too; other key names (torchvision's) are not
-mapped here.
+or class count is a one-line error. A plain state dict (`.pt` loadable with weights_only, or
+`.safetensors`) is accepted too: with our key names, or an `automix-fast export` / torchvision
+ResNet state dict (conv1, bn1, layer1..4, fc), whose names are mapped back to ours.
 """
 from __future__ import annotations
 
@@ -20,22 +20,22 @@ from automix_fast.errors import CheckpointError, ConfigError
 OPTIONAL_PREFIX = "head_mix."  # the only weights allowed to be missing on either side
 
 
-def plain_weights(path: str, num_classes: int) -> dict[str, torch.Tensor]:
-    """A plain state dict with our key names (`torch.save(model.state_dict())`, or the same as
-    .safetensors); the class count is read from head_one.weight."""
-    try:
-        if str(path).endswith(".safetensors"):
-            from safetensors.torch import load_file
+def plain_weights(path: str, num_classes: int, model_name: str) -> dict[str, torch.Tensor]:
+    """A plain state dict (`torch.save(model.state_dict())`, or the same as .safetensors) with our
+    key names or export/torchvision ones (`fc.*` marks those); the class count is read from the head."""
+    from automix_fast.export import from_export_keys, read_weights, torchvision_name
 
-            weights = load_file(path)
-        else:
-            weights = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        weights = read_weights(path)
     except Exception as e:  # any unreadable file: one line naming it
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"--initial-checkpoint {path}: neither an automix-fast checkpoint nor plain weights ({first})") from None
     if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
         raise CheckpointError(f"--initial-checkpoint {path}: neither an automix-fast checkpoint nor a state dict of tensors")
     weights = {k[len("model."):] if k.startswith("model.") else k: v for k, v in weights.items()}
+    if "fc.weight" in weights:  # an export (or torchvision's own weights): back to our key names
+        tv = torchvision_name(model_name) is not None
+        weights = {from_export_keys(k, tv): v for k, v in weights.items()}
     head = weights.get("head_one.weight")
     if head is not None and head.shape[0] != num_classes:
         raise ConfigError(f"--initial-checkpoint {path} was trained for {head.shape[0]} classes, but the data has {num_classes}")
@@ -51,7 +51,7 @@ def initial_weights(path: str, model_name: str, num_classes: int) -> dict[str, t
     except CheckpointError as e:
         if "unknown header" not in str(e):
             raise
-        return plain_weights(path, num_classes)
+        return plain_weights(path, num_classes, model_name)
     if state.get("format") != FORMAT or not isinstance(state.get("mixer"), dict):
         raise CheckpointError(f"--initial-checkpoint {path} is not an automix-fast training checkpoint")
     if state.get("model_name") != model_name:
