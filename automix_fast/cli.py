@@ -91,6 +91,7 @@ HELP.update({
                       "or cosine (normalised q, k with a learnable temperature from 10); see docs/QUALITY.md",
     "mix_block_every": "update the Mix Block every N-th step; the others use its masks without gradient "
                        "and skip x_mb and k's pass on it (AutoMix)",
+    "eval_interval": "evaluate after every N-th epoch and after the last (best.pt then compares those epochs only)",
 })
 
 

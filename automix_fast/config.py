@@ -103,6 +103,7 @@ class TrainConfig:
     train_subset_seed: int = 0  # draws the subset (not --seed: every seed of a study sees the same images)
     mix_block_init: str = "official"  # official | scaled | cosine (mixing/mixblock.py)
     mix_block_every: int = 1  # update the Mix Block every N-th step; other steps skip its branch
+    eval_interval: int = 1  # evaluate after every N-th epoch and the last (validation is costly on a CPU)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -129,7 +130,7 @@ CHOICES = {
 # different value is refused unless --allow-config-change. New fields are fixed by default.
 RESUMABLE_FIELDS = (
     "epochs", "workers", "loader", "device", "kernel_backend", "validation_batch_size", "torchcompile",
-    "max_bad_steps", "skip_bad_images", "checkpoint_hist", "log_interval", "visualize",
+    "max_bad_steps", "skip_bad_images", "checkpoint_hist", "log_interval", "visualize", "eval_interval",
     "output", "experiment", "resume", "allow_config_change",
 )
 
@@ -291,6 +292,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.train_subset is not None:
         _require(0 < cfg.train_subset <= 1, "train_subset", "must be a fraction in (0, 1]", cfg.train_subset)
     _require(cfg.mix_block_every >= 1, "mix_block_every", "must be at least 1", cfg.mix_block_every)
+    _require(cfg.eval_interval >= 1, "eval_interval", "must be at least 1", cfg.eval_interval)
 
 
 # ---- timm's training flags ----------------------------------------------------------------

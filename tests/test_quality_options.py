@@ -209,3 +209,16 @@ def test_a_run_with_the_new_options(tiny_data, tmp_path, capsys):
     assert len(train) == 4  # 40 images of the 100, batch 10
     assert [v["l_mix_k"] == 0 for v in train] == [False, True, False, True]
     assert "mix_block_temperature" in train[-1]
+
+
+def test_eval_interval_evaluates_every_nth_epoch_and_the_last(tiny_data, tmp_path, capsys):
+    argv = ["train", "--data-dir", tiny_data, "--epochs", "3", "-b", "20", "--model", "tinynet", "--loader", "torch",
+            "-j", "0", "--kernel-backend", "torch", "--output", str(tmp_path), "--experiment", "e", "--no-visualize",
+            "--mix", "vanilla", "--train-subset", "0.4", "--eval-interval", "2"]
+    assert main(argv) == 0, capsys.readouterr().err
+    rows = [json.loads(r) for r in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if r["type"] == "eval"] == [2, 3]
+    csv_rows = (tmp_path / "e" / "summary.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[3] != "" for r in csv_rows] == [False, True, True]  # eval_top1 per epoch
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert summary["eval"]["one_top1"] == [r for r in rows if r["type"] == "eval"][-1]["values"]["one_top1"]
