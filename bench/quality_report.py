@@ -72,7 +72,7 @@ def _mask_cell(series: list[dict], key: str, spec: str) -> str:
 
 
 def run_table(records: list[dict]) -> str:
-    lines = ["| run | epochs | top-1 per head | train loss | val loss | mask px-sd (10%/50%/end) | img-sd end "
+    lines = ["| run | epochs | top-1 per head | train loss (policy's total) | val loss | mask px-sd (10%/50%/end) | img-sd end "
              "| saturated end | wall s | s/epoch |", "|" + "---|" * 10]
     for r in sorted(records, key=lambda r: (r["regime"], r["policy"], r["seed"])):
         last = r["per_epoch"][-1] if r["per_epoch"] else {}
@@ -101,7 +101,20 @@ def cell_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def gap_table(records: list[dict]) -> str:
+    """Vanilla's train loss against its val loss at each evaluated epoch: where the gap opens."""
+    lines = ["| run | epoch: train loss / val loss / val top-1 |", "|---|---|"]
+    for r in sorted(records, key=lambda r: r["id"]):
+        if r["policy"].startswith("vanilla"):
+            cells = [f"{e['epoch']}: {e['train_loss']:.3f} / {e['val_loss']:.3f} / {e['val_top1']:.1f}"
+                     for e in r["per_epoch"] if e["val_loss"] is not None and e["train_loss"] is not None]
+            lines.append(f"| {r['id']} | {'; '.join(cells)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def tables(records: list[dict]) -> str:
     if not records:
         return "(no finished runs yet)"
-    return "### Per (regime, policy)\n\n" + cell_table(records) + "\n\n### Per run\n\n" + run_table(records) + "\n"
+    text = "### Per (regime, policy)\n\n" + cell_table(records) + "\n\n### Per run\n\n" + run_table(records) + "\n"
+    gaps = gap_table(records)
+    return text + ("\n### Vanilla's train/val gap\n\n" + gaps + "\n" if gaps else "")

@@ -58,6 +58,7 @@ def test_tiny_study_runs_skips_and_resumes(tiny_study, monkeypatch, capsys):
     assert (tmp / "png" / "tiny-automix-s0-masks.png").exists()
     text = docs.read_text()
     assert "old" not in text and "tiny-automix-s0" in text and text.endswith(f"{qs.TABLE_END}\ntail\n")
+    assert "Vanilla's train/val gap" in text and "tiny-vanilla-s0 | 1: " in text
 
     # Finished runs are skipped: no training starts.
     started = []
