@@ -134,6 +134,21 @@ def test_cosine_attention_is_tau_times_cosine_and_trains_tau():
     torch.testing.assert_close(block(f, 0.5, perm), got.detach(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("init", ["scaled", "cosine"])
+def test_new_inits_match_on_the_triton_kernels(init):
+    """The kernels (interpreted on CPU) against the torch reference, values and gradients."""
+    f, perm = torch.relu(torch.randn(3, 32, 4, 4, generator=torch.Generator().manual_seed(2))), torch.tensor([1, 2, 0])
+    out = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        block = MixBlock(32, backend=backend, init=init)
+        y = block(f, 0.3, perm)
+        y.square().sum().backward()
+        out[backend] = [y.detach()] + [p.grad for p in block.parameters()]
+    for a, b in zip(out["torch"], out["triton"]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
 def test_bad_mix_block_init_is_refused():
     with pytest.raises(ConfigError, match="mix_block_init"):
         build_config(overrides={"mix_block_init": "huge"})
