@@ -98,6 +98,12 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     initial_checkpoint: str | None = None  # start from these weights (no optimizer or step state)
     log_tensorboard: bool = False  # TensorBoard event files in RUN/tensorboard/
+    # quality study (issue 14, docs/QUALITY.md): less data, and Mix Block options off the saddle
+    train_subset: float | None = None  # none: all of it; else a seeded class-balanced fraction in (0, 1]
+    train_subset_seed: int = 0  # draws the subset (not --seed: every seed of a study sees the same images)
+    mix_block_init: str = "official"  # official | scaled | cosine (mixing/mixblock.py)
+    mix_block_every: int = 1  # update the Mix Block every N-th step; other steps skip its branch
+    eval_interval: int = 1  # evaluate after every N-th epoch and the last (validation is costly on a CPU)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,6 +122,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "amp_dtype": ("bfloat16", "float16"),
     "clip_mode": ("norm", "value", "agc"),
+    "mix_block_init": ("official", "scaled", "cosine"),
 }
 
 # The only fields a resumed run may change from the command line (`--resume` with flags): how
@@ -123,7 +130,7 @@ CHOICES = {
 # different value is refused unless --allow-config-change. New fields are fixed by default.
 RESUMABLE_FIELDS = (
     "epochs", "workers", "loader", "device", "kernel_backend", "validation_batch_size", "torchcompile",
-    "max_bad_steps", "skip_bad_images", "checkpoint_hist", "log_interval", "visualize",
+    "max_bad_steps", "skip_bad_images", "checkpoint_hist", "log_interval", "visualize", "eval_interval",
     "output", "experiment", "resume", "allow_config_change",
 )
 
@@ -282,6 +289,10 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.sched == "step":
         _require(bool(cfg.decay_epochs), "decay_epochs", "must list epochs when sched is step", cfg.decay_epochs)
     validate_timm_flags(cfg)
+    if cfg.train_subset is not None:
+        _require(0 < cfg.train_subset <= 1, "train_subset", "must be a fraction in (0, 1]", cfg.train_subset)
+    _require(cfg.mix_block_every >= 1, "mix_block_every", "must be at least 1", cfg.mix_block_every)
+    _require(cfg.eval_interval >= 1, "eval_interval", "must be at least 1", cfg.eval_interval)
 
 
 # ---- timm's training flags ----------------------------------------------------------------

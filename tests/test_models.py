@@ -27,7 +27,7 @@ EXPECTED = {
     f"{base}{suffix}"
     for base in ("resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d", "wrn28_8")
     for suffix in ("", "_cifar")
-} | {"tinynet"}
+} | {"tinynet", "resnet20_cifar", "resnet56_cifar"}
 
 STAGE_CHANNELS = {
     "resnet18": (64, 128, 256, 512),
@@ -37,6 +37,8 @@ STAGE_CHANNELS = {
     "resnext50_32x4d": (256, 512, 1024, 2048),
     "wrn28_8": (128, 256, 512),
     "tinynet": (32, 64, 64, 128),
+    "resnet20": (16, 32, 64),
+    "resnet56": (16, 32, 64),
 }
 
 _cache: dict[str, Classifier] = {}
@@ -139,9 +141,11 @@ def test_logits_and_stage_shapes(name):
     assert model.stage_channels == STAGE_CHANNELS[name.removesuffix("_cifar")]
     assert model.num_stages == len(model.stage_channels)
     assert model.num_features == model.stage_channels[-1]
-    # The official Mix Block reads stage 3 of a ResNet, stage 2 of WRN-28-8 (mask_layer=1, 256 ch).
-    assert model.mix_stage == (2 if name.startswith("wrn") else 3)
-    assert model.num_stages == (3 if name.startswith("wrn") else 4)
+    # The official Mix Block reads stage 3 of a ResNet, stage 2 of WRN-28-8 (mask_layer=1, 256 ch);
+    # the three-stage CIFAR ResNets follow WRN (models/cifar_resnet.py).
+    three_stages = name.startswith(("wrn", "resnet20", "resnet56"))
+    assert model.mix_stage == (2 if three_stages else 3)
+    assert model.num_stages == (3 if three_stages else 4)
     assert model.default_img_size == (32 if name == "tinynet" or name.endswith("_cifar") else 224)
     # Input pixels per feature pixel after each stage.
     if name == "tinynet":

@@ -38,6 +38,8 @@ class DataSpec:
     world_size: int = 1
     seed: int = 0
     skip_bad_images: bool = False
+    train_subset: float | None = None  # a class-balanced fraction of the training set (data/subset.py)
+    train_subset_seed: int = 0
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -93,6 +95,8 @@ def validate_spec(spec: DataSpec) -> None:
     _require(spec.dtype in IMAGE_DTYPES, f"dtype: images must be float32, bfloat16 or float16, got {spec.dtype}")
     _require(len(spec.mean) == 3 and len(spec.std) == 3 and all(s > 0 for s in spec.std),
              f"mean/std: need 3 values each and std > 0, got mean={spec.mean} std={spec.std}")
+    _require(spec.train_subset is None or 0 < spec.train_subset <= 1,
+             f"train_subset: must be a fraction in (0, 1], got {spec.train_subset!r}")
     _require(spec.dataset in ("auto", "embedded") or spec.data_dir is not None,
              f"data_dir: dataset '{spec.dataset}' needs a data directory")
     try:
@@ -144,8 +148,11 @@ def build_loaders(spec: DataSpec):
     """(train_loader, val_loader, info): validate the spec, resolve the data, build the loaders."""
     from .bad_files import BadFiles
 
+    from .subset import apply_train_subset
+
     validate_spec(spec)
     info = resolve_dataset(spec)
+    apply_train_subset(info, spec.train_subset, spec.train_subset_seed)  # before the loaders and bad-file lists
     info.bad_files = BadFiles(skip=spec.skip_bad_images, announce=spec.rank == 0)
     if info.train_samples is not None:
         info.bad_files.dataset_paths = {p for p, _ in info.train_samples} | {p for p, _ in info.val_samples}

@@ -50,5 +50,6 @@ def wrap_policy(cfg, model, *, mix_stage: int | None = None, rank: int = 0):
         mask_margin=cfg.mask_margin, lam_margin=cfg.lam_margin, lam_concat=cfg.lam_concat,
         mask_mode=cfg.mask_mode, mix_stage=mix_stage or cfg.mix_stage or model.mix_stage,
         kernel_backend=cfg.kernel_backend, k_full_forward=cfg.k_full_forward,
-        mix_shuffle_no_repeat=cfg.mix_shuffle_no_repeat, **mixer_options(cfg),
+        mix_shuffle_no_repeat=cfg.mix_shuffle_no_repeat, mix_block_init=cfg.mix_block_init,
+        mix_block_every=cfg.mix_block_every, **mixer_options(cfg),
     )

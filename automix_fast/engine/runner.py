@@ -103,6 +103,7 @@ class Trainer:
             dtype=self.amp_dtype if (self.amp_dtype is not None and cuda) else torch.float32,
             loader=self.loader_kind, aug=cfg.aug, rank=self.dist.rank, world_size=self.dist.world_size,
             seed=cfg.seed, skip_bad_images=cfg.skip_bad_images,
+            train_subset=cfg.train_subset, train_subset_seed=cfg.train_subset_seed,
         )
         self.train_loader, self.val_loader, self.info = build_loaders(self.spec)
         if len(self.train_loader) == 0:
@@ -313,7 +314,7 @@ class Trainer:
         # the metrics collective); epoch ends agree with one any_rank.
         should_stop = stop
         t_run = time.perf_counter()
-        eval_result = self.history[-1]["eval"] if self.history else {}
+        eval_result = next((h["eval"] for h in reversed(self.history) if h["eval"]), {})
         try:
             for epoch in range(self.start_epoch, cfg.epochs):
                 skip = self.start_batch if epoch == self.start_epoch else 0
@@ -343,18 +344,24 @@ class Trainer:
                     self.log(f"stopped by {stop.name}; checkpoint written to {self.run_dir / 'last.pt'}")
                     self.log(f"continue with: {rundir.resume_command(self.run_dir, self.dist.world_size)}")
                     return {"stopped": True, "run_dir": str(self.run_dir)}
-                eval_result = evaluate(self.mixer, self.val_loader, amp_dtype=self.amp_dtype, device=self.device, reduce=reduce)
+                # --eval-interval: long runs on a CPU evaluate every k-th epoch (and always the last).
+                evaluating = (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs
+                epoch_eval = (evaluate(self.mixer, self.val_loader, amp_dtype=self.amp_dtype, device=self.device,
+                                       reduce=reduce) if evaluating else {})
+                eval_result = epoch_eval or eval_result
                 bad_files.end_epoch(logger, epoch=epoch + 1, step=(epoch + 1) * self.steps_per_epoch, run_dir=self.run_dir,
                                     write=self.is_main, distributed=self.dist.is_distributed)
                 main_head = next(iter(self.mixer.eval_heads()))
-                self.history.append({"epoch": epoch + 1, "train": result.means, "eval": eval_result})
+                self.history.append({"epoch": epoch + 1, "train": result.means, "eval": epoch_eval})
                 if self.is_main:
                     write_summary_csv(self.run_dir / "summary.csv", self.history, list(self.mixer.eval_heads()))
-                logger.log("eval", eval_result, epoch=epoch + 1, step=(epoch + 1) * self.steps_per_epoch)
-                self.log("  eval " + "  ".join(
-                    f"{h} {eval_result[h + '_top1']:.2f}/{eval_result[h + '_top5']:.2f}" for h in self.mixer.eval_heads()
-                ) + "  (top-1/top-5 %)")
-                self._save(manager, self.state(epoch + 1, 0), epoch=epoch + 1, metric=eval_result[main_head + "_top1"])
+                if epoch_eval:
+                    logger.log("eval", epoch_eval, epoch=epoch + 1, step=(epoch + 1) * self.steps_per_epoch)
+                    self.log("  eval " + "  ".join(
+                        f"{h} {epoch_eval[h + '_top1']:.2f}/{epoch_eval[h + '_top5']:.2f}" for h in self.mixer.eval_heads()
+                    ) + "  (top-1/top-5 %)")
+                self._save(manager, self.state(epoch + 1, 0), epoch=epoch + 1,
+                           metric=epoch_eval[main_head + "_top1"] if epoch_eval else None)
                 bad_files.stop_after_epoch()  # --skip-bad-images off: stop now, the checkpoint written
                 if self.dist.is_distributed:
                     from automix_fast.engine.distributed import any_rank

@@ -14,6 +14,12 @@ One step:
   6. loss = L_mix_q + L_one_q + L_mix_k + L_mask; after the optimizer step, the EMA update
      theta_k = m theta_k + (1 - m) theta_q over parameters (not buffers).
 
+With `mix_block_every` N > 1 (issue 14) only steps 0, N, 2N, ... are as above; on the others
+the Mix Block gets no gradient: its backbone mask m_bb is computed under no_grad, x_mb is not
+built, k does not run on it, and L_mix_k = L_mask = 0 (they log as 0 on those steps; the mask
+statistics of those steps describe m_bb at lam_bb instead of m_mb at lam_mb). That saves k's
+forward and input-backward on x_mb, about 2 of the ~8.8 backbone units of a full step.
+
 Every step also returns the mask statistics of `mask_statistics` (detached device scalars that
 the training loop reads with the losses once per log interval; docs/AUTOMIX.md explains them).
 """
@@ -76,6 +82,7 @@ def derangement(random, n: int, step: int, stream: int, device, *, fallback: boo
     return perm.to(device, non_blocking=True)
 
 
+MIX_BLOCK_STREAM, BACKBONE_STREAM = 0, 1  # StepRandom streams of the two branches' draws
 SATURATED = 0.05  # a mask pixel is saturated below this or above 1 - this
 
 
@@ -130,6 +137,8 @@ class AutoMix(Mixer):
         kernel_backend: str = "auto",
         k_full_forward: bool = True,
         mix_shuffle_no_repeat: bool = False,
+        mix_block_init: str = "official",
+        mix_block_every: int = 1,
         **kw,
     ):
         super().__init__(model, **kw)
@@ -142,21 +151,34 @@ class AutoMix(Mixer):
         self.k_full_forward = k_full_forward
         self.no_repeat = mix_shuffle_no_repeat
         self.lam_margin = lam_margin
+        if isinstance(mix_block_every, bool) or not isinstance(mix_block_every, int) or mix_block_every < 1:
+            raise ValueError(f"mix_block_every must be an integer >= 1, got {mix_block_every!r}")
+        self.mix_block_every = mix_block_every
         self.mix_stage = mix_stage or model.mix_stage
         # k: a copy of q that gets no weight gradients. It is a submodule, so it follows the
         # policy's train()/eval(): train mode (batch statistics, its own BN running stats) while
         # training, eval mode for evaluation.
         self.momentum_encoder = copy.deepcopy(model).requires_grad_(False)
         self.mix_block = MixBlock(
-            model.stage_channels[self.mix_stage - 1], lam_concat=lam_concat, mode=mask_mode, backend=kernel_backend
+            model.stage_channels[self.mix_stage - 1], lam_concat=lam_concat, mode=mask_mode, backend=kernel_backend,
+            init=mix_block_init,
         )
 
-    def mix_masks(self, x, lam_mb, perm_mb, lam_bb, perm_bb):
-        """Mask logits for the MB branch (with gradient) and the backbone branch (detached)."""
+    def mix_block_features(self, x):
+        """k's features at the mix stage (no gradient; k in train mode updates its BN statistics)."""
         with torch.no_grad():
             f = self.momentum_encoder.forward_features(x, stages=self.mix_stage)
             if self.k_full_forward:  # only for k's BN running statistics; the output is unused
                 self.momentum_encoder.forward_after(f, self.mix_stage)
+        return f
+
+    def trains_mix_block(self, step: int) -> bool:
+        """Whether `step` runs the Mix Block branch (every step with mix_block_every = 1)."""
+        return step % self.mix_block_every == 0
+
+    def mix_masks(self, x, lam_mb, perm_mb, lam_bb, perm_bb):
+        """Mask logits for the MB branch (with gradient) and the backbone branch (detached)."""
+        f = self.mix_block_features(x)
         size = tuple(f.shape[-2:])
         projected = self.mix_block.project(f)  # once for both masks
         m_mb = self.mix_block.attend(projected, lam_mb, perm_mb, size)
@@ -164,23 +186,46 @@ class AutoMix(Mixer):
             m_bb = self.mix_block.attend(tuple(t.detach() for t in projected), lam_bb, perm_bb, size)
         return m_mb, m_bb
 
+    def draw(self, x, step: int, stream: int):
+        """(lam, perm) of one branch; a pure function of (seed, step, stream)."""
+        if self.no_repeat:  # the official fine-grained recipes: no image mixed with itself
+            perm = derangement(self.random, x.shape[0], step, stream, x.device, fallback=stream == MIX_BLOCK_STREAM)
+            return self.random.beta(self.alpha, step, stream), perm
+        return self.random.pair(self.alpha, x.shape[0], step, stream, x.device)
+
+    def mixed_backbone_input(self, x, m_bb, lam_bb: float, perm_bb):
+        """x_bb: plain mixup near lam 0 or 1, else the Mix Block's mix with m_bb (no gradient)."""
+        with torch.no_grad():
+            if min(lam_bb, 1.0 - lam_bb) <= self.lam_margin:  # lam is a host float: no device sync
+                return torch.lerp(x[perm_bb], x, lam_bb)
+            return self.mix_block.mix(m_bb, x, perm_bb)[0]
+
+    def backbone_only_terms(self, x, y, step) -> dict[str, torch.Tensor]:
+        """A step that skips the Mix Block branch (mix_block_every > 1): the same keys as a full
+        step, L_mix_k = L_mask = 0, the mask statistics of m_bb."""
+        lam_bb, perm_bb = self.draw(x, step, BACKBONE_STREAM)
+        f = self.mix_block_features(x)
+        with torch.no_grad():
+            m_bb = self.mix_block(f, lam_bb, perm_bb)
+            s_mean_bb = torch.sigmoid(m_bb.float()).mean(dim=(1, 2, 3))  # exact for nearest upsampling
+        x_bb = self.mixed_backbone_input(x, m_bb, lam_bb, perm_bb)
+        l_one_q = F.cross_entropy(self.model(x, head="one"), y, label_smoothing=self.smoothing)
+        l_mix_q = mix_cross_entropy(self.model(x_bb, head="mix"), y, perm_bb, lam_bb, self.smoothing)
+        zero = torch.zeros((), device=l_one_q.device, dtype=l_one_q.dtype)
+        return {"l_mix_q": l_mix_q, "l_one_q": l_one_q, "l_mix_k": zero, "l_mask": zero.clone(),
+                "mask_self_weight": 1.0 - s_mean_bb.mean(), "lam_mb": lam_bb,
+                **mask_statistics(m_bb, s_mean_bb, lam_bb), **self.mix_block.weight_norms()}
+
     def loss_terms(self, x, y, step, total_steps) -> dict[str, torch.Tensor]:
         """The four loss terms of the step (graph-connected) and the mask's self weight."""
-        n = x.shape[0]
-        if self.no_repeat:  # the official fine-grained recipes: no image mixed with itself
-            lam_mb, perm_mb = self.random.beta(self.alpha, step, 0), derangement(self.random, n, step, 0, x.device, fallback=True)
-            lam_bb, perm_bb = self.random.beta(self.alpha, step, 1), derangement(self.random, n, step, 1, x.device, fallback=False)
-        else:
-            lam_mb, perm_mb = self.random.pair(self.alpha, n, step, 0, x.device)  # independent streams
-            lam_bb, perm_bb = self.random.pair(self.alpha, n, step, 1, x.device)
+        if not self.trains_mix_block(step):
+            return self.backbone_only_terms(x, y, step)
+        lam_mb, perm_mb = self.draw(x, step, MIX_BLOCK_STREAM)  # independent streams
+        lam_bb, perm_bb = self.draw(x, step, BACKBONE_STREAM)
         m_mb, m_bb = self.mix_masks(x, lam_mb, perm_mb, lam_bb, perm_bb)
 
         x_mb, s_mean_mb = self.mix_block.mix(m_mb, x, perm_mb)
-        with torch.no_grad():
-            if min(lam_bb, 1.0 - lam_bb) <= self.lam_margin:  # lam is a host float: no device sync
-                x_bb = torch.lerp(x[perm_bb], x, lam_bb)
-            else:
-                x_bb, _ = self.mix_block.mix(m_bb, x, perm_bb)
+        x_bb = self.mixed_backbone_input(x, m_bb, lam_bb, perm_bb)
 
         # k's weights need no gradient, but x_mb does: the loss flows through k's activations into the MB.
         l_mix_k = mix_cross_entropy(self.momentum_encoder(x_mb, head="mix"), y, perm_mb, lam_mb, self.smoothing)

@@ -8,20 +8,40 @@
 The 1x1 convs commute with the batch permutation and a constant lam channel is a per-sample
 bias, so W f is computed once for the whole batch, gathered for the partner, and the lam
 terms are added as biases: the same numbers as the concatenated form with less work.
+
+`init` picks how the attention starts (issue 14, docs/QUALITY.md). The official N(0, 0.01) W_q
+gives logits q k^T / sqrt(D) ~ 1e-2: the softmax is uniform, every pixel gets the same mask
+value, and W_q's gradient is proportional to W_q itself, a saddle that weight decay holds it on.
+`scaled` draws W_q from N(0, 1/C) (LeCun), so the logits start O(1); `cosine` normalises q and
+k and multiplies by a learnable temperature tau = exp(log_tau) (from 10, at most 100, as Swin
+V2's cosine attention), so the logits span +-tau whatever W_q's scale. W_v keeps N(0, 0.01) in
+all three: the masks still start at ~0.5.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from automix_fast import ops
 
 
+MIX_BLOCK_INITS = ("official", "scaled", "cosine")
+COSINE_TEMPERATURE = 10.0  # tau at the start of `cosine`
+COSINE_MAX_TEMPERATURE = 100.0  # clamp, so a runaway tau cannot make the softmax one-hot
+
+
 class MixBlock(nn.Module):
-    def __init__(self, in_channels: int, *, lam_concat: bool = False, mode: str = "nearest", backend: str = "auto"):
+    def __init__(self, in_channels: int, *, lam_concat: bool = False, mode: str = "nearest", backend: str = "auto",
+                 init: str = "official"):
         super().__init__()
         if mode not in ops.MODES:
             raise ValueError(f"mask mode must be one of {ops.MODES}, got {mode!r}")
+        if init not in MIX_BLOCK_INITS:
+            raise ValueError(f"Mix Block init must be one of {MIX_BLOCK_INITS}, got {init!r}")
+        self.init = init
         self.in_channels = in_channels
         self.dim = max(in_channels // 2, 1)
         self.lam_concat = lam_concat
@@ -33,6 +53,10 @@ class MixBlock(nn.Module):
         for conv in (self.q_proj, self.v_proj):
             nn.init.normal_(conv.weight, 0.0, 0.01)  # first masks ~0.5 everywhere
             nn.init.zeros_(conv.bias)
+        if init == "scaled":  # q's entries O(1): the attention is not uniform from step 0
+            nn.init.normal_(self.q_proj.weight, 0.0, c_in**-0.5)
+        if init == "cosine":
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(COSINE_TEMPERATURE)))
 
     def project(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """W_q f (N, L, D) and W_v f (N, L) for the whole batch, once per step: both of the step's
@@ -61,7 +85,11 @@ class MixBlock(nn.Module):
             q = q + lam * w_lam
             k = k + (1.0 - lam) * w_lam
             v = v + (1.0 - lam) * self.v_proj.weight[0, c, 0, 0].to(v.dtype)
-        logits = ops.mixblock_attention(q, k, v, backend=self.backend)  # (N, L) float32
+        scale = None  # the default 1/sqrt(D)
+        if self.init == "cosine":  # tau cos(q, k): the temperature rides on q, the kernel's scale is 1
+            tau = self.log_temperature.clamp(max=math.log(COSINE_MAX_TEMPERATURE)).exp().to(q.dtype)
+            q, k, scale = F.normalize(q, dim=-1) * tau, F.normalize(k, dim=-1), 1.0
+        logits = ops.mixblock_attention(q, k, v, scale, backend=self.backend)  # (N, L) float32
         return logits.view(q.shape[0], 1, *size)
 
     def forward(self, f: torch.Tensor, lam: float, perm: torch.Tensor) -> torch.Tensor:
@@ -72,8 +100,11 @@ class MixBlock(nn.Module):
     def weight_norms(self) -> dict[str, torch.Tensor]:
         """L2 norms of W_q and W_v (device scalars): near their init (~0.01 sqrt(size)) the masks
         are still ~0.5 everywhere; W_v's norm sets how far the logits can move from 0."""
-        return {"mix_block_q_norm": torch.linalg.vector_norm(self.q_proj.weight.detach().float()),
-                "mix_block_v_norm": torch.linalg.vector_norm(self.v_proj.weight.detach().float())}
+        norms = {"mix_block_q_norm": torch.linalg.vector_norm(self.q_proj.weight.detach().float()),
+                 "mix_block_v_norm": torch.linalg.vector_norm(self.v_proj.weight.detach().float())}
+        if self.init == "cosine":
+            norms["mix_block_temperature"] = self.log_temperature.detach().float().exp()
+        return norms
 
     def mix(self, logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor):
         """(x_mix, s_mean): blend x with x[perm] by s = sigmoid(upsample(logits))."""

@@ -1,5 +1,6 @@
 """The model zoo: ResNet-18/34/50/101, ResNeXt-50 32x4d and WRN-28-8, each with an ImageNet
-stem (`resnet50`) and a CIFAR stem (`resnet50_cifar`), plus `tinynet` for tests.
+stem (`resnet50`) and a CIFAR stem (`resnet50_cifar`); He et al.'s three-stage CIFAR ResNets
+(`resnet20_cifar`, `resnet56_cifar`); plus `tinynet` for tests.
 
     create_model(name, num_classes, *, mix_head=False, **options) -> Classifier
     list_models() -> list[str]
@@ -14,6 +15,6 @@ from .classifier import HEADS, Classifier
 from .registry import create_model, list_models, model_summary, register_model
 
 # Imported for their @register_model side effect.
-from . import resnet, tiny, wrn  # noqa: E402,F401  isort: skip
+from . import cifar_resnet, resnet, tiny, wrn  # noqa: E402,F401  isort: skip
 
 __all__ = ["Classifier", "HEADS", "create_model", "list_models", "model_summary", "register_model"]
