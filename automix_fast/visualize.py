@@ -153,8 +153,14 @@ def write_mix_grid(mixer, loader, path, spec, num: int = 8, lam: float | None = 
     meta.add_text("pairs", ";".join(f"{a}+{b}" for a, b in pairs))
     meta.add_text("rows", ";".join(names))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name("." + path.name + ".tmp")
-    canvas.save(tmp, format="PNG", pnginfo=meta)
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        canvas.save(tmp, format="PNG", pnginfo=meta)
+        tmp.replace(path)
+    except OSError as e:  # a full disk or a read-only folder: one line naming the file
+        from automix_fast.rundir import write_failure
+
+        tmp.unlink(missing_ok=True)
+        raise (write_failure(path, e, "mask picture") or e) from None
     return path, lines

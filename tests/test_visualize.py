@@ -72,3 +72,20 @@ def test_next_free_path(tmp_path):
     (tmp_path / "mixes.png").write_bytes(b"")
     (tmp_path / "mixes-1.png").write_bytes(b"")
     assert next_free_path(tmp_path) == tmp_path / "mixes-2.png"
+
+
+def test_a_full_disk_while_writing_the_picture_is_one_line(checkpoint, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from PIL import Image
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    png = tmp_path / "m.png"
+    assert main(["visualize", "--checkpoint", str(checkpoint), "--num", "2", "--kernel-backend", "torch",
+                 "--loader", "torch", "-j", "0", "--output", str(png)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"cannot write mask picture {png}" in err and "disk full" in err
+    assert not png.exists() and not list(tmp_path.iterdir())  # no temp file left behind
