@@ -84,3 +84,11 @@ def test_unknown_run_id_is_one_line(tiny_study, capsys):
     data, common, _, _ = tiny_study
     assert qs.main(["--data-dir", data, *common, "--only", "nope"]) == 2
     assert "not in the plan: nope" in capsys.readouterr().err
+
+
+def test_stop_at_in_the_past_starts_nothing(tiny_study, monkeypatch):
+    data, common, tmp, _ = tiny_study
+    started = []
+    monkeypatch.setattr(qs.subprocess, "Popen", lambda *a, **k: started.append(a))
+    assert qs.main(["--data-dir", data, *common, "--stop-at", "00:00"]) == 130
+    assert not started and not (tmp / "res").exists()
