@@ -149,6 +149,7 @@ def _distributed_main(argv: list[str]) -> None:
     (out_dir / f"rank{rank}.json").write_text(json.dumps({
         "per_step": per_step, "skipped": guard.skipped.item(), "steps": result.steps,
         "scale": scaler.get_scale() if scaler is not None else None, "state": state}))
+    dist.barrier()  # as the engine does: a rank leaving while the other still talks can abort gloo
     dist.destroy_process_group()
 
 
