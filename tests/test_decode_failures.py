@@ -6,7 +6,6 @@ DALI in CPU-only mode.
 from __future__ import annotations
 
 import os
-import shutil
 
 import numpy as np
 import pytest

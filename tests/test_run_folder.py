@@ -9,8 +9,6 @@ import json
 import os
 import shlex
 import signal
-import sys
-import time
 from pathlib import Path
 
 import pytest

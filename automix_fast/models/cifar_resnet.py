@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .classifier import Classifier
-from .drop_path import drop_path_or_identity, drop_path_rates
+from .drop_path import drop_path_rates
 from .registry import register_model
 from .resnet import BasicBlock
 from .stems import CIFAR, DEFAULT_IMG_SIZE, STEM_NAMES, make_stem
