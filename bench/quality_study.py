@@ -179,7 +179,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--data-dir", help="the CIFAR-10 JPEG folder (train/, test/)")
     p.add_argument("--plan", nargs="+", default=["saddle", "study"], choices=sorted(PLANS), help="plans to run, in order")
-    p.add_argument("--only", nargs="+", default=None, help="run ids to run (see --list)")
+    p.add_argument("--only", nargs="+", default=None, help="run ids to run, in this order (see --list)")
     p.add_argument("--runs", type=Path, default=Path("output") / "quality", help="experiment folders")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "quality", help="one JSON per finished run")
     p.add_argument("--docs", type=Path, default=DOCS, help="markdown file whose table markers get the tables")
@@ -202,7 +202,8 @@ def main(argv=None) -> int:
         if unknown:
             print(f"error: not in the plan: {', '.join(unknown)} (see --list)", file=sys.stderr)
             return 2
-        runs = [r for r in runs if r["id"] in args.only]
+        by_id = {r["id"]: r for r in runs}
+        runs = [by_id[rid] for rid in dict.fromkeys(args.only)]  # in the order given: a priority order
     done = {p.stem for p in args.results.glob("*.json")} if args.results.is_dir() else set()
     if args.list:
         for r in runs:

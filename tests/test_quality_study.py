@@ -92,3 +92,11 @@ def test_stop_at_in_the_past_starts_nothing(tiny_study, monkeypatch):
     monkeypatch.setattr(qs.subprocess, "Popen", lambda *a, **k: started.append(a))
     assert qs.main(["--data-dir", data, *common, "--stop-at", "00:00"]) == 130
     assert not started and not (tmp / "res").exists()
+
+
+def test_only_runs_in_the_order_given(tiny_study, monkeypatch):
+    data, common, _, _ = tiny_study
+    order = []
+    monkeypatch.setattr(qs, "train", lambda run, args, stopper: order.append(run["id"]) or False)
+    assert qs.main(["--data-dir", data, *common, "--only", "tiny-automix-s0", "tiny-vanilla-s0"]) == 0
+    assert order == ["tiny-automix-s0", "tiny-vanilla-s0"]
