@@ -88,7 +88,8 @@ HELP.update({
     "train_subset": "train on this class-balanced fraction of the training set (e.g. 0.1; validation stays whole)",
     "train_subset_seed": "seed of the --train-subset draw (fixed apart from --seed, so seeds share the subset)",
     "mix_block_init": "Mix Block attention start: official N(0, 0.01) W_q, scaled (W_q ~ N(0, 1/C)), "
-                      "or cosine (normalised q, k with a learnable temperature from 10); see docs/QUALITY.md",
+                      "cosine (normalised q, k with a learnable temperature from 10), or cosine-centered "
+                      "(q, k centred over each image's positions first); see docs/QUALITY.md",
     "mix_block_every": "update the Mix Block every N-th step; the others use its masks without gradient "
                        "and skip x_mb and k's pass on it (AutoMix)",
     "eval_interval": "evaluate after every N-th epoch and after the last (best.pt then compares those epochs only)",

@@ -101,7 +101,7 @@ class TrainConfig:
     # quality study (issue 14, docs/QUALITY.md): less data, and Mix Block options off the saddle
     train_subset: float | None = None  # none: all of it; else a seeded class-balanced fraction in (0, 1]
     train_subset_seed: int = 0  # draws the subset (not --seed: every seed of a study sees the same images)
-    mix_block_init: str = "official"  # official | scaled | cosine (mixing/mixblock.py)
+    mix_block_init: str = "official"  # official | scaled | cosine | cosine-centered (mixing/mixblock.py)
     mix_block_every: int = 1  # update the Mix Block every N-th step; other steps skip its branch
     eval_interval: int = 1  # evaluate after every N-th epoch and the last (validation is costly on a CPU)
 
@@ -122,7 +122,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "amp_dtype": ("bfloat16", "float16"),
     "clip_mode": ("norm", "value", "agc"),
-    "mix_block_init": ("official", "scaled", "cosine"),
+    "mix_block_init": ("official", "scaled", "cosine", "cosine-centered"),
 }
 
 # The only fields a resumed run may change from the command line (`--resume` with flags): how

@@ -45,6 +45,7 @@ POLICIES = {
     "automix-scaled": ["--mix", "automix", "--mix-block-init", "scaled"],
     "automix-cosine": ["--mix", "automix", "--mix-block-init", "cosine"],
     "automix-nowd": ["--mix", "automix", "--mix-block-weight-decay", "0"],
+    "automix-centered": ["--mix", "automix", "--mix-block-init", "cosine-centered"],
     "automix-every2": ["--mix", "automix", "--mix-block-every", "2"],
 }
 
@@ -67,7 +68,7 @@ PLANS = {
     # with the main policies. Most informative first, so an interrupted seed still says something.
     "study": [entry for s in (0, 1) for entry in (
         [("sub10", p, s, 1) for p in ("vanilla", "automix", "automix-cosine", "mixup", "cutmix1", "cutmix0.2",
-                                       "automix-every2")]
+                                       "automix-every2", "automix-centered")]
         + [("sub10", p, s, EQUAL_TIME_FACTOR) for p in ("vanilla", "mixup", "cutmix1")]
         + [("full", p, s, 1) for p in ("vanilla", "mixup", "cutmix1", "automix", "automix-cosine")])],
 }

@@ -101,11 +101,11 @@ def logit_pixel_spread(block, f, perm):
 def test_mix_block_inits_move_the_attention_off_uniform():
     f, perm = features()
     spreads = {}
-    for init in ("official", "scaled", "cosine"):
+    for init in ("official", "scaled", "cosine", "cosine-centered"):
         torch.manual_seed(0)
         spreads[init] = logit_pixel_spread(MixBlock(32, backend="torch", init=init), f, perm)
     # Official: logits ~1e-2, a uniform softmax, every pixel the mean of v. The others are not.
-    assert spreads["official"] < 0.05 * spreads["scaled"] and spreads["official"] < 0.05 * spreads["cosine"]
+    assert all(spreads["official"] < 0.05 * spreads[i] for i in ("scaled", "cosine", "cosine-centered"))
     torch.manual_seed(0)
     official = MixBlock(32, backend="torch")
     assert abs(official.q_proj.weight.std().item() - 0.01) < 0.002 and not hasattr(official, "log_temperature")
@@ -134,7 +134,7 @@ def test_cosine_attention_is_tau_times_cosine_and_trains_tau():
     torch.testing.assert_close(block(f, 0.5, perm), got.detach(), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("init", ["scaled", "cosine"])
+@pytest.mark.parametrize("init", ["scaled", "cosine", "cosine-centered"])
 def test_new_inits_match_on_the_triton_kernels(init):
     """The kernels (interpreted on CPU) against the torch reference, values and gradients."""
     f, perm = torch.relu(torch.randn(3, 32, 4, 4, generator=torch.Generator().manual_seed(2))), torch.tensor([1, 2, 0])
@@ -147,6 +147,33 @@ def test_new_inits_match_on_the_triton_kernels(init):
         out[backend] = [y.detach()] + [p.grad for p in block.parameters()]
     for a, b in zip(out["torch"], out["triton"]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_cosine_centered_escapes_the_bias_trap_of_cosine():
+    """The trap seen on seed 1 of the study: once q_proj's bias outweighs W_q f, plain cosine's
+    normalised q is the bias direction at every position and the attention is uniform again.
+    Centred over the positions, q and k do not see the bias at all; centring is exactly
+    "cosine of the centred projections"."""
+    f, perm = features()
+    spreads, outputs = {}, {}
+    for init in ("cosine", "cosine-centered"):
+        torch.manual_seed(0)
+        block = MixBlock(32, backend="torch", init=init)
+        outputs[init, "clean"] = block(f, 0.5, perm).detach()
+        with torch.no_grad():
+            block.q_proj.bias.copy_(100 * torch.linspace(-1, 1, block.dim))  # the bias dominates q
+        outputs[init, "biased"] = block(f, 0.5, perm).detach()
+        spreads[init] = logit_pixel_spread(block, f, perm)
+    assert spreads["cosine"] < 1e-3 * spreads["cosine-centered"]  # plain cosine: flat again
+    torch.testing.assert_close(outputs["cosine-centered", "biased"], outputs["cosine-centered", "clean"],
+                               rtol=1e-4, atol=1e-5)
+    torch.manual_seed(0)
+    block = MixBlock(32, backend="torch", init="cosine-centered")
+    q = block.q_proj(f).flatten(2).transpose(1, 2)
+    v = block.v_proj(f).flatten(2).transpose(1, 2)[..., 0]
+    qc = torch.nn.functional.normalize(q - q.mean(1, keepdim=True), dim=-1)
+    expected = torch.softmax(COSINE_TEMPERATURE * qc @ qc[perm].transpose(1, 2), -1) @ v[perm].unsqueeze(-1)
+    torch.testing.assert_close(block(f, 0.5, perm).flatten(1), expected.squeeze(-1), rtol=1e-4, atol=1e-5)
 
 
 def test_bad_mix_block_init_is_refused():

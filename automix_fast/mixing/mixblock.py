@@ -14,8 +14,15 @@ gives logits q k^T / sqrt(D) ~ 1e-2: the softmax is uniform, every pixel gets th
 value, and W_q's gradient is proportional to W_q itself, a saddle that weight decay holds it on.
 `scaled` draws W_q from N(0, 1/C) (LeCun), so the logits start O(1); `cosine` normalises q and
 k and multiplies by a learnable temperature tau = exp(log_tau) (from 10, at most 100, as Swin
-V2's cosine attention), so the logits span +-tau whatever W_q's scale. W_v keeps N(0, 0.01) in
-all three: the masks still start at ~0.5.
+V2's cosine attention), so the logits span +-tau whatever W_q's scale. `cosine-centered` first
+subtracts each image's mean q (and k) over its positions: q_i - mean_i q, the same for k. The
+plain `cosine` has a trap this removes (measured, docs/QUALITY.md): q = W_q f_i + b, and once
+the bias b or the part of f common to all positions dominates q, every normalised q_i is the same
+vector, the logits are equal across keys, the softmax is uniform again and W_q gets no gradient
+(seed 1 of the study: cos(q_i, q_i') = 1.0000 from step 50 on). Centred, q and k hold only what
+varies across positions, which is what a spatial mask is made of; the bias and the lam terms of
+`lam_concat` cancel out of q and k (v keeps its lam term). W_v keeps N(0, 0.01) in all of
+them: the masks still start at ~0.5.
 """
 from __future__ import annotations
 
@@ -28,8 +35,8 @@ import torch.nn.functional as F
 from automix_fast import ops
 
 
-MIX_BLOCK_INITS = ("official", "scaled", "cosine")
-COSINE_TEMPERATURE = 10.0  # tau at the start of `cosine`
+MIX_BLOCK_INITS = ("official", "scaled", "cosine", "cosine-centered")
+COSINE_TEMPERATURE = 10.0  # tau at the start of `cosine` and `cosine-centered`
 COSINE_MAX_TEMPERATURE = 100.0  # clamp, so a runaway tau cannot make the softmax one-hot
 
 
@@ -55,7 +62,7 @@ class MixBlock(nn.Module):
             nn.init.zeros_(conv.bias)
         if init == "scaled":  # q's entries O(1): the attention is not uniform from step 0
             nn.init.normal_(self.q_proj.weight, 0.0, c_in**-0.5)
-        if init == "cosine":
+        if init.startswith("cosine"):
             self.log_temperature = nn.Parameter(torch.tensor(math.log(COSINE_TEMPERATURE)))
 
     def project(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +93,9 @@ class MixBlock(nn.Module):
             k = k + (1.0 - lam) * w_lam
             v = v + (1.0 - lam) * self.v_proj.weight[0, c, 0, 0].to(v.dtype)
         scale = None  # the default 1/sqrt(D)
-        if self.init == "cosine":  # tau cos(q, k): the temperature rides on q, the kernel's scale is 1
+        if self.init == "cosine-centered":  # only what varies across an image's positions
+            q, k = q - q.mean(dim=1, keepdim=True), k - k.mean(dim=1, keepdim=True)
+        if self.init.startswith("cosine"):  # tau cos(q, k): the temperature rides on q, the kernel's scale is 1
             tau = self.log_temperature.clamp(max=math.log(COSINE_MAX_TEMPERATURE)).exp().to(q.dtype)
             q, k, scale = F.normalize(q, dim=-1) * tau, F.normalize(k, dim=-1), 1.0
         logits = ops.mixblock_attention(q, k, v, scale, backend=self.backend)  # (N, L) float32
@@ -102,7 +111,7 @@ class MixBlock(nn.Module):
         are still ~0.5 everywhere; W_v's norm sets how far the logits can move from 0."""
         norms = {"mix_block_q_norm": torch.linalg.vector_norm(self.q_proj.weight.detach().float()),
                  "mix_block_v_norm": torch.linalg.vector_norm(self.v_proj.weight.detach().float())}
-        if self.init == "cosine":
+        if self.init.startswith("cosine"):
             norms["mix_block_temperature"] = self.log_temperature.detach().float().exp()
         return norms
 
