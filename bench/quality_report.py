@@ -92,12 +92,17 @@ def cell_table(records: list[dict]) -> str:
     cells: dict[tuple, list[dict]] = {}
     for r in records:
         cells.setdefault((r["regime"], r["policy"]), []).append(r)
-    lines = ["| regime | policy | seeds | best head top-1: mean (min-max) | heads | mean wall s |", "|" + "---|" * 6]
+    # The fastest seed's wall time: the run least disturbed by whatever else used the machine.
+    fastest = {key: min(r["wall_s"] for r in rs) for key, rs in cells.items()}
+    lines = ["| regime | policy | seeds | best head top-1: mean (min-max) | heads | fastest wall s | x vanilla's |",
+             "|" + "---|" * 7]
     for (regime, policy), rs in sorted(cells.items()):
         best = [r["best_top1"] for r in rs]
         heads = ", ".join(sorted({r["best_head"] for r in rs}))
+        base = fastest.get((regime, "vanilla"))
+        ratio = f"{fastest[regime, policy] / base:.2f}" if base else ""
         lines.append(f"| {regime} | {policy} | {len(rs)} | {statistics.mean(best):.2f} ({min(best):.2f}-{max(best):.2f}) "
-                     f"| {heads} | {statistics.mean(r['wall_s'] for r in rs):.0f} |")
+                     f"| {heads} | {fastest[regime, policy]:.0f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -112,9 +117,27 @@ def gap_table(records: list[dict]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def mask_table(records: list[dict], points: int = 6) -> str:
+    """AutoMix runs' masks over training: pixel spread, image spread and W_q's norm at a few
+    evenly spaced epochs (the saddle: px-sd ~1e-5 and a shrinking W_q; off it: px-sd ~0.1)."""
+    lines = ["| run | epoch: mask px-sd / img-sd / W_q norm |", "|---|---|"]
+    for r in sorted(records, key=lambda r: r["id"]):
+        series = r["mask_stats"]
+        if not series or r["regime"] == "probe":
+            continue
+        n = len(series)
+        picks = sorted({min(n - 1, round(i * (n - 1) / (points - 1))) for i in range(points)})
+        cells = [f"{series[i]['epoch']}: {series[i]['mask_pixel_std']:.2g} / {series[i]['mask_image_std']:.2g} / "
+                 f"{series[i].get('mix_block_q_norm', float('nan')):.2f}" for i in picks]
+        lines.append(f"| {r['id']} | {'; '.join(cells)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def tables(records: list[dict]) -> str:
     if not records:
         return "(no finished runs yet)"
     text = "### Per (regime, policy)\n\n" + cell_table(records) + "\n\n### Per run\n\n" + run_table(records) + "\n"
+    masks = mask_table(records)
+    text += "\n### AutoMix's masks over training\n\n" + masks + "\n" if masks else ""
     gaps = gap_table(records)
     return text + ("\n### Vanilla's train/val gap\n\n" + gaps + "\n" if gaps else "")

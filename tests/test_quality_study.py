@@ -59,6 +59,11 @@ def test_tiny_study_runs_skips_and_resumes(tiny_study, monkeypatch, capsys):
     text = docs.read_text()
     assert "old" not in text and "tiny-automix-s0" in text and text.endswith(f"{qs.TABLE_END}\ntail\n")
     assert "Vanilla's train/val gap" in text and "tiny-vanilla-s0 | 1: " in text
+    assert "AutoMix's masks over training" in text and "| tiny-automix-s0 | 1: " in text
+    rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| tiny | ")}
+    assert rows["vanilla"].endswith(" | 1.00 |")  # wall time as a multiple of vanilla's
+    ratio = float(rows["automix"].split(" | ")[-1].rstrip(" |"))
+    assert ratio == pytest.approx(auto["wall_s"] / res["tiny-vanilla-s0"]["wall_s"], abs=0.006)
 
     # Finished runs are skipped: no training starts.
     started = []
