@@ -3,6 +3,8 @@ Tiny data and tinynet throughout; the one training run is 1 epoch of 4 batches."
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +19,10 @@ from automix_fast.errors import ConfigError
 from automix_fast.mixing import build_mixer
 from automix_fast.mixing.mixblock import COSINE_TEMPERATURE, MixBlock
 from automix_fast.models import create_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from mix_block_attention import attention_stats  # noqa: E402
+from mix_block_attention import main as attention_cli  # noqa: E402
 
 # ----------------------------------------------------------------------------- --train-subset
 
@@ -176,6 +182,27 @@ def test_cosine_centered_escapes_the_bias_trap_of_cosine():
     torch.testing.assert_close(block(f, 0.5, perm).flatten(1), expected.squeeze(-1), rtol=1e-4, atol=1e-5)
 
 
+def test_attention_diagnostic_sees_the_trap():
+    """bench/mix_block_attention.py's numbers: a trapped cosine block has q_cos 1, logit range 0
+    and entropy 1 (uniform); its centred twin does not; the official start is nearly uniform."""
+    f, _ = features()
+    stats = {}
+    for init in ("official", "cosine", "cosine-centered"):
+        torch.manual_seed(0)
+        block = MixBlock(32, backend="torch", init=init)
+        if init.startswith("cosine"):
+            with torch.no_grad():
+                block.q_proj.bias.copy_(100 * torch.linspace(-1, 1, block.dim))
+        stats[init] = attention_stats(block, f)
+    assert stats["cosine"]["q_cos"] > 0.9999 and stats["cosine"]["logit_range"] < 1e-3
+    assert stats["cosine"]["entropy"] > 0.9999
+    assert stats["cosine-centered"]["q_cos"] < 0.5 and stats["cosine-centered"]["logit_range"] > 1
+    assert stats["cosine-centered"]["entropy"] < stats["cosine"]["entropy"]
+    assert stats["official"]["logit_range"] < 0.1 and stats["official"]["entropy"] > 0.999
+    for s in stats.values():
+        assert 0 <= s["modal_key_share"] <= 1 and s["mask_pixel_std"] >= 0
+
+
 def test_bad_mix_block_init_is_refused():
     with pytest.raises(ConfigError, match="mix_block_init"):
         build_config(overrides={"mix_block_init": "huge"})
@@ -243,7 +270,7 @@ def test_every_two_skips_the_mix_block_branch_on_odd_steps():
 def test_a_run_with_the_new_options(tiny_data, tmp_path, capsys):
     argv = ["train", "--data-dir", tiny_data, "--epochs", "1", "-b", "10", "--model", "tinynet", "--loader", "torch",
             "-j", "0", "--log-interval", "1", "--kernel-backend", "torch", "--output", str(tmp_path),
-            "--experiment", "q", "--no-visualize", "--train-subset", "0.4", "--mix-block-init", "cosine",
+            "--experiment", "q", "--no-visualize", "--train-subset", "0.4", "--mix-block-init", "cosine-centered",
             "--mix-block-every", "2"]
     assert main(argv) == 0, capsys.readouterr().err
     rows = [json.loads(r) for r in (tmp_path / "q" / "metrics.jsonl").read_text().splitlines()]
@@ -251,6 +278,16 @@ def test_a_run_with_the_new_options(tiny_data, tmp_path, capsys):
     assert len(train) == 4  # 40 images of the 100, batch 10
     assert [v["l_mix_k"] == 0 for v in train] == [False, True, False, True]
     assert "mix_block_temperature" in train[-1]
+    # The attention diagnostic reads the checkpoint back (bench/mix_block_attention.py).
+    capsys.readouterr()
+    out = tmp_path / "attn.json"
+    assert attention_cli([str(tmp_path / "q" / "last.pt"), "--num", "8", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    row = result["rows"][0]
+    assert result["meta"]["torch"]
+    assert row["mix_block_init"] == "cosine-centered" and row["images"] == 8
+    assert row["q_cos"] < 0.5 and 0 < row["entropy"] <= 1 and row["logit_range"] > 0
+    assert "cosine-centered" in capsys.readouterr().out
 
 
 def test_eval_interval_evaluates_every_nth_epoch_and_the_last(tiny_data, tmp_path, capsys):

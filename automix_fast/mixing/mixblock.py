@@ -84,6 +84,13 @@ class MixBlock(nn.Module):
 
     def attend(self, projected, lam: float, perm: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Mask logits (N, 1, h, w) float32 from projected features, for partners f[perm]."""
+        q, k, v, scale = self.attention_inputs(projected, lam, perm)
+        logits = ops.mixblock_attention(q, k, v, scale, backend=self.backend)  # (N, L) float32
+        return logits.view(q.shape[0], 1, *size)
+
+    def attention_inputs(self, projected, lam: float, perm: torch.Tensor):
+        """(q, k, v, scale) as the attention kernel gets them: softmax(scale q k^T) v, where
+        scale None is 1/sqrt(D). Also read by bench/mix_block_attention.py's diagnostics."""
         q_all, v_all = projected
         q, k, v = q_all, q_all[perm], v_all[perm]
         if self.lam_concat:  # the lam channel of concat(f, lam) as a per-sample bias, in q's dtype
@@ -98,8 +105,7 @@ class MixBlock(nn.Module):
         if self.init.startswith("cosine"):  # tau cos(q, k): the temperature rides on q, the kernel's scale is 1
             tau = self.log_temperature.clamp(max=math.log(COSINE_MAX_TEMPERATURE)).exp().to(q.dtype)
             q, k, scale = F.normalize(q, dim=-1) * tau, F.normalize(k, dim=-1), 1.0
-        logits = ops.mixblock_attention(q, k, v, scale, backend=self.backend)  # (N, L) float32
-        return logits.view(q.shape[0], 1, *size)
+        return q, k, v, scale
 
     def forward(self, f: torch.Tensor, lam: float, perm: torch.Tensor) -> torch.Tensor:
         """Mask logits (N, 1, h, w) float32 for mixing each sample with its partner f[perm]."""
