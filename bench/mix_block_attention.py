@@ -30,6 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_results  # noqa: E402
 
+from automix_fast.mixing.automix import mask_statistics  # noqa: E402
+from automix_fast.ops import reference  # noqa: E402
+
 
 @torch.no_grad()
 def attention_stats(mix_block, f: torch.Tensor, lam: float = 0.5) -> dict[str, float]:
@@ -43,13 +46,15 @@ def attention_stats(mix_block, f: torch.Tensor, lam: float = 0.5) -> dict[str, f
     qn = torch.nn.functional.normalize(q, dim=-1)
     argmax = p.argmax(-1)
     modal = torch.stack([(a == a.mode().values).float().mean() for a in argmax])
-    mask = torch.sigmoid(p @ v.unsqueeze(-1)).squeeze(-1)  # the partner weight at the map's size
+    # The mask the training would make from these inputs, and its statistic as the training logs it.
+    mask_logits = reference.mixblock_attention(q, k, v, scale)
+    pixel_std = mask_statistics(mask_logits, torch.sigmoid(mask_logits).mean(1), lam)["mask_pixel_std"]
     return {
         "q_cos": float((qn @ qn.transpose(1, 2)).mean()),
         "logit_range": float((logits.amax(-1) - logits.amin(-1)).mean()),
         "entropy": float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean() / math.log(p.shape[-1])),
         "modal_key_share": float(modal.mean()),
-        "mask_pixel_std": float(mask.std(dim=1).mean()),
+        "mask_pixel_std": float(pixel_std),
     }
 
 
