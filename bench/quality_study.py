@@ -71,6 +71,9 @@ PLANS = {
                                        "automix-every2", "automix-centered")]
         + [("sub10", p, s, EQUAL_TIME_FACTOR) for p in ("vanilla", "mixup", "cutmix1")]
         + [("full", p, s, 1) for p in ("vanilla", "mixup", "cutmix1", "automix", "automix-cosine")])],
+    # AutoMix given the equal-time baselines' epochs (3x their compute): what it buys when the
+    # budget is not the limit, in the regime where vanilla overfits.
+    "long": [("sub10", "automix", s, EQUAL_TIME_FACTOR, "long") for s in (0, 1)],
 }
 
 DOCS = ROOT / "docs" / "QUALITY.md"
@@ -78,13 +81,16 @@ PNG_DIR = ROOT / "docs" / "quality"
 TABLE_BEGIN, TABLE_END = "<!-- quality-study tables: begin -->", "<!-- quality-study tables: end -->"
 
 
-def run_spec(regime: str, policy: str, seed: int, time_factor: int) -> dict:
+def run_spec(regime: str, policy: str, seed: int, epoch_factor: int, tag: str | None = None) -> dict:
+    """One run: the regime's epochs times `epoch_factor`. A longer run is tagged: `eqtime` (the
+    default) for a baseline given AutoMix's time, `long` for AutoMix given the baselines' epochs."""
     flags, epochs, eval_interval = REGIMES[regime]
-    rid = f"{regime}-{policy}{'-eqtime' if time_factor > 1 else ''}-s{seed}"
-    epochs *= time_factor
+    tag = tag or ("eqtime" if epoch_factor > 1 else None)
+    rid = f"{regime}-{policy}{f'-{tag}' if tag else ''}-s{seed}"
+    epochs *= epoch_factor
     argv = [*RECIPE, *flags, *POLICIES[policy], "--seed", str(seed), "--epochs", str(epochs),
-            "--eval-interval", str(eval_interval * time_factor)]
-    return {"id": rid, "regime": regime, "policy": policy + ("@eqtime" if time_factor > 1 else ""), "seed": seed,
+            "--eval-interval", str(eval_interval * epoch_factor)]
+    return {"id": rid, "regime": regime, "policy": policy + (f"@{tag}" if tag else ""), "seed": seed,
             "epochs": epochs, "argv": argv}
 
 
@@ -176,6 +182,17 @@ def report(args) -> str:
     return text
 
 
+def parse_stop_at(text: str, now: dt.datetime) -> dt.datetime:
+    """HH:MM (UTC) -> the next such moment: `--stop-at 01:00` given at 23:00 means in two hours.
+    The minute now counts as due, so a stop asked for the current minute stops at once."""
+    try:
+        hh, mm = (int(part) for part in text.split(":"))
+        at = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
+    except ValueError:
+        raise ValueError(f"--stop-at {text!r} is not a time of day HH:MM (UTC)") from None
+    return at + dt.timedelta(days=1) if at + dt.timedelta(minutes=1) <= now else at
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--data-dir", help="the CIFAR-10 JPEG folder (train/, test/)")
@@ -186,7 +203,7 @@ def parse_args(argv=None):
     p.add_argument("--docs", type=Path, default=DOCS, help="markdown file whose table markers get the tables")
     p.add_argument("--png-dir", type=Path, default=PNG_DIR, help="where AutoMix runs' mask pictures are copied")
     p.add_argument("--threads", type=int, default=2, help="torch threads: the machine's cores")
-    p.add_argument("--stop-at", default=None, help="HH:MM UTC: checkpoint the running training and stop then")
+    p.add_argument("--stop-at", default=None, help="HH:MM UTC, the next such moment: checkpoint the running training and stop then")
     p.add_argument("--list", action="store_true", help="print the plan and what is done, run nothing")
     p.add_argument("--report", action="store_true", help="only rewrite the tables from the kept JSON")
     args = p.parse_args(argv)
@@ -214,11 +231,11 @@ def main(argv=None) -> int:
     if args.report:
         print(report(args))
         return 0
-    stop_at = None
-    if args.stop_at:
-        hh, mm = map(int, args.stop_at.split(":"))
-        now = dt.datetime.now(dt.timezone.utc)
-        stop_at = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
+    try:
+        stop_at = parse_stop_at(args.stop_at, dt.datetime.now(dt.timezone.utc)) if args.stop_at else None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     stopper = Stopper(stop_at)
     try:
         for run in runs:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,9 @@ def test_every_planned_run_is_a_valid_config():
         assert cfg.seed == r["seed"] and cfg.epochs == r["epochs"]
     eq = next(r for r in runs if r["id"] == "sub10-mixup-eqtime-s0")
     assert eq["epochs"] == qs.EQUAL_TIME_FACTOR * qs.REGIMES["sub10"][1]
+    long = next(r for r in runs if r["id"] == "sub10-automix-long-s1")
+    assert long["policy"] == "automix@long" and long["epochs"] == eq["epochs"]
+    assert long["argv"][long["argv"].index("--eval-interval") + 1] == eq["argv"][eq["argv"].index("--eval-interval") + 1]
 
 
 @pytest.fixture()
@@ -91,12 +95,33 @@ def test_unknown_run_id_is_one_line(tiny_study, capsys):
     assert "not in the plan: nope" in capsys.readouterr().err
 
 
-def test_stop_at_in_the_past_starts_nothing(tiny_study, monkeypatch):
+def test_stop_at_due_now_starts_nothing(tiny_study, monkeypatch):
     data, common, tmp, _ = tiny_study
     started = []
     monkeypatch.setattr(qs.subprocess, "Popen", lambda *a, **k: started.append(a))
-    assert qs.main(["--data-dir", data, *common, "--stop-at", "00:00"]) == 130
+    now = qs.dt.datetime.now(qs.dt.timezone.utc)
+    if now.second >= 58:  # the minute must not turn between here and main's clock
+        time.sleep(3)
+        now = qs.dt.datetime.now(qs.dt.timezone.utc)
+    assert qs.main(["--data-dir", data, *common, "--stop-at", now.strftime("%H:%M")]) == 130
     assert not started and not (tmp / "res").exists()
+
+
+def test_stop_at_is_the_next_such_moment():
+    utc = qs.dt.timezone.utc
+    now = qs.dt.datetime(2026, 11, 29, 23, 10, 30, tzinfo=utc)
+    assert qs.parse_stop_at("01:00", now) == qs.dt.datetime(2026, 11, 30, 1, 0, tzinfo=utc)  # past midnight
+    assert qs.parse_stop_at("23:40", now) == qs.dt.datetime(2026, 11, 29, 23, 40, tzinfo=utc)
+    assert qs.parse_stop_at("23:10", now) == qs.dt.datetime(2026, 11, 29, 23, 10, tzinfo=utc)  # this minute: due
+    assert qs.parse_stop_at("23:09", now) == qs.dt.datetime(2026, 11, 30, 23, 9, tzinfo=utc)
+
+
+@pytest.mark.parametrize("bad", ["25:00", "noon", "10:61", "1:2:3"])
+def test_bad_stop_at_is_one_line(tiny_study, capsys, bad):
+    data, common, _, _ = tiny_study
+    assert qs.main(["--data-dir", data, *common, "--stop-at", bad]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--stop-at {bad!r} is not a time of day" in err
 
 
 def test_only_runs_in_the_order_given(tiny_study, monkeypatch):
