@@ -12,7 +12,7 @@ import os
 import sys
 from dataclasses import MISSING, fields
 
-from automix_fast.config import CHOICES, TIMM_HELP, TrainConfig
+from automix_fast.config import CHOICES, LIST_ITEMS, TIMM_HELP, TrainConfig
 from automix_fast.errors import UserError
 
 # Short or timm-style spellings of some fields.
@@ -121,7 +121,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
             continue
         if base == "list":
-            parser.add_argument(*names, type=int, nargs="+", **kw)
+            item, nargs = LIST_ITEMS.get(f.name, (int, "+"))
+            parser.add_argument(*names, type=item, nargs=nargs, **kw)
             continue
         kw["type"] = {"int": int, "float": float}.get(base, str)
         if f.name in CHOICES:

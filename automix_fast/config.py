@@ -90,8 +90,11 @@ class TrainConfig:
     cutmix: float | None = None  # cutmix alpha; with mixup > 0 too, one of the two per batch
     mixup_prob: float = 1.0  # probability of mixing a batch at all (mixup/cutmix)
     mixup_switch_prob: float = 0.5  # probability of cutmix when both alphas are positive
+    mixup_mode: str = "batch"  # batch | pair | elem: who shares one draw of lambda and kind
+    cutmix_minmax: list | None = None  # [min, max] fractions of the side: box sizes drawn there, not from lambda
     model_ema: bool = False  # an EMA copy of the weights, evaluated as head `ema` (baselines only)
     model_ema_decay: float = 0.9998
+    model_ema_warmup: bool = False  # timm's EMA warm-up: decay min(D, 1 - t^(-2/3)) at the t-th update
     clip_grad: float | None = None  # none: no clipping
     clip_mode: str = "norm"  # norm | value | agc
     drop_path: float | None = None  # stochastic depth rate of the last block (ResNet family, WRN)
@@ -123,7 +126,10 @@ CHOICES = {
     "amp_dtype": ("bfloat16", "float16"),
     "clip_mode": ("norm", "value", "agc"),
     "mix_block_init": ("official", "scaled", "cosine", "cosine-centered"),
+    "mixup_mode": ("batch", "pair", "elem"),
 }
+# (element type, argparse nargs) of the list fields other than the default (int, "+").
+LIST_ITEMS = {"cutmix_minmax": (float, 2)}
 
 # The only fields a resumed run may change from the command line (`--resume` with flags): how
 # long it runs and how it runs, never what it computes per step. Any other field given with a
@@ -176,6 +182,10 @@ def _coerce(name: str, value: Any, type_str: str) -> Any:
     if base == "list":
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config field '{name}' must be a list, got {value!r}")
+        if LIST_ITEMS.get(name, (int,))[0] is float:
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                raise ConfigError(f"config field '{name}' must be a list of numbers, got {value!r}")
+            return [float(v) for v in value]
         return list(value)
     return value
 
@@ -305,6 +315,7 @@ def resolve_mixup_cutmix(values: dict[str, Any]) -> None:
     `mix` must agree (mixup or cutmix with its alpha > 0; both names mean the same switching
     policy when both alphas are positive); automix and `mix_alpha` do not combine with them.
     """
+    resolve_cutmix_minmax(values)
     mixup, cutmix = values.get("mixup"), values.get("cutmix")
     if mixup is None and cutmix is None:
         return
@@ -327,6 +338,28 @@ def resolve_mixup_cutmix(values: dict[str, Any]) -> None:
         raise ConfigError(f"--mix {mix} disagrees with {given} (which means --mix {resolved}); give one of them")
 
 
+def resolve_cutmix_minmax(values: dict[str, Any]) -> None:
+    """timm's --cutmix-minmax turns cutmix on (timm sets its cutmix alpha to 1): given with
+    neither --cutmix nor a --mix that cutmixes, it stands for --cutmix 1.0. With --mix automix,
+    or a --mix mixup/vanilla that names no cutmix, it is an error (it would do nothing)."""
+    minmax = values.get("cutmix_minmax")
+    if minmax is None:
+        return
+    given = "--cutmix-minmax " + " ".join(f"{v:g}" for v in minmax)
+    if len(minmax) != 2 or not 0 <= minmax[0] < minmax[1] <= 1:
+        raise ConfigError(f"{given}: give two fractions of the image side, 0 <= min < max <= 1")
+    mix, flags = values.get("mix"), values.get("mixup") is not None or values.get("cutmix") is not None
+    if mix == "automix":
+        raise ConfigError(f"{given} sets cutmix boxes and does not combine with --mix automix")
+    if flags:
+        if not values.get("cutmix"):
+            values["cutmix"] = 1.0
+    elif mix is None:
+        values["cutmix"] = 1.0
+    elif mix != "cutmix":
+        raise ConfigError(f"{given} sets cutmix boxes, but --mix {mix} does not cutmix; add --cutmix A or use --mix cutmix")
+
+
 # --help texts of the fields above (cli.py merges them into its own).
 TIMM_HELP = {
     "mixup": "mixup alpha, as timm (0: off); with --cutmix too, one of the two per batch (sets --mix; see docs/TIMM_FLAGS.md)",
@@ -335,6 +368,10 @@ TIMM_HELP = {
     "mixup_switch_prob": "probability of cutmix rather than mixup for a batch when both alphas are positive",
     "model_ema": "keep an EMA copy of the weights, evaluated as head 'ema' (vanilla/mixup/cutmix)",
     "model_ema_decay": "decay of the EMA copy per optimizer step",
+    "model_ema_warmup": "timm's EMA warm-up: the decay starts at 0 and rises as 1 - (1 + t)^(-2/3) to --model-ema-decay",
+    "mixup_mode": "who shares one draw of lambda and mixup/cutmix: the batch, each pair of partners, or each image (elem)",
+    "cutmix_minmax": "MIN MAX: cutmix box height and width uniform in these fractions of the image's, not from "
+                     "lambda (turns cutmix on, as timm)",
     "clip_grad": "gradient clipping threshold (none: off); fp16 gradients are unscaled first",
     "clip_mode": "norm: total L2 norm; value: each element; agc: adaptive (the value is the clip factor)",
     "drop_path": "stochastic depth: drop rate of the last residual block, rising linearly from 0 (ResNet family, WRN)",
@@ -348,6 +385,12 @@ def validate_timm_flags(cfg: TrainConfig) -> None:
     _require(0 <= cfg.mixup_prob <= 1, "mixup_prob", "must be in [0, 1]", cfg.mixup_prob)
     _require(0 <= cfg.mixup_switch_prob <= 1, "mixup_switch_prob", "must be in [0, 1]", cfg.mixup_switch_prob)
     _require(0 < cfg.model_ema_decay < 1, "model_ema_decay", "must be in (0, 1)", cfg.model_ema_decay)
+    _require(cfg.model_ema or not cfg.model_ema_warmup, "model_ema_warmup", "needs --model-ema", cfg.model_ema_warmup)
+    baseline = cfg.mix in ("mixup", "cutmix")
+    _require(baseline or cfg.mixup_mode == "batch", "mixup_mode", f"is for --mix mixup/cutmix (mix={cfg.mix})",
+             cfg.mixup_mode)
+    _require(cfg.mixup_mode != "pair" or cfg.batch_size % 2 == 0, "batch_size",
+             "must be even for --mixup-mode pair (partners come in twos)", cfg.batch_size)
     _require(not (cfg.model_ema and cfg.mix == "automix"), "model_ema",
              "is for the baselines; AutoMix's momentum encoder k (heads k_one, k_mix) is its EMA model, "
              "set by --encoder-momentum", cfg.model_ema)

@@ -1,6 +1,7 @@
-"""timm's training flags (issue 12 B): --mixup/--cutmix together with --mixup-prob and
---mixup-switch-prob, --model-ema, --clip-grad/--clip-mode, --drop-path, --grad-accum-steps,
---initial-checkpoint, summary.csv and --log-tensorboard.
+"""timm's training flags (issue 12 B): --mixup/--cutmix together with --mixup-prob,
+--mixup-switch-prob, --mixup-mode and --cutmix-minmax, --model-ema (and its warm-up),
+--clip-grad/--clip-mode, --drop-path, --grad-accum-steps, --initial-checkpoint, summary.csv
+and --log-tensorboard.
 
 Unit tests build tiny modules directly; the points about the command line run the real
 `automix-fast train` in a subprocess (tinynet, 32 px, the generated 3-class folder).
@@ -18,12 +19,12 @@ from torch import nn
 from automix_fast.config import build_config
 from automix_fast.engine.checkpoint import load_checkpoint
 from automix_fast.engine.grad_clip import grad_clipper
-from automix_fast.engine.model_ema import ema_update
+from automix_fast.engine.model_ema import ema_decay, ema_update
 from automix_fast.engine.tensorboard_log import tensorboard_available
 from automix_fast.engine.train import StepGuard, nonfinite_flag, optimizer_step, train_one_epoch
 from automix_fast.errors import ConfigError
 from automix_fast.mixing import build_mixer
-from automix_fast.mixing.baselines import MixupCutmix, Vanilla
+from automix_fast.mixing.baselines import MixupCutmix, Vanilla, minmax_boxes
 from automix_fast.models import create_model
 from automix_fast.models.drop_path import DropPath
 from faultkit import cli, make_folder, records, train_args
@@ -77,18 +78,133 @@ def test_cutmix_step_of_the_combined_policy_pastes_a_box():
     assert changed.any() and not changed.all()  # a box, not a blend of every pixel
 
 
+def _seen_input(mixer, model, x, y, step):
+    """(the batch the model was given, the loss) for one step of `mixer`."""
+    seen, real = {}, model.forward
+    model.forward = lambda inp, head="one": (seen.setdefault("x", inp.clone()), real(inp, head))[1]
+    try:
+        loss, _ = mixer.loss(x, y, step, 100)
+    finally:
+        model.forward = real
+    return seen["x"], loss
+
+
+def _partner(mixer, n, step):
+    """The partners the elem/pair modes draw (same generator as the mixer)."""
+    from automix_fast.mixing.baselines import ELEM_STREAM, random_pairing
+
+    g = torch.Generator().manual_seed(hash((mixer.random.seed, step, ELEM_STREAM, mixer.random.rank)) & 0x7FFF_FFFF_FFFF)
+    return random_pairing(n, g) if mixer.mode == "pair" else torch.randperm(n, generator=g)
+
+
+@pytest.mark.parametrize("kw", [{"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "prob": 0.8},
+                                {"mixup_alpha": 0.0, "cutmix_alpha": 1.0, "cutmix_minmax": (0.3, 0.7)}])
+def test_elem_mode_mixes_each_image_as_timms_per_sample_loop(kw):
+    """elem: sample i is mixed with its partner by its own draws; checked against a plain
+    per-sample loop (timm's _mix_elem) on the draws, and the loss against per-sample mixCE."""
+    torch.manual_seed(0)
+    model = create_model("tinynet", num_classes=5)
+    mixer = MixupCutmix(model, mode="elem", seed=4, **kw)
+    x, y = batch(n=12, seed=1)
+    x = x.contiguous(memory_format=torch.channels_last)
+    step = 5
+    seen, loss = _seen_input(mixer, model, x, y, step)
+    p = _partner(mixer, 12, step)
+    lam_mixup, boxes, lam = mixer.draws_per_sample(12, 32, 32, step)
+    expected = x.clone()
+    for i in range(12):
+        y0, y1, x0, x1 = (int(v) for v in boxes[i])
+        if y1 > y0 and x1 > x0:
+            expected[i, :, y0:y1, x0:x1] = x[p[i], :, y0:y1, x0:x1]
+            assert lam[i] == pytest.approx(1 - (y1 - y0) * (x1 - x0) / 1024)
+        else:
+            expected[i] = lam_mixup[i] * x[i] + (1 - lam_mixup[i]) * x[p[i]]
+            assert lam[i] == pytest.approx(lam_mixup[i])
+    torch.testing.assert_close(seen, expected)
+    assert seen.is_contiguous(memory_format=torch.channels_last)
+    assert len(set(np.round(lam, 6))) > 3  # one lambda per image, not one per batch
+    logits = model(seen)
+    ref = torch.stack([lam[i] * F.cross_entropy(logits[i:i + 1], y[i:i + 1])
+                       + (1 - lam[i]) * F.cross_entropy(logits[i:i + 1], y[p[i]:p[i] + 1]) for i in range(12)]).mean()
+    torch.testing.assert_close(loss, ref.float())
+
+
+def test_pair_mode_partners_trade_with_one_draw():
+    torch.manual_seed(0)
+    model = create_model("tinynet", num_classes=5)
+    mixer = MixupCutmix(model, mixup_alpha=0.8, cutmix_alpha=1.0, mode="pair", seed=2)
+    x, y = batch(n=16, seed=2)
+    kinds = set()
+    for step in range(6):
+        seen, _ = _seen_input(mixer, model, x, y, step)
+        p = _partner(mixer, 16, step)
+        assert torch.equal(p[p], torch.arange(16)) and not torch.equal(p, torch.arange(16))
+        for i in range(16):
+            j = int(p[i])
+            changed_i, changed_j = (seen[i] != x[i]).any(0), (seen[j] != x[j]).any(0)
+            if (changed_i.float().mean() < 0.99) and changed_i.any():  # a box: the same box both ways
+                kinds.add("cutmix")
+                assert torch.equal(changed_i, changed_j)
+                assert torch.equal(seen[i][:, changed_i], x[j][:, changed_i])
+            elif changed_i.any():  # a blend with one lambda: the pair's sum is kept
+                kinds.add("mixup")
+                torch.testing.assert_close(seen[i] + seen[j], x[i] + x[j])
+    assert kinds == {"mixup", "cutmix"}
+
+
+def test_per_sample_probabilities_follow_timm():
+    model = create_model("tinynet", num_classes=5)
+    mixer = MixupCutmix(model, mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.6, switch_prob=0.3, mode="elem", seed=3)
+    draws = [mixer.draws_per_sample(500, 32, 32, s) for s in range(4)]
+    lam_mixup, boxes, lam = (np.concatenate(d) for d in zip(*draws))
+    cut = (boxes[:, 1] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 2])
+    blended = lam_mixup < 1
+    assert abs((cut | blended).mean() - 0.6) < 0.04  # --mixup-prob per image
+    assert abs(cut.sum() / (cut | blended).sum() - 0.3) < 0.05  # --mixup-switch-prob per image
+    assert np.all(lam[~(cut | blended)] == 1.0)
+    again = mixer.draws_per_sample(500, 32, 32, 0)
+    assert all(np.array_equal(a, b) for a, b in zip(again, draws[0]))  # host draws, a pure function of the step
+
+
+def test_cutmix_minmax_box_sizes_and_lambda():
+    rng = np.random.default_rng(0)
+    boxes = minmax_boxes((0.25, 0.75), 32, 40, rng, 2000)
+    hs, ws = boxes[:, 1] - boxes[:, 0], boxes[:, 3] - boxes[:, 2]
+    assert hs.min() == 8 and hs.max() == 23 and ws.min() == 10 and ws.max() == 29  # timm: [int(min S), int(max S))
+    assert boxes[:, 0].min() == 0 and boxes[:, 1].max() == 32 and (boxes[:, :2] >= 0).all() and (boxes[:, 1] <= 32).all()
+    torch.manual_seed(0)
+    model = create_model("tinynet", num_classes=5)
+    mixer = build_mixer("cutmix", model, cutmix=1.0, cutmix_minmax=(0.25, 0.75), seed=0)
+    assert mixer.cutmix_alpha == 1.0 and "boxes 0.25-0.75" in mixer.label
+    x, y = batch()
+    sizes = set()
+    for step in range(8):  # batch mode: one box for the whole batch, of a size in the range
+        seen, _ = _seen_input(mixer, model, x, y, step)
+        changed = (seen != x).any(1).any(0)
+        rows, cols = changed.any(1).nonzero(), changed.any(0).nonzero()
+        h, w = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+        assert 8 <= h <= 23 and 8 <= w <= 23 and changed.sum() <= h * w
+        sizes.add((h, w))
+    assert len(sizes) > 2
+    with pytest.raises(ValueError, match="cutmix_minmax"):
+        MixupCutmix(model, cutmix_alpha=1.0, cutmix_minmax=(0.8, 0.2))
+
+
 @pytest.mark.parametrize("flags,mix,alphas", [
     ({"mixup": 0.8, "cutmix": 1.0}, "mixup", (0.8, 1.0)),
     ({"cutmix": 1.0}, "cutmix", (0.0, 1.0)),
     ({"mixup": 0.0, "cutmix": 0.0}, "vanilla", None),
     ({"mix": "cutmix", "mixup": 0.8, "cutmix": 1.0}, "cutmix", (0.8, 1.0)),
     ({"mix": "mixup", "mix_alpha": 0.4}, "mixup", (0.4, 0.0)),
+    ({"cutmix_minmax": [0.2, 0.8]}, "cutmix", (0.0, 1.0)),  # timm: the box range turns cutmix on
+    ({"mixup": 0.8, "cutmix_minmax": [0.2, 0.8]}, "mixup", (0.8, 1.0)),
+    ({"mix": "cutmix", "mix_alpha": 0.5, "cutmix_minmax": [0.2, 0.8]}, "cutmix", (0.0, 0.5)),
 ])
 def test_mix_follows_mixup_and_cutmix(flags, mix, alphas):
     cfg = build_config(overrides=flags)
     assert cfg.mix == mix
     mixer = build_mixer(cfg.mix, create_model("tinynet", num_classes=3), alpha=cfg.mix_alpha, mixup=cfg.mixup,
-                        cutmix=cfg.cutmix)
+                        cutmix=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax)
     if alphas is None:
         assert isinstance(mixer, Vanilla)
     else:
@@ -106,6 +222,16 @@ def test_mix_follows_mixup_and_cutmix(flags, mix, alphas):
     ({"mix": "vanilla", "grad_accum_steps": 0}, "'grad_accum_steps'"),
     ({"mix": "vanilla", "drop_path": 1.0}, "'drop_path'"),
     ({"mix": "vanilla", "clip_grad": 0.0}, "'clip_grad'"),
+    ({"mix": "automix", "cutmix_minmax": [0.2, 0.8]}, "does not combine with --mix automix"),
+    ({"mix": "mixup", "cutmix_minmax": [0.2, 0.8]}, "--mix mixup does not cutmix"),
+    ({"cutmix_minmax": [0.8, 0.2]}, "0 <= min < max <= 1"),
+    ({"cutmix_minmax": [0.2]}, "0 <= min < max <= 1"),
+    ({"cutmix_minmax": [0.2, "x"]}, "list of numbers"),
+    ({"mix": "vanilla", "mixup_mode": "elem"}, "'mixup_mode' is for --mix mixup/cutmix"),
+    ({"mix": "automix", "mixup_mode": "pair"}, "'mixup_mode' is for --mix mixup/cutmix"),
+    ({"mixup": 1.0, "mixup_mode": "pair", "batch_size": 7}, "'batch_size' must be even for --mixup-mode pair"),
+    ({"mixup": 1.0, "mixup_mode": "rows"}, "'mixup_mode' must be one of batch, pair, elem"),
+    ({"mix": "mixup", "model_ema_warmup": True}, "'model_ema_warmup' needs --model-ema"),
 ])
 def test_nonsense_combinations_are_one_line_errors(flags, message):
     with pytest.raises(ConfigError, match=message):
@@ -137,10 +263,34 @@ def test_ema_head_follows_optimizer_steps_and_lives_in_the_state_dict():
     start = w.detach().clone()
     with torch.no_grad():
         w.add_(1.0)
-    mixer.after_step(0, 10)
-    torch.testing.assert_close(mixer.model_ema.head_one.weight, start + 0.5)
+    mixer.after_step(0, 10)  # timm's first update takes the model's weights (decay 0)
+    torch.testing.assert_close(mixer.model_ema.head_one.weight, start + 1.0)
+    with torch.no_grad():
+        w.add_(1.0)
+    mixer.after_step(1, 10)
+    torch.testing.assert_close(mixer.model_ema.head_one.weight, start + 1.5)
     with pytest.raises(ValueError, match="momentum encoder"):
         build_mixer("automix", create_model("tinynet", num_classes=3, mix_head=True), model_ema_decay=0.9)
+
+
+def test_ema_decay_is_timms_get_decay():
+    """timm's ModelEmaV3.get_decay(step=num_updates), warmup_gamma 1, warmup_power 2/3."""
+    assert ema_decay(0.9998, 1) == 0.0 and ema_decay(0.9998, 1, warmup=True) == 0.0
+    assert ema_decay(0.9998, 2) == 0.9998
+    for t in (1, 10, 1000):
+        assert ema_decay(0.9998, t + 1, warmup=True) == pytest.approx(1 - (1 + t) ** (-2 / 3))
+    assert ema_decay(0.9998, 10**9, warmup=True) == 0.9998  # capped at the decay
+    mixer = build_mixer("mixup", create_model("tinynet", num_classes=3), mixup=1.0, model_ema_decay=0.99,
+                        model_ema_warmup=True)
+    assert "warm-up" in mixer.label
+    w = mixer.model.head_one.weight
+    mixer.after_step(0, 10)
+    with torch.no_grad():
+        w.add_(1.0)
+    before = mixer.model_ema.head_one.weight.clone()
+    mixer.after_step(1, 10)  # decay 1 - 2^(-2/3) = 0.37, not 0.99
+    d = 1 - 2 ** (-2 / 3)
+    torch.testing.assert_close(mixer.model_ema.head_one.weight, d * before + (1 - d) * w.detach())
 
 
 # ----------------------------------------------------------------------------- gradient clipping
@@ -329,7 +479,7 @@ def test_grad_accum_last_step_takes_the_rest():
 
 # ----------------------------------------------------------------------------- the command line
 FLAGS = ("--mixup", "0.8", "--cutmix", "1.0", "--model-ema", "--model-ema-decay", "0.9", "--clip-grad", "1.0",
-         "--grad-accum-steps", "2")
+         "--grad-accum-steps", "2", "--mixup-mode", "elem", "--cutmix-minmax", "0.2", "0.8", "--model-ema-warmup")
 
 
 def _rows(path):
@@ -344,11 +494,13 @@ def test_train_with_timm_flags_then_resume_keeps_ema_and_summary_rows(data, tmp_
     straight = cli(train_args(data, tmp_path, "straight", *FLAGS, *(["--log-tensorboard"] if tensorboard else [])))
     assert straight.returncode == 0, straight.stderr
     run = tmp_path / "straight"
-    assert "mixup 0.8 / cutmix 1 (cutmix share 0.5) + model EMA 0.9" in straight.stdout  # neither one dropped
+    assert ("mixup 0.8 / cutmix boxes 0.2-0.8 of the side (cutmix share 0.5), drawn per image + model EMA 0.9 "
+            "(warm-up)") in straight.stdout  # none dropped
     if tensorboard:
         assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     state = load_checkpoint(run / "last.pt")
     assert state["config"]["mix"] == "mixup" and state["config"]["cutmix"] == 1.0
+    assert state["config"]["mixup_mode"] == "elem" and state["config"]["cutmix_minmax"] == [0.2, 0.8]
     ema = {k: v for k, v in state["mixer"].items() if k.startswith("model_ema.")}
     assert ema and not all(torch.equal(v, state["mixer"]["model." + k[len("model_ema."):]]) for k, v in ema.items())
     evals = records(run, "eval")

@@ -22,7 +22,8 @@ def model_options(cfg) -> dict:
 def mixer_options(cfg) -> dict:
     """build_mixer settings: timm's mixup/cutmix alphas and probabilities, the model EMA decay."""
     return {"mixup": cfg.mixup, "cutmix": cfg.cutmix, "mix_prob": cfg.mixup_prob, "switch_prob": cfg.mixup_switch_prob,
-            "model_ema_decay": cfg.model_ema_decay if cfg.model_ema else None}
+            "mixup_mode": cfg.mixup_mode, "cutmix_minmax": cfg.cutmix_minmax,
+            "model_ema_decay": cfg.model_ema_decay if cfg.model_ema else None, "model_ema_warmup": cfg.model_ema_warmup}
 
 
 def loop_options(cfg) -> dict:

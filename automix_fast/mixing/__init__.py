@@ -14,8 +14,9 @@ def build_mixer(name: str, model, **settings) -> Mixer:
     """The policy `name` around `model`; settings the policy does not take are ignored.
 
     mixup and cutmix are one policy (timm's Mixup): `alpha` is the named one's alpha unless
-    `mixup`/`cutmix` (timm's flags) give both, with `mix_prob` and `switch_prob`.
-    `model_ema_decay` (not None) adds an EMA copy of the model (the baselines only).
+    `mixup`/`cutmix` (timm's flags) give both, with `mix_prob`, `switch_prob`, `mixup_mode` and
+    `cutmix_minmax`. `model_ema_decay` (not None) adds an EMA copy of the model (the baselines
+    only), warmed up as timm's with `model_ema_warmup`.
     """
     from .automix import AutoMix
     from .baselines import MixupCutmix, Vanilla, baseline_alphas
@@ -27,7 +28,8 @@ def build_mixer(name: str, model, **settings) -> Mixer:
         mixer = Vanilla(model, **common)
     elif name in ("mixup", "cutmix"):
         mixup, cutmix = baseline_alphas(name, settings.get("alpha"), settings.get("mixup"), settings.get("cutmix"))
-        extra = {k: settings[v] for k, v in (("prob", "mix_prob"), ("switch_prob", "switch_prob")) if settings.get(v) is not None}
+        extra = {k: settings[v] for k, v in (("prob", "mix_prob"), ("switch_prob", "switch_prob"), ("mode", "mixup_mode"),
+                                             ("cutmix_minmax", "cutmix_minmax")) if settings.get(v) is not None}
         mixer = MixupCutmix(model, mixup_alpha=mixup, cutmix_alpha=cutmix, **extra, **common)
     else:
         own = {"alpha": settings["alpha"]} if settings.get("alpha") is not None else {}
@@ -37,5 +39,5 @@ def build_mixer(name: str, model, **settings) -> Mixer:
         own.update({k: settings[k] for k in keys if settings.get(k) is not None})
         mixer = AutoMix(model, **common, **own)
     if settings.get("model_ema_decay") is not None:
-        mixer.enable_model_ema(settings["model_ema_decay"])
+        mixer.enable_model_ema(settings["model_ema_decay"], warmup=bool(settings.get("model_ema_warmup")))
     return mixer

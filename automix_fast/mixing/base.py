@@ -7,8 +7,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def mix_cross_entropy(logits, y, perm, lam: float, smoothing: float = 0.0):
-    """mixCE = lam * CE(logits, y) + (1 - lam) * CE(logits, y[perm])."""
+def mix_cross_entropy(logits, y, perm, lam: "float | torch.Tensor", smoothing: float = 0.0):
+    """mixCE = lam * CE(logits, y) + (1 - lam) * CE(logits, y[perm]); a tensor `lam` holds one
+    lambda per sample (timm's elem/pair modes) and weighs each sample's two terms."""
+    if isinstance(lam, torch.Tensor):
+        ce_y = F.cross_entropy(logits, y, label_smoothing=smoothing, reduction="none")
+        ce_p = F.cross_entropy(logits, y[perm], label_smoothing=smoothing, reduction="none")
+        return torch.lerp(ce_p, ce_y, lam.to(ce_y.dtype)).mean()
     return lam * F.cross_entropy(logits, y, label_smoothing=smoothing) + (1.0 - lam) * F.cross_entropy(
         logits, y[perm], label_smoothing=smoothing
     )
@@ -32,6 +37,11 @@ class StepRandom:
 
     def uniform(self, step: int, stream: int, size: int = 1) -> np.ndarray:
         return np.random.default_rng([self.seed, step, stream, 1]).random(size)
+
+    def per_sample(self, step: int, stream: int, per_rank: bool = True) -> np.random.Generator:
+        """A generator for one step's per-sample draws: per rank, as each rank mixes its own
+        shard, or (per_rank=False) the same on every rank, as the per-batch draws."""
+        return np.random.default_rng([self.seed, step, stream, 2] + ([self.rank] if per_rank else []))
 
     def pair(self, alpha: float, n: int, step: int, stream: int, device) -> tuple[float, torch.Tensor]:
         """(lambda, permutation) of one mix: what every mixing policy draws per step and stream."""
@@ -61,27 +71,35 @@ class Mixer(nn.Module):
         self.smoothing = smoothing
         self.model_ema = None
         self.model_ema_decay = None
+        self.model_ema_warmup = False
 
-    def enable_model_ema(self, decay: float) -> None:
+    def enable_model_ema(self, decay: float, warmup: bool = False) -> None:
         from automix_fast.engine.model_ema import ema_copy
 
         if hasattr(self, "momentum_encoder"):
             raise ValueError("AutoMix's momentum encoder is its EMA model; model EMA is for the baselines")
         self.model_ema, self.model_ema_decay = ema_copy(self.model), float(decay)
+        self.model_ema_warmup = bool(warmup)
 
     @property
     def label(self) -> str:
         """The policy as the run header names it (with its settings where the name is not enough)."""
-        return self.name + (f" + model EMA {self.model_ema_decay:g}" if self.model_ema is not None else "")
+        return self.name + self.ema_label
+
+    @property
+    def ema_label(self) -> str:
+        if self.model_ema is None:
+            return ""
+        return f" + model EMA {self.model_ema_decay:g}" + (" (warm-up)" if self.model_ema_warmup else "")
 
     def loss(self, x, y, step: int, total_steps: int):
         raise NotImplementedError
 
     def after_step(self, step: int, total_steps: int) -> None:
         if self.model_ema is not None:
-            from automix_fast.engine.model_ema import ema_update
+            from automix_fast.engine.model_ema import ema_decay, ema_update
 
-            ema_update(self.model_ema, self.model, self.model_ema_decay)
+            ema_update(self.model_ema, self.model, ema_decay(self.model_ema_decay, step + 1, self.model_ema_warmup))
 
     def eval_heads(self) -> dict[str, tuple[nn.Module, str]]:
         """name -> (encoder, head) evaluated at the end of each epoch; the first is the main one."""

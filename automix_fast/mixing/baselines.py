@@ -1,23 +1,31 @@
 """Baselines on the same engine: vanilla, and mixup/cutmix as timm's `Mixup` mixes a batch.
 
-`MixupCutmix` follows timm.data.Mixup in its default 'batch' mode: per batch, mix at all with
-probability `prob`; when both alphas are positive, cutmix with probability `switch_prob`,
-else mixup; lambda ~ Beta(alpha, alpha) of the chosen one; cutmix's lambda is corrected to
-the clipped box area. Differences from timm: partners are a random permutation (timm flips
-the batch), and the labels are mixed in the loss (mixCE) rather than as soft targets, the
-same thing for cross-entropy. Every draw is a host-side function of (seed, step): nothing
-waits on the device to decide, and a resumed run draws what an uninterrupted one would.
+`MixupCutmix` follows timm.data.Mixup. In its default 'batch' mode, per batch: mix at all with
+probability `prob`; when both alphas are positive, cutmix with probability `switch_prob`, else
+mixup; lambda ~ Beta(alpha, alpha) of the chosen one; cutmix's lambda is corrected to the
+clipped box area. In 'elem' mode each sample makes those draws for itself (its own lambda,
+kind and box); 'pair' makes them per pair of partners, and both members of a pair take each
+other's pixels with the same lambda (and box). `cutmix_minmax` (timm's --cutmix-minmax) draws
+the box's height and width uniformly between those fractions of the image instead of from
+lambda, which is then the box's area. Differences from timm: partners are a random
+permutation (a random pairing in 'pair' mode; timm flips the batch), and the labels are mixed
+in the loss (mixCE) rather than as soft targets, the same thing for cross-entropy. Every draw
+is a host-side function of (seed, step): nothing waits on the device to decide, and a resumed
+run draws what an uninterrupted one would.
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .base import Mixer, mix_cross_entropy
 
 DECISION_STREAM = 3  # StepRandom stream of the per-batch (mix at all?, cutmix?) draws
+ELEM_STREAM = 4  # ... and of the per-sample draws of the elem and pair modes
+MODES = ("batch", "pair", "elem")
 
 
 class Vanilla(Mixer):
@@ -38,26 +46,75 @@ def cutmix_box(lam: float, h: int, w: int, u: "list[float]") -> tuple[int, int, 
     return y0, y1, x0, x1
 
 
+def cutmix_boxes(lam: np.ndarray, h: int, w: int, u: np.ndarray) -> np.ndarray:
+    """cutmix_box for many lambdas at once: (n, 4) rows y0, y1, x0, x1; u is (n, 2)."""
+    cut = np.sqrt(1.0 - lam)
+    ch, cw = (h * cut).astype(np.int64), (w * cut).astype(np.int64)
+    cy, cx = (u[:, 0] * h).astype(np.int64), (u[:, 1] * w).astype(np.int64)
+    return np.stack([np.maximum(cy - ch // 2, 0), np.minimum(cy + ch // 2, h),
+                     np.maximum(cx - cw // 2, 0), np.minimum(cx + cw // 2, w)], axis=1)
+
+
+def minmax_boxes(minmax: "tuple[float, float]", h: int, w: int, rng: np.random.Generator, n: int) -> np.ndarray:
+    """timm's rand_bbox_minmax: height and width uniform integers in [min, max) of the image's,
+    placed uniformly inside it; (n, 4) rows y0, y1, x0, x1."""
+    lo, hi = minmax
+    ch = rng.integers(int(h * lo), max(int(h * hi), int(h * lo) + 1), size=n)
+    cw = rng.integers(int(w * lo), max(int(w * hi), int(w * lo) + 1), size=n)
+    y0, x0 = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+    return np.stack([y0, y0 + ch, x0, x0 + cw], axis=1)
+
+
+def box_area_lam(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
+    """The lambda a box leaves: the share of the image that stays the sample's own."""
+    return 1.0 - (boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2]) / float(h * w)
+
+
+def random_pairing(n: int, g: torch.Generator) -> torch.Tensor:
+    """An involution of range(n): the images in a random order, taken two by two as partners
+    (p[p[i]] == i). An odd image out is its own partner."""
+    order = torch.randperm(n, generator=g)
+    partner = torch.arange(n)
+    m = n - n % 2
+    partner[order[0:m:2]], partner[order[1:m:2]] = order[1:m:2], order[0:m:2]
+    return partner
+
+
 class MixupCutmix(Mixer):
     """mixup: x = lam x + (1 - lam) x[perm]; cutmix: one box of x[perm] pasted into every image."""
 
     name = "mixup_cutmix"
 
     def __init__(self, model, *, mixup_alpha: float = 1.0, cutmix_alpha: float = 0.0, prob: float = 1.0,
-                 switch_prob: float = 0.5, **kw):
+                 switch_prob: float = 0.5, mode: str = "batch", cutmix_minmax: "tuple[float, float] | None" = None,
+                 **kw):
         super().__init__(model, **kw)
+        if cutmix_minmax is not None:
+            lo, hi = (float(v) for v in cutmix_minmax)
+            if not 0 <= lo < hi <= 1:
+                raise ValueError(f"cutmix_minmax must be two fractions 0 <= min < max <= 1, got {cutmix_minmax!r}")
+            cutmix_alpha = cutmix_alpha if cutmix_alpha > 0 else 1.0  # as timm: the box range turns cutmix on
+            cutmix_minmax = (lo, hi)
         if mixup_alpha <= 0 and cutmix_alpha <= 0:
             raise ValueError("MixupCutmix needs mixup_alpha > 0 or cutmix_alpha > 0")
+        if mode not in MODES:
+            raise ValueError(f"mixup mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.mixup_alpha, self.cutmix_alpha = float(mixup_alpha), float(cutmix_alpha)
         self.prob, self.switch_prob = float(prob), float(switch_prob)
+        self.mode, self.cutmix_minmax = mode, cutmix_minmax
 
     @property
     def label(self) -> str:
-        parts = [f"{k} {a:g}" for k, a in (("mixup", self.mixup_alpha), ("cutmix", self.cutmix_alpha)) if a > 0]
+        cut = (f"cutmix boxes {self.cutmix_minmax[0]:g}-{self.cutmix_minmax[1]:g} of the side"
+               if self.cutmix_minmax is not None else f"cutmix {self.cutmix_alpha:g}")
+        parts = [f"mixup {self.mixup_alpha:g}"] * (self.mixup_alpha > 0) + [cut] * (self.cutmix_alpha > 0)
         text = " / ".join(parts) + (f" (cutmix share {self.switch_prob:g})" if len(parts) == 2 else "")
+        unit = {"batch": "batches", "pair": "pairs", "elem": "images"}[self.mode]
+        if self.mode != "batch":
+            text += f", drawn per {unit[:-1]}"
         if self.prob < 1:
-            text += f" on {self.prob:.0%} of batches"
-        return text + (f" + model EMA {self.model_ema_decay:g}" if self.model_ema is not None else "")
+            text += f" on {self.prob:.0%} of {unit}"
+        return text + self.ema_label
 
     def choose(self, step: int) -> str | None:
         """'mixup', 'cutmix' or None (this batch is not mixed), as timm's _params_per_batch."""
@@ -69,6 +126,8 @@ class MixupCutmix(Mixer):
         return "mixup" if self.mixup_alpha > 0 else "cutmix"
 
     def loss(self, x, y, step, total_steps):
+        if self.mode != "batch":
+            return self._loss_per_sample(x, y, step)
         kind = self.choose(step)
         if kind is None:
             loss = F.cross_entropy(self.model(x), y, label_smoothing=self.smoothing)
@@ -79,11 +138,64 @@ class MixupCutmix(Mixer):
             x_mix = torch.lerp(x[perm], x, lam)
         else:
             h, w = x.shape[-2:]
-            y0, y1, x0, x1 = cutmix_box(lam, h, w, self.random.uniform(step, 0, 2))
+            if self.cutmix_minmax is not None:
+                box = minmax_boxes(self.cutmix_minmax, h, w, self.random.per_sample(step, 0, per_rank=False), 1)[0]
+            else:
+                box = cutmix_box(lam, h, w, self.random.uniform(step, 0, 2))
+            y0, y1, x0, x1 = (int(v) for v in box)
             x_mix = x.clone()  # clone keeps x's memory format
             x_mix[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]  # gathers only the box
             lam = 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)  # the box area after clipping decides the labels
         loss = mix_cross_entropy(self.model(x_mix), y, perm, lam, self.smoothing)
+        return loss, {"loss": loss.detach()}
+
+    def draws_per_sample(self, n: int, h: int, w: int, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The elem/pair modes' host draws for a batch of n: (lam_mixup, boxes, lam), one row per
+        sample. lam_mixup is the blend weight of the sample's own pixels outside its box (1 where
+        it is cut-mixed or not mixed), boxes (n, 4) its partner's box (empty unless cut-mixed),
+        lam the share of the sample that stays its own, which weighs its labels. 'pair' draws
+        for n // 2 pairs; the caller gives both members of a pair the pair's row."""
+        rng = self.random.per_sample(step, ELEM_STREAM)
+        mixed = rng.random(n) < self.prob
+        if self.mixup_alpha > 0 and self.cutmix_alpha > 0:
+            cut = rng.random(n) < self.switch_prob
+        else:
+            cut = np.full(n, self.cutmix_alpha > 0)
+        lam_mixup = rng.beta(self.mixup_alpha, self.mixup_alpha, n) if self.mixup_alpha > 0 else np.ones(n)
+        if self.cutmix_minmax is not None:
+            boxes = minmax_boxes(self.cutmix_minmax, h, w, rng, n)
+        else:
+            lam_cut = rng.beta(self.cutmix_alpha, self.cutmix_alpha, n) if self.cutmix_alpha > 0 else np.ones(n)
+            boxes = cutmix_boxes(lam_cut, h, w, rng.random((n, 2)))
+        boxes[~(mixed & cut)] = 0  # an empty box: nothing pasted
+        lam_mixup = np.where(mixed & ~cut, lam_mixup, 1.0)
+        lam = np.where(mixed & cut, box_area_lam(boxes, h, w), lam_mixup)
+        return lam_mixup, boxes, lam
+
+    def _loss_per_sample(self, x, y, step):
+        n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+        g = torch.Generator().manual_seed(hash((self.random.seed, step, ELEM_STREAM, self.random.rank)) & 0x7FFF_FFFF_FFFF)
+        if self.mode == "pair":
+            partner = random_pairing(n, g)
+            first = torch.minimum(partner, torch.arange(n)).numpy()  # the pair's row: its lower index
+            rows = np.unique(first, return_inverse=True)[1]
+            lam_mixup, boxes, lam = (a[rows] for a in self.draws_per_sample(int(rows.max()) + 1, h, w, step))
+        else:
+            partner = torch.randperm(n, generator=g)
+            lam_mixup, boxes, lam = self.draws_per_sample(n, h, w, step)
+        # One host->device copy of the draws, then one lerp: weight 0 inside a box (the partner's
+        # pixel, exactly), lam_mixup elsewhere (1: the sample's own pixel, exactly).
+        draws = torch.from_numpy(np.concatenate([boxes.astype(np.float32), lam_mixup[:, None].astype(np.float32),
+                                                 lam[:, None].astype(np.float32)], axis=1))
+        draws = draws.to(x.device, non_blocking=True)
+        partner = partner.to(x.device, non_blocking=True)
+        rows_i = torch.arange(h, device=x.device, dtype=torch.float32).view(1, h, 1)
+        cols_i = torch.arange(w, device=x.device, dtype=torch.float32).view(1, 1, w)
+        b = draws[:, :4, None, None]
+        inside = (rows_i >= b[:, 0]) & (rows_i < b[:, 1]) & (cols_i >= b[:, 2]) & (cols_i < b[:, 3])
+        weight = torch.where(inside, 0.0, draws[:, 4, None, None]).unsqueeze(1).to(x.dtype)
+        x_mix = torch.lerp(x[partner], x, weight)
+        loss = mix_cross_entropy(self.model(x_mix), y, partner, draws[:, 5], self.smoothing)
         return loss, {"loss": loss.detach()}
 
 
