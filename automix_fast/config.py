@@ -351,13 +351,14 @@ def resolve_cutmix_minmax(values: dict[str, Any]) -> None:
     mix, flags = values.get("mix"), values.get("mixup") is not None or values.get("cutmix") is not None
     if mix == "automix":
         raise ConfigError(f"{given} sets cutmix boxes and does not combine with --mix automix")
-    if flags:
-        if not values.get("cutmix"):
-            values["cutmix"] = 1.0
-    elif mix is None:
+    if mix not in (None, "cutmix") and not flags:
+        raise ConfigError(f"{given} sets cutmix boxes, but --mix {mix} does not cutmix; use --mix cutmix, or "
+                          f"--mixup A {given} for mixup and cutmix by turns")
+    if mix is None and values.get("mix_alpha") is not None and not flags:
+        raise ConfigError(f"{given} turns cutmix on (as --cutmix 1.0); --mix-alpha goes with --mix: give "
+                          "--mix cutmix with it, or --mixup A for a mixup alpha")
+    if (flags or mix is None) and not values.get("cutmix"):
         values["cutmix"] = 1.0
-    elif mix != "cutmix":
-        raise ConfigError(f"{given} sets cutmix boxes, but --mix {mix} does not cutmix; add --cutmix A or use --mix cutmix")
 
 
 # --help texts of the fields above (cli.py merges them into its own).

@@ -129,6 +129,27 @@ def test_elem_mode_mixes_each_image_as_timms_per_sample_loop(kw):
     torch.testing.assert_close(loss, ref.float())
 
 
+def test_per_sample_lambda_is_rounded_once_for_pixels_and_labels():
+    """Under bf16 the blend happens in bf16: each image's labels take the lambda its pixels got."""
+    torch.manual_seed(0)
+    model = create_model("tinynet", num_classes=5)
+    real = model.forward
+    model.forward = lambda inp, head="one": real(inp.float(), head)
+    mixer = MixupCutmix(model, mixup_alpha=1.0, mode="elem", seed=6)
+    x, y = batch(n=12, seed=3)
+    x16 = x.to(torch.bfloat16)
+    seen, loss = _seen_input(mixer, model, x16, y, 2)
+    p = _partner(mixer, 12, 2)
+    lam = torch.from_numpy(mixer.draws_per_sample(12, 32, 32, 2)[0]).to(torch.bfloat16)
+    assert (lam.double().numpy() != mixer.draws_per_sample(12, 32, 32, 2)[0]).any()  # rounding happened
+    torch.testing.assert_close(seen, torch.lerp(x16[p], x16, lam.view(12, 1, 1, 1)), rtol=0, atol=0)
+    logits = real(seen.float())
+    lam = lam.float()
+    ref = (lam * F.cross_entropy(logits, y, reduction="none")
+           + (1 - lam) * F.cross_entropy(logits, y[p], reduction="none")).mean()
+    torch.testing.assert_close(loss, ref)
+
+
 def test_pair_mode_partners_trade_with_one_draw():
     torch.manual_seed(0)
     model = create_model("tinynet", num_classes=5)
@@ -227,6 +248,7 @@ def test_mix_follows_mixup_and_cutmix(flags, mix, alphas):
     ({"cutmix_minmax": [0.8, 0.2]}, "0 <= min < max <= 1"),
     ({"cutmix_minmax": [0.2]}, "0 <= min < max <= 1"),
     ({"cutmix_minmax": [0.2, "x"]}, "list of numbers"),
+    ({"cutmix_minmax": [0.2, 0.8], "mix_alpha": 0.3}, "--mix-alpha goes with --mix"),
     ({"mix": "vanilla", "mixup_mode": "elem"}, "'mixup_mode' is for --mix mixup/cutmix"),
     ({"mix": "automix", "mixup_mode": "pair"}, "'mixup_mode' is for --mix mixup/cutmix"),
     ({"mixup": 1.0, "mixup_mode": "pair", "batch_size": 7}, "'batch_size' must be even for --mixup-mode pair"),

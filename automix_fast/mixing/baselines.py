@@ -183,6 +183,10 @@ class MixupCutmix(Mixer):
         else:
             partner = torch.randperm(n, generator=g)
             lam_mixup, boxes, lam = self.draws_per_sample(n, h, w, step)
+        if x.dtype != torch.float32:  # the pixels blend in x's dtype: the labels take the same rounded lambda
+            rounded = torch.from_numpy(lam_mixup).to(x.dtype).double().numpy()
+            lam = np.where(lam_mixup < 1.0, rounded, lam)
+            lam_mixup = rounded
         # One host->device copy of the draws, then one lerp: weight 0 inside a box (the partner's
         # pixel, exactly), lam_mixup elsewhere (1: the sample's own pixel, exactly).
         draws = torch.from_numpy(np.concatenate([boxes.astype(np.float32), lam_mixup[:, None].astype(np.float32),
