@@ -121,8 +121,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
             continue
         if base == "list":
-            item, nargs = LIST_ITEMS.get(f.name, (int, "+"))
-            parser.add_argument(*names, type=item, nargs=nargs, **kw)
+            item, nargs, metavar = LIST_ITEMS.get(f.name, (int, "+", None))
+            parser.add_argument(*names, type=item, nargs=nargs, metavar=metavar, **kw)
             continue
         kw["type"] = {"int": int, "float": float}.get(base, str)
         if f.name in CHOICES:

@@ -128,8 +128,8 @@ CHOICES = {
     "mix_block_init": ("official", "scaled", "cosine", "cosine-centered"),
     "mixup_mode": ("batch", "pair", "elem"),
 }
-# (element type, argparse nargs) of the list fields other than the default (int, "+").
-LIST_ITEMS = {"cutmix_minmax": (float, 2)}
+# (element type, argparse nargs, metavar) of the list fields other than the default (int, "+").
+LIST_ITEMS = {"cutmix_minmax": (float, 2, ("MIN", "MAX"))}
 
 # The only fields a resumed run may change from the command line (`--resume` with flags): how
 # long it runs and how it runs, never what it computes per step. Any other field given with a
@@ -369,10 +369,10 @@ TIMM_HELP = {
     "mixup_switch_prob": "probability of cutmix rather than mixup for a batch when both alphas are positive",
     "model_ema": "keep an EMA copy of the weights, evaluated as head 'ema' (vanilla/mixup/cutmix)",
     "model_ema_decay": "decay of the EMA copy per optimizer step",
-    "model_ema_warmup": "timm's EMA warm-up: the decay starts at 0 and rises as 1 - (1 + t)^(-2/3) to --model-ema-decay",
+    "model_ema_warmup": "timm's EMA warm-up: the t-th update's decay is 1 - t^(-2/3) until that reaches --model-ema-decay",
     "mixup_mode": "who shares one draw of lambda and mixup/cutmix: the batch, each pair of partners, or each image (elem)",
-    "cutmix_minmax": "MIN MAX: cutmix box height and width uniform in these fractions of the image's, not from "
-                     "lambda (turns cutmix on, as timm)",
+    "cutmix_minmax": "cutmix box height and width uniform in these fractions of the image's, not from lambda "
+                     "(turns cutmix on, as timm)",
     "clip_grad": "gradient clipping threshold (none: off); fp16 gradients are unscaled first",
     "clip_mode": "norm: total L2 norm; value: each element; agc: adaptive (the value is the clip factor)",
     "drop_path": "stochastic depth: drop rate of the last residual block, rising linearly from 0 (ResNet family, WRN)",
