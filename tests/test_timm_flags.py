@@ -90,11 +90,8 @@ def _seen_input(mixer, model, x, y, step):
 
 
 def _partner(mixer, n, step):
-    """The partners the elem/pair modes draw (same generator as the mixer)."""
-    from automix_fast.mixing.baselines import ELEM_STREAM, random_pairing
-
-    g = torch.Generator().manual_seed(hash((mixer.random.seed, step, ELEM_STREAM, mixer.random.rank)) & 0x7FFF_FFFF_FFFF)
-    return random_pairing(n, g) if mixer.mode == "pair" else torch.randperm(n, generator=g)
+    """The partners the elem/pair modes draw."""
+    return mixer.partners(n, step)[0]
 
 
 @pytest.mark.parametrize("kw", [{"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "prob": 0.8},

@@ -15,8 +15,6 @@ run draws what an uninterrupted one would.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -36,23 +34,19 @@ class Vanilla(Mixer):
         return loss, {"loss": loss.detach()}
 
 
-def cutmix_box(lam: float, h: int, w: int, u: "list[float]") -> tuple[int, int, int, int]:
-    """A box of area ~(1 - lam) * h * w centred at a uniform point, clipped to the image."""
-    cut = math.sqrt(1.0 - lam)
-    ch, cw = int(h * cut), int(w * cut)
-    cy, cx = int(u[0] * h), int(u[1] * w)
-    y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
-    x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
-    return y0, y1, x0, x1
-
-
 def cutmix_boxes(lam: np.ndarray, h: int, w: int, u: np.ndarray) -> np.ndarray:
-    """cutmix_box for many lambdas at once: (n, 4) rows y0, y1, x0, x1; u is (n, 2)."""
-    cut = np.sqrt(1.0 - lam)
+    """Boxes of area ~(1 - lam) * h * w centred at uniform points (u: (n, 2) in [0, 1)),
+    clipped to the image: (n, 4) rows y0, y1, x0, x1."""
+    cut = np.sqrt(1.0 - np.asarray(lam, dtype=np.float64))
     ch, cw = (h * cut).astype(np.int64), (w * cut).astype(np.int64)
     cy, cx = (u[:, 0] * h).astype(np.int64), (u[:, 1] * w).astype(np.int64)
     return np.stack([np.maximum(cy - ch // 2, 0), np.minimum(cy + ch // 2, h),
                      np.maximum(cx - cw // 2, 0), np.minimum(cx + cw // 2, w)], axis=1)
+
+
+def cutmix_box(lam: float, h: int, w: int, u: "list[float]") -> tuple[int, int, int, int]:
+    """One cutmix_boxes box: (y0, y1, x0, x1)."""
+    return tuple(int(v) for v in cutmix_boxes(np.array([lam]), h, w, np.asarray(u, dtype=np.float64)[None])[0])
 
 
 def minmax_boxes(minmax: "tuple[float, float]", h: int, w: int, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -70,14 +64,15 @@ def box_area_lam(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
     return 1.0 - (boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2]) / float(h * w)
 
 
-def random_pairing(n: int, g: torch.Generator) -> torch.Tensor:
-    """An involution of range(n): the images in a random order, taken two by two as partners
-    (p[p[i]] == i). An odd image out is its own partner."""
-    order = torch.randperm(n, generator=g)
-    partner = torch.arange(n)
-    m = n - n % 2
+def random_pairing(order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images of a random `order` taken two by two as partners: (partner, pair), where
+    partner[partner[i]] == i and pair[i] numbers i's pair. An odd image out is its own partner."""
+    n = order.numel()
+    partner, m = order.clone(), n - n % 2
     partner[order[0:m:2]], partner[order[1:m:2]] = order[1:m:2], order[0:m:2]
-    return partner
+    pair = torch.empty_like(order)
+    pair[order] = torch.arange(n) // 2
+    return partner, pair
 
 
 class MixupCutmix(Mixer):
@@ -109,11 +104,11 @@ class MixupCutmix(Mixer):
                if self.cutmix_minmax is not None else f"cutmix {self.cutmix_alpha:g}")
         parts = [f"mixup {self.mixup_alpha:g}"] * (self.mixup_alpha > 0) + [cut] * (self.cutmix_alpha > 0)
         text = " / ".join(parts) + (f" (cutmix share {self.switch_prob:g})" if len(parts) == 2 else "")
-        unit = {"batch": "batches", "pair": "pairs", "elem": "images"}[self.mode]
-        if self.mode != "batch":
-            text += f", drawn per {unit[:-1]}"
+        per = {"pair": "pair", "elem": "image"}.get(self.mode)
+        if per:
+            text += f", drawn per {per}"
         if self.prob < 1:
-            text += f" on {self.prob:.0%} of {unit}"
+            text += f" on {self.prob:.0%} of {per + 's' if per else 'batches'}"
         return text + self.ema_label
 
     def choose(self, step: int) -> str | None:
@@ -145,7 +140,7 @@ class MixupCutmix(Mixer):
             y0, y1, x0, x1 = (int(v) for v in box)
             x_mix = x.clone()  # clone keeps x's memory format
             x_mix[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]  # gathers only the box
-            lam = 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)  # the box area after clipping decides the labels
+            lam = float(box_area_lam(np.array([box]), h, w)[0])  # the box after clipping decides the labels
         loss = mix_cross_entropy(self.model(x_mix), y, perm, lam, self.smoothing)
         return loss, {"loss": loss.detach()}
 
@@ -172,17 +167,17 @@ class MixupCutmix(Mixer):
         lam = np.where(mixed & cut, box_area_lam(boxes, h, w), lam_mixup)
         return lam_mixup, boxes, lam
 
+    def partners(self, n: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The elem/pair modes' (partner, draw row) of each image, on the host: elem, a random
+        permutation and a row each; pair, a random pairing and a row per pair."""
+        order = self.random.perm(n, step, ELEM_STREAM, "cpu")
+        return random_pairing(order) if self.mode == "pair" else (order, torch.arange(n))
+
     def _loss_per_sample(self, x, y, step):
         n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
-        g = torch.Generator().manual_seed(hash((self.random.seed, step, ELEM_STREAM, self.random.rank)) & 0x7FFF_FFFF_FFFF)
-        if self.mode == "pair":
-            partner = random_pairing(n, g)
-            first = torch.minimum(partner, torch.arange(n)).numpy()  # the pair's row: its lower index
-            rows = np.unique(first, return_inverse=True)[1]
-            lam_mixup, boxes, lam = (a[rows] for a in self.draws_per_sample(int(rows.max()) + 1, h, w, step))
-        else:
-            partner = torch.randperm(n, generator=g)
-            lam_mixup, boxes, lam = self.draws_per_sample(n, h, w, step)
+        partner, row = self.partners(n, step)
+        row = row.numpy()
+        lam_mixup, boxes, lam = (a[row] for a in self.draws_per_sample(int(row.max()) + 1, h, w, step))
         if x.dtype != torch.float32:  # the pixels blend in x's dtype: the labels take the same rounded lambda
             rounded = torch.from_numpy(lam_mixup).to(x.dtype).double().numpy()
             lam = np.where(lam_mixup < 1.0, rounded, lam)
