@@ -76,7 +76,8 @@ HELP = {
     "seed": "random seed (weights, lambdas, permutations, data order)",
     "output": "parent folder of run folders",
     "experiment": "run folder name under --output; none: <date>-<time>-<model>-<mix> (a new name, never a used one)",
-    "resume": "continue a run: 'auto' (the newest valid checkpoint of --experiment) or a checkpoint path; "
+    "resume": "continue a run: 'auto' (the newest valid checkpoint of --experiment; none yet: a fresh start), "
+              "a checkpoint file, or a run folder (path or name under --output: its newest valid checkpoint); "
               "its stored config is used, flags may change only --epochs, --workers, --log-interval and other run settings",
     "allow_config_change": "with --resume: accept flags that change what the run computes",
     "checkpoint_hist": "epoch checkpoints to keep (the newest); last.pt and best.pt are links to them, not copies",

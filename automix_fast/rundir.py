@@ -7,16 +7,22 @@ Used by `train`, `eval` and `export` alike.
   created with one `mkdir`, so two processes can never claim the same one.
 - Runs never mix: a new run whose `--experiment` folder already holds files stops with one line
   (continue it with `--resume auto`, or choose another name). Nothing is appended to or
-  replaced in another run's folder.
-- Resume: `--resume auto` (the newest valid checkpoint of the folder) or `--resume PATH`
-  continues with the config stored in the checkpoint; flags given with it may change only
-  `RESUMABLE_FIELDS` (config.py), anything else is one line naming the fields.
+  replaced in another run's folder. A folder holding only what a start that failed before
+  its first step leaves (`START_FILES`) is not a run: the next start reuses it.
+- Resume: `--resume auto` (the newest valid checkpoint of the folder; a fresh start when the
+  folder holds no run, unless the name is one typo away from a run beside it), `--resume FILE`
+  (that checkpoint) or `--resume RUN` (a run folder, as a path or a name under --output: its
+  newest valid checkpoint) continues with the config stored in the checkpoint; flags given
+  with it may change only `RESUMABLE_FIELDS` (config.py), anything else is one line naming
+  the fields. A checkpoint resumed under another `--experiment` forks: the new folder gets a
+  copy of its state as its own first `last.pt`; the source folder is never written.
 - Writes: a full disk, a read-only folder or a missing permission while writing any file of the
   run is an `OutputError` (one line naming the file); checkpoints are written atomically, so
   the previous one is intact.
 """
 from __future__ import annotations
 
+import difflib
 import errno
 import json
 import os
@@ -33,6 +39,9 @@ SUMMARY_FILE = "summary.json"
 LAST_FILE = "last.pt"
 BEST_FILE = "best.pt"
 DEFAULT_OUTPUT = "output"
+# What a start that failed before its first step may leave in its folder; a folder that holds
+# nothing else (no checkpoint, no metrics) is not a run, and the next start reuses it.
+START_FILES = (CONFIG_FILE, "tensorboard")
 
 # errnos that mean "this place cannot be written", as opposed to a bug or a crash.
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
@@ -98,25 +107,32 @@ def locate(cfg) -> Path:
     if cfg.experiment:
         return Path(cfg.output) / cfg.experiment
     if cfg.resume and cfg.resume != "auto":
-        return Path(cfg.resume).resolve().parent
+        target = resume_target(cfg.resume, cfg.output)
+        return (target if target.is_dir() else target.parent).resolve()
     return Path(cfg.output) / default_name(cfg.model, cfg.mix)
 
 
-def holds_files(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any(run_dir.iterdir())
+def run_files(run_dir: Path) -> list[str]:
+    """The names in `run_dir` other than `START_FILES`, sorted: empty when it is not a run."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p.name for p in run_dir.iterdir() if p.name not in START_FILES)
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(run_dir.glob("*.pt"))
 
 
 def refuse_used(run_dir: Path) -> None:
     """One line when a new run would write into a folder that holds another run's files."""
     if run_dir.exists() and not run_dir.is_dir():
         raise OutputError(f"run folder {run_dir} exists and is not a folder; choose another --experiment")
-    if holds_files(run_dir):
-        names = sorted(p.name for p in run_dir.iterdir())
+    names = run_files(run_dir)
+    if names:
         shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-        raise OutputError(
-            f"run folder {run_dir} already holds a run ({shown}); continue it with "
-            f"--resume auto --experiment {run_dir.name}, or choose another --experiment"
-        )
+        how = (f"continue it with --resume auto --experiment {run_dir.name}" if has_checkpoint(run_dir)
+               else "it has no checkpoint to continue from: delete it to start again")
+        raise OutputError(f"run folder {run_dir} already holds a run ({shown}); {how}, or choose another --experiment")
 
 
 def check_new_run(run_dir: Path, *, named: bool) -> None:
@@ -151,25 +167,71 @@ def claim(run_dir: Path, *, named: bool) -> Path:
 
 
 # ----------------------------------------------------------------------------- resume
-def find_resume(resume: str | None, run_dir: Path):
-    """(path, state) of the checkpoint `--resume` names, or None to start fresh (auto, nothing
-    saved yet). A fresh start in a folder that holds files is refused: runs never mix."""
+def resume_target(resume: str, output: str) -> Path:
+    """The file or folder `--resume` names: a path as given, else a run name under `output`."""
+    path = Path(resume)
+    if not path.exists() and not path.is_absolute() and (Path(output) / resume).is_dir():
+        return Path(output) / resume
+    return path
+
+
+def find_resume(cfg):
+    """(path, state) of the checkpoint `cfg.resume` names, or None to start fresh (auto, no run
+    in the folder yet; said once on stderr). Refused in one line: a fresh start in a folder that
+    holds files, an auto name one typo away from a run beside it, a missing file or folder."""
     import sys
 
     from automix_fast.engine.checkpoint import latest_valid, resolve_resume
 
-    if not resume:
+    if not cfg.resume:
         return None
-    if resume != "auto":
-        return resolve_resume(resume, run_dir)
+    if cfg.resume != "auto":
+        target = resume_target(cfg.resume, cfg.output)
+        if not target.exists():
+            under = Path(cfg.output) / cfg.resume
+            raise CheckpointError(f"--resume {cfg.resume}: no such checkpoint file or run folder"
+                                  + ("" if Path(cfg.resume).is_absolute() else f" (nor {under})"))
+        return resolve_resume(str(target), target)
+    run_dir = locate(cfg)
     found = latest_valid(run_dir)
     if found is None:
-        if holds_files(run_dir):
-            names = ", ".join(sorted(p.name for p in run_dir.iterdir())[:4])
-            raise OutputError(f"run folder {run_dir} holds files ({names}) but no checkpoint to resume from; "
-                              "delete it or choose another --experiment")
+        names = run_files(run_dir)
+        if names:
+            raise OutputError(f"run folder {run_dir} holds files ({', '.join(names[:4])}) but no checkpoint to "
+                              "resume from; delete it or choose another --experiment")
+        typo = None if run_dir.exists() else near_run(run_dir)
+        if typo is not None:
+            raise OutputError(f"--resume auto: there is no run {run_dir}, but there is {typo}: did you mean "
+                              f"--experiment {typo.name}? (to start a new run {run_dir.name}, leave out --resume)")
         print(f"resume auto: no checkpoint in {run_dir} yet; starting fresh", file=sys.stderr)
     return found
+
+
+def near_run(run_dir: Path) -> Path | None:
+    """A run folder beside `run_dir` whose name is one typo from its name (a swapped, missing,
+    extra or wrong character that is not a digit: `seed2` beside `seed1` is a sibling), or None."""
+    parent = run_dir.parent
+    if not parent.is_dir():
+        return None
+    runs = [p.name for p in parent.iterdir() if p.is_dir() and (has_checkpoint(p) or (p / METRICS_FILE).exists())]
+    close = difflib.get_close_matches(run_dir.name, [n for n in runs if _one_typo(run_dir.name, n)], n=1, cutoff=0)
+    return parent / close[0] if close else None
+
+
+def _one_typo(a: str, b: str) -> bool:
+    """`a` and `b` differ by one swap of neighbours, one wrong, one missing or one extra
+    character, none of them a digit."""
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        changed = {a[i] for i in diff} | {b[i] for i in diff}
+        one = len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]]
+                                  and a[diff[1]] == b[diff[0]])
+        return one and not any(c.isdigit() for c in changed)
+    short, long = sorted((a, b), key=len)
+    if len(long) != len(short) + 1:
+        return False
+    i = next((i for i in range(len(short)) if short[i] != long[i]), len(short))
+    return short[i:] == long[i + 1:] and not long[i].isdigit()
 
 
 def resumed_config(found, given: dict[str, Any]):
@@ -193,11 +255,31 @@ def resumed_config(found, given: dict[str, Any]):
             f"only {may} may), or pass --allow-config-change to force it"
         )
     values.update(given)
-    if given.get("resume") != "auto" and "experiment" not in given:
-        # --resume PATH: keep writing beside the checkpoint, wherever that folder is now.
-        folder = Path(given["resume"]).resolve().parent
-        values.update(output=str(folder.parent), experiment=folder.name)
+    if given.get("resume") != "auto":
+        # --resume PATH: keep writing beside the checkpoint, wherever that folder is now; a fork
+        # (--experiment) goes beside that folder unless --output is given.
+        folder = Path(path).resolve().parent
+        if "experiment" not in given:
+            values.update(output=str(folder.parent), experiment=folder.name)
+        elif "output" not in given:
+            values.update(output=str(folder.parent))
     return build_config(values)
+
+
+def finished_line(found, cfg) -> str | None:
+    """The line that says the resumed run has nothing left to train (its checkpoint is at or
+    past `cfg.epochs`) and how to extend it; None when there is training to do."""
+    path, state = found
+    done = state.get("next_epoch", 0)
+    if done < cfg.epochs:
+        return None
+    return (f"run {Path(path).parent} is finished ({done} of {cfg.epochs} epochs trained): nothing to train; "
+            f"to train it longer, run the same command with --epochs N (more than {done})")
+
+
+def forks(found, run_dir: Path) -> bool:
+    """True when the checkpoint `found` continues in another folder than its own (a fork)."""
+    return Path(found[0]).resolve().parent != Path(run_dir).resolve()
 
 
 def trim_metrics(run_dir: Path, step: int) -> int:

@@ -12,9 +12,11 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -59,6 +61,26 @@ def cli(args: list[str], **kw) -> subprocess.CompletedProcess:
 def popen(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "automix_fast", *args], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
+
+
+def run_until(proc: subprocess.Popen, marker: str, timeout: float = 90.0) -> str:
+    """Read the process's output until a line contains marker; returns what was read."""
+    seen, t0 = [], time.monotonic()
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+        assert time.monotonic() - t0 < timeout, "training made no progress"
+    raise AssertionError(f"process ended before {marker!r}:\n" + "".join(seen)[-3000:])
+
+
+@pytest.fixture
+def one_thread():
+    """One torch CPU thread for runs in the test process (import this fixture into the module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def torchrun(nproc: int, args: list[str], env: dict | None = None, timeout: int = 180) -> subprocess.CompletedProcess:

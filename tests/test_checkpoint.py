@@ -157,6 +157,11 @@ def test_resolve_resume(tmp_path, capsys):
     assert path.name == "last.pt" and state["epoch"] == 0
     path, state = ck.resolve_resume(str(tmp_path / "checkpoint-0000.pt"), tmp_path)
     assert state["value"] == 1.0
+    path, state = ck.resolve_resume(str(tmp_path), tmp_path / "elsewhere")  # a run folder: its newest
+    assert path == tmp_path / "last.pt" and state["epoch"] == 0
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="holds no valid checkpoint"):
+        ck.resolve_resume(str(tmp_path / "empty"), tmp_path)
     with pytest.raises(CheckpointError, match="missing.pt"):
         ck.resolve_resume(str(tmp_path / "missing.pt"), tmp_path)
 

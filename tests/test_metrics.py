@@ -64,6 +64,22 @@ def test_progress_line_not_tty():
     assert s["loss"] == 3.0 and s["steps"] == 7 and s["lr"] == 0.1
 
 
+def test_progress_line_of_a_resumed_and_a_stopped_epoch():
+    """A resumed epoch counts the steps that ran here (img/s over them); one that ends early says where."""
+    out = io.StringIO()
+    p = ProgressLine(1, 4, 10, log_interval=100, stream=out, start_step=4)
+    for _ in range(6):
+        p.update(loss=1.0, images=8)
+    assert p.close()["steps"] == 6
+    assert out.getvalue().startswith("epoch 1/4 done: 6 steps (resumed at step 4 of 10) in ")
+    out = io.StringIO()
+    p = ProgressLine(2, 4, 10, log_interval=100, stream=out)
+    for _ in range(3):
+        p.update(loss=1.0, images=8)
+    p.close()
+    assert out.getvalue().startswith("epoch 2/4 stopped at step 3 of 10: 3 steps in ")
+
+
 def test_progress_line_tty_and_disabled():
     out = io.StringIO()
     p = ProgressLine(1, 1, 3, stream=out, is_tty=True, min_interval=3600)

@@ -1,8 +1,14 @@
 """`automix-fast train`: resolve the config (defaults < -c file < flags, or the stored config of
-the run being resumed), run the Trainer, print the summary."""
+the run being resumed), run the Trainer, print the summary.
+
+Exit status: 0 when the run finished (or was already finished: one line says so and how to
+extend it, and nothing is trained or written); 128 + the signal number when SIGINT (130) or
+SIGTERM (143) stopped it, after its checkpoint was written; 2 for a mistake in the input."""
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 
 from automix_fast import rundir
 
@@ -28,7 +34,7 @@ def train_config(args: argparse.Namespace):
     cfg = build_config(file_values, flags)  # checks every given value, and --resume auto needs --experiment
     if not cfg.resume:
         return cfg, None
-    found = rundir.find_resume(cfg.resume, rundir.locate(cfg))
+    found = rundir.find_resume(cfg)
     if found is None:
         return cfg, None
     return rundir.resumed_config(found, {**file_values, **flags}), found
@@ -40,11 +46,19 @@ def run(args) -> int:
 
     try:
         cfg, resume_from = train_config(args)
-        summary = Trainer(cfg, resume_from=resume_from).fit()
+        finished = resume_from is not None and rundir.finished_line(resume_from, cfg)
+        if finished:
+            if os.environ.get("RANK", "0") == "0":
+                print(finished)
+            return 0
+        summary = Trainer(cfg, resume_from=resume_from, resolved=True).fit()
     finally:
         cleanup()  # leave the process group before exit: a live gloo group can abort at shutdown
     if not summary.get("stopped") and summary.get("is_main", True):
         print_summary(summary)
+    if summary.get("stopped") or summary.get("signal"):
+        # A rank stopped by another rank's signal (under torchrun) exits as for SIGTERM.
+        return 128 + (summary.get("signal") or signal.SIGTERM)
     return 0
 
 

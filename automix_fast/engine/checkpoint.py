@@ -217,7 +217,9 @@ def latest_valid(run_dir: str | os.PathLike) -> tuple[Path, dict] | None:
 
 def resolve_resume(resume_arg: str | None, run_dir: str | os.PathLike) -> tuple[Path, dict] | None:
     """`--resume` semantics: None/"" -> None; "auto" -> latest valid in run_dir, or None (fresh
-    start, said on stderr); a path -> that checkpoint, CheckpointError if it is missing or bad."""
+    start, said on stderr); a run folder -> its newest valid checkpoint; a file -> that
+    checkpoint. CheckpointError (one line) when the path is missing, the file is bad, or the
+    folder holds no valid checkpoint."""
     if not resume_arg:
         return None
     if resume_arg == "auto":
@@ -225,7 +227,14 @@ def resolve_resume(resume_arg: str | None, run_dir: str | os.PathLike) -> tuple[
         if found is None:
             print(f"resume auto: no valid checkpoint in {run_dir}; starting fresh", file=sys.stderr)
         return found
-    return Path(resume_arg), load_checkpoint(resume_arg)
+    path = Path(resume_arg)
+    if path.is_dir():
+        found = latest_valid(path)
+        if found is None:
+            raise CheckpointError(f"--resume {resume_arg}: the folder holds no valid checkpoint "
+                                  "(last.pt or checkpoint-NNNN.pt)")
+        return found
+    return path, load_checkpoint(path)
 
 
 class CheckpointManager:

@@ -161,21 +161,24 @@ class ProgressLine:
     On a TTY the line is redrawn in place with '\\r' at most every `min_interval` seconds; off a
     TTY (CI, pipes, log files) a plain line is printed every `log_interval` steps instead. The
     loss shown is the mean since the previous line; img/s and data% cover the same window.
-    `close()` prints the epoch summary and returns it as a dict for the metric log.
+    `close()` prints the epoch summary and returns it as a dict for the metric log: the steps
+    that ran in this process (a resumed epoch starts at `start_step`; img/s covers what ran),
+    and for an epoch that ended early, where it stopped.
     With `enabled=False` (ranks other than 0) nothing is printed.
     """
 
     BAR = 20
 
     def __init__(self, epoch: int, epochs: int, total_steps: int, *, log_interval: int = 50,
-                 stream=None, is_tty: bool | None = None, enabled: bool = True, min_interval: float = 0.2):
+                 stream=None, is_tty: bool | None = None, enabled: bool = True, min_interval: float = 0.2,
+                 start_step: int = 0):
         self.epoch, self.epochs, self.total = epoch, epochs, total_steps
         self.log_interval = max(1, int(log_interval))
         self.stream = stream if stream is not None else sys.stdout
         self.is_tty = self.stream.isatty() if is_tty is None and hasattr(self.stream, "isatty") else bool(is_tty)
         self.enabled = enabled
         self.min_interval = min_interval
-        self.step = 0
+        self.step = self.start_step = start_step
         self.lr = None
         self.epoch_loss, self.window_loss = Mean(), Mean()
         self.start = self._win_start = time.perf_counter()
@@ -244,7 +247,7 @@ class ProgressLine:
 
     def summary(self) -> dict:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return {"loss": self.epoch_loss.value(), "lr": self.lr, "steps": self.step,
+        return {"loss": self.epoch_loss.value(), "lr": self.lr, "steps": self.step - self.start_step,
                 "time_s": elapsed, "img_per_s": self.images / elapsed,
                 "data_frac": min(self.data_time / elapsed, 1.0)}
 
@@ -253,7 +256,9 @@ class ProgressLine:
         if self.enabled:
             if self.is_tty and self._drawn:
                 self.stream.write("\n")
-            line = f"epoch {self.epoch}/{self.epochs} done: {s['steps']} steps in {s['time_s']:.1f}s"
+            head = "done" if self.step >= self.total else f"stopped at step {self.step} of {self.total}"
+            resumed = f" (resumed at step {self.start_step} of {self.total})" if self.start_step else ""
+            line = f"epoch {self.epoch}/{self.epochs} {head}: {s['steps']} steps{resumed} in {s['time_s']:.1f}s"
             if self.epoch_loss.count:
                 line += f" loss {s['loss']:.4f}"
             if self.images:

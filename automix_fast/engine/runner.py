@@ -48,9 +48,11 @@ RANK_STATE_ENV = "AUTOMIX_FAST_RANK_STATE_DIR"
 class Trainer:
     """Everything one training run holds, built from a config."""
 
-    def __init__(self, cfg: TrainConfig, *, quiet: bool = False, resume_from=None):
+    def __init__(self, cfg: TrainConfig, *, quiet: bool = False, resume_from=None, resolved: bool = False):
         """`resume_from`: (path, state) of the checkpoint to continue from, when the caller has
-        already read it (the train command does, for its config); else `cfg.resume` is followed."""
+        already read it (the train command does, for its config); with `resolved` the caller has
+        also followed `cfg.resume` and None means a fresh start; else `cfg.resume` is followed
+        here, before any data work."""
         from automix_fast.data import DataSpec, build_loaders
         from automix_fast.engine.distributed import init_distributed
         from automix_fast.engine.optim import build_optimizer
@@ -67,10 +69,19 @@ class Trainer:
             self.device = self.dist.device
         self.is_main = self.dist.is_main
         self.quiet = quiet or not self.is_main
-        self.resume_from = resume_from
+        if cfg.resume == "auto" and not cfg.experiment:
+            raise ConfigError("--resume auto needs --experiment NAME (the run folder to continue)")
         self.run_dir = rundir.locate(cfg)
-        if self.is_main and not cfg.resume:
-            rundir.check_new_run(self.run_dir, named=bool(cfg.experiment))  # before any data work
+        if resume_from is None and cfg.resume and not resolved:
+            resume_from = rundir.find_resume(cfg)
+        self.resume_from = resume_from
+        self.forked = resume_from is not None and rundir.forks(resume_from, self.run_dir)
+        if self.is_main and (resume_from is None or self.forked):  # a new folder: checked before any data work
+            rundir.check_new_run(self.run_dir, named=bool(cfg.experiment))
+        if self.is_main and cfg.log_tensorboard:  # before the run folder is created
+            from automix_fast.engine.tensorboard_log import require_tensorboard
+
+            require_tensorboard()
         if cfg.deterministic:
             if self.device.type == "cuda":  # deterministic cuBLAS needs this before its first call
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -270,16 +281,15 @@ class Trainer:
         from automix_fast.engine.train_options import loop_options
 
         cfg = self.cfg
-        if cfg.resume == "auto" and not cfg.experiment:
-            raise ConfigError("--resume auto needs --experiment NAME (the run folder to continue)")
         found = self.resume_from
-        if found is None and cfg.resume:
-            found = rundir.find_resume(cfg.resume, self.run_dir)
         if found is not None:
             path, state = found
             self.load_state(path, state)
             self.last_good = (path, self.start_epoch, self.start_batch)
-            self.log(f"resumed from {path} at epoch {self.start_epoch + 1}, batch {self.start_batch}")
+            if self.forked:
+                self.log(f"forked from {path} (left as it is) at epoch {self.start_epoch + 1}, batch {self.start_batch}")
+            else:
+                self.log(f"resumed from {path} at epoch {self.start_epoch + 1}, batch {self.start_batch}")
         elif cfg.initial_checkpoint:  # timm's --initial-checkpoint: a fresh start from its weights only
             from automix_fast.engine.initial_checkpoint import load_initial_checkpoint
 
@@ -288,13 +298,15 @@ class Trainer:
         if self.is_main:
             if found is None:  # a new run: its own folder (a suffixed default name when taken)
                 self.run_dir = rundir.claim(self.run_dir, named=bool(cfg.experiment))
-            elif Path(found[0]).resolve().parent != self.run_dir.resolve():
-                rundir.claim(self.run_dir, named=True)  # continuing elsewhere: into a new or empty folder
+            elif self.forked:  # continuing elsewhere: into a new folder (or one that holds no run)
+                rundir.claim(self.run_dir, named=True)
             else:  # steps logged after that checkpoint (a kill) are logged again from here
                 rundir.trim_metrics(self.run_dir, self.start_epoch * self.steps_per_epoch + self.start_batch)
             save_config(cfg, str(self.run_dir / rundir.CONFIG_FILE), self.resolved())
         manager = CheckpointManager(self.run_dir, keep_recent=cfg.checkpoint_hist)
-        if found is not None:
+        if self.forked:  # the fork's own first checkpoint; its best.pt compares its own epochs
+            self._save(manager, self.state(self.start_epoch, self.start_batch), mid_epoch=True)
+        elif found is not None:
             manager.restore(found[1])
         logger = MetricLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.log_tensorboard)
         bad_files = self.info.bad_files  # files that fail to decode mid-run: automix_fast/data/bad_files.py
@@ -319,8 +331,7 @@ class Trainer:
             for epoch in range(self.start_epoch, cfg.epochs):
                 skip = self.start_batch if epoch == self.start_epoch else 0
                 progress = ProgressLine(epoch + 1, cfg.epochs, self.steps_per_epoch, log_interval=cfg.log_interval,
-                                        enabled=not self.quiet)
-                progress.step = skip
+                                        enabled=not self.quiet, start_step=skip)
 
                 def on_log(i, values, epoch=epoch):
                     logger.log("train", values, epoch=epoch + 1, step=epoch * self.steps_per_epoch + i)
@@ -343,7 +354,7 @@ class Trainer:
                     self._save(manager, self.state(epoch, skip + result.steps), mid_epoch=True)
                     self.log(f"stopped by {stop.name}; checkpoint written to {self.run_dir / 'last.pt'}")
                     self.log(f"continue with: {rundir.resume_command(self.run_dir, self.dist.world_size)}")
-                    return {"stopped": True, "run_dir": str(self.run_dir)}
+                    return {"stopped": True, "run_dir": str(self.run_dir), "signal": stop.signal}
                 # --eval-interval: long runs on a CPU evaluate every k-th epoch (and always the last).
                 evaluating = (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs
                 epoch_eval = (evaluate(self.mixer, self.val_loader, amp_dtype=self.amp_dtype, device=self.device,
@@ -369,10 +380,10 @@ class Trainer:
                     stopping = any_rank(stop(), self.device)
                 else:
                     stopping = stop()
-                if stopping:
+                if stopping and epoch + 1 < cfg.epochs:  # after the last epoch: the run finishes
                     self.log(f"stopped by {stop.name} after epoch {epoch + 1}; checkpoint written to {self.run_dir / 'last.pt'}")
                     self.log(f"continue with: {rundir.resume_command(self.run_dir, self.dist.world_size)}")
-                    return {"stopped": True, "run_dir": str(self.run_dir)}
+                    return {"stopped": True, "run_dir": str(self.run_dir), "signal": stop.signal}
         except NonFiniteError as e:
             raise NonFiniteError(f"{e}; {self._last_good()}") from None
         except OutputError as e:
@@ -401,6 +412,7 @@ class Trainer:
                 png, _ = write_mix_grid(self.mixer, self.val_loader, self.run_dir / "mixes.png", self.spec,
                                         classes=self.info.classes)
                 summary["mixes_png"] = str(png)
+        summary["signal"] = stop.signal  # a SIGTERM/SIGINT that came after the last step (not in summary.json)
         if self.dist.is_distributed:
             from automix_fast.engine.distributed import barrier
 

@@ -18,11 +18,17 @@ def tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
 
+def require_tensorboard() -> None:
+    """The one-line ConfigError for --log-tensorboard without the package (the trainer calls
+    this before it creates the run folder)."""
+    if not tensorboard_available():
+        raise ConfigError("--log-tensorboard needs the tensorboard package, which is not installed "
+                          "(pip install tensorboard)")
+
+
 class TensorBoardWriter:
     def __init__(self, run_dir: str | os.PathLike):
-        if not tensorboard_available():
-            raise ConfigError("--log-tensorboard needs the tensorboard package, which is not installed "
-                              "(pip install tensorboard)")
+        require_tensorboard()
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(run_dir) / "tensorboard"

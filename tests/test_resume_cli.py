@@ -1,0 +1,165 @@
+"""Resuming through the real command: what `--resume` accepts and refuses, a start that failed
+before its first step does not block its rerun, the exit status of an interrupted run, what a
+resumed epoch says it ran, a finished run left alone, and a fork under another --experiment."""
+from __future__ import annotations
+
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from automix_fast.cli import main
+from automix_fast.engine import metrics
+from automix_fast.engine.checkpoint import load_checkpoint
+from automix_fast.errors import ConfigError
+from faultkit import assert_states_equal, cli, make_folder, one_thread, popen, records, run_until, train_args  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    # 60 train images: 15 steps of 4 per epoch, so a signal after a few steps lands mid-epoch.
+    return make_folder(tmp_path_factory.mktemp("resume") / "data", train_per_class=20)
+
+
+@pytest.fixture(scope="module")
+def finished(data, tmp_path_factory):
+    """A finished 1-epoch run `good` (copy it before writing to it)."""
+    out = tmp_path_factory.mktemp("finished")
+    run = cli(train_args(data, out, "good", "--mix", "vanilla", batch=4, epochs=1))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out / "good"
+
+
+def run_main(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_error(code: int, err: str) -> str:
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, lines)
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()}
+
+
+def test_resume_names_a_run_or_a_checkpoint_and_refuses_what_is_not_there(data, finished, tmp_path, capsys, one_thread):
+    shutil.copytree(finished, tmp_path / "good")
+    (tmp_path / "seed1").mkdir()  # a run beside the new one whose name differs in a digit: a sibling
+    (tmp_path / "seed1" / "metrics.jsonl").write_text("{}\n")
+    # --resume auto with a name one typo from a run: refused before any work, naming both.
+    code, out, err = run_main(train_args(data, tmp_path, "godo", "--resume", "auto", epochs=1), capsys)
+    msg = one_error(code, err)
+    assert f"no run {tmp_path / 'godo'}" in msg and f"--experiment good?" in msg and "leave out --resume" in msg
+    assert not (tmp_path / "godo").exists() and out == ""
+    # --resume FILE or RUN that is not there: one line, as timm's --resume.
+    for missing in (str(tmp_path / "good" / "last-typo.pt"), "doesnotexist"):
+        code, out, err = run_main(train_args(data, tmp_path, "x", "--resume", missing), capsys)
+        assert "no such checkpoint file or run folder" in one_error(code, err) and missing in err
+    (tmp_path / "empty").mkdir()
+    code, out, err = run_main(train_args(data, tmp_path, "x", "--resume", str(tmp_path / "empty")), capsys)
+    assert "holds no valid checkpoint" in one_error(code, err)
+    assert not (tmp_path / "x").exists()
+    # --resume auto where nothing exists (a preemptible job's first start): a fresh run, said once.
+    code, out, err = run_main(train_args(data, tmp_path, "seed2", "--resume", "auto", "--mix", "vanilla",
+                                         batch=4, epochs=1), capsys)
+    assert code == 0, err
+    assert err.count("starting fresh") == 1 and "done: vanilla tinynet, 1 epoch" in out
+    # --resume RUN: a run folder by its name under --output, continued from its newest checkpoint.
+    code, out, err = run_main(["train", "--resume", "good", "--output", str(tmp_path), "--epochs", "2",
+                               "--log-interval", "5"], capsys)
+    assert code == 0, err
+    assert f"resumed from {tmp_path / 'good' / 'last.pt'} at epoch 2, batch 0" in out and "epoch 2/2 done" in out
+    assert load_checkpoint(tmp_path / "good" / "last.pt")["next_epoch"] == 2
+
+
+def test_a_failed_start_leaves_nothing_that_blocks_its_rerun(data, tmp_path, capsys, monkeypatch, one_thread):
+    pytest.importorskip("tensorboard")
+    args = train_args(data, tmp_path, "tb", "--mix", "vanilla", "--log-tensorboard", batch=4, epochs=1)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed: importing it fails
+    code, out, err = run_main(args, capsys)
+    assert "needs the tensorboard package" in one_error(code, err)
+    assert not (tmp_path / "tb").exists()  # checked before the run folder is created
+    monkeypatch.undo()
+    code, out, err = run_main(args, capsys)
+    assert code == 0, err
+    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+    # A start that fails after its folder was created (here: the metric log) leaves only
+    # config.yaml: not a run, so the same command runs in that folder.
+    args = train_args(data, tmp_path, "late", "--mix", "vanilla", batch=4, epochs=1)
+
+    def fail(self, *a, **kw):
+        raise ConfigError("simulated failure before the first step")
+
+    monkeypatch.setattr(metrics.MetricLogger, "__init__", fail)
+    code, out, err = run_main(args, capsys)
+    assert "simulated failure" in one_error(code, err)
+    assert sorted(p.name for p in (tmp_path / "late").iterdir()) == ["config.yaml"]
+    monkeypatch.undo()
+    code, out, err = run_main(args, capsys)
+    assert code == 0, err
+    assert (tmp_path / "late" / "last.pt").exists() and len(records(tmp_path / "late")) == 15
+
+
+def test_ctrl_c_exits_130_and_the_resumed_epoch_says_what_ran(data, tmp_path):
+    args = train_args(data, tmp_path, "int", "--mix", "vanilla", batch=4)
+    proc = popen(args)
+    try:
+        run_until(proc, "epoch 1/2 [")
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out[-3000:]
+    assert "stopped by SIGINT; checkpoint written" in out
+    at = load_checkpoint(tmp_path / "int" / "last.pt")["next_batch"]
+    assert 0 < at < 15
+    assert f"epoch 1/2 stopped at step {at} of 15: {at} steps in " in out
+    resumed = cli(args + ["--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"epoch 1/2 done: {15 - at} steps (resumed at step {at} of 15) in " in resumed.stdout
+    assert "epoch 2/2 done: 15 steps in " in resumed.stdout
+
+
+def test_a_finished_run_is_left_alone_and_a_fork_continues_elsewhere(data, finished, tmp_path, one_thread, capsys,
+                                                                     monkeypatch):
+    run = tmp_path / "good"
+    shutil.copytree(finished, run)
+    before = snapshot(run)
+    argv = ["train", "--resume", "auto", "--output", str(tmp_path), "--experiment", "good"]
+    code, out, err = run_main(argv, capsys)
+    assert code == 0, err
+    assert out.strip().splitlines() == [
+        f"run {run} is finished (1 of 1 epochs trained): nothing to train; "
+        "to train it longer, run the same command with --epochs N (more than 1)"]
+    assert snapshot(run) == before
+    # A finished checkpoint under another name without --epochs: the same line, no folder made.
+    code, out, err = run_main(["train", "--resume", str(run / "last.pt"), "--experiment", "other"], capsys)
+    assert code == 0 and "is finished" in out and not (tmp_path / "other").exists(), err
+    # With --epochs: a fork. The new folder starts with a copy of the state as its own last.pt.
+    source = load_checkpoint(run / "last.pt")
+    saved = []
+    real = metrics.MetricLogger.__init__
+
+    def note_first_checkpoint(self, run_dir, **kw):  # the metric log is created right after it
+        saved.append(load_checkpoint(Path(run_dir) / "last.pt"))
+        real(self, run_dir, **kw)
+
+    monkeypatch.setattr(metrics.MetricLogger, "__init__", note_first_checkpoint)
+    code, out, err = run_main(["train", "--resume", str(run / "last.pt"), "--experiment", "other",
+                               "--epochs", "2", "--log-interval", "5"], capsys)
+    assert code == 0, err
+    assert f"forked from {run / 'last.pt'} (left as it is) at epoch 2, batch 0" in out
+    assert f"run folder: {tmp_path / 'other'}" in out and "epoch 2/2 done: 15 steps" in out
+    first = saved[0]
+    assert (first["next_epoch"], first["next_batch"], first["config"]["experiment"]) == (1, 0, "other")
+    assert_states_equal(first["mixer"], source["mixer"])
+    assert first["history"] == source["history"]
+    assert load_checkpoint(tmp_path / "other" / "last.pt")["next_epoch"] == 2
+    assert (tmp_path / "other" / "summary.json").exists() and (tmp_path / "other" / "config.yaml").exists()
+    assert snapshot(run) == before  # the source folder is never written
