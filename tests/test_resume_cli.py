@@ -104,6 +104,13 @@ def test_a_failed_start_leaves_nothing_that_blocks_its_rerun(data, tmp_path, cap
     code, out, err = run_main(args, capsys)
     assert code == 0, err
     assert (tmp_path / "late" / "last.pt").exists() and len(records(tmp_path / "late")) == 15
+    # A folder with metrics but no checkpoint (killed before its first one): the advice is not
+    # "--resume auto", which cannot continue it.
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / "metrics.jsonl").write_text("{}\n")
+    code, out, err = run_main(train_args(data, tmp_path, "killed", epochs=1), capsys)
+    msg = one_error(code, err)
+    assert "no checkpoint to continue from: delete it" in msg and "--resume" not in msg
 
 
 def test_ctrl_c_exits_130_and_the_resumed_epoch_says_what_ran(data, tmp_path):
