@@ -169,14 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", default=None,
                     help="JSON file for the results (default: eval-<checkpoint>.json in the run folder, never overwritten)")
 
-    ex = sub.add_parser("export", help="write one encoder and head of a checkpoint as plain weights (.safetensors/.pt + .json)")
+    ex = sub.add_parser("export", help="write one encoder and head of a checkpoint as a program (.pt2/.onnx) or weights (.safetensors/.pt), + .json")
     ex.add_argument("--checkpoint", required=True, help="a .pt file written by automix-fast train (required)")
     ex.add_argument("--head", choices=("q", "k"), default="q",
                     help="encoder: q (online) or k (AutoMix's momentum encoder) (default: q)")
     ex.add_argument("--classifier", choices=("one", "mix"), default="one",
                     help="head exported as fc: one (plain labels) or mix (AutoMix's mixed-label head) (default: one)")
     ex.add_argument("--output", default=None,
-                    help="FILE.safetensors, FILE.pt or FILE.pth; FILE.json is written beside it "
+                    help="FILE.pt2 (torch.export program, needs only torch), FILE.onnx, or weights FILE.safetensors, "
+                         "FILE.pt or FILE.pth; FILE.json is written beside it "
                          "(default: <checkpoint>-<head>.safetensors beside the checkpoint)")
 
     vis = sub.add_parser("visualize", help="write a PNG of Mix Block masks from a checkpoint")

@@ -1,17 +1,21 @@
-"""Plain weights out of a training checkpoint: one encoder (q or k) and one classifier head.
+"""One encoder (q or k) and one classifier head of a training checkpoint, for use elsewhere.
 
     FILE.safetensors or FILE.pt     a flat {name: tensor} state dict (torch.load(weights_only=True))
+    FILE.pt2                        the whole model as a torch.export ExportedProgram: loads with
+                                    torch.export.load(FILE).module() and nothing but torch
+    FILE.onnx                       the whole model as ONNX (writing it needs onnx and onnxscript)
     FILE.json                       model, classes, image size, normalisation, key naming
 
-For the ResNet family (resnet18/34/50/101, resnext50_32x4d and their `_cifar` variants) the keys
-are torchvision's: conv1, bn1, layer1.0.conv1, ..., layer4.1.bn2, fc; the ImageNet-stem models
-load straight into `torchvision.models.<name>(num_classes=C)`. Other models keep our names
-(stem.*, stages.*) with the head as fc.*. `load_export` rebuilds our model from an export.
+The programs (.pt2, .onnx) take a (batch, 3, image_size, image_size) float32 input, any batch
+size, and return the logits. In the weight files of the ResNet family (resnet18/34/50/101,
+resnext50_32x4d and their `_cifar` variants) the keys are torchvision's: conv1, bn1,
+layer1.0.conv1, ..., layer4.1.bn2, fc; the ImageNet-stem models load straight into
+`torchvision.models.<name>(num_classes=C)`. Other models keep our names (stem.*, stages.*) with
+the head as fc.*. `load_export` rebuilds our model from a weight file.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -21,7 +25,10 @@ from automix_fast.errors import ConfigError, UserError
 from automix_fast.rundir import write_json
 
 EXPORT_FORMAT = "automix-fast-export/1"
-SUFFIXES = (".safetensors", ".pt", ".pth")
+FILE_FORMATS = {".safetensors": "safetensors", ".pt": "torch.save", ".pth": "torch.save",
+                ".pt2": "torch.export", ".onnx": "onnx"}
+SUFFIXES = tuple(FILE_FORMATS)
+PROGRAM_FORMATS = ("torch.export", "onnx")  # the whole model, runnable without automix-fast
 
 # Our Classifier's key prefixes -> torchvision's, for the ResNet family (same module order and
 # shapes: see models/resnet.py); other models only rename their head. The reverse maps an
@@ -81,34 +88,76 @@ def metadata_path(output: str | Path) -> Path:
     return Path(output).with_suffix(".json")
 
 
-def write_export(state: dict[str, torch.Tensor], meta: dict, output: str | Path) -> tuple[Path, Path]:
-    """Write the weights (format from the suffix) and FILE.json; returns both paths."""
+def check_output(output: str | Path) -> Path:
+    """Before any work: `output` has a known suffix, what its format needs is installed, and it
+    and its JSON can be written; one-line UserError otherwise."""
+    from importlib.util import find_spec
+
+    from automix_fast.rundir import check_writable
+
     output = Path(output)
     if output.suffix not in SUFFIXES:
         raise ConfigError(f"--output must end in {', '.join(SUFFIXES)}, got {output.name}")
-    from automix_fast.rundir import write_failure
+    if output.suffix == ".onnx":
+        missing = [m for m in ("onnx", "onnxscript") if find_spec(m) is None]
+        if missing:
+            raise UserError(f"--output {output.name} needs {' and '.join(missing)} "
+                            f"(pip install {' '.join(missing)}), or write FILE.pt2, which needs only torch")
+    check_writable(output, "export")
+    check_writable(metadata_path(output), "export metadata")
+    return output
 
-    tmp = output.with_name(f".{output.name}.tmp")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        if output.suffix == ".safetensors":
-            from safetensors.torch import save_file
 
-            save_file(state, str(tmp), metadata={"format": EXPORT_FORMAT, "model": meta["model"]})
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600; give it a normal file's mode
-        else:
-            torch.save(state, tmp)
-        tmp.replace(output)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise (write_failure(output, e, "export") or e) from None
+def file_format(output: str | Path) -> str:
+    return FILE_FORMATS[Path(output).suffix]
+
+
+def serialize(output: str | Path, state: dict[str, torch.Tensor], meta: dict, model=None) -> bytes:
+    """The bytes of `output`'s format: the weights `state` (.safetensors, .pt, .pth), or the
+    whole `model` (eval mode, CPU) as a program run on a (batch, 3, image_size, image_size)
+    input with a dynamic batch (.pt2: torch.export, .onnx: ONNX)."""
+    import io
+
+    fmt = file_format(output)
+    if fmt == "safetensors":
+        from safetensors.torch import save
+
+        return save(state, metadata={"format": EXPORT_FORMAT, "model": meta["model"]})
+    buf = io.BytesIO()
+    if fmt == "torch.save":
+        torch.save(state, buf)
+        return buf.getvalue()
+    size = int(meta["image_size"])
+    example = (torch.randn(2, 3, size, size),)
+    batch = ({0: torch.export.Dim("batch")},)
+    model = model.eval()
+    if fmt == "torch.export":
+        with torch.no_grad():
+            torch.export.save(torch.export.export(model, example, dynamic_shapes=batch), buf)
+        return buf.getvalue()
+    program = torch.onnx.export(model, example, input_names=["x"], output_names=["logits"],
+                                dynamic_shapes=batch, dynamo=True)
+    return program.model_proto.SerializeToString()
+
+
+def write_export(state: dict[str, torch.Tensor], meta: dict, output: str | Path, model=None) -> tuple[Path, Path]:
+    """Write `output` in the format of its suffix (see `serialize`) and FILE.json beside it,
+    each atomically; returns both paths."""
+    from automix_fast.rundir import write_bytes
+
+    output = check_output(output)
+    meta = {**meta, "file_format": file_format(output)}
+    if meta["file_format"] in PROGRAM_FORMATS:
+        meta["key_names"] = None  # a whole program, not a state dict to load into a model
+    write_bytes(output, serialize(output, state, meta, model), "export")
     return output, write_json(metadata_path(output), meta, "export metadata")
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
+    if FILE_FORMATS.get(path.suffix) in PROGRAM_FORMATS:
+        raise UserError(f"{path} is a whole program, not weights: run it with torch.export.load(path).module()"
+                        if path.suffix == ".pt2" else f"{path} is an ONNX program, not weights")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

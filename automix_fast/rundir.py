@@ -22,6 +22,7 @@ Used by `train`, `eval` and `export` alike.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import json
@@ -44,7 +45,8 @@ DEFAULT_OUTPUT = "output"
 START_FILES = (CONFIG_FILE, "tensorboard")
 
 # errnos that mean "this place cannot be written", as opposed to a bug or a crash.
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                 errno.ENOTDIR, errno.EISDIR}
 _MAX_SUFFIX = 1000
 
 
@@ -62,22 +64,56 @@ def write_failure(path: str | os.PathLike, e: OSError, what: str = "") -> Output
     return OutputError(f"cannot write {what + ' ' if what else ''}{path}: {reason}{extra}")
 
 
-def write_text(path: str | os.PathLike, text: str, what: str = "") -> Path:
-    """Write a small text file atomically (temp file + rename); a failed write is one line."""
+def write_bytes(path: str | os.PathLike, data: bytes, what: str = "") -> Path:
+    """Write `data` to `path` atomically (temp file + rename; missing folders are created): the
+    file is either the old one or the new one, never half written. A failed write is one
+    OutputError line naming `path` and leaves no temp file behind."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only folder even the cleanup fails
+            tmp.unlink(missing_ok=True)
         err = write_failure(path, e, what)
         if err is None:
             raise
         raise err from None
     return path
+
+
+def write_text(path: str | os.PathLike, text: str, what: str = "") -> Path:
+    """Write a text file (UTF-8) as `write_bytes` does."""
+    return write_bytes(path, text.encode("utf-8"), what)
+
+
+def check_writable(path: str | os.PathLike, what: str = "", hint: str = "choose a writable --output") -> Path:
+    """Before any work: OutputError in one line unless `path` could be written, i.e. it is not
+    a folder and its nearest existing parent is a writable folder (the missing ones are created
+    by the write). Writes nothing."""
+    path = Path(path)
+    label = f"cannot write {what + ' ' if what else ''}{path}"
+    if path.is_dir():
+        raise OutputError(f"{label}: it is a folder ({hint})")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{label}: {parent} is not a folder ({hint})")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        reason = "read-only file system" if _read_only(parent) else "no permission"
+        raise OutputError(f"{label}: {parent} is not writable, {reason} ({hint})")
+    return path
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
 
 
 def write_json(path: str | os.PathLike, obj: Any, what: str = "") -> Path:

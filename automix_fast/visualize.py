@@ -7,12 +7,14 @@ that does not gives the same mask at every lambda, so it is shown once.
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from automix_fast.ops import reference
+from automix_fast.rundir import write_bytes
 
 LAMS_SEEN = (0.2, 0.5, 0.8)  # lambdas shown when the Mix Block takes lambda as an input
 LAM_DEFAULT = 0.5
@@ -152,15 +154,7 @@ def write_mix_grid(mixer, loader, path, spec, num: int = 8, lam: float | None = 
     meta.add_text("lambdas", ",".join(f"{v:g}" for v in lams))
     meta.add_text("pairs", ";".join(f"{a}+{b}" for a, b in pairs))
     meta.add_text("rows", ";".join(names))
-    path = Path(path)
-    tmp = path.with_name("." + path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        canvas.save(tmp, format="PNG", pnginfo=meta)
-        tmp.replace(path)
-    except OSError as e:  # a full disk or a read-only folder: one line naming the file
-        from automix_fast.rundir import write_failure
-
-        tmp.unlink(missing_ok=True)
-        raise (write_failure(path, e, "mask picture") or e) from None
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG", pnginfo=meta)
+    path = write_bytes(path, buf.getvalue(), "mask picture")  # a full disk or a read-only folder: one line
     return path, lines

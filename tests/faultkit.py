@@ -119,3 +119,50 @@ def assert_states_equal(a: dict, b: dict, atol: float = 0.0, keys=None) -> None:
 
 def all_finite(state: dict) -> bool:
     return all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
+
+
+def fail_writes(monkeypatch, code: int) -> None:
+    """Every atomic write of automix_fast.rundir (results, exports, pictures) fails with errno
+    `code` after its temp file is created, as a full disk or a read-only file system would."""
+    import io
+
+    from automix_fast import rundir
+
+    class Failing(io.FileIO):
+        def write(self, data):
+            raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(rundir, "open", lambda path, mode="r", *a, **k: Failing(path, "w"), raising=False)
+
+
+def read_only(monkeypatch, folder: Path) -> None:
+    """`folder` reads as not writable to os.access, as on a read-only file system (where chmod
+    would not stop root)."""
+    real = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and Path(path) == Path(folder):
+            return False
+        return real(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+def random_checkpoint(path: Path, arch: str, mix: str, classes: list[str], seed: int = 0, epoch: int = 1):
+    """A training checkpoint of `arch` and `mix` at `path` with random weights and BatchNorm
+    statistics (so that encoders and heads differ); returns the policy in eval mode."""
+    from automix_fast.config import build_config
+    from automix_fast.engine.checkpoint import save_checkpoint
+    from automix_fast.engine.policy import create_policy_model, wrap_policy
+    from automix_fast.engine.runner import FORMAT
+
+    cfg = build_config({"model": arch, "mix": mix, "device": "cpu", "kernel_backend": "torch"})
+    torch.manual_seed(seed)
+    mixer = wrap_policy(cfg, create_policy_model(cfg, len(classes)))
+    with torch.no_grad():
+        for name, t in mixer.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand_like(t) + 0.5 if "running_var" in name else 0.2 * torch.randn_like(t))
+    save_checkpoint(path, {"format": FORMAT, "config": cfg.to_dict(), "model_name": arch,
+                           "num_classes": len(classes), "classes": classes, "mixer": mixer.state_dict(), "epoch": epoch})
+    return mixer.eval()

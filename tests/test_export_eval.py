@@ -7,20 +7,18 @@ per-class accuracy and confusion matrices in the JSON.
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 
 import pytest
 import torch
 
 from automix_fast.cli import main
-from automix_fast.config import build_config
-from automix_fast.engine.checkpoint import save_checkpoint
-from automix_fast.engine.policy import create_policy_model, wrap_policy
-from automix_fast.engine.runner import FORMAT
 from automix_fast.export import from_export_keys, load_export, read_weights
 from automix_fast.models import create_model
-from faultkit import cli, make_folder, train_args
+from faultkit import cli, fail_writes, make_folder, random_checkpoint, read_only, train_args
 
 CLASSES = ["cat", "dog", "emu"]
 
@@ -45,17 +43,8 @@ def torchvision_resnet18_keys() -> set[str]:
 @pytest.fixture(scope="module")
 def automix_checkpoint(tmp_path_factory):
     """An AutoMix resnet18_cifar checkpoint with random weights and BN statistics (q and k differ)."""
-    cfg = build_config({"model": "resnet18_cifar", "mix": "automix", "device": "cpu", "kernel_backend": "torch"})
-    torch.manual_seed(0)
-    mixer = wrap_policy(cfg, create_policy_model(cfg, len(CLASSES)))
-    with torch.no_grad():
-        for name, t in mixer.state_dict().items():
-            if t.is_floating_point():
-                t.copy_(torch.rand_like(t) + 0.5 if "running_var" in name else 0.2 * torch.randn_like(t))
     path = tmp_path_factory.mktemp("ckpt") / "best.pt"
-    save_checkpoint(path, {"format": FORMAT, "config": cfg.to_dict(), "model_name": "resnet18_cifar",
-                           "num_classes": len(CLASSES), "classes": CLASSES, "mixer": mixer.state_dict(), "epoch": 7})
-    return path, mixer.eval()
+    return path, random_checkpoint(path, "resnet18_cifar", "automix", CLASSES, seed=0, epoch=7)
 
 
 def test_export_k_and_q_load_into_a_fresh_model_with_the_same_logits(automix_checkpoint, tmp_path):
@@ -85,7 +74,7 @@ def test_export_k_and_q_load_into_a_fresh_model_with_the_same_logits(automix_che
 
 def test_export_mistakes_are_one_line(automix_checkpoint, tmp_path, capsys):
     path, _ = automix_checkpoint
-    assert main(["export", "--checkpoint", str(path), "--output", str(tmp_path / "m.onnx")]) == 2
+    assert main(["export", "--checkpoint", str(path), "--output", str(tmp_path / "m.bin")]) == 2
     assert "must end in .safetensors" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(tmp_path / "none.pt")]) == 2
     assert "file not found" in capsys.readouterr().err
@@ -167,3 +156,69 @@ def test_an_export_starts_a_new_run_as_initial_checkpoint(automix_checkpoint, tm
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fresh.model.eval()(x), mixer.momentum_encoder(x, head="one"))
+
+
+# ----------------------------------------------------------------------------- unwritable --output
+def test_an_unwritable_output_is_one_line_before_the_work(trained, tmp_path):
+    """A read-only folder (chmod; skipped where root ignores it), an output whose parent is a
+    file, and an output that is a folder: exit 2 with one line, before any evaluation or export."""
+    data, run_dir = trained
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "d.pt2").mkdir()
+    cases = [(tmp_path / "file" / "e.json", tmp_path / "file" / "m.pt2", "file is not a folder"),
+             (tmp_path, tmp_path / "d.pt2", "it is a folder")]
+    if not os.access(ro, os.W_OK):
+        cases.append((ro / "e.json", ro / "m.pt2", "ro is not writable"))
+    try:
+        for eval_output, export_output, reason in cases:
+            for argv in (["eval", "--checkpoint", str(run_dir / "last.pt"), "--output", str(eval_output)],
+                         ["export", "--checkpoint", str(run_dir / "last.pt"), "--output", str(export_output)]):
+                run = cli(argv)
+                assert run.returncode == 2, (argv, run.stderr)
+                err = run.stderr.strip()
+                assert err.count("\n") == 0 and err.startswith("error: cannot write ") and reason in err, err
+                assert run.stdout == ""  # nothing was evaluated or exported
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["d.pt2", "file", "ro"] and not list(ro.iterdir())
+    finally:
+        ro.chmod(0o700)
+
+
+def test_eval_and_export_on_a_read_only_file_system(trained, tmp_path, monkeypatch, capsys):
+    _, run_dir = trained
+    read_only(monkeypatch, tmp_path)
+    for argv in (["eval", "--checkpoint", str(run_dir / "last.pt"), "--output", str(tmp_path / "e.json")],
+                 ["export", "--checkpoint", str(run_dir / "last.pt"), "--output", str(tmp_path / "sub" / "m.pt2")]):
+        assert main(argv) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and f"{tmp_path} is not writable" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_eval_prints_its_results_before_a_write_that_fails(trained, tmp_path, monkeypatch, capsys):
+    """The folder was writable when checked, the write fails after the work (read-only file
+    system now): the table is on the screen, the error is one line, no temp file is left."""
+    _, run_dir = trained
+    fail_writes(monkeypatch, errno.EROFS)
+    out_path = tmp_path / "e.json"
+    assert main(["eval", "--checkpoint", str(run_dir / "last.pt"), "--output", str(out_path)]) == 2
+    out, err = capsys.readouterr()
+    assert "21 images in" in out and any(line.split()[:1] == ["one"] and len(line.split()) == 3 for line in out.splitlines())
+    assert err.count("\n") == 1 and f"error: cannot write eval results {out_path}: Read-only file system" in err
+    assert not list(tmp_path.iterdir())
+
+    assert main(["export", "--checkpoint", str(run_dir / "last.pt"), "--output", str(out_path.with_suffix(".safetensors"))]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: cannot write export" in err and "Read-only file system" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_eval_creates_a_missing_output_folder(trained, tmp_path):
+    _, run_dir = trained
+    out_path = tmp_path / "new" / "deeper" / "e.json"
+    run = cli(["eval", "--checkpoint", str(run_dir / "last.pt"), "--output", str(out_path)])
+    assert run.returncode == 0, run.stderr
+    assert json.loads(out_path.read_text())["count"] == 21
+    assert run.stdout.strip().splitlines()[-1] == f"per-class accuracy and confusion matrices: {out_path}"

@@ -13,6 +13,7 @@ import pytest
 from automix_fast.cli import main
 from automix_fast.data.embedded import ensure_embedded_dataset
 from automix_fast.visualize import colorize, next_free_path
+from faultkit import fail_writes, read_only
 
 
 @pytest.fixture(scope="module")
@@ -77,15 +78,29 @@ def test_next_free_path(tmp_path):
 def test_a_full_disk_while_writing_the_picture_is_one_line(checkpoint, tmp_path, monkeypatch, capsys):
     import errno
 
-    from PIL import Image
-
-    def full(self, *args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(Image.Image, "save", full)
+    fail_writes(monkeypatch, errno.ENOSPC)
     png = tmp_path / "m.png"
     assert main(["visualize", "--checkpoint", str(checkpoint), "--num", "2", "--kernel-backend", "torch",
                  "--loader", "torch", "-j", "0", "--output", str(png)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"cannot write mask picture {png}" in err and "disk full" in err
     assert not png.exists() and not list(tmp_path.iterdir())  # no temp file left behind
+
+
+def test_an_unwritable_output_is_one_line_before_the_work(checkpoint, tmp_path, monkeypatch, capsys):
+    """A read-only folder and a path under a file: one line, exit 2, no picture drawn."""
+    import automix_fast.visualize
+
+    def never(*args, **kwargs):
+        raise AssertionError("the picture was drawn")
+
+    monkeypatch.setattr(automix_fast.visualize, "write_mix_grid", never)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "ro").mkdir()
+    read_only(monkeypatch, tmp_path / "ro")
+    for png, reason in ((tmp_path / "ro" / "m.png", "ro is not writable"), (tmp_path / "file" / "m.png", "file is not a folder")):
+        assert main(["visualize", "--checkpoint", str(checkpoint), "--num", "2", "--kernel-backend", "torch",
+                     "--loader", "torch", "-j", "0", "--output", str(png)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and f"error: cannot write mask picture {png}: " in err and reason in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "ro"] and not list((tmp_path / "ro").iterdir())

@@ -62,18 +62,26 @@ def run(args) -> int:
     if "data_dir" in overrides:
         overrides["dataset"] = "auto"  # whatever the folder holds, not what training used
     trained = load_trained(args.checkpoint, overrides)
+    # The output is checked before the work and written after the table is printed: a write
+    # that still fails loses nothing the user has seen.
+    if args.output:
+        out = rundir.check_writable(args.output, "eval results")
+    else:
+        out = rundir.check_writable(rundir.unique_path(trained.path.parent / f"eval-{trained.path.stem}.json"),
+                                    "eval results", "pass a writable --output FILE")
     loader, info, _ = eval_data(trained)
     confusion, top5, count = confusion_by_head(trained.mixer, loader, len(info.classes),
                                                amp_dtype=trained.amp_dtype, device=trained.device)
     heads = report(confusion, top5, count, info.classes)
-    out = Path(args.output) if args.output else rundir.unique_path(trained.path.parent / f"eval-{trained.path.stem}.json")
+    print(f"{args.checkpoint}: {count} images in {info.root}")
+    print(f"{'head':<8} {'top-1':>7} {'top-5':>7}")
+    for name, h in heads.items():
+        print(f"{name:<8} {h['top1']:>7.2f} {h['top5']:>7.2f}", flush=True)
+    if not args.output:
+        out = rundir.unique_path(out)  # another eval may have taken the name meanwhile
     rundir.write_json(out, {
         "checkpoint": str(trained.path), "data": info.root, "count": count, "classes": info.classes,
         "heads": heads,
     }, "eval results")
-    print(f"{args.checkpoint}: {count} images in {info.root}")
-    print(f"{'head':<8} {'top-1':>7} {'top-5':>7}")
-    for name, h in heads.items():
-        print(f"{name:<8} {h['top1']:>7.2f} {h['top5']:>7.2f}")
     print(f"per-class accuracy and confusion matrices: {out}")
     return 0

@@ -1,5 +1,6 @@
 """`automix-fast export`: one encoder and its classifier head of a checkpoint as plain weights
-(.safetensors or .pt) plus a JSON of what is needed to use them (see automix_fast.export)."""
+(.safetensors or .pt) or a whole program (.pt2, .onnx), plus a JSON of what is needed to use
+them (see automix_fast.export)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,10 +14,12 @@ def run(args) -> int:
     from automix_fast.data import IMAGENET_MEAN, IMAGENET_STD, DataSpec
     from automix_fast.data.torch_loader import resolve_aug
     from automix_fast.data.transforms import eval_resize_for
-    from automix_fast.export import export_state, from_export_keys, torchvision_name, write_export
+    from automix_fast.export import (PROGRAM_FORMATS, check_output, export_state, file_format, from_export_keys,
+                                     torchvision_name, write_export)
     from automix_fast.models import create_model
 
     state = read_training_checkpoint(args.checkpoint)
+    output = check_output(args.output or Path(args.checkpoint).with_name(f"{Path(args.checkpoint).stem}-{args.head}.safetensors"))
     cfg = build_config({**state["config"], "resume": None})
     arch, num_classes = state["model_name"], int(state["num_classes"])
     weights = export_state(state["mixer"], arch, args.head, args.classifier)
@@ -47,9 +50,10 @@ def run(args) -> int:
         "epoch": state.get("epoch"),
         "checkpoint": str(Path(args.checkpoint)),
     }
-    output = args.output or str(Path(args.checkpoint).with_name(f"{Path(args.checkpoint).stem}-{args.head}.safetensors"))
-    weights_path, meta_path = write_export(weights, meta, output)
-    print(f"{weights_path}: {arch} encoder {args.head}, head '{args.classifier}' as fc, {num_classes} classes, "
-          f"{'torchvision' if tv else 'automix-fast'} key names")
+    weights_path, meta_path = write_export(weights, meta, output, model=fresh)
+    fmt = file_format(output)
+    kind = (f"a {fmt} program, input (batch, 3, {img_size}, {img_size})" if fmt in PROGRAM_FORMATS
+            else f"{'torchvision' if tv else 'automix-fast'} key names")
+    print(f"{weights_path}: {arch} encoder {args.head}, head '{args.classifier}' as fc, {num_classes} classes, {kind}")
     print(f"{meta_path}: classes, image size, normalisation")
     return 0

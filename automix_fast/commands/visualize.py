@@ -6,6 +6,7 @@ from pathlib import Path
 
 from automix_fast.commands.common import EVAL_OVERRIDES, eval_data, load_trained
 from automix_fast.errors import UserError
+from automix_fast.rundir import check_writable
 
 
 def run(args) -> int:
@@ -19,8 +20,10 @@ def run(args) -> int:
     trained = load_trained(args.checkpoint, overrides)
     if not hasattr(trained.mixer, "mix_block"):
         raise UserError(f"{args.checkpoint} was trained with --mix {trained.cfg.mix}, which has no Mix Block to visualize")
+    # never replaces an earlier picture; checked before the work
+    png = check_writable(args.png or next_free_path(Path(args.checkpoint).parent), "mask picture",
+                         "choose a writable --output" if args.png else "pass a writable --output FILE.png")
     loader, info, spec = eval_data(trained)
-    png = args.png or next_free_path(Path(args.checkpoint).parent)  # never replaces an earlier picture
     path, lines = write_mix_grid(trained.mixer, loader, png, spec, num=args.num, classes=info.classes)
     norms = {k: float(v) for k, v in trained.mixer.mix_block.weight_norms().items()}
     print("\n".join(lines))  # the mask statistics the training logs, on these pairs
