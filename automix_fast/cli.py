@@ -23,7 +23,8 @@ ALIASES = {
 }
 # Every TrainConfig field has a line here (a test checks); `--help` adds the default.
 HELP = {
-    "data_dir": "dataset folder: ImageFolder train/ and val/, or CIFAR python batches; none: the embedded default",
+    "data_dir": "dataset folder: ImageFolder train/ and val/ (or test/), train/ alone or DIR/<class>/ with --val-split, "
+                "or CIFAR python batches; none: the embedded default",
     "dataset": "what --data-dir holds; auto: detected",
     "loader": "data loader: DALI, torch, or auto (DALI when installed)",
     "workers": "loader worker processes/threads per process",
@@ -31,6 +32,8 @@ HELP = {
     "aug": "augmentation: cifar (pad-crop-flip), imagenet (random-resized-crop), auto (cifar up to 64 px)",
     "skip_bad_images": "leave out unreadable image files (with a warning) instead of stopping",
     "num_classes": "expected class count; none: from the data (a mismatch is an error)",
+    "val_split": "hold out this class-balanced fraction of a folder without val/ (DIR/train/ alone or DIR/<class>/) "
+                 "for validation; the same images on every run",
     "model": "network (see `automix-fast models`)",
     "epochs": "epochs to train (may be raised when resuming)",
     "batch_size": "images per batch per process",

@@ -27,6 +27,7 @@ class TrainConfig:
     aug: str = "auto"  # auto | cifar | imagenet
     skip_bad_images: bool = False
     num_classes: int | None = None  # none: from the data; a mismatch is an error
+    val_split: float | None = None  # hold out this class-balanced part of a folder without val/ (fixed seed)
     # model
     model: str = "tinynet"
     # optimisation
@@ -299,6 +300,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.sched == "step":
         _require(bool(cfg.decay_epochs), "decay_epochs", "must list epochs when sched is step", cfg.decay_epochs)
     validate_timm_flags(cfg)
+    if cfg.val_split is not None:
+        _require(0 < cfg.val_split < 1, "val_split", "must be a fraction in (0, 1)", cfg.val_split)
     if cfg.train_subset is not None:
         _require(0 < cfg.train_subset <= 1, "train_subset", "must be a fraction in (0, 1]", cfg.train_subset)
     _require(cfg.mix_block_every >= 1, "mix_block_every", "must be at least 1", cfg.mix_block_every)

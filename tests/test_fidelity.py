@@ -169,6 +169,32 @@ def test_wrn28_8_recipe_and_mix_stage():
     assert make_automix_for(model).mix_block.in_channels == 256
 
 
+def test_cifar10_recipes_are_the_cifar100_ones_on_cifar10():
+    import dataclasses
+
+    for model in ("r18", "rx50"):
+        for mix in ("automix", "mixup", "cutmix", "vanilla"):
+            ten, hundred = recipe(f"cifar10_{model}_{mix}"), recipe(f"cifar100_{model}_{mix}")
+            assert (ten.dataset, hundred.dataset, ten.mix) == ("cifar10", "cifar100", mix)
+            assert dataclasses.replace(ten, dataset="cifar100") == hundred
+    mixup, cutmix = recipe("cifar10_r18_mixup"), recipe("cifar10_rx50_cutmix")
+    # OpenMixup's CIFAR-10 baselines: SGD lr 0.1 momentum 0.9 wd 1e-4, cosine to 0, batch 100.
+    assert (mixup.lr, mixup.min_lr, mixup.momentum, mixup.weight_decay, mixup.batch_size) == (0.1, 0.0, 0.9, 1e-4, 100)
+    assert (mixup.mix_alpha, cutmix.mix_alpha, mixup.epochs, cutmix.model) == (1.0, 0.2, 800, "resnext50_32x4d_cifar")
+    automix = recipe("cifar10_r18_automix")
+    assert (automix.mix_alpha, automix.min_lr, automix.encoder_momentum_end) == (2.0, 0.05, 0.999999)
+
+
+def test_every_shipped_config_with_a_dataset_is_named_after_it():
+    """A config that pins `dataset:` says so in its name (the error for other data names both)."""
+    import os
+
+    for name in sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml")):
+        pinned = recipe(name).dataset
+        if pinned in ("cifar10", "cifar100"):
+            assert name.startswith(pinned + "_"), name
+
+
 def make_automix_for(model):
     return build_mixer("automix", model, seed=0, kernel_backend="torch")
 

@@ -54,6 +54,8 @@ def load_trained(path: str, overrides: dict | None = None) -> Trained:
     state = read_training_checkpoint(path)
     stored = dict(state["config"])
     stored.update(overrides or {})
+    if stored.get("data_dir") != state["config"].get("data_dir"):
+        stored["val_split"] = None  # another folder: evaluated as it is, not split as the training folder was
     stored.update(resume=None, experiment=None, torchcompile=False)
     cfg = build_config(stored)
     device = resolve_device(cfg.device)
@@ -77,7 +79,7 @@ def eval_data(trained: Trained):
     from automix_fast.engine.policy import resolve_loader
 
     cfg = trained.cfg
-    info = resolve_eval_data(cfg.data_dir, cfg.dataset, cfg.skip_bad_images)
+    info = resolve_eval_data(cfg.data_dir, cfg.dataset, cfg.skip_bad_images, cfg.val_split)
     check_classes(info.classes, trained.classes, info.root, trained.path)
     spec = DataSpec(
         dataset=cfg.dataset, data_dir=cfg.data_dir, img_size=trained.img_size,

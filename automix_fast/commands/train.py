@@ -42,6 +42,7 @@ def train_config(args: argparse.Namespace):
 
 def run(args) -> int:
     from automix_fast.engine.distributed import cleanup
+    from automix_fast.data.folder import LayoutError
     from automix_fast.engine.runner import Trainer
 
     try:
@@ -51,7 +52,12 @@ def run(args) -> int:
             if os.environ.get("RANK", "0") == "0":
                 print(finished)
             return 0
-        summary = Trainer(cfg, resume_from=resume_from, resolved=True).fit()
+        try:
+            summary = Trainer(cfg, resume_from=resume_from, resolved=True).fit()
+        except LayoutError as e:
+            if resume_from is None:
+                explain_pinned_dataset(e, args)
+            raise
     finally:
         cleanup()  # leave the process group before exit: a live gloo group can abort at shutdown
     if not summary.get("stopped") and summary.get("is_main", True):
@@ -60,6 +66,32 @@ def run(args) -> int:
         # A rank stopped by another rank's signal (under torchrun) exits as for SIGTERM.
         return 128 + (summary.get("signal") or signal.SIGTERM)
     return 0
+
+
+def explain_pinned_dataset(err, args: argparse.Namespace) -> None:
+    """`err`: a data.folder.LayoutError. When the -c file (not a flag) set `dataset:` and the data is another kind, raise the error
+    again naming the config, its value and the flags (or the shipped config) that fit the data."""
+    from automix_fast.config import CONFIG_DIR, load_yaml
+    from automix_fast.data.folder import KIND_NAMES
+    from automix_fast.errors import DataError
+
+    name = getattr(args, "config", None)
+    if not name or "dataset" in vars(args):
+        return
+    pinned = load_yaml(name)
+    if "dataset" not in pinned:
+        return
+    config = os.path.splitext(os.path.basename(name))[0]
+    advice = ""
+    if err.found in KIND_NAMES:
+        flags = f"--dataset {err.found}"
+        if "num_classes" in pinned:
+            flags += {"cifar10": " --num-classes 10", "cifar100": " --num-classes 100"}.get(err.found, " --num-classes N")
+        advice = f"; pass {flags} to train it on {KIND_NAMES[err.found]}"
+        kin = config.replace(pinned["dataset"], err.found, 1) if config.startswith(pinned["dataset"] + "_") else None
+        if kin and os.path.isfile(os.path.join(CONFIG_DIR, kin + ".yaml")):
+            advice += f", or use -c {kin}"
+    raise DataError(f"{err}; the config {config} sets dataset: {pinned['dataset']}{advice}") from None
 
 
 def print_summary(summary: dict) -> None:

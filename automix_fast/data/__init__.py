@@ -40,6 +40,7 @@ class DataSpec:
     skip_bad_images: bool = False
     train_subset: float | None = None  # a class-balanced fraction of the training set (data/subset.py)
     train_subset_seed: int = 0
+    val_split: float | None = None  # hold out this class-balanced part of a folder without val/ (data/subset.py)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -56,6 +57,7 @@ class DatasetInfo:
     train_arrays: tuple | None = None  # (uint8 NHWC ndarray, int64 ndarray)
     val_arrays: tuple | None = None
     bad_files: object = None  # bad_files.BadFiles: files that failed to decode mid-run (build_loaders sets it)
+    screened_out: list = field(default_factory=list)  # (path, problem) dropped by --skip-bad-images before training
 
     @property
     def num_classes(self) -> int:
@@ -97,6 +99,8 @@ def validate_spec(spec: DataSpec) -> None:
              f"mean/std: need 3 values each and std > 0, got mean={spec.mean} std={spec.std}")
     _require(spec.train_subset is None or 0 < spec.train_subset <= 1,
              f"train_subset: must be a fraction in (0, 1], got {spec.train_subset!r}")
+    _require(spec.val_split is None or 0 < spec.val_split < 1,
+             f"val_split: must be a fraction in (0, 1), got {spec.val_split!r}")
     _require(spec.dataset in ("auto", "embedded") or spec.data_dir is not None,
              f"data_dir: dataset '{spec.dataset}' needs a data directory")
     try:
@@ -108,7 +112,7 @@ def validate_spec(spec: DataSpec) -> None:
 def detect_dataset(data_dir: str | None) -> str:
     """The dataset kind 'auto' means for data_dir (see resolve_dataset)."""
     from .cifar import find_cifar_dir
-    from .folder import is_image_folder_root
+    from .folder import LAYOUTS, is_image_folder_root
 
     if data_dir is None:
         return "embedded"
@@ -119,16 +123,14 @@ def detect_dataset(data_dir: str | None) -> str:
             return kind
     if is_image_folder_root(data_dir):
         return "folder"
-    raise DataError(
-        f"cannot tell what dataset {data_dir} holds: expected cifar-10-batches-py/, cifar-100-python/, "
-        "or train/ and val/ folders of class folders"
-    )
+    raise DataError(f"cannot tell what dataset {data_dir} holds; accepted layouts: {LAYOUTS}")
 
 
 def resolve_dataset(spec: DataSpec) -> DatasetInfo:
     """Find and check the data. dataset 'auto': no data_dir -> embedded; a dir that contains or is
-    cifar-10-batches-py / cifar-100-python -> cifar10 / cifar100; a dir with train/ and val/ ->
-    folder. 'embedded' uses data_dir, when given, as the cache directory."""
+    cifar-10-batches-py / cifar-100-python -> cifar10 / cifar100; an image folder in one of
+    folder.LAYOUTS -> folder (one without val/ or test/ needs spec.val_split). 'embedded' uses
+    data_dir, when given, as the cache directory."""
     from .folder import resolve_image_folder
 
     kind = detect_dataset(spec.data_dir) if spec.dataset == "auto" else spec.dataset
@@ -136,12 +138,15 @@ def resolve_dataset(spec: DataSpec) -> DatasetInfo:
         from .embedded import ensure_embedded_dataset
 
         cache = spec.data_dir if spec.dataset == "embedded" else None
-        return resolve_image_folder(ensure_embedded_dataset(cache), spec.skip_bad_images, kind="embedded")
+        return resolve_image_folder(ensure_embedded_dataset(cache), spec.skip_bad_images, "embedded", spec.val_split)
     if kind in ("cifar10", "cifar100"):
         from .cifar import load_cifar
 
+        if spec.val_split is not None:
+            raise DataError(f"--val-split {spec.val_split:g} holds out part of a folder without a validation split, "
+                            f"but {kind} has its test batch: drop --val-split")
         return load_cifar(spec.data_dir, kind)
-    return resolve_image_folder(spec.data_dir, spec.skip_bad_images)
+    return resolve_image_folder(spec.data_dir, spec.skip_bad_images, val_split=spec.val_split)
 
 
 def build_loaders(spec: DataSpec):
@@ -154,6 +159,7 @@ def build_loaders(spec: DataSpec):
     info = resolve_dataset(spec)
     apply_train_subset(info, spec.train_subset, spec.train_subset_seed)  # before the loaders and bad-file lists
     info.bad_files = BadFiles(skip=spec.skip_bad_images, announce=spec.rank == 0)
+    info.bad_files.add_screened(info.screened_out)  # listed in the run folder from the first epoch's end
     if info.train_samples is not None:
         info.bad_files.dataset_paths = {p for p, _ in info.train_samples} | {p for p, _ in info.val_samples}
     if spec.loader == "dali":

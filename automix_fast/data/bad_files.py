@@ -22,7 +22,10 @@ the DALI loader's header screening, see jpeg_header.py), and this module decides
 Each file is named once on the console (rank 0), counted in metrics.jsonl (a "data" record at
 the end of each epoch that found any), and listed in `<run folder>/bad_images.txt`
 (path, what was done, why; tab-separated) so a resumed run or the next run in the same folder
-treats it so from the start. Under torchrun the ranks merge their lists at each epoch end
+treats it so from the start. The files `--skip-bad-images` drops before training (the cheap
+check of folder.py, which names them on the console itself) are listed and counted the same way
+as "skipped before training", at the end of the first epoch (the run folder may not exist while
+they are found); the next run's own check decides about them again. Under torchrun the ranks merge their lists at each epoch end
 (one all_gather_object), so all ranks plan the next epoch around the same files.
 
 Nothing here runs per step on a clean dataset: the loaders look at this list only when it is
@@ -44,6 +47,7 @@ BAD_FILES_NAME = "bad_images.txt"
 REPAIRED = "header repaired"  # DALI reads a copy without the stray header bytes (jpeg_header.py)
 PILLOW = "decoded with Pillow"
 LEFT_OUT = "left out"
+SKIPPED = "skipped before training"  # dropped by folder.py's check with --skip-bad-images
 _SHOW = 3  # paths named in the one-line stop error
 
 
@@ -75,9 +79,16 @@ class BadFiles:
         self._deferred: list[str] = []  # found by the screening, named at the end of the first epoch
         self._listed: set[str] = set()  # already in the run folder's bad_images.txt
         self.in_run = False  # True once a run (engine/runner.py) manages this list
+        self._stale = False  # bad_images.txt lists a SKIPPED file this run's check no longer drops
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def add_screened(self, dropped: list[tuple[str, str]]) -> None:
+        """The (path, problem) pairs folder.py's check dropped before training (already named on
+        the console): listed as SKIPPED from the first end_epoch on."""
+        for path, problem in dropped:
+            self.entries.setdefault(path, (SKIPPED, _one_line(problem)))
 
     # -- what the loaders ask
     def plan(self, batch, paths: list[str], order=None):
@@ -176,6 +187,8 @@ class BadFiles:
             line = f"warning: DALI cannot decode {path} ({reason}); reading a copy with the header repaired"
         elif how == PILLOW:
             line = f"warning: DALI cannot decode {path} ({reason}); decoded with Pillow instead"
+        elif how == SKIPPED:
+            line = f"warning: skipped {path} before training ({reason})"
         elif self.skip:
             line = f"warning: cannot decode {path} ({reason}); left out of this run"
         else:
@@ -209,6 +222,9 @@ class BadFiles:
                 continue
             self._listed.add(parts[0])
             if parts[0] in self.entries:  # the screening found it again
+                continue
+            if parts[1] == SKIPPED:  # this run's check passed it (fixed) or no longer sees it: unlist it
+                self._stale = True
                 continue
             path, how, reason = parts
             if self.dataset_paths is not None and path not in self.dataset_paths:
@@ -247,12 +263,14 @@ class BadFiles:
                             how = LEFT_OUT
                         self._add(path, how, reason)
         self.announce_screened()
-        if (len(self.entries), self.recoveries) == self._logged:
+        if (len(self.entries), self.recoveries) == self._logged and not self._stale:
             return
+        self._stale = False
         self._logged = (len(self.entries), self.recoveries)
         hows = [how for how, _ in self.entries.values()]
         logger.log("data", {"bad_images": len(hows), "left_out": hows.count(LEFT_OUT),
-                            "header_repaired": hows.count(REPAIRED), "decoded_with_pillow": hows.count(PILLOW), "pipeline_recoveries": self.recoveries,
+                            "header_repaired": hows.count(REPAIRED), "decoded_with_pillow": hows.count(PILLOW),
+                            "skipped_before_training": hows.count(SKIPPED), "pipeline_recoveries": self.recoveries,
                             "recovery_seconds": round(self.recovery_seconds, 4)}, epoch=epoch, step=step)
         if write:
             self._write(Path(run_dir) / BAD_FILES_NAME)

@@ -118,7 +118,9 @@ def load_cifar(data_dir: str, kind: str):
         raise DataError(f"data directory not found: {data_dir}")
     root = find_cifar_dir(data_dir, kind)
     if root is None:
-        raise DataError(f"no {_LAYOUT[kind][0]}/ folder in {data_dir}")
+        from .folder import layout_error
+
+        raise layout_error(data_dir, f"no {_LAYOUT[kind][0]}/ folder in {data_dir}")
     _, train_files, val_files, label_key, _, _ = _LAYOUT[kind]
     train = _load_split(root, train_files, label_key)
     val = _load_split(root, val_files, label_key)

@@ -5,6 +5,7 @@ Where the images are, for `data_dir`:
   - CIFAR python batches (`cifar-10-batches-py` / `cifar-100-python`): the test batch;
   - `DIR/val/` (or `DIR/test/` when there is no val/), with or without a `DIR/train/` beside it;
   - otherwise DIR itself as a flat ImageFolder, `DIR/<class>/<images>`;
+  - with `val_split` (a run trained on a folder without val/): the part held out for validation;
   - no data_dir: the embedded dataset's val/ split.
 """
 from __future__ import annotations
@@ -25,10 +26,16 @@ def eval_split_dir(data_dir: str) -> str:
     return split if os.path.isdir(split) else data_dir
 
 
-def resolve_eval_data(data_dir: str | None, dataset: str = "auto", skip_bad: bool = False) -> DatasetInfo:
+def resolve_eval_data(data_dir: str | None, dataset: str = "auto", skip_bad: bool = False,
+                      val_split: float | None = None) -> DatasetInfo:
     """A DatasetInfo whose val split is the evaluation data and whose train split is empty."""
-    from . import detect_dataset
+    from . import DataSpec, detect_dataset, resolve_dataset
     from .folder import scan_image_folder
+
+    if val_split is not None:  # the training folder's held-out part, drawn as training drew it
+        info = resolve_dataset(DataSpec(dataset=dataset, data_dir=data_dir, skip_bad_images=skip_bad, val_split=val_split))
+        info.train_samples = []
+        return info
 
     kind = dataset
     if kind == "auto":

@@ -1,10 +1,12 @@
 """Image folders (ImageFolder layout) and the bad-file policy shared by every loader.
 
-Layout: `DIR/train/<class>/**/<image>` and `DIR/val/<class>/**/<image>` (`DIR/test/` is taken
-for val when there is no val/, as CIFAR-as-JPEG mirrors ship it); the label of a file is
-the index of its class folder's name in the sorted list of class names, and train and val must
-hold the same class names. Image files are those ending in .jpg .jpeg .png .bmp .webp (any case);
-other files are ignored, and so are folders and files whose name starts with a dot.
+Layouts (LAYOUTS says them in one line): `DIR/train/<class>/**/<image>` and
+`DIR/val/<class>/**/<image>` (`DIR/test/` is taken for val when there is no val/, as
+CIFAR-as-JPEG mirrors ship it); or a folder without a validation split, `DIR/train/<class>/`
+alone or a flat `DIR/<class>/`, with `val_split` (subset.py: a seeded class-balanced part of
+it is held out for validation). The label of a file is the index of its class folder's name in
+the sorted list of class names, and train and val must hold the same class names. Image files
+are those ending in .jpg .jpeg .png .bmp .webp (any case); other files are ignored, and so are folders and files whose name starts with a dot.
 
 Bad-file policy (the torch and the DALI loaders both read the lists made here, so both follow it):
 every image file is checked cheaply BEFORE training starts, on threads: its first bytes must be a
@@ -31,6 +33,32 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"IEND\xaeB`\x82"
 _TAIL_BYTES = 4096  # one block: the end marker and usual zero padding in a single read
 _SHOW_BAD = 3  # paths named in the one-line error / warning
+SPLITS = ("train", "val", "test")
+LAYOUTS = ("DIR/train/<class>/ with DIR/val/<class>/ (or DIR/test/<class>/); "
+           "cifar-10-batches-py/ or cifar-100-python/ (DIR itself or inside it); "
+           "DIR/train/<class>/ alone or a flat DIR/<class>/ with --val-split FRACTION")
+
+KIND_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "folder": "an image folder"}  # detect_dataset's kinds
+
+
+class LayoutError(DataError):
+    """data_dir is not the layout asked for (or not any layout); `found` names the dataset kind it
+    holds instead (detect_dataset's answer), or is None."""
+
+    def __init__(self, message: str, found: str | None = None):
+        super().__init__(message)
+        self.found = found
+
+
+def layout_error(data_dir: str, head: str, tail: str = "") -> LayoutError:
+    """LayoutError `head (it holds KIND)tail`, naming what detect_dataset finds in data_dir."""
+    from . import detect_dataset
+
+    try:
+        found = detect_dataset(data_dir)
+    except DataError:
+        found = None
+    return LayoutError(f"{head}{f' (it holds {KIND_NAMES[found]})' if found in KIND_NAMES else ''}{tail}", found)
 
 
 def is_image_file(name: str) -> bool:
@@ -85,8 +113,10 @@ def find_bad_images(paths: list[str], threads: int = 16) -> list[tuple[str, str]
     return [(p, why) for p, why in zip(paths, problems) if why is not None]
 
 
-def apply_bad_image_policy(samples: list[tuple[str, int]], skip_bad: bool, where: str) -> list[tuple[str, int]]:
-    """The one place the bad-file policy lives: refuse (default) or drop with one warning line."""
+def apply_bad_image_policy(samples: list[tuple[str, int]], skip_bad: bool, where: str,
+                           dropped: list | None = None) -> list[tuple[str, int]]:
+    """The one place the bad-file policy lives: refuse (default) or drop with one warning line;
+    the dropped (path, problem) pairs are appended to `dropped` when given."""
     bad = find_bad_images([p for p, _ in samples])
     if not bad:
         return samples
@@ -98,8 +128,10 @@ def apply_bad_image_policy(samples: list[tuple[str, int]], skip_bad: bool, where
             "fix or delete them, or pass --skip-bad-images to leave them out"
         )
     print(f"warning: skipping {len(bad)} unreadable image file(s) in {where}: {shown}{more}", file=sys.stderr)
-    dropped = {p for p, _ in bad}
-    return [(p, y) for p, y in samples if p not in dropped]
+    if dropped is not None:
+        dropped.extend(bad)
+    gone = {p for p, _ in bad}
+    return [(p, y) for p, y in samples if p not in gone]
 
 
 def _list_images(class_dir: str) -> list[str]:
@@ -111,8 +143,9 @@ def _list_images(class_dir: str) -> list[str]:
     return found
 
 
-def scan_image_folder(root: str, skip_bad: bool = False) -> tuple[list[str], list[tuple[str, int]]]:
-    """(classes, samples) of one split folder `root/<class>/...`, checked by the bad-file policy.
+def scan_image_folder(root: str, skip_bad: bool = False, dropped: list | None = None) -> tuple[list[str], list[tuple[str, int]]]:
+    """(classes, samples) of one split folder `root/<class>/...`, checked by the bad-file policy
+    (files it drops are appended to `dropped`, see apply_bad_image_policy).
 
     samples are (path, label) with label = index of the class in the sorted class list.
     """
@@ -127,7 +160,7 @@ def scan_image_folder(root: str, skip_bad: bool = False) -> tuple[list[str], lis
         if not files:
             raise DataError(f"class folder '{name}' has no images ({', '.join(IMAGE_EXTENSIONS)}): {os.path.join(root, name)}")
         samples.extend((p, label) for p in files)
-    samples = apply_bad_image_policy(samples, skip_bad, root)
+    samples = apply_bad_image_policy(samples, skip_bad, root, dropped)
     emptied = sorted(set(range(len(classes))) - {y for _, y in samples})
     if emptied:
         raise DataError(f"class folder '{classes[emptied[0]]}' has no readable images left in {root}")
@@ -139,27 +172,78 @@ def val_split_name(path: str) -> str:
     return "test" if not os.path.isdir(os.path.join(path, "val")) and os.path.isdir(os.path.join(path, "test")) else "val"
 
 
+def _subfolders(path: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+
+
+def is_flat_class_folder(path: str) -> bool:
+    """`path/<class>/<images>`: sub-folders, none named train/val/test, the first holding an image."""
+    names = _subfolders(path)
+    if not names or any(n in SPLITS for n in names):
+        return False
+    for _, dirnames, filenames in os.walk(os.path.join(path, names[0]), followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if any(is_image_file(f) for f in filenames if not f.startswith(".")):
+            return True
+    return False
+
+
+def folder_splits(path: str) -> tuple[str, str | None] | None:
+    """(train folder, val folder or None) of an image folder root in one of LAYOUTS, else None."""
+    if os.path.isdir(os.path.join(path, "train")):
+        val = os.path.join(path, val_split_name(path))
+        return os.path.join(path, "train"), (val if os.path.isdir(val) else None)
+    return (path, None) if is_flat_class_folder(path) else None
+
+
 def is_image_folder_root(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, "train")) and os.path.isdir(os.path.join(path, val_split_name(path)))
+    return folder_splits(path) is not None
 
 
-def resolve_image_folder(data_dir: str, skip_bad: bool = False, kind: str = "folder"):
-    """DatasetInfo of `data_dir/{train,val}/<class>/...`; train and val must name the same classes."""
+def _needs_val_split(data_dir: str, train_dir: str) -> str:
+    """The one-line error for a folder without a validation split given no --val-split."""
+    what = f"{data_dir} has train/ but no val/ or test/" if train_dir != data_dir else \
+        f"{data_dir} holds class folders but no val/ or test/ split"
+    parent = os.path.dirname(os.path.normpath(data_dir))
+    above = folder_splits(parent) if os.path.basename(os.path.normpath(data_dir)) == "train" else None
+    hint = f", or pass --data-dir {parent} (it holds train/ and {val_split_name(parent)}/)" if above and above[1] else ""
+    return (f"{what}: pass --val-split 0.1 to hold out a class-balanced tenth of it for validation{hint} "
+            f"(accepted layouts: {LAYOUTS})")
+
+
+def resolve_image_folder(data_dir: str, skip_bad: bool = False, kind: str = "folder", val_split: float | None = None):
+    """DatasetInfo of an image folder in one of LAYOUTS; train and val must name the same classes.
+    A folder without val/ or test/ needs `val_split` (subset.apply_val_split); one with them
+    refuses it. Files the bad-file policy drops are listed in the info's `screened_out`."""
     from . import DatasetInfo
+    from .subset import apply_val_split
 
     if not os.path.isdir(data_dir):
         raise DataError(f"data directory not found: {data_dir}")
-    val_split = val_split_name(data_dir)
-    for split in ("train", val_split):
-        if not os.path.isdir(os.path.join(data_dir, split)):
-            raise DataError(f"no {split}/ folder in {data_dir} (expected {data_dir}/train/<class>/... and {data_dir}/val/<class>/...)")
-    classes, train = scan_image_folder(os.path.join(data_dir, "train"), skip_bad)
-    val_classes, val = scan_image_folder(os.path.join(data_dir, val_split), skip_bad)
+    splits = folder_splits(data_dir)
+    if splits is None:
+        raise layout_error(data_dir, f"{data_dir} is not an image folder", f"; accepted layouts: {LAYOUTS}")
+    train_dir, val_dir = splits
+    if val_dir is None and val_split is None:
+        raise LayoutError(_needs_val_split(data_dir, train_dir))
+    if val_dir is not None and val_split is not None:
+        raise DataError(f"--val-split {val_split:g} holds out part of a folder without a validation split, "
+                        f"but {data_dir} has {os.path.basename(val_dir)}/: drop --val-split")
+    dropped: list = []
+    classes, train = scan_image_folder(train_dir, skip_bad, dropped)
+    if val_dir is None:
+        info = DatasetInfo(kind=kind, root=data_dir, classes=classes, train_samples=train, val_samples=[])
+        apply_val_split(info, val_split)
+        info.screened_out = dropped
+        return info
+    val_split_dir = os.path.basename(val_dir)
+    val_classes, val = scan_image_folder(val_dir, skip_bad, dropped)
     if classes != val_classes:
         only_train = sorted(set(classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(classes))
         raise DataError(
-            f"train/ and {val_split}/ class folders differ in {data_dir}: "
-            f"only in train: {only_train[:5] or 'none'}; only in {val_split}: {only_val[:5] or 'none'}"
+            f"train/ and {val_split_dir}/ class folders differ in {data_dir}: "
+            f"only in train: {only_train[:5] or 'none'}; only in {val_split_dir}: {only_val[:5] or 'none'}"
         )
-    return DatasetInfo(kind=kind, root=data_dir, classes=classes, train_samples=train, val_samples=val)
+    return DatasetInfo(kind=kind, root=data_dir, classes=classes, train_samples=train, val_samples=val,
+                       screened_out=dropped)

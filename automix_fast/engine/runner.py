@@ -114,7 +114,7 @@ class Trainer:
             dtype=self.amp_dtype if (self.amp_dtype is not None and cuda) else torch.float32,
             loader=self.loader_kind, aug=cfg.aug, rank=self.dist.rank, world_size=self.dist.world_size,
             seed=cfg.seed, skip_bad_images=cfg.skip_bad_images,
-            train_subset=cfg.train_subset, train_subset_seed=cfg.train_subset_seed,
+            train_subset=cfg.train_subset, train_subset_seed=cfg.train_subset_seed, val_split=cfg.val_split,
         )
         self.train_loader, self.val_loader, self.info = build_loaders(self.spec)
         if len(self.train_loader) == 0:
