@@ -8,8 +8,6 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # kernels/ ships as automix_fast.kernels so the project never claims the global name `kernels`.
-    package_dir={"automix_fast": "automix_fast", "automix_fast.kernels": "kernels"},
     packages=[
         "automix_fast",
         "automix_fast.ops",

@@ -6,7 +6,7 @@
 1. Capture: the real Mix Block (`automix_fast.mixing.mixblock.MixBlock`) and `ops.mask_mix`
    run forward and backward on `meta` tensors at each preset's shapes, for every dtype,
    memory format, mask mode (and lam_concat where the recipe has it), inside
-   `automix_fast.ops.launches.recording()`: each launcher records what it would launch.
+   `automix_fast.kernels.launches.recording()`: each launcher records what it would launch.
    Nothing is hand-listed, so the list cannot drift from the launchers.
 2. Specialize: each recorded launch goes through triton's own binder (the code the JIT runs
    at launch) to get the signature, constexprs and divisibility attributes; identical
@@ -60,7 +60,7 @@ TARGETS = {"sm_80": 80, "sm_90": 90}
 def capture(presets=tuple(PRESETS), dtypes=tuple(DTYPES), layouts=tuple(LAYOUTS), modes=MODES):
     """[(context dict, Launch)] for one training-step use of the Mix Block per combination."""
     from automix_fast.mixing.mixblock import MixBlock
-    from automix_fast.ops import launches
+    from automix_fast.kernels import launches
 
     meta = torch.device("meta")
     out = []

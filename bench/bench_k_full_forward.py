@@ -1,12 +1,12 @@
 """What the official step's extra k pass costs: k's stages after the Mix Block's stage, run on the
-clean batch (no grad) only for k's BN statistics (`k_full_forward`, issue 10 point 1).
+clean batch (no grad) only for k's BN statistics (`k_full_forward`).
 
     python bench/bench_k_full_forward.py                                  # resnet18_cifar, tinynet, wrn28_8_cifar
     python bench/bench_k_full_forward.py --models resnet50 --img-size 224 -b 64 --device cuda
 
 Two numbers per model:
   - FLOPs (torch.utils.flop_counter, device independent): the extra pass in units of one backbone
-    forward, and against DESIGN §4's ~8.8 units of an AutoMix step;
+    forward, and as a share of the ~8.8 units of an AutoMix step (STEP_UNITS);
   - time: whole AutoMix steps (loss + backward, fp32 reference path) with and without the extra
     pass, interleaved A/B/A/B and the minimum of each taken, so a machine shared with other jobs
     (the 2-core CI box) biases both sides alike.
@@ -28,7 +28,8 @@ from common import environment, write_results  # noqa: E402
 from automix_fast.mixing import build_mixer  # noqa: E402
 from automix_fast.models import create_model  # noqa: E402
 
-STEP_UNITS = 8.8  # DESIGN §4: backbone forward units per AutoMix step without the extra pass
+# Backbone forward units per AutoMix step without the extra pass (bench/README.md "The ~2.9 floor").
+STEP_UNITS = 8.8
 
 
 def flops(fn) -> int:

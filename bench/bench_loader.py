@@ -4,9 +4,10 @@ Cases (each runs `--batches` timed batches after `--warmup` batches, train augme
   imagenet/*  an ImageNet-like folder (JPEGs of varied sizes around 500x375, generated once into
               --cache-dir), 224 px random-resized-crop + flip + normalize:
               dali (DaliFolderLoader) vs torch (StreamingLoader: PIL in DataLoader workers).
-  cifar/*     the CIFAR-10 JPEG folder (--data-dir: a folder holding test/ or train/ of class
-              folders, or the cifar10-*.tar.gz archives, unpacked into --cache-dir), 32 px
-              pad-4 crop + flip + normalize:
+  cifar/*     32 px JPEGs: the CIFAR-10 JPEG folder (--data-dir: a folder holding test/ or
+              train/ of class folders, or the cifar10-*.tar.gz archives, unpacked into
+              --cache-dir), or without --data-dir the embedded dataset's train split (CIFAR's
+              size and layout, generated once); pad-4 crop + flip + normalize:
               dali-folder (DALI decodes the JPEGs every epoch), dali-memory (a DALI
               external_source pipeline over the decoded uint8 arrays: crop pad 4 + flip +
               normalize), torch-resident (ResidentLoader: decoded once, batched gather + crop +
@@ -14,7 +15,7 @@ Cases (each runs `--batches` timed batches after `--warmup` batches, train augme
 The device is --device (cpu: DALI's CPU-only mode). Results: JSON in output/bench/ (--out to choose)
 (loader-<device>-<date>.json) with the machine, versions and git commit, and a table on stdout.
 
-    python bench/bench_loader.py --data-dir /path/to/cifar10-jpeg --device cpu --workers 2
+    python bench/bench_loader.py --data-dir DATA/cifar10-jpeg --device cpu --workers 2
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from common import environment, results_path  # noqa: E402
 
 from automix_fast.data import DataSpec  # noqa: E402
 from automix_fast.data.folder import scan_image_folder
+from automix_fast.data.embedded import ensure_embedded_dataset
 
 
 
@@ -210,7 +212,8 @@ def loader_environment(device: torch.device) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data-dir", default="/work/shared/data/cifar10-jpeg", help="CIFAR-10 JPEG folder or archives")
+    ap.add_argument("--data-dir", default=None,
+                    help="CIFAR-10 JPEG folder or archives (default: the embedded dataset's train split)")
     ap.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "automix-fast", "bench"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--imagenet-count", type=int, default=2000, help="images in the generated ImageNet-like folder")
@@ -255,7 +258,11 @@ def main(argv=None) -> int:
                                                          spec, True, "imagenet"))
 
     # CIFAR-10 JPEGs at 32 px.
-    _, cifar_samples = scan_image_folder(cifar_folder(args.data_dir, args.cache_dir))
+    if args.data_dir:
+        cifar_dir = cifar_folder(args.data_dir, args.cache_dir)
+    else:
+        cifar_dir = os.path.join(ensure_embedded_dataset(), "train")
+    _, cifar_samples = scan_image_folder(cifar_dir)
     cifar_samples = balanced_prefix(cifar_samples, args.cifar_count)
     cspec = DataSpec(img_size=32, batch_size=args.cifar_batch_size, workers=args.workers, device=device,
                      channels_last=True, dtype=dtype, aug="cifar")
@@ -283,6 +290,7 @@ def main(argv=None) -> int:
         "device": str(device),
         "environment": loader_environment(device),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "cache_dir")},
+        "cifar_source": "folder" if args.data_dir else "embedded",
         "image_dtype": str(dtype),
         "results": results,
     }

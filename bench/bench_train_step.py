@@ -69,7 +69,7 @@ def settings(name: str, device: torch.device, compile_: bool) -> dict:
 
 
 # AutoMix with k run only up to the Mix Block's stage on the clean batch (not the official step):
-# the difference to "automix" is the cost of k's remaining stages (issue 10, point 1).
+# the difference to "automix" is the cost of k's remaining stages (`k_full_forward`).
 VARIANTS = {"automix-k-to-mix-stage": ("automix", {"k_full_forward": False})}
 
 

@@ -1,8 +1,8 @@
-"""The quality study (issue 14, docs/QUALITY.md): what AutoMix buys on the CIFAR-10 JPEGs.
+"""The quality study (docs/QUALITY.md): what AutoMix buys on the CIFAR-10 JPEGs.
 
-    python bench/quality_study.py --data-dir /tmp/cifar10 --list               # the plan, with what is done
-    python bench/quality_study.py --data-dir /tmp/cifar10                      # run / resume everything
-    python bench/quality_study.py --data-dir /tmp/cifar10 --only sub10-vanilla-s0 --stop-at 18:00
+    python bench/quality_study.py --data-dir DATA/cifar10 --list               # the plan, with what is done
+    python bench/quality_study.py --data-dir DATA/cifar10                      # run / resume everything
+    python bench/quality_study.py --data-dir DATA/cifar10 --only sub10-vanilla-s0 --stop-at 18:00
     python bench/quality_study.py --report                                     # tables and PNGs only
 
 One training at a time (`automix-fast train` in a child process with OMP_NUM_THREADS = --threads,
@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, environment  # noqa: E402
 from quality_report import run_record, tables  # noqa: E402
 
-# The recipe every run shares: the issue's (batch 100, lr 0.1 cosine, wd 5e-4, 1 warm-up epoch),
-# which is also the official AutoMix CIFAR recipe's batch and lr; He et al.'s ResNet-20.
+# The recipe every run shares (batch 100, lr 0.1 cosine, wd 5e-4, 1 warm-up epoch): the official
+# AutoMix CIFAR recipe's batch and lr, on He et al.'s ResNet-20.
 RECIPE = ["--model", "resnet20_cifar", "-b", "100", "--lr", "0.1", "--weight-decay", "5e-4", "--sched", "cosine",
           "--warmup-epochs", "1", "--loader", "dali", "--workers", "2", "--log-interval", "25"]
 

@@ -94,13 +94,13 @@ def run_steps(policy: str, *, grad_sync=None, metric_mean=None, scaler=None, see
     SGD, as on CUDA; returns (syncs seen per step, EpochResult, guard, mixer).
 
     backend="triton" runs the Triton ops' host code (launchers, autograd Functions) with the
-    launches recorded instead of run (automix_fast.ops.launches): what is counted is the host
+    launches recorded instead of run (automix_fast.kernels.launches): what is counted is the host
     side of the GPU path, without the interpreter's own copies to numpy."""
     from automix_fast.engine.schedule import ConstSchedule
     from automix_fast.engine.train import StepGuard, train_one_epoch
     from automix_fast.mixing import build_mixer
     from automix_fast.models import create_model
-    from automix_fast.ops import launches
+    from automix_fast.kernels import launches
 
     torch.manual_seed(0)
     model = create_model("tinynet", num_classes=5, mix_head=policy == "automix")

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import aot_compile  # noqa: E402
 
-from automix_fast.ops import launches  # noqa: E402
+from automix_fast.kernels import launches  # noqa: E402
 
 LAUNCHED = {"mask_mix": {"_fwd", "_bwd_rows", "_bwd_cols"}, "mixblock_attention": {"_fwd", "_bwd_dq", "_bwd_dkdv"}}
 

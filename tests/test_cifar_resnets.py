@@ -1,5 +1,5 @@
 """He et al.'s CIFAR ResNets: parameter counts against Table 6 of arXiv 1512.03385, the FLOPs
-the issue quotes, option-A shortcuts (parameter-free, zero-padded), and the official choice of
+the paper quotes, option-A shortcuts (parameter-free, zero-padded), and the official choice of
 mix stage (the second-to-last stage: a 16x16 map at 32 px). Counts on the meta device; the one
 real forward is ResNet-20 on a single 32 px image."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Files that fail to decode in the middle of a run (issue 13): DALI rejects them, Pillow rejects
+"""Files that fail to decode in the middle of a run: DALI rejects them, Pillow rejects
 them, or they change after the pre-check. Each is found, named once, decoded with Pillow or left
 out; the epoch goes on with nothing else skipped or repeated. Tiny corpora built by tests/oddkit.py;
 DALI in CPU-only mode.

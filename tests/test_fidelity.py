@@ -1,5 +1,6 @@
-"""Where the engine follows the official AutoMix code (OpenMixup), point by point (issue 10), and
-the mask statistics every AutoMix step logs. Each test fails on the behaviour before the change."""
+"""Where the engine follows the official AutoMix code (OpenMixup), point by point, and the mask
+statistics every AutoMix step logs. Each test fails when the engine departs from the official
+behaviour it pins."""
 from __future__ import annotations
 
 import copy

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from automix_fast import ops
-from automix_fast.kernels import mask_mix as mm_mod
+from automix_fast.kernels import common
 from tolerances import assert_bitwise_equal, assert_close
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -17,7 +17,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    monkeypatch.setattr(mm_mod, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
 
 
 def _inputs(N, C, h, w, H, W, dtype, device, channels_last, logits_dtype=torch.float32, seed=0):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from automix_fast import ops
-from automix_fast.kernels import mixblock_attention as attn_mod
+from automix_fast.kernels import common
 from tolerances import assert_bitwise_equal, assert_close, assert_close_lowp
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -18,7 +18,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    monkeypatch.setattr(attn_mod, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
 
 
 def _lowp_reference(q, k, v, scale):

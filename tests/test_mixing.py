@@ -1,4 +1,5 @@
-"""AutoMix step semantics (DESIGN §1.3) and the baselines' label mixing, on the torch reference."""
+"""AutoMix step semantics (the step in automix_fast/mixing/automix.py) and the baselines' label mixing,
+on the torch reference."""
 from __future__ import annotations
 
 import math
@@ -31,7 +32,7 @@ def fixed_lams(mixer, lam_mb, lam_bb):
 
 @pytest.mark.parametrize("lam_concat", [False, True])
 def test_mixblock_matches_concat_formulation(lam_concat):
-    """W f computed once + lam as bias == the 1x1 convs over concat(f, lam) of DESIGN §1.2."""
+    """W f computed once + lam as bias == the 1x1 convs over concat(f, lam) (the Mix Block's definition)."""
     torch.manual_seed(0)
     mb = MixBlock(12, lam_concat=lam_concat, backend="torch")
     for p in mb.parameters():

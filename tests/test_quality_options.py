@@ -1,4 +1,4 @@
-"""The quality study's options (issue 14): --train-subset, --mix-block-init, --mix-block-every.
+"""The quality study's options (docs/QUALITY.md): --train-subset, --mix-block-init, --mix-block-every.
 Tiny data and tinynet throughout; the one training run is 1 epoch of 4 batches."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 12, item 9: benchmarks write outside the source tree, `pytest -m gpu` selects the DALI GPU
+"""Benchmarks write outside the source tree, `pytest -m gpu` selects the DALI GPU
 test, the docs cite only sections that exist, and the README claims only what is measured."""
 from __future__ import annotations
 

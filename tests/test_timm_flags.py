@@ -1,4 +1,4 @@
-"""timm's training flags (issue 12 B): --mixup/--cutmix together with --mixup-prob,
+"""timm's training flags: --mixup/--cutmix together with --mixup-prob,
 --mixup-switch-prob, --mixup-mode and --cutmix-minmax, --model-ema (and its warm-up),
 --clip-grad/--clip-mode, --drop-path, --grad-accum-steps, --initial-checkpoint, summary.csv
 and --log-tensorboard.

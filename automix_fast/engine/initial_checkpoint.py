@@ -16,6 +16,7 @@ import torch
 
 from automix_fast.engine.checkpoint import load_checkpoint
 from automix_fast.errors import CheckpointError, ConfigError
+from automix_fast.export import from_export_keys, read_weights, torchvision_name
 
 OPTIONAL_PREFIX = "head_mix."  # the only weights allowed to be missing on either side
 
@@ -23,8 +24,6 @@ OPTIONAL_PREFIX = "head_mix."  # the only weights allowed to be missing on eithe
 def plain_weights(path: str, num_classes: int, model_name: str) -> dict[str, torch.Tensor]:
     """A plain state dict (`torch.save(model.state_dict())`, or the same as .safetensors) with our
     key names or export/torchvision ones (`fc.*` marks those); the class count is read from the head."""
-    from automix_fast.export import from_export_keys, read_weights, torchvision_name
-
     try:
         weights = read_weights(path)
     except Exception as e:  # any unreadable file: one line naming it

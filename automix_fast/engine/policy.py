@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from automix_fast.data.dali import dali_available
+from automix_fast.engine.train_options import mixer_options, model_options
 from automix_fast.errors import ConfigError
+from automix_fast.mixing import build_mixer
+from automix_fast.models import create_model
 
 
 def resolve_device(name: str) -> torch.device:
@@ -19,8 +23,6 @@ def resolve_device(name: str) -> torch.device:
 def resolve_loader(name: str) -> str:
     if name != "auto":
         return name
-    from automix_fast.data.dali import dali_available
-
     return "dali" if dali_available() else "torch"
 
 
@@ -32,17 +34,11 @@ def resolve_amp(cfg, device: torch.device) -> torch.dtype | None:
 
 def create_policy_model(cfg, num_classes: int):
     """The online network for `cfg` (with the mixed-label head when the policy is AutoMix)."""
-    from automix_fast.engine.train_options import model_options
-    from automix_fast.models import create_model
-
     return create_model(cfg.model, num_classes=num_classes, mix_head=cfg.mix == "automix", **model_options(cfg))
 
 
 def wrap_policy(cfg, model, *, mix_stage: int | None = None, rank: int = 0):
     """The mixing policy `cfg.mix` around `model` (AutoMix adds the Mix Block and momentum encoder)."""
-    from automix_fast.engine.train_options import mixer_options
-    from automix_fast.mixing import build_mixer
-
     return build_mixer(
         cfg.mix, model, alpha=cfg.mix_alpha, seed=cfg.seed, rank=rank, smoothing=cfg.smoothing,
         momentum_base=cfg.encoder_momentum, momentum_end=cfg.encoder_momentum_end,

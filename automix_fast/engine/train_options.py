@@ -2,18 +2,17 @@
 mixing policy and the training loop; the Trainer passes these on unchanged."""
 from __future__ import annotations
 
-import inspect
-
+from automix_fast.engine.grad_clip import grad_clipper
+from automix_fast.engine.train import steps_per_epoch
 from automix_fast.errors import ConfigError, UserError
+from automix_fast.models import builder_options
 
 
 def model_options(cfg) -> dict:
     """Builder options: `drop_path_rate` for --drop-path > 0 (models with residual blocks only)."""
     if not cfg.drop_path:
         return {}
-    from automix_fast.models.registry import _builder
-
-    if "drop_path_rate" not in inspect.signature(_builder(cfg.model)).parameters:
+    if "drop_path_rate" not in builder_options(cfg.model):
         raise ConfigError(f"config field 'drop_path' needs a model with residual blocks (the ResNet family, WRN); "
                           f"'{cfg.model}' has none, got {cfg.drop_path!r}")
     return {"drop_path_rate": cfg.drop_path}
@@ -28,15 +27,11 @@ def mixer_options(cfg) -> dict:
 
 def loop_options(cfg) -> dict:
     """train_one_epoch arguments: micro-batches per step and the gradient clipper."""
-    from automix_fast.engine.grad_clip import grad_clipper
-
     return {"accum_steps": cfg.grad_accum_steps, "clip": grad_clipper(cfg.clip_grad, cfg.clip_mode)}
 
 
 def optimizer_steps_per_epoch(cfg, loader_batches: int) -> int:
     """Optimizer steps per epoch with --grad-accum-steps (the last one takes the micro-batches left)."""
-    from automix_fast.engine.train import steps_per_epoch
-
     if loader_batches == 0:
         raise UserError(f"batch size {cfg.batch_size} leaves no full batch to train on")
     return steps_per_epoch(loader_batches, cfg.grad_accum_steps)

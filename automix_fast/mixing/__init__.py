@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from automix_fast.errors import ConfigError
 
+from .automix import AutoMix
 from .base import Mixer, StepRandom, mix_cross_entropy
+from .baselines import MixupCutmix, Vanilla, baseline_alphas
 
 MIXERS = ("vanilla", "mixup", "cutmix", "automix")
 
@@ -18,9 +20,6 @@ def build_mixer(name: str, model, **settings) -> Mixer:
     `cutmix_minmax`. `model_ema_decay` (not None) adds an EMA copy of the model (the baselines
     only), warmed up as timm's with `model_ema_warmup`.
     """
-    from .automix import AutoMix
-    from .baselines import MixupCutmix, Vanilla, baseline_alphas
-
     if name not in MIXERS:
         raise ConfigError(f"unknown mix policy {name!r}; choose from: {', '.join(MIXERS)}")
     common = {k: settings[k] for k in ("seed", "rank", "smoothing") if k in settings}

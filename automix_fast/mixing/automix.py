@@ -1,4 +1,4 @@
-"""AutoMix: a learned Mix Block trained through a momentum encoder (DESIGN §1.1, §1.3).
+"""AutoMix: a learned Mix Block trained through a momentum encoder.
 
 One step:
   1. lam_mb, lam_bb ~ Beta(alpha, alpha); independent permutations perm_mb, perm_bb.
@@ -14,7 +14,7 @@ One step:
   6. loss = L_mix_q + L_one_q + L_mix_k + L_mask; after the optimizer step, the EMA update
      theta_k = m theta_k + (1 - m) theta_q over parameters (not buffers).
 
-With `mix_block_every` N > 1 (issue 14) only steps 0, N, 2N, ... are as above; on the others
+With `mix_block_every` N > 1 only steps 0, N, 2N, ... are as above; on the others
 the Mix Block gets no gradient: its backbone mask m_bb is computed under no_grad, x_mb is not
 built, k does not run on it, and L_mix_k = L_mask = 0 (they log as 0 on those steps; the mask
 statistics of those steps describe m_bb at lam_bb instead of m_mb at lam_mb). That saves k's

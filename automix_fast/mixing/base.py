@@ -6,6 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from automix_fast.engine.model_ema import ema_copy, ema_decay, ema_update
+from automix_fast.engine.optim import param_groups_weight_decay
+
 
 def mix_cross_entropy(logits, y, perm, lam: "float | torch.Tensor", smoothing: float = 0.0):
     """mixCE = lam * CE(logits, y) + (1 - lam) * CE(logits, y[perm]); a tensor `lam` holds one
@@ -74,8 +77,6 @@ class Mixer(nn.Module):
         self.model_ema_warmup = False
 
     def enable_model_ema(self, decay: float, warmup: bool = False) -> None:
-        from automix_fast.engine.model_ema import ema_copy
-
         if hasattr(self, "momentum_encoder"):
             raise ValueError("AutoMix's momentum encoder is its EMA model; model EMA is for the baselines")
         self.model_ema, self.model_ema_decay = ema_copy(self.model), float(decay)
@@ -97,8 +98,6 @@ class Mixer(nn.Module):
 
     def after_step(self, step: int, total_steps: int) -> None:
         if self.model_ema is not None:
-            from automix_fast.engine.model_ema import ema_decay, ema_update
-
             ema_update(self.model_ema, self.model, ema_decay(self.model_ema_decay, step + 1, self.model_ema_warmup))
 
     def eval_heads(self) -> dict[str, tuple[nn.Module, str]]:
@@ -110,8 +109,6 @@ class Mixer(nn.Module):
 
     def param_groups(self, lr: float, weight_decay: float, min_lr: float = 0.0, decay_norm_and_bias: bool = False,
                      **_) -> list[dict]:
-        from automix_fast.engine.optim import param_groups_weight_decay
-
         groups = param_groups_weight_decay(self.model, weight_decay, decay_all=decay_norm_and_bias)
         for g in groups:
             g.update(lr=lr, min_lr=min_lr, name=g.get("name", "model"))

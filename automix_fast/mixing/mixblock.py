@@ -1,4 +1,4 @@
-"""The Mix Block: a per-pixel mask from a pair of feature maps (DESIGN §1.2).
+"""The Mix Block: a per-pixel mask from a pair of feature maps.
 
     a = concat(f, lam)          if lam_concat else f           # self
     b = concat(f[perm], 1-lam)  if lam_concat else f[perm]     # partner
@@ -9,7 +9,7 @@ The 1x1 convs commute with the batch permutation and a constant lam channel is a
 bias, so W f is computed once for the whole batch, gathered for the partner, and the lam
 terms are added as biases: the same numbers as the concatenated form with less work.
 
-`init` picks how the attention starts (issue 14, docs/QUALITY.md). The official N(0, 0.01) W_q
+`init` picks how the attention starts (measured in docs/QUALITY.md). The official N(0, 0.01) W_q
 gives logits q k^T / sqrt(D) ~ 1e-2: the softmax is uniform, every pixel gets the same mask
 value, and W_q's gradient is proportional to W_q itself, a saddle that weight decay holds it on.
 `scaled` draws W_q from N(0, 1/C) (LeCun), so the logits start O(1); `cosine` normalises q and
@@ -75,7 +75,7 @@ class MixBlock(nn.Module):
         weight = torch.cat([self.q_proj.weight.flatten(1)[:, :c], self.v_proj.weight.flatten(1)[:, :c]])
         bias = torch.cat([self.q_proj.bias, self.v_proj.bias])
         # Zero rows pad the output to a multiple of 16 columns, so the q view's row stride is
-        # 16-element aligned and the attention kernel's q loads vectorize (see issue 11).
+        # 16-element aligned and the attention kernel's q loads vectorize.
         pad = -(self.dim + 1) % 16
         weight = torch.nn.functional.pad(weight, (0, 0, 0, pad))
         bias = torch.nn.functional.pad(bias, (0, pad))

@@ -12,9 +12,9 @@ until `create_model`. See docs/INTERNALS.md ("models") for the Classifier contra
 from __future__ import annotations
 
 from .classifier import HEADS, Classifier
-from .registry import create_model, list_models, model_summary, register_model
+from .registry import builder_options, create_model, list_models, model_summary, register_model
 
 # Imported for their @register_model side effect.
 from . import cifar_resnet, resnet, tiny, wrn  # noqa: E402,F401  isort: skip
 
-__all__ = ["Classifier", "HEADS", "create_model", "list_models", "model_summary", "register_model"]
+__all__ = ["Classifier", "HEADS", "builder_options", "create_model", "list_models", "model_summary", "register_model"]

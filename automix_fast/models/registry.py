@@ -43,6 +43,12 @@ def _builder(name: str) -> Builder:
     return _REGISTRY[name]
 
 
+def builder_options(name: str) -> list[str]:
+    """The options model `name`'s builder takes besides num_classes and mix_head (ConfigError for
+    an unknown name)."""
+    return [p for p in inspect.signature(_builder(name)).parameters if p not in ("num_classes", "mix_head")]
+
+
 def create_model(name: str, num_classes: int, *, mix_head: bool = False, **kwargs) -> Classifier:
     """Build model `name` with a `num_classes`-way head `head_one` (and `head_mix` when
     `mix_head`). Extra options (e.g. zero_init_residual) go to the builder."""
@@ -50,7 +56,7 @@ def create_model(name: str, num_classes: int, *, mix_head: bool = False, **kwarg
     # bool is an int subclass; a True here is a config mistake, not one class.
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
-    options = [p for p in inspect.signature(builder).parameters if p not in ("num_classes", "mix_head")]
+    options = builder_options(name)
     unknown = sorted(set(kwargs) - set(options))
     if unknown:
         raise ConfigError(

@@ -5,25 +5,24 @@
 
 backend: "auto" runs the Triton kernels on CUDA tensors (or on CPU tensors when
 TRITON_INTERPRET=1) and the torch reference otherwise; "triton" and "torch" force one.
-The Triton modules are imported on first use, never at import time.
+The Triton kernel modules (which import triton) are imported on first use, never at import
+time; `automix_fast.kernels.launches` and `automix_fast.kernels.common` do not import triton.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from . import launches, reference
+from automix_fast.kernels import launches
+from automix_fast.kernels.common import triton_interpret
+
+from . import reference
 
 BACKENDS = ("auto", "triton", "torch")
 MODES = ("nearest", "bilinear")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-__all__ = ["mixblock_attention", "mask_mix", "resolve_backend", "BACKENDS", "MODES", "reference"]
-
-
-def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+__all__ = ["mixblock_attention", "mask_mix", "resolve_backend", "triton_available", "triton_interpret",
+           "BACKENDS", "MODES", "reference"]
 
 
 def triton_available() -> bool:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from automix_fast.kernels.common import is_channels_last
+
 
 def mixblock_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """out[n, i] = sum_j softmax_j(q[n, i] . k[n, j] * scale) * v[n, j], in float32.
@@ -43,8 +45,3 @@ def mask_mix(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, mode: st
     memory_format = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     x_mix = mixed.to(dtype=x.dtype).contiguous(memory_format=memory_format)
     return x_mix, s.mean(dim=(1, 2, 3))
-
-
-def is_channels_last(x: torch.Tensor) -> bool:
-    """True when a 4-d tensor is laid out NHWC (and not also plainly contiguous, as C == 1 is)."""
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

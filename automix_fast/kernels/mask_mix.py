@@ -55,20 +55,10 @@ import torch
 import triton
 import triton.language as tl
 
-from automix_fast.ops.launches import launch
+from automix_fast.kernels.common import is_channels_last, new_buffer, pow2
+from automix_fast.kernels.launches import launch
 
-from automix_fast.ops.reference import is_channels_last
-
-__all__ = ["mask_mix", "mask_mix_forward", "mask_mix_backward", "POISON_OUTPUTS"]
-
-# Test hook: allocate every kernel-filled buffer full of NaN so unwritten elements show up.
-POISON_OUTPUTS = False
-
-
-def _new(shape, dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device).contiguous(memory_format=memory_format)
-    return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+__all__ = ["mask_mix", "mask_mix_forward", "mask_mix_backward"]
 
 
 @triton.jit
@@ -310,20 +300,20 @@ def mask_mix_forward(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, 
     N, C, H, W = x.shape
     h, w = logits.shape[-2:]
     memory_format = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-    out = _new(x.shape, x.dtype, x.device, memory_format)
+    out = new_buffer(x.shape, x.dtype, x.device, memory_format)
     channels_inner = _channels_inner(x) and _channels_inner(out)
     if channels_inner:  # BLOCK_P counts elements: 8 per thread, 16-32 bytes each
         # 1024 (4 warps) for small images, so a CIFAR batch still spreads over every SM.
-        block_p = 2048 if H * W * C >= 16384 else max(128, min(1024, triton.next_power_of_2(H * W * C)))
+        block_p = 2048 if H * W * C >= 16384 else pow2(H * W * C, 128, 1024)
         n_pblocks = triton.cdiv(H * W * C, block_p)
         warps = max(1, block_p // 256)
     else:
         # 512 pixels for images up to 2048 pixels: a CIFAR batch of 100 gets 200 programs, not 100.
-        block_p = 1024 if H * W > 2048 else max(16, min(512, triton.next_power_of_2(H * W)))
+        block_p = 1024 if H * W > 2048 else pow2(H * W, 16, 512)
         n_pblocks = triton.cdiv(H * W, block_p)
         warps = 4 if block_p <= 512 else 8
-    block_c = min(4, triton.next_power_of_2(C))
-    partial = _new((N, n_pblocks), torch.float32, x.device)
+    block_c = pow2(C, hi=4)
+    partial = new_buffer((N, n_pblocks), torch.float32, x.device)
     lg = logits[:, 0]
     launch(_fwd, (n_pblocks, N),
         lg, x, perm, out, partial,
@@ -342,14 +332,14 @@ def mask_mix_backward(logits, x, perm, mode, g, g_smean):
     h, w = logits.shape[-2:]
     bilinear = mode == "bilinear"
     lg = logits[:, 0]
-    block_x = min(256, max(16, triton.next_power_of_2(W)))
-    block_b = min(64, max(2, triton.next_power_of_2(w)))
-    block_c = min(4, triton.next_power_of_2(C))
+    block_x = pow2(W, 16, 256)
+    block_b = pow2(w, 2, 64)
+    block_c = pow2(C, hi=4)
     # Rows per program: ~256 pixels per tile and the (rows, x, b) product tile of the contraction
     # with wx at most 4096 elements: ~128 registers instead of 255 at the CIFAR shape, and 4x
     # the programs there (400 rather than 100 at batch 100).
-    rows = max(1, min(256 // block_x, 4096 // (block_x * block_b), triton.next_power_of_2(H)))
-    t = _new((N, H, w), torch.float32, x.device)
+    rows = max(1, min(256 // block_x, 4096 // (block_x * block_b), pow2(H)))
+    t = new_buffer((N, H, w), torch.float32, x.device)
     has_g, has_gs = g is not None, g_smean is not None
     g_arg = g if has_g else x
     gs_arg = g_smean if has_gs else t
@@ -359,9 +349,9 @@ def mask_mix_backward(logits, x, perm, mode, g, g_smean):
         # BLOCK_X counts elements of a row (x * C + c): 512-element tiles over 2 warps, 8 a
         # thread (16-byte loads in fp16/bf16), and 8 logit columns, so the contraction with wx
         # holds 64 products a thread.
-        block_x = min(512, max(16, triton.next_power_of_2(W * C)))
+        block_x = pow2(W * C, 16, 512)
         block_b = min(8, block_b)
-        rows = max(1, min(512 // block_x, triton.next_power_of_2(H)))
+        rows = max(1, min(512 // block_x, pow2(H)))
         warps = 2
     launch(_bwd_rows, (triton.cdiv(H, rows), triton.cdiv(w, block_b), N),
         lg, x, perm, g_arg, gs_arg, t,
@@ -370,9 +360,9 @@ def mask_mix_backward(logits, x, perm, mode, g, g_smean):
         ROWS=rows, BLOCK_X=block_x, BLOCK_C=block_c, BLOCK_B=block_b,
         BILINEAR=bilinear, HAS_G=has_g, HAS_GS=has_gs, CHANNELS_INNER=channels_inner,
         num_warps=warps)
-    dlogits = _new((N, 1, h, w), logits.dtype, logits.device)
+    dlogits = new_buffer((N, 1, h, w), logits.dtype, logits.device)
     dl = dlogits[:, 0]
-    block_y = min(64, max(16, triton.next_power_of_2(math.ceil(2 * H / h) + 6)))
+    block_y = pow2(math.ceil(2 * H / h) + 6, 16, 64)
     launch(_bwd_cols, (h, triton.cdiv(w, block_b), N),
         t, dl, H, h, w, _scale(h, H), H / h,
         *t.stride(), *dl.stride(),

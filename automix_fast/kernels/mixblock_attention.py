@@ -40,36 +40,17 @@ Design:
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from automix_fast.ops.launches import launch
+from automix_fast.kernels.common import new_buffer, pow2, tl_dtype, triton_interpret
+from automix_fast.kernels.launches import launch
 
-__all__ = ["mixblock_attention", "attention_forward", "attention_backward", "POISON_OUTPUTS"]
-
-# Test hook: when True every buffer a kernel is meant to fill is allocated full of NaN, so an
-# element a kernel forgets to write shows up as NaN instead of as stale memory.
-POISON_OUTPUTS = False
+__all__ = ["mixblock_attention", "attention_forward", "attention_backward"]
 
 LOG2E = 1.4426950408889634
 ONE_TILE_MAX = 256  # the "other side" is handled in a single tile up to this many positions
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _new(shape, dtype, device) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
 @triton.jit
@@ -252,25 +233,21 @@ def _bwd_dkdv(Q, K, V, OUT, LSE, G, DK, DV,
 
 # ----------------------------------------------------------------------------- host side
 
-def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(x))
-
-
 def _dot_settings(dtype: torch.dtype):
     """(operand dtype for tl.dot, input_precision)."""
-    if _interpret() or dtype == torch.float32:
+    if triton_interpret() or dtype == torch.float32:
         return tl.float32, "ieee"
-    return _tl_dtype(dtype), "ieee"
+    return tl_dtype(dtype), "ieee"
 
 
 def _d_chunk(D: int, dtype: torch.dtype) -> int:
     # 64 columns of fp16/bf16 (128 B rows) or 32 of fp32 per chunk; smaller when D is small.
-    return min(_pow2(D), 32 if dtype == torch.float32 else 64)
+    return pow2(D, 16, 32 if dtype == torch.float32 else 64)
 
 
 def _fwd_config(L: int, LK: int, D: int, dtype: torch.dtype):
-    block_m = min(64, _pow2(L))
-    block_n = min(64, _pow2(LK))  # 128-key tiles spill on sm_80 in fp16/bf16
+    block_m = pow2(L, 16, 64)
+    block_n = pow2(LK, 16, 64)  # 128-key tiles spill on sm_80 in fp16/bf16
     warps = 8 if block_m * block_n >= 8192 else 4
     return block_m, block_n, _d_chunk(D, dtype), warps
 
@@ -281,30 +258,29 @@ def _bwd_config(rows: int, other: int, D: int, dtype: torch.dtype):
     Returns (own block, other block, D chunk, one_tile, D chunks in the grid, warps).
     """
     chunk = _d_chunk(D, dtype)
-    if _pow2(other) <= ONE_TILE_MAX:
-        block_other = _pow2(other)
+    if pow2(other, 16) <= ONE_TILE_MAX:
+        block_other = pow2(other, 16)
         if dtype == torch.float32:  # IEEE fp32 dots use no tensor cores; small tiles spill less
-            block_own = min(_pow2(rows), max(16, 8192 // block_other), 64)
+            block_own = min(pow2(rows, 16), max(16, 8192 // block_other), 64)
         else:  # 64 owned rows: wgmma's minimum M on sm_90 (32-row tiles fall back to mma.sync)
-            block_own = min(_pow2(rows), 64)
+            block_own = pow2(rows, 16, 64)
         warps = 8 if block_own * block_other >= 8192 else 4
         return block_own, block_other, chunk, True, 1, warps
     # Tiled: a program owns (row block, D chunk) and recomputes the scores once per chunk, so
     # wider chunks for fp16/bf16 (128 columns, 8 warps) halve that recomputation.
-    block_own = min(64, _pow2(rows))
+    block_own = pow2(rows, 16, 64)
     block_other = 64
     if dtype != torch.float32:
-        chunk = min(_pow2(D), 128)
-        return block_own, block_other, chunk, False, triton.cdiv(D, chunk), 8
-    return block_own, block_other, chunk, False, triton.cdiv(D, chunk), 8  # 4 warps spill ~300 B on sm_80
+        chunk = pow2(D, 16, 128)
+    return block_own, block_other, chunk, False, triton.cdiv(D, chunk), 8  # fp32 with 4 warps spills ~300 B on sm_80
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
     """(out (N, L) fp32, lse2 (N, L) fp32 in base 2) without building the N x L x Lk matrix."""
     N, L, D = q.shape
     LK = k.shape[1]
-    out = _new((N, L), torch.float32, q.device)
-    lse = _new((N, L), torch.float32, q.device)
+    out = new_buffer((N, L), torch.float32, q.device)
+    lse = new_buffer((N, L), torch.float32, q.device)
     block_m, block_n, block_d, warps = _fwd_config(L, LK, D, q.dtype)
     dot_dtype, precision = _dot_settings(q.dtype)
     grid = (triton.cdiv(L, block_m), N)
@@ -324,19 +300,19 @@ def attention_backward(q, k, v, out, lse, g, scale: float, need_dq: bool = True,
               *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *g.stride())
     dq = dk = dv = None
     if need_dq:
-        dq = _new((N, L, D), q.dtype, q.device)
+        dq = new_buffer((N, L, D), q.dtype, q.device)
         bm, bn, bd, one, nd, warps = _bwd_config(L, LK, D, q.dtype)
         launch(_bwd_dq, (triton.cdiv(L, bm), nd, N),
             q, k, v, out, lse, g, dq, *common, *dq.stride(),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_TILE=one, IN_DTYPE=_tl_dtype(q.dtype),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_TILE=one, IN_DTYPE=tl_dtype(q.dtype),
             DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=warps, num_stages=2)
     if need_dkdv:
-        dk = _new((N, LK, D), k.dtype, k.device)
-        dv = _new((N, LK), v.dtype, v.device)
+        dk = new_buffer((N, LK, D), k.dtype, k.device)
+        dv = new_buffer((N, LK), v.dtype, v.device)
         bn, bm, bd, one, nd, warps = _bwd_config(LK, L, D, q.dtype)
         launch(_bwd_dkdv, (triton.cdiv(LK, bn), nd, N),
             q, k, v, out, lse, g, dk, dv, *common, *dk.stride(), *dv.stride(),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_TILE=one, IN_DTYPE=_tl_dtype(q.dtype),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_TILE=one, IN_DTYPE=tl_dtype(q.dtype),
             DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=warps, num_stages=2)
     return dq, dk, dv
 

@@ -1,0 +1,54 @@
+"""What the kernel modules share: buffer allocation, tile-size and dtype helpers, layout tests.
+
+This module does not import triton at import time: the dispatcher (`automix_fast.ops`) and
+the torch reference use `triton_interpret` and `is_channels_last` without triton installed.
+
+    POISON_OUTPUTS          test hook: every kernel-filled buffer starts full of NaN
+    new_buffer(...)         a buffer a kernel fills (uninitialised, or NaN under the hook)
+    triton_interpret()      True when TRITON_INTERPRET asks for triton's CPU interpreter
+    pow2(x, lo, hi)         the next power of two >= x, clamped to [lo, hi]
+    tl_dtype(dtype)         the triton dtype of a float32 / float16 / bfloat16 torch dtype
+    is_channels_last(x)     a 4-d tensor laid out NHWC (and not also plainly contiguous)
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["POISON_OUTPUTS", "new_buffer", "triton_interpret", "pow2", "tl_dtype", "is_channels_last"]
+
+# Test hook: when True every buffer a kernel is meant to fill is allocated full of NaN, so an
+# element a kernel forgets to write shows up as NaN instead of as stale memory.
+POISON_OUTPUTS = False
+
+
+def new_buffer(shape, dtype: torch.dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """An uninitialised tensor for a kernel to fill; full of NaN while POISON_OUTPUTS is set."""
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device).contiguous(memory_format=memory_format)
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+
+
+def triton_interpret() -> bool:
+    """True when TRITON_INTERPRET is set to anything but "" or "0" (kernels run on the CPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def pow2(x: int, lo: int = 1, hi: int | None = None) -> int:
+    """The smallest power of two >= x (triton.next_power_of_2), then clamped to [lo, hi]."""
+    p = 1 << max(int(x) - 1, 0).bit_length()
+    p = max(lo, p)
+    return p if hi is None else min(hi, p)
+
+
+def tl_dtype(dtype: torch.dtype):
+    """tl.float32 / tl.float16 / tl.bfloat16 for the matching torch dtype (KeyError otherwise)."""
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """True when a 4-d tensor is laid out NHWC (and not also plainly contiguous, as C == 1 is)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
