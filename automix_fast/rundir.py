@@ -197,7 +197,7 @@ def resumed_config(found, given: dict[str, Any]):
         # --resume PATH: keep writing beside the checkpoint, wherever that folder is now.
         folder = Path(given["resume"]).resolve().parent
         values.update(output=str(folder.parent), experiment=folder.name)
-    return build_config(values)
+    return build_config(overrides=values)  # errors name the flags, not "the config file"
 
 
 def trim_metrics(run_dir: Path, step: int) -> int:

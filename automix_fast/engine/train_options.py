@@ -14,8 +14,8 @@ def model_options(cfg) -> dict:
     from automix_fast.models.registry import _builder
 
     if "drop_path_rate" not in inspect.signature(_builder(cfg.model)).parameters:
-        raise ConfigError(f"config field 'drop_path' needs a model with residual blocks (the ResNet family, WRN); "
-                          f"'{cfg.model}' has none, got {cfg.drop_path!r}")
+        raise ConfigError(f"--drop-path {cfg.drop_path:g} needs a model with residual blocks (the ResNet family, "
+                          f"WRN); --model {cfg.model} has none")
     return {"drop_path_rate": cfg.drop_path}
 
 
