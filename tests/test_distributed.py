@@ -37,9 +37,10 @@ def test_two_processes_match_one_process(data, tmp_path):
     steps = records(tmp_path / "two")[:3]
     implied = [16 * (k + 1) / r["values"]["img_per_s_global"] for k, r in enumerate(steps)]
     assert implied[2] - implied[0] == pytest.approx(steps[2]["time"] - steps[0]["time"], rel=0.4)
-    done = re.search(r"epoch 1/2 done: 3 steps in ([\d.]+)s .* img/s (\d+) \(2 procs\)", two.stdout)
+    # The epoch's "done:" line gives the same whole-epoch rate, labelled.
+    done = re.search(r"epoch 1/2 done: 3 steps in [\d.]+s .* img/s (\d+) \(2 procs\)", two.stdout)
     assert done, two.stdout[-2000:]
-    assert float(done[1]) * int(done[2]) == pytest.approx(48, rel=0.4)  # 3 steps x 16 images in that time
+    assert int(done[1]) == pytest.approx(steps[2]["values"]["img_per_s_global"], rel=0.3)
     assert "procs)" not in one.stdout  # one process: no label
 
     # Same number of logged steps (only rank 0 writes), same global-batch losses per step.
