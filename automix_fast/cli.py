@@ -8,11 +8,12 @@ never set another field.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 from dataclasses import MISSING, fields
 
-from automix_fast.config import CHOICES, LIST_ITEMS, TIMM_HELP, TrainConfig
+from automix_fast.config import CHOICES, LIST_ITEMS, TIMM_HELP, TrainConfig, flag_name
 from automix_fast.errors import UserError
 
 # Short or timm-style spellings of some fields.
@@ -43,9 +44,11 @@ HELP = {
     "min_lr": "learning rate floor of the cosine schedule",
     "momentum": "SGD momentum",
     "weight_decay": "weight decay (not on biases and norm weights)",
-    "sched": "learning-rate schedule, per step",
+    "sched": "learning-rate schedule after the warmup; the cosine moves once per epoch (every step with "
+             "--sched-on-updates), step divides at --decay-epochs, the warmup moves every step",
     "decay_epochs": "epochs at which --sched step divides the lr by 10",
-    "warmup_epochs": "linear warmup length in epochs (fractions allowed)",
+    "warmup_epochs": "linear warmup length in epochs (fractions allowed); none: 1, at most a quarter of --epochs "
+                     "(a line says so when that cap applies; a value given is kept)",
     "warmup_lr": "learning rate at the start of warmup",
     "smoothing": "label smoothing",
     "mix": "mixing policy",
@@ -100,10 +103,6 @@ HELP.update({
 })
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _default_text(f) -> str:
     default = f.default if f.default is not MISSING else None
     if default is None:
@@ -118,7 +117,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     (the help shows the built-in default)."""
     for f in fields(TrainConfig):
         base = str(f.type).replace(" | None", "")
-        names = ALIASES.get(f.name, []) + [_flag(f.name)]
+        names = ALIASES.get(f.name, []) + [flag_name(f.name)]
         help_text = f"{HELP.get(f.name, '')} (default: {_default_text(f)})"
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
         if base == "bool":
@@ -134,9 +133,15 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(*names, **kw)
 
 
+# Spelled-out names people type for our flags; a misspelling of one is matched too.
+SYNONYMS = {"--learning-rate": "--lr", "--min-learning-rate": "--min-lr", "--lr-min": "--min-lr",
+            "--batch": "--batch-size", "--wd": "--weight-decay", "--warmup": "--warmup-epochs"}
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag value as one 'error: ...' line (no usage block), exit 2,
-    and never accepts an abbreviated long flag."""
+    and never accepts an abbreviated long flag. An unknown flag is reported by the subcommand it
+    was given to, which points to its own --help and names the closest flag it has."""
 
     def __init__(self, *args, **kwargs):
         kwargs["allow_abbrev"] = False
@@ -144,6 +149,29 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            subs = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+            owner = subs[0].choices.get(getattr(ns, "command", None), self) if subs else self
+            owner.error(owner.unrecognized(extras))
+        return ns
+
+    def unrecognized(self, extras: list[str]) -> str:
+        """'unrecognized arguments: ...', with '; did you mean --X?' when the first unknown flag is
+        close to one of this parser's (difflib ratio >= 0.75, '_' read as '-')."""
+        message = f"unrecognized arguments: {' '.join(extras)}"
+        flag = next((a for a in extras if a.startswith("-")), None)
+        if flag is None:
+            return message
+        typed = flag.split("=", 1)[0].replace("_", "-")
+        known = [o for a in self._actions for o in a.option_strings]
+        candidates = known + [s for s in SYNONYMS if SYNONYMS[s] in known]
+        close = difflib.get_close_matches(typed, candidates, n=1, cutoff=0.75)
+        if close:
+            message += f"; did you mean {SYNONYMS.get(close[0], close[0])}?"
+        return message
 
 
 def _add_eval_data_flags(p: argparse.ArgumentParser) -> None:

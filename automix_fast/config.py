@@ -41,7 +41,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     sched: str = "cosine"  # cosine | step | const
     decay_epochs: list | None = None  # for sched=step
-    warmup_epochs: float = 1.0
+    warmup_epochs: float | None = None  # none: 1 epoch, at most a quarter of the run (engine/schedule.py)
     warmup_lr: float = 1e-5
     smoothing: float = 0.0
     # mixing
@@ -142,6 +142,19 @@ RESUMABLE_FIELDS = (
 )
 
 
+def flag_name(name: str) -> str:
+    """The command-line flag of field `name` (`model_ema` -> `--model-ema`)."""
+    return "--" + name.replace("_", "-")
+
+
+class FieldError(ConfigError):
+    """A bad value of one field; the message names its flag (`--model-ema must ...`)."""
+
+    def __init__(self, name: str, problem: str):
+        self.field, self.problem = name, problem
+        super().__init__(f"{flag_name(name)} {problem}")
+
+
 def field_types() -> dict[str, Any]:
     return {f.name: f.type for f in fields(TrainConfig)}
 
@@ -162,30 +175,30 @@ def _coerce(name: str, value: Any, type_str: str) -> Any:
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"config field '{name}' must not be empty")
+        raise FieldError(name, f"must not be empty")
     base = type_str.replace(" | None", "").strip()
     if base == "bool":
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"config field '{name}' must be true or false, got {value!r}")
+        raise FieldError(name, f"must be true or false, got {value!r}")
     if base == "int":
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config field '{name}' must be an integer, got {value!r}")
+            raise FieldError(name, f"must be an integer, got {value!r}")
         return value
     if base == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config field '{name}' must be a number, got {value!r}")
+            raise FieldError(name, f"must be a number, got {value!r}")
         return float(value)
     if base == "str":
         if not isinstance(value, str):
-            raise ConfigError(f"config field '{name}' must be a string, got {value!r}")
+            raise FieldError(name, f"must be a string, got {value!r}")
         return value
     if base == "list":
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config field '{name}' must be a list, got {value!r}")
+            raise FieldError(name, f"must be a list, got {value!r}")
         if LIST_ITEMS.get(name, (int,))[0] is float:
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-                raise ConfigError(f"config field '{name}' must be a list of numbers, got {value!r}")
+                raise FieldError(name, f"must be a list of numbers, got {value!r}")
             return [float(v) for v in value]
         return list(value)
     return value
@@ -235,23 +248,32 @@ def load_yaml(path: str, _seen: tuple = ()) -> dict[str, Any]:
 
 
 def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults, then the YAML values, then explicit overrides; every value checked."""
+    """Defaults, then the YAML values, then explicit overrides; every value checked. An error
+    about a value from the file names the flag and the file's key: `--lr (lr in the config file)`."""
     types = field_types()
+    file_values, overrides = file_values or {}, overrides or {}
     values: dict[str, Any] = {}
-    for source in (file_values or {}, overrides or {}):
-        for key, value in source.items():
-            if key not in types:
-                raise ConfigError(f"unknown config key '{key}'")
-            values[key] = _coerce(key, value, str(types[key]))
-    resolve_mixup_cutmix(values)
-    cfg = TrainConfig(**values)
-    validate(cfg)
+    try:
+        for source in (file_values, overrides):
+            from_file = source is file_values
+            for key, value in source.items():
+                if key not in types:
+                    raise ConfigError(f"unknown config key '{key}'")
+                values[key] = _coerce(key, value, str(types[key]))
+        from_file = False
+        resolve_mixup_cutmix(values)
+        cfg = TrainConfig(**values)
+        validate(cfg)
+    except FieldError as e:
+        if from_file or (e.field in file_values and e.field not in overrides):
+            raise ConfigError(f"{flag_name(e.field)} ({e.field} in the config file) {e.problem}") from None
+        raise
     return cfg
 
 
 def _require(ok: bool, name: str, what: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"config field '{name}' {what}, got {value!r}")
+    if not ok:  # a switch or an unset value says nothing more than `what`
+        raise FieldError(name, what if isinstance(value, bool) or value is None else f"{what}, got {value!r}")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -260,7 +282,7 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         _require(value in choices, name, f"must be one of {', '.join(choices)}", value)
     _require(cfg.batch_size >= 1, "batch_size", "must be at least 1", cfg.batch_size)
-    _require(cfg.mix == "vanilla" or cfg.batch_size >= 2, "batch_size", f"must be at least 2 to mix pairs (mix={cfg.mix})", cfg.batch_size)
+    _require(cfg.mix == "vanilla" or cfg.batch_size >= 2, "batch_size", f"must be at least 2 to mix pairs (--mix {cfg.mix})", cfg.batch_size)
     if cfg.validation_batch_size is not None:
         _require(cfg.validation_batch_size >= 1, "validation_batch_size", "must be at least 1", cfg.validation_batch_size)
     _require(cfg.epochs >= 1, "epochs", "must be at least 1", cfg.epochs)
@@ -270,10 +292,11 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.num_classes is not None:
         _require(cfg.num_classes >= 2, "num_classes", "must be at least 2", cfg.num_classes)
     _require(cfg.lr > 0, "lr", "must be positive", cfg.lr)
-    _require(0 <= cfg.min_lr <= cfg.lr, "min_lr", "must be between 0 and lr", cfg.min_lr)
+    _require(0 <= cfg.min_lr <= cfg.lr, "min_lr", "must be between 0 and --lr", cfg.min_lr)
     _require(0 <= cfg.momentum < 1, "momentum", "must be in [0, 1)", cfg.momentum)
     _require(cfg.weight_decay >= 0, "weight_decay", "must be 0 or more", cfg.weight_decay)
-    _require(cfg.warmup_epochs >= 0, "warmup_epochs", "must be 0 or more", cfg.warmup_epochs)
+    if cfg.warmup_epochs is not None:
+        _require(cfg.warmup_epochs >= 0, "warmup_epochs", "must be 0 or more", cfg.warmup_epochs)
     _require(0 <= cfg.smoothing < 1, "smoothing", "must be in [0, 1)", cfg.smoothing)
     if cfg.mix_alpha is not None:
         _require(cfg.mix_alpha > 0, "mix_alpha", "must be positive (Beta(alpha, alpha))", cfg.mix_alpha)
@@ -298,7 +321,7 @@ def validate(cfg: TrainConfig) -> None:
     _require(cfg.resume != "auto" or bool(cfg.experiment), "experiment",
              "must name the run folder to continue with --resume auto (--experiment NAME)", cfg.experiment)
     if cfg.sched == "step":
-        _require(bool(cfg.decay_epochs), "decay_epochs", "must list epochs when sched is step", cfg.decay_epochs)
+        _require(bool(cfg.decay_epochs), "decay_epochs", "must list epochs when --sched is step", cfg.decay_epochs)
     validate_timm_flags(cfg)
     if cfg.val_split is not None:
         _require(0 < cfg.val_split < 1, "val_split", "must be a fraction in (0, 1)", cfg.val_split)
@@ -391,7 +414,7 @@ def validate_timm_flags(cfg: TrainConfig) -> None:
     _require(0 < cfg.model_ema_decay < 1, "model_ema_decay", "must be in (0, 1)", cfg.model_ema_decay)
     _require(cfg.model_ema or not cfg.model_ema_warmup, "model_ema_warmup", "needs --model-ema", cfg.model_ema_warmup)
     baseline = cfg.mix in ("mixup", "cutmix")
-    _require(baseline or cfg.mixup_mode == "batch", "mixup_mode", f"is for --mix mixup/cutmix (mix={cfg.mix})",
+    _require(baseline or cfg.mixup_mode == "batch", "mixup_mode", f"is for --mix mixup/cutmix (not --mix {cfg.mix})",
              cfg.mixup_mode)
     _require(cfg.mixup_mode != "pair" or cfg.batch_size % 2 == 0, "batch_size",
              "must be even for --mixup-mode pair (partners come in twos)", cfg.batch_size)

@@ -299,7 +299,7 @@ def resumed_config(found, given: dict[str, Any]):
             values.update(output=str(folder.parent), experiment=folder.name)
         elif "output" not in given:
             values.update(output=str(folder.parent))
-    return build_config(values)
+    return build_config(overrides=values)  # errors name the flags, not "the config file"
 
 
 def finished_line(found, cfg) -> str | None:

@@ -48,24 +48,24 @@ def one_error(capsys, argv) -> str:
 
 
 FLAG_CASES = [
-    (["--mix-alpha", "0"], "'mix_alpha'"),
-    (["--mix-alpha", "-1"], "'mix_alpha'"),
-    (["--encoder-momentum", "0"], "'encoder_momentum'"),
-    (["--encoder-momentum", "1"], "'encoder_momentum'"),
-    (["--encoder-momentum-end", "1.5"], "'encoder_momentum_end'"),
-    (["--mask-margin", "-0.1"], "'mask_margin'"),
-    (["--mix", "mixup", "-b", "1"], "'batch_size'"),
-    (["-b", "0", "--mix", "vanilla"], "'batch_size'"),
-    (["--epochs", "0"], "'epochs'"),
-    (["--lr", "0"], "'lr'"),
-    (["--momentum", "1"], "'momentum'"),
-    (["--lam-margin", "0.5"], "'lam_margin'"),
-    (["--max-bad-steps", "0"], "'max_bad_steps'"),
-    (["--num-classes", "1"], "'num_classes'"),
-    (["--img-size", "4"], "'img_size'"),
+    (["--mix-alpha", "0"], "--mix-alpha"),
+    (["--mix-alpha", "-1"], "--mix-alpha"),
+    (["--encoder-momentum", "0"], "--encoder-momentum"),
+    (["--encoder-momentum", "1"], "--encoder-momentum"),
+    (["--encoder-momentum-end", "1.5"], "--encoder-momentum-end"),
+    (["--mask-margin", "-0.1"], "--mask-margin"),
+    (["--mix", "mixup", "-b", "1"], "--batch-size"),
+    (["-b", "0", "--mix", "vanilla"], "--batch-size"),
+    (["--epochs", "0"], "--epochs"),
+    (["--lr", "0"], "--lr"),
+    (["--momentum", "1"], "--momentum"),
+    (["--lam-margin", "0.5"], "--lam-margin"),
+    (["--max-bad-steps", "0"], "--max-bad-steps"),
+    (["--num-classes", "1"], "--num-classes"),
+    (["--img-size", "4"], "--img-size"),
     (["--lr", "fast"], "--lr"),  # wrong type on the command line
     (["--mix", "mixdown"], "--mix"),
-    (["--sched", "step"], "'decay_epochs'"),
+    (["--sched", "step"], "--decay-epochs"),
     (["--resume", "auto"], "--experiment"),
 ]
 
@@ -78,10 +78,10 @@ def test_bad_flag_values(capsys, tmp_path, flags, field):
 
 @pytest.mark.parametrize("text,field", [
     ("lr: 0.1\nlearning_rate: 0.1\n", "unknown config key 'learning_rate'"),
-    ("lr: fast\n", "'lr' must be a number"),
-    ("epochs: 2.5\n", "'epochs' must be an integer"),
-    ("sync_bn: 'yes'\n", "'sync_bn' must be true or false"),
-    ("mix_alpha: 0\n", "'mix_alpha'"),
+    ("lr: fast\n", "--lr (lr in the config file) must be a number"),
+    ("epochs: 2.5\n", "--epochs (epochs in the config file) must be an integer"),
+    ("sync_bn: 'yes'\n", "--sync-bn (sync_bn in the config file) must be true or false"),
+    ("mix_alpha: 0\n", "--mix-alpha (mix_alpha in the config file)"),
     ("- lr\n", "mapping"),
     ("lr: [\n", "not valid YAML"),
 ])
@@ -93,7 +93,7 @@ def test_bad_config_files(capsys, tmp_path, text, field):
 
 def test_class_count_that_does_not_match_the_data(capsys, data, tmp_path):
     msg = one_error(capsys, train_args(data, tmp_path, "nc", "--num-classes", "5", epochs=1))
-    assert "'num_classes' is 5 but the data has 3 classes" in msg
+    assert "--num-classes is 5 but the data has 3 classes" in msg
 
 
 def test_resume_with_changed_config_refuses_unless_asked(capsys, data, trained):

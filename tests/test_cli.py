@@ -145,7 +145,7 @@ def test_triton_backend_without_cuda_or_interpreter_is_a_one_line_error(tmp_path
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     code, out, err = run(["train", "--kernel-backend", "triton", "--output", str(tmp_path)], capsys)
     assert code == 2
-    assert err.strip().count("\n") == 0 and "kernel_backend" in err and "TRITON_INTERPRET=1" in err
+    assert err.strip().count("\n") == 0 and "--kernel-backend" in err and "TRITON_INTERPRET=1" in err
 
 
 def _tiny_folder(root, classes=("cat", "dog"), per_class=3):
@@ -209,3 +209,79 @@ def test_every_flag_has_help_and_shows_its_default():
     text = " ".join(commands["train"].format_help().split())
     assert "--epochs EPOCHS epochs to train (may be raised when resuming) (default: 15)" in text
     assert "--mix {vanilla,mixup,cutmix,automix} mixing policy (default: automix)" in text
+
+
+@pytest.mark.parametrize("typed,suggested,command", [
+    (["--epoch", "3"], "--epochs", "train"),
+    (["--lerning-rate", "0.1"], "--lr", "train"),
+    (["--weight_decay", "0"], "--weight-decay", "train"),
+    (["--no-visualise"], "--no-visualize", "train"),
+    (["--xyzzy", "3"], None, "train"),
+    (["--checkpoint", "x.pt", "--bach-size", "3"], "--batch-size", "eval"),
+])
+def test_unknown_flag_points_to_the_subcommand_help_and_the_closest_flag(capsys, typed, suggested, command):
+    with pytest.raises(SystemExit) as e:
+        main([command, *typed])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    unknown = " ".join(t for t in typed if t not in ("--checkpoint", "x.pt"))
+    assert err[0].startswith(f"error: unrecognized arguments: {unknown}")
+    assert err[0].endswith(f"(see automix-fast {command} --help)")
+    if suggested:
+        assert f"; did you mean {suggested}?" in err[0]
+    else:
+        assert "did you mean" not in err[0]
+
+
+def test_config_errors_name_the_flag_and_the_config_file_key(capsys, tmp_path):
+    code, _, err = run(["train", "--model-ema", "--output", str(tmp_path)], capsys)
+    assert code == 2 and err.startswith("error: --model-ema is for the baselines") and "config field" not in err
+    assert "got True" not in err
+    code, _, err = run(["train", "--mix", "mixup", "--min-lr", "1", "--output", str(tmp_path)], capsys)
+    assert code == 2 and err.strip() == "error: --min-lr must be between 0 and --lr, got 1.0"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_ema: true\n")
+    code, _, err = run(["train", "-c", str(recipe), "--output", str(tmp_path)], capsys)
+    assert code == 2 and err.startswith("error: --model-ema (model_ema in the config file) is for the baselines")
+    recipe.write_text("mix_stage: 0\n")
+    code, _, err = run(["train", "-c", str(recipe), "--mix", "vanilla", "--output", str(tmp_path)], capsys)
+    assert code == 2 and err.strip() == "error: --mix-stage (mix_stage in the config file) must be at least 1, got 0"
+    code, _, err = run(["train", "-c", str(recipe), "--mix", "vanilla", "--mix-stage", "-1",
+                        "--output", str(tmp_path)], capsys)
+    assert code == 2 and err.strip() == "error: --mix-stage must be at least 1, got -1"  # the flag overrides
+
+
+def test_sched_help_says_the_cosine_moves_per_epoch(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps help at hyphens otherwise
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    sched = text[text.index("--sched {cosine,step,const} "):]  # its help, not the usage block
+    sched = sched[:sched.index("(default:")]
+    assert "once per epoch" in sched and "--sched-on-updates" in sched and "per step" not in sched
+    warmup = text[text.index("--warmup-epochs WARMUP_EPOCHS "):]
+    assert "at most a quarter of --epochs" in warmup[:warmup.index("(default:")]
+
+
+def _lrs(run_dir):
+    return {r["epoch"]: r["values"]["lr"] for r in metrics(run_dir)}
+
+
+def test_short_run_caps_the_default_warmup_and_keeps_a_given_one(tmp_path, capsys):
+    from faultkit import make_folder
+
+    data = make_folder(tmp_path / "data", train_per_class=6, val_per_class=2, classes=2)
+    base = ["train", "--data-dir", str(data), "--img-size", "32", "--epochs", "2", "-b", "4", "--mix", "vanilla",
+            "--device", "cpu", "--output", str(tmp_path), "--no-visualize", "--lr", "0.1", *FAST]
+    code, out, err = run(base + ["--experiment", "capped"], capsys)
+    assert code == 0, err
+    assert "warm-up: 0.5 epochs (the default 1, capped at a quarter of the 2-epoch run" in out
+    text = (tmp_path / "capped" / "config.yaml").read_text()
+    assert "warmup_epochs: 0.5  # resolved from null" in text
+    assert _lrs(tmp_path / "capped")[2] < 0.1  # the last epoch decays from the peak (3 steps per epoch)
+    code, out, err = run(base + ["--experiment", "given", "--warmup-epochs", "1"], capsys)
+    assert code == 0, err
+    assert "warm-up:" not in out
+    assert "warning: --warmup-epochs 1 is more than a quarter of the 2-epoch run; kept as given" in err
+    assert "warmup_epochs: 1.0\n" in (tmp_path / "given" / "config.yaml").read_text()
+    assert _lrs(tmp_path / "given")[2] == pytest.approx(0.1)  # as asked: the cosine starts after epoch 1

@@ -10,6 +10,8 @@ holds the same Mix Block, momentum encoder and weights.
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -28,6 +30,18 @@ def test_two_processes_match_one_process(data, tmp_path):
     two = torchrun(2, train_args(data, tmp_path, "two", *common, batch=8))
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     assert "cpu x2" in two.stdout  # really ran distributed
+
+    # Throughput counts both ranks' images (timm's "Rate"): the rate logged at step k of epoch 1
+    # implies the seconds that 16 k images took; between steps 1 and 3 that matches rank 0's clock
+    # (a per-rank rate would imply twice as long).
+    steps = records(tmp_path / "two")[:3]
+    implied = [16 * (k + 1) / r["values"]["img_per_s_global"] for k, r in enumerate(steps)]
+    assert implied[2] - implied[0] == pytest.approx(steps[2]["time"] - steps[0]["time"], rel=0.4)
+    # The epoch's "done:" line gives the same whole-epoch rate, labelled.
+    done = re.search(r"epoch 1/2 done: 3 steps in [\d.]+s .* img/s (\d+) \(2 procs\)", two.stdout)
+    assert done, two.stdout[-2000:]
+    assert int(done[1]) == pytest.approx(steps[2]["values"]["img_per_s_global"], rel=0.3)
+    assert "procs)" not in one.stdout  # one process: no label
 
     # Same number of logged steps (only rank 0 writes), same global-batch losses per step.
     l1, l2 = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")

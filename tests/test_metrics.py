@@ -1,6 +1,9 @@
 import io
 import json
+import os
+import shutil
 
+import pytest
 import torch
 
 from automix_fast.engine.metrics import Mean, MeanDict, MetricLogger, ProgressLine, accuracy_topk
@@ -93,3 +96,55 @@ def test_progress_line_tty_and_disabled():
     p = ProgressLine(1, 1, 3, stream=quiet, enabled=False)
     p.update(loss=1.0)
     assert p.close()["loss"] == 1.0 and quiet.getvalue() == ""
+
+
+def _draw_long_lines(out, *, is_tty):
+    terms = ("l_mix_q", "l_one_q", "l_mix_k", "l_mask")
+    p = ProgressLine(3, 100, 500, log_interval=2, stream=out, is_tty=is_tty, min_interval=0.0, world_size=2,
+                     terms=terms)
+    note = "mask 0.51/0.60 px-sd 7.79e-06 img-sd 0.00265 sat 0%"
+    for i in range(6):
+        values = {"l_mix_q": 2.424, "l_one_q": 2.435, "l_mix_k": 2.307, "l_mask": 0.005, "loss": 7.171}
+        p.update(loss=7.171, lr=0.05, images=64, data_time=0.001, note=note, values=values)
+    p.close()
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("columns", [80, 200])
+def test_progress_line_fits_the_terminal_width(monkeypatch, columns):
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda *a, **k: os.terminal_size((columns, 24)))
+    text = _draw_long_lines(io.StringIO(), is_tty=True)
+    drawn = text.split("\n")[0].split("\r")[1:]  # each redraw of the line
+    assert len(drawn) == 6
+    assert all(len(d) < columns for d in drawn), [len(d) for d in drawn]  # never wraps
+    line = drawn[-1]
+    assert line.startswith("epoch 3/100 ") and " 6/500 loss 7.171" in line and "img/s" in line
+    if columns == 200:  # room for the loss terms and the global rate's label
+        assert "loss 7.171 = l_mix_q 2.424 + l_one_q 2.435 + l_mix_k 2.307 + l_mask 0.005" in line
+        assert "(2 procs)" in line and "lr 0.05" in line
+    else:  # the mask note, the terms, data% (and here the bar) go first; the step count, loss and rate stay
+        assert "l_mix_q" not in line and "mask" not in line and "data" not in line and "lr 0.05" in line
+
+
+def test_progress_line_off_a_tty_prints_whole_plain_lines(monkeypatch):
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda *a, **k: os.terminal_size((80, 24)))
+    text = _draw_long_lines(io.StringIO(), is_tty=False)
+    assert "\r" not in text and "\x1b" not in text
+    lines = text.splitlines()
+    assert len(lines) == 4  # steps 2, 4, 6 and the summary
+    assert all(" = l_mix_q 2.424 + l_one_q 2.435 + l_mix_k 2.307 + l_mask 0.005 " in line for line in lines[:3])
+    assert all(line.endswith(" sat 0%") and "(2 procs)" in line for line in lines[:3])
+    assert "(2 procs)" in lines[3]
+
+
+def test_progress_rate_counts_every_process():
+    out = io.StringIO()
+    p = ProgressLine(1, 1, 4, log_interval=4, stream=out, world_size=3)
+    for _ in range(4):
+        p.update(loss=1.0, images=10)
+    s = p.close()
+    assert s["img_per_s"] * s["time_s"] == pytest.approx(3 * 40)  # all 3 processes' images
+    one = ProgressLine(1, 1, 4, log_interval=4, stream=io.StringIO())
+    one.update(loss=1.0, images=10)
+    assert "procs" not in one.rate_text(10, 1.0) and one.rate_text(10, 1.0) == "img/s 10"
+    assert p.rate_text(10, 1.0) == "img/s 30 (3 procs)"

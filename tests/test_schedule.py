@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from automix_fast.engine.schedule import (ConstSchedule, CosineSchedule, StepSchedule, build_schedule,
-                                          cosine_anneal)
+                                          cosine_anneal, resolve_warmup_epochs)
 from automix_fast.errors import ConfigError
 
 
@@ -56,3 +56,20 @@ def test_cosine_anneal():
     assert cosine_anneal(0.1, 0.0, 100, 100) == pytest.approx(0.0)
     assert cosine_anneal(0.1, 0.0, 500, 100) == pytest.approx(0.0)
     assert cosine_anneal(0.999, 0.999999, 0, 0) == 0.999999
+
+
+def test_default_warmup_is_at_most_a_quarter_of_the_run():
+    assert resolve_warmup_epochs(None, 15) == (1.0, None)
+    assert resolve_warmup_epochs(None, 4) == (1.0, None)
+    value, line = resolve_warmup_epochs(None, 2)
+    assert value == 0.5 and line.startswith("warm-up: 0.5 epochs (the default 1, capped")
+    assert resolve_warmup_epochs(None, 1)[0] == 0.25
+    # A value given is kept: quietly within the quarter, with a warning past it.
+    assert resolve_warmup_epochs(0.0, 2) == (0.0, None) and resolve_warmup_epochs(2.0, 8) == (2.0, None)
+    value, line = resolve_warmup_epochs(1.0, 2)
+    assert value == 1.0 and line.startswith("warning: --warmup-epochs 1 is more than a quarter of the 2-epoch run")
+    # With the capped default, a 2-epoch per-epoch cosine's last epoch is below the peak.
+    steps = 10
+    sched = build_schedule("cosine", 0.1, total_steps=2 * steps, steps_per_epoch=steps,
+                           warmup_steps=int(resolve_warmup_epochs(None, 2)[0] * steps), on_updates=False)
+    assert sched.lr_at(steps)[0] < 0.1 and sched.lr_at(steps - 1)[0] == pytest.approx(0.1)

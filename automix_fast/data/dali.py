@@ -87,7 +87,7 @@ def dali_available() -> bool:
 
 def require_dali() -> None:
     if not dali_available():
-        raise ConfigError(f"loader 'dali' needs NVIDIA DALI, which is not installed: {INSTALL_HINT}, or use --loader torch")
+        raise ConfigError(f"--loader dali needs NVIDIA DALI, which is not installed: {INSTALL_HINT}, or use --loader torch")
 
 
 def dali_mode(spec) -> int | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -156,11 +157,19 @@ class MetricLogger:
 class ProgressLine:
     """Console progress for one epoch.
 
-        epoch 3/100 [######--------------] 150/500 loss 2.345 lr 0.1 img/s 2450 data 3%
+        epoch 3/100 [######--------------] 150/500 loss 2.345 = l_mix_q 1.203 + ... lr 0.1 img/s 2450 data 3%
 
-    On a TTY the line is redrawn in place with '\\r' at most every `min_interval` seconds; off a
-    TTY (CI, pipes, log files) a plain line is printed every `log_interval` steps instead. The
-    loss shown is the mean since the previous line; img/s and data% cover the same window.
+    On a TTY the line is redrawn in place with '\\r' at most every `min_interval` seconds and
+    fits the terminal's width (read at each draw): the least important fields are left out
+    first (the mask note, the loss terms, data%, the bar, lr, img/s), and what still does not
+    fit is cut, so the line never wraps (a wrapped line cannot be redrawn). Off a TTY (CI, pipes,
+    log files) a whole plain line is printed every `log_interval` steps: no '\\r', no escape codes.
+
+    The loss shown is the mean since the previous line; with `terms` (the names of the values
+    that sum to it, AutoMix's l_mix_q + l_one_q + l_mix_k + l_mask, as in metrics.jsonl) they
+    follow it where the width allows. img/s counts every process's images:
+    `world_size` x this process's (every rank runs the same number of equal batches), labelled
+    "(N procs)" under torchrun; img/s and data% cover the same window as the loss.
     `close()` prints the epoch summary and returns it as a dict for the metric log: the steps
     that ran in this process (a resumed epoch starts at `start_step`; img/s covers what ran),
     and for an epoch that ended early, where it stopped.
@@ -168,16 +177,20 @@ class ProgressLine:
     """
 
     BAR = 20
+    # Fields by how long they stay when the terminal is narrow: 0 always, higher ones leave first.
+    KEEP, RATE, LR, BAR_FIELD, DATA, TERMS, NOTE = 0, 1, 2, 3, 4, 5, 6
 
     def __init__(self, epoch: int, epochs: int, total_steps: int, *, log_interval: int = 50,
                  stream=None, is_tty: bool | None = None, enabled: bool = True, min_interval: float = 0.2,
-                 start_step: int = 0):
+                 start_step: int = 0, world_size: int = 1, terms: Sequence[str] = ()):
         self.epoch, self.epochs, self.total = epoch, epochs, total_steps
         self.log_interval = max(1, int(log_interval))
         self.stream = stream if stream is not None else sys.stdout
         self.is_tty = self.stream.isatty() if is_tty is None and hasattr(self.stream, "isatty") else bool(is_tty)
         self.enabled = enabled
         self.min_interval = min_interval
+        self.world_size = max(1, int(world_size))
+        self.terms = tuple(terms)
         self.step = self.start_step = start_step
         self.lr = None
         self.epoch_loss, self.window_loss = Mean(), Mean()
@@ -187,16 +200,20 @@ class ProgressLine:
         self.data_time = self._win_data = 0.0
         self._drawn = 0  # length of the line currently on screen (TTY), to blank leftovers
         self._shown_loss = None
+        self._shown_terms: dict[str, float] = {}
         self._note = ""
 
     def update(self, *, loss=None, lr: float | None = None, images: int = 0, data_time: float = 0.0,
-               note: str | None = None) -> None:
+               note: str | None = None, values: dict | None = None) -> None:
         """Record one finished step. `loss` may be a device tensor (read only when drawn),
-        `images` the samples in the step, `data_time` host seconds spent waiting for the batch,
-        `note` text shown at the end of the line until the next note (AutoMix's mask statistics)."""
+        `images` this process's samples in the step, `data_time` host seconds spent waiting for
+        the batch, `note` text shown at the end of the line until the next note (AutoMix's mask
+        statistics), `values` the logged host floats holding the `terms`."""
         self.step += 1
         if note is not None:
             self._note = note
+        if values is not None:
+            self._shown_terms = {k: values[k] for k in self.terms if k in values}
         if loss is not None:
             self.epoch_loss.add(loss)
             self.window_loss.add(loss)
@@ -215,28 +232,43 @@ class ProgressLine:
         elif self.step % self.log_interval == 0:
             self._emit(self._line(now), now)
 
-    def _line(self, now: float) -> str:
+    def rate_text(self, images: int, seconds: float) -> str:
+        """`img/s N` for all processes' images (this one's x world_size), labelled under torchrun."""
+        text = f"img/s {self.world_size * images / max(seconds, 1e-9):.0f}"
+        return text + f" ({self.world_size} procs)" if self.world_size > 1 else text
+
+    def fields(self, now: float) -> list[tuple[str, int]]:
+        """The line's fields in display order, each with its rank (see KEEP ... NOTE)."""
         filled = int(self.BAR * min(self.step / max(self.total, 1), 1.0))
         width = len(str(self.total))
-        parts = [f"epoch {self.epoch}/{self.epochs}", f"[{'#' * filled}{'-' * (self.BAR - filled)}]",
-                 f"{self.step:>{width}}/{self.total}"]
+        parts = [(f"epoch {self.epoch}/{self.epochs}", self.KEEP),
+                 (f"[{'#' * filled}{'-' * (self.BAR - filled)}]", self.BAR_FIELD),
+                 (f"{self.step:>{width}}/{self.total}", self.KEEP)]
         if self.window_loss.count:
             self._shown_loss = self.window_loss.value()
         if self._shown_loss is not None:  # the newest loss read, until a newer one arrives
-            parts.append(f"loss {self._shown_loss:.3f}")
+            parts.append((f"loss {self._shown_loss:.3f}", self.KEEP))
+            if self._shown_terms:
+                parts.append(("= " + " + ".join(f"{k} {v:.3f}" for k, v in self._shown_terms.items()), self.TERMS))
         if self.lr is not None:
-            parts.append(f"lr {self.lr:.3g}")
+            parts.append((f"lr {self.lr:.3g}", self.LR))
         elapsed = max(now - self._win_start, 1e-9)
         if self._win_images:
-            parts.append(f"img/s {self._win_images / elapsed:.0f}")
-        parts.append(f"data {100 * min(self._win_data / elapsed, 1.0):.0f}%")
+            parts.append((self.rate_text(self._win_images, elapsed), self.RATE))
+        parts.append((f"data {100 * min(self._win_data / elapsed, 1.0):.0f}%", self.DATA))
         if self._note:
-            parts.append(self._note)
-        return " ".join(parts)
+            parts.append((self._note, self.NOTE))
+        return parts
+
+    def _line(self, now: float) -> str:
+        parts = self.fields(now)
+        if not self.is_tty:
+            return " ".join(text for text, _ in parts)
+        return fit_fields(parts, terminal_width())
 
     def _emit(self, line: str, now: float) -> None:
         if self.is_tty:
-            self.stream.write("\r" + line + " " * max(0, self._drawn - len(line)))
+            self.stream.write("\r" + line + " " * max(0, min(self._drawn, terminal_width()) - len(line)))
             self._drawn = len(line)
         else:
             self.stream.write(line + "\n")
@@ -246,9 +278,10 @@ class ProgressLine:
         self._win_images, self._win_data = 0, 0.0
 
     def summary(self) -> dict:
+        """The epoch so far; img_per_s counts all processes' images."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         return {"loss": self.epoch_loss.value(), "lr": self.lr, "steps": self.step - self.start_step,
-                "time_s": elapsed, "img_per_s": self.images / elapsed,
+                "time_s": elapsed, "img_per_s": self.world_size * self.images / elapsed,
                 "data_frac": min(self.data_time / elapsed, 1.0)}
 
     def close(self) -> dict:
@@ -262,8 +295,26 @@ class ProgressLine:
             if self.epoch_loss.count:
                 line += f" loss {s['loss']:.4f}"
             if self.images:
-                line += f" img/s {s['img_per_s']:.0f}"
+                line += " " + self.rate_text(self.images, s["time_s"])
             line += f" data {100 * s['data_frac']:.0f}%"
             self.stream.write(line + "\n")
             self.stream.flush()
         return s
+
+
+def terminal_width() -> int:
+    """Columns a redrawn line may use: the terminal's less one (some terminals wrap a line that
+    fills the last column, which breaks the next '\\r')."""
+    return max(20, shutil.get_terminal_size().columns - 1)
+
+
+def fit_fields(parts: list[tuple[str, int]], width: int) -> str:
+    """The fields joined by spaces, leaving out the highest-ranked ones until the line fits
+    `width`; cut at `width` if even the rank-0 fields do not fit."""
+    for rank in sorted({r for _, r in parts}, reverse=True):
+        line = " ".join(text for text, _ in parts)
+        if len(line) <= width or rank == 0:
+            break
+        parts = [(text, r) for text, r in parts if r != rank]
+    line = " ".join(text for text, _ in parts)
+    return line[:width]

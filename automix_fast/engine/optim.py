@@ -66,7 +66,7 @@ def build_optimizer(param_groups, opt: str = "sgd", *, lr: float, momentum: floa
         try:  # NVIDIA apex; the PyPI package named `apex` is unrelated and has no `apex.optimizers`
             from apex.optimizers import FusedSGD
         except ImportError:
-            raise ConfigError(f"opt '{opt}' needs NVIDIA apex (apex.optimizers.FusedSGD), which is not "
+            raise ConfigError(f"--opt {opt} needs NVIDIA apex (apex.optimizers.FusedSGD), which is not "
                               "installed; use --opt sgd (fused on CUDA already)") from None
         return FusedSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     raise ConfigError(f"unknown opt '{opt}'; choose from: {', '.join(OPTIMIZERS)}")

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from automix_fast import rundir
-from automix_fast.config import TrainConfig, config_changes, save_config
+from automix_fast.config import TrainConfig, config_changes, flag_name, save_config
 from automix_fast.engine.policy import resolve_amp, resolve_device, resolve_loader
 from automix_fast.engine.stopflag import StopFlag
 from automix_fast.engine.train import NonFiniteError
@@ -56,7 +57,7 @@ class Trainer:
         from automix_fast.data import DataSpec, build_loaders
         from automix_fast.engine.distributed import init_distributed
         from automix_fast.engine.optim import build_optimizer
-        from automix_fast.engine.schedule import build_schedule
+        from automix_fast.engine.schedule import build_schedule, resolve_warmup_epochs
         from automix_fast.engine.train import StepGuard
         from automix_fast.engine.policy import create_policy_model, wrap_policy
         from automix_fast.engine.train_options import model_options, optimizer_steps_per_epoch
@@ -97,14 +98,14 @@ class Trainer:
         try:  # --kernel-backend triton without CUDA or TRITON_INTERPRET: say so before any data work
             ops.resolve_backend(cfg.kernel_backend, self.device)
         except ValueError as e:
-            raise ConfigError(f"config field 'kernel_backend': {e}") from None
+            raise ConfigError(f"--kernel-backend: {e}") from None
 
         torch.manual_seed(cfg.seed)  # same on every rank: identical initial weights
         probe = create_model(cfg.model, num_classes=2, **model_options(cfg))  # unknown model names fail before any data work
         img_size = cfg.img_size or probe.default_img_size
         self.mix_stage = cfg.mix_stage or probe.mix_stage
         if self.mix_stage > probe.num_stages:
-            raise ConfigError(f"config field 'mix_stage' must be at most {probe.num_stages} for {cfg.model}, got {self.mix_stage}")
+            raise ConfigError(f"--mix-stage must be at most {probe.num_stages} for {cfg.model}, got {self.mix_stage}")
         del probe
         self.loader_kind = resolve_loader(cfg.loader)
         self.spec = DataSpec(
@@ -124,7 +125,7 @@ class Trainer:
             )
         num_classes = self.info.num_classes
         if cfg.num_classes is not None and cfg.num_classes != num_classes:
-            raise ConfigError(f"config field 'num_classes' is {cfg.num_classes} but the data has {num_classes} classes")
+            raise ConfigError(f"--num-classes is {cfg.num_classes} but the data has {num_classes} classes")
         self.num_classes = num_classes
 
         torch.manual_seed(cfg.seed)
@@ -151,9 +152,10 @@ class Trainer:
                                          weight_decay=cfg.weight_decay, device=self.device)
         self.steps_per_epoch = optimizer_steps_per_epoch(cfg, len(self.train_loader))
         self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.warmup_epochs, self.warmup_note = resolve_warmup_epochs(cfg.warmup_epochs, cfg.epochs)
         self.schedule = build_schedule(
             cfg.sched, [g["lr"] for g in groups], total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
-            warmup_steps=int(cfg.warmup_epochs * self.steps_per_epoch), floors=[g["min_lr"] for g in groups],
+            warmup_steps=int(self.warmup_epochs * self.steps_per_epoch), floors=[g["min_lr"] for g in groups],
             decay_milestones=cfg.decay_epochs or (), warmup_lr=cfg.warmup_lr, on_updates=cfg.sched_on_updates,
         )
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
@@ -195,7 +197,7 @@ class Trainer:
         changed = config_changes(state.get("config", {}), self.cfg)
         if changed and not self.cfg.allow_config_change:
             old = state["config"]
-            details = ", ".join(f"{k}: {old[k]!r} -> {getattr(self.cfg, k)!r}" for k in changed)
+            details = ", ".join(f"{flag_name(k)}: {old[k]!r} -> {getattr(self.cfg, k)!r}" for k in changed)
             raise ConfigError(f"resuming {path} with a changed config ({details}); pass --allow-config-change to accept")
         try:
             self.mixer.load_state_dict(state["mixer"])
@@ -247,6 +249,7 @@ class Trainer:
             "mix_alpha": self._mix_alpha(), "amp": self.amp_dtype is not None,
             "channels_last": self.channels_last,
             "kernel_backend": ops.resolve_backend(self.cfg.kernel_backend, self.device),
+            "warmup_epochs": self.warmup_epochs,
         }
 
     def _mix_alpha(self) -> float | None:
@@ -312,6 +315,11 @@ class Trainer:
         bad_files = self.info.bad_files  # files that fail to decode mid-run: automix_fast/data/bad_files.py
         bad_files.start_run(self.run_dir)  # a resumed run plans around the files its folder lists
         self.log(self.header())
+        terms = getattr(self.mixer, "summed_terms", ())
+        if terms:
+            self.log(f"loss shown = {' + '.join(terms)} (each logged in metrics.jsonl)")
+        if self.warmup_note and not self.quiet:
+            print(self.warmup_note, file=sys.stderr if self.warmup_note.startswith("warning") else sys.stdout, flush=True)
         self.log(f"run folder: {self.run_dir}")
         from automix_fast.engine.distributed import average_bn_stats, flat_allreduce_mean
 
@@ -331,7 +339,8 @@ class Trainer:
             for epoch in range(self.start_epoch, cfg.epochs):
                 skip = self.start_batch if epoch == self.start_epoch else 0
                 progress = ProgressLine(epoch + 1, cfg.epochs, self.steps_per_epoch, log_interval=cfg.log_interval,
-                                        enabled=not self.quiet, start_step=skip)
+                                        enabled=not self.quiet, start_step=skip,
+                                        world_size=self.dist.world_size, terms=terms)
 
                 def on_log(i, values, epoch=epoch):
                     logger.log("train", values, epoch=epoch + 1, step=epoch * self.steps_per_epoch + i)
@@ -342,7 +351,8 @@ class Trainer:
                         start_step=epoch * self.steps_per_epoch, total_steps=self.total_steps, amp_dtype=self.amp_dtype,
                         guard=self.guard, scaler=self.scaler, grad_sync=grad_sync, skip_batches=skip,
                         log_interval=cfg.log_interval, on_log=on_log, progress=progress, should_stop=should_stop,
-                        max_bad_steps=cfg.max_bad_steps, metric_mean=grad_sync, **loop_options(cfg),
+                        max_bad_steps=cfg.max_bad_steps, metric_mean=grad_sync, world_size=self.dist.world_size,
+                        **loop_options(cfg),
                     )
                 finally:
                     progress.close()

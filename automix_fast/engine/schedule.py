@@ -56,6 +56,29 @@ class CompoundCosine:
         return self._value
 
 
+DEFAULT_WARMUP_EPOCHS = 1.0
+WARMUP_CAP = 0.25  # the default warm-up is at most this share of the run
+
+
+def resolve_warmup_epochs(asked: float | None, epochs: int) -> tuple[float, str | None]:
+    """(warm-up epochs to run, a line to print or None) for --warmup-epochs `asked` (None: the default).
+
+    The default is 1 epoch, at most a quarter of the run (`--epochs 2`: half an epoch), so a
+    short run's last epochs still decay from the peak LR. A value given (flag or config file) is
+    kept; past a quarter of the run it comes with a warning line.
+    """
+    cap = WARMUP_CAP * epochs
+    if asked is None:
+        if DEFAULT_WARMUP_EPOCHS <= cap:
+            return DEFAULT_WARMUP_EPOCHS, None
+        return cap, (f"warm-up: {cap:g} epochs (the default {DEFAULT_WARMUP_EPOCHS:g}, capped at a quarter of "
+                     f"the {epochs}-epoch run; --warmup-epochs sets it)")
+    if asked > cap:
+        return asked, (f"warning: --warmup-epochs {asked:g} is more than a quarter of the {epochs}-epoch run; "
+                       f"kept as given (the default would be capped at {cap:g})")
+    return asked, None
+
+
 def _per_group(value, n: int, name: str) -> list[float]:
     values = [float(value)] * n if isinstance(value, (int, float)) else [float(v) for v in value]
     if len(values) != n:

@@ -138,6 +138,7 @@ def train_one_epoch(
     metric_mean: Callable[[list[torch.Tensor]], None] | None = None,
     accum_steps: int = 1,
     clip: Callable[[list[torch.Tensor]], None] | None = None,
+    world_size: int = 1,
 ) -> EpochResult:
     """Train over one epoch of `loader`, starting `skip_batches` optimizer steps in (a resumed epoch).
 
@@ -147,6 +148,8 @@ def train_one_epoch(
     an epoch is ceil(len(loader) / accum_steps) steps. Steps, schedules, lambdas and the
     after_step updates (EMA, momentum encoder) count optimizer steps. `clip` (grad_clip.py)
     runs before each update.
+    world_size: the processes training together; the logged `img_per_s_global` is world_size x
+    this rank's images per second (every rank runs the same number of equal batches).
     start_step is the global step of the epoch's first step. on_log(i, values) receives
     host floats every log_interval steps and at the end; progress.update(...) (see
     metrics.ProgressLine) is called every step, with the loss only at those intervals, so
@@ -233,7 +236,7 @@ def train_one_epoch(
             values["skipped_steps"] = int(read[-2])
             stop = stop or read[-1] > 0
             elapsed = time.perf_counter() - t_start
-            values["img_per_s"] = result.images / max(elapsed, 1e-9)
+            values["img_per_s_global"] = world_size * result.images / max(elapsed, 1e-9)
             values["data_share"] = result.data_seconds / max(elapsed, 1e-9)
             result.means = values
             epoch_loss += values["loss"] * count_since_log
@@ -241,7 +244,8 @@ def train_one_epoch(
             sums, count_since_log = {}, 0
             if progress is not None:
                 note = mixer.progress_text(values) if hasattr(mixer, "progress_text") else None  # AutoMix: mask stats
-                progress.update(loss=values["loss"], lr=values["lr"], images=step_images, data_time=data_time, note=note)
+                progress.update(loss=values["loss"], lr=values["lr"], images=step_images, data_time=data_time, note=note,
+                                values=values)
             if on_log is not None:
                 on_log(i + 1, values)
             worst = guard.too_many_bad(max_bad_steps)  # read once per interval, not per step

@@ -13,8 +13,8 @@ def model_options(cfg) -> dict:
     if not cfg.drop_path:
         return {}
     if "drop_path_rate" not in builder_options(cfg.model):
-        raise ConfigError(f"config field 'drop_path' needs a model with residual blocks (the ResNet family, WRN); "
-                          f"'{cfg.model}' has none, got {cfg.drop_path!r}")
+        raise ConfigError(f"--drop-path {cfg.drop_path:g} needs a model with residual blocks (the ResNet family, "
+                          f"WRN); --model {cfg.model} has none")
     return {"drop_path_rate": cfg.drop_path}
 
 

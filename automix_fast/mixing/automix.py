@@ -119,6 +119,7 @@ def mask_summary(history: list[dict]) -> dict:
 
 class AutoMix(Mixer):
     name = "automix"
+    summed_terms = ("l_mix_q", "l_one_q", "l_mix_k", "l_mask")  # the logged values `loss` is the sum of
 
     def __init__(
         self,
