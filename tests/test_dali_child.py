@@ -75,6 +75,8 @@ def test_a_process_that_keeps_dying_stops_with_one_line(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="killed by SIGKILL 2 times in epoch 1") as e:
         _epoch(loader)
     assert "\n" not in str(e.value) and bad.entries == {}
+    with pytest.raises(DataError, match="2 times in epoch 1"):  # the loader is still usable: the same again, no hang
+        _epoch(loader)
 
 
 @pytest.mark.parametrize("readable", [True, False])
