@@ -127,3 +127,26 @@ def decode_pipeline(*, source, gpu: bool):
     data, labels = _read(source)
     images = fn.decoders.image(data, device="mixed" if gpu else "cpu", output_type=types.RGB, **_decoder_kwargs(gpu, True))
     return images, labels
+
+
+def build_pipeline(args: dict, *, source, batch_size: int, prefetch: int, seed: int):
+    """A built train or val pipeline from the loader's picklable description `args` (train, gpu,
+    img_size, aug, mean, std, half, num_threads, device_id); the loader and its decoding process
+    (`dali_child.py`) both build through here, so the two make the same pipeline."""
+    definition = train_pipeline if args["train"] else val_pipeline
+    pipe = definition(
+        source=source,
+        gpu=args["gpu"],
+        img_size=args["img_size"],
+        aug=args["aug"],
+        mean=args["mean"],
+        std=args["std"],
+        out_dtype=types.FLOAT16 if args["half"] else types.FLOAT,
+        batch_size=batch_size,
+        num_threads=args["num_threads"],
+        device_id=args["device_id"],
+        seed=seed,
+        prefetch_queue_depth=prefetch,
+    )
+    pipe.build()
+    return pipe
