@@ -225,7 +225,7 @@ def find_resume(cfg):
         target = resume_target(cfg.resume, cfg.output)
         if not target.exists():
             under = Path(cfg.output) / cfg.resume
-            raise CheckpointError(f"--resume {cfg.resume}: no such checkpoint file or run folder"
+            raise CheckpointError(f"--resume {cfg.resume}: file not found: no such checkpoint file or run folder"
                                   + ("" if Path(cfg.resume).is_absolute() else f" (nor {under})"))
         return resolve_resume(str(target), target)
     run_dir = locate(cfg)
