@@ -136,7 +136,7 @@ class Trainer:
         self.mixer = wrap_policy(cfg, model, mix_stage=self.mix_stage, rank=self.dist.rank).to(self.device)
         if cfg.torchcompile:
             self.model.compile()
-            if hasattr(self.mixer, "momentum_encoder"):
+            if self.mixer.momentum_encoder is not None:
                 self.mixer.momentum_encoder.compile()
         groups = self.mixer.param_groups(
             cfg.lr, cfg.weight_decay, cfg.min_lr, mix_block_lr=cfg.mix_block_lr, mix_block_min_lr=cfg.mix_block_min_lr,
@@ -310,7 +310,7 @@ class Trainer:
         bad_files = self.info.bad_files  # files that fail to decode mid-run: automix_fast/data/bad_files.py
         bad_files.start_run(self.run_dir)  # a resumed run plans around the files its folder lists
         self.log(self.header())
-        terms = getattr(self.mixer, "summed_terms", ())
+        terms = self.mixer.summed_terms
         if terms:
             self.log(f"loss shown = {' + '.join(terms)} (each logged in metrics.jsonl)")
         if self.warmup_note and not self.quiet:
