@@ -82,7 +82,7 @@ def measure(mix: str, cfg: dict, args, device) -> dict:
     mixer = build_mixer(policy, model, kernel_backend=cfg["kernel_backend"], seed=0, **extra).to(device)
     if cfg["compile"]:
         model.compile()
-        if hasattr(mixer, "momentum_encoder"):
+        if mixer.momentum_encoder is not None:
             mixer.momentum_encoder.compile()
     groups = mixer.param_groups(0.1, 1e-4)
     opt = build_optimizer(groups, "sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, device=device)

@@ -13,8 +13,8 @@ from PIL import Image
 
 from automix_fast.data import DataSpec, DatasetInfo, build_loaders, resolve_dataset, validate_spec
 from automix_fast.data.folder import image_problem, scan_image_folder
-from automix_fast.data.torch_loader import (ResidentLoader, StreamingLoader, build_torch_loaders,
-                                            train_indices)
+from automix_fast.data.shards import train_indices
+from automix_fast.data.torch_loader import ResidentLoader, StreamingLoader, build_torch_loaders
 from automix_fast.data.transforms import (cifar_augment, draw_cifar_params, load_rgb,
                                           random_resized_crop_box, resize_center_crop)
 from automix_fast.errors import ConfigError, DataError

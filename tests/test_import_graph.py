@@ -78,7 +78,7 @@ KNOWN_IN_FUNCTION: dict[str, int] = {
     "automix_fast.data.cifar -> automix_fast.data": 1,
     "automix_fast.data.dali -> automix_fast.data.bad_files": 1,
     "automix_fast.data.dali -> automix_fast.data.jpeg_header": 1,
-    "automix_fast.data.dali -> automix_fast.data.torch_loader": 2,
+    "automix_fast.data.dali -> automix_fast.data.torch_loader": 1,
     "automix_fast.data.evalset -> automix_fast.data": 1,
     "automix_fast.data.evalset -> automix_fast.data.cifar": 1,
     "automix_fast.data.evalset -> automix_fast.data.dali": 1,

@@ -18,7 +18,7 @@ def run(args) -> int:
     if "data_dir" in overrides:
         overrides["dataset"] = "auto"
     trained = load_trained(args.checkpoint, overrides)
-    if not hasattr(trained.mixer, "mix_block"):
+    if trained.mixer.mix_block is None:
         raise UserError(f"{args.checkpoint} was trained with --mix {trained.cfg.mix}, which has no Mix Block to visualize")
     # never replaces an earlier picture; checked before the work
     png = check_writable(args.png or next_free_path(Path(args.checkpoint).parent), "mask picture",

@@ -74,7 +74,6 @@ def load_initial_checkpoint(mixer, path: str, model_name: str, num_classes: int)
         what = f"lacks {missing[0]}" if missing else f"has {wrong[0]} of shape {tuple(weights[wrong[0]].shape)}"
         raise CheckpointError(f"--initial-checkpoint {path} does not match {model_name}: it {what}")
     model.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
-    for copy_name in ("momentum_encoder", "model_ema"):
-        copy = getattr(mixer, copy_name, None)
+    for copy in (mixer.momentum_encoder, mixer.model_ema):
         if copy is not None:
             copy.load_state_dict(model.state_dict())

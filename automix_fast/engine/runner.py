@@ -23,7 +23,7 @@ from automix_fast.config import TrainConfig, config_changes, flag_name, save_con
 from automix_fast.engine.policy import resolve_amp, resolve_device, resolve_loader
 from automix_fast.engine.stopflag import StopFlag
 from automix_fast.engine.train import NonFiniteError
-from automix_fast.errors import CheckpointError, ConfigError, OutputError, UserError
+from automix_fast.errors import CheckpointError, ConfigError, OutputError
 from automix_fast.mixing.automix import mask_summary
 
 FORMAT = "automix-fast/1"
@@ -118,11 +118,6 @@ class Trainer:
             train_subset=cfg.train_subset, train_subset_seed=cfg.train_subset_seed, val_split=cfg.val_split,
         )
         self.train_loader, self.val_loader, self.info = build_loaders(self.spec)
-        if len(self.train_loader) == 0:
-            raise UserError(
-                f"batch size {cfg.batch_size} x {self.dist.world_size} process(es) is larger than the "
-                f"{self.info.num_train} training images: no full batch to train on"
-            )
         num_classes = self.info.num_classes
         if cfg.num_classes is not None and cfg.num_classes != num_classes:
             raise ConfigError(f"--num-classes is {cfg.num_classes} but the data has {num_classes} classes")
@@ -141,7 +136,7 @@ class Trainer:
         self.mixer = wrap_policy(cfg, model, mix_stage=self.mix_stage, rank=self.dist.rank).to(self.device)
         if cfg.torchcompile:
             self.model.compile()
-            if hasattr(self.mixer, "momentum_encoder"):
+            if self.mixer.momentum_encoder is not None:
                 self.mixer.momentum_encoder.compile()
         groups = self.mixer.param_groups(
             cfg.lr, cfg.weight_decay, cfg.min_lr, mix_block_lr=cfg.mix_block_lr, mix_block_min_lr=cfg.mix_block_min_lr,
@@ -315,7 +310,7 @@ class Trainer:
         bad_files = self.info.bad_files  # files that fail to decode mid-run: automix_fast/data/bad_files.py
         bad_files.start_run(self.run_dir)  # a resumed run plans around the files its folder lists
         self.log(self.header())
-        terms = getattr(self.mixer, "summed_terms", ())
+        terms = self.mixer.summed_terms
         if terms:
             self.log(f"loss shown = {' + '.join(terms)} (each logged in metrics.jsonl)")
         if self.warmup_note and not self.quiet:

@@ -243,7 +243,7 @@ def train_one_epoch(
             epoch_count += count_since_log
             sums, count_since_log = {}, 0
             if progress is not None:
-                note = mixer.progress_text(values) if hasattr(mixer, "progress_text") else None  # AutoMix: mask stats
+                note = mixer.progress_text(values)  # AutoMix: mask stats
                 progress.update(loss=values["loss"], lr=values["lr"], images=step_images, data_time=data_time, note=note,
                                 values=values)
             if on_log is not None:

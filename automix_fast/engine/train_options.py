@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from automix_fast.engine.grad_clip import grad_clipper
 from automix_fast.engine.train import steps_per_epoch
-from automix_fast.errors import ConfigError, UserError
+from automix_fast.errors import ConfigError
 from automix_fast.models import builder_options
 
 
@@ -31,7 +31,6 @@ def loop_options(cfg) -> dict:
 
 
 def optimizer_steps_per_epoch(cfg, loader_batches: int) -> int:
-    """Optimizer steps per epoch with --grad-accum-steps (the last one takes the micro-batches left)."""
-    if loader_batches == 0:
-        raise UserError(f"batch size {cfg.batch_size} leaves no full batch to train on")
+    """Optimizer steps per epoch with --grad-accum-steps (the last one takes the micro-batches left);
+    the train loader has at least one batch (data.shards.check_full_batch)."""
     return steps_per_epoch(loader_batches, cfg.grad_accum_steps)
