@@ -66,11 +66,10 @@ import torch
 
 from ..errors import ConfigError, DataError
 from .bad_files import decode_reason
-from .dali_child import ChildDied, DecodingProcess
+from .dali_child import PREFETCH_DEPTH, ChildDied, DecodingProcess, dali_reason
 from .shards import Shards
 
 INSTALL_HINT = 'pip install "automix-fast[dali]" (CUDA 13; "automix-fast[dali-cuda120]" for CUDA 12)'
-PREFETCH_DEPTH = 2  # batches DALI prepares ahead of the one being consumed
 # CPU-only mode decodes in a child process (dali_child.py) so a native decoder crash cannot end the
 # run; False runs the pipeline in this process, as GPU mode always does (the tests compare the two).
 ISOLATE_CPU = True
@@ -283,7 +282,7 @@ class DaliFolderLoader:
             except StopIteration:  # the plan is exhausted and every fed batch was yielded
                 break
             except RuntimeError as e:  # how DALI reports an operator error; the pipeline is now unusable
-                failure = _dali_reason(e)
+                failure = dali_reason(e)
                 if done >= len(self._fed):  # no batch to blame (not a file's fault): one line, no traceback
                     raise DataError(f"the DALI pipeline failed: {failure}") from None
             if failure is not None:  # handled outside the except block: its traceback holds the old pipeline
@@ -333,7 +332,7 @@ class DaliFolderLoader:
             except StopIteration:
                 pass
             except RuntimeError as e:
-                reason = _dali_reason(e)
+                reason = dali_reason(e)
             del probe  # only one pipeline alive at a time
             if reason is not None:
                 queue[:0] = fed[out + 1:]  # fed after the failing file but never checked
@@ -506,16 +505,6 @@ class DaliFolderLoader:
         fmt = torch.channels_last if self.spec.channels_last else torch.contiguous_format
         x = x.to(device=self.device, dtype=self.spec.dtype, memory_format=fmt, non_blocking=True)
         return x, y.to(self.device, non_blocking=True)
-
-
-def _dali_reason(error: Exception) -> str:
-    """The operator and the first line of what it encountered, from DALI's multi-line error."""
-    text = str(error)
-    lines = [ln.strip() for ln in text.splitlines()]
-    operator = next((ln.split("`")[1].replace("nvidia.dali.", "") for ln in lines if ln.startswith("Error in") and "`" in ln), "")
-    after = text.split("encountered:", 1)[1] if "encountered:" in text else text
-    what = next((ln.strip() for ln in after.splitlines() if ln.strip() and not ln.startswith(("C++ context", "Current pipeline"))), "")
-    return f"{operator}: {what}" if operator else what or type(error).__name__
 
 
 def screen_jpeg_headers(paths: list[str], bad_files, threads: int = 16) -> None:
