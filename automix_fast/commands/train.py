@@ -12,7 +12,7 @@ import signal
 
 from automix_fast import rundir
 from automix_fast.config import CONFIG_DIR, build_config, load_yaml
-from automix_fast.data.folder import KIND_NAMES, LayoutError
+from automix_fast.data.layout import KIND_NAMES, LayoutError
 from automix_fast.engine.distributed import cleanup
 from automix_fast.engine.runner import Trainer
 from automix_fast.errors import DataError
@@ -66,7 +66,7 @@ def run(args) -> int:
 
 
 def explain_pinned_dataset(err, args: argparse.Namespace) -> None:
-    """`err`: a data.folder.LayoutError. When the -c file (not a flag) set `dataset:` and the data is another kind, raise the error
+    """`err`: a data.layout.LayoutError. When the -c file (not a flag) set `dataset:` and the data is another kind, raise the error
     again naming the config, its value and the flags (or the shipped config) that fit the data."""
     name = getattr(args, "config", None)
     if not name or "dataset" in vars(args):
