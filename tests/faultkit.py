@@ -122,17 +122,17 @@ def all_finite(state: dict) -> bool:
 
 
 def fail_writes(monkeypatch, code: int) -> None:
-    """Every atomic write of automix_fast.rundir (results, exports, pictures) fails with errno
+    """Every atomic write (automix_fast.atomic: results, exports, pictures) fails with errno
     `code` after its temp file is created, as a full disk or a read-only file system would."""
     import io
 
-    from automix_fast import rundir
+    from automix_fast import atomic
 
     class Failing(io.FileIO):
         def write(self, data):
             raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(rundir, "open", lambda path, mode="r", *a, **k: Failing(path, "w"), raising=False)
+    monkeypatch.setattr(atomic, "open", lambda path, mode="r", *a, **k: Failing(path, "w"), raising=False)
 
 
 def read_only(monkeypatch, folder: Path) -> None:

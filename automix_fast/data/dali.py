@@ -65,9 +65,11 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from .bad_files import decode_reason
+from .bad_files import BadFiles, decode_reason
 from .dali_child import PREFETCH_DEPTH, ChildDied, DecodingProcess, dali_reason
+from .jpeg_header import header_problem
 from .shards import Shards
+from .torch_loader import build_torch_loaders, resolve_aug
 
 INSTALL_HINT = 'pip install "automix-fast[dali]" (CUDA 13; "automix-fast[dali-cuda120]" for CUDA 12)'
 # CPU-only mode decodes in a child process (dali_child.py) so a native decoder crash cannot end the
@@ -156,7 +158,6 @@ class DaliFolderLoader:
     """Train or val loader over a list of (path, label) with a DALI pipeline (see the module doc)."""
 
     def __init__(self, samples: list[tuple[str, int]], spec, train: bool, aug: str, bad_files=None):
-        from .bad_files import BadFiles
 
         self.spec, self.train, self.aug = spec, train, aug
         self.paths = [p for p, _ in samples]
@@ -513,7 +514,6 @@ def screen_jpeg_headers(paths: list[str], bad_files, threads: int = 16) -> None:
     the headers, on threads (the work is I/O: a few small reads per file)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .jpeg_header import header_problem
 
     if not paths:
         return
@@ -527,7 +527,6 @@ def screen_jpeg_headers(paths: list[str], bad_files, threads: int = 16) -> None:
 def build_dali_loaders(spec, info):
     """(train_loader, val_loader) for `--loader dali`; see the module docstring for what runs where."""
     require_dali()
-    from .torch_loader import build_torch_loaders, resolve_aug
 
     if info.train_samples is None:  # in-memory arrays (CIFAR batches): the torch loader's resident path
         return build_torch_loaders(spec, info)

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
-from .bad_files import decode_reason
+from .bad_files import BadFiles, decode_reason
 from .shards import Shards, seed_of
 from .transforms import (cifar_augment, draw_cifar_params, eval_resize_for, load_rgb, norm_constants,
                          normalize_to, random_resized_crop, resize_center_crop, resize_uint8_batch)
@@ -188,8 +188,6 @@ class StreamingLoader(_LoaderBase):
     """DataLoader workers decode and crop to uint8; conversion and normalization run on the device."""
 
     def __init__(self, dataset: _ImageDataset, spec, train: bool, aug: str, bad_files=None):
-        from .bad_files import BadFiles
-
         super().__init__(len(dataset), spec, train, aug)
         workers = spec.workers
         self.bad_files = bad_files if bad_files is not None else BadFiles(spec.skip_bad_images, spec.rank == 0)
