@@ -154,7 +154,7 @@ def random_checkpoint(path: Path, arch: str, mix: str, classes: list[str], seed:
     from automix_fast.config import build_config
     from automix_fast.engine.checkpoint import save_checkpoint
     from automix_fast.engine.policy import create_policy_model, wrap_policy
-    from automix_fast.engine.runner import FORMAT
+    from automix_fast.engine.checkpoint import FORMAT
 
     cfg = build_config({"model": arch, "mix": mix, "device": "cpu", "kernel_backend": "torch"})
     torch.manual_seed(seed)

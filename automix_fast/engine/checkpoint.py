@@ -35,6 +35,7 @@ import torch
 from automix_fast.errors import CheckpointError
 from automix_fast.rundir import write_failure
 
+FORMAT = "automix-fast/1"  # the "format" entry of a training checkpoint's state
 MAGIC = b"AMXFCK01"  # bump the trailing digits if the container layout ever changes
 _HEADER = struct.Struct("<8s32sQ")  # magic, sha256 digest, payload length
 

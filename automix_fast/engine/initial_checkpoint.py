@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from automix_fast.engine.checkpoint import load_checkpoint
+from automix_fast.engine.checkpoint import FORMAT, load_checkpoint
 from automix_fast.errors import CheckpointError, ConfigError
 from automix_fast.export import from_export_keys, read_weights, torchvision_name
 
@@ -43,8 +43,6 @@ def plain_weights(path: str, num_classes: int, model_name: str) -> dict[str, tor
 
 def initial_weights(path: str, model_name: str, num_classes: int) -> dict[str, torch.Tensor]:
     """The `model.*` weights of checkpoint `path`, checked against this run's model and classes."""
-    from automix_fast.engine.runner import FORMAT
-
     try:
         state = load_checkpoint(path)
     except CheckpointError as e:
