@@ -563,8 +563,7 @@ def test_initial_checkpoint_loads_weights_only(data, tmp_path):
 
 
 def test_initial_checkpoint_class_mismatch_is_one_line(tmp_path):
-    from automix_fast.engine.checkpoint import save_checkpoint
-    from automix_fast.engine.checkpoint import FORMAT
+    from automix_fast.engine.checkpoint import FORMAT, save_checkpoint
 
     model = create_model("tinynet", num_classes=3)  # what a 3-class run's checkpoint holds
     save_checkpoint(tmp_path / "three.pt", {"format": FORMAT, "model_name": "tinynet", "num_classes": 3,

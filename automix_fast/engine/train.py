@@ -1,4 +1,4 @@
-"""The training and evaluation loops, with explicit arguments (no argument namespace).
+"""The training and evaluation loops, with explicit arguments (objects, no argument namespace).
 
 Inside a step nothing waits on the device: lambdas are host floats, the non-finite check
 writes a device flag that the fused optimizer reads to skip its update, and running sums
@@ -274,10 +274,10 @@ class _EpochRun:
 
     def _log(self, i: int, step: int, step_images: int, data_time: float) -> bool:
         """The interval's one device read: report it; True when some rank asked to stop."""
-        ctx, cb = self.ctx, self.cb
+        ctx, cb, mixer = self.ctx, self.cb, self.ctx.mixer
         values, stop = self._read_interval()
         if cb.progress is not None:
-            note = ctx.mixer.progress_text(values) if hasattr(ctx.mixer, "progress_text") else None  # AutoMix: mask stats
+            note = mixer.progress_text(values) if hasattr(mixer, "progress_text") else None  # AutoMix: mask stats
             cb.progress.update(loss=values["loss"], lr=values["lr"], images=step_images, data_time=data_time, note=note,
                                values=values)
         if cb.on_log is not None:
