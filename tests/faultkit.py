@@ -152,9 +152,8 @@ def random_checkpoint(path: Path, arch: str, mix: str, classes: list[str], seed:
     """A training checkpoint of `arch` and `mix` at `path` with random weights and BatchNorm
     statistics (so that encoders and heads differ); returns the policy in eval mode."""
     from automix_fast.config import build_config
-    from automix_fast.engine.checkpoint import save_checkpoint
+    from automix_fast.engine.checkpoint import FORMAT, save_checkpoint
     from automix_fast.engine.policy import create_policy_model, wrap_policy
-    from automix_fast.engine.runner import FORMAT
 
     cfg = build_config({"model": arch, "mix": mix, "device": "cpu", "kernel_backend": "torch"})
     torch.manual_seed(seed)

@@ -166,6 +166,9 @@ class AutoMix(Mixer):
             init=mix_block_init,
         )
 
+    def mix_alpha(self, kind: str) -> float | None:
+        return self.alpha if kind == "automix" else None
+
     def mix_block_features(self, x):
         """k's features at the mix stage (no gradient; k in train mode updates its BN statistics)."""
         with torch.no_grad():

@@ -65,6 +65,8 @@ class Mixer(nn.Module):
     - param_groups(lr, weight_decay, min_lr, ...) -> the optimizer's parameter groups;
     - progress_text(values) -> the policy's note on the progress line (default None: no note);
     - summed_terms: the logged values `loss` is the sum of (default (): loss is one term);
+    - mix_alpha(kind) -> the Beta alpha the policy draws lambda with for `kind` ("automix",
+      "mixup" or "cutmix"), or None (the default: it draws none for that kind);
     - momentum_encoder: the momentum (EMA) encoder k, or None (the default: no momentum encoder);
     - mix_block: the learned Mix Block, or None (the default: a fixed mixing rule);
     - model_ema: timm's EMA copy of the model (head `ema`), updated by `ema` (a ModelEma), both
@@ -91,6 +93,9 @@ class Mixer(nn.Module):
         self.model_ema = self.ema.module
 
     @property
+    def mix_alpha(self, kind: str) -> float | None:
+        return None
+
     def label(self) -> str:
         """The policy as the run header names it (with its settings where the name is not enough)."""
         return self.name + self.ema_label
