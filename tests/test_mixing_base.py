@@ -35,6 +35,10 @@ def test_every_policy_provides_the_mixer_interface(name):
     assert isinstance(mixer.momentum_encoder, nn.Module) == automix and (mixer.momentum_encoder is None) != automix
     assert isinstance(mixer.mix_block, nn.Module) == automix and (mixer.mix_block is None) != automix
     assert mixer.model_ema is None
+    # mix_alpha: the alpha lambda is drawn with for the policy's own kind, None where it draws none
+    alpha = mixer.mix_alpha(name)
+    assert alpha is None if name == "vanilla" else isinstance(alpha, float) and alpha > 0
+    assert mixer.mix_alpha("elsewhere") is None
     heads = mixer.eval_heads()
     main, (encoder, head) = next(iter(heads.items()))  # the first head is the main one: the online model's
     assert encoder is mixer.model and head == "one" and main == ("q_one" if automix else "one")

@@ -92,10 +92,10 @@ class Mixer(nn.Module):
         self.ema = ModelEma(self.model, decay, warmup=warmup)
         self.model_ema = self.ema.module
 
-    @property
     def mix_alpha(self, kind: str) -> float | None:
         return None
 
+    @property
     def label(self) -> str:
         """The policy as the run header names it (with its settings where the name is not enough)."""
         return self.name + self.ema_label
