@@ -64,7 +64,6 @@ KNOWN_IN_FUNCTION: dict[str, int] = {
     "automix_fast.commands.train -> automix_fast.engine.distributed": 1,
     "automix_fast.commands.train -> automix_fast.engine.runner": 1,
     "automix_fast.commands.visualize -> automix_fast.visualize": 1,
-    "automix_fast.config -> automix_fast.rundir": 1,
     "automix_fast.data -> automix_fast.data.bad_files": 1,
     "automix_fast.data -> automix_fast.data.cifar": 2,
     "automix_fast.data -> automix_fast.data.dali": 1,
@@ -108,17 +107,15 @@ KNOWN_IN_FUNCTION: dict[str, int] = {
     "automix_fast.export -> automix_fast.models": 1,
     "automix_fast.export -> automix_fast.models.resnet": 1,
     "automix_fast.export -> automix_fast.rundir": 1,
-    "automix_fast.rundir -> automix_fast.config": 1,
     "automix_fast.rundir -> automix_fast.engine.checkpoint": 1,
     "automix_fast.visualize -> automix_fast.mixing.automix": 1,
     "automix_fast.visualize -> automix_fast.rundir": 1,
 }
 
 # Import cycles, each as its chain from the smallest module name (in-function imports count:
-# they run too). config <-> rundir and engine.checkpoint <-> rundir: rundir.py imports both
-# inside functions and they import rundir. initial_checkpoint <-> runner: see above.
+# they run too). engine.checkpoint <-> rundir: rundir.py imports it inside a function and it
+# imports rundir. initial_checkpoint <-> runner: see above.
 KNOWN_CYCLES: set[tuple[str, ...]] = {
-    ("automix_fast.config", "automix_fast.rundir", "automix_fast.config"),
     ("automix_fast.engine.checkpoint", "automix_fast.rundir", "automix_fast.engine.checkpoint"),
     ("automix_fast.engine.initial_checkpoint", "automix_fast.engine.runner", "automix_fast.engine.initial_checkpoint"),
 }

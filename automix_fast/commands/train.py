@@ -28,16 +28,16 @@ def given_values(args: argparse.Namespace) -> tuple[dict, dict]:
 def train_config(args: argparse.Namespace):
     """(TrainConfig, resume_from): with --resume and a checkpoint to continue from, the run's
     stored config with the given values of the fields that may change on resume."""
-    from automix_fast.config import build_config
+    from automix_fast.config import build_config, resumed_config
 
     file_values, flags = given_values(args)
     cfg = build_config(file_values, flags)  # checks every given value, and --resume auto needs --experiment
-    if not cfg.resume:
+    if not cfg.run.resume:
         return cfg, None
     found = rundir.find_resume(cfg)
     if found is None:
         return cfg, None
-    return rundir.resumed_config(found, {**file_values, **flags}), found
+    return resumed_config(found, {**file_values, **flags}), found
 
 
 def run(args) -> int:
