@@ -22,7 +22,10 @@ from pathlib import Path
 import torch
 
 from automix_fast.errors import ConfigError, UserError
-from automix_fast.rundir import write_json
+from automix_fast.atomic import write_bytes, write_json
+from automix_fast.models import create_model
+from automix_fast.models.resnet import RESNETS
+from automix_fast.rundir import check_writable
 
 EXPORT_FORMAT = "automix-fast-export/1"
 FILE_FORMATS = {".safetensors": "safetensors", ".pt": "torch.save", ".pth": "torch.save",
@@ -43,8 +46,6 @@ _FROM_PLAIN = ((r"^fc\.", "head_one."),)
 
 def torchvision_name(arch: str) -> str | None:
     """'resnet50' for resnet50 and resnet50_cifar; None for models outside the ResNet family."""
-    from automix_fast.models.resnet import RESNETS
-
     base = arch[: -len("_cifar")] if arch.endswith("_cifar") else arch
     return base if base in RESNETS else None
 
@@ -92,8 +93,6 @@ def check_output(output: str | Path) -> Path:
     """Before any work: `output` has a known suffix, what its format needs is installed, and it
     and its JSON can be written; one-line UserError otherwise."""
     from importlib.util import find_spec
-
-    from automix_fast.rundir import check_writable
 
     output = Path(output)
     if output.suffix not in SUFFIXES:
@@ -143,8 +142,6 @@ def serialize(output: str | Path, state: dict[str, torch.Tensor], meta: dict, mo
 def write_export(state: dict[str, torch.Tensor], meta: dict, output: str | Path, model=None) -> tuple[Path, Path]:
     """Write `output` in the format of its suffix (see `serialize`) and FILE.json beside it,
     each atomically; returns both paths."""
-    from automix_fast.rundir import write_bytes
-
     output = check_output(output)
     meta = {**meta, "file_format": file_format(output)}
     if meta["file_format"] in PROGRAM_FORMATS:
@@ -167,8 +164,6 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_export(path: str | Path):
     """Our Classifier (eval mode, CPU) holding an export's weights, built from its JSON."""
-    from automix_fast.models import create_model
-
     meta = json.loads(metadata_path(path).read_text())
     model = create_model(meta["model"], num_classes=meta["num_classes"])
     tv = meta["key_names"] == "torchvision"

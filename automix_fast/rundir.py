@@ -14,24 +14,24 @@ Used by `train`, `eval` and `export` alike.
   (that checkpoint) or `--resume RUN` (a run folder, as a path or a name under --output: its
   newest valid checkpoint) continues with the config stored in the checkpoint
   (`automix_fast.config.resumed_config`: flags may change only the fields marked resumable).
-  A checkpoint resumed under another `--experiment` forks: the new folder gets a copy of its
-  state as its own first `last.pt`; the source folder is never written.
+  A checkpoint resumed under another `--experiment` forks: the new folder gets a
+  copy of its state as its own first `last.pt`; the source folder is never written.
 - Writes: a full disk, a read-only folder or a missing permission while writing any file of the
   run is an `OutputError` (one line naming the file); checkpoints are written atomically, so
   the previous one is intact.
 """
 from __future__ import annotations
 
-import contextlib
 import difflib
-import errno
 import json
 import os
 import shlex
+import sys
 import time
 from pathlib import Path
-from typing import Any
 
+from automix_fast.atomic import write_json, write_text  # noqa: F401  (the run's writers, re-exported)
+from automix_fast.engine.checkpoint import latest_valid, resolve_resume
 from automix_fast.errors import CheckpointError, OutputError
 
 CONFIG_FILE = "config.yaml"
@@ -44,52 +44,10 @@ DEFAULT_OUTPUT = "output"
 # nothing else (no checkpoint, no metrics) is not a run, and the next start reuses it.
 START_FILES = (CONFIG_FILE, "tensorboard")
 
-# errnos that mean "this place cannot be written", as opposed to a bug or a crash.
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
-                 errno.ENOTDIR, errno.EISDIR}
 _MAX_SUFFIX = 1000
 
 
 # ----------------------------------------------------------------------------- writes
-def write_failure(path: str | os.PathLike, e: OSError, what: str = "") -> OutputError | None:
-    """The one-line OutputError for a failed write of `path`, or None when `e` is not a
-    can't-write error (those stay as they are: a bug should show its traceback)."""
-    if isinstance(e, OutputError):
-        return e
-    if e.errno not in _WRITE_ERRNOS:
-        return None
-    hint = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system"}
-    reason = e.strerror or str(e)
-    extra = f" ({hint[e.errno]})" if e.errno in hint and hint[e.errno].lower() not in reason.lower() else ""
-    return OutputError(f"cannot write {what + ' ' if what else ''}{path}: {reason}{extra}")
-
-
-def write_bytes(path: str | os.PathLike, data: bytes, what: str = "") -> Path:
-    """Write `data` to `path` atomically (temp file + rename; missing folders are created): the
-    file is either the old one or the new one, never half written. A failed write is one
-    OutputError line naming `path` and leaves no temp file behind."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):  # on a read-only folder even the cleanup fails
-            tmp.unlink(missing_ok=True)
-        err = write_failure(path, e, what)
-        if err is None:
-            raise
-        raise err from None
-    return path
-
-
-def write_text(path: str | os.PathLike, text: str, what: str = "") -> Path:
-    """Write a text file (UTF-8) as `write_bytes` does."""
-    return write_bytes(path, text.encode("utf-8"), what)
-
-
 def check_writable(path: str | os.PathLike, what: str = "", hint: str = "choose a writable --output") -> Path:
     """Before any work: OutputError in one line unless `path` could be written, i.e. it is not
     a folder and its nearest existing parent is a writable folder (the missing ones are created
@@ -114,10 +72,6 @@ def _read_only(folder: Path) -> bool:
         return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
     except (OSError, AttributeError):
         return False
-
-
-def write_json(path: str | os.PathLike, obj: Any, what: str = "") -> Path:
-    return write_text(path, json.dumps(obj, indent=2) + "\n", what)
 
 
 def unique_path(path: str | os.PathLike) -> Path:
@@ -215,17 +169,13 @@ def find_resume(cfg):
     """(path, state) of the checkpoint `cfg.run.resume` names, or None to start fresh (auto, no run
     in the folder yet; said once on stderr). Refused in one line: a fresh start in a folder that
     holds files, an auto name one typo away from a run beside it, a missing file or folder."""
-    import sys
-
-    from automix_fast.engine.checkpoint import latest_valid, resolve_resume
-
     if not cfg.run.resume:
         return None
     if cfg.run.resume != "auto":
         target = resume_target(cfg.run.resume, cfg.run.output)
         if not target.exists():
             under = Path(cfg.run.output) / cfg.run.resume
-            raise CheckpointError(f"--resume {cfg.run.resume}: no such checkpoint file or run folder"
+            raise CheckpointError(f"--resume {cfg.run.resume}: file not found: no such checkpoint file or run folder"
                                   + ("" if Path(cfg.run.resume).is_absolute() else f" (nor {under})"))
         return resolve_resume(str(target), target)
     run_dir = locate(cfg)

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from automix_fast.ops import reference
-from automix_fast.rundir import write_bytes
+from automix_fast.atomic import write_bytes
+from automix_fast.mixing.automix import mask_statistics
 
 LAMS_SEEN = (0.2, 0.5, 0.8)  # lambdas shown when the Mix Block takes lambda as an input
 LAM_DEFAULT = 0.5
@@ -46,8 +47,6 @@ def shown_lambdas(mixer) -> tuple[float, ...]:
 def mix_examples(mixer, x: torch.Tensor, lam: float = LAM_DEFAULT):
     """(partner images, mask s in [0, 1], mixed images, statistics) for a batch, partner = the
     next image; the statistics are those the training logs (mixing.automix.mask_statistics)."""
-    from automix_fast.mixing.automix import mask_statistics
-
     n = x.shape[0]
     perm = torch.roll(torch.arange(n, device=x.device), -1)
     was_training = mixer.training

@@ -28,7 +28,7 @@ from common import environment, write_results  # noqa: E402
 
 from automix_fast.engine.optim import build_optimizer  # noqa: E402
 from automix_fast.engine.schedule import build_schedule  # noqa: E402
-from automix_fast.engine.train import StepGuard, train_one_epoch  # noqa: E402
+from automix_fast.engine.train import EpochCallbacks, EpochPlan, StepContext, StepGuard, train_one_epoch  # noqa: E402
 from automix_fast.mixing import build_mixer  # noqa: E402
 from automix_fast.models import create_model  # noqa: E402
 
@@ -82,7 +82,7 @@ def measure(mix: str, cfg: dict, args, device) -> dict:
     mixer = build_mixer(policy, model, kernel_backend=cfg["kernel_backend"], seed=0, **extra).to(device)
     if cfg["compile"]:
         model.compile()
-        if hasattr(mixer, "momentum_encoder"):
+        if mixer.momentum_encoder is not None:
             mixer.momentum_encoder.compile()
     groups = mixer.param_groups(0.1, 1e-4)
     opt = build_optimizer(groups, "sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, device=device)
@@ -93,8 +93,9 @@ def measure(mix: str, cfg: dict, args, device) -> dict:
     guard = StepGuard(device)
 
     def epoch(e):
-        return train_one_epoch(mixer, loader, opt, sched, epoch=e, start_step=e * args.steps, total_steps=total,
-                               amp_dtype=cfg["amp_dtype"], guard=guard, log_interval=args.steps)
+        ctx = StepContext(mixer, opt, sched, guard, total, amp_dtype=cfg["amp_dtype"])
+        return train_one_epoch(ctx, loader, EpochPlan(epoch=e, start_step=e * args.steps),
+                               EpochCallbacks(log_interval=args.steps))
 
     epoch(0)  # warm-up: compilation, autotuning, allocator
     if device.type == "cuda":

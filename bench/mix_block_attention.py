@@ -64,7 +64,7 @@ def checkpoint_stats(path: str, data_dir: str | None, num: int) -> dict:
     overrides = {"data_dir": data_dir, "dataset": "auto"} if data_dir else {}
     trained = load_trained(path, overrides)
     mixer = trained.mixer
-    if not hasattr(mixer, "mix_block"):
+    if mixer.mix_block is None:
         raise SystemExit(f"error: {path} was trained with --mix {trained.cfg.mixing.mix}, which has no Mix Block")
     loader, _, _ = eval_data(trained)
     x = next(iter(loader))[0][:num]

@@ -122,17 +122,17 @@ def all_finite(state: dict) -> bool:
 
 
 def fail_writes(monkeypatch, code: int) -> None:
-    """Every atomic write of automix_fast.rundir (results, exports, pictures) fails with errno
+    """Every atomic write (automix_fast.atomic: results, exports, pictures) fails with errno
     `code` after its temp file is created, as a full disk or a read-only file system would."""
     import io
 
-    from automix_fast import rundir
+    from automix_fast import atomic
 
     class Failing(io.FileIO):
         def write(self, data):
             raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(rundir, "open", lambda path, mode="r", *a, **k: Failing(path, "w"), raising=False)
+    monkeypatch.setattr(atomic, "open", lambda path, mode="r", *a, **k: Failing(path, "w"), raising=False)
 
 
 def read_only(monkeypatch, folder: Path) -> None:
@@ -152,9 +152,8 @@ def random_checkpoint(path: Path, arch: str, mix: str, classes: list[str], seed:
     """A training checkpoint of `arch` and `mix` at `path` with random weights and BatchNorm
     statistics (so that encoders and heads differ); returns the policy in eval mode."""
     from automix_fast.config import build_config
-    from automix_fast.engine.checkpoint import save_checkpoint
+    from automix_fast.engine.checkpoint import FORMAT, save_checkpoint
     from automix_fast.engine.policy import create_policy_model, wrap_policy
-    from automix_fast.engine.runner import FORMAT
 
     cfg = build_config({"model": arch, "mix": mix, "device": "cpu", "kernel_backend": "torch"})
     torch.manual_seed(seed)

@@ -97,7 +97,7 @@ def run_steps(policy: str, *, grad_sync=None, metric_mean=None, scaler=None, see
     launches recorded instead of run (automix_fast.kernels.launches): what is counted is the host
     side of the GPU path, without the interpreter's own copies to numpy."""
     from automix_fast.engine.schedule import ConstSchedule
-    from automix_fast.engine.train import StepGuard, train_one_epoch
+    from automix_fast.engine.train import EpochCallbacks, EpochPlan, StepContext, StepGuard, train_one_epoch
     from automix_fast.mixing import build_mixer
     from automix_fast.models import create_model
     from automix_fast.kernels import launches
@@ -112,9 +112,10 @@ def run_steps(policy: str, *, grad_sync=None, metric_mean=None, scaler=None, see
     loader = CountingLoader(counter, seed=seed)
     recording = launches.recording() if backend == "triton" else contextlib.nullcontext()
     with recording, counter.host_methods(), counter:
-        result = train_one_epoch(mixer, loader, optimizer, ConstSchedule(0.1), epoch=0, start_step=0,
-                                 total_steps=100, amp_dtype=None, guard=guard, scaler=scaler, grad_sync=grad_sync,
-                                 metric_mean=metric_mean, should_stop=lambda: False, log_interval=3)
+        ctx = StepContext(mixer, optimizer, ConstSchedule(0.1), guard, total_steps=100, amp_dtype=None, scaler=scaler,
+                          grad_sync=grad_sync, metric_mean=metric_mean)
+        result = train_one_epoch(ctx, loader, EpochPlan(epoch=0, start_step=0),
+                                 EpochCallbacks(log_interval=3, should_stop=lambda: False))
         counter.active = False
     bounds = loader.marks + [len(counter.seen)]
     return [counter.seen[a:b] for a, b in zip(bounds, bounds[1:])], result, guard, mixer

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import pickle
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -13,8 +12,8 @@ from PIL import Image
 
 from automix_fast.data import DataSpec, DatasetInfo, build_loaders, resolve_dataset, validate_spec
 from automix_fast.data.folder import image_problem, scan_image_folder
-from automix_fast.data.torch_loader import (ResidentLoader, StreamingLoader, build_torch_loaders,
-                                            train_indices)
+from automix_fast.data.shards import train_indices
+from automix_fast.data.torch_loader import ResidentLoader, StreamingLoader, build_torch_loaders
 from automix_fast.data.transforms import (cifar_augment, draw_cifar_params, load_rgb,
                                           random_resized_crop_box, resize_center_crop)
 from automix_fast.errors import ConfigError, DataError
@@ -236,12 +235,17 @@ def test_bad_spec_names_field(field, value):
 
 
 def test_dali_dispatch_is_lazy(tmp_path, monkeypatch):
+    import subprocess
+
+    import automix_fast.data
+
     calls = []
-    fake = types.ModuleType("automix_fast.data.dali")
-    fake.build_dali_loaders = lambda spec, info: calls.append((spec, info)) or ("T", "V")
-    monkeypatch.setitem(sys.modules, "automix_fast.data.dali", fake)
+    monkeypatch.setattr(automix_fast.data, "build_dali_loaders", lambda spec, info: calls.append((spec, info)) or ("T", "V"))
     train, val, info = build_loaders(folder_spec(make_folder(tmp_path), loader="dali"))
     assert (train, val) == ("T", "V") and calls[0][1] is info
+    # DALI itself is imported only when a DALI loader is built, not with the data package.
+    code = "import sys, automix_fast.data.evalset; print('nvidia.dali' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 
 
 # ----------------------------------------------------------------------------- resident loader

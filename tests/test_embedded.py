@@ -86,8 +86,10 @@ def test_cache_dir_from_environment(monkeypatch, tmp_path):
 
 
 def test_auto_without_data_dir_is_embedded(tmp_path, monkeypatch):
+    import automix_fast.data
+
     real = E.ensure_embedded_dataset
-    monkeypatch.setattr(E, "ensure_embedded_dataset", lambda cache=None: real(str(tmp_path), 2, 1))
+    monkeypatch.setattr(automix_fast.data, "ensure_embedded_dataset", lambda cache=None: real(str(tmp_path), 2, 1))
     info = resolve_dataset(DataSpec())
     assert info.kind == "embedded" and info.classes == sorted(E.CLASSES)
     assert info.num_train == 20 and info.num_val == 10

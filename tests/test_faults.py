@@ -139,11 +139,11 @@ def test_skipped_step_leaves_weights_untouched(data, tmp_path, monkeypatch, one_
                                       experiment="one", visualize=False, log_interval=1))
     trainer = Trainer(cfg, quiet=True)
     before = {k: v.clone() for k, v in trainer.mixer.model.named_parameters()}
-    from automix_fast.engine.train import train_one_epoch
+    from automix_fast.engine.train import EpochCallbacks, EpochPlan, StepContext, train_one_epoch
 
-    result = train_one_epoch(trainer.mixer, trainer.train_loader, trainer.optimizer, trainer.schedule, epoch=0,
-                             start_step=0, total_steps=trainer.total_steps, amp_dtype=None, guard=trainer.guard,
-                             should_stop=lambda: True)  # stop after the first (bad) step
+    ctx = StepContext(trainer.mixer, trainer.optimizer, trainer.schedule, trainer.guard, trainer.total_steps)
+    result = train_one_epoch(ctx, trainer.train_loader, EpochPlan(epoch=0, start_step=0),
+                             EpochCallbacks(should_stop=lambda: True))  # stop after the first (bad) step
     assert result.steps == 1 and trainer.guard.skipped.item() == 1
     for k, v in trainer.mixer.model.named_parameters():
         assert torch.equal(v, before[k]), k

@@ -37,88 +37,18 @@ LAZY = (
 # an import to the top of its file, or breaks a cycle, also removes its entry.
 # `python tests/test_import_graph.py` prints the current state in this form.
 #
-# Project imports inside functions, "importer -> imported": how many. The one in
-# engine.initial_checkpoint reads runner.FORMAT; it can move to the top once FORMAT lives below
-# both (engine/checkpoint.py), which also breaks the initial_checkpoint <-> runner cycle below.
+# Project imports inside functions, "importer -> imported": how many.
 KNOWN_IN_FUNCTION: dict[str, int] = {
     "automix_fast.cli -> automix_fast.commands.eval": 1,
     "automix_fast.cli -> automix_fast.commands.export": 1,
     "automix_fast.cli -> automix_fast.commands.models": 1,
     "automix_fast.cli -> automix_fast.commands.train": 1,
     "automix_fast.cli -> automix_fast.commands.visualize": 1,
-    "automix_fast.commands.common -> automix_fast.config": 1,
-    "automix_fast.commands.common -> automix_fast.data": 1,
-    "automix_fast.commands.common -> automix_fast.data.evalset": 1,
-    "automix_fast.commands.common -> automix_fast.engine.checkpoint": 1,
-    "automix_fast.commands.common -> automix_fast.engine.policy": 3,
-    "automix_fast.commands.common -> automix_fast.engine.runner": 1,
-    "automix_fast.commands.eval -> automix_fast.engine.train": 1,
-    "automix_fast.commands.export -> automix_fast.config": 1,
-    "automix_fast.commands.export -> automix_fast.data": 1,
-    "automix_fast.commands.export -> automix_fast.data.torch_loader": 1,
-    "automix_fast.commands.export -> automix_fast.data.transforms": 1,
-    "automix_fast.commands.export -> automix_fast.export": 1,
-    "automix_fast.commands.export -> automix_fast.models": 1,
-    "automix_fast.commands.models -> automix_fast.models": 1,
-    "automix_fast.commands.train -> automix_fast.config": 2,
-    "automix_fast.commands.train -> automix_fast.engine.distributed": 1,
-    "automix_fast.commands.train -> automix_fast.engine.runner": 1,
-    "automix_fast.commands.visualize -> automix_fast.visualize": 1,
-    "automix_fast.data -> automix_fast.data.bad_files": 1,
-    "automix_fast.data -> automix_fast.data.cifar": 2,
-    "automix_fast.data -> automix_fast.data.dali": 1,
-    "automix_fast.data -> automix_fast.data.embedded": 1,
-    "automix_fast.data -> automix_fast.data.folder": 2,
-    "automix_fast.data -> automix_fast.data.subset": 1,
-    "automix_fast.data -> automix_fast.data.torch_loader": 1,
-    "automix_fast.data.bad_files -> automix_fast.data.jpeg_header": 1,
-    "automix_fast.data.bad_files -> automix_fast.data.transforms": 1,
-    "automix_fast.data.bad_files -> automix_fast.engine.checkpoint": 1,
-    "automix_fast.data.cifar -> automix_fast.data": 1,
-    "automix_fast.data.dali -> automix_fast.data.bad_files": 1,
-    "automix_fast.data.dali -> automix_fast.data.jpeg_header": 1,
-    "automix_fast.data.dali -> automix_fast.data.torch_loader": 2,
-    "automix_fast.data.evalset -> automix_fast.data": 1,
-    "automix_fast.data.evalset -> automix_fast.data.cifar": 1,
-    "automix_fast.data.evalset -> automix_fast.data.dali": 1,
-    "automix_fast.data.evalset -> automix_fast.data.embedded": 1,
-    "automix_fast.data.evalset -> automix_fast.data.folder": 2,
-    "automix_fast.data.evalset -> automix_fast.data.torch_loader": 1,
-    "automix_fast.data.folder -> automix_fast.data": 1,
-    "automix_fast.data.torch_loader -> automix_fast.data.bad_files": 1,
-    "automix_fast.engine.initial_checkpoint -> automix_fast.engine.runner": 1,
-    "automix_fast.engine.metrics -> automix_fast.engine.tensorboard_log": 1,
-    "automix_fast.engine.metrics -> automix_fast.rundir": 1,
-    "automix_fast.engine.runner -> automix_fast.data": 1,
-    "automix_fast.engine.runner -> automix_fast.data.torch_loader": 1,
-    "automix_fast.engine.runner -> automix_fast.engine.checkpoint": 3,
-    "automix_fast.engine.runner -> automix_fast.engine.distributed": 6,
-    "automix_fast.engine.runner -> automix_fast.engine.initial_checkpoint": 1,
-    "automix_fast.engine.runner -> automix_fast.engine.metrics": 1,
-    "automix_fast.engine.runner -> automix_fast.engine.optim": 1,
-    "automix_fast.engine.runner -> automix_fast.engine.policy": 1,
-    "automix_fast.engine.runner -> automix_fast.engine.schedule": 1,
-    "automix_fast.engine.runner -> automix_fast.engine.summary_csv": 1,
-    "automix_fast.engine.runner -> automix_fast.engine.train": 2,
-    "automix_fast.engine.runner -> automix_fast.engine.train_options": 2,
-    "automix_fast.engine.runner -> automix_fast.models": 1,
-    "automix_fast.engine.runner -> automix_fast.ops": 2,
-    "automix_fast.engine.runner -> automix_fast.visualize": 1,
-    "automix_fast.export -> automix_fast.models": 1,
-    "automix_fast.export -> automix_fast.models.resnet": 1,
-    "automix_fast.export -> automix_fast.rundir": 1,
-    "automix_fast.rundir -> automix_fast.engine.checkpoint": 1,
-    "automix_fast.visualize -> automix_fast.mixing.automix": 1,
-    "automix_fast.visualize -> automix_fast.rundir": 1,
 }
 
 # Import cycles, each as its chain from the smallest module name (in-function imports count:
-# they run too). engine.checkpoint <-> rundir: rundir.py imports it inside a function and it
-# imports rundir. initial_checkpoint <-> runner: see above.
-KNOWN_CYCLES: set[tuple[str, ...]] = {
-    ("automix_fast.engine.checkpoint", "automix_fast.rundir", "automix_fast.engine.checkpoint"),
-    ("automix_fast.engine.initial_checkpoint", "automix_fast.engine.runner", "automix_fast.engine.initial_checkpoint"),
-}
+# they run too).
+KNOWN_CYCLES: set[tuple[str, ...]] = set()
 
 
 def module_name(path: Path) -> str:

@@ -21,7 +21,8 @@ from automix_fast.engine.checkpoint import load_checkpoint
 from automix_fast.engine.grad_clip import grad_clipper
 from automix_fast.engine.model_ema import ema_decay, ema_update
 from automix_fast.engine.tensorboard_log import tensorboard_available
-from automix_fast.engine.train import StepGuard, nonfinite_flag, optimizer_step, train_one_epoch
+from automix_fast.engine.train import (EpochCallbacks, EpochPlan, StepContext, StepGuard, nonfinite_flag, optimizer_step,
+                                       train_one_epoch)
 from automix_fast.errors import ConfigError
 from automix_fast.mixing import build_mixer
 from automix_fast.mixing.baselines import MixupCutmix, Vanilla, minmax_boxes
@@ -444,9 +445,10 @@ def _accumulated_run(micro_batch: int, accum: int, images: int = 40, grad_sync=N
     schedule = _Schedule()
     calls = []
     stop = None if stop_after is None else (lambda: calls.append(1) or len(calls) >= stop_after)
-    result = train_one_epoch(mixer, loader, opt, schedule, epoch=0, start_step=0, total_steps=100, amp_dtype=None,
-                             guard=StepGuard(torch.device("cpu")), accum_steps=accum, log_interval=2,
-                             grad_sync=grad_sync, should_stop=stop, skip_batches=skip)
+    ctx = StepContext(mixer, opt, schedule, StepGuard(torch.device("cpu")), total_steps=100, amp_dtype=None,
+                      accum_steps=accum, grad_sync=grad_sync)
+    result = train_one_epoch(ctx, loader, EpochPlan(epoch=0, start_step=0, skip=skip),
+                             EpochCallbacks(log_interval=2, should_stop=stop))
     if stop_after is not None:
         return model, opt, result
     return model.state_dict(), schedule.steps, result
@@ -562,8 +564,7 @@ def test_initial_checkpoint_loads_weights_only(data, tmp_path):
 
 
 def test_initial_checkpoint_class_mismatch_is_one_line(tmp_path):
-    from automix_fast.engine.checkpoint import save_checkpoint
-    from automix_fast.engine.runner import FORMAT
+    from automix_fast.engine.checkpoint import FORMAT, save_checkpoint
 
     model = create_model("tinynet", num_classes=3)  # what a 3-class run's checkpoint holds
     save_checkpoint(tmp_path / "three.pt", {"format": FORMAT, "model_name": "tinynet", "num_classes": 3,

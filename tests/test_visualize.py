@@ -89,12 +89,12 @@ def test_a_full_disk_while_writing_the_picture_is_one_line(checkpoint, tmp_path,
 
 def test_an_unwritable_output_is_one_line_before_the_work(checkpoint, tmp_path, monkeypatch, capsys):
     """A read-only folder and a path under a file: one line, exit 2, no picture drawn."""
-    import automix_fast.visualize
+    import automix_fast.commands.visualize
 
     def never(*args, **kwargs):
         raise AssertionError("the picture was drawn")
 
-    monkeypatch.setattr(automix_fast.visualize, "write_mix_grid", never)
+    monkeypatch.setattr(automix_fast.commands.visualize, "write_mix_grid", never)
     (tmp_path / "file").write_text("x")
     (tmp_path / "ro").mkdir()
     read_only(monkeypatch, tmp_path / "ro")

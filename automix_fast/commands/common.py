@@ -7,6 +7,11 @@ from pathlib import Path
 
 import torch
 
+from automix_fast.config import build_config
+from automix_fast.data import DataSpec
+from automix_fast.data.evalset import build_eval_loader, resolve_eval_data
+from automix_fast.engine.checkpoint import check_training_state, load_checkpoint
+from automix_fast.engine.policy import create_policy_model, resolve_amp, resolve_device, resolve_loader, wrap_policy
 from automix_fast.errors import CheckpointError, DataError
 
 # Fields of the stored config that eval/visualize flags may replace.
@@ -35,22 +40,15 @@ class Trained:
 
 
 def read_training_checkpoint(path: str) -> dict:
-    from automix_fast.engine.checkpoint import load_checkpoint
-    from automix_fast.engine.runner import FORMAT
-
+    """The state of checkpoint `path`, checked to be a training checkpoint of this program."""
     state = load_checkpoint(path)
-    if state.get("format") != FORMAT or not isinstance(state.get("config"), dict) or "mixer" not in state:
-        raise CheckpointError(f"{path} is not an automix-fast training checkpoint")
+    check_training_state(path, state, with_config=True)
     return state
 
 
 def load_trained(path: str, overrides: dict | None = None) -> Trained:
     """The policy of checkpoint `path` (config as stored, with `overrides`), weights loaded,
     in eval mode on its device. Builds no loader and reads no data."""
-    from automix_fast.config import build_config
-    from automix_fast.engine.policy import create_policy_model, wrap_policy
-    from automix_fast.engine.policy import resolve_amp, resolve_device
-
     state = read_training_checkpoint(path)
     stored = dict(state["config"])
     stored.update(overrides or {})
@@ -74,10 +72,6 @@ def load_trained(path: str, overrides: dict | None = None) -> Trained:
 def eval_data(trained: Trained):
     """(loader, info, spec) of the evaluation split for `trained` (its stored data_dir unless
     overridden); DataError in one line when the class names differ from the checkpoint's."""
-    from automix_fast.data import DataSpec
-    from automix_fast.data.evalset import build_eval_loader, resolve_eval_data
-    from automix_fast.engine.policy import resolve_loader
-
     cfg = trained.cfg
     info = resolve_eval_data(cfg.data.data_dir, cfg.data.dataset, cfg.data.skip_bad_images, cfg.data.val_split)
     check_classes(info.classes, trained.classes, info.root, trained.path)

@@ -13,14 +13,13 @@ import torch
 
 from automix_fast import rundir
 from automix_fast.commands.common import EVAL_OVERRIDES, eval_data, load_trained
+from automix_fast.engine.train import autocast
 
 
 @torch.no_grad()
 def confusion_by_head(mixer, loader, num_classes: int, *, amp_dtype, device) -> tuple[dict, dict, int]:
     """({head: (C, C) int64 confusion, rows = true class}, {head: top-5 hits}, image count);
     each backbone runs once per batch for all of its heads."""
-    from automix_fast.engine.train import autocast
-
     heads = mixer.eval_heads()  # name -> (module, head)
     encoders: dict[int, tuple] = {}
     for name, (module, head) in heads.items():

@@ -6,18 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from automix_fast.commands.common import read_training_checkpoint
+from automix_fast.config import build_config
+from automix_fast.data import IMAGENET_MEAN, IMAGENET_STD, DataSpec
+from automix_fast.data.torch_loader import resolve_aug
+from automix_fast.data.transforms import eval_resize_for
 from automix_fast.errors import CheckpointError
+from automix_fast.export import (PROGRAM_FORMATS, check_output, export_state, file_format, from_export_keys,
+                                 torchvision_name, write_export)
+from automix_fast.models import create_model
 
 
 def run(args) -> int:
-    from automix_fast.config import build_config
-    from automix_fast.data import IMAGENET_MEAN, IMAGENET_STD, DataSpec
-    from automix_fast.data.torch_loader import resolve_aug
-    from automix_fast.data.transforms import eval_resize_for
-    from automix_fast.export import (PROGRAM_FORMATS, check_output, export_state, file_format, from_export_keys,
-                                     torchvision_name, write_export)
-    from automix_fast.models import create_model
-
     state = read_training_checkpoint(args.checkpoint)
     output = check_output(args.output or Path(args.checkpoint).with_name(f"{Path(args.checkpoint).stem}-{args.head}.safetensors"))
     cfg = build_config({**state["config"], "resume": None})

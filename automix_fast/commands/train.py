@@ -11,6 +11,11 @@ import os
 import signal
 
 from automix_fast import rundir
+from automix_fast.config import CONFIG_DIR, build_config, load_yaml, resumed_config
+from automix_fast.data.layout import KIND_NAMES, LayoutError
+from automix_fast.engine.distributed import cleanup
+from automix_fast.engine.runner import Trainer
+from automix_fast.errors import DataError
 
 # Parser entries that are not TrainConfig fields.
 NOT_FIELDS = ("command", "config")
@@ -18,8 +23,6 @@ NOT_FIELDS = ("command", "config")
 
 def given_values(args: argparse.Namespace) -> tuple[dict, dict]:
     """(values from the -c file, values of the flags typed): only what the user gave."""
-    from automix_fast.config import load_yaml
-
     flags = {k: v for k, v in vars(args).items() if k not in NOT_FIELDS}
     file_values = load_yaml(args.config) if getattr(args, "config", None) else {}
     return file_values, flags
@@ -28,8 +31,6 @@ def given_values(args: argparse.Namespace) -> tuple[dict, dict]:
 def train_config(args: argparse.Namespace):
     """(TrainConfig, resume_from): with --resume and a checkpoint to continue from, the run's
     stored config with the given values of the fields that may change on resume."""
-    from automix_fast.config import build_config, resumed_config
-
     file_values, flags = given_values(args)
     cfg = build_config(file_values, flags)  # checks every given value, and --resume auto needs --experiment
     if not cfg.run.resume:
@@ -41,10 +42,6 @@ def train_config(args: argparse.Namespace):
 
 
 def run(args) -> int:
-    from automix_fast.engine.distributed import cleanup
-    from automix_fast.data.folder import LayoutError
-    from automix_fast.engine.runner import Trainer
-
     try:
         cfg, resume_from = train_config(args)
         finished = resume_from is not None and rundir.finished_line(resume_from, cfg)
@@ -69,12 +66,8 @@ def run(args) -> int:
 
 
 def explain_pinned_dataset(err, args: argparse.Namespace) -> None:
-    """`err`: a data.folder.LayoutError. When the -c file (not a flag) set `dataset:` and the data is another kind, raise the error
+    """`err`: a data.layout.LayoutError. When the -c file (not a flag) set `dataset:` and the data is another kind, raise the error
     again naming the config, its value and the flags (or the shipped config) that fit the data."""
-    from automix_fast.config import CONFIG_DIR, load_yaml
-    from automix_fast.data.folder import KIND_NAMES
-    from automix_fast.errors import DataError
-
     name = getattr(args, "config", None)
     if not name or "dataset" in vars(args):
         return

@@ -7,18 +7,17 @@ from pathlib import Path
 from automix_fast.commands.common import EVAL_OVERRIDES, eval_data, load_trained
 from automix_fast.errors import UserError
 from automix_fast.rundir import check_writable
+from automix_fast.visualize import next_free_path, write_mix_grid
 
 
 def run(args) -> int:
-    from automix_fast.visualize import next_free_path, write_mix_grid
-
     if args.num < 1:
         raise UserError(f"--num must be at least 1, got {args.num}")
     overrides = {k: getattr(args, k) for k in EVAL_OVERRIDES if k in vars(args)}
     if "data_dir" in overrides:
         overrides["dataset"] = "auto"
     trained = load_trained(args.checkpoint, overrides)
-    if not hasattr(trained.mixer, "mix_block"):
+    if trained.mixer.mix_block is None:
         raise UserError(f"{args.checkpoint} was trained with --mix {trained.cfg.mixing.mix}, which has no Mix Block "
                         "to visualize")
     # never replaces an earlier picture; checked before the work

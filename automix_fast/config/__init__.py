@@ -21,7 +21,7 @@ from automix_fast.config.fields import FieldError, coerce, flag_name, require
 from automix_fast.config.sections import (DataOptions, MixOptions, NetOptions, OptimOptions, RunOptions,
                                           ScheduleOptions)
 from automix_fast.errors import CheckpointError, ConfigError
-from automix_fast.rundir import write_text
+from automix_fast.atomic import write_text
 
 __all__ = ["AUTO", "CHOICES", "CONFIG_DIR", "RESUMABLE_FIELDS", "FieldError", "TrainConfig", "build_config",
            "coerce_field", "config_changes", "config_yaml", "find_config", "flag_name", "load_yaml",
@@ -32,6 +32,8 @@ AUTO = "auto"
 
 @dataclass
 class TrainConfig:
+    """A training run's config: one section per component (automix_fast.config.sections)."""
+
     data: DataOptions = field(default_factory=DataOptions)
     net: NetOptions = field(default_factory=NetOptions)
     mixing: MixOptions = field(default_factory=MixOptions)
@@ -52,15 +54,6 @@ class TrainConfig:
         """{field: value}, flat, in the order of `config.yaml` (FLAT_ORDER)."""
         values = {k: getattr(getattr(self, SECTION_OF[k]), k) for k in FLAT_ORDER}
         return {k: list(v) if isinstance(v, list) else v for k, v in values.items()}
-
-    def to_dict(self) -> dict[str, Any]:  # TEMPORARY: the runner's name for to_flat
-        return self.to_flat()
-
-    def __getattr__(self, name: str) -> Any:  # TEMPORARY: flat access (cfg.lr) for the runner
-        section = SECTION_OF.get(name)
-        if section is None:
-            raise AttributeError(name)
-        return getattr(getattr(self, section), name)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,10 @@ import tempfile
 import weakref
 from pathlib import Path
 
+from ..atomic import write_bytes
 from ..errors import DataError
+from .jpeg_header import repaired
+from .transforms import load_rgb
 
 BAD_FILES_NAME = "bad_images.txt"
 REPAIRED = "header repaired"  # DALI reads a copy without the stray header bytes (jpeg_header.py)
@@ -122,8 +125,6 @@ class BadFiles:
     def record_header(self, path: str, problem: str) -> str:
         """A JPEG whose header DALI's parser rejects (jpeg_header.py), found before any pipeline
         runs: DALI reads a repaired copy, or Pillow's when dropping bytes cannot repair it."""
-        from .jpeg_header import repaired
-
         if path in self.entries:
             return self.entries[path][0]
         try:
@@ -198,8 +199,6 @@ class BadFiles:
 
     def _make_copy(self, path: str) -> str | None:
         """Decode `path` with Pillow into a lossless PNG copy; None on success, else why not."""
-        from .transforms import load_rgb
-
         try:
             image = load_rgb(path)
         except DataError as e:
@@ -276,11 +275,9 @@ class BadFiles:
             self._write(Path(run_dir) / BAD_FILES_NAME)
 
     def _write(self, path: Path) -> None:
-        from ..engine.checkpoint import _write_atomic
-
         text = "".join(f"{p}\t{how}\t{reason}\n" for p, (how, reason) in sorted(self.entries.items()))
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, text.encode("utf-8"))
+        write_bytes(path, text.encode("utf-8"), "checkpoint", durable=True)
 
     def stop_after_epoch(self, before_training: bool = False) -> None:
         """With --skip-bad-images off: a DataError naming the files left out this epoch (call it

@@ -18,9 +18,9 @@ import pickle
 import numpy as np
 
 from ..errors import DataError
+from .layout import CIFAR10_DIR, CIFAR100_DIR, find_cifar_dir, layout_error
+from .spec import DatasetInfo
 
-CIFAR10_DIR = "cifar-10-batches-py"
-CIFAR100_DIR = "cifar-100-python"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 _LAYOUT = {
@@ -28,17 +28,6 @@ _LAYOUT = {
     "cifar10": (CIFAR10_DIR, [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", "batches.meta", "label_names"),
     "cifar100": (CIFAR100_DIR, ["train"], ["test"], "fine_labels", "meta", "fine_label_names"),
 }
-
-
-def find_cifar_dir(data_dir: str, kind: str) -> str | None:
-    """The batches folder for `kind` when data_dir is it or contains it, else None."""
-    folder = _LAYOUT[kind][0]
-    inner = os.path.join(data_dir, folder)
-    if os.path.isdir(inner):
-        return inner
-    if os.path.basename(os.path.normpath(data_dir)) == folder and os.path.isdir(data_dir):
-        return data_dir
-    return None
 
 
 def _latin1_encode(text, encoding="latin1"):
@@ -112,14 +101,10 @@ def _class_names(root: str, kind: str, num_classes: int) -> list[str]:
 
 def load_cifar(data_dir: str, kind: str):
     """DatasetInfo with train_arrays/val_arrays = (uint8 NHWC, int64 labels) for cifar10|cifar100."""
-    from . import DatasetInfo
-
     if not os.path.isdir(data_dir):
         raise DataError(f"data directory not found: {data_dir}")
     root = find_cifar_dir(data_dir, kind)
     if root is None:
-        from .folder import layout_error
-
         raise layout_error(data_dir, f"no {_LAYOUT[kind][0]}/ folder in {data_dir}")
     _, train_files, val_files, label_key, _, _ = _LAYOUT[kind]
     train = _load_split(root, train_files, label_key)

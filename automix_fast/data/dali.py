@@ -16,20 +16,16 @@ count is spec.workers (at least 1).
 
 Order, sharding, epochs. The loader plans every batch in Python and hands DALI one batch of file
 paths (and labels) per iteration through an external source; DALI's threads read
-(`fn.io.file.read`), decode and augment. The plan is the torch loader's own
-(`torch_loader.train_indices` / `val_range`), so both loaders see the same samples in the same
-order for a given (seed, epoch, rank):
-- train: one permutation of the whole set per (seed, epoch), the same on every rank; rank r takes
-  every world_size-th index from r; every rank gets N // world_size // batch_size full batches
-  (equal counts keep DDP in step); the remainder is dropped (LastBatchPolicy.DROP semantics).
-- val: rank r reads its contiguous slice in order; the last batch is simply smaller. Every sample
-  is seen exactly once over all ranks, with no padding and no repeats.
-This replaces `fn.readers.file(shard_id, num_shards, random_shuffle, pad_last_batch)`, measured
-against in this session: its shuffle is a fixed global pre-shuffle plus a 1024-sample buffer
-(epochs are not a function of (seed, epoch), and set_epoch could not change them without a
-rebuild), without padding its shards wrap into the next epoch mid-batch, and with padding the
-repeated samples must be stripped again; the external source makes all of that exact and keeps
-one pipeline alive for the whole run.
+(`fn.io.file.read`), decode and augment. The plan is shards.py's, the torch loader's too, so both
+loaders see the same samples in the same order for a given (seed, epoch, rank): train batches
+are whole (the remainder is dropped, LastBatchPolicy.DROP semantics) and equal in count on every
+rank; val slices are contiguous, the last batch smaller, every sample seen exactly once over all
+ranks, with no padding and no repeats. `fn.readers.file(shard_id, num_shards, random_shuffle,
+pad_last_batch)` is not used: its shuffle is a fixed global pre-shuffle plus a 1024-sample
+buffer (epochs would not be a function of (seed, epoch), and set_epoch could not change them
+without a rebuild), without padding its shards wrap into the next epoch mid-batch, and with
+padding the repeated samples must be stripped again; the external source makes all of that
+exact and keeps one pipeline alive for the whole run.
 
 Reproducibility: the sample order of epoch e is a function of (seed, e) alone, resumed runs
 included. The random crop and flip draws come from DALI's per-pipeline random streams, seeded
@@ -51,28 +47,15 @@ and the PREFETCH_DEPTH after it are decoded file by file in a new process (the f
 dies on is tried alone once more, so a kill from outside blames no file), the file that crashes
 it is recorded as one that failed, and the plan restarts at that batch. A death that no file
 explains restarts the process at the same batch, at most MAX_RESTARTS times an epoch, then the
-run stops with one line. Cost (2 shared cores, 32 px JPEGs, batch 256, 2 threads): the process
-starts in ~3-4 s (an interpreter, torch and DALI imports), overlapping whatever the run does
-between building the loaders and the first batch; after that it delivered 4,400-5,700 img/s
-against 3,100-3,400 img/s in-process (decoding overlaps the consumer).
+run stops with one line. The process starts when the loader is built, so its start-up overlaps
+whatever the run does before the first batch (cost: bench/README.md).
 
 In-memory data. CIFAR arrays (info.train_arrays) go to the torch loader's device-resident
-loader (`ResidentLoader`, through `build_torch_loaders`: one gather plus one batched pad-crop-flip per batch on the device),
-chosen by measurement against a DALI external_source pipeline over the same arrays (pad-4 crop +
-flip + normalize). bench/bench_loader.py, CPU-only mode, 2 shared AMD EPYC cores, 32 px, batch
-256 (bench/results/loader-cpu-2026-11-23.json; two runs, the second in brackets):
-    DALI external_source over the uint8 arrays        13,900 (10,700) img/s
-    resident loader                                    1,580  (1,480) img/s
-    DALI decoding the CIFAR-10 JPEG folder each epoch  4,380  (4,160) img/s
-    torch streaming loader over the JPEG folder          890    (850) img/s
-    a ResNet-18 (CIFAR) training step, for scale           9 img/s
-DALI is faster on the CPU, but both loaders run 150x+ faster than the training step there, so
-the loader is under 1% of a CPU step either way; on a GPU the resident loader's data already
-lives in device memory (no host work, no host-to-device copy per batch) and it applies the very
-augmentation `--loader torch` does. So the resident loader, for both modes; the bench keeps the
-DALI case so a GPU measurement can overturn this. Image folders always run through DALI, small
-images included (the embedded set): there DALI was the fastest folder loader measured
-(ImageNet-like 224 px: DALI 243 (226) img/s against the torch loader's 89 (186) img/s).
+loader (`ResidentLoader`, through `build_torch_loaders`: one gather plus one batched
+pad-crop-flip per batch on the device, the very augmentation `--loader torch` applies, with the
+data already in device memory on a GPU); the measurements behind this choice are in
+bench/README.md. Image folders always run through DALI, small images included (the embedded
+set).
 """
 from __future__ import annotations
 
@@ -82,11 +65,13 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from .bad_files import decode_reason
-from .dali_child import ChildDied, DecodingProcess
+from .bad_files import BadFiles, decode_reason
+from .dali_child import PREFETCH_DEPTH, ChildDied, DecodingProcess, dali_reason
+from .jpeg_header import header_problem
+from .shards import Shards
+from .torch_loader import build_torch_loaders, resolve_aug
 
 INSTALL_HINT = 'pip install "automix-fast[dali]" (CUDA 13; "automix-fast[dali-cuda120]" for CUDA 12)'
-PREFETCH_DEPTH = 2  # batches DALI prepares ahead of the one being consumed
 # CPU-only mode decodes in a child process (dali_child.py) so a native decoder crash cannot end the
 # run; False runs the pipeline in this process, as GPU mode always does (the tests compare the two).
 ISOLATE_CPU = True
@@ -173,22 +158,14 @@ class DaliFolderLoader:
     """Train or val loader over a list of (path, label) with a DALI pipeline (see the module doc)."""
 
     def __init__(self, samples: list[tuple[str, int]], spec, train: bool, aug: str, bad_files=None):
-        from .bad_files import BadFiles
-        from .torch_loader import train_indices, val_range
 
-        self._train_indices, self._val_range = train_indices, val_range
         self.spec, self.train, self.aug = spec, train, aug
         self.paths = [p for p, _ in samples]
         self.labels = np.array([y for _, y in samples], dtype=np.int64)
         self.batch_size = spec.batch_size if train else spec.eval_batch_size
         self.device = torch.device(spec.device)
         self.device_id = dali_mode(spec)
-        self.epoch = 0
-        n = len(samples)
-        if train and n // spec.world_size < spec.batch_size:
-            raise DataError(
-                f"train set has {n} images: too few for one batch of {spec.batch_size} on each of {spec.world_size} rank(s)"
-            )
+        self.shards = Shards(len(samples), spec, train)
         # DALI emits half precision for half-precision runs (half the copy), float32 otherwise;
         # bf16 is one cast on the device (fp16 holds normalized pixels more finely than bf16).
         self._half = self.device_id is not None and spec.dtype in (torch.float16, torch.bfloat16)
@@ -204,26 +181,22 @@ class DaliFolderLoader:
 
     # -- the contract surface
     def __len__(self) -> int:
-        return -(-self.num_samples // self.batch_size)
+        return len(self.shards)
 
     @property
     def num_samples(self) -> int:
-        n, s = len(self.paths), self.spec
-        if self.train:
-            return n // s.world_size // self.batch_size * self.batch_size
-        start, stop = self._val_range(n, s.rank, s.world_size)
-        return stop - start
+        return self.shards.num_samples
+
+    @property
+    def epoch(self) -> int:
+        return self.shards.epoch
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self.shards.set_epoch(epoch)
 
     def indices(self) -> np.ndarray:
         """This rank's sample indices for the current epoch, in reading order."""
-        s = self.spec
-        if self.train:
-            return self._train_indices(len(self.paths), self.batch_size, s.seed, self.epoch, s.rank, s.world_size).numpy()
-        start, stop = self._val_range(len(self.paths), s.rank, s.world_size)
-        return np.arange(start, stop)
+        return self.shards.indices().numpy()
 
     # -- the pipeline
     def _encoded(self, idx):
@@ -310,7 +283,7 @@ class DaliFolderLoader:
             except StopIteration:  # the plan is exhausted and every fed batch was yielded
                 break
             except RuntimeError as e:  # how DALI reports an operator error; the pipeline is now unusable
-                failure = _dali_reason(e)
+                failure = dali_reason(e)
                 if done >= len(self._fed):  # no batch to blame (not a file's fault): one line, no traceback
                     raise DataError(f"the DALI pipeline failed: {failure}") from None
             if failure is not None:  # handled outside the except block: its traceback holds the old pipeline
@@ -360,7 +333,7 @@ class DaliFolderLoader:
             except StopIteration:
                 pass
             except RuntimeError as e:
-                reason = _dali_reason(e)
+                reason = dali_reason(e)
             del probe  # only one pipeline alive at a time
             if reason is not None:
                 queue[:0] = fed[out + 1:]  # fed after the failing file but never checked
@@ -535,23 +508,12 @@ class DaliFolderLoader:
         return x, y.to(self.device, non_blocking=True)
 
 
-def _dali_reason(error: Exception) -> str:
-    """The operator and the first line of what it encountered, from DALI's multi-line error."""
-    text = str(error)
-    lines = [ln.strip() for ln in text.splitlines()]
-    operator = next((ln.split("`")[1].replace("nvidia.dali.", "") for ln in lines if ln.startswith("Error in") and "`" in ln), "")
-    after = text.split("encountered:", 1)[1] if "encountered:" in text else text
-    what = next((ln.strip() for ln in after.splitlines() if ln.strip() and not ln.startswith(("C++ context", "Current pipeline"))), "")
-    return f"{operator}: {what}" if operator else what or type(error).__name__
-
-
 def screen_jpeg_headers(paths: list[str], bad_files, threads: int = 16) -> None:
     """Record every JPEG whose header DALI's parser rejects (jpeg_header.py) before any pipeline
     runs: a decode error inside DALI can crash the process, so these never reach one. Reads only
     the headers, on threads (the work is I/O: a few small reads per file)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .jpeg_header import header_problem
 
     if not paths:
         return
@@ -565,7 +527,6 @@ def screen_jpeg_headers(paths: list[str], bad_files, threads: int = 16) -> None:
 def build_dali_loaders(spec, info):
     """(train_loader, val_loader) for `--loader dali`; see the module docstring for what runs where."""
     require_dali()
-    from .torch_loader import build_torch_loaders, resolve_aug
 
     if info.train_samples is None:  # in-memory arrays (CIFAR batches): the torch loader's resident path
         return build_torch_loaders(spec, info)

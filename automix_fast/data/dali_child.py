@@ -42,6 +42,19 @@ from multiprocessing.connection import Connection
 from ..errors import DataError
 
 CRASH_ENV = "AUTOMIX_FAST_DALI_CRASH"
+PREFETCH_DEPTH = 2  # batches DALI prepares ahead of the one being consumed
+
+
+def dali_reason(error: Exception) -> str:
+    """The operator and the first line of what it encountered, from DALI's multi-line error."""
+    text = str(error)
+    lines = [ln.strip() for ln in text.splitlines()]
+    operator = next((ln.split("`")[1].replace("nvidia.dali.", "") for ln in lines if ln.startswith("Error in") and "`" in ln), "")
+    after = text.split("encountered:", 1)[1] if "encountered:" in text else text
+    what = next((ln.strip() for ln in after.splitlines() if ln.strip() and not ln.startswith(("C++ context", "Current pipeline"))), "")
+    return f"{operator}: {what}" if operator else what or type(error).__name__
+
+
 # The child's entry: the working directory off sys.path, so this package (first on PYTHONPATH) is the one imported.
 _ENTRY = "import sys; del sys.path[0]; from automix_fast.data.dali_child import main; sys.exit(main(sys.argv[1:]))"
 
@@ -204,7 +217,6 @@ class _Server:
     def epoch(self, seed: int, planned, copies) -> None:
         import ctypes
 
-        from .dali import PREFETCH_DEPTH, _dali_reason
 
         np = self.np
         self.copies, self.feed, self.fed = copies, iter(planned), []
@@ -222,7 +234,7 @@ class _Server:
                 self.pipe.reset()
                 break
             except RuntimeError as e:  # the pipeline is unusable now; the parent finds the file
-                reason = _dali_reason(e)
+                reason = dali_reason(e)
                 del e
                 self.pipe = None
                 self.out.send(("error", reason, self.fed[done:]))
@@ -248,7 +260,6 @@ class _Server:
     def probe(self, seed: int, indices, copies) -> None:
         """Decode each file alone in a batch-1 pipeline (one file per pipeline epoch, so nothing is
         read ahead: a crash happens on the file not yet answered for)."""
-        from .dali import _dali_reason
 
         self.copies = copies
         probe = None
@@ -263,7 +274,7 @@ class _Server:
                 probe.reset()
                 self.out.send(("ok", i))
             except RuntimeError as e:
-                reason = _dali_reason(e)
+                reason = dali_reason(e)
                 del e
                 probe = None
                 self.out.send(("bad", i, reason))

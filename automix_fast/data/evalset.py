@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import os
 
-from . import DatasetInfo, validate_spec
+from . import DataSpec, DatasetInfo, resolve_dataset, validate_spec
 from ..errors import DataError
+from .cifar import load_cifar
+from .dali import DaliFolderLoader, require_dali
+from .embedded import ensure_embedded_dataset
+from .folder import scan_image_folder
+from .layout import detect_dataset, val_split_name
+from .torch_loader import _resident_pair, _streaming, decode_folder, folder_fits_resident, resolve_aug
 
 
 def eval_split_dir(data_dir: str) -> str:
     """The folder of class folders to evaluate on (see the module docstring)."""
-    from .folder import val_split_name
-
     if not os.path.isdir(data_dir):
         raise DataError(f"data directory not found: {data_dir}")
     split = os.path.join(data_dir, val_split_name(data_dir))
@@ -29,9 +33,6 @@ def eval_split_dir(data_dir: str) -> str:
 def resolve_eval_data(data_dir: str | None, dataset: str = "auto", skip_bad: bool = False,
                       val_split: float | None = None) -> DatasetInfo:
     """A DatasetInfo whose val split is the evaluation data and whose train split is empty."""
-    from . import DataSpec, detect_dataset, resolve_dataset
-    from .folder import scan_image_folder
-
     if val_split is not None:  # the training folder's held-out part, drawn as training drew it
         info = resolve_dataset(DataSpec(dataset=dataset, data_dir=data_dir, skip_bad_images=skip_bad, val_split=val_split))
         info.train_samples = []
@@ -46,14 +47,10 @@ def resolve_eval_data(data_dir: str | None, dataset: str = "auto", skip_bad: boo
         except DataError:
             kind = "folder"  # not a train/val tree: a val/ folder alone or a flat ImageFolder
     if kind in ("cifar10", "cifar100"):
-        from .cifar import load_cifar
-
         info = load_cifar(data_dir, kind)
         info.train_arrays = (info.train_arrays[0][:0], info.train_arrays[1][:0])  # not needed here
         return info
     if kind == "embedded":
-        from .embedded import ensure_embedded_dataset
-
         root = os.path.join(ensure_embedded_dataset(data_dir if dataset == "embedded" else None), "val")
     else:
         root = eval_split_dir(data_dir)
@@ -63,13 +60,9 @@ def resolve_eval_data(data_dir: str | None, dataset: str = "auto", skip_bad: boo
 
 def build_eval_loader(spec, info: DatasetInfo):
     """The val loader that `build_loaders(spec)` would build for `info`, alone."""
-    from .torch_loader import _resident_pair, _streaming, decode_folder, folder_fits_resident, resolve_aug
-
     validate_spec(spec)
     aug = resolve_aug(spec)
     if spec.loader == "dali" and info.val_samples is not None:
-        from .dali import DaliFolderLoader, require_dali
-
         require_dali()
         return DaliFolderLoader(info.val_samples, spec, False, aug)
     if info.val_arrays is not None and aug == "cifar":

@@ -26,43 +26,14 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import DataError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+from .layout import IMAGE_EXTENSIONS, LAYOUTS, LayoutError, folder_splits, is_image_file, layout_error, val_split_name
+from .spec import DatasetInfo
+from .subset import apply_val_split
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"IEND\xaeB`\x82"
 _TAIL_BYTES = 4096  # one block: the end marker and usual zero padding in a single read
 _SHOW_BAD = 3  # paths named in the one-line error / warning
-SPLITS = ("train", "val", "test")
-LAYOUTS = ("DIR/train/<class>/ with DIR/val/<class>/ (or DIR/test/<class>/); "
-           "cifar-10-batches-py/ or cifar-100-python/ (DIR itself or inside it); "
-           "DIR/train/<class>/ alone or a flat DIR/<class>/ with --val-split FRACTION")
-
-KIND_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "folder": "an image folder"}  # detect_dataset's kinds
-
-
-class LayoutError(DataError):
-    """data_dir is not the layout asked for (or not any layout); `found` names the dataset kind it
-    holds instead (detect_dataset's answer), or is None."""
-
-    def __init__(self, message: str, found: str | None = None):
-        super().__init__(message)
-        self.found = found
-
-
-def layout_error(data_dir: str, head: str, tail: str = "") -> LayoutError:
-    """LayoutError `head (it holds KIND)tail`, naming what detect_dataset finds in data_dir."""
-    from . import detect_dataset
-
-    try:
-        found = detect_dataset(data_dir)
-    except DataError:
-        found = None
-    return LayoutError(f"{head}{f' (it holds {KIND_NAMES[found]})' if found in KIND_NAMES else ''}{tail}", found)
-
-
-def is_image_file(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def _tail_without_padding(f, size: int) -> bytes:
@@ -167,39 +138,6 @@ def scan_image_folder(root: str, skip_bad: bool = False, dropped: list | None = 
     return classes, samples
 
 
-def val_split_name(path: str) -> str:
-    """'val', or 'test' when only that exists (as in several CIFAR-as-JPEG mirrors)."""
-    return "test" if not os.path.isdir(os.path.join(path, "val")) and os.path.isdir(os.path.join(path, "test")) else "val"
-
-
-def _subfolders(path: str) -> list[str]:
-    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
-
-
-def is_flat_class_folder(path: str) -> bool:
-    """`path/<class>/<images>`: sub-folders, none named train/val/test, the first holding an image."""
-    names = _subfolders(path)
-    if not names or any(n in SPLITS for n in names):
-        return False
-    for _, dirnames, filenames in os.walk(os.path.join(path, names[0]), followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        if any(is_image_file(f) for f in filenames if not f.startswith(".")):
-            return True
-    return False
-
-
-def folder_splits(path: str) -> tuple[str, str | None] | None:
-    """(train folder, val folder or None) of an image folder root in one of LAYOUTS, else None."""
-    if os.path.isdir(os.path.join(path, "train")):
-        val = os.path.join(path, val_split_name(path))
-        return os.path.join(path, "train"), (val if os.path.isdir(val) else None)
-    return (path, None) if is_flat_class_folder(path) else None
-
-
-def is_image_folder_root(path: str) -> bool:
-    return folder_splits(path) is not None
-
-
 def _needs_val_split(data_dir: str, train_dir: str) -> str:
     """The one-line error for a folder without a validation split given no --val-split."""
     what = f"{data_dir} has train/ but no val/ or test/" if train_dir != data_dir else \
@@ -215,9 +153,6 @@ def resolve_image_folder(data_dir: str, skip_bad: bool = False, kind: str = "fol
     """DatasetInfo of an image folder in one of LAYOUTS; train and val must name the same classes.
     A folder without val/ or test/ needs `val_split` (subset.apply_val_split); one with them
     refuses it. Files the bad-file policy drops are listed in the info's `screened_out`."""
-    from . import DatasetInfo
-    from .subset import apply_val_split
-
     if not os.path.isdir(data_dir):
         raise DataError(f"data directory not found: {data_dir}")
     splits = folder_splits(data_dir)

@@ -10,12 +10,9 @@ centre crop otherwise); batches are collated as uint8 NHWC (pinned on CUDA), mov
 non_blocking=True, and converted/normalized on the device, where the CIFAR-style crop and flip
 also run batched. Moving uint8 instead of float32 is 4x less host->device traffic.
 
-Sharding and randomness (both loaders): the train order is a permutation drawn from
-(seed, epoch); rank r takes every world_size-th index from position r, all ranks get the same
-count, and the last partial batch is dropped. Val keeps order: rank r gets the r-th contiguous
-slice, so every sample is seen exactly once over the ranks. Augmentation draws are made for
-every position of the epoch's permutation from (seed, epoch) (per sample for worker-side crops)
-and each rank takes the draws of its own positions, so a run repeats whatever the number of
+Sharding and randomness: the sample order and each rank's shard are shards.py's (shared with the
+DALI loader). Augmentation draws are made for every position of the epoch's permutation from
+(seed, epoch) (per sample for worker-side crops) and each rank takes the draws of its own positions, so a run repeats whatever the number of
 workers, and N ranks with batch B augment each sample exactly as one process with batch N*B
 does. Call set_epoch(e) before each epoch, as with DistributedSampler.
 """
@@ -29,7 +26,8 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
-from .bad_files import decode_reason
+from .bad_files import BadFiles, decode_reason
+from .shards import Shards, seed_of
 from .transforms import (cifar_augment, draw_cifar_params, eval_resize_for, load_rgb, norm_constants,
                          normalize_to, random_resized_crop, resize_center_crop, resize_uint8_batch)
 
@@ -45,74 +43,13 @@ def resolve_aug(spec) -> str:
     return "cifar" if spec.img_size <= 64 else "imagenet"
 
 
-def _seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from small integers (seed, epoch, rank, stream)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-def train_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's train indices for `epoch`: a strided shard of one shared permutation, whole batches."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, epoch, 0)))
-    per_rank = n // world_size  # equal counts on all ranks keep DDP's collectives in step
-    shard = perm[rank::world_size][:per_rank]
-    return shard[: per_rank // batch_size * batch_size]
-
-
-def val_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[start, stop) of this rank's contiguous val slice; slices tile 0..n exactly."""
-    return rank * n // world_size, (rank + 1) * n // world_size
-
-
-class _Shards:
-    """Epoch bookkeeping and index plans shared by both loaders."""
-
-    def __init__(self, n: int, spec, train: bool):
-        self.n, self.spec, self.train = n, spec, train
-        self.batch_size = spec.batch_size if train else spec.eval_batch_size
-        self.epoch = 0
-        if train and n // spec.world_size < spec.batch_size:
-            raise DataError(
-                f"train set has {n} images: too few for one batch of {spec.batch_size} on each of {spec.world_size} rank(s)"
-            )
-
-    def indices(self) -> torch.Tensor:
-        if self.train:
-            s = self.spec
-            return train_indices(self.n, self.batch_size, s.seed, self.epoch, s.rank, s.world_size)
-        start, stop = val_range(self.n, self.spec.rank, self.spec.world_size)
-        return torch.arange(start, stop)
-
-    @property
-    def num_samples(self) -> int:
-        if self.train:
-            return self.n // self.spec.world_size // self.batch_size * self.batch_size
-        start, stop = val_range(self.n, self.spec.rank, self.spec.world_size)
-        return stop - start
-
-    def __len__(self) -> int:
-        return -(-self.num_samples // self.batch_size)
-
-    def aug_generator(self) -> torch.Generator:
-        """The epoch's augmentation generator, the same on every rank (see `positions`)."""
-        return torch.Generator().manual_seed(_seed(self.spec.seed, self.epoch, 0, 1))
-
-    def positions(self, total: int) -> slice:
-        """Which of `total` per-epoch draws (one per position of the shared order) are this rank's:
-        train shards are strided (rank::world_size), val shards contiguous."""
-        if self.train:
-            s = self.spec
-            return slice(s.rank, s.rank + s.world_size * self.num_samples, s.world_size)
-        start, stop = val_range(self.n, self.spec.rank, self.spec.world_size)
-        return slice(start, stop)
-
-
 class _LoaderBase:
     """The contract surface: len, num_samples, set_epoch, and the device-side finishing step."""
 
     def __init__(self, n: int, spec, train: bool, aug: str):
         self.spec, self.train, self.aug = spec, train, aug
         self.device = spec.device
-        self.shards = _Shards(n, spec, train)
+        self.shards = Shards(n, spec, train)
         self._mean, self._std_inv = norm_constants(spec.mean, spec.std, spec.device)
 
     def __len__(self) -> int:
@@ -127,7 +64,7 @@ class _LoaderBase:
         return self.shards.batch_size
 
     def set_epoch(self, epoch: int) -> None:
-        self.shards.epoch = int(epoch)
+        self.shards.set_epoch(epoch)
 
     def _cifar_params(self):
         """Crop offsets and flips for the whole epoch, drawn once and moved to the device once."""
@@ -208,14 +145,14 @@ class _ShardBatchSampler(torch.utils.data.Sampler):
     epoch of `shards` (whole batches only for training); files recorded as left out
     (bad_files.py) are planned around."""
 
-    def __init__(self, shards: _Shards, paths: list[str] | None, bad_files):
+    def __init__(self, shards: Shards, paths: list[str] | None, bad_files):
         self.shards, self.paths, self.bad_files = shards, paths, bad_files
 
     def items(self) -> list[tuple[int, int, int]]:
         idx = self.shards.indices().tolist()
         s = self.shards.spec
         # One seed per position of the epoch, the same on every rank; this rank keeps its positions.
-        seeds = np.random.default_rng(_seed(s.seed, self.shards.epoch, 0, 2)).integers(0, 2**62, self.shards.n)
+        seeds = np.random.default_rng(seed_of(s.seed, self.shards.epoch, 0, 2)).integers(0, 2**62, self.shards.n)
         seeds = seeds[self.shards.positions(self.shards.n)][: len(idx)].tolist()
         return list(zip(idx, seeds, range(len(idx))))
 
@@ -251,8 +188,6 @@ class StreamingLoader(_LoaderBase):
     """DataLoader workers decode and crop to uint8; conversion and normalization run on the device."""
 
     def __init__(self, dataset: _ImageDataset, spec, train: bool, aug: str, bad_files=None):
-        from .bad_files import BadFiles
-
         super().__init__(len(dataset), spec, train, aug)
         workers = spec.workers
         self.bad_files = bad_files if bad_files is not None else BadFiles(spec.skip_bad_images, spec.rank == 0)

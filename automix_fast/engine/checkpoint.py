@@ -11,9 +11,9 @@ and lists/tuples/dicts of them (model/optimizer/GradScaler state_dicts qualify; 
 namespace or numpy scalar does not). `save_checkpoint` checks this before writing, because
 finding out at resume time, days later, is too late.
 
-Writes go to a hidden temp file in the same directory, are fsynced, then `os.replace`d into
-place, and the directory is fsynced: a crash leaves either the old file or the new one under
-the final name, never a half-written one.
+Writes go through `automix_fast.atomic` with fsync (a hidden temp file in the same directory,
+fsynced, `os.replace`d into place, then the directory fsynced): a crash leaves either the old
+file or the new one under the final name, never a half-written one.
 """
 from __future__ import annotations
 
@@ -32,9 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from automix_fast.atomic import replace_from_temp, write_bytes, write_failure
 from automix_fast.errors import CheckpointError
-from automix_fast.rundir import write_failure
 
+FORMAT = "automix-fast/1"  # the "format" of a training state (what `train` saves and resumes)
 MAGIC = b"AMXFCK01"  # bump the trailing digits if the container layout ever changes
 _HEADER = struct.Struct("<8s32sQ")  # magic, sha256 digest, payload length
 
@@ -70,53 +71,8 @@ def _check_loadable(obj, where: str = "state") -> None:
     )
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform/filesystem (Windows).
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def _replace_from_tmp(path: Path, fill) -> None:
-    """`fill(tmp)` creates a temp file beside `path`, which then replaces `path` in one rename.
-    On any failure the temp file is removed and `path` is untouched; a full disk or a read-only
-    folder becomes a one-line OutputError naming the file."""
-    tmp = _tmp_name(path)
-    try:
-        fill(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        # Includes KeyboardInterrupt: never leave temp files behind; the final name is untouched.
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        err = write_failure(path, e, "checkpoint") if isinstance(e, OSError) else None
-        if err is not None:
-            raise err from None
-        raise
-    _fsync_dir(path.parent)
-
-
 def _write_atomic(path: Path, blob: bytes) -> None:
-    def fill(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-
-    _replace_from_tmp(path, fill)
+    write_bytes(path, blob, "checkpoint", durable=True)
 
 
 def _link_atomic(source: Path, path: Path, blob: bytes) -> None:
@@ -131,7 +87,7 @@ def _link_atomic(source: Path, path: Path, blob: bytes) -> None:
             raise _NoHardLinks from None
 
     try:
-        _replace_from_tmp(path, fill)
+        replace_from_temp(path, fill, "checkpoint", durable=True)
     except _NoHardLinks:
         _write_atomic(path, blob)
 
@@ -185,6 +141,16 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path}: not an automix-fast checkpoint (payload is not a dict)")
     return state
+
+
+def check_training_state(path: str | os.PathLike, state: dict, flag: str = "", *, with_config: bool = False) -> None:
+    """CheckpointError in one line unless `state` (loaded from `path`) is a training state of
+    this program: its "format" is FORMAT and it holds the policy weights ("mixer") as a dict,
+    and with `with_config` also its training config as a dict (what eval, export and visualize
+    rebuild the policy from). `flag` (e.g. "--initial-checkpoint") starts the message."""
+    if (state.get("format") != FORMAT or not isinstance(state.get("mixer"), dict)
+            or (with_config and not isinstance(state.get("config"), dict))):
+        raise CheckpointError(f"{flag + ' ' if flag else ''}{path} is not an automix-fast training checkpoint")
 
 
 # ----------------------------------------------------------------------------- run folder

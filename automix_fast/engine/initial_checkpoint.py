@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from automix_fast.engine.checkpoint import load_checkpoint
+from automix_fast.engine.checkpoint import check_training_state, load_checkpoint
 from automix_fast.errors import CheckpointError, ConfigError
 from automix_fast.export import from_export_keys, read_weights, torchvision_name
 
@@ -43,16 +43,13 @@ def plain_weights(path: str, num_classes: int, model_name: str) -> dict[str, tor
 
 def initial_weights(path: str, model_name: str, num_classes: int) -> dict[str, torch.Tensor]:
     """The `model.*` weights of checkpoint `path`, checked against this run's model and classes."""
-    from automix_fast.engine.runner import FORMAT
-
     try:
         state = load_checkpoint(path)
     except CheckpointError as e:
         if "unknown header" not in str(e):
             raise
         return plain_weights(path, num_classes, model_name)
-    if state.get("format") != FORMAT or not isinstance(state.get("mixer"), dict):
-        raise CheckpointError(f"--initial-checkpoint {path} is not an automix-fast training checkpoint")
+    check_training_state(path, state, "--initial-checkpoint")
     if state.get("model_name") != model_name:
         raise ConfigError(f"--initial-checkpoint {path} holds model '{state.get('model_name')}', "
                           f"but this run trains '{model_name}'")
@@ -74,7 +71,6 @@ def load_initial_checkpoint(mixer, path: str, model_name: str, num_classes: int)
         what = f"lacks {missing[0]}" if missing else f"has {wrong[0]} of shape {tuple(weights[wrong[0]].shape)}"
         raise CheckpointError(f"--initial-checkpoint {path} does not match {model_name}: it {what}")
     model.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
-    for copy_name in ("momentum_encoder", "model_ema"):
-        copy = getattr(mixer, copy_name, None)
+    for copy in (mixer.momentum_encoder, mixer.model_ema):
         if copy is not None:
             copy.load_state_dict(model.state_dict())

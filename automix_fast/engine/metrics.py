@@ -17,6 +17,9 @@ from pathlib import Path
 
 import torch
 
+from automix_fast.atomic import write_failure
+from automix_fast.engine.tensorboard_log import TensorBoardWriter
+
 
 def accuracy_topk(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)) -> torch.Tensor:
     """Correct-prediction counts for each k, as an int64 tensor of shape (len(ks),) on the
@@ -114,8 +117,6 @@ class MetricLogger:
         self._file = None
         self._tensorboard = None  # with `tensorboard`, the same values as TensorBoard scalars
         if tensorboard and enabled:
-            from automix_fast.engine.tensorboard_log import TensorBoardWriter
-
             self._tensorboard = TensorBoardWriter(run_dir)
 
     def log(self, type: str, values: dict, *, epoch: int | None = None, step: int | None = None) -> None:
@@ -130,8 +131,6 @@ class MetricLogger:
             self._file.write(json.dumps(record, allow_nan=False) + "\n")
             self._file.flush()
         except OSError as e:  # a full disk or a read-only folder: one line naming the file
-            from automix_fast.rundir import write_failure
-
             raise (write_failure(self.path, e, "metrics") or e) from None
         if self._tensorboard is not None:
             self._tensorboard.log(type, record["values"], step)

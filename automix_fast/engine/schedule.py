@@ -18,7 +18,8 @@ def cosine_anneal(start: float, end: float, step: float, total: float) -> float:
     """Half-cosine from `start` (step 0) to `end` (step >= total), clamped outside [0, total].
 
     Used for the mask-loss weight (0.1 -> 0) and, as `cosine_anneal(base, end, t, T)`, for the
-    momentum-encoder schedule of DESIGN §1.1 (the same formula).
+    momentum encoder's rise from `base` to `end` over the T steps of the run:
+    `end - (end - base) (cos(pi t / T) + 1) / 2` is the same formula.
     """
     t = 1.0 if total <= 0 else min(max(step / total, 0.0), 1.0)
     return end + (start - end) * (1.0 + math.cos(math.pi * t)) / 2.0

@@ -15,7 +15,7 @@ import io
 import os
 from pathlib import Path
 
-from automix_fast.errors import UserError
+from automix_fast.atomic import write_text
 
 COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
 
@@ -41,10 +41,4 @@ def write_summary_csv(path: str | os.PathLike, history: list[dict], heads: list[
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(buf.getvalue(), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    write_text(path, buf.getvalue())

@@ -1,4 +1,4 @@
-"""The training and evaluation loops, with explicit arguments (no argument namespace).
+"""The training and evaluation loops, with explicit arguments (objects, no argument namespace).
 
 Inside a step nothing waits on the device: lambdas are host floats, the non-finite check
 writes a device flag that the fused optimizer reads to skip its update, and running sums
@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -116,151 +116,210 @@ class EpochResult:
     data_seconds: float = 0.0
 
 
-def train_one_epoch(
-    mixer,
-    loader,
-    optimizer,
-    schedule,
-    *,
-    epoch: int,
-    start_step: int,
-    total_steps: int,
-    amp_dtype: torch.dtype | None,
-    guard: StepGuard,
-    scaler=None,
-    grad_sync: Callable[[list[torch.Tensor]], None] | None = None,
-    skip_batches: int = 0,
-    log_interval: int = 50,
-    on_log: Callable[[int, dict], None] | None = None,
-    progress=None,
-    should_stop: Callable[[], bool] | None = None,
-    max_bad_steps: int = 20,
-    metric_mean: Callable[[list[torch.Tensor]], None] | None = None,
-    accum_steps: int = 1,
-    clip: Callable[[list[torch.Tensor]], None] | None = None,
-    world_size: int = 1,
-) -> EpochResult:
-    """Train over one epoch of `loader`, starting `skip_batches` optimizer steps in (a resumed epoch).
+@dataclass
+class StepContext:
+    """What every optimizer step of a run uses, the same in every epoch.
 
     A step is `accum_steps` micro-batches (timm's --grad-accum-steps): each backward adds
-    loss / accum_steps to the gradients, gradients are all-reduced (grad_sync) once, after
-    the last one, and the epoch's last step takes the micro-batches left (timm's rule), so
-    an epoch is ceil(len(loader) / accum_steps) steps. Steps, schedules, lambdas and the
-    after_step updates (EMA, momentum encoder) count optimizer steps. `clip` (grad_clip.py)
-    runs before each update.
-    world_size: the processes training together; the logged `img_per_s_global` is world_size x
-    this rank's images per second (every rank runs the same number of equal batches).
-    start_step is the global step of the epoch's first step. on_log(i, values) receives
-    host floats every log_interval steps and at the end; progress.update(...) (see
-    metrics.ProgressLine) is called every step, with the loss only at those intervals, so
-    drawing the bar never waits on the device.
-    metric_mean (under torchrun) averages the logged values over ranks in place, one collective
-    per log interval, so the metrics describe the global batch (every rank must log together).
-    Under torchrun should_stop is this rank's own flag; the ranks agree on it at log steps only,
-    inside that same collective, so a step makes no extra collective and no host sync.
+    loss / accum_steps to the gradients, gradients are all-reduced (grad_sync) once, after the
+    last one, and the epoch's last step takes the micro-batches left (timm's rule), so an epoch
+    is ceil(len(loader) / accum_steps) steps. Steps, schedules, lambdas and the after_step
+    updates (EMA, momentum encoder) count optimizer steps. `clip` (grad_clip.py) runs before
+    each update. world_size: the processes training together; the logged `img_per_s_global` is
+    world_size x this rank's images per second (every rank runs the same number of equal
+    batches). metric_mean (under torchrun) averages the logged values over ranks in place, one
+    collective per log interval, so the metrics describe the global batch (every rank must log
+    together). More than max_bad_steps consecutive skipped steps raise NonFiniteError.
     """
-    mixer.train()
-    loader.set_epoch(epoch)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    device = guard.device
-    micro_batches = len(loader)
-    batches = steps_per_epoch(micro_batches, accum_steps)  # optimizer steps
-    result = EpochResult()
-    sums: dict[str, torch.Tensor] = {}
-    count_since_log = 0  # micro-batches
-    epoch_loss, epoch_count = 0.0, 0  # host floats from the interval reads: the epoch's mean loss
-    it = iter(loader)
-    if skip_batches >= batches:
-        raise CheckpointError(
-            f"the checkpoint stopped after batch {skip_batches} of epoch {epoch + 1}, but an epoch now has "
-            f"only {batches} batches (batch size or process count changed?); resume from an epoch checkpoint"
-        )
-    for _ in range(skip_batches * accum_steps):  # replay the data order of an interrupted epoch
-        next(it)
-    t_start = time.perf_counter()
-    for i in range(skip_batches, batches):
-        step = start_step + i
-        schedule.apply(optimizer, step)
-        optimizer.zero_grad(set_to_none=True)
-        micro = min(accum_steps, micro_batches - i * accum_steps)
+
+    mixer: Any
+    optimizer: torch.optim.Optimizer
+    schedule: Any
+    guard: StepGuard
+    total_steps: int
+    amp_dtype: torch.dtype | None = None
+    scaler: Any = None
+    grad_sync: Callable[[list[torch.Tensor]], None] | None = None
+    metric_mean: Callable[[list[torch.Tensor]], None] | None = None
+    accum_steps: int = 1
+    clip: Callable[[list[torch.Tensor]], None] | None = None
+    max_bad_steps: int = 20
+    world_size: int = 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.guard.device
+
+
+@dataclass
+class EpochPlan:
+    """Which epoch to run: `epoch` (0-based), `start_step` the global step of its first step,
+    `skip` the optimizer steps already run (a resumed epoch)."""
+
+    epoch: int
+    start_step: int
+    skip: int = 0
+
+
+@dataclass
+class EpochCallbacks:
+    """What the loop reports to, and asks, while it runs.
+
+    on_log(i, values) receives host floats every log_interval steps and at the end;
+    progress.update(...) (see metrics.ProgressLine) is called every step, with the loss only at
+    those intervals, so drawing the bar never waits on the device. Under torchrun should_stop
+    is this rank's own flag; the ranks agree on it at log steps only, inside the metric_mean
+    collective, so a step makes no extra collective and no host sync.
+    """
+
+    log_interval: int = 50
+    on_log: Callable[[int, dict], None] | None = None
+    progress: Any = None
+    should_stop: Callable[[], bool] | None = None
+
+
+def train_one_epoch(ctx: StepContext, loader, plan: EpochPlan, callbacks: EpochCallbacks | None = None) -> EpochResult:
+    """Train over one epoch of `loader` as `plan` says (see StepContext for what a step is)."""
+    run = _EpochRun(ctx, loader, plan, callbacks or EpochCallbacks())
+    for i in range(plan.skip, run.batches):
+        if run.step(i):
+            run.result.stopped = True
+            break
+    return run.finish()
+
+
+class _EpochRun:
+    """One call of train_one_epoch: the data iterator and the running sums between log reads."""
+
+    def __init__(self, ctx: StepContext, loader, plan: EpochPlan, callbacks: EpochCallbacks):
+        self.ctx, self.plan, self.cb = ctx, plan, callbacks
+        ctx.mixer.train()
+        loader.set_epoch(plan.epoch)
+        self.params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
+        self.micro_batches = len(loader)
+        self.batches = steps_per_epoch(self.micro_batches, ctx.accum_steps)  # optimizer steps
+        self.result = EpochResult()
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count_since_log = 0  # micro-batches
+        self.epoch_loss, self.epoch_count = 0.0, 0  # host floats from the interval reads: the epoch's mean loss
+        self.it = iter(loader)
+        if plan.skip >= self.batches:
+            raise CheckpointError(
+                f"the checkpoint stopped after batch {plan.skip} of epoch {plan.epoch + 1}, but an epoch now has "
+                f"only {self.batches} batches (batch size or process count changed?); resume from an epoch checkpoint"
+            )
+        for _ in range(plan.skip * ctx.accum_steps):  # replay the data order of an interrupted epoch
+            next(self.it)
+        self.t_start = time.perf_counter()
+
+    def step(self, i: int) -> bool:
+        """Optimizer step i of the epoch; True when the loop should stop after it."""
+        ctx, cb = self.ctx, self.cb
+        step = self.plan.start_step + i
+        ctx.schedule.apply(ctx.optimizer, step)
+        ctx.optimizer.zero_grad(set_to_none=True)
+        data_time, step_images, loss_sum = self._accumulate(i, step)
+        self.result.data_seconds += data_time
+        self._update(step, loss_sum)
+        self.result.steps += 1
+        self.result.images += step_images
+        last = i == self.batches - 1
+        if ctx.metric_mean is None:
+            stop = cb.should_stop is not None and cb.should_stop()
+            logging_now = (i + 1) % cb.log_interval == 0 or last or stop
+        else:  # torchrun: ranks agree on a stop request at log steps, in the log's own collective
+            stop = False
+            logging_now = (i + 1) % cb.log_interval == 0 or last
+        if cb.progress is not None and not logging_now:  # the bar moves; the loss waits for the interval's read
+            cb.progress.update(lr=ctx.optimizer.param_groups[0]["lr"], images=step_images, data_time=data_time)
+        if logging_now:
+            stop = self._log(i, step, step_images, data_time) or stop
+        return stop
+
+    def _accumulate(self, i: int, step: int) -> tuple[float, int, torch.Tensor]:
+        """Forward and backward over step i's micro-batches: (data seconds, images, summed loss)."""
+        ctx = self.ctx
+        micro = min(ctx.accum_steps, self.micro_batches - i * ctx.accum_steps)
         data_time, step_images, loss_sum = 0.0, 0, None
         for _ in range(micro):
             t0 = time.perf_counter()
-            x, y = next(it)
+            x, y = next(self.it)
             data_time += time.perf_counter() - t0
-            with autocast(device, amp_dtype):
-                loss, logs = mixer.loss(x, y, step, total_steps)
+            with autocast(ctx.device, ctx.amp_dtype):
+                loss, logs = ctx.mixer.loss(x, y, step, ctx.total_steps)
             part = loss / micro if micro > 1 else loss
-            (scaler.scale(part) if scaler is not None else part).backward()
+            (ctx.scaler.scale(part) if ctx.scaler is not None else part).backward()
             loss_sum = part.detach() if loss_sum is None else loss_sum + part.detach()
             for k, v in logs.items():
-                v = v.detach().float().to(device)
-                sums[k] = sums[k] + v if k in sums else v.clone()
-            count_since_log += 1
+                v = v.detach().float().to(ctx.device)
+                self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+            self.count_since_log += 1
             step_images += x.shape[0]
-        result.data_seconds += data_time
+        return data_time, step_images, loss_sum
+
+    def _update(self, step: int, loss_sum: torch.Tensor) -> None:
+        """All-reduce the gradients (torchrun), then the (possibly skipped) update and after_step."""
+        ctx = self.ctx
         bad_loss = nonfinite_flag(loss_sum)
-        if grad_sync is not None:  # once per step: no all-reduce for the first micro-batches
-            for p in params:  # every rank must all-reduce the same list of tensors
+        if ctx.grad_sync is not None:  # once per step: no all-reduce for the first micro-batches
+            for p in self.params:  # every rank must all-reduce the same list of tensors
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             # Mean over ranks; a NaN on one rank reaches all. The loss flag rides along, so a
             # non-finite loss on any rank skips the step on every rank and is counted the same.
-            grad_sync([p.grad for p in params] + [bad_loss])
-        found = optimizer_step(optimizer, params, guard, scaler, bad_loss, clip)
-        guard.record(found)
-        mixer.after_step(step, total_steps)
+            ctx.grad_sync([p.grad for p in self.params] + [bad_loss])
+        found = optimizer_step(ctx.optimizer, self.params, ctx.guard, ctx.scaler, bad_loss, ctx.clip)
+        ctx.guard.record(found)
+        ctx.mixer.after_step(step, ctx.total_steps)
 
-        result.steps += 1
-        result.images += step_images
-        last = i == batches - 1
-        if metric_mean is None:
-            stop = should_stop is not None and should_stop()
-            logging_now = (i + 1) % log_interval == 0 or last or stop
-        else:  # torchrun: ranks agree on a stop request at log steps, in the log's own collective
-            stop = False
-            logging_now = (i + 1) % log_interval == 0 or last
-        if progress is not None and not logging_now:  # the bar moves; the loss waits for the interval's read
-            progress.update(lr=optimizer.param_groups[0]["lr"], images=step_images, data_time=data_time)
-        if logging_now:
-            stop_flag = torch.zeros(1, device=device)
-            if metric_mean is not None:
-                if should_stop is not None and should_stop():  # this rank's own request (a host flag)
-                    stop_flag.fill_(1.0)
-                metric_mean(list(sums.values()) + [stop_flag])  # > 0 after the mean: some rank asked
-            names = list(sums)
-            read = torch.cat([torch.stack([sums[k].reshape(()) for k in names]) / count_since_log,
-                              guard.skipped.reshape(1), stop_flag]).tolist()  # one device read per interval
-            values = dict(zip(names, read[:-2]))
-            values["lr"] = optimizer.param_groups[0]["lr"]
-            values["skipped_steps"] = int(read[-2])
-            stop = stop or read[-1] > 0
-            elapsed = time.perf_counter() - t_start
-            values["img_per_s_global"] = world_size * result.images / max(elapsed, 1e-9)
-            values["data_share"] = result.data_seconds / max(elapsed, 1e-9)
-            result.means = values
-            epoch_loss += values["loss"] * count_since_log
-            epoch_count += count_since_log
-            sums, count_since_log = {}, 0
-            if progress is not None:
-                note = mixer.progress_text(values) if hasattr(mixer, "progress_text") else None  # AutoMix: mask stats
-                progress.update(loss=values["loss"], lr=values["lr"], images=step_images, data_time=data_time, note=note,
-                                values=values)
-            if on_log is not None:
-                on_log(i + 1, values)
-            worst = guard.too_many_bad(max_bad_steps)  # read once per interval, not per step
-            if worst:
-                raise NonFiniteError(
-                    f"{worst} consecutive steps had a non-finite loss or gradients (max_bad_steps "
-                    f"{max_bad_steps}; epoch {epoch + 1}, step {step + 1}); stopping without saving the current state"
-                )
-        if stop:
-            result.stopped = True
-            break
-    result.seconds = time.perf_counter() - t_start
-    if epoch_count:  # timm's train_loss: the mean over the epoch (over the part run, after a resume)
-        result.means = {**result.means, "epoch_loss": epoch_loss / epoch_count}
-    return result
+    def _log(self, i: int, step: int, step_images: int, data_time: float) -> bool:
+        """The interval's one device read: report it; True when some rank asked to stop."""
+        ctx, cb, mixer = self.ctx, self.cb, self.ctx.mixer
+        values, stop = self._read_interval()
+        if cb.progress is not None:
+            note = mixer.progress_text(values)  # AutoMix: mask stats
+            cb.progress.update(loss=values["loss"], lr=values["lr"], images=step_images, data_time=data_time, note=note,
+                               values=values)
+        if cb.on_log is not None:
+            cb.on_log(i + 1, values)
+        worst = ctx.guard.too_many_bad(ctx.max_bad_steps)  # read once per interval, not per step
+        if worst:
+            raise NonFiniteError(
+                f"{worst} consecutive steps had a non-finite loss or gradients (max_bad_steps "
+                f"{ctx.max_bad_steps}; epoch {self.plan.epoch + 1}, step {step + 1}); stopping without saving the current state"
+            )
+        return stop
+
+    def _read_interval(self) -> tuple[dict, bool]:
+        """The logged values since the last read (means over ranks under torchrun), and whether a
+        stop was requested (by any rank under torchrun); resets the sums."""
+        ctx = self.ctx
+        stop_flag = torch.zeros(1, device=ctx.device)
+        if ctx.metric_mean is not None:
+            if self.cb.should_stop is not None and self.cb.should_stop():  # this rank's own request (a host flag)
+                stop_flag.fill_(1.0)
+            ctx.metric_mean(list(self.sums.values()) + [stop_flag])  # > 0 after the mean: some rank asked
+        names = list(self.sums)
+        read = torch.cat([torch.stack([self.sums[k].reshape(()) for k in names]) / self.count_since_log,
+                          ctx.guard.skipped.reshape(1), stop_flag]).tolist()  # one device read per interval
+        values = dict(zip(names, read[:-2]))
+        values["lr"] = ctx.optimizer.param_groups[0]["lr"]
+        values["skipped_steps"] = int(read[-2])
+        elapsed = time.perf_counter() - self.t_start
+        values["img_per_s_global"] = ctx.world_size * self.result.images / max(elapsed, 1e-9)
+        values["data_share"] = self.result.data_seconds / max(elapsed, 1e-9)
+        self.result.means = values
+        self.epoch_loss += values["loss"] * self.count_since_log
+        self.epoch_count += self.count_since_log
+        self.sums, self.count_since_log = {}, 0
+        return values, read[-1] > 0
+
+    def finish(self) -> EpochResult:
+        result = self.result
+        result.seconds = time.perf_counter() - self.t_start
+        if self.epoch_count:  # timm's train_loss: the mean over the epoch (over the part run, after a resume)
+            result.means = {**result.means, "epoch_loss": self.epoch_loss / self.epoch_count}
+        return result
 
 
 def steps_per_epoch(micro_batches: int, accum_steps: int) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from automix_fast.engine.grad_clip import grad_clipper
 from automix_fast.engine.train import steps_per_epoch
-from automix_fast.errors import ConfigError, UserError
+from automix_fast.errors import ConfigError
 from automix_fast.models import builder_options
 
 
@@ -33,8 +33,7 @@ def loop_options(optim) -> dict:
     return {"accum_steps": optim.grad_accum_steps, "clip": grad_clipper(optim.clip_grad, optim.clip_mode)}
 
 
-def optimizer_steps_per_epoch(cfg, loader_batches: int) -> int:
-    """Optimizer steps per epoch with --grad-accum-steps (the last one takes the micro-batches left)."""
-    if loader_batches == 0:
-        raise UserError(f"batch size {cfg.data.batch_size} leaves no full batch to train on")
-    return steps_per_epoch(loader_batches, cfg.optim.grad_accum_steps)
+def optimizer_steps_per_epoch(optim, loader_batches: int) -> int:
+    """Optimizer steps per epoch with the `optim` section's --grad-accum-steps (the last one takes
+    the micro-batches left); the train loader has at least one batch (data.shards.check_full_batch)."""
+    return steps_per_epoch(loader_batches, optim.grad_accum_steps)

@@ -25,12 +25,11 @@ the training loop reads with the losses once per log interval; docs/AUTOMIX.md e
 """
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from automix_fast.engine.model_ema import ModelEma
 from automix_fast.engine.schedule import MASK_LOSS_ANNEALS, CompoundCosine, cosine_anneal, momentum_cosine_start
 
 from .base import Mixer, mix_cross_entropy
@@ -158,12 +157,17 @@ class AutoMix(Mixer):
         self.mix_stage = mix_stage or model.mix_stage
         # k: a copy of q that gets no weight gradients. It is a submodule, so it follows the
         # policy's train()/eval(): train mode (batch statistics, its own BN running stats) while
-        # training, eval mode for evaluation.
-        self.momentum_encoder = copy.deepcopy(model).requires_grad_(False)
+        # training, eval mode for evaluation. Its EMA averages the parameters only (its BN
+        # statistics stay its own), with the momentum of `encoder_momentum` at each step.
+        self.k_ema = ModelEma(model, momentum_base, exclude_buffers=True)
+        self.momentum_encoder = self.k_ema.module
         self.mix_block = MixBlock(
             model.stage_channels[self.mix_stage - 1], lam_concat=lam_concat, mode=mask_mode, backend=kernel_backend,
             init=mix_block_init,
         )
+
+    def mix_alpha(self, kind: str) -> float | None:
+        return self.alpha if kind == "automix" else None
 
     def mix_block_features(self, x):
         """k's features at the mix stage (no gradient; k in train mode updates its BN statistics)."""
@@ -266,11 +270,8 @@ class AutoMix(Mixer):
 
     @torch.no_grad()
     def after_step(self, step, total_steps):
-        m = encoder_momentum(step, total_steps, self.momentum_base, self.momentum_end)
-        k_params = list(self.momentum_encoder.parameters())
-        q_params = list(self.model.parameters())
         # theta_k = m theta_k + (1 - m) theta_q; buffers (BN statistics) stay k's own.
-        torch._foreach_lerp_(k_params, q_params, 1.0 - m)
+        self.k_ema.update(self.model, step, decay=encoder_momentum(step, total_steps, self.momentum_base, self.momentum_end))
 
     def eval_heads(self):
         q, k = self.model, self.momentum_encoder

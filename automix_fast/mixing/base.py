@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from automix_fast.engine.model_ema import ema_copy, ema_decay, ema_update
+from automix_fast.engine.model_ema import ModelEma
 from automix_fast.engine.optim import param_groups_weight_decay
 
 
@@ -57,32 +57,45 @@ class StepRandom:
 
 
 class Mixer(nn.Module):
-    """A mixing policy wrapping the online model `model`.
+    """A mixing policy wrapping the online model `model`: the interface every policy provides.
 
-    loss(x, y, step, total_steps) -> (loss, logs) where logs holds detached device scalars;
-    after_step(step, total_steps) runs after each optimizer step; eval_heads() names the
-    (encoder, head) pairs evaluated at the end of an epoch. `enable_model_ema(decay)` adds
-    timm's EMA copy of the model (`model_ema`, head `ema`) to a baseline.
+    - loss(x, y, step, total_steps) -> (loss, logs), logs holding detached device scalars;
+    - after_step(step, total_steps) runs after each optimizer step (default: the model EMA's update);
+    - eval_heads() names the (encoder, head) pairs evaluated at the end of an epoch;
+    - param_groups(lr, weight_decay, min_lr, ...) -> the optimizer's parameter groups;
+    - progress_text(values) -> the policy's note on the progress line (default None: no note);
+    - summed_terms: the logged values `loss` is the sum of (default (): loss is one term);
+    - mix_alpha(kind) -> the Beta alpha the policy draws lambda with for `kind` ("automix",
+      "mixup" or "cutmix"), or None (the default: it draws none for that kind);
+    - momentum_encoder: the momentum (EMA) encoder k, or None (the default: no momentum encoder);
+    - mix_block: the learned Mix Block, or None (the default: a fixed mixing rule);
+    - model_ema: timm's EMA copy of the model (head `ema`), updated by `ema` (a ModelEma), both
+      None until `enable_model_ema(decay)` adds them (the baselines only).
     """
 
     name = "base"
+    summed_terms: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, *, seed: int = 0, rank: int = 0, smoothing: float = 0.0):
         super().__init__()
         self.model = model
         self.random = StepRandom(seed, rank)
         self.smoothing = smoothing
+        self.momentum_encoder = None
+        self.mix_block = None
         self.model_ema = None
-        self.model_ema_decay = None
-        self.model_ema_warmup = False
+        self.ema: ModelEma | None = None  # the update rule of model_ema
 
     def enable_model_ema(self, decay: float, warmup: bool = False) -> None:
-        if hasattr(self, "momentum_encoder"):
+        if self.momentum_encoder is not None:
             raise ValueError("AutoMix's momentum encoder is its EMA model; model EMA is for the baselines")
-        self.model_ema, self.model_ema_decay = ema_copy(self.model), float(decay)
-        self.model_ema_warmup = bool(warmup)
+        self.ema = ModelEma(self.model, decay, warmup=warmup)
+        self.model_ema = self.ema.module
 
     @property
+    def mix_alpha(self, kind: str) -> float | None:
+        return None
+
     def label(self) -> str:
         """The policy as the run header names it (with its settings where the name is not enough)."""
         return self.name + self.ema_label
@@ -91,14 +104,18 @@ class Mixer(nn.Module):
     def ema_label(self) -> str:
         if self.model_ema is None:
             return ""
-        return f" + model EMA {self.model_ema_decay:g}" + (" (warm-up)" if self.model_ema_warmup else "")
+        return f" + model EMA {self.ema.decay:g}" + (" (warm-up)" if self.ema.warmup else "")
 
     def loss(self, x, y, step: int, total_steps: int):
         raise NotImplementedError
 
+    def progress_text(self, values: dict) -> str | None:
+        """The policy's note on the progress line from the interval's logged means; None: no note."""
+        return None
+
     def after_step(self, step: int, total_steps: int) -> None:
-        if self.model_ema is not None:
-            ema_update(self.model_ema, self.model, ema_decay(self.model_ema_decay, step + 1, self.model_ema_warmup))
+        if self.ema is not None:
+            self.ema.update(self.model, step + 1)
 
     def eval_heads(self) -> dict[str, tuple[nn.Module, str]]:
         """name -> (encoder, head) evaluated at the end of each epoch; the first is the main one."""

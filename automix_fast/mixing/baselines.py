@@ -100,6 +100,9 @@ class MixupCutmix(Mixer):
         self.prob, self.switch_prob = float(prob), float(switch_prob)
         self.mode, self.cutmix_minmax = mode, cutmix_minmax
 
+    def mix_alpha(self, kind: str) -> float | None:
+        return {"mixup": self.mixup_alpha, "cutmix": self.cutmix_alpha}.get(kind)
+
     @property
     def label(self) -> str:
         cut = (f"cutmix boxes {self.cutmix_minmax[0]:g}-{self.cutmix_minmax[1]:g} of the side"

@@ -1,0 +1,66 @@
+"""automix_fast.atomic: the one writer of run files, checkpoints, summary.csv and bad_images.txt."""
+import errno
+import os
+
+import pytest
+
+from automix_fast import atomic
+from automix_fast.engine import checkpoint as ck
+from automix_fast.engine.summary_csv import write_summary_csv
+from automix_fast.errors import CheckpointError, OutputError
+
+
+def test_interrupted_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    path = atomic.write_text(tmp_path / "summary.json", "old\n")
+    monkeypatch.setattr(atomic.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        atomic.write_json(path, {"new": 1})
+    monkeypatch.undo()
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    class Full:
+        def __init__(self, path, mode):
+            open(path, mode).close()  # the temp file exists, as on a real full disk
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(atomic, "open", Full, raising=False)
+    history = [{"epoch": 1, "train": {"loss": 1.0, "lr": 0.1}, "eval": {"one_top1": 50.0}}]
+    with pytest.raises(OutputError) as info:
+        write_summary_csv(tmp_path / "summary.csv", history, ["one"])
+    assert str(info.value) == f"cannot write {tmp_path / 'summary.csv'}: No space left on device (disk full)"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_durable_write_fsyncs_file_and_folder(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    atomic.write_bytes(tmp_path / "a.bin", b"x", durable=True)
+    assert len(synced) == 2  # the temp file, then the folder after the rename
+    synced.clear()
+    atomic.write_bytes(tmp_path / "b.bin", b"y")
+    assert synced == []
+    assert (tmp_path / "a.bin").read_bytes() == b"x" and (tmp_path / "b.bin").read_bytes() == b"y"
+
+
+def test_check_training_state(tmp_path):
+    good = {"format": ck.FORMAT, "config": {"model": "tinynet"}, "mixer": {}}
+    ck.check_training_state("a.pt", good, with_config=True)
+    ck.check_training_state("a.pt", {**good, "config": None})  # --initial-checkpoint needs no config
+    with pytest.raises(CheckpointError, match=r"^a\.pt is not an automix-fast training checkpoint$"):
+        ck.check_training_state("a.pt", {**good, "config": None}, with_config=True)
+    with pytest.raises(CheckpointError, match=r"^--initial-checkpoint a\.pt is not an automix-fast training checkpoint$"):
+        ck.check_training_state("a.pt", {**good, "format": "other/1"}, "--initial-checkpoint")
+    with pytest.raises(CheckpointError, match="not an automix-fast training checkpoint"):
+        ck.check_training_state("a.pt", {**good, "mixer": [1]})
