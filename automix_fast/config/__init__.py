@@ -68,8 +68,8 @@ FIELDS: dict[str, dataclasses.Field] = {f.name: f for s in SECTIONS for f in dat
 SECTION_OF: dict[str, str] = {f.name: s.name for s in SECTIONS for f in dataclasses.fields(s.type_)}
 assert len(SECTION_OF) == sum(len(dataclasses.fields(s.type_)) for s in SECTIONS), "a field name is in two sections"
 
-# The order of the lines of config.yaml (and of the checkpoint's config dict) as earlier versions
-# wrote them; fields not listed here follow in section order.
+# The order of the lines of config.yaml and of the keys of a checkpoint's config dict (fixed, so
+# the files of every run list their fields alike); fields not listed here follow in section order.
 _WRITTEN_ORDER = (
     "data_dir", "dataset", "loader", "workers", "img_size", "aug", "skip_bad_images", "num_classes", "val_split",
     "model", "epochs", "batch_size", "validation_batch_size", "opt", "lr", "min_lr", "momentum", "weight_decay",
@@ -195,7 +195,7 @@ def validate(cfg: TrainConfig) -> None:
 def resolve_mixup_cutmix(values: dict[str, Any]) -> None:
     """Pick `mix` from timm's --mixup/--cutmix (in place, on the explicitly given values).
 
-    Given neither, `mix` and `mix_alpha` decide as before. Given either, they are the alphas
+    Given neither, `mix` and `mix_alpha` decide alone. Given either, they are the alphas
     of the baseline policy (0 or absent: off) and `mix` follows: mixup when mixup > 0, else
     cutmix when cutmix > 0, else vanilla (timm trains unmixed with both 0). An explicit
     `mix` must agree (mixup or cutmix with its alpha > 0; both names mean the same switching
@@ -272,7 +272,7 @@ def save_config(cfg: TrainConfig, path: str, resolved: dict[str, Any] | None = N
 
 
 def _stored(old: dict[str, Any], key: str) -> Any:
-    """A stored value read as today's (old spellings such as mask_loss_anneal: true)."""
+    """A stored value as the field reads it now (`mask_loss_anneal: true` reads as cosine)."""
     try:
         return coerce_field(key, old[key])
     except ConfigError:

@@ -57,7 +57,7 @@ class Section:
 def coerce(f: dataclasses.Field, value: Any) -> Any:
     """One value checked and converted against field `f`'s annotation (kept as a string)."""
     name, type_str = f.name, str(f.type)
-    if name == "mask_loss_anneal" and isinstance(value, bool):  # configs and checkpoints before the 3-way choice
+    if name == "mask_loss_anneal" and isinstance(value, bool):  # a boolean reads as none / cosine
         value = "cosine" if value else "none"
     if value is None:
         if "None" in type_str:
