@@ -11,126 +11,39 @@ import argparse
 import difflib
 import os
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import fields
 
-from automix_fast.config import CHOICES, LIST_ITEMS, TIMM_HELP, TrainConfig, flag_name
+from automix_fast.config import CHOICES, SECTIONS, flag_name
 from automix_fast.errors import UserError
-
-# Short or timm-style spellings of some fields.
-ALIASES = {
-    "batch_size": ["-b"],
-    "workers": ["-j"],
-    "validation_batch_size": ["-vb"],
-}
-# Every TrainConfig field has a line here (a test checks); `--help` adds the default.
-HELP = {
-    "data_dir": "dataset folder: ImageFolder train/ and val/ (or test/), train/ alone or DIR/<class>/ with --val-split, "
-                "or CIFAR python batches; none: the embedded default",
-    "dataset": "what --data-dir holds; auto: detected",
-    "loader": "data loader: DALI, torch, or auto (DALI when installed)",
-    "workers": "loader worker processes/threads per process",
-    "img_size": "training image size in pixels; none: the model's default",
-    "aug": "augmentation: cifar (pad-crop-flip), imagenet (random-resized-crop), auto (cifar up to 64 px)",
-    "skip_bad_images": "leave out unreadable image files (with a warning) instead of stopping",
-    "num_classes": "expected class count; none: from the data (a mismatch is an error)",
-    "val_split": "hold out this class-balanced fraction of a folder without val/ (DIR/train/ alone or DIR/<class>/) "
-                 "for validation; the same images on every run",
-    "model": "network (see `automix-fast models`)",
-    "epochs": "epochs to train (may be raised when resuming)",
-    "batch_size": "images per batch per process",
-    "validation_batch_size": "images per eval batch; none: twice --batch-size",
-    "opt": "optimizer",
-    "lr": "peak learning rate (for the batch size given; scale it yourself with the global batch)",
-    "min_lr": "learning rate floor of the cosine schedule",
-    "momentum": "SGD momentum",
-    "weight_decay": "weight decay (not on biases and norm weights)",
-    "sched": "learning-rate schedule after the warmup; the cosine moves once per epoch (every step with "
-             "--sched-on-updates), step divides at --decay-epochs, the warmup moves every step",
-    "decay_epochs": "epochs at which --sched step divides the lr by 10",
-    "warmup_epochs": "linear warmup length in epochs (fractions allowed); none: 1, at most a quarter of --epochs "
-                     "(a line says so when that cap applies; a value given is kept)",
-    "warmup_lr": "learning rate at the start of warmup",
-    "smoothing": "label smoothing",
-    "mix": "mixing policy",
-    "mix_alpha": "Beta(alpha, alpha) for lambda; none: mixup 1.0, cutmix 0.2, automix 2.0",
-    "encoder_momentum": "AutoMix momentum encoder: EMA momentum at the start (the cosine rise begins at 10%% of training)",
-    "encoder_momentum_end": "EMA momentum at the end (recipes: 0.999999 CIFAR, 0.99999 ImageNet)",
-    "mask_loss_weight": "weight of the Mix Block mask loss",
-    "mask_loss_anneal": "mask loss weight over training: none, cosine to 0, or compound (the official hook, ImageNet recipes)",
-    "sched_on_updates": "timm's: the LR cosine moves every step (default: once per epoch, as mmcv)",
-    "k_full_forward": "k runs all its stages on the clean batch (official; BN statistics), not only to the mix stage",
-    "mix_shuffle_no_repeat": "permutations without fixed points (official fine-grained recipes)",
-    "decay_norm_and_bias": "weight decay on every parameter (official/mmcv) instead of timm's bias/norm exemption",
-    "mix_block_momentum": "SGD momentum of the Mix Block's parameter group (default: --momentum)",
-    "mask_margin": "mask loss margin around lambda",
-    "lam_margin": "plain mixup instead of the Mix Block mask when min(lam, 1-lam) <= this",
-    "lam_concat": "append lambda as a feature channel in the Mix Block (ImageNet recipes)",
-    "mask_mode": "Mix Block mask upsampling",
-    "mix_stage": "backbone stage whose features feed the Mix Block; none: the model's (3 for ResNets)",
-    "mix_block_lr": "Mix Block learning rate; none: --lr",
-    "mix_block_min_lr": "Mix Block learning-rate floor; none: --min-lr",
-    "mix_block_weight_decay": "Mix Block weight decay; none: --weight-decay",
-    "kernel_backend": "Mix Block ops: Triton kernels, the torch reference, or auto (Triton on CUDA)",
-    "device": "where to train; auto: CUDA when available",
-    "amp": "mixed precision; none: on with CUDA",
-    "amp_dtype": "mixed-precision dtype (float16 adds a GradScaler)",
-    "channels_last": "channels-last memory format; none: on with CUDA",
-    "torchcompile": "torch.compile the encoders",
-    "sync_bn": "synchronise BatchNorm statistics across processes (torchrun)",
-    "deterministic": "deterministic algorithms (slower)",
-    "max_bad_steps": "stop after this many consecutive steps with a NaN/inf loss or gradient",
-    "seed": "random seed (weights, lambdas, permutations, data order)",
-    "output": "parent folder of run folders",
-    "experiment": "run folder name under --output; none: <date>-<time>-<model>-<mix> (a new name, never a used one)",
-    "resume": "continue a run: 'auto' (the newest valid checkpoint of --experiment; none yet: a fresh start), "
-              "a checkpoint file, or a run folder (path or name under --output: its newest valid checkpoint); "
-              "its stored config is used, flags may change only --epochs, --workers, --log-interval and other run settings",
-    "allow_config_change": "with --resume: accept flags that change what the run computes",
-    "checkpoint_hist": "epoch checkpoints to keep (the newest); last.pt and best.pt are links to them, not copies",
-    "log_interval": "steps between progress lines and metrics.jsonl records",
-    "visualize": "write mixes.png (AutoMix) at the end of training",
-}
-HELP.update(TIMM_HELP)
-HELP.update({
-    "train_subset": "train on this class-balanced fraction of the training set (e.g. 0.1; validation stays whole)",
-    "train_subset_seed": "seed of the --train-subset draw (fixed apart from --seed, so seeds share the subset)",
-    "mix_block_init": "Mix Block attention start: official N(0, 0.01) W_q, scaled (W_q ~ N(0, 1/C)), "
-                      "cosine (normalised q, k with a learnable temperature from 10), or cosine-centered "
-                      "(q, k centred over each image's positions first); see docs/QUALITY.md",
-    "mix_block_every": "update the Mix Block every N-th step; the others use its masks without gradient "
-                       "and skip x_mb and k's pass on it (AutoMix)",
-    "eval_interval": "evaluate after every N-th epoch and after the last (best.pt then compares those epochs only)",
-})
 
 
 def _default_text(f) -> str:
-    default = f.default if f.default is not MISSING else None
-    if default is None:
+    if f.default is None:
         return "none"
-    if isinstance(default, bool):
-        return "on" if default else "off"
-    return str(default)
+    if isinstance(f.default, bool):
+        return "on" if f.default else "off"
+    return str(f.default)
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; defaults are SUPPRESSed so only explicit flags override
-    (the help shows the built-in default)."""
-    for f in fields(TrainConfig):
-        base = str(f.type).replace(" | None", "")
-        names = ALIASES.get(f.name, []) + [flag_name(f.name)]
-        help_text = f"{HELP.get(f.name, '')} (default: {_default_text(f)})"
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
-        if base == "bool":
-            parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
-            continue
-        if base == "list":
-            item, nargs, metavar = LIST_ITEMS.get(f.name, (int, "+", None))
-            parser.add_argument(*names, type=item, nargs=nargs, metavar=metavar, **kw)
-            continue
-        kw["type"] = {"int": int, "float": float}.get(base, str)
-        if f.name in CHOICES:
-            kw["choices"] = CHOICES[f.name]
-        parser.add_argument(*names, **kw)
+    """One flag per TrainConfig field, in one group per section, from the field's metadata
+    (automix_fast.config.fields.option); defaults are SUPPRESSed so only explicit flags
+    override (the help shows the built-in default)."""
+    for section in SECTIONS:
+        group = parser.add_argument_group(section.name)
+        for f in fields(section.type_):
+            meta = f.metadata
+            base = str(f.type).replace(" | None", "")
+            names = list(meta["aliases"]) + [flag_name(f.name)]
+            kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{meta['help']} (default: {_default_text(f)})")
+            if base == "bool":
+                group.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+            elif base == "list":
+                item, nargs, metavar = meta["items"]
+                group.add_argument(*names, type=item, nargs=nargs, metavar=metavar, **kw)
+            else:
+                group.add_argument(*names, type={"int": int, "float": float}.get(base, str), choices=meta["choices"],
+                                   **kw)
 
 
 # Spelled-out names people type for our flags; a misspelling of one is matched too.

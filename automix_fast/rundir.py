@@ -12,9 +12,9 @@ Used by `train`, `eval` and `export` alike.
 - Resume: `--resume auto` (the newest valid checkpoint of the folder; a fresh start when the
   folder holds no run, unless the name is one typo away from a run beside it), `--resume FILE`
   (that checkpoint) or `--resume RUN` (a run folder, as a path or a name under --output: its
-  newest valid checkpoint) continues with the config stored in the checkpoint; flags given
-  with it may change only `RESUMABLE_FIELDS` (config.py), anything else is one line naming
-  the fields. A checkpoint resumed under another `--experiment` forks: the new folder gets a
+  newest valid checkpoint) continues with the config stored in the checkpoint
+  (`automix_fast.config.resumed_config`: flags may change only the fields marked resumable).
+  A checkpoint resumed under another `--experiment` forks: the new folder gets a
   copy of its state as its own first `last.pt`; the source folder is never written.
 - Writes: a full disk, a read-only folder or a missing permission while writing any file of the
   run is an `OutputError` (one line naming the file); checkpoints are written atomically, so
@@ -29,11 +29,10 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from automix_fast.atomic import write_json, write_text  # noqa: F401  (the run's writers, re-exported)
 from automix_fast.engine.checkpoint import latest_valid, resolve_resume
-from automix_fast.errors import CheckpointError, ConfigError, OutputError
+from automix_fast.errors import CheckpointError, OutputError
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -95,12 +94,12 @@ def default_name(model: str, mix: str) -> str:
 def locate(cfg) -> Path:
     """The run folder a config names: output/experiment, the folder of `--resume PATH`, or a
     default name under output (not yet claimed: see `claim`)."""
-    if cfg.experiment:
-        return Path(cfg.output) / cfg.experiment
-    if cfg.resume and cfg.resume != "auto":
-        target = resume_target(cfg.resume, cfg.output)
+    if cfg.run.experiment:
+        return Path(cfg.run.output) / cfg.run.experiment
+    if cfg.run.resume and cfg.run.resume != "auto":
+        target = resume_target(cfg.run.resume, cfg.run.output)
         return (target if target.is_dir() else target.parent).resolve()
-    return Path(cfg.output) / default_name(cfg.model, cfg.mix)
+    return Path(cfg.run.output) / default_name(cfg.net.model, cfg.mixing.mix)
 
 
 def run_files(run_dir: Path) -> list[str]:
@@ -167,17 +166,17 @@ def resume_target(resume: str, output: str) -> Path:
 
 
 def find_resume(cfg):
-    """(path, state) of the checkpoint `cfg.resume` names, or None to start fresh (auto, no run
+    """(path, state) of the checkpoint `cfg.run.resume` names, or None to start fresh (auto, no run
     in the folder yet; said once on stderr). Refused in one line: a fresh start in a folder that
     holds files, an auto name one typo away from a run beside it, a missing file or folder."""
-    if not cfg.resume:
+    if not cfg.run.resume:
         return None
-    if cfg.resume != "auto":
-        target = resume_target(cfg.resume, cfg.output)
+    if cfg.run.resume != "auto":
+        target = resume_target(cfg.run.resume, cfg.run.output)
         if not target.exists():
-            under = Path(cfg.output) / cfg.resume
-            raise CheckpointError(f"--resume {cfg.resume}: file not found: no such checkpoint file or run folder"
-                                  + ("" if Path(cfg.resume).is_absolute() else f" (nor {under})"))
+            under = Path(cfg.run.output) / cfg.run.resume
+            raise CheckpointError(f"--resume {cfg.run.resume}: file not found: no such checkpoint file or run folder"
+                                  + ("" if Path(cfg.run.resume).is_absolute() else f" (nor {under})"))
         return resolve_resume(str(target), target)
     run_dir = locate(cfg)
     found = latest_valid(run_dir)
@@ -221,46 +220,14 @@ def _one_typo(a: str, b: str) -> bool:
     return short[i:] == long[i + 1:] and not long[i].isdigit()
 
 
-def resumed_config(found, given: dict[str, Any]):
-    """The config to continue with: the one stored in the checkpoint, with the `given` values
-    (explicit flags and -c file values) of fields that may change on resume."""
-    from automix_fast.config import RESUMABLE_FIELDS, build_config, coerce_field, field_types
-
-    path, state = found
-    stored = state.get("config")
-    if not isinstance(stored, dict):
-        raise CheckpointError(f"{path} holds no training config to resume with")
-    known = field_types()
-    values = {k: v for k, v in stored.items() if k in known}  # fields of older versions are dropped
-    given = {k: coerce_field(k, v) for k, v in given.items()}
-    changed = [k for k, v in given.items() if k not in RESUMABLE_FIELDS and k in values and v != values[k]]
-    if changed and not given.get("allow_config_change"):
-        details = ", ".join(f"{_flag(k)} ({values[k]!r} -> {given[k]!r})" for k in changed)
-        may = ", ".join(_flag(k) for k in RESUMABLE_FIELDS if k not in ("resume", "output", "experiment"))
-        raise ConfigError(
-            f"resuming {path}: {details} cannot change on resume (the run continues with its stored config; "
-            f"only {may} may), or pass --allow-config-change to force it"
-        )
-    values.update(given)
-    if given.get("resume") != "auto":
-        # --resume PATH: keep writing beside the checkpoint, wherever that folder is now; a fork
-        # (--experiment) goes beside that folder unless --output is given.
-        folder = Path(path).resolve().parent
-        if "experiment" not in given:
-            values.update(output=str(folder.parent), experiment=folder.name)
-        elif "output" not in given:
-            values.update(output=str(folder.parent))
-    return build_config(overrides=values)  # errors name the flags, not "the config file"
-
-
 def finished_line(found, cfg) -> str | None:
     """The line that says the resumed run has nothing left to train (its checkpoint is at or
-    past `cfg.epochs`) and how to extend it; None when there is training to do."""
+    past `cfg.schedule.epochs`) and how to extend it; None when there is training to do."""
     path, state = found
     done = state.get("next_epoch", 0)
-    if done < cfg.epochs:
+    if done < cfg.schedule.epochs:
         return None
-    return (f"run {Path(path).parent} is finished ({done} of {cfg.epochs} epochs trained): nothing to train; "
+    return (f"run {Path(path).parent} is finished ({done} of {cfg.schedule.epochs} epochs trained): nothing to train; "
             f"to train it longer, run the same command with --epochs N (more than {done})")
 
 
@@ -290,10 +257,6 @@ def trim_metrics(run_dir: Path, step: int) -> int:
     if dropped:
         write_text(path, "".join(line + "\n" for line in kept), "metrics")
     return dropped
-
-
-def _flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
 
 
 def resume_command(run_dir: Path, world_size: int = 1) -> str:

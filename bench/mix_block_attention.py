@@ -65,7 +65,7 @@ def checkpoint_stats(path: str, data_dir: str | None, num: int) -> dict:
     trained = load_trained(path, overrides)
     mixer = trained.mixer
     if mixer.mix_block is None:
-        raise SystemExit(f"error: {path} was trained with --mix {trained.cfg.mix}, which has no Mix Block")
+        raise SystemExit(f"error: {path} was trained with --mix {trained.cfg.mixing.mix}, which has no Mix Block")
     loader, _, _ = eval_data(trained)
     x = next(iter(loader))[0][:num]
     f = mixer.momentum_encoder.forward_features(x, stages=mixer.mix_stage)

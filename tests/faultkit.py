@@ -162,6 +162,6 @@ def random_checkpoint(path: Path, arch: str, mix: str, classes: list[str], seed:
         for name, t in mixer.state_dict().items():
             if t.is_floating_point():
                 t.copy_(torch.rand_like(t) + 0.5 if "running_var" in name else 0.2 * torch.randn_like(t))
-    save_checkpoint(path, {"format": FORMAT, "config": cfg.to_dict(), "model_name": arch,
+    save_checkpoint(path, {"format": FORMAT, "config": cfg.to_flat(), "model_name": arch,
                            "num_classes": len(classes), "classes": classes, "mixer": mixer.state_dict(), "epoch": epoch})
     return mixer.eval()

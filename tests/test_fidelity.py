@@ -142,7 +142,7 @@ def test_cosine_per_epoch_and_per_update():
         mmcv = floor + (base - floor) * (1 + math.cos(math.pi * e / epochs)) / 2
         assert per_epoch.lr_at(step)[0] == pytest.approx(mmcv, abs=1e-15)
     assert per_step.lr_at(15)[0] < per_step.lr_at(10)[0] == per_epoch.lr_at(15)[0]
-    assert build_config().sched_on_updates is False  # timm's default: per epoch
+    assert build_config().schedule.sched_on_updates is False  # timm's default: per epoch
 
 
 # ---------------------------------------------------------------- 6, 7. recipes
@@ -154,17 +154,19 @@ def recipe(name):
 
 def test_tiny_imagenet_recipe_floors():
     cfg = recipe("tiny_r18_automix")
-    assert (cfg.lr, cfg.min_lr, cfg.mix_block_lr, cfg.mix_block_min_lr) == (0.2, 0.05, 0.1, 1e-3)
+    assert (cfg.optim.lr, cfg.schedule.min_lr) == (0.2, 0.05)
+    assert (cfg.optim.mix_block_lr, cfg.schedule.mix_block_min_lr) == (0.1, 1e-3)
 
 
 def test_wrn28_8_recipe_and_mix_stage():
     cfg = recipe("cifar100_wrn28_8_automix")
-    assert cfg.model == "wrn28_8_cifar" and (cfg.lr, cfg.weight_decay, cfg.min_lr) == (0.03, 1e-3, 1e-3)
-    assert cfg.mix_block_momentum == 0.0 and cfg.mix_block_lr == 0.03 and cfg.epochs == 400
+    assert cfg.net.model == "wrn28_8_cifar"
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.schedule.min_lr) == (0.03, 1e-3, 1e-3)
+    assert cfg.optim.mix_block_momentum == 0.0 and cfg.optim.mix_block_lr == 0.03 and cfg.schedule.epochs == 400
     for mix in ("vanilla", "mixup", "cutmix"):
-        assert recipe(f"cifar100_wrn28_8_{mix}").model == "wrn28_8_cifar"
+        assert recipe(f"cifar100_wrn28_8_{mix}").net.model == "wrn28_8_cifar"
         for base in ("cifar100_r18", "cifar100_rx50", "cifar100_wrn28_8", "tiny_r18"):
-            assert recipe(f"{base}_{mix}").min_lr == 0.0  # the official mixups baselines anneal to 0
+            assert recipe(f"{base}_{mix}").schedule.min_lr == 0.0  # the official mixups baselines anneal to 0
     model = create_model("wrn28_8_cifar", num_classes=100, mix_head=True)
     assert model.mix_stage == 2 and model.stage_channels[model.mix_stage - 1] == 256
     assert make_automix_for(model).mix_block.in_channels == 256
@@ -176,14 +178,17 @@ def test_cifar10_recipes_are_the_cifar100_ones_on_cifar10():
     for model in ("r18", "rx50"):
         for mix in ("automix", "mixup", "cutmix", "vanilla"):
             ten, hundred = recipe(f"cifar10_{model}_{mix}"), recipe(f"cifar100_{model}_{mix}")
-            assert (ten.dataset, hundred.dataset, ten.mix) == ("cifar10", "cifar100", mix)
-            assert dataclasses.replace(ten, dataset="cifar100") == hundred
+            assert (ten.data.dataset, hundred.data.dataset, ten.mixing.mix) == ("cifar10", "cifar100", mix)
+            assert dataclasses.replace(ten, data=dataclasses.replace(ten.data, dataset="cifar100")) == hundred
     mixup, cutmix = recipe("cifar10_r18_mixup"), recipe("cifar10_rx50_cutmix")
     # OpenMixup's CIFAR-10 baselines: SGD lr 0.1 momentum 0.9 wd 1e-4, cosine to 0, batch 100.
-    assert (mixup.lr, mixup.min_lr, mixup.momentum, mixup.weight_decay, mixup.batch_size) == (0.1, 0.0, 0.9, 1e-4, 100)
-    assert (mixup.mix_alpha, cutmix.mix_alpha, mixup.epochs, cutmix.model) == (1.0, 0.2, 800, "resnext50_32x4d_cifar")
+    assert (mixup.optim.lr, mixup.schedule.min_lr, mixup.optim.momentum, mixup.optim.weight_decay,
+            mixup.data.batch_size) == (0.1, 0.0, 0.9, 1e-4, 100)
+    assert (mixup.mixing.mix_alpha, cutmix.mixing.mix_alpha, mixup.schedule.epochs,
+            cutmix.net.model) == (1.0, 0.2, 800, "resnext50_32x4d_cifar")
     automix = recipe("cifar10_r18_automix")
-    assert (automix.mix_alpha, automix.min_lr, automix.encoder_momentum_end) == (2.0, 0.05, 0.999999)
+    assert (automix.mixing.mix_alpha, automix.schedule.min_lr) == (2.0, 0.05)
+    assert automix.mixing.encoder_momentum_end == 0.999999
 
 
 def test_every_shipped_config_with_a_dataset_is_named_after_it():
@@ -191,7 +196,7 @@ def test_every_shipped_config_with_a_dataset_is_named_after_it():
     import os
 
     for name in sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml")):
-        pinned = recipe(name).dataset
+        pinned = recipe(name).data.dataset
         if pinned in ("cifar10", "cifar100"):
             assert name.startswith(pinned + "_"), name
 
@@ -207,11 +212,11 @@ def test_every_recipe_is_official_in_decay_and_schedule():
     assert len(names) >= 28
     for name in names:
         cfg = recipe(name)
-        assert cfg.decay_norm_and_bias and not cfg.sched_on_updates, name
-        if cfg.mix == "automix":
+        assert cfg.optim.decay_norm_and_bias and not cfg.schedule.sched_on_updates, name
+        if cfg.mixing.mix == "automix":
             imagenet = name.startswith("imagenet")
-            assert cfg.mask_loss_anneal == ("compound" if imagenet else "none"), name
-            assert cfg.k_full_forward, name
+            assert cfg.mixing.mask_loss_anneal == ("compound" if imagenet else "none"), name
+            assert cfg.mixing.k_full_forward, name
 
 
 # ---------------------------------------------------------------- 9. no-repeat shuffles
@@ -302,7 +307,7 @@ def test_step_logs_hold_the_mask_statistics_without_a_host_read():
 def test_mask_loss_anneal_reads_the_old_boolean():
     from automix_fast.config import config_changes
 
-    assert build_config({"mask_loss_anneal": True}).mask_loss_anneal == "cosine"
-    assert build_config({"mask_loss_anneal": False}).mask_loss_anneal == "none"
+    assert build_config({"mask_loss_anneal": True}).mixing.mask_loss_anneal == "cosine"
+    assert build_config({"mask_loss_anneal": False}).mixing.mask_loss_anneal == "none"
     assert config_changes({"mask_loss_anneal": False}, build_config()) == []  # a checkpoint from before
     assert config_changes({"mask_loss_anneal": True}, build_config()) == ["mask_loss_anneal"]

@@ -44,16 +44,11 @@ KNOWN_IN_FUNCTION: dict[str, int] = {
     "automix_fast.cli -> automix_fast.commands.models": 1,
     "automix_fast.cli -> automix_fast.commands.train": 1,
     "automix_fast.cli -> automix_fast.commands.visualize": 1,
-    "automix_fast.config -> automix_fast.rundir": 1,
-    "automix_fast.rundir -> automix_fast.config": 1,
 }
 
 # Import cycles, each as its chain from the smallest module name (in-function imports count:
-# they run too). config <-> rundir: rundir.resumed_config imports config inside a function and
-# config imports rundir.
-KNOWN_CYCLES: set[tuple[str, ...]] = {
-    ("automix_fast.config", "automix_fast.rundir", "automix_fast.config"),
-}
+# they run too).
+KNOWN_CYCLES: set[tuple[str, ...]] = set()
 
 
 def module_name(path: Path) -> str:

@@ -28,7 +28,7 @@ def test_every_planned_run_is_a_valid_config():
         args = build_parser().parse_args(["train", "--data-dir", "x", *r["argv"]])
         cfg, resumed = train_config(args)
         assert resumed is None
-        assert cfg.seed == r["seed"] and cfg.epochs == r["epochs"]
+        assert cfg.run.seed == r["seed"] and cfg.schedule.epochs == r["epochs"]
     eq = next(r for r in runs if r["id"] == "sub10-mixup-eqtime-s0")
     assert eq["epochs"] == qs.EQUAL_TIME_FACTOR * qs.REGIMES["sub10"][1]
     long = next(r for r in runs if r["id"] == "sub10-automix-long-s1")

@@ -17,6 +17,7 @@ import yaml
 
 from automix_fast import rundir
 from automix_fast.cli import main
+from automix_fast.config import build_config
 from automix_fast.engine import checkpoint as ck
 from faultkit import cli, make_folder, popen, records, train_args
 
@@ -116,7 +117,7 @@ def test_a_new_run_never_writes_into_a_used_folder(data, tmp_path, capsys):
 
 def test_default_names_taken_get_a_suffix(tmp_path, monkeypatch):
     monkeypatch.setattr(rundir.time, "strftime", lambda fmt: "20260101-000000")
-    cfg = type("Cfg", (), dict(experiment=None, resume=None, output=str(tmp_path), model="tinynet", mix="automix"))
+    cfg = build_config(overrides=dict(output=str(tmp_path), model="tinynet", mix="automix"))
     first = rundir.claim(rundir.locate(cfg), named=False)
     second = rundir.claim(rundir.locate(cfg), named=False)  # started in the same second
     assert (first.name, second.name) == ("20260101-000000-tinynet-automix", "20260101-000000-tinynet-automix-2")

@@ -221,9 +221,10 @@ def test_cutmix_minmax_box_sizes_and_lambda():
 ])
 def test_mix_follows_mixup_and_cutmix(flags, mix, alphas):
     cfg = build_config(overrides=flags)
-    assert cfg.mix == mix
-    mixer = build_mixer(cfg.mix, create_model("tinynet", num_classes=3), alpha=cfg.mix_alpha, mixup=cfg.mixup,
-                        cutmix=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax)
+    assert cfg.mixing.mix == mix
+    mixing = cfg.mixing
+    mixer = build_mixer(mixing.mix, create_model("tinynet", num_classes=3), alpha=mixing.mix_alpha, mixup=mixing.mixup,
+                        cutmix=mixing.cutmix, cutmix_minmax=mixing.cutmix_minmax)
     if alphas is None:
         assert isinstance(mixer, Vanilla)
     else:

@@ -36,7 +36,7 @@ class Trained:
 
     @property
     def img_size(self) -> int:
-        return self.cfg.img_size or self.mixer.model.default_img_size
+        return self.cfg.data.img_size or self.mixer.model.default_img_size
 
 
 def read_training_checkpoint(path: str) -> dict:
@@ -56,31 +56,31 @@ def load_trained(path: str, overrides: dict | None = None) -> Trained:
         stored["val_split"] = None  # another folder: evaluated as it is, not split as the training folder was
     stored.update(resume=None, experiment=None, torchcompile=False)
     cfg = build_config(stored)
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.run.device)
+    torch.manual_seed(cfg.run.seed)
     model = create_policy_model(cfg, int(state["num_classes"]))
     mixer = wrap_policy(cfg, model)
     try:
         mixer.load_state_dict(state["mixer"])
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not match its model: {str(e).splitlines()[0]}") from None
-    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    channels_last = cfg.run.channels_last if cfg.run.channels_last is not None else device.type == "cuda"
     mixer = mixer.to(device, memory_format=torch.channels_last) if channels_last else mixer.to(device)
-    return Trained(Path(path), state, cfg, mixer.eval(), device, resolve_amp(cfg, device), channels_last)
+    return Trained(Path(path), state, cfg, mixer.eval(), device, resolve_amp(cfg.run, device), channels_last)
 
 
 def eval_data(trained: Trained):
     """(loader, info, spec) of the evaluation split for `trained` (its stored data_dir unless
     overridden); DataError in one line when the class names differ from the checkpoint's."""
     cfg = trained.cfg
-    info = resolve_eval_data(cfg.data_dir, cfg.dataset, cfg.skip_bad_images, cfg.val_split)
+    info = resolve_eval_data(cfg.data.data_dir, cfg.data.dataset, cfg.data.skip_bad_images, cfg.data.val_split)
     check_classes(info.classes, trained.classes, info.root, trained.path)
     spec = DataSpec(
-        dataset=cfg.dataset, data_dir=cfg.data_dir, img_size=trained.img_size,
-        batch_size=cfg.batch_size, eval_batch_size=cfg.validation_batch_size or 2 * cfg.batch_size,
-        workers=cfg.workers, device=trained.device, channels_last=trained.channels_last,
-        loader=resolve_loader(cfg.loader), aug=cfg.aug,
-        seed=cfg.seed, skip_bad_images=cfg.skip_bad_images,
+        dataset=cfg.data.dataset, data_dir=cfg.data.data_dir, img_size=trained.img_size,
+        batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.validation_batch_size or 2 * cfg.data.batch_size,
+        workers=cfg.data.workers, device=trained.device, channels_last=trained.channels_last,
+        loader=resolve_loader(cfg.data.loader), aug=cfg.data.aug,
+        seed=cfg.run.seed, skip_bad_images=cfg.data.skip_bad_images,
         dtype=trained.amp_dtype if (trained.amp_dtype is not None and trained.device.type == "cuda") else torch.float32,
     )
     return build_eval_loader(spec, info), info, spec

@@ -28,8 +28,8 @@ def run(args) -> int:
         fresh.load_state_dict({from_export_keys(k, tv is not None): v for k, v in weights.items()})
     except RuntimeError as e:
         raise CheckpointError(f"{args.checkpoint}: encoder {args.head} does not match {arch}: {str(e).splitlines()[0]}") from None
-    img_size = cfg.img_size or fresh.default_img_size
-    aug = resolve_aug(DataSpec(img_size=img_size, aug=cfg.aug))
+    img_size = cfg.data.img_size or fresh.default_img_size
+    aug = resolve_aug(DataSpec(img_size=img_size, aug=cfg.data.aug))
     meta = {
         "format": "automix-fast-export/1",
         "model": arch,
@@ -45,7 +45,7 @@ def run(args) -> int:
         "input": "RGB, NCHW, float in [0, 1], then (x - mean) / std",
         "encoder": args.head,
         "classifier": args.classifier,
-        "mix": cfg.mix,
+        "mix": cfg.mixing.mix,
         "epoch": state.get("epoch"),
         "checkpoint": str(Path(args.checkpoint)),
     }

@@ -11,7 +11,7 @@ import os
 import signal
 
 from automix_fast import rundir
-from automix_fast.config import CONFIG_DIR, build_config, load_yaml
+from automix_fast.config import CONFIG_DIR, build_config, load_yaml, resumed_config
 from automix_fast.data.layout import KIND_NAMES, LayoutError
 from automix_fast.engine.distributed import cleanup
 from automix_fast.engine.runner import Trainer
@@ -33,12 +33,12 @@ def train_config(args: argparse.Namespace):
     stored config with the given values of the fields that may change on resume."""
     file_values, flags = given_values(args)
     cfg = build_config(file_values, flags)  # checks every given value, and --resume auto needs --experiment
-    if not cfg.resume:
+    if not cfg.run.resume:
         return cfg, None
     found = rundir.find_resume(cfg)
     if found is None:
         return cfg, None
-    return rundir.resumed_config(found, {**file_values, **flags}), found
+    return resumed_config(found, {**file_values, **flags}), found
 
 
 def run(args) -> int:

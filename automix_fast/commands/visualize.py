@@ -18,7 +18,8 @@ def run(args) -> int:
         overrides["dataset"] = "auto"
     trained = load_trained(args.checkpoint, overrides)
     if trained.mixer.mix_block is None:
-        raise UserError(f"{args.checkpoint} was trained with --mix {trained.cfg.mix}, which has no Mix Block to visualize")
+        raise UserError(f"{args.checkpoint} was trained with --mix {trained.cfg.mixing.mix}, which has no Mix Block "
+                        "to visualize")
     # never replaces an earlier picture; checked before the work
     png = check_writable(args.png or next_free_path(Path(args.checkpoint).parent), "mask picture",
                          "choose a writable --output" if args.png else "pass a writable --output FILE.png")

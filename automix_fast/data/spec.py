@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config.sections import AUGS, DATASETS
 from ..errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -65,9 +66,7 @@ class DatasetInfo:
         return len(self.val_samples) if self.val_samples is not None else len(self.val_arrays[1])
 
 
-DATASETS = ("auto", "embedded", "folder", "cifar10", "cifar100")
-LOADERS = ("torch", "dali")
-AUGS = ("auto", "cifar", "imagenet")
+LOADERS = ("torch", "dali")  # as resolved (the config's "auto" is not one)
 IMAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

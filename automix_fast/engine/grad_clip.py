@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-CLIP_MODES = ("norm", "value", "agc")
+from automix_fast.config.sections import CLIP_MODES
 
 
 def _unitwise_norm(x: torch.Tensor) -> torch.Tensor:

@@ -81,7 +81,7 @@ class Evaluation:
         if end.mid_epoch:
             return
         # --eval-interval: long runs on a CPU evaluate every k-th epoch (and always the last).
-        evaluating = (end.epoch + 1) % self.cfg.eval_interval == 0 or end.epoch + 1 == self.cfg.epochs
+        evaluating = (end.epoch + 1) % self.cfg.run.eval_interval == 0 or end.epoch + 1 == self.cfg.schedule.epochs
         end.eval = (evaluate(self.mixer, self.loader, amp_dtype=self.amp_dtype, device=self.device,
                              reduce=self.reduce) if evaluating else {})
         self.latest = end.eval or self.latest
@@ -179,9 +179,9 @@ class StopAgreement:
     """Ends the run on a stop request (a signal): at once when it cut the epoch short, else after
     the finished epoch when any rank got one (all ranks agree), unless that was the last epoch."""
 
-    def __init__(self, cfg, stop, run_dir: Path, *, device, world_size: int, distributed: bool,
+    def __init__(self, schedule, stop, run_dir: Path, *, device, world_size: int, distributed: bool,
                  log: Callable[[str], None]):
-        self.cfg, self.stop, self.run_dir, self.device = cfg, stop, run_dir, device
+        self.schedule, self.stop, self.run_dir, self.device = schedule, stop, run_dir, device
         self.world_size, self.distributed, self.log = world_size, distributed, log
 
     def epoch_end(self, end: EpochEnd) -> None:
@@ -189,7 +189,7 @@ class StopAgreement:
             end.outcome = self._stopped(f"stopped by {self.stop.name}")
             return
         stopping = any_rank(self.stop(), self.device) if self.distributed else self.stop()
-        if stopping and end.epoch + 1 < self.cfg.epochs:  # after the last epoch: the run finishes
+        if stopping and end.epoch + 1 < self.schedule.epochs:  # after the last epoch: the run finishes
             end.outcome = self._stopped(f"stopped by {self.stop.name} after epoch {end.epoch + 1}")
 
     def _stopped(self, what: str) -> dict:

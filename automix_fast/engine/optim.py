@@ -8,9 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from automix_fast.config.sections import OPTIMIZERS
 from automix_fast.errors import ConfigError
-
-OPTIMIZERS = ("sgd", "adamw", "fused_sgd", "apex_sgd")
 
 
 def param_groups_weight_decay(model: nn.Module, weight_decay: float, no_decay_1d: bool = True,

@@ -26,26 +26,29 @@ def resolve_loader(name: str) -> str:
     return "dali" if dali_available() else "torch"
 
 
-def resolve_amp(cfg, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None: --amp as given, else on with CUDA."""
-    use_amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.amp_dtype] if use_amp else None
+def resolve_amp(run, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the `run` section, or None: --amp as given, else on with CUDA."""
+    use_amp = run.amp if run.amp is not None else device.type == "cuda"
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[run.amp_dtype] if use_amp else None
 
 
 def create_policy_model(cfg, num_classes: int):
-    """The online network for `cfg` (with the mixed-label head when the policy is AutoMix)."""
-    return create_model(cfg.model, num_classes=num_classes, mix_head=cfg.mix == "automix", **model_options(cfg))
+    """The online network of `cfg.net` (with the mixed-label head when the policy is AutoMix)."""
+    return create_model(cfg.net.model, num_classes=num_classes, mix_head=cfg.mixing.mix == "automix",
+                        **model_options(cfg.net))
 
 
 def wrap_policy(cfg, model, *, mix_stage: int | None = None, rank: int = 0):
-    """The mixing policy `cfg.mix` around `model` (AutoMix adds the Mix Block and momentum encoder)."""
+    """The mixing policy of `cfg.mixing` around `model` (AutoMix adds the Mix Block and momentum
+    encoder), seeded by `cfg.run.seed`."""
+    mixing = cfg.mixing
     return build_mixer(
-        cfg.mix, model, alpha=cfg.mix_alpha, seed=cfg.seed, rank=rank, smoothing=cfg.smoothing,
-        momentum_base=cfg.encoder_momentum, momentum_end=cfg.encoder_momentum_end,
-        mask_loss_weight=cfg.mask_loss_weight, mask_loss_anneal=cfg.mask_loss_anneal,
-        mask_margin=cfg.mask_margin, lam_margin=cfg.lam_margin, lam_concat=cfg.lam_concat,
-        mask_mode=cfg.mask_mode, mix_stage=mix_stage or cfg.mix_stage or model.mix_stage,
-        kernel_backend=cfg.kernel_backend, k_full_forward=cfg.k_full_forward,
-        mix_shuffle_no_repeat=cfg.mix_shuffle_no_repeat, mix_block_init=cfg.mix_block_init,
-        mix_block_every=cfg.mix_block_every, **mixer_options(cfg),
+        mixing.mix, model, alpha=mixing.mix_alpha, seed=cfg.run.seed, rank=rank, smoothing=mixing.smoothing,
+        momentum_base=mixing.encoder_momentum, momentum_end=mixing.encoder_momentum_end,
+        mask_loss_weight=mixing.mask_loss_weight, mask_loss_anneal=mixing.mask_loss_anneal,
+        mask_margin=mixing.mask_margin, lam_margin=mixing.lam_margin, lam_concat=mixing.lam_concat,
+        mask_mode=mixing.mask_mode, mix_stage=mix_stage or mixing.mix_stage or model.mix_stage,
+        kernel_backend=mixing.kernel_backend, k_full_forward=mixing.k_full_forward,
+        mix_shuffle_no_repeat=mixing.mix_shuffle_no_repeat, mix_block_init=mixing.mix_block_init,
+        mix_block_every=mixing.mix_block_every, **mixer_options(mixing),
     )

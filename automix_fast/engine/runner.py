@@ -48,7 +48,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, quiet: bool = False, resume_from=None, resolved: bool = False):
         """`resume_from`: (path, state) of the checkpoint to continue from, when the caller has
         already read it (the train command does, for its config); with `resolved` the caller has
-        also followed `cfg.resume` and None means a fresh start; else `cfg.resume` is followed
+        also followed `cfg.run.resume` and None means a fresh start; else `cfg.run.resume` is followed
         here, before any data work."""
         self.cfg = cfg
         self._setup_processes(quiet)
@@ -62,7 +62,7 @@ class Trainer:
     # ------------------------------------------------------------------ build
     def _setup_processes(self, quiet: bool) -> None:
         """The device and, under torchrun, the process group; only rank 0 prints."""
-        self.device = resolve_device(self.cfg.device)
+        self.device = resolve_device(self.cfg.run.device)
         self.dist = init_distributed(self.device.type)
         if self.dist.is_distributed and self.device.type == "cuda":
             self.device = self.dist.device
@@ -72,76 +72,78 @@ class Trainer:
     def _locate_run(self, resume_from, resolved: bool) -> None:
         """The run folder and the checkpoint to continue from, checked before any data work."""
         cfg = self.cfg
-        if cfg.resume == "auto" and not cfg.experiment:
+        if cfg.run.resume == "auto" and not cfg.run.experiment:
             raise ConfigError("--resume auto needs --experiment NAME (the run folder to continue)")
         self.run_dir = rundir.locate(cfg)
-        if resume_from is None and cfg.resume and not resolved:
+        if resume_from is None and cfg.run.resume and not resolved:
             resume_from = rundir.find_resume(cfg)
         self.resume_from = resume_from
         self.forked = resume_from is not None and rundir.forks(resume_from, self.run_dir)
         if self.is_main and (resume_from is None or self.forked):  # a new folder: checked before any data work
-            rundir.check_new_run(self.run_dir, named=bool(cfg.experiment))
-        if self.is_main and cfg.log_tensorboard:  # before the run folder is created
+            rundir.check_new_run(self.run_dir, named=bool(cfg.run.experiment))
+        if self.is_main and cfg.run.log_tensorboard:  # before the run folder is created
             require_tensorboard()
 
     def _setup_numerics(self) -> None:
         """Determinism, autocast dtype, memory format and kernel backend."""
         cfg = self.cfg
-        if cfg.deterministic:
+        if cfg.run.deterministic:
             if self.device.type == "cuda":  # deterministic cuBLAS needs this before its first call
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        self.amp_dtype = resolve_amp(cfg, self.device)
-        self.channels_last = cfg.channels_last if cfg.channels_last is not None else self.device.type == "cuda"
+        self.amp_dtype = resolve_amp(cfg.run, self.device)
+        self.channels_last = cfg.run.channels_last if cfg.run.channels_last is not None else self.device.type == "cuda"
         try:  # --kernel-backend triton without CUDA or TRITON_INTERPRET: say so before any data work
-            ops.resolve_backend(cfg.kernel_backend, self.device)
+            ops.resolve_backend(cfg.mixing.kernel_backend, self.device)
         except ValueError as e:
             raise ConfigError(f"--kernel-backend: {e}") from None
 
     def _probe_model(self) -> int:
         """Checks the model name and --mix-stage before any data work; returns the image size."""
         cfg = self.cfg
-        torch.manual_seed(cfg.seed)  # same on every rank: identical initial weights
-        probe = create_model(cfg.model, num_classes=2, **model_options(cfg))  # unknown model names fail before any data work
-        self.mix_stage = cfg.mix_stage or probe.mix_stage
+        torch.manual_seed(cfg.run.seed)  # same on every rank: identical initial weights
+        # Unknown model names fail before any data work.
+        probe = create_model(cfg.net.model, num_classes=2, **model_options(cfg.net))
+        self.mix_stage = cfg.mixing.mix_stage or probe.mix_stage
         if self.mix_stage > probe.num_stages:
-            raise ConfigError(f"--mix-stage must be at most {probe.num_stages} for {cfg.model}, got {self.mix_stage}")
-        return cfg.img_size or probe.default_img_size
+            raise ConfigError(f"--mix-stage must be at most {probe.num_stages} for {cfg.net.model}, "
+                              f"got {self.mix_stage}")
+        return cfg.data.img_size or probe.default_img_size
 
     def _build_data(self, img_size: int) -> None:
         """The train and validation loaders and what they hold."""
-        cfg, cuda = self.cfg, self.device.type == "cuda"
-        self.loader_kind = resolve_loader(cfg.loader)
+        data, cuda = self.cfg.data, self.device.type == "cuda"
+        self.loader_kind = resolve_loader(data.loader)
         self.spec = DataSpec(
-            dataset=cfg.dataset, data_dir=cfg.data_dir, img_size=img_size, batch_size=cfg.batch_size,
-            eval_batch_size=cfg.validation_batch_size or 2 * cfg.batch_size, workers=cfg.workers,
+            dataset=data.dataset, data_dir=data.data_dir, img_size=img_size, batch_size=data.batch_size,
+            eval_batch_size=data.validation_batch_size or 2 * data.batch_size, workers=data.workers,
             device=self.device, channels_last=self.channels_last,
             dtype=self.amp_dtype if (self.amp_dtype is not None and cuda) else torch.float32,
-            loader=self.loader_kind, aug=cfg.aug, rank=self.dist.rank, world_size=self.dist.world_size,
-            seed=cfg.seed, skip_bad_images=cfg.skip_bad_images,
-            train_subset=cfg.train_subset, train_subset_seed=cfg.train_subset_seed, val_split=cfg.val_split,
+            loader=self.loader_kind, aug=data.aug, rank=self.dist.rank, world_size=self.dist.world_size,
+            seed=self.cfg.run.seed, skip_bad_images=data.skip_bad_images,
+            train_subset=data.train_subset, train_subset_seed=data.train_subset_seed, val_split=data.val_split,
         )
         self.train_loader, self.val_loader, self.info = build_loaders(self.spec)
-        if cfg.num_classes is not None and cfg.num_classes != self.info.num_classes:
-            raise ConfigError(f"--num-classes is {cfg.num_classes} but the data has {self.info.num_classes} classes")
+        if data.num_classes is not None and data.num_classes != self.info.num_classes:
+            raise ConfigError(f"--num-classes is {data.num_classes} but the data has {self.info.num_classes} classes")
         self.num_classes = self.info.num_classes
 
     def _build_model(self) -> None:
         """The model on its device and the mixing policy that trains it."""
         cfg = self.cfg
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.run.seed)
         model = create_policy_model(cfg, self.num_classes)
-        if cfg.sync_bn and self.dist.is_distributed:
+        if cfg.run.sync_bn and self.dist.is_distributed:
             model = convert_sync_batchnorm(model, self.device)  # a CPU version where torch's needs a GPU
         model = model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.mixer = wrap_policy(cfg, model, mix_stage=self.mix_stage, rank=self.dist.rank).to(self.device)
-        if cfg.torchcompile:
+        if cfg.run.torchcompile:
             self.model.compile()
             if self.mixer.momentum_encoder is not None:
                 self.mixer.momentum_encoder.compile()
@@ -149,21 +151,22 @@ class Trainer:
 
     def _build_optimizer(self) -> None:
         """The optimizer, its learning-rate schedule, the fp16 loss scaler and the bad-step guard."""
-        cfg = self.cfg
+        optim, sched = self.cfg.optim, self.cfg.schedule
         groups = self.mixer.param_groups(
-            cfg.lr, cfg.weight_decay, cfg.min_lr, mix_block_lr=cfg.mix_block_lr, mix_block_min_lr=cfg.mix_block_min_lr,
-            mix_block_weight_decay=cfg.mix_block_weight_decay, mix_block_momentum=cfg.mix_block_momentum,
-            decay_norm_and_bias=cfg.decay_norm_and_bias,
+            optim.lr, optim.weight_decay, sched.min_lr, mix_block_lr=optim.mix_block_lr,
+            mix_block_min_lr=sched.mix_block_min_lr, mix_block_weight_decay=optim.mix_block_weight_decay,
+            mix_block_momentum=optim.mix_block_momentum,
+            decay_norm_and_bias=optim.decay_norm_and_bias,
         )
-        self.optimizer = build_optimizer(groups, cfg.opt, lr=cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay, device=self.device)
-        self.steps_per_epoch = optimizer_steps_per_epoch(cfg, len(self.train_loader))
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        self.warmup_epochs, self.warmup_note = resolve_warmup_epochs(cfg.warmup_epochs, cfg.epochs)
+        self.optimizer = build_optimizer(groups, optim.opt, lr=optim.lr, momentum=optim.momentum,
+                                         weight_decay=optim.weight_decay, device=self.device)
+        self.steps_per_epoch = optimizer_steps_per_epoch(optim, len(self.train_loader))
+        self.total_steps = sched.epochs * self.steps_per_epoch
+        self.warmup_epochs, self.warmup_note = resolve_warmup_epochs(sched.warmup_epochs, sched.epochs)
         self.schedule = build_schedule(
-            cfg.sched, [g["lr"] for g in groups], total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+            sched.sched, [g["lr"] for g in groups], total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
             warmup_steps=int(self.warmup_epochs * self.steps_per_epoch), floors=[g["min_lr"] for g in groups],
-            decay_milestones=cfg.decay_epochs or (), warmup_lr=cfg.warmup_lr, on_updates=cfg.sched_on_updates,
+            decay_milestones=sched.decay_epochs or (), warmup_lr=sched.warmup_lr, on_updates=sched.sched_on_updates,
         )
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.guard = StepGuard(self.device)
@@ -173,8 +176,8 @@ class Trainer:
         """The training checkpoint's contents for a run that continues at (next_epoch, next_batch)."""
         return {
             "format": FORMAT,
-            "config": self.cfg.to_dict(),
-            "model_name": self.cfg.model,
+            "config": self.cfg.to_flat(),
+            "model_name": self.cfg.net.model,
             "num_classes": self.num_classes,
             "classes": list(self.info.classes),
             "next_epoch": next_epoch,
@@ -190,15 +193,15 @@ class Trainer:
     def load_state(self, path, state: dict) -> None:
         """Continue from a training checkpoint read from `path` (checked against this run)."""
         check_training_state(path, state)
-        if state.get("model_name") != self.cfg.model or state.get("num_classes") != self.num_classes:
+        if state.get("model_name") != self.cfg.net.model or state.get("num_classes") != self.num_classes:
             raise CheckpointError(
                 f"{path} holds model '{state.get('model_name')}' with num_classes {state.get('num_classes')}, "
-                f"but this run has model '{self.cfg.model}' with num_classes {self.num_classes}"
+                f"but this run has model '{self.cfg.net.model}' with num_classes {self.num_classes}"
             )
         changed = config_changes(state.get("config", {}), self.cfg)
-        if changed and not self.cfg.allow_config_change:
-            old = state["config"]
-            details = ", ".join(f"{flag_name(k)}: {old[k]!r} -> {getattr(self.cfg, k)!r}" for k in changed)
+        if changed and not self.cfg.run.allow_config_change:
+            old, now = state["config"], self.cfg.to_flat()
+            details = ", ".join(f"{flag_name(k)}: {old[k]!r} -> {now[k]!r}" for k in changed)
             raise ConfigError(f"resuming {path} with a changed config ({details}); pass --allow-config-change to accept")
         try:
             self.mixer.load_state_dict(state["mixer"])
@@ -220,26 +223,26 @@ class Trainer:
             "validation_batch_size": self.spec.eval_batch_size, "mix_stage": self.mix_stage,
             "mix_alpha": self._mix_alpha(), "amp": self.amp_dtype is not None,
             "channels_last": self.channels_last,
-            "kernel_backend": ops.resolve_backend(self.cfg.kernel_backend, self.device),
+            "kernel_backend": ops.resolve_backend(self.cfg.mixing.kernel_backend, self.device),
             "warmup_epochs": self.warmup_epochs,
         }
 
     def _mix_alpha(self) -> float | None:
         """The alpha --mix-alpha null resolved to (None where timm's --mixup/--cutmix set them)."""
-        if self.cfg.mix == "automix" or (self.cfg.mix in ("mixup", "cutmix")
-                                         and self.cfg.mixup is None and self.cfg.cutmix is None):
-            return self.mixer.mix_alpha(self.cfg.mix)
+        if self.cfg.mixing.mix == "automix" or (self.cfg.mixing.mix in ("mixup", "cutmix")
+                                         and self.cfg.mixing.mixup is None and self.cfg.mixing.cutmix is None):
+            return self.mixer.mix_alpha(self.cfg.mixing.mix)
         return None
 
     def header(self) -> str:
         cfg, amp = self.cfg, self.amp_dtype
         return (
             f"automix-fast: {self.mixer.label} on {self.info.kind} ({self.info.num_train} train / {self.info.num_val} val, "
-            f"{self.num_classes} classes, {self.spec.img_size}px), {cfg.model}, {self.device.type}"
+            f"{self.num_classes} classes, {self.spec.img_size}px), {cfg.net.model}, {self.device.type}"
             f"{' x' + str(self.dist.world_size) if self.dist.is_distributed else ''}, loader {self.loader_kind}, "
             f"amp {str(amp).replace('torch.', '') if amp is not None else 'off'}, "
             f"{'channels-last' if self.channels_last else 'NCHW'}, "
-            f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''} x {self.steps_per_epoch} steps"
+            f"{cfg.schedule.epochs} epoch{'s' if cfg.schedule.epochs != 1 else ''} x {self.steps_per_epoch} steps"
         )
 
     def log(self, msg: str) -> None:
@@ -252,7 +255,7 @@ class Trainer:
         """Train from the start (or the checkpoint) to the last epoch or a stop; returns the summary."""
         found = self._start_state()
         self._open_run_folder(found)
-        checkpoints = Checkpoints(CheckpointManager(self.run_dir, keep_recent=self.cfg.checkpoint_hist), self.mixer,
+        checkpoints = Checkpoints(CheckpointManager(self.run_dir, keep_recent=self.cfg.run.checkpoint_hist), self.mixer,
                                   self.state, self.run_dir, write=self.is_main, rank=self.dist.rank)
         if found is not None:
             checkpoints.last_good = (found[0], self.start_epoch, self.start_batch)
@@ -260,7 +263,7 @@ class Trainer:
             checkpoints.save(self.state(self.start_epoch, self.start_batch), mid_epoch=True)
         elif found is not None:
             checkpoints.manager.restore(found[1])
-        logger = MetricLogger(self.run_dir, enabled=self.is_main, tensorboard=self.cfg.log_tensorboard)
+        logger = MetricLogger(self.run_dir, enabled=self.is_main, tensorboard=self.cfg.run.log_tensorboard)
         self.info.bad_files.start_run(self.run_dir)  # a resumed run plans around the files its folder lists
         self._announce()
         stop = StopFlag().install()
@@ -268,7 +271,7 @@ class Trainer:
         t_run = time.perf_counter()
         try:
             ctx = self._step_context()
-            for epoch in range(self.start_epoch, self.cfg.epochs):
+            for epoch in range(self.start_epoch, self.cfg.schedule.epochs):
                 end = self._train_epoch(ctx, epoch, logger, stop)
                 for hook in hooks:
                     hook.epoch_end(end)
@@ -294,9 +297,9 @@ class Trainer:
                 self.log(f"forked from {path} (left as it is) at epoch {self.start_epoch + 1}, batch {self.start_batch}")
             else:
                 self.log(f"resumed from {path} at epoch {self.start_epoch + 1}, batch {self.start_batch}")
-        elif cfg.initial_checkpoint:  # timm's --initial-checkpoint: a fresh start from its weights only
-            load_initial_checkpoint(self.mixer, cfg.initial_checkpoint, cfg.model, self.num_classes)
-            self.log(f"model weights from {cfg.initial_checkpoint}")
+        elif cfg.net.initial_checkpoint:  # timm's --initial-checkpoint: a fresh start from its weights only
+            load_initial_checkpoint(self.mixer, cfg.net.initial_checkpoint, cfg.net.model, self.num_classes)
+            self.log(f"model weights from {cfg.net.initial_checkpoint}")
         return found
 
     def _open_run_folder(self, found) -> None:
@@ -304,7 +307,7 @@ class Trainer:
         if not self.is_main:
             return
         if found is None:  # a new run: its own folder (a suffixed default name when taken)
-            self.run_dir = rundir.claim(self.run_dir, named=bool(self.cfg.experiment))
+            self.run_dir = rundir.claim(self.run_dir, named=bool(self.cfg.run.experiment))
         elif self.forked:  # continuing elsewhere: into a new folder (or one that holds no run)
             rundir.claim(self.run_dir, named=True)
         else:  # steps logged after that checkpoint (a kill) are logged again from here
@@ -332,7 +335,7 @@ class Trainer:
             EpochLog(self.history, logger, self.mixer, self.run_dir, write=self.is_main, log=self.log),
             checkpoints,
             BadFilesStop(bad_files),  # --skip-bad-images off: stop now, the checkpoint written
-            StopAgreement(self.cfg, stop, self.run_dir, device=self.device, world_size=self.dist.world_size,
+            StopAgreement(self.cfg.schedule, stop, self.run_dir, device=self.device, world_size=self.dist.world_size,
                           distributed=distributed, log=self.log),
         ]
 
@@ -341,14 +344,15 @@ class Trainer:
         mean = flat_allreduce_mean if self.dist.is_distributed else None
         return StepContext(self.mixer, self.optimizer, self.schedule, self.guard, self.total_steps,
                            amp_dtype=self.amp_dtype, scaler=self.scaler, grad_sync=mean, metric_mean=mean,
-                           max_bad_steps=self.cfg.max_bad_steps, world_size=self.dist.world_size,
-                           **loop_options(self.cfg))
+                           max_bad_steps=self.cfg.run.max_bad_steps, world_size=self.dist.world_size,
+                           **loop_options(self.cfg.optim))
 
     def _train_epoch(self, ctx: StepContext, epoch: int, logger, stop: StopFlag) -> EpochEnd:
         """One epoch's steps, with its progress line and train records; then BN statistics are
         averaged over ranks (torchrun)."""
         skip = self.start_batch if epoch == self.start_epoch else 0
-        progress = ProgressLine(epoch + 1, self.cfg.epochs, self.steps_per_epoch, log_interval=self.cfg.log_interval,
+        log_interval = self.cfg.run.log_interval
+        progress = ProgressLine(epoch + 1, self.cfg.schedule.epochs, self.steps_per_epoch, log_interval=log_interval,
                                 enabled=not self.quiet, start_step=skip,
                                 world_size=self.dist.world_size, terms=self.terms)
 
@@ -357,7 +361,7 @@ class Trainer:
 
         # Under torchrun the ranks agree on `stop` at log steps (inside the metrics collective);
         # epoch ends agree with one any_rank (StopAgreement).
-        callbacks = EpochCallbacks(log_interval=self.cfg.log_interval, on_log=on_log, progress=progress, should_stop=stop)
+        callbacks = EpochCallbacks(log_interval=log_interval, on_log=on_log, progress=progress, should_stop=stop)
         try:
             result = train_one_epoch(ctx, self.train_loader, EpochPlan(epoch, epoch * self.steps_per_epoch, skip),
                                      callbacks)
@@ -372,9 +376,9 @@ class Trainer:
         cfg = self.cfg
         summary = {
             "run_dir": str(self.run_dir),
-            "mix": cfg.mix,
-            "model": cfg.model,
-            "epochs": cfg.epochs,
+            "mix": cfg.mixing.mix,
+            "model": cfg.net.model,
+            "epochs": cfg.schedule.epochs,
             "eval": eval_result,
             "heads": list(self.mixer.eval_heads()),
             "skipped_steps": int(self.guard.skipped.item()),
@@ -385,7 +389,7 @@ class Trainer:
         }
         if self.is_main:
             rundir.write_json(self.run_dir / rundir.SUMMARY_FILE, summary, "summary")
-            if cfg.visualize and cfg.mix == "automix":
+            if cfg.run.visualize and cfg.mixing.mix == "automix":
                 png, _ = write_mix_grid(self.mixer, self.val_loader, self.run_dir / "mixes.png", self.spec,
                                         classes=self.info.classes)
                 summary["mixes_png"] = str(png)

@@ -10,10 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from automix_fast.config.sections import MASK_LOSS_ANNEALS, SCHEDULES
 from automix_fast.errors import ConfigError
-
-SCHEDULES = ("cosine", "step", "const")
-MASK_LOSS_ANNEALS = ("none", "cosine", "compound")
 
 
 def cosine_anneal(start: float, end: float, step: float, total: float) -> float:

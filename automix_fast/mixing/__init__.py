@@ -1,13 +1,14 @@
 """Mixing policies: vanilla | mixup | cutmix | automix, all behind one `Mixer` interface."""
 from __future__ import annotations
 
+from automix_fast.config.sections import MIXES
 from automix_fast.errors import ConfigError
 
 from .automix import AutoMix
 from .base import Mixer, StepRandom, mix_cross_entropy
 from .baselines import MixupCutmix, Vanilla, baseline_alphas
 
-MIXERS = ("vanilla", "mixup", "cutmix", "automix")
+MIXERS = MIXES
 
 __all__ = ["MIXERS", "Mixer", "StepRandom", "build_mixer", "mix_cross_entropy"]
 

@@ -19,11 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from automix_fast.config.sections import MIXUP_MODES
+
 from .base import Mixer, mix_cross_entropy
 
 DECISION_STREAM = 3  # StepRandom stream of the per-batch (mix at all?, cutmix?) draws
 ELEM_STREAM = 4  # ... and of the per-sample draws of the elem and pair modes
-MODES = ("batch", "pair", "elem")
+MODES = MIXUP_MODES
 
 
 class Vanilla(Mixer):

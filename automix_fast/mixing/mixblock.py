@@ -33,9 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from automix_fast import ops
+from automix_fast.config.sections import MIX_BLOCK_INITS
 
-
-MIX_BLOCK_INITS = ("official", "scaled", "cosine", "cosine-centered")
 COSINE_TEMPERATURE = 10.0  # tau at the start of `cosine` and `cosine-centered`
 COSINE_MAX_TEMPERATURE = 100.0  # clamp, so a runaway tau cannot make the softmax one-hot
 

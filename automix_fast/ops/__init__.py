@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import torch
 
+from automix_fast.config.sections import KERNEL_BACKENDS, MASK_MODES
 from automix_fast.kernels import launches
 from automix_fast.kernels.common import triton_interpret
 
 from . import reference
 
-BACKENDS = ("auto", "triton", "torch")
-MODES = ("nearest", "bilinear")
+BACKENDS, MODES = KERNEL_BACKENDS, MASK_MODES
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 __all__ = ["mixblock_attention", "mask_mix", "resolve_backend", "triton_available", "triton_interpret",

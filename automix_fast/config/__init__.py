@@ -1,0 +1,314 @@
+"""The training configuration: sections owned by components, their YAML files, validation
+and the rules for resuming.
+
+`TrainConfig` is the composition of the sections in automix_fast.config.sections
+(`cfg.data.batch_size`, `cfg.optim.lr`, ...). Every field name is unique across sections and
+is, flat, the YAML key, the flag (with '-' for '_'; timm's names where the meaning is the
+same), the key of the config dict stored in checkpoints and a line of `config.yaml`.
+
+Precedence: built-in defaults < `-c/--config FILE` (YAML) < explicit command-line flags. A
+file may be flat (`lr: 0.1`) or nested by section (`optim: {lr: 0.1}`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from automix_fast.config.fields import FieldError, coerce, flag_name, require
+from automix_fast.config.sections import (DataOptions, MixOptions, NetOptions, OptimOptions, RunOptions,
+                                          ScheduleOptions)
+from automix_fast.errors import CheckpointError, ConfigError
+from automix_fast.atomic import write_text
+
+__all__ = ["AUTO", "CHOICES", "CONFIG_DIR", "RESUMABLE_FIELDS", "FieldError", "TrainConfig", "build_config",
+           "coerce_field", "config_changes", "config_yaml", "find_config", "flag_name", "load_yaml",
+           "resumed_config", "save_config", "validate"]
+
+AUTO = "auto"
+
+
+@dataclass
+class TrainConfig:
+    """A training run's config: one section per component (automix_fast.config.sections)."""
+
+    data: DataOptions = field(default_factory=DataOptions)
+    net: NetOptions = field(default_factory=NetOptions)
+    mixing: MixOptions = field(default_factory=MixOptions)
+    optim: OptimOptions = field(default_factory=OptimOptions)
+    schedule: ScheduleOptions = field(default_factory=ScheduleOptions)
+    run: RunOptions = field(default_factory=RunOptions)
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any]) -> TrainConfig:
+        """The config holding these flat field values (defaults for the rest); not checked."""
+        unknown = set(values) - set(SECTION_OF)
+        if unknown:
+            raise ConfigError(f"unknown config key '{sorted(unknown)[0]}'")
+        return cls(**{s.name: s.type_(**{k: v for k, v in values.items() if SECTION_OF[k] == s.name})
+                      for s in SECTIONS})
+
+    def to_flat(self) -> dict[str, Any]:
+        """{field: value}, flat, in the order of `config.yaml` (FLAT_ORDER)."""
+        values = {k: getattr(getattr(self, SECTION_OF[k]), k) for k in FLAT_ORDER}
+        return {k: list(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+@dataclass(frozen=True)
+class _Section:
+    name: str
+    type_: type
+
+
+SECTIONS = tuple(_Section(f.name, f.default_factory) for f in dataclasses.fields(TrainConfig))
+# Every field of every section by its flat name, in section order.
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for s in SECTIONS for f in dataclasses.fields(s.type_)}
+SECTION_OF: dict[str, str] = {f.name: s.name for s in SECTIONS for f in dataclasses.fields(s.type_)}
+assert len(SECTION_OF) == sum(len(dataclasses.fields(s.type_)) for s in SECTIONS), "a field name is in two sections"
+
+# The order of the lines of config.yaml and of the keys of a checkpoint's config dict (fixed, so
+# the files of every run list their fields alike); fields not listed here follow in section order.
+_WRITTEN_ORDER = (
+    "data_dir", "dataset", "loader", "workers", "img_size", "aug", "skip_bad_images", "num_classes", "val_split",
+    "model", "epochs", "batch_size", "validation_batch_size", "opt", "lr", "min_lr", "momentum", "weight_decay",
+    "sched", "decay_epochs", "warmup_epochs", "warmup_lr", "smoothing", "mix", "mix_alpha", "encoder_momentum",
+    "encoder_momentum_end", "mask_loss_weight", "mask_loss_anneal", "mask_margin", "lam_margin", "lam_concat",
+    "mask_mode", "mix_stage", "mix_block_lr", "mix_block_min_lr", "mix_block_weight_decay", "kernel_backend",
+    "mix_block_momentum", "k_full_forward", "mix_shuffle_no_repeat", "decay_norm_and_bias", "sched_on_updates",
+    "device", "amp", "amp_dtype", "channels_last", "torchcompile", "sync_bn", "deterministic", "max_bad_steps", "seed",
+    "output", "experiment", "resume", "allow_config_change", "checkpoint_hist", "log_interval", "visualize", "mixup",
+    "cutmix", "mixup_prob", "mixup_switch_prob", "mixup_mode", "cutmix_minmax", "model_ema", "model_ema_decay",
+    "model_ema_warmup", "clip_grad", "clip_mode", "drop_path", "grad_accum_steps", "initial_checkpoint",
+    "log_tensorboard", "train_subset", "train_subset_seed", "mix_block_init", "mix_block_every", "eval_interval",
+)
+FLAT_ORDER = tuple(k for k in _WRITTEN_ORDER if k in FIELDS) + tuple(k for k in FIELDS if k not in _WRITTEN_ORDER)
+
+# Allowed values of the fields that have a fixed set.
+CHOICES: dict[str, tuple[str, ...]] = {k: f.metadata["choices"] for k, f in FIELDS.items() if f.metadata["choices"]}
+# The only fields a resumed run may change from the command line (`--resume` with flags): how
+# long it runs and how it runs, never what it computes per step. Any other field given with a
+# different value is refused unless --allow-config-change.
+RESUMABLE_FIELDS = tuple(k for k in FLAT_ORDER if FIELDS[k].metadata["resumable"])
+
+
+def coerce_field(name: str, value: Any) -> Any:
+    """One value checked and converted for field `name` (ConfigError for an unknown name)."""
+    if name not in FIELDS:
+        raise ConfigError(f"unknown config key '{name}'")
+    return coerce(FIELDS[name], value)
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
+
+
+def find_config(name: str) -> str:
+    """A config path as given, or the name of a shipped config (`cifar100_r18_automix`)."""
+    if os.path.isfile(name):
+        return name
+    for candidate in (os.path.join(CONFIG_DIR, name), os.path.join(CONFIG_DIR, name + ".yaml")):
+        if os.path.isfile(candidate):
+            return candidate
+    shipped = ", ".join(sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml")))
+    raise ConfigError(f"config file not found: {name} (shipped configs: {shipped})")
+
+
+def _flatten(data: dict[str, Any], path: str) -> dict[str, Any]:
+    """A file's mapping with section mappings (`optim: {lr: 0.1}`) read as their fields."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in SECTION_OF or key == "base":
+            flat[key] = value
+        elif any(s.name == key for s in SECTIONS) and isinstance(value, dict):
+            for sub in value:
+                if SECTION_OF.get(sub) != key:
+                    raise ConfigError(f"unknown config key '{key}.{sub}' in {path}")
+            flat.update(value)
+        else:
+            raise ConfigError(f"unknown config key '{key}' in {path}")
+    return flat
+
+
+def load_yaml(path: str, _seen: tuple = ()) -> dict[str, Any]:
+    """Flat field values from a YAML file; `base: other.yaml` (relative to the file) is read first."""
+    import yaml
+
+    path = find_config(path)
+    if os.path.abspath(path) in _seen:
+        raise ConfigError(f"config file {path} includes itself through 'base'")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of field: value")
+    data = _flatten(data, path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config key 'base' in {path} must be a file name, got {base!r}")
+    beside = os.path.join(os.path.dirname(path), base)  # a file next to this one, else a shipped config
+    merged = load_yaml(beside if os.path.isfile(beside) else base, _seen + (os.path.abspath(path),))
+    merged.update(data)
+    return merged
+
+
+def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the YAML values, then explicit overrides (all flat); every value checked.
+    An error about a value from the file names the flag and the file's key: `--lr (lr in the
+    config file)`."""
+    file_values, overrides = file_values or {}, overrides or {}
+    values: dict[str, Any] = {}
+    try:
+        for source in (file_values, overrides):
+            from_file = source is file_values
+            for key, value in source.items():
+                values[key] = coerce_field(key, value)
+        from_file = False
+        resolve_mixup_cutmix(values)
+        cfg = TrainConfig.from_flat(values)
+        validate(cfg)
+    except FieldError as e:
+        if from_file or (e.field in file_values and e.field not in overrides):
+            raise ConfigError(f"{flag_name(e.field)} ({e.field} in the config file) {e.problem}") from None
+        raise
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Choice and range checks, each section's then those across sections; one ConfigError
+    naming the first bad field."""
+    for s in SECTIONS:
+        getattr(cfg, s.name).check()
+    data, mixing = cfg.data, cfg.mixing
+    require(mixing.mix == "vanilla" or data.batch_size >= 2, "batch_size",
+            f"must be at least 2 to mix pairs (--mix {mixing.mix})", data.batch_size)
+    require(mixing.mixup_mode != "pair" or data.batch_size % 2 == 0, "batch_size",
+            "must be even for --mixup-mode pair (partners come in twos)", data.batch_size)
+    require(0 <= cfg.schedule.min_lr <= cfg.optim.lr, "min_lr", "must be between 0 and --lr", cfg.schedule.min_lr)
+
+
+# ---- timm's mixup/cutmix flags -------------------------------------------------------------
+def resolve_mixup_cutmix(values: dict[str, Any]) -> None:
+    """Pick `mix` from timm's --mixup/--cutmix (in place, on the explicitly given values).
+
+    Given neither, `mix` and `mix_alpha` decide alone. Given either, they are the alphas
+    of the baseline policy (0 or absent: off) and `mix` follows: mixup when mixup > 0, else
+    cutmix when cutmix > 0, else vanilla (timm trains unmixed with both 0). An explicit
+    `mix` must agree (mixup or cutmix with its alpha > 0; both names mean the same switching
+    policy when both alphas are positive); automix and `mix_alpha` do not combine with them.
+    """
+    resolve_cutmix_minmax(values)
+    mixup, cutmix = values.get("mixup"), values.get("cutmix")
+    if mixup is None and cutmix is None:
+        return
+    given = " ".join(f"--{k} {v:g}" for k, v in (("mixup", mixup), ("cutmix", cutmix)) if v is not None)
+    if values.get("mix_alpha") is not None:
+        raise ConfigError(f"{given} gives the alphas; drop --mix-alpha {values['mix_alpha']:g} (it is for --mix alone)")
+    alphas = {"mixup": mixup or 0.0, "cutmix": cutmix or 0.0}
+    if min(alphas.values()) < 0:
+        raise ConfigError(f"{given}: alphas must be 0 (off) or positive")
+    resolved = "mixup" if alphas["mixup"] > 0 else "cutmix" if alphas["cutmix"] > 0 else "vanilla"
+    mix = values.get("mix")
+    if mix is None:
+        values["mix"] = resolved
+    elif mix in alphas and alphas[mix] > 0 or mix == resolved:
+        return
+    elif mix == "automix":
+        raise ConfigError(f"{given} sets the mixup/cutmix baselines and does not combine with --mix automix "
+                          "(AutoMix's lambda comes from --mix-alpha)")
+    else:
+        raise ConfigError(f"--mix {mix} disagrees with {given} (which means --mix {resolved}); give one of them")
+
+
+def resolve_cutmix_minmax(values: dict[str, Any]) -> None:
+    """timm's --cutmix-minmax turns cutmix on (timm sets its cutmix alpha to 1): given with
+    neither --cutmix nor a --mix that cutmixes, it stands for --cutmix 1.0. With --mix automix,
+    or a --mix mixup/vanilla that names no cutmix, it is an error (it would do nothing)."""
+    minmax = values.get("cutmix_minmax")
+    if minmax is None:
+        return
+    given = "--cutmix-minmax " + " ".join(f"{v:g}" for v in minmax)
+    if len(minmax) != 2 or not 0 <= minmax[0] < minmax[1] <= 1:
+        raise ConfigError(f"{given}: give two fractions of the image side, 0 <= min < max <= 1")
+    mix, flags = values.get("mix"), values.get("mixup") is not None or values.get("cutmix") is not None
+    if mix == "automix":
+        raise ConfigError(f"{given} sets cutmix boxes and does not combine with --mix automix")
+    if mix not in (None, "cutmix") and not flags:
+        raise ConfigError(f"{given} sets cutmix boxes, but --mix {mix} does not cutmix; use --mix cutmix, or "
+                          f"--mixup A {given} for mixup and cutmix by turns")
+    if mix is None and values.get("mix_alpha") is not None and not flags:
+        raise ConfigError(f"{given} turns cutmix on (as --cutmix 1.0); --mix-alpha goes with --mix: give "
+                          "--mix cutmix with it, or --mixup A for a mixup alpha")
+    if (flags or mix is None) and not values.get("cutmix"):
+        values["cutmix"] = 1.0
+
+
+# ---- config.yaml and resuming --------------------------------------------------------------
+def config_yaml(cfg: TrainConfig, resolved: dict[str, Any] | None = None) -> str:
+    """The config as flat YAML, with `resolved` values in place of null/auto ones, each marked
+    with a comment saying what was asked (so the file shows what ran and still loads with -c)."""
+    import yaml
+
+    values = cfg.to_flat()
+    asked = {}
+    for key, value in (resolved or {}).items():
+        if values.get(key) in (None, AUTO) and value != values.get(key):
+            asked[key] = values[key]
+            values[key] = value
+    lines = yaml.safe_dump(values, sort_keys=False).splitlines()
+    for i, line in enumerate(lines):
+        key = line.split(":", 1)[0]
+        if key in asked:
+            lines[i] = f"{line}  # resolved from {'null' if asked[key] is None else asked[key]}"
+    return "\n".join(lines) + "\n"
+
+
+def save_config(cfg: TrainConfig, path: str, resolved: dict[str, Any] | None = None) -> None:
+    write_text(path, config_yaml(cfg, resolved), "config")
+
+
+def _stored(old: dict[str, Any], key: str) -> Any:
+    """A stored value as the field reads it now (`mask_loss_anneal: true` reads as cosine)."""
+    try:
+        return coerce_field(key, old[key])
+    except ConfigError:
+        return old[key]
+
+
+def config_changes(old: dict[str, Any], new: TrainConfig) -> list[str]:
+    """Fields outside RESUMABLE_FIELDS whose values differ between a checkpoint's config and this one."""
+    values = new.to_flat()
+    return [k for k in FLAT_ORDER if k not in RESUMABLE_FIELDS and k in old and _stored(old, k) != values[k]]
+
+
+def resumed_config(found, given: dict[str, Any]) -> TrainConfig:
+    """The config to continue with: the one stored in the checkpoint `found` (path, state), with
+    the `given` values (explicit flags and -c file values) of fields that may change on resume."""
+    path, state = found
+    stored = state.get("config")
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{path} holds no training config to resume with")
+    values = {k: v for k, v in stored.items() if k in FIELDS}  # fields of older versions are dropped
+    given = {k: coerce_field(k, v) for k, v in given.items()}
+    changed = [k for k, v in given.items() if k not in RESUMABLE_FIELDS and k in values and v != values[k]]
+    if changed and not given.get("allow_config_change"):
+        details = ", ".join(f"{flag_name(k)} ({values[k]!r} -> {given[k]!r})" for k in changed)
+        may = ", ".join(flag_name(k) for k in RESUMABLE_FIELDS if k not in ("resume", "output", "experiment"))
+        raise ConfigError(
+            f"resuming {path}: {details} cannot change on resume (the run continues with its stored config; "
+            f"only {may} may), or pass --allow-config-change to force it"
+        )
+    values.update(given)
+    if given.get("resume") != "auto":
+        # --resume PATH: keep writing beside the checkpoint, wherever that folder is now; a fork
+        # (--experiment) goes beside that folder unless --output is given.
+        folder = Path(path).resolve().parent
+        if "experiment" not in given:
+            values.update(output=str(folder.parent), experiment=folder.name)
+        elif "output" not in given:
+            values.update(output=str(folder.parent))
+    return build_config(overrides=values)  # errors name the flags, not "the config file"
