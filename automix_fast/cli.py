@@ -13,6 +13,8 @@ import os
 import sys
 from dataclasses import fields
 
+from automix_fast.commands import eval as eval_cmd
+from automix_fast.commands import export, models, train, visualize
 from automix_fast.config import CHOICES, SECTIONS, flag_name
 from automix_fast.errors import UserError
 
@@ -133,9 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _commands() -> dict:
-    from automix_fast.commands import eval as eval_cmd
-    from automix_fast.commands import export, models, train, visualize
-
     return {"train": train.run, "eval": eval_cmd.run, "export": export.run, "visualize": visualize.run,
             "models": models.run}
 

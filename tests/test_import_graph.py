@@ -32,24 +32,6 @@ LAZY = (
     "tensorboard",
 )
 
-# Known offenders: what the test tolerates until it is fixed. Both lists may only shrink: an
-# entry that no longer occurs (or occurs fewer times) fails the test, so the change that moves
-# an import to the top of its file, or breaks a cycle, also removes its entry.
-# `python tests/test_import_graph.py` prints the current state in this form.
-#
-# Project imports inside functions, "importer -> imported": how many.
-KNOWN_IN_FUNCTION: dict[str, int] = {
-    "automix_fast.cli -> automix_fast.commands.eval": 1,
-    "automix_fast.cli -> automix_fast.commands.export": 1,
-    "automix_fast.cli -> automix_fast.commands.models": 1,
-    "automix_fast.cli -> automix_fast.commands.train": 1,
-    "automix_fast.cli -> automix_fast.commands.visualize": 1,
-}
-
-# Import cycles, each as its chain from the smallest module name (in-function imports count:
-# they run too).
-KNOWN_CYCLES: set[tuple[str, ...]] = set()
-
 
 def module_name(path: Path) -> str:
     rel = path.relative_to(PACKAGE.parent).with_suffix("")
@@ -190,25 +172,17 @@ def test_resolution_rules(tmp_path):
 
 def test_no_import_cycles():
     graph, _ = import_graph(project_modules())
-    found = set(cycles(graph))
-    new = sorted(found - KNOWN_CYCLES)
-    gone = sorted(KNOWN_CYCLES - found)
-    assert not new, "import cycles:\n" + "\n".join(" -> ".join(c) for c in new)
-    assert not gone, "KNOWN_CYCLES entries that no longer occur (remove them):\n" + "\n".join(" -> ".join(c) for c in gone)
+    found = cycles(graph)
+    assert not found, "import cycles:\n" + "\n".join(" -> ".join(c) for c in found)
 
 
 def test_imports_inside_functions_are_heavy_dependencies_only():
     _, imports = import_graph(project_modules())
-    found = in_function_project_imports(imports)
-    counts = Counter(f"{m} -> {t}" for m, t, _ in found)
-    new = sorted(f"{m}:{line} imports {t} inside a function" for m, t, line in found
-                 if counts[f"{m} -> {t}"] > KNOWN_IN_FUNCTION.get(f"{m} -> {t}", 0))
-    stale = sorted(f"{k}: {n} known, {counts[k]} found" for k, n in KNOWN_IN_FUNCTION.items() if counts[k] < n)
-    assert not new, "project imports inside functions (move them to the top of the file):\n" + "\n".join(new)
-    assert not stale, "KNOWN_IN_FUNCTION entries that no longer occur as often (lower them):\n" + "\n".join(stale)
+    found = sorted(f"{m}:{line} imports {t} inside a function" for m, t, line in in_function_project_imports(imports))
+    assert not found, "project imports inside functions (move them to the top of the file):\n" + "\n".join(found)
 
 
-if __name__ == "__main__":  # the current state, in the form of KNOWN_CYCLES and KNOWN_IN_FUNCTION
+if __name__ == "__main__":  # the current state: cycles and in-function project imports
     graph, imports = import_graph(project_modules())
     found_cycles = cycles(graph)
     print(f"# {len(found_cycles)} cycles")

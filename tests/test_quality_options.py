@@ -44,7 +44,7 @@ def test_subset_is_class_balanced_and_seeded():
 
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1.5])
 def test_subset_fraction_is_checked(bad):
-    with pytest.raises(ConfigError, match="train_subset"):
+    with pytest.raises(ConfigError, match="--train-subset"):
         build_config(overrides={"train_subset": bad})
     with pytest.raises(ConfigError, match="fraction"):
         class_balanced_subset([0, 1], bad, 0)
@@ -204,7 +204,7 @@ def test_attention_diagnostic_sees_the_trap():
 
 
 def test_bad_mix_block_init_is_refused():
-    with pytest.raises(ConfigError, match="mix_block_init"):
+    with pytest.raises(ConfigError, match="--mix-block-init"):
         build_config(overrides={"mix_block_init": "huge"})
     with pytest.raises(ValueError, match="init"):
         MixBlock(8, init="huge")
@@ -263,7 +263,7 @@ def test_every_two_skips_the_mix_block_branch_on_odd_steps():
             assert all(p.grad is not None for p in mixer.model.parameters())  # q still trains
         keys = keys or logs.keys()
         assert logs.keys() == keys  # the training loop averages every key over every step
-    with pytest.raises(ConfigError, match="mix_block_every"):
+    with pytest.raises(ConfigError, match="--mix-block-every"):
         build_config(overrides={"mix_block_every": 0})
 
 
