@@ -18,7 +18,7 @@
    and store, per source line of the kernel (from the PTX's `.loc` line info).
 
 Must run without TRITON_INTERPRET (the interpreter replaces the JIT functions); the test
-(tests/test_aot_compile.py) runs it in a subprocess.
+(tests/test_bench_aot_compile.py) runs it in a subprocess.
 """
 from __future__ import annotations
 

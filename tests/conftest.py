@@ -13,6 +13,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from automix_fast.data.embedded import ensure_embedded_dataset  # noqa: E402
+from faultkit import make_folder  # noqa: E402
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (compiled Triton kernels, large sizes); skipped without one")
@@ -31,3 +34,14 @@ def pytest_collection_modifyitems(config, items):
 def device() -> torch.device:
     """Where parity tests run: the GPU when there is one, else CPU under the Triton interpreter."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """10 classes x 10 train / 2 val images of the embedded set."""
+    return ensure_embedded_dataset(str(tmp_path_factory.mktemp("cache")), train_per_class=10, val_per_class=2)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("folder") / "data")

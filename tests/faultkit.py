@@ -1,4 +1,4 @@
-"""Helpers for the end-to-end engine tests (test_distributed, test_faults, test_bad_input).
+"""Helpers for the end-to-end engine tests (test_engine_distributed, test_faults, test_bad_input).
 
 Tiny runs only: a generated 3-class ImageFolder of 32 px PNGs, `tinynet`, the torch loader
 with no workers, the torch kernel backend (never the Triton interpreter), one CPU thread per

@@ -2,7 +2,7 @@
 
 ODD_JPEGS: edits that Pillow decodes and DALI 2.4's CPU decoder (nvImageCodec over
 libjpeg-turbo) rejects, found by trying each kind of oddity on DALI 2.4 (`tests/oddkit.py`
-is checked against both decoders by test_decode_failures.py, so a DALI upgrade that starts
+is checked against both decoders by test_data_bad_files.py, so a DALI upgrade that starts
 accepting one shows up there):
     app_len_0     an APPn segment whose length field is 0 (a truncated APP segment)
     app_len_1     the same with length 1 (shorter than the length field itself)

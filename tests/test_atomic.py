@@ -5,9 +5,8 @@ import os
 import pytest
 
 from automix_fast import atomic
-from automix_fast.engine import checkpoint as ck
 from automix_fast.engine.summary_csv import write_summary_csv
-from automix_fast.errors import CheckpointError, OutputError
+from automix_fast.errors import OutputError
 
 
 def test_interrupted_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
@@ -52,15 +51,3 @@ def test_durable_write_fsyncs_file_and_folder(tmp_path, monkeypatch):
     atomic.write_bytes(tmp_path / "b.bin", b"y")
     assert synced == []
     assert (tmp_path / "a.bin").read_bytes() == b"x" and (tmp_path / "b.bin").read_bytes() == b"y"
-
-
-def test_check_training_state(tmp_path):
-    good = {"format": ck.FORMAT, "config": {"model": "tinynet"}, "mixer": {}}
-    ck.check_training_state("a.pt", good, with_config=True)
-    ck.check_training_state("a.pt", {**good, "config": None})  # --initial-checkpoint needs no config
-    with pytest.raises(CheckpointError, match=r"^a\.pt is not an automix-fast training checkpoint$"):
-        ck.check_training_state("a.pt", {**good, "config": None}, with_config=True)
-    with pytest.raises(CheckpointError, match=r"^--initial-checkpoint a\.pt is not an automix-fast training checkpoint$"):
-        ck.check_training_state("a.pt", {**good, "format": "other/1"}, "--initial-checkpoint")
-    with pytest.raises(CheckpointError, match="not an automix-fast training checkpoint"):
-        ck.check_training_state("a.pt", {**good, "mixer": [1]})

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from automix_fast.engine.model_ema import ModelEma
+from automix_fast.engine.model_ema import ModelEma, ema_decay, ema_update
 from automix_fast.mixing import build_mixer
 from automix_fast.mixing.automix import encoder_momentum
 from automix_fast.models import create_model
@@ -77,3 +77,37 @@ def test_momentum_encoder_and_model_ema_are_the_same_class():
     vanilla = build_mixer("vanilla", create_model("tinynet", num_classes=3), model_ema_decay=0.5)
     assert isinstance(vanilla.ema, ModelEma) and vanilla.ema.module is vanilla.model_ema
     assert not vanilla.ema.exclude_buffers
+
+
+def test_ema_update_is_timm_formula_and_copies_integer_buffers():
+    torch.manual_seed(0)
+    model, ema = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    model[1].num_batches_tracked.fill_(7)
+    model[1].running_mean.normal_()
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    ema_update(ema, model, 0.9)
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(ema.state_dict()[k], 0.9 * before[k] + 0.1 * v)
+        else:
+            assert torch.equal(ema.state_dict()[k], v)
+
+
+def test_ema_decay_is_timms_get_decay():
+    """timm's ModelEmaV3.get_decay(step=num_updates), warmup_gamma 1, warmup_power 2/3."""
+    assert ema_decay(0.9998, 1) == 0.0 and ema_decay(0.9998, 1, warmup=True) == 0.0
+    assert ema_decay(0.9998, 2) == 0.9998
+    for t in (1, 10, 1000):
+        assert ema_decay(0.9998, t + 1, warmup=True) == pytest.approx(1 - (1 + t) ** (-2 / 3))
+    assert ema_decay(0.9998, 10**9, warmup=True) == 0.9998  # capped at the decay
+    mixer = build_mixer("mixup", create_model("tinynet", num_classes=3), mixup=1.0, model_ema_decay=0.99,
+                        model_ema_warmup=True)
+    assert "warm-up" in mixer.label
+    w = mixer.model.head_one.weight
+    mixer.after_step(0, 10)
+    with torch.no_grad():
+        w.add_(1.0)
+    before = mixer.model_ema.head_one.weight.clone()
+    mixer.after_step(1, 10)  # decay 1 - 2^(-2/3) = 0.37, not 0.99
+    d = 1 - 2 ** (-2 / 3)
+    torch.testing.assert_close(mixer.model_ema.head_one.weight, d * before + (1 - d) * w.detach())

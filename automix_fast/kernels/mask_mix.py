@@ -43,7 +43,7 @@ Design:
   so the compiler can prove the row loads aligned (16-byte vectors); channels-last x and g
   (CHANNELS_INNER) are walked by flat element x * C + c along the row, as in the forward.
 - Which specializations the launchers pick, and what they compile to for sm_80 / sm_90, is
-  checked in CI without a GPU by bench/aot_compile.py (tests/test_aot_compile.py).
+  checked in CI without a GPU by bench/aot_compile.py (tests/test_bench_aot_compile.py).
 - All indexing and blending is fp32 whatever the image dtype.
 """
 from __future__ import annotations

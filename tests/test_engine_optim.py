@@ -1,9 +1,8 @@
-"""Optimizer construction and the single-process behaviour of the distributed helpers."""
+"""engine/optim.py: optimizer construction and weight-decay groups."""
 import pytest
 import torch
 from torch import nn
 
-from automix_fast.engine import distributed
 from automix_fast.engine.optim import build_optimizer, param_groups_weight_decay
 from automix_fast.errors import ConfigError
 
@@ -42,19 +41,3 @@ def test_optimizer_errors():
     except ImportError:
         with pytest.raises(ConfigError, match="apex.optimizers.FusedSGD"):
             build_optimizer(params, "apex_sgd", lr=0.1)
-
-
-def test_distributed_single_process_noops(monkeypatch):
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
-    info = distributed.init_distributed("cpu")
-    assert (info.rank, info.world_size, info.is_distributed, info.is_main) == (0, 1, False, True)
-    assert info.device == torch.device("cpu")
-    t = torch.tensor([1.0, 2.0])
-    assert distributed.all_reduce_sum(t) is t and t.tolist() == [1.0, 2.0]
-    distributed.barrier()
-    distributed.cleanup()
-    assert not distributed.is_initialized()
-    monkeypatch.setenv("WORLD_SIZE", "two")
-    with pytest.raises(ConfigError, match="WORLD_SIZE"):
-        distributed.init_distributed("cpu")

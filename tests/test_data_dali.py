@@ -286,3 +286,9 @@ def test_gpu_mixed_decode_and_loader(real_world, color_data):
         for loader in (train, val):
             x, y = next(iter(loader))
             assert x.is_cuda and y.is_cuda and x.dtype == dtype and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_the_dali_gpu_test_carries_the_gpu_marker():
+    import test_data_dali
+
+    assert "gpu" in [m.name for m in test_data_dali.test_gpu_mixed_decode_and_loader.pytestmark]

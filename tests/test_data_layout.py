@@ -12,7 +12,7 @@ from PIL import Image
 
 from automix_fast.cli import main
 from automix_fast.data import DataSpec, resolve_dataset
-from test_data import make_cifar10
+from test_data_cifar import make_cifar10
 
 FAST = ["--model", "tinynet", "--kernel-backend", "torch", "--loader", "torch", "--workers", "0",
         "--log-interval", "5", "--epochs", "1"]

@@ -105,3 +105,55 @@ def test_the_code_pickle_really_runs_code_under_plain_pickle(tmp_path):
     target = tmp_path / "code_ran"
     pickle.loads(pickle.dumps({b"data": _RunsCode(str(target))}, protocol=2))
     assert target.is_dir()
+
+
+def _write_batch(path, images_nhwc, labels, label_key):
+    # The real batches are Python-2 pickles: bytes keys, data as (N, 3072) CHW rows.
+    data = images_nhwc.transpose(0, 3, 1, 2).reshape(len(images_nhwc), -1)
+    with open(path, "wb") as f:
+        pickle.dump({b"data": data, label_key.encode(): list(labels), b"batch_label": b"x"}, f, protocol=2)
+
+
+def make_cifar10(root, per_batch=3):
+    d = root / "cifar-10-batches-py"
+    os.makedirs(d)
+    rng = np.random.default_rng(1)
+    all_x, all_y = [], []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        x = rng.integers(0, 256, (per_batch, 32, 32, 3), dtype=np.uint8)
+        y = rng.integers(0, 10, per_batch)
+        _write_batch(d / name, x, y, "labels")
+        all_x.append(x), all_y.append(y)
+    with open(d / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f, protocol=2)
+    return d, all_x, all_y
+
+
+def test_cifar10_batches_load(tmp_path):
+    d, xs, ys = make_cifar10(tmp_path)
+    for data_dir in (tmp_path, d):  # the parent or the batches folder itself
+        info = resolve_dataset(DataSpec(data_dir=str(data_dir)))
+        assert info.kind == "cifar10" and info.classes == [f"c{i}" for i in range(10)]
+        x, y = info.train_arrays
+        assert x.shape == (15, 32, 32, 3) and x.dtype == np.uint8 and y.dtype == np.int64
+        np.testing.assert_array_equal(x, np.concatenate(xs[:5]))
+        np.testing.assert_array_equal(y, np.concatenate(ys[:5]))
+        np.testing.assert_array_equal(info.val_arrays[0], xs[5])
+
+
+def test_cifar100_batches_load(tmp_path):
+    d = tmp_path / "cifar-100-python"
+    os.makedirs(d)
+    x = np.random.default_rng(2).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    _write_batch(d / "train", x, [0, 99, 5, 7], "fine_labels")
+    _write_batch(d / "test", x[:2], [3, 4], "fine_labels")
+    info = resolve_dataset(DataSpec(data_dir=str(tmp_path)))
+    assert info.kind == "cifar100" and info.num_classes == 100 and info.num_train == 4 and info.num_val == 2
+    assert info.train_arrays[1].tolist() == [0, 99, 5, 7]
+
+
+def test_cifar_missing_batch_named(tmp_path):
+    d, _, _ = make_cifar10(tmp_path)
+    os.remove(d / "data_batch_3")
+    with pytest.raises(DataError, match="data_batch_3"):
+        resolve_dataset(DataSpec(data_dir=str(tmp_path)))

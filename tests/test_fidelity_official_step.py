@@ -17,7 +17,7 @@ from automix_fast.mixing import build_mixer
 from automix_fast.mixing.automix import derangement, encoder_momentum, mask_loss_weight, mask_statistics
 from automix_fast.models import create_model
 from automix_fast.ops import reference
-from test_mixing import batch, make_automix  # the same tiny AutoMix and batch as the step tests
+from mixkit import batch, make_automix  # the same tiny AutoMix and batch as the step tests
 
 
 def capture_mixes(mixer):

@@ -15,6 +15,8 @@ import re
 import pytest
 import torch
 
+from automix_fast.engine import distributed
+from automix_fast.errors import ConfigError
 from faultkit import assert_states_equal, cli, make_folder, records, torchrun, train_args, train_losses, weights
 
 
@@ -152,3 +154,19 @@ def test_sigterm_to_torchrun_stops_all_ranks_at_one_step_and_resumes(data, tmp_p
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"batch {state['next_batch']}" in resumed.stdout and "done:" in resumed.stdout
     assert len(records(tmp_path / "pre")) == 2 * 15  # every step logged once over the two runs
+
+
+def test_distributed_single_process_noops(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    info = distributed.init_distributed("cpu")
+    assert (info.rank, info.world_size, info.is_distributed, info.is_main) == (0, 1, False, True)
+    assert info.device == torch.device("cpu")
+    t = torch.tensor([1.0, 2.0])
+    assert distributed.all_reduce_sum(t) is t and t.tolist() == [1.0, 2.0]
+    distributed.barrier()
+    distributed.cleanup()
+    assert not distributed.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ConfigError, match="WORLD_SIZE"):
+        distributed.init_distributed("cpu")

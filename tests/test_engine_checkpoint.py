@@ -229,3 +229,15 @@ def test_failed_write_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mo
     assert "\n" not in msg and str(tmp_path / "last.pt") in msg and os.strerror(getattr(errno, code)) in msg
     assert ck.load_checkpoint(tmp_path / "last.pt")["value"] == 1.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "checkpoint-0001.pt", "last.pt"]  # no temp files
+
+
+def test_check_training_state(tmp_path):
+    good = {"format": ck.FORMAT, "config": {"model": "tinynet"}, "mixer": {}}
+    ck.check_training_state("a.pt", good, with_config=True)
+    ck.check_training_state("a.pt", {**good, "config": None})  # --initial-checkpoint needs no config
+    with pytest.raises(CheckpointError, match=r"^a\.pt is not an automix-fast training checkpoint$"):
+        ck.check_training_state("a.pt", {**good, "config": None}, with_config=True)
+    with pytest.raises(CheckpointError, match=r"^--initial-checkpoint a\.pt is not an automix-fast training checkpoint$"):
+        ck.check_training_state("a.pt", {**good, "format": "other/1"}, "--initial-checkpoint")
+    with pytest.raises(CheckpointError, match="not an automix-fast training checkpoint"):
+        ck.check_training_state("a.pt", {**good, "mixer": [1]})

@@ -1,0 +1,49 @@
+"""Tiny image folders and in-memory datasets shared by the data tests."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from automix_fast.data import DataSpec
+
+
+def rgb(h: int, w: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def make_folder(root, classes=("cat", "dog"), per_class=3, size=(32, 32), splits=("train", "val")) -> str:
+    for split in splits:
+        for c, name in enumerate(classes):
+            os.makedirs(root / split / name, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(rgb(size[1], size[0], c * 100 + i)).save(root / split / name / f"{i}.jpg", quality=90)
+    return str(root)
+
+
+def folder_spec(root, **kw) -> DataSpec:
+    kw.setdefault("batch_size", 2)
+    kw.setdefault("workers", 0)  # tests must not fork workers: the cores are shared
+    return DataSpec(dataset="auto", data_dir=str(root), **kw)
+
+
+def expected_cifar(images, idx, dy, dx, flip, pad=4):
+    """The augmentation written per image, the slow obvious way."""
+    out = []
+    for i, j in enumerate(idx):
+        p = np.pad(images[j], ((pad, pad), (pad, pad), (0, 0)))
+        h, w = images.shape[1:3]
+        crop = p[dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+        out.append(crop[:, ::-1] if flip[i] else crop)
+    return np.stack(out)
+
+
+def exif_rotated(path):
+    """40 wide x 20 high, left half red, right half blue, tagged 'rotate 90 CW to display'."""
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :20, 0] = 255
+    arr[:, 20:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(arr).save(path, exif=exif, quality=95)

@@ -1,0 +1,68 @@
+"""config/__init__.py (build_config): how --mix follows --mixup/--cutmix/--cutmix-minmax, and
+the combinations of options that are one-line errors."""
+from __future__ import annotations
+
+import pytest
+
+from automix_fast.config import build_config
+from automix_fast.errors import ConfigError
+from automix_fast.mixing import build_mixer
+from automix_fast.mixing.baselines import Vanilla
+from automix_fast.models import create_model
+from faultkit import cli, train_args
+
+
+@pytest.mark.parametrize("flags,mix,alphas", [
+    ({"mixup": 0.8, "cutmix": 1.0}, "mixup", (0.8, 1.0)),
+    ({"cutmix": 1.0}, "cutmix", (0.0, 1.0)),
+    ({"mixup": 0.0, "cutmix": 0.0}, "vanilla", None),
+    ({"mix": "cutmix", "mixup": 0.8, "cutmix": 1.0}, "cutmix", (0.8, 1.0)),
+    ({"mix": "mixup", "mix_alpha": 0.4}, "mixup", (0.4, 0.0)),
+    ({"cutmix_minmax": [0.2, 0.8]}, "cutmix", (0.0, 1.0)),  # timm: the box range turns cutmix on
+    ({"mixup": 0.8, "cutmix_minmax": [0.2, 0.8]}, "mixup", (0.8, 1.0)),
+    ({"mix": "cutmix", "mix_alpha": 0.5, "cutmix_minmax": [0.2, 0.8]}, "cutmix", (0.0, 0.5)),
+])
+def test_mix_follows_mixup_and_cutmix(flags, mix, alphas):
+    cfg = build_config(overrides=flags)
+    assert cfg.mixing.mix == mix
+    mixing = cfg.mixing
+    mixer = build_mixer(mixing.mix, create_model("tinynet", num_classes=3), alpha=mixing.mix_alpha, mixup=mixing.mixup,
+                        cutmix=mixing.cutmix, cutmix_minmax=mixing.cutmix_minmax)
+    if alphas is None:
+        assert isinstance(mixer, Vanilla)
+    else:
+        assert (mixer.mixup_alpha, mixer.cutmix_alpha) == alphas
+
+
+@pytest.mark.parametrize("flags,message", [
+    ({"mix": "automix", "cutmix": 1.0}, "does not combine with --mix automix"),
+    ({"mixup": 0.8, "mix_alpha": 1.0}, "drop --mix-alpha"),
+    ({"mix": "cutmix", "mixup": 0.8}, "--mix cutmix disagrees"),
+    ({"mix": "vanilla", "mixup": 0.8}, "--mix vanilla disagrees"),
+    ({"mixup": -1.0}, r"must be 0 \(off\) or positive"),
+    ({"mix": "mixup", "mixup_prob": 1.5}, "--mixup-prob"),
+    ({"mix": "automix", "model_ema": True}, "--model-ema is for the baselines"),
+    ({"mix": "vanilla", "grad_accum_steps": 0}, "--grad-accum-steps"),
+    ({"mix": "vanilla", "drop_path": 1.0}, "--drop-path"),
+    ({"mix": "vanilla", "clip_grad": 0.0}, "--clip-grad"),
+    ({"mix": "automix", "cutmix_minmax": [0.2, 0.8]}, "does not combine with --mix automix"),
+    ({"mix": "mixup", "cutmix_minmax": [0.2, 0.8]}, "--mix mixup does not cutmix"),
+    ({"cutmix_minmax": [0.8, 0.2]}, "0 <= min < max <= 1"),
+    ({"cutmix_minmax": [0.2]}, "0 <= min < max <= 1"),
+    ({"cutmix_minmax": [0.2, "x"]}, "list of numbers"),
+    ({"cutmix_minmax": [0.2, 0.8], "mix_alpha": 0.3}, "--mix-alpha goes with --mix"),
+    ({"mix": "vanilla", "mixup_mode": "elem"}, "--mixup-mode is for --mix mixup/cutmix"),
+    ({"mix": "automix", "mixup_mode": "pair"}, "--mixup-mode is for --mix mixup/cutmix"),
+    ({"mixup": 1.0, "mixup_mode": "pair", "batch_size": 7}, "--batch-size must be even for --mixup-mode pair"),
+    ({"mixup": 1.0, "mixup_mode": "rows"}, "--mixup-mode must be one of batch, pair, elem"),
+    ({"mix": "mixup", "model_ema_warmup": True}, "--model-ema-warmup needs --model-ema"),
+])
+def test_nonsense_combinations_are_one_line_errors(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(overrides=flags)
+
+
+def test_mix_and_mixup_flags_disagree_on_the_command_line(data, tmp_path):
+    run = cli(train_args(data, tmp_path, "bad", "--mix", "automix", "--cutmix", "1.0", epochs=1))
+    assert run.returncode == 2
+    assert run.stderr.strip().count("\n") == 0 and "does not combine with --mix automix" in run.stderr

@@ -1,0 +1,161 @@
+"""data/torch_loader.py: the resident and streaming loaders' contract (batches, layout,
+normalization, every val sample once, disjoint shards, reshuffles, odd files)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from automix_fast.data import DataSpec, DatasetInfo, build_loaders, validate_spec
+from automix_fast.data.shards import train_indices
+from automix_fast.data.torch_loader import ResidentLoader, StreamingLoader, build_torch_loaders
+from automix_fast.data.transforms import draw_cifar_params
+from automix_fast.errors import DataError
+from datakit import exif_rotated, expected_cifar, folder_spec, make_folder, rgb
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+def array_info(n_train=40, n_val=23, size=8, num_classes=5) -> DatasetInfo:
+    """In-memory data whose label is the sample index mod num_classes and whose pixels encode it."""
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (n_train, size, size, 3), dtype=np.uint8)
+    val = rng.integers(0, 256, (n_val, size, size, 3), dtype=np.uint8)
+    return DatasetInfo(kind="cifar10", root="mem", classes=[str(i) for i in range(num_classes)],
+                       train_arrays=(train, np.arange(n_train) % num_classes),
+                       val_arrays=(val, np.arange(n_val, dtype=np.int64)))
+
+
+def loaders_for(info, **kw):
+    kw.setdefault("batch_size", 4)
+    spec = DataSpec(dataset="cifar10", data_dir="mem", img_size=info.train_arrays[0].shape[1], mean=MEAN, std=STD, **kw)
+    validate_spec(spec)
+    return build_torch_loaders(spec, info)
+
+
+def index_info(n, size=8):
+    """Val labels are sample indices: lets a test check which samples a loader emitted."""
+    info = array_info(n_train=n, n_val=n, size=size)
+    info.train_arrays = (info.train_arrays[0], np.arange(n, dtype=np.int64))
+    return info
+
+
+def _normalize(nhwc):
+    x = nhwc.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    return (x - np.array(MEAN, np.float32)[None, :, None, None]) / np.array(STD, np.float32)[None, :, None, None]
+
+
+def test_resident_train_batch_is_crop_flip_normalize():
+    info = array_info()
+    train, _ = loaders_for(info, batch_size=8, seed=5)
+    assert isinstance(train, ResidentLoader)
+    train.set_epoch(3)
+    x, y = next(iter(train))
+    idx = train_indices(40, 8, 5, 3, 0, 1)[:8].numpy()
+    dy, dx, flip = draw_cifar_params(train.num_samples, 8, train.shards.aug_generator())
+    want = _normalize(expected_cifar(info.train_arrays[0], idx, dy.numpy(), dx.numpy(), flip.numpy()))
+    np.testing.assert_allclose(x.numpy(), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(y.numpy(), info.train_arrays[1][idx])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_resident_batch_layout(dtype, channels_last):
+    train, val = loaders_for(array_info(), batch_size=8, eval_batch_size=10, dtype=dtype, channels_last=channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for loader, bs in ((train, 8), (val, 10)):
+        x, y = next(iter(loader))
+        assert x.shape == (bs, 3, 8, 8) and x.dtype == dtype and x.is_contiguous(memory_format=fmt)
+        assert y.dtype == torch.int64 and y.shape == (bs,) and x.device.type == "cpu"
+
+
+def test_val_is_normalized_and_unaugmented():
+    info = array_info()
+    _, val = loaders_for(info, eval_batch_size=64)
+    x, y = next(iter(val))
+    np.testing.assert_allclose(x.numpy(), _normalize(info.val_arrays[0]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bs", [1, 7, 64])
+@pytest.mark.parametrize("world", [1, 2])
+def test_val_sees_every_sample_once(bs, world):
+    n = 23
+    seen = []
+    for rank in range(world):
+        _, val = loaders_for(index_info(n), eval_batch_size=bs, rank=rank, world_size=world)
+        labels = [y for _, y in val]
+        assert len(labels) == len(val) and sum(len(y) for y in labels) == val.num_samples
+        seen += torch.cat(labels).tolist()
+    assert sorted(seen) == list(range(n))
+
+
+def test_train_shards_disjoint_full_batches():
+    n, bs = 45, 4
+    shards = []
+    for rank in range(2):
+        train, _ = loaders_for(index_info(n), batch_size=bs, rank=rank, world_size=2, seed=1)
+        batches = [y for _, y in train]
+        assert len(batches) == len(train) == 5 and all(len(y) == bs for y in batches)
+        assert train.num_samples == 20
+        shards.append(set(torch.cat(batches).tolist()))
+    assert len(shards[0]) == len(shards[1]) == 20 and not shards[0] & shards[1]
+
+
+def test_set_epoch_reshuffles_deterministically():
+    def order(epoch, seed=0):
+        train, _ = loaders_for(index_info(40), batch_size=8, seed=seed)
+        train.set_epoch(epoch)
+        return torch.cat([y for _, y in train]).tolist(), next(iter(train))[0]
+
+    a, xa = order(1)
+    b, xb = order(1)
+    assert a == b and torch.equal(xa, xb)
+    assert order(2)[0] != a and order(1, seed=9)[0] != a
+    assert sorted(a) == list(range(40))
+
+
+def test_too_small_train_set():
+    with pytest.raises(DataError, match="too few"):
+        loaders_for(index_info(10), batch_size=8, world_size=2)
+
+
+def test_resident_folder_resized(tmp_path):
+    make_folder(tmp_path, per_class=4, size=(24, 24))
+    train, val, info = build_loaders(folder_spec(tmp_path, img_size=16, batch_size=4, eval_batch_size=3))
+    assert isinstance(train, ResidentLoader) and train.images.shape == (8, 16, 16, 3)
+    assert [tuple(x.shape) for x, _ in val] == [(3, 3, 16, 16)] * 2 + [(2, 3, 16, 16)]
+
+def make_odd_folder(root):
+    """Every awkward kind of file: grayscale, CMYK, RGBA and palette PNG, EXIF-rotated, odd sizes."""
+    for split in ("train", "val"):
+        a, b = root / split / "a", root / split / "b"
+        os.makedirs(a), os.makedirs(b)
+        Image.fromarray(rgb(37, 23, 0)[..., 0]).convert("L").save(a / "gray.jpg")
+        Image.fromarray(rgb(50, 61, 1)).convert("CMYK").save(a / "cmyk.jpg")
+        Image.fromarray(np.dstack([rgb(41, 29, 2), np.full((41, 29), 128, np.uint8)])).save(a / "alpha.png")
+        pal = Image.fromarray(rgb(30, 30, 3)).convert("P")
+        pal.info["transparency"] = 0
+        pal.save(b / "pal.png", transparency=0)
+        exif_rotated(b / "exif.jpg")
+        Image.fromarray(rgb(300, 17, 4)).save(b / "thin.bmp")
+        Image.fromarray(rgb(33, 70, 5)).save(b / "wide.webp")
+
+
+@pytest.mark.parametrize("img_size,aug", [(48, "imagenet"), (32, "cifar")])
+def test_streaming_handles_odd_files(tmp_path, img_size, aug):
+    make_odd_folder(tmp_path)
+    spec = folder_spec(tmp_path, img_size=img_size, aug=aug, batch_size=3, eval_batch_size=4, channels_last=True)
+    train, val, info = build_loaders(spec)
+    assert isinstance(train, StreamingLoader) and info.num_train == 7
+    batches = [b for b in train]
+    assert len(batches) == len(train) == 2
+    for x, y in batches + [b for b in val]:
+        assert x.shape[1:] == (3, img_size, img_size) and x.dtype == torch.float32 and torch.isfinite(x).all()
+        assert x.is_contiguous(memory_format=torch.channels_last) and y.dtype == torch.int64
+    assert sum(len(y) for _, y in val) == 7
+    train.set_epoch(0)
+    again = [b for b in train]  # same epoch, same crops: augmentation is seeded per sample
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))

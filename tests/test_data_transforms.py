@@ -1,0 +1,39 @@
+"""data/transforms.py: the CIFAR augmentation, RandomResizedCrop boxes, resize + center crop, and
+EXIF orientation."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from automix_fast.data.transforms import (cifar_augment, draw_cifar_params, load_rgb, random_resized_crop_box,
+                                          resize_center_crop)
+from datakit import exif_rotated, expected_cifar, rgb
+
+
+def test_cifar_augment_matches_per_image():
+    x = torch.from_numpy(rgb(5 * 9, 7, 0).reshape(5, 9, 7, 3).copy())  # non-square on purpose
+    dy, dx, flip = draw_cifar_params(5, 9, torch.Generator().manual_seed(3))
+    got = cifar_augment(x, dy, dx, flip).numpy()
+    np.testing.assert_array_equal(got, expected_cifar(x.numpy(), range(5), dy.numpy(), dx.numpy(), flip.numpy()))
+
+
+def test_load_rgb_applies_exif_orientation(tmp_path):
+    exif_rotated(tmp_path / "e.jpg")
+    img = np.asarray(load_rgb(str(tmp_path / "e.jpg")))
+    assert img.shape == (40, 20, 3)
+    assert img[5, 10, 0] > 200 and img[35, 10, 2] > 200  # the left (red) half is now on top
+
+
+def test_random_resized_crop_box_semantics():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        left, top, w, h = random_resized_crop_box(120, 80, rng)
+        assert 0 <= left and left + w <= 120 and 0 <= top and top + h <= 80
+    assert random_resized_crop_box(1000, 10, rng, scale=(0.9, 1.0)) == (493, 0, 13, 10)  # fallback: centre
+
+
+def test_resize_center_crop_shapes():
+    img = Image.fromarray(rgb(50, 100, 0))
+    assert resize_center_crop(img, 32).shape == (32, 32, 3)
+    assert resize_center_crop(img, 32, resize_to=36).shape == (32, 32, 3)

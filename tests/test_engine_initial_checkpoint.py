@@ -1,0 +1,71 @@
+"""engine/initial_checkpoint.py: --initial-checkpoint loads weights only, from a run's checkpoint or
+plain weights, and refuses another model or class count in one line."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from automix_fast.engine.checkpoint import load_checkpoint
+from automix_fast.errors import ConfigError
+from automix_fast.mixing import build_mixer
+from automix_fast.models import create_model
+from faultkit import cli, make_folder, records, train_args
+
+
+def test_initial_checkpoint_loads_weights_only(data, tmp_path):
+    """An AutoMix run started from a vanilla run's weights, at an lr too small to move them: its
+    q and k end where the vanilla run ended (k restarts as a copy of q), at epoch 1 of its own."""
+    first = cli(train_args(data, tmp_path, "first", "--mix", "vanilla", epochs=1))
+    assert first.returncode == 0, first.stderr
+    ckpt = tmp_path / "first" / "last.pt"
+    second = cli(train_args(data, tmp_path, "second", "--mix", "automix", "--initial-checkpoint", str(ckpt),
+                            "--lr", "1e-7", "--warmup-epochs", "0", "--weight-decay", "0", epochs=1))
+    assert second.returncode == 0, second.stderr
+    saved = load_checkpoint(ckpt)["mixer"]
+    state = load_checkpoint(tmp_path / "second" / "last.pt")
+    weights = [k[len("model."):] for k in saved if k.startswith("model.") and "running_" not in k and "num_batches" not in k]
+    assert weights
+    for encoder in ("model.", "momentum_encoder."):
+        for k in weights:
+            torch.testing.assert_close(state["mixer"][encoder + k], saved["model." + k], atol=1e-4, rtol=0)
+    assert [r["epoch"] for r in records(tmp_path / "second", "eval")] == [1]
+    assert min(r["step"] for r in records(tmp_path / "second")) == 1  # a fresh step counter
+
+
+def test_initial_checkpoint_class_mismatch_is_one_line(tmp_path):
+    from automix_fast.engine.checkpoint import FORMAT, save_checkpoint
+
+    model = create_model("tinynet", num_classes=3)  # what a 3-class run's checkpoint holds
+    save_checkpoint(tmp_path / "three.pt", {"format": FORMAT, "model_name": "tinynet", "num_classes": 3,
+                                            "mixer": {"model." + k: v for k, v in model.state_dict().items()}})
+    four = make_folder(tmp_path / "four", train_per_class=4, val_per_class=2, classes=4)
+    run = cli(train_args(four, tmp_path, "run", "--mix", "vanilla", "--initial-checkpoint",
+                         str(tmp_path / "three.pt"), epochs=1))
+    assert run.returncode == 2
+    assert run.stderr.strip().count("\n") == 0 and "trained for 3 classes, but the data has 4" in run.stderr
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_initial_checkpoint_from_plain_weights(tmp_path, suffix):
+    from automix_fast.engine.initial_checkpoint import load_initial_checkpoint
+    from automix_fast.errors import CheckpointError
+
+    torch.manual_seed(0)
+    source = create_model("tinynet", num_classes=3)
+    path = tmp_path / ("w" + suffix)
+    if suffix == ".pt":
+        torch.save(source.state_dict(), path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(source.state_dict(), str(path))
+    torch.manual_seed(1)
+    mixer = build_mixer("vanilla", create_model("tinynet", num_classes=3), model_ema_decay=0.9)
+    load_initial_checkpoint(mixer, str(path), "tinynet", 3)
+    for k, v in source.state_dict().items():
+        assert torch.equal(mixer.model.state_dict()[k], v) and torch.equal(mixer.model_ema.state_dict()[k], v), k
+    with pytest.raises(ConfigError, match="trained for 3 classes, but the data has 4"):
+        load_initial_checkpoint(build_mixer("vanilla", create_model("tinynet", num_classes=4)), str(path), "tinynet", 4)
+    with pytest.raises(CheckpointError, match="does not match resnet18_cifar"):
+        load_initial_checkpoint(build_mixer("vanilla", create_model("resnet18_cifar", num_classes=3)), str(path),
+                                "resnet18_cifar", 3)

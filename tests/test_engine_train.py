@@ -1,0 +1,104 @@
+"""engine/train.py: --grad-accum-steps in the training loop (one process, torchrun, a resume
+mid-epoch, a short last step)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from automix_fast.engine.train import EpochCallbacks, EpochPlan, StepContext, StepGuard, train_one_epoch
+from automix_fast.mixing.baselines import Vanilla
+from faultkit import cli, train_args
+
+
+class _Loader:
+    def __init__(self, batches):
+        self.batches = batches
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+class _Schedule:
+    def __init__(self):
+        self.steps = []
+
+    def apply(self, optimizer, step):
+        self.steps.append(step)
+
+
+def _accumulated_run(micro_batch: int, accum: int, images: int = 40, grad_sync=None, stop_after=None, resume=None):
+    """Train a BN-free net (Vanilla) for one epoch; returns its weights and the steps scheduled.
+    stop_after: stop after that many steps; resume: (model, optimizer, steps done) to continue."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(images, 3, 8, 8, generator=g), torch.randint(0, 4, (images,), generator=g)
+    torch.manual_seed(0)
+    # No BatchNorm: its batch statistics over b and 2b images differ, which would make the
+    # comparison inexact for a reason that has nothing to do with accumulation.
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 36, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    skip = 0
+    if resume is not None:
+        model, opt, skip = resume
+    mixer = Vanilla(model)
+    loader = _Loader([(x[i:i + micro_batch], y[i:i + micro_batch]) for i in range(0, images, micro_batch)])
+    schedule = _Schedule()
+    calls = []
+    stop = None if stop_after is None else (lambda: calls.append(1) or len(calls) >= stop_after)
+    ctx = StepContext(mixer, opt, schedule, StepGuard(torch.device("cpu")), total_steps=100, amp_dtype=None,
+                      accum_steps=accum, grad_sync=grad_sync)
+    result = train_one_epoch(ctx, loader, EpochPlan(epoch=0, start_step=0, skip=skip),
+                             EpochCallbacks(log_interval=2, should_stop=stop))
+    if stop_after is not None:
+        return model, opt, result
+    return model.state_dict(), schedule.steps, result
+
+
+def test_grad_accum_matches_the_larger_batch():
+    big, big_steps, big_result = _accumulated_run(8, 1)
+    acc, acc_steps, acc_result = _accumulated_run(4, 2)
+    assert acc_steps == big_steps == list(range(5))  # steps count optimizer steps
+    assert acc_result.images == big_result.images == 40
+    for k in big:  # the same sums in another order: float32 rounding only
+        torch.testing.assert_close(acc[k], big[k], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(acc_result.means["epoch_loss"], big_result.means["epoch_loss"], rtol=1e-5, atol=1e-6)
+
+
+def test_grad_accum_under_torchrun_matches_one_process(data, tmp_path):
+    """2 ranks x batch 4 x 2 micro-batches with SyncBN see, micro-batch for micro-batch, the images
+    (and BN statistics) of 1 process x batch 8 x 2 micro-batches (see test_engine_distributed); the
+    gradients are all-reduced once per step, after the second micro-batch."""
+    from faultkit import assert_states_equal, torchrun, train_losses, weights
+
+    common = ["--mix", "vanilla", "--sync-bn", "--seed", "3", "--grad-accum-steps", "2"]
+    one = cli(train_args(data, tmp_path, "one", *common, batch=8, epochs=1))
+    assert one.returncode == 0, one.stderr
+    two = torchrun(2, train_args(data, tmp_path, "two", *common, batch=4, epochs=1))
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    l1, l2 = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert len(l1) == len(l2) == 4  # 7 micro-batches: 3 steps of 2 and 1 of 1
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-4, atol=1e-5)
+    # The summation order differs (per-rank means, then the all-reduce), as in test_engine_distributed.
+    assert_states_equal(weights(tmp_path / "two" / "last.pt"), weights(tmp_path / "one" / "last.pt"), atol=2e-4)
+
+
+def test_grad_accum_resumes_mid_epoch_at_a_step_boundary():
+    whole, _, _ = _accumulated_run(4, 3)
+    model, opt, first = _accumulated_run(4, 3, stop_after=2)
+    assert first.stopped and first.steps == 2
+    rest, steps, _ = _accumulated_run(4, 3, resume=(model, opt, first.steps))  # replays 2 x 3 micro-batches
+    assert steps == [2, 3]
+    for k in whole:
+        assert torch.equal(rest[k], whole[k]), k
+
+
+def test_grad_accum_last_step_takes_the_rest():
+    syncs = []
+    _, steps, result = _accumulated_run(4, 3, grad_sync=syncs.append)  # 10 micro-batches: 3 + 3 + 3 + 1
+    assert steps == [0, 1, 2, 3] and result.steps == 4 and result.images == 40
+    assert len(syncs) == 4  # one all-reduce per optimizer step, none for the other micro-batches
