@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import sys
 import tarfile
@@ -38,6 +37,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import environment, results_path  # noqa: E402
 
+from automix_fast.atomic import write_json  # noqa: E402
 from automix_fast.data import DataSpec  # noqa: E402
 from automix_fast.data.folder import scan_image_folder  # noqa: E402
 from automix_fast.data.embedded import ensure_embedded_dataset  # noqa: E402
@@ -269,11 +269,9 @@ def main(argv=None) -> int:
         "skipped": skipped,
     }
     out = args.out or str(results_path("loader", device.type))
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
 
     def save():
-        with open(out, "w") as f:
-            json.dump(record, f, indent=2)
+        write_json(out, record)
 
     def wanted(case: str) -> bool:
         return not only or case in only

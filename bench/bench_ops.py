@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import platform
 import re
 import statistics
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import git_commit, results_path  # noqa: E402
 
 from automix_fast import ops  # noqa: E402
+from automix_fast.atomic import write_json  # noqa: E402
 from automix_fast.ops import reference  # noqa: E402
 
 # name: (N, L, D, image size); images are (N, 3, S, S) bf16 channels-last, logits (N, 1, h, h), h*h = L.
@@ -202,7 +202,6 @@ def main(argv=None) -> int:
     if out is None:
         slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
         out = results_path("ops", slug, "-smoke" if args.smoke else "")
-    out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for preset, shape in presets.items():
         for provider in providers:
@@ -219,7 +218,7 @@ def main(argv=None) -> int:
                     rows.append({"op": op, "preset": preset, "provider": provider, "error": f"{type(exc).__name__}: {exc}"})
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-                out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+                write_json(out, {"meta": meta, "results": rows})
 
     print_table(rows, copy_gbps)
     print(f"wrote {out}")

@@ -229,6 +229,8 @@ def main(argv=None) -> int:
         except Exception as exc:  # one failing row (a compile error, out of memory) must not lose the others
             row = {"config": name, "mix": mix, "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
             print(f"{name:<10} {mix:<8} error: {row['error'][:120]}", flush=True)
+            if cfg["compile"]:
+                torch._dynamo.reset()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         else:

@@ -71,11 +71,11 @@ def device_slug(env: dict) -> str:
 
 
 def write_results(kind: str, env: dict, payload: dict, output: str | Path | None = None) -> Path:
-    """output/bench/<kind>-<device>-<date>.json unless an explicit path is given."""
-    path = Path(output) if output else results_path(kind, device_slug(env))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": env, **payload}, indent=2) + "\n")
-    return path
+    """output/bench/<kind>-<device>-<date>.json unless an explicit path is given; written in one
+    rename, so a run killed mid-write leaves the previous version."""
+    from automix_fast.atomic import write_json
+
+    return write_json(Path(output) if output else results_path(kind, device_slug(env)), {"meta": env, **payload})
 
 
 # Chrome-trace categories of device activity (torch.profiler / kineto): what counts as the GPU busy.

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# usage: bench/gpu_check.sh [--quick] [--dry-run]          (OUT=dir chooses where results go)
+# usage: bench/gpu_check.sh [--quick] [--dry-run]
+#   (OUT=dir: where results go; PYTHON: the interpreter, default python3; BENCH_CACHE: generated images)
 #
 # One command for the day a GPU is there (ours, or a user checking an install):
 #   pytest-gpu           compiled-kernel parity and every other GPU-only test (full mode only; junit XML)
@@ -23,7 +24,7 @@
 # next one still runs; the exit status is 1 when any stage failed, 2 without a GPU (unless --dry-run).
 set -u
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-$(command -v python || command -v python3)}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
 MODE=full
 DRY=0
 for arg in "$@"; do
@@ -35,7 +36,7 @@ for arg in "$@"; do
   esac
 done
 OUT=${OUT:-bench/results/gpu-check-$(date -u +%Y%m%d-%H%M%S)}
-CACHE=${BENCH_CACHE:-$HOME/.cache/automix-fast/bench}
+CACHE=${BENCH_CACHE:-${HOME:-/tmp}/.cache/automix-fast/bench}
 mkdir -p "$OUT"
 : > "$OUT/stages.jsonl"
 
