@@ -10,6 +10,7 @@ stages.jsonl: one line per stage with its exit status and time; ops.json; train-
 loader.json; pytest-gpu.xml) and writes OUT/gpu-check.json. Every figure is an object with
 `value` (a number, or null) and, when null, `reason` (the stage timed out, failed, was not part of
 this mode, or the figure needs CUDA), plus `unit`, `source` and the numbers it is made of.
+`train_rows` lists every training-step row measured (img/s, step time, peak memory, warm-up).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# The training presets of the targets: name -> what bench_train_step.py runs for it on a GPU.
+# The training presets of the targets: name -> what gpu_check.sh runs for it on a GPU.
 TRAIN_PRESETS = {
     "imagenet-r50": "resnet50, 224 px, batch 128",
     "cifar-r18": "resnet18_cifar, 32 px, batch 100",
@@ -311,6 +312,26 @@ def figures(run: Run) -> dict:
     }
 
 
+def measured_setup(run: Run, preset: str) -> str | None:
+    """'model, N px, batch B' as the preset's stage ran it (the dry run's tiny sizes), or None."""
+    data = run._json(f"train-{preset}.json")
+    if data is None:
+        return None
+    s = data["setup"]
+    return f"{s['model']}, {s['img_size']} px, batch {s['batch_size']}"
+
+
+def train_rows(run: Run) -> dict:
+    """Every training-step row the stages measured: {preset: {"config:mix": img/s, step ms, peak, ...}}."""
+    keep = ("img_per_s", "step_ms", "peak_mib", "warmup_s", "error")
+    rows = {}
+    for preset in TRAIN_PRESETS:
+        data = run._json(f"train-{preset}.json")
+        if data is not None:
+            rows[preset] = {f"{r['config']}:{r['mix']}": {k: r[k] for k in keep if k in r} for r in data["results"]}
+    return rows
+
+
 def leaves(tree: dict, prefix: str = ""):
     """(dotted key, figure) for every figure in a nested figures dict."""
     for key, val in tree.items():
@@ -330,8 +351,9 @@ def summarize(out: Path) -> dict:
         "dry_run": run.env.get("dry_run"),
         "stages": run.stages,
         "stage_seconds": round(sum(s["seconds"] for s in run.stages.values()), 1),
-        "train_presets": TRAIN_PRESETS,
+        "train_presets": {p: measured_setup(run, p) or planned for p, planned in TRAIN_PRESETS.items()},
         "figures": figures(run),
+        "train_rows": train_rows(run),
     }
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     return summary

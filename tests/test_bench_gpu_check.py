@@ -87,6 +87,8 @@ def test_quick_dry_run_writes_every_figure(tmp_path):
     train = json.loads((out / "train-cifar-r18.json").read_text())
     row = next(r for r in train["results"] if r["mix"] == "automix")
     assert found["automix_img_per_s.cifar-r18"]["value"] == row["img_per_s"]
+    assert summary["train_rows"]["cifar-r18"]["optimized:automix"]["img_per_s"] == row["img_per_s"]
+    assert summary["train_presets"]["cifar-r18"] == f"tinynet, 16 px, batch {train['setup']['batch_size']}"
     assert row["profile"]["steps"] == 1 and row["profile"]["kernels_per_step"] is None  # profiled, no GPU kernels
     # What needs CUDA, compile or DALI is null with the reason.
     for name in ("gpu_busy_share.cifar-r18", "launches_per_step.imagenet-r50", "peak_mib.imagenet-r50.automix",
