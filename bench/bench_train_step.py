@@ -160,7 +160,7 @@ def measure(mix: str, cfg: dict, args, device, profile: bool = False, trace: Pat
     return row
 
 
-def parse_runs(args) -> list[tuple[str, str]]:
+def parse_runs(ap: argparse.ArgumentParser, args) -> list[tuple[str, str]]:
     """(config, mix) pairs: --runs when given, else every --configs x --mixes."""
     if not args.runs:
         return [(c, m) for c in args.configs for m in args.mixes]
@@ -168,7 +168,7 @@ def parse_runs(args) -> list[tuple[str, str]]:
     for item in args.runs:
         config, _, mix = item.partition(":")
         if config not in CONFIGS or mix not in (*MIXES, *VARIANTS):
-            sys.exit(f"error: --runs {item!r}: expected CONFIG:MIX with CONFIG in {', '.join(CONFIGS)} "
+            ap.error(f"--runs {item!r}: expected CONFIG:MIX with CONFIG in {', '.join(CONFIGS)} "
                      f"and MIX in {', '.join((*MIXES, *VARIANTS))}")
         pairs.append((config, mix))
     return pairs
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     ap.add_argument("--output", default=None, help="JSON path (default output/bench/train-step-<device>-<date>.json)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    runs = parse_runs(args)
+    runs = parse_runs(ap, args)
 
     env = environment(device)
     setup = {k: getattr(args, k) for k in ("model", "img_size", "batch_size", "num_classes", "steps", "repeats", "compile",
