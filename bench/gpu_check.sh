@@ -81,8 +81,8 @@ if [ "$DRY" = 1 ]; then
   stage loader 120 $PY bench/bench_loader.py --device cpu --workers all -b 4 --imagenet-count 8 --warmup 1 \
     --batches 1 --only imagenet/dali,imagenet/torch-stream --cache-dir "$CACHE" --out "$OUT/loader.json"
 elif [ "$MODE" = quick ]; then
-  # The estimates (H200 seconds, imports, Triton JIT and torch.compile warm-ups included) are not
-  # yet measured; a stage past its limit keeps the rows it finished (its JSON is rewritten per row).
+  # Per stage, an estimate (not a measurement) of its H200 seconds, imports, Triton JIT and
+  # torch.compile warm-ups included; a stage past its limit keeps the rows it finished.
   # ~30 s: 3 presets x (attention, mask_mix nearest) x (triton, torch), copy bandwidth
   stage ops 45 $PY bench/bench_ops.py --providers triton torch --modes nearest --warmup-ms 10 --rep-ms 30 \
     --output "$OUT/ops.json"
