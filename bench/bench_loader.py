@@ -12,8 +12,10 @@ Cases (each runs `--batches` timed batches after `--warmup` batches, train augme
               external_source pipeline over the decoded uint8 arrays: crop pad 4 + flip +
               normalize), torch-resident (ResidentLoader: decoded once, batched gather + crop +
               flip on the device; the one-time decode is reported apart), torch-stream.
-The device is --device (cpu: DALI's CPU-only mode). Results: JSON in output/bench/ (--out to choose)
-(loader-<device>-<date>.json) with the machine, versions and git commit, and a table on stdout.
+The device is --device (cpu: DALI's CPU-only mode). Without NVIDIA DALI the DALI cases are
+skipped, each listed under `skipped` with the reason. Results: JSON in output/bench/ (--out to
+choose) (loader-<device>-<date>.json) with the machine, versions and git commit, rewritten after
+every case, and a table on stdout.
 
     python bench/bench_loader.py --data-dir DATA/cifar10-jpeg --device cpu --workers 2
 """
@@ -22,11 +24,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import sys
 import tarfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
@@ -35,32 +37,41 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import environment, results_path  # noqa: E402
 
+from automix_fast.atomic import write_json  # noqa: E402
 from automix_fast.data import DataSpec  # noqa: E402
-from automix_fast.data.folder import scan_image_folder
-from automix_fast.data.embedded import ensure_embedded_dataset
-
-
+from automix_fast.data.folder import scan_image_folder  # noqa: E402
+from automix_fast.data.embedded import ensure_embedded_dataset  # noqa: E402
 
 # ----------------------------------------------------------------------------- data
 
-def make_imagenet_like(root: str, count: int, classes: int = 10, seed: int = 0) -> str:
-    """`count` JPEGs (quality 90, 4:2:0) of varied sizes around 500x375 in root/<class>/, once."""
+
+def _make_jpeg(root: str, i: int, classes: int, seed: int) -> None:
+    rng = np.random.default_rng([seed, i])  # one stream per image: the same folder whatever the process count
+    w = int(np.clip(rng.normal(500, 60), 200, 900))
+    h = int(np.clip(w * rng.choice([0.75, 1.0, 1.333, 0.66]), 150, 900))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.empty((h, w, 3), np.float32)
+    for c in range(3):  # smooth random waves + texture noise: realistic JPEG sizes
+        fx, fy, ph = rng.uniform(0.005, 0.05), rng.uniform(0.005, 0.05), rng.uniform(0, 6.3)
+        img[..., c] = 128 + 90 * np.sin(xx * fx + yy * fy + ph)
+    img += rng.normal(0, 12, img.shape).astype(np.float32)
+    folder = os.path.join(root, f"c{i % classes:02d}")
+    os.makedirs(folder, exist_ok=True)
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
+
+
+def make_imagenet_like(root: str, count: int, classes: int = 10, seed: int = 0, processes: int = 1) -> str:
+    """`count` JPEGs (quality 90, 4:2:0) of varied sizes around 500x375 in root/<class>/, once
+    (`processes` worker processes write them)."""
     done = os.path.join(root, f".done-{count}")
     if os.path.exists(done):
         return root
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        w = int(np.clip(rng.normal(500, 60), 200, 900))
-        h = int(np.clip(w * rng.choice([0.75, 1.0, 1.333, 0.66]), 150, 900))
-        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-        img = np.empty((h, w, 3), np.float32)
-        for c in range(3):  # smooth random waves + texture noise: realistic JPEG sizes
-            fx, fy, ph = rng.uniform(0.005, 0.05), rng.uniform(0.005, 0.05), rng.uniform(0, 6.3)
-            img[..., c] = 128 + 90 * np.sin(xx * fx + yy * fy + ph)
-        img += rng.normal(0, 12, img.shape).astype(np.float32)
-        folder = os.path.join(root, f"c{i % classes:02d}")
-        os.makedirs(folder, exist_ok=True)
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
+    if processes > 1:
+        with ProcessPoolExecutor(processes) as pool:
+            list(pool.map(_make_jpeg, *zip(*((root, i, classes, seed) for i in range(count))), chunksize=16))
+    else:
+        for i in range(count):
+            _make_jpeg(root, i, classes, seed)
     open(done, "w").close()
     return root
 
@@ -210,6 +221,16 @@ def loader_environment(device: torch.device) -> dict:
 
 # ----------------------------------------------------------------------------- main
 
+def workers_arg(text: str) -> int:
+    """--workers: a count, or 'all' for every CPU this process may use."""
+    if text == "all":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or 'all', got {text!r}") from None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", default=None,
@@ -220,7 +241,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cifar-count", type=int, default=10000, help="CIFAR images used (a class-balanced prefix)")
     ap.add_argument("-b", "--batch-size", type=int, default=64)
     ap.add_argument("--cifar-batch-size", type=int, default=256)
-    ap.add_argument("--workers", type=int, default=2, help="DALI threads and torch DataLoader workers")
+    ap.add_argument("--workers", type=workers_arg, default=2,
+                    help="DALI threads and torch DataLoader workers; 'all': every CPU this process may use")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--only", default="", help="comma-separated case names to run (default: all)")
@@ -233,57 +255,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     only = {c for c in args.only.split(",") if c}
-    results = []
-
-    def run(case: str, make, **extra):
-        if only and case not in only:
-            return
-        t = time.perf_counter()
-        loader = make()
-        setup = time.perf_counter() - t
-        r = {"case": case, **time_loader(loader, args.warmup, args.batches), "setup_s": round(setup, 3), **extra}
-        del loader
-        gc.collect()  # DALI pipelines sit in reference cycles: free them before DataLoader workers fork
-        results.append(r)
-        print(f"{case:24s} {r['img_per_s']:>10.1f} img/s   (setup {setup:.2f} s)", flush=True)
-
-    # ImageNet-like folder at 224 px.
-    inet = make_imagenet_like(os.path.join(args.cache_dir, "imagenet-like"), args.imagenet_count)
-    _, inet_samples = scan_image_folder(inet)
-    spec = DataSpec(img_size=224, batch_size=args.batch_size, workers=args.workers, device=device,
-                    channels_last=True, dtype=dtype, aug="imagenet")
-    if dali_available():
-        run("imagenet/dali", lambda: DaliFolderLoader(inet_samples, spec, True, "imagenet"))
-    run("imagenet/torch-stream", lambda: StreamingLoader(_ImageDataset(samples=inet_samples, size=224, mode="rrc"),
-                                                         spec, True, "imagenet"))
-
-    # CIFAR-10 JPEGs at 32 px.
-    if args.data_dir:
-        cifar_dir = cifar_folder(args.data_dir, args.cache_dir)
-    else:
-        cifar_dir = os.path.join(ensure_embedded_dataset(), "train")
-    _, cifar_samples = scan_image_folder(cifar_dir)
-    cifar_samples = balanced_prefix(cifar_samples, args.cifar_count)
-    cspec = DataSpec(img_size=32, batch_size=args.cifar_batch_size, workers=args.workers, device=device,
-                     channels_last=True, dtype=dtype, aug="cifar")
-    if dali_available():
-        run("cifar/dali-folder", lambda: DaliFolderLoader(cifar_samples, cspec, True, "cifar"))
-    t = time.perf_counter()
-    arrays = decode_folder(cifar_samples, 32, threads=args.workers)
-    decode_s = time.perf_counter() - t
-    print(f"{'cifar/one-time decode':24s} {len(cifar_samples) / decode_s:>10.1f} img/s   ({decode_s:.2f} s, PIL, {args.workers} threads)")
-    if dali_available():
-        run("cifar/dali-memory", lambda: DaliMemoryLoader(arrays[0], arrays[1], cspec))
-    run("cifar/torch-resident", lambda: ResidentLoader(torch.from_numpy(arrays[0]), torch.from_numpy(arrays[1]),
-                                                       cspec, True, "cifar"),
-        one_time_decode_s=round(decode_s, 3))
-    run("cifar/torch-stream", lambda: StreamingLoader(_ImageDataset(samples=cifar_samples, size=32, mode="fixed"),
-                                                      cspec, True, "cifar"))
-
-    if not only or "cifar/train-step" in only:
-        results.append(train_step_rate(cspec, args))
-        print(f"{'cifar/train-step':24s} {results[-1]['img_per_s']:>10.1f} img/s   (resnet18_cifar fwd+bwd+SGD, for scale)")
-
+    dali = dali_available()
+    results, skipped = [], []
     record = {
         "benchmark": "loader",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -293,14 +266,84 @@ def main(argv=None) -> int:
         "cifar_source": "folder" if args.data_dir else "embedded",
         "image_dtype": str(dtype),
         "results": results,
+        "skipped": skipped,
     }
     out = args.out or str(results_path("loader", device.type))
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(record, f, indent=2)
+
+    def save():
+        write_json(out, record)
+
+    def wanted(case: str) -> bool:
+        return not only or case in only
+
+    def run(case: str, make, **extra):
+        if not wanted(case):
+            return
+        if case.split("/")[1].startswith("dali") and not dali:
+            skipped.append({"case": case, "reason": "NVIDIA DALI is not installed (nvidia.dali does not import)"})
+            print(f"{case:24s} skipped: NVIDIA DALI is not installed", flush=True)
+            save()
+            return
+        t = time.perf_counter()
+        loader = make()
+        setup = time.perf_counter() - t
+        r = {"case": case, **time_loader(loader, args.warmup, args.batches), "setup_s": round(setup, 3),
+             "batch_size": loader_batch(case), "workers": args.workers, **extra}
+        del loader
+        gc.collect()  # DALI pipelines sit in reference cycles: free them before DataLoader workers fork
+        results.append(r)
+        save()
+        print(f"{case:24s} {r['img_per_s']:>10.1f} img/s   (setup {setup:.2f} s)", flush=True)
+
+    def loader_batch(case: str) -> int:
+        return args.batch_size if case.startswith("imagenet/") else args.cifar_batch_size
+
+    # ImageNet-like folder at 224 px.
+    if any(wanted(c) for c in ("imagenet/dali", "imagenet/torch-stream")):
+        inet = make_imagenet_like(os.path.join(args.cache_dir, f"imagenet-like-{args.imagenet_count}"), args.imagenet_count,
+                                  processes=max(1, args.workers))
+        _, inet_samples = scan_image_folder(inet)
+        spec = DataSpec(img_size=224, batch_size=args.batch_size, workers=args.workers, device=device,
+                        channels_last=True, dtype=dtype, aug="imagenet")
+        run("imagenet/dali", lambda: DaliFolderLoader(inet_samples, spec, True, "imagenet"))
+        run("imagenet/torch-stream", lambda: StreamingLoader(_ImageDataset(samples=inet_samples, size=224, mode="rrc"),
+                                                             spec, True, "imagenet"))
+
+    # CIFAR-10 JPEGs at 32 px.
+    cifar_cases = ("cifar/dali-folder", "cifar/dali-memory", "cifar/torch-resident", "cifar/torch-stream", "cifar/train-step")
+    if any(wanted(c) for c in cifar_cases):
+        if args.data_dir:
+            cifar_dir = cifar_folder(args.data_dir, args.cache_dir)
+        else:
+            cifar_dir = os.path.join(ensure_embedded_dataset(), "train")
+        _, cifar_samples = scan_image_folder(cifar_dir)
+        cifar_samples = balanced_prefix(cifar_samples, args.cifar_count)
+        cspec = DataSpec(img_size=32, batch_size=args.cifar_batch_size, workers=args.workers, device=device,
+                         channels_last=True, dtype=dtype, aug="cifar")
+        run("cifar/dali-folder", lambda: DaliFolderLoader(cifar_samples, cspec, True, "cifar"))
+        if any(wanted(c) for c in ("cifar/dali-memory", "cifar/torch-resident")):
+            t = time.perf_counter()
+            arrays = decode_folder(cifar_samples, 32, threads=args.workers)
+            decode_s = time.perf_counter() - t
+            print(f"{'cifar/one-time decode':24s} {len(cifar_samples) / decode_s:>10.1f} img/s   "
+                  f"({decode_s:.2f} s, PIL, {args.workers} threads)")
+            run("cifar/dali-memory", lambda: DaliMemoryLoader(arrays[0], arrays[1], cspec))
+            run("cifar/torch-resident", lambda: ResidentLoader(torch.from_numpy(arrays[0]), torch.from_numpy(arrays[1]),
+                                                               cspec, True, "cifar"),
+                one_time_decode_s=round(decode_s, 3))
+        run("cifar/torch-stream", lambda: StreamingLoader(_ImageDataset(samples=cifar_samples, size=32, mode="fixed"),
+                                                          cspec, True, "cifar"))
+        if wanted("cifar/train-step"):
+            results.append(train_step_rate(cspec, args))
+            save()
+            print(f"{'cifar/train-step':24s} {results[-1]['img_per_s']:>10.1f} img/s   (resnet18_cifar fwd+bwd+SGD, for scale)")
+
+    save()
     print("\n| case | img/s |\n| --- | ---: |")
     for r in results:
         print(f"| {r['case']} | {r['img_per_s']:.0f} |")
+    for r in skipped:
+        print(f"| {r['case']} | skipped: {r['reason']} |")
     print(f"\nwrote {out}")
     return 0
 

@@ -4,15 +4,16 @@
     python bench/bench_ops.py --presets cifar-r18 --ops mask_mix --providers triton torch
     TRITON_INTERPRET=1 python bench/bench_ops.py --smoke   # tiny CPU run that checks the script
 
-Times are medians of triton.testing.do_bench (CUDA). Results, with the GPU name, library
-versions, git commit and the device-to-device copy bandwidth measured in the same run, go to
-output/bench/ops-<gpu>-<date>.json (--output to choose); a short table is printed. See bench/README.md.
+Times are medians of triton.testing.do_bench (CUDA; --warmup-ms and --rep-ms set its budget).
+Results, with the GPU name, library versions, git commit and the device-to-device copy bandwidth
+measured in the same run, go to output/bench/ops-<gpu>-<date>.json (--output to choose), rewritten
+after every (preset, provider, op) so a run stopped part-way keeps what it measured; a short
+table is printed. See bench/README.md.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import platform
 import re
 import statistics
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import git_commit, results_path  # noqa: E402
 
 from automix_fast import ops  # noqa: E402
+from automix_fast.atomic import write_json  # noqa: E402
 from automix_fast.ops import reference  # noqa: E402
 
 # name: (N, L, D, image size); images are (N, 3, S, S) bf16 channels-last, logits (N, 1, h, h), h*h = L.
@@ -40,12 +42,16 @@ PROVIDERS = ("triton", "torch", "compile")
 OPS = ("attention", "mask_mix")
 
 
+# do_bench's warm-up and repetition budgets in ms (--warmup-ms, --rep-ms).
+BUDGET_MS = {"warmup": 25, "rep": 100}
+
+
 def bench_ms(fn, device: torch.device) -> float:
     """Median milliseconds of fn()."""
     if device.type == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=BUDGET_MS["warmup"], rep=BUDGET_MS["rep"], return_mode="median"))
     fn()
     times = []
     for _ in range(3):
@@ -161,7 +167,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     ap.add_argument("--output", type=Path, default=None, help="JSON path (default output/bench/ops-<gpu>-<date>.json)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes; runs on CPU under TRITON_INTERPRET=1 to check the script")
+    ap.add_argument("--warmup-ms", type=int, default=BUDGET_MS["warmup"], help="do_bench warm-up per measurement")
+    ap.add_argument("--rep-ms", type=int, default=BUDGET_MS["rep"], help="do_bench repetitions per measurement")
     args = ap.parse_args(argv)
+    BUDGET_MS.update(warmup=args.warmup_ms, rep=args.rep_ms)
 
     if torch.cuda.is_available():
         device = torch.device("cuda")
@@ -175,7 +184,24 @@ def main(argv=None) -> int:
     presets = SMOKE_PRESETS if args.smoke else {p: PRESETS[p] for p in args.presets}
     providers = [p for p in args.providers if not (args.smoke and p == "compile")]
 
+    import triton
+
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu-interpreter"
     copy_gbps = copy_bandwidth_gbps(device) if device.type == "cuda" else None
+    meta = {
+        "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+        "python": platform.python_version(), "commit": git_commit(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "copy_gbps": copy_gbps, "dtype": args.dtype,
+        "timer": (f"triton.testing.do_bench median ({args.warmup_ms} ms warm-up, {args.rep_ms} ms repetitions)"
+                  if device.type == "cuda" else "perf_counter median of 3"),
+        "counted": {"attention_flops": "fwd 2*N*L*L*D, bwd 4*N*L*L*D (no recompute counted)",
+                    "mask_mix_bytes": "fwd: read x and x[perm], write x_mix; bwd: read grad, x, x[perm]"},
+    }
+    out = args.output
+    if out is None:
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
+        out = results_path("ops", slug, "-smoke" if args.smoke else "")
     rows = []
     for preset, shape in presets.items():
         for provider in providers:
@@ -192,25 +218,9 @@ def main(argv=None) -> int:
                     rows.append({"op": op, "preset": preset, "provider": provider, "error": f"{type(exc).__name__}: {exc}"})
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+                write_json(out, {"meta": meta, "results": rows})
 
-    import triton
-
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu-interpreter"
-    meta = {
-        "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "python": platform.python_version(), "commit": git_commit(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "copy_gbps": copy_gbps, "dtype": args.dtype, "timer": "triton.testing.do_bench median" if device.type == "cuda" else "perf_counter median of 3",
-        "counted": {"attention_flops": "fwd 2*N*L*L*D, bwd 4*N*L*L*D (no recompute counted)",
-                    "mask_mix_bytes": "fwd: read x and x[perm], write x_mix; bwd: read grad, x, x[perm]"},
-    }
     print_table(rows, copy_gbps)
-    out = args.output
-    if out is None:
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
-        out = results_path("ops", slug, "-smoke" if args.smoke else "")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

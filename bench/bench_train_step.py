@@ -3,28 +3,40 @@
     python bench/bench_train_step.py                                   # tinynet, 32 px, CPU or GPU
     python bench/bench_train_step.py --model resnet50 --img-size 224 -b 256 --configs optimized reference
     python bench/bench_train_step.py --model resnet18_cifar --img-size 32 -b 256 --compile
+    python bench/bench_train_step.py --model resnet50 --img-size 224 -b 128 \
+        --runs optimized:vanilla optimized:automix compiled:vanilla --profile optimized:automix
 
 Each step is the engine's own (`automix_fast.engine.train.train_one_epoch`: schedule, autocast,
 backward, non-finite guard, fused optimizer, EMA), fed by a loader that hands out batches
 already on the device, so loading is measured apart (bench_loader.py). A timed "epoch" is
 --steps steps and ends with the loop's own device sync; the median over --repeats epochs is
-reported. Configurations, side by side in one run:
-  optimized: bf16 autocast, channels-last, Triton kernels (on CUDA), fused SGD, optional compile
+reported, after one warm-up epoch (compilation, autotuning, allocator; its time is `warmup_s`).
+Configurations, side by side in one run:
+  optimized: bf16 autocast, channels-last, Triton kernels (on CUDA), fused SGD, eager
+             (compiled with --compile): the CUDA default of `automix-fast train`
+  compiled:  optimized with torch.compile of the encoders
   reference: fp32, NCHW, --kernel-backend torch, eager
-The JSON (output/bench/train-step-<device>-<date>.json, or --output) holds device, versions, commit,
-img/s, step time, peak memory, and the automix/mixup time ratio next to the ~2.9 floor (bench/README.md, "The ~2.9 floor").
+--runs CONFIG:MIX ... picks (configuration, mix) pairs instead of every --configs x --mixes.
+--profile [CONFIG:]MIX ... runs --profile-steps more steps of those runs under torch.profiler:
+kernels per step and the GPU-busy share of the step.
+The JSON (output/bench/train-step-<device>-<date>.json, or --output), rewritten after every row so
+a run stopped part-way keeps what it measured, holds device, versions, commit, img/s, step time,
+peak memory, the mixup/vanilla img/s and automix/mixup step time ratios (next to the ~2.9 floor,
+bench/README.md "The ~2.9 floor").
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_results  # noqa: E402
+from common import environment, profile_run, write_results  # noqa: E402
 
 from automix_fast.engine.optim import build_optimizer  # noqa: E402
 from automix_fast.engine.schedule import build_schedule  # noqa: E402
@@ -33,6 +45,8 @@ from automix_fast.mixing import build_mixer  # noqa: E402
 from automix_fast.models import create_model  # noqa: E402
 
 FLOOR = 2.9  # bench/README.md "The ~2.9 floor": ~8.8 backbone units per AutoMix step against 3 for mixup
+CONFIGS = ("optimized", "compiled", "reference")
+MIXES = ("vanilla", "mixup", "cutmix", "automix")
 
 
 class SyntheticLoader:
@@ -48,8 +62,11 @@ class SyntheticLoader:
             )
             for _ in range(pool)
         ]
-        self.steps = steps
-        self.num_samples = steps * batch
+        self.steps, self.batch = steps, batch
+
+    @property
+    def num_samples(self):
+        return self.steps * self.batch
 
     def __len__(self):
         return self.steps
@@ -63,8 +80,9 @@ class SyntheticLoader:
 
 def settings(name: str, device: torch.device, compile_: bool) -> dict:
     cuda = device.type == "cuda"
-    if name == "optimized":
-        return {"amp_dtype": torch.bfloat16 if cuda else None, "channels_last": cuda, "kernel_backend": "auto", "compile": compile_}
+    if name in ("optimized", "compiled"):
+        return {"amp_dtype": torch.bfloat16 if cuda else None, "channels_last": cuda, "kernel_backend": "auto",
+                "compile": compile_ or name == "compiled"}
     return {"amp_dtype": None, "channels_last": False, "kernel_backend": "torch", "compile": False}
 
 
@@ -73,8 +91,19 @@ def settings(name: str, device: torch.device, compile_: bool) -> dict:
 VARIANTS = {"automix-k-to-mix-stage": ("automix", {"k_full_forward": False})}
 
 
-def measure(mix: str, cfg: dict, args, device) -> dict:
+def measure(mix: str, cfg: dict, args, device, profile: bool = False, trace: Path | None = None) -> dict:
+    """One row: img/s, step times, warm-up time, peak memory and, when `profile`, the profile
+    (its trace kept gzipped at `trace` when given).
+
+    Peak memory (`peak_mib`, CUDA) is torch.cuda.max_memory_allocated() over the timed epochs
+    minus what was allocated before this row built its model (`base_mib`): the model, optimizer
+    state, batches and the step's own peak."""
     policy, extra = VARIANTS.get(mix, (mix, {}))
+    cuda = device.type == "cuda"
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
     torch.manual_seed(0)
     model = create_model(args.model, num_classes=args.num_classes, mix_head=policy == "automix").to(device)
     if cfg["channels_last"]:
@@ -86,30 +115,75 @@ def measure(mix: str, cfg: dict, args, device) -> dict:
             mixer.momentum_encoder.compile()
     groups = mixer.param_groups(0.1, 1e-4)
     opt = build_optimizer(groups, "sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, device=device)
-    total = (args.repeats + 1) * args.steps
+    profile_steps = args.profile_steps if profile else 0
+    total = (args.repeats + 1) * args.steps + profile_steps
     sched = build_schedule("cosine", [g["lr"] for g in groups], total_steps=total, steps_per_epoch=args.steps)
     dtype = cfg["amp_dtype"] or torch.float32
     loader = SyntheticLoader(args.steps, args.batch_size, args.img_size, args.num_classes, device, dtype, cfg["channels_last"])
     guard = StepGuard(device)
 
-    def epoch(e):
+    def epoch(e, start):
         ctx = StepContext(mixer, opt, sched, guard, total, amp_dtype=cfg["amp_dtype"])
-        return train_one_epoch(ctx, loader, EpochPlan(epoch=e, start_step=e * args.steps),
-                               EpochCallbacks(log_interval=args.steps))
+        return train_one_epoch(ctx, loader, EpochPlan(epoch=e, start_step=start),
+                               EpochCallbacks(log_interval=loader.steps))
 
-    epoch(0)  # warm-up: compilation, autotuning, allocator
-    if device.type == "cuda":
+    t0 = time.perf_counter()
+    epoch(0, 0)  # warm-up: compilation, autotuning, allocator
+    warmup_s = time.perf_counter() - t0
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = [epoch(1 + r).seconds for r in range(args.repeats)]
+    seconds = [epoch(1 + r, (1 + r) * args.steps).seconds for r in range(args.repeats)]
     step_ms = 1000 * statistics.median(seconds) / args.steps
     row = {
         "mix": mix, "step_ms": round(step_ms, 3), "img_per_s": round(args.batch_size / step_ms * 1000, 1),
-        "step_ms_all": [round(1000 * s / args.steps, 3) for s in seconds],
-        "skipped_steps": int(guard.skipped.item()),
+        "step_ms_all": [round(1000 * s / args.steps, 3) for s in seconds], "warmup_s": round(warmup_s, 3),
+        "compile": cfg["compile"], "skipped_steps": int(guard.skipped.item()),
     }
-    if device.type == "cuda":
-        row["peak_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    if cuda:
+        row["peak_mib"] = round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1)
+        row["base_mib"] = round(base / 2**20, 1)
+    if profile_steps:
+        loader.steps = profile_steps
+        try:
+            prof = profile_run(lambda: epoch(1 + args.repeats, (1 + args.repeats) * args.steps), device, profile_steps,
+                               keep=trace)
+        except Exception as exc:  # a profiler failure keeps the row's timings
+            prof = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+        else:
+            busy = prof["busy_ms_per_step"]
+            # The profiler slows the host side (each launch is recorded), so the share is taken against
+            # the unprofiled step time; busy_share_in_trace is the same against the profiled wall time.
+            prof["gpu_busy_share"] = None if busy is None else round(min(1.0, busy / step_ms), 4)
+        row["profile"] = prof
+    if cfg["compile"]:
+        torch._dynamo.reset()  # the next row compiles its own model; free this one's graphs
     return row
+
+
+def parse_runs(ap: argparse.ArgumentParser, args) -> list[tuple[str, str]]:
+    """(config, mix) pairs: --runs when given, else every --configs x --mixes."""
+    if not args.runs:
+        return [(c, m) for c in args.configs for m in args.mixes]
+    pairs = []
+    for item in args.runs:
+        config, _, mix = item.partition(":")
+        if config not in CONFIGS or mix not in (*MIXES, *VARIANTS):
+            ap.error(f"--runs {item!r}: expected CONFIG:MIX with CONFIG in {', '.join(CONFIGS)} "
+                     f"and MIX in {', '.join((*MIXES, *VARIANTS))}")
+        pairs.append((config, mix))
+    return pairs
+
+
+def ratios(rows: list[dict]) -> tuple[dict, dict]:
+    """Per configuration: automix/mixup step time and mixup/vanilla img/s, where both rows exist."""
+    automix_mixup, mixup_vanilla = {}, {}
+    for name in dict.fromkeys(r["config"] for r in rows):
+        by_mix = {r["mix"]: r for r in rows if r["config"] == name and "error" not in r}
+        if "automix" in by_mix and "mixup" in by_mix:
+            automix_mixup[name] = round(by_mix["automix"]["step_ms"] / by_mix["mixup"]["step_ms"], 3)
+        if "mixup" in by_mix and "vanilla" in by_mix:
+            mixup_vanilla[name] = round(by_mix["mixup"]["img_per_s"] / by_mix["vanilla"]["img_per_s"], 3)
+    return automix_mixup, mixup_vanilla
 
 
 def main(argv=None) -> int:
@@ -118,37 +192,67 @@ def main(argv=None) -> int:
     ap.add_argument("--img-size", type=int, default=32)
     ap.add_argument("-b", "--batch-size", type=int, default=64)
     ap.add_argument("--num-classes", type=int, default=100)
-    ap.add_argument("--mixes", nargs="+", default=["vanilla", "mixup", "automix"], choices=["vanilla", "mixup", "cutmix", "automix", *VARIANTS])
-    ap.add_argument("--configs", nargs="+", default=["optimized"], choices=["optimized", "reference"])
+    ap.add_argument("--mixes", nargs="+", default=["vanilla", "mixup", "automix"], choices=[*MIXES, *VARIANTS])
+    ap.add_argument("--configs", nargs="+", default=["optimized"], choices=CONFIGS)
+    ap.add_argument("--runs", nargs="+", default=None, metavar="CONFIG:MIX",
+                    help="(configuration, mix) pairs to run, in this order, instead of every --configs x --mixes")
     ap.add_argument("--compile", action="store_true", help="torch.compile the encoders in the optimized configuration")
     ap.add_argument("--steps", type=int, default=10, help="steps per timed epoch")
     ap.add_argument("--repeats", type=int, default=5, help="timed epochs; the median is reported")
+    ap.add_argument("--profile", nargs="+", default=[], metavar="[CONFIG:]MIX",
+                    help="profile these runs (a bare MIX: in every configuration) for --profile-steps steps after the timed epochs")
+    ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--trace-dir", default=None, help="keep the profiler traces here (gzipped chrome traces)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--output", default=None, help="JSON path (default output/bench/train-step-<device>-<date>.json)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    runs = parse_runs(ap, args)
 
-    rows = []
-    for name in args.configs:
+    env = environment(device)
+    setup = {k: getattr(args, k) for k in ("model", "img_size", "batch_size", "num_classes", "steps", "repeats", "compile",
+                                           "profile_steps")}
+    setup["runs"] = [f"{c}:{m}" for c, m in runs]
+    rows: list[dict] = []
+
+    def save():
+        automix_mixup, mixup_vanilla = ratios(rows)
+        return write_results("train-step", env, {"setup": setup, "floor": FLOOR, "automix_mixup_ratio": automix_mixup,
+                                                 "mixup_vanilla_ratio": mixup_vanilla, "results": rows}, args.output)
+
+    for name, mix in runs:
         cfg = settings(name, device, args.compile)
-        for mix in args.mixes:
-            row = {"config": name, **measure(mix, cfg, args, device)}
-            rows.append(row)
+        profile = mix in args.profile or f"{name}:{mix}" in args.profile
+        trace = Path(args.trace_dir) / f"trace-{args.model}-{name}-{mix}.json.gz" if profile and args.trace_dir else None
+        try:
+            row = {"config": name, **measure(mix, cfg, args, device, profile, trace)}
+        except Exception as exc:  # one failing row (a compile error, out of memory) must not lose the others
+            row = {"config": name, "mix": mix, "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+            print(f"{name:<10} {mix:<8} error: {row['error'][:120]}", flush=True)
+            if cfg["compile"]:
+                torch._dynamo.reset()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        else:
+            prof = row.get("profile")
+            prof = prof if prof and prof.get("kernels_per_step") is not None else None
             print(f"{name:<10} {mix:<8} {row['step_ms']:>9.2f} ms/step {row['img_per_s']:>9.1f} img/s"
-                  + (f" {row['peak_mib']:>9.0f} MiB" if "peak_mib" in row else ""), flush=True)
-    ratios = {}
-    for name in args.configs:
-        by_mix = {r["mix"]: r for r in rows if r["config"] == name}
-        if "automix" in by_mix and "mixup" in by_mix:
-            ratios[name] = round(by_mix["automix"]["step_ms"] / by_mix["mixup"]["step_ms"], 3)
-            print(f"{name}: automix/mixup step time {ratios[name]:.2f} (floor ~{FLOOR})")
-    if "optimized" in args.configs and "reference" in args.configs:
-        opt = {r["mix"]: r for r in rows if r["config"] == "optimized"}
-        ref = {r["mix"]: r for r in rows if r["config"] == "reference"}
-        for mix in opt:
-            print(f"{mix}: optimized / reference img/s = {opt[mix]['img_per_s'] / ref[mix]['img_per_s']:.2f}")
-    setup = {k: getattr(args, k) for k in ("model", "img_size", "batch_size", "num_classes", "steps", "repeats", "compile")}
-    path = write_results("train-step", environment(device), {"setup": setup, "floor": FLOOR, "automix_mixup_ratio": ratios, "results": rows}, args.output)
+                  + (f" {row['peak_mib']:>9.0f} MiB" if "peak_mib" in row else "")
+                  + (f"  warm-up {row['warmup_s']:.1f} s" if cfg["compile"] else "")
+                  + (f"  {prof['kernels_per_step']} kernels/step, GPU busy {prof['gpu_busy_share']:.0%}"
+                     if prof else ""), flush=True)
+        rows.append(row)
+        path = save()
+    automix_mixup, mixup_vanilla = ratios(rows)
+    for name, r in automix_mixup.items():
+        print(f"{name}: automix/mixup step time {r:.2f} (floor ~{FLOOR})")
+    for name, r in mixup_vanilla.items():
+        print(f"{name}: mixup/vanilla img/s {r:.2f}")
+    ok = [r for r in rows if "error" not in r]
+    opt = {r["mix"]: r for r in ok if r["config"] == "optimized"}
+    ref = {r["mix"]: r for r in ok if r["config"] == "reference"}
+    for mix in opt.keys() & ref.keys():
+        print(f"{mix}: optimized / reference img/s = {opt[mix]['img_per_s'] / ref[mix]['img_per_s']:.2f}")
     print(f"wrote {path}")
     return 0
 

@@ -71,8 +71,76 @@ def device_slug(env: dict) -> str:
 
 
 def write_results(kind: str, env: dict, payload: dict, output: str | Path | None = None) -> Path:
-    """output/bench/<kind>-<device>-<date>.json unless an explicit path is given."""
-    path = Path(output) if output else results_path(kind, device_slug(env))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": env, **payload}, indent=2) + "\n")
-    return path
+    """output/bench/<kind>-<device>-<date>.json unless an explicit path is given; written in one
+    rename, so a run killed mid-write leaves the previous version."""
+    from automix_fast.atomic import write_json
+
+    return write_json(Path(output) if output else results_path(kind, device_slug(env)), {"meta": env, **payload})
+
+
+# Chrome-trace categories of device activity (torch.profiler / kineto): what counts as the GPU busy.
+DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def trace_stats(events: list[dict], steps: int) -> dict:
+    """Per-step device activity of a chrome trace's `traceEvents` covering `steps` steps.
+
+    `kernels_per_step`: kernel events (launches that ran) per step; `kernel_ms_per_step`: the sum
+    of their durations; `busy_ms_per_step`: the union of kernel, memcpy and memset intervals (what
+    overlaps across streams counted once); `span_ms`: first device event start to last end.
+    Device figures are None when the trace holds no device activity (a CPU run)."""
+    device = [e for e in events if e.get("cat") in DEVICE_CATEGORIES and "dur" in e]
+    kernels = [e for e in device if e["cat"] == "kernel"]
+    counts = {cat: sum(e["cat"] == cat for e in device) for cat in DEVICE_CATEGORIES}
+    if not device:
+        return {"steps": steps, "kernels_per_step": None, "kernel_ms_per_step": None, "busy_ms_per_step": None,
+                "span_ms": None, "counts": counts}
+    busy, end = 0.0, float("-inf")
+    for start, stop in sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in device):
+        if start >= end:
+            busy += stop - start
+        elif stop > end:
+            busy += stop - end
+        end = max(end, stop)
+    first = min(float(e["ts"]) for e in device)
+    return {
+        "steps": steps,
+        "kernels_per_step": round(len(kernels) / steps, 1),
+        "kernel_ms_per_step": round(sum(float(e["dur"]) for e in kernels) / 1e3 / steps, 4),
+        "busy_ms_per_step": round(busy / 1e3 / steps, 4),
+        "span_ms": round((end - first) / 1e3, 3),
+        "counts": counts,
+    }
+
+
+def profile_run(fn, device: torch.device, steps: int, keep: str | Path | None = None) -> dict:
+    """Run fn() (which runs `steps` steps and waits for the device) under torch.profiler.
+
+    Returns trace_stats plus `wall_ms` (fn's wall time under the profiler) and `busy_share_in_trace`
+    (device busy time / wall time). The trace is kept gzipped at `keep` when given."""
+    import gzip
+    import tempfile
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        raw = path.read_bytes()
+    if keep is not None:
+        Path(keep).parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(keep, "wb") as f:
+            f.write(raw)
+    stats = trace_stats(json.loads(raw).get("traceEvents", []), steps)
+    stats["wall_ms"] = round(wall * 1e3, 3)
+    busy = stats["busy_ms_per_step"]
+    stats["busy_share_in_trace"] = None if busy is None else round(busy * steps / stats["wall_ms"], 4)
+    if keep is not None:
+        stats["trace"] = Path(keep).name
+    return stats

@@ -1,36 +1,120 @@
 #!/usr/bin/env bash
-# One command for the day a GPU is there (ours, or a user checking an install), < 10 min on one H100:
-#   1. compiled-kernel parity and every other GPU-only test   (pytest -m gpu -> JSON report)
-#   2. the Mix Block ops at the presets                       (bench_ops.py -> JSON)
-#   3. train-step img/s at ResNet-50/224 and ResNet-18/CIFAR  (bench_train_step.py -> JSON)
-#   4. the DALI loader against the torch loaders              (bench_loader.py -> JSON)
-# Everything lands in bench/results/gpu-check-<date>/ (override with OUT=...). A failing stage is
-# recorded and the next one still runs; the exit status is non-zero when any stage failed.
-# Stage time limits add up to 580 s, so the whole check ends within 10 minutes.
+# usage: bench/gpu_check.sh [--quick] [--dry-run]
+#   (OUT=dir: where results go; PYTHON: the interpreter, default python3; BENCH_CACHE: generated images)
+#
+# One command for the day a GPU is there (ours, or a user checking an install):
+#   pytest-gpu           compiled-kernel parity and every other GPU-only test (full mode only; junit XML)
+#   ops                  the Mix Block ops at the presets, Triton against torch, and the copy bandwidth
+#   train-imagenet-r50   train-step img/s, resnet50 224 px b128: vanilla / mixup / automix eager,
+#                        automix in the reference configuration, vanilla / mixup compiled; automix profiled
+#   train-cifar-r18      resnet18_cifar 32 px b100: vanilla / mixup / automix eager, vanilla / mixup
+#                        compiled; automix and vanilla profiled (GPU-busy share, kernels per step)
+#   train-imagenet-r18   resnet18 224 px b256: vanilla / mixup, eager and compiled
+#   loader               the torch loader (and DALI when installed) at 224 px with every CPU as a worker;
+#                        full mode also the CIFAR cases
+# then bench/gpu_summary.py gathers every figure into OUT/gpu-check.json.
+# --quick: fewer steps and repetitions, no pytest stage, the 224 px loader only; stage time limits add
+#   up to 290 s, so the check (imports and compile warm-ups included) ends within 5 minutes on one H100/H200.
+# Full mode: stage limits add up to 590 s, within 10 minutes.
+# --dry-run: every stage at tiny sizes on the CPU (tinynet, 1 step; the ops under the Triton
+#   interpreter; no torch.compile), to check the scripts and the summary without a GPU; the
+#   figures that need CUDA are null with the reason.
+# Each stage writes JSON and a log to OUT (default bench/results/gpu-check-<time>/), and a line to
+# OUT/stages.jsonl (exit status, seconds, limit). A failing or timed-out stage is recorded and the
+# next one still runs; the exit status is 1 when any stage failed, 2 without a GPU (unless --dry-run).
 set -u
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+MODE=full
+DRY=0
+for arg in "$@"; do
+  case $arg in
+    --quick) MODE=quick ;;
+    --dry-run) DRY=1 ;;
+    -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "error: unknown option $arg (expected --quick, --dry-run)" >&2; exit 2 ;;
+  esac
+done
 OUT=${OUT:-bench/results/gpu-check-$(date -u +%Y%m%d-%H%M%S)}
+CACHE=${BENCH_CACHE:-${HOME:-/tmp}/.cache/automix-fast/bench}
 mkdir -p "$OUT"
-if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "error: no CUDA device visible to torch; gpu_check.sh needs a GPU" >&2
-  exit 2
-fi
+: > "$OUT/stages.jsonl"
+
+env_args=(--mode "$MODE")
+if [ "$DRY" = 1 ]; then env_args+=(--dry-run); else env_args+=(--require-cuda); fi
+$PY bench/gpu_summary.py "$OUT" --record-env "${env_args[@]}" || exit $?
+
 status=0
 stage() {  # stage NAME TIMEOUT_S CMD...
-  local name=$1 limit=$2; shift 2
-  echo "== $name"
-  if timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; then echo "   ok ($OUT/$name.log)"
-  else echo "   FAILED (exit $?; see $OUT/$name.log)"; status=1; fi
+  local name=$1 limit=$2 rc t0 t1 ms
+  shift 2
+  echo "== $name (limit ${limit} s)"
+  t0=$(date +%s%N)
+  timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  t1=$(date +%s%N)
+  ms=$(( (t1 - t0) / 1000000 ))
+  printf '{"stage": "%s", "rc": %d, "seconds": %d.%03d, "limit_s": %d, "log": "%s.log"}\n' \
+    "$name" "$rc" $((ms / 1000)) $((ms % 1000)) "$limit" "$name" >> "$OUT/stages.jsonl"
+  if [ $rc = 0 ]; then echo "   ok ($OUT/$name.log)"
+  elif [ $rc = 124 ] || [ $rc = 137 ]; then echo "   TIMED OUT after ${limit} s (see $OUT/$name.log)"; status=1
+  else echo "   FAILED (exit $rc; see $OUT/$name.log)"; status=1; fi
 }
-stage pytest-gpu 180 $PY -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" \
-  -o junit_suite_name=gpu tests
-stage ops 150 $PY bench/bench_ops.py --providers triton torch --output "$OUT/ops.json"
-stage train-step-r50 100 $PY bench/bench_train_step.py --model resnet50 --img-size 224 -b 128 --num-classes 1000 \
-  --mixes mixup automix --steps 10 --repeats 3 --output "$OUT/train-step-r50.json"
-stage train-step-cifar 50 $PY bench/bench_train_step.py --model resnet18_cifar --img-size 32 -b 100 --num-classes 100 \
-  --mixes mixup automix --steps 20 --repeats 3 --output "$OUT/train-step-cifar-r18.json"
-stage loader 100 $PY bench/bench_loader.py --device cuda --workers 8 -b 256 --imagenet-count 1000 \
-  --cifar-count 5000 --out "$OUT/loader.json"
-echo "results: $OUT"
+train() {  # train PRESET TIMEOUT_S ARGS...: bench_train_step.py into OUT/train-PRESET.json
+  local preset=$1 limit=$2
+  shift 2
+  stage "train-$preset" "$limit" $PY bench/bench_train_step.py "$@" --trace-dir "$OUT/traces" \
+    --output "$OUT/train-$preset.json"
+}
+
+if [ "$DRY" = 1 ]; then
+  # CPU: tiny sizes, one step; no torch.compile (minutes on a CPU), so the compiled figures are null.
+  tiny=(--model tinynet --img-size 16 -b 4 --num-classes 10 --steps 1 --repeats 1 --profile-steps 1 --device cpu)
+  [ "$MODE" = full ] && stage pytest-gpu 120 $PY -m pytest -m gpu -q -p no:cacheprovider \
+    --junitxml="$OUT/pytest-gpu.xml" -o junit_suite_name=gpu tests
+  stage ops 120 env TRITON_INTERPRET=1 $PY bench/bench_ops.py --smoke --providers triton torch --modes nearest \
+    --output "$OUT/ops.json"
+  train imagenet-r50 120 "${tiny[@]}" --runs optimized:vanilla optimized:mixup optimized:automix reference:automix \
+    --profile optimized:automix
+  train cifar-r18 120 "${tiny[@]}" --runs optimized:vanilla optimized:mixup optimized:automix --profile optimized:automix
+  train imagenet-r18 120 "${tiny[@]}" --runs optimized:vanilla optimized:mixup
+  stage loader 120 $PY bench/bench_loader.py --device cpu --workers all -b 4 --imagenet-count 8 --warmup 1 \
+    --batches 1 --only imagenet/dali,imagenet/torch-stream --cache-dir "$CACHE" --out "$OUT/loader.json"
+elif [ "$MODE" = quick ]; then
+  # Per stage, an estimate (not a measurement) of its H200 seconds, imports, Triton JIT and
+  # torch.compile warm-ups included; a stage past its limit keeps the rows it finished.
+  # ~30 s: 3 presets x (attention, mask_mix nearest) x (triton, torch), copy bandwidth
+  stage ops 45 $PY bench/bench_ops.py --providers triton torch --modes nearest --warmup-ms 10 --rep-ms 30 \
+    --output "$OUT/ops.json"
+  # ~90 s: ~45 of them compiling resnet50
+  train imagenet-r50 100 --model resnet50 --img-size 224 -b 128 --num-classes 1000 --steps 8 --repeats 2 \
+    --runs optimized:vanilla optimized:mixup optimized:automix reference:automix compiled:vanilla compiled:mixup \
+    --profile optimized:automix
+  # ~55 s: ~30 of them compiling resnet18_cifar
+  train cifar-r18 65 --model resnet18_cifar --img-size 32 -b 100 --num-classes 100 --steps 20 --repeats 2 \
+    --runs optimized:vanilla optimized:mixup optimized:automix compiled:vanilla compiled:mixup \
+    --profile optimized:automix optimized:vanilla
+  # ~40 s
+  train imagenet-r18 50 --model resnet18 --img-size 224 -b 256 --num-classes 1000 --steps 8 --repeats 2 \
+    --runs optimized:vanilla optimized:mixup compiled:vanilla compiled:mixup
+  # ~20 s: 512 generated JPEGs (once per machine), 48 batches of 128
+  stage loader 30 $PY bench/bench_loader.py --device cuda --workers all -b 128 --imagenet-count 512 --warmup 16 \
+    --batches 32 --only imagenet/dali,imagenet/torch-stream --cache-dir "$CACHE" --out "$OUT/loader.json"
+else
+  stage pytest-gpu 130 $PY -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" \
+    -o junit_suite_name=gpu tests
+  stage ops 130 $PY bench/bench_ops.py --providers triton torch --output "$OUT/ops.json"
+  train imagenet-r50 130 --model resnet50 --img-size 224 -b 128 --num-classes 1000 --steps 10 --repeats 3 \
+    --runs optimized:vanilla optimized:mixup optimized:automix reference:automix compiled:vanilla compiled:mixup \
+    --profile optimized:automix --profile-steps 5
+  train cifar-r18 70 --model resnet18_cifar --img-size 32 -b 100 --num-classes 100 --steps 20 --repeats 3 \
+    --runs optimized:vanilla optimized:mixup optimized:automix compiled:vanilla compiled:mixup \
+    --profile optimized:automix optimized:vanilla --profile-steps 5
+  train imagenet-r18 60 --model resnet18 --img-size 224 -b 256 --num-classes 1000 --steps 10 --repeats 3 \
+    --runs optimized:vanilla optimized:mixup compiled:vanilla compiled:mixup
+  stage loader 70 $PY bench/bench_loader.py --device cuda --workers all -b 256 --imagenet-count 1000 \
+    --cifar-count 5000 --cache-dir "$CACHE" --out "$OUT/loader.json"
+fi
+$PY bench/gpu_summary.py "$OUT" || status=1
+echo "results: $OUT (summary: $OUT/gpu-check.json)"
 exit $status
