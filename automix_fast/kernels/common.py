@@ -7,6 +7,7 @@ the torch reference use `triton_interpret` and `is_channels_last` without triton
     new_buffer(...)         a buffer a kernel fills (uninitialised, or NaN under the hook)
     triton_interpret()      True when TRITON_INTERPRET asks for triton's CPU interpreter
     pow2(x, lo, hi)         the next power of two >= x, clamped to [lo, hi]
+    cdiv(a, b)              ceil(a / b) for ints (triton.cdiv, without its per-call wrapper cost)
     tl_dtype(dtype)         the triton dtype of a float32 / float16 / bfloat16 torch dtype
     is_channels_last(x)     a 4-d tensor laid out NHWC (and not also plainly contiguous)
     OP_NAMESPACE            the torch.library namespace of the kernels' custom ops
@@ -18,7 +19,7 @@ import os
 
 import torch
 
-__all__ = ["POISON_OUTPUTS", "new_buffer", "triton_interpret", "pow2", "tl_dtype", "is_channels_last",
+__all__ = ["POISON_OUTPUTS", "new_buffer", "triton_interpret", "pow2", "cdiv", "tl_dtype", "is_channels_last",
            "OP_NAMESPACE", "op_registered"]
 
 OP_NAMESPACE = "automix_fast"  # torch.ops.automix_fast.<op>: the kernels as torch custom ops
@@ -45,6 +46,11 @@ def pow2(x: int, lo: int = 1, hi: int | None = None) -> int:
     p = 1 << max(int(x) - 1, 0).bit_length()
     p = max(lo, p)
     return p if hi is None else min(hi, p)
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive ints, as triton.cdiv (a constexpr function there: ~us a host call)."""
+    return -(-a // b)
 
 
 def tl_dtype(dtype: torch.dtype):

@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from automix_fast.kernels.common import OP_NAMESPACE, is_channels_last, new_buffer, op_registered, pow2
+from automix_fast.kernels.common import OP_NAMESPACE, cdiv, is_channels_last, new_buffer, op_registered, pow2
 from automix_fast.kernels.launches import launch
 
 __all__ = ["mask_mix", "mask_mix_forward", "mask_mix_backward"]
@@ -305,12 +305,12 @@ def mask_mix_forward(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, 
     if channels_inner:  # BLOCK_P counts elements: 8 per thread, 16-32 bytes each
         # 1024 (4 warps) for small images, so a CIFAR batch still spreads over every SM.
         block_p = 2048 if H * W * C >= 16384 else pow2(H * W * C, 128, 1024)
-        n_pblocks = triton.cdiv(H * W * C, block_p)
+        n_pblocks = cdiv(H * W * C, block_p)
         warps = max(1, block_p // 256)
     else:
         # 512 pixels for images up to 2048 pixels: a CIFAR batch of 100 gets 200 programs, not 100.
         block_p = 1024 if H * W > 2048 else pow2(H * W, 16, 512)
-        n_pblocks = triton.cdiv(H * W, block_p)
+        n_pblocks = cdiv(H * W, block_p)
         warps = 4 if block_p <= 512 else 8
     block_c = pow2(C, hi=4)
     partial = new_buffer((N, n_pblocks), torch.float32, x.device)
@@ -353,7 +353,7 @@ def mask_mix_backward(logits, x, perm, mode, g, g_smean):
         block_b = min(8, block_b)
         rows = max(1, min(512 // block_x, pow2(H)))
         warps = 2
-    launch(_bwd_rows, (triton.cdiv(H, rows), triton.cdiv(w, block_b), N),
+    launch(_bwd_rows, (cdiv(H, rows), cdiv(w, block_b), N),
         lg, x, perm, g_arg, gs_arg, t,
         H, W, h, w, C, _scale(h, H), _scale(w, W), W / w, 1.0 / (H * W),
         *lg.stride(), *x.stride(), *g_arg.stride(), gs_arg.stride(0), *t.stride(),
@@ -363,7 +363,7 @@ def mask_mix_backward(logits, x, perm, mode, g, g_smean):
     dlogits = new_buffer((N, 1, h, w), logits.dtype, logits.device)
     dl = dlogits[:, 0]
     block_y = pow2(math.ceil(2 * H / h) + 6, 16, 64)
-    launch(_bwd_cols, (h, triton.cdiv(w, block_b), N),
+    launch(_bwd_cols, (h, cdiv(w, block_b), N),
         t, dl, H, h, w, _scale(h, H), H / h,
         *t.stride(), *dl.stride(),
         BLOCK_Y=block_y, BLOCK_B=block_b, BILINEAR=bilinear, num_warps=4)

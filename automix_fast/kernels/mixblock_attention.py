@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from automix_fast.kernels.common import OP_NAMESPACE, new_buffer, op_registered, pow2, tl_dtype, triton_interpret
+from automix_fast.kernels.common import OP_NAMESPACE, cdiv, new_buffer, op_registered, pow2, tl_dtype, triton_interpret
 from automix_fast.kernels.launches import launch
 
 __all__ = ["mixblock_attention", "attention_forward", "attention_backward"]
@@ -233,9 +233,14 @@ def _bwd_dkdv(Q, K, V, OUT, LSE, G, DK, DV,
 
 # ----------------------------------------------------------------------------- host side
 
+# Whether the kernels above run under triton's interpreter: triton.jit decides that when it
+# decorates them, at this module's import.
+INTERPRETED = triton_interpret()
+
+
 def _dot_settings(dtype: torch.dtype):
     """(operand dtype for tl.dot, input_precision)."""
-    if triton_interpret() or dtype == torch.float32:
+    if dtype == torch.float32 or INTERPRETED:
         return tl.float32, "ieee"
     return tl_dtype(dtype), "ieee"
 
@@ -272,7 +277,7 @@ def _bwd_config(rows: int, other: int, D: int, dtype: torch.dtype):
     block_other = 64
     if dtype != torch.float32:
         chunk = pow2(D, 16, 128)
-    return block_own, block_other, chunk, False, triton.cdiv(D, chunk), 8  # fp32 with 4 warps spills ~300 B on sm_80
+    return block_own, block_other, chunk, False, cdiv(D, chunk), 8  # fp32 with 4 warps spills ~300 B on sm_80
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
@@ -283,7 +288,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     lse = new_buffer((N, L), torch.float32, q.device)
     block_m, block_n, block_d, warps = _fwd_config(L, LK, D, q.dtype)
     dot_dtype, precision = _dot_settings(q.dtype)
-    grid = (triton.cdiv(L, block_m), N)
+    grid = (cdiv(L, block_m), N)
     launch(_fwd, grid, q, k, v, out, lse, L, LK, D, scale * LOG2E,
                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
@@ -302,7 +307,7 @@ def attention_backward(q, k, v, out, lse, g, scale: float, need_dq: bool = True,
     if need_dq:
         dq = new_buffer((N, L, D), q.dtype, q.device)
         bm, bn, bd, one, nd, warps = _bwd_config(L, LK, D, q.dtype)
-        launch(_bwd_dq, (triton.cdiv(L, bm), nd, N),
+        launch(_bwd_dq, (cdiv(L, bm), nd, N),
             q, k, v, out, lse, g, dq, *common, *dq.stride(),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_TILE=one, IN_DTYPE=tl_dtype(q.dtype),
             DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=warps, num_stages=2)
@@ -310,7 +315,7 @@ def attention_backward(q, k, v, out, lse, g, scale: float, need_dq: bool = True,
         dk = new_buffer((N, LK, D), k.dtype, k.device)
         dv = new_buffer((N, LK), v.dtype, v.device)
         bn, bm, bd, one, nd, warps = _bwd_config(LK, L, D, q.dtype)
-        launch(_bwd_dkdv, (triton.cdiv(LK, bn), nd, N),
+        launch(_bwd_dkdv, (cdiv(LK, bn), nd, N),
             q, k, v, out, lse, g, dk, dv, *common, *dk.stride(), *dv.stride(),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_TILE=one, IN_DTYPE=tl_dtype(q.dtype),
             DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=warps, num_stages=2)
