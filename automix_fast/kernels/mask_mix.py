@@ -404,7 +404,8 @@ def _backward(ctx, g, g_smean, backward):
 # (shape-only) implementations and the autograd formula, so torch.compile traces through them.
 if not op_registered("mask_mix_fwd"):
 
-    @torch.library.custom_op(f"{OP_NAMESPACE}::mask_mix_fwd", mutates_args=())
+    @torch.library.custom_op(f"{OP_NAMESPACE}::mask_mix_fwd", mutates_args=(),
+                             schema="(Tensor logits, Tensor x, Tensor perm, str mode) -> (Tensor, Tensor)")
     def _fwd_op(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
         return mask_mix_forward(logits, x, perm, mode)
 
@@ -413,7 +414,8 @@ if not op_registered("mask_mix_fwd"):
         memory_format = torch.channels_last if is_channels_last(x) else torch.contiguous_format
         return torch.empty_like(x, memory_format=memory_format), x.new_empty((x.shape[0],), dtype=torch.float32)
 
-    @torch.library.custom_op(f"{OP_NAMESPACE}::mask_mix_bwd", mutates_args=())
+    @torch.library.custom_op(f"{OP_NAMESPACE}::mask_mix_bwd", mutates_args=(),
+                             schema="(Tensor logits, Tensor x, Tensor perm, str mode, Tensor? g, Tensor? g_smean) -> Tensor")
     def _bwd_op(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, mode: str,
                 g: torch.Tensor | None, g_smean: torch.Tensor | None) -> torch.Tensor:
         return mask_mix_backward(logits, x, perm, mode, g, g_smean)

@@ -357,7 +357,8 @@ def _backward(ctx, g, backward):
 # through them. The backward op returns an empty tensor for a gradient it was not asked for.
 if not op_registered("mixblock_attention_fwd"):
 
-    @torch.library.custom_op(f"{OP_NAMESPACE}::mixblock_attention_fwd", mutates_args=())
+    @torch.library.custom_op(f"{OP_NAMESPACE}::mixblock_attention_fwd", mutates_args=(),
+                             schema="(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)")
     def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         return attention_forward(q, k, v, scale)
 
@@ -365,7 +366,9 @@ if not op_registered("mixblock_attention_fwd"):
     def _(q, k, v, scale):
         return q.new_empty(q.shape[:2], dtype=torch.float32), q.new_empty(q.shape[:2], dtype=torch.float32)
 
-    @torch.library.custom_op(f"{OP_NAMESPACE}::mixblock_attention_bwd", mutates_args=())
+    @torch.library.custom_op(f"{OP_NAMESPACE}::mixblock_attention_bwd", mutates_args=(), schema=(
+        "(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor g, float scale, bool need_dq, bool need_dkdv)"
+        " -> (Tensor, Tensor, Tensor)"))
     def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                 g: torch.Tensor, scale: float, need_dq: bool, need_dkdv: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dq, dk, dv = attention_backward(q, k, v, out, lse, g, scale, need_dq=need_dq, need_dkdv=need_dkdv)
