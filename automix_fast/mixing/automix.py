@@ -227,9 +227,15 @@ class AutoMix(Mixer):
         compiled `step_loss` takes, so a new lambda is a new input rather than a recompile (dynamo
         specializes on Python floats). Close to the float step, not bit-identical: 1 - lam rounds
         in float32 instead of float64."""
+        device = torch.device(device)
+
+        def scalar(v: float) -> torch.Tensor:
+            t = torch.tensor(v, dtype=torch.float32)
+            # From pinned memory the copy is asynchronous: no wait on the device's queue.
+            return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+
         floats = ("lam_bb", "lam_mb", "mask_weight")
-        return {k: torch.tensor(v, dtype=torch.float32).to(device, non_blocking=True) if k in floats else v
-                for k, v in draws.items()}
+        return {k: scalar(v) if k in floats else v for k, v in draws.items()}
 
     def backbone_only_terms(self, x, y, lam_bb, perm_bb, plain_mixup: bool) -> dict[str, torch.Tensor]:
         """A step that skips the Mix Block branch (mix_block_every > 1): the same keys as a full
