@@ -7,8 +7,11 @@ the torch reference use `triton_interpret` and `is_channels_last` without triton
     new_buffer(...)         a buffer a kernel fills (uninitialised, or NaN under the hook)
     triton_interpret()      True when TRITON_INTERPRET asks for triton's CPU interpreter
     pow2(x, lo, hi)         the next power of two >= x, clamped to [lo, hi]
+    cdiv(a, b)              ceil(a / b) for ints (triton.cdiv, without its per-call wrapper cost)
     tl_dtype(dtype)         the triton dtype of a float32 / float16 / bfloat16 torch dtype
     is_channels_last(x)     a 4-d tensor laid out NHWC (and not also plainly contiguous)
+    OP_NAMESPACE            the torch.library namespace of the kernels' custom ops
+    op_registered(name)     whether OP_NAMESPACE::name is already defined (a module re-import)
 """
 from __future__ import annotations
 
@@ -16,7 +19,10 @@ import os
 
 import torch
 
-__all__ = ["POISON_OUTPUTS", "new_buffer", "triton_interpret", "pow2", "tl_dtype", "is_channels_last"]
+__all__ = ["POISON_OUTPUTS", "new_buffer", "triton_interpret", "pow2", "cdiv", "tl_dtype", "is_channels_last",
+           "OP_NAMESPACE", "op_registered"]
+
+OP_NAMESPACE = "automix_fast"  # torch.ops.automix_fast.<op>: the kernels as torch custom ops
 
 # Test hook: when True every buffer a kernel is meant to fill is allocated full of NaN, so an
 # element a kernel forgets to write shows up as NaN instead of as stale memory.
@@ -42,6 +48,11 @@ def pow2(x: int, lo: int = 1, hi: int | None = None) -> int:
     return p if hi is None else min(hi, p)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive ints, as triton.cdiv (a constexpr function there: ~us a host call)."""
+    return -(-a // b)
+
+
 def tl_dtype(dtype: torch.dtype):
     """tl.float32 / tl.float16 / tl.bfloat16 for the matching torch dtype (KeyError otherwise)."""
     import triton.language as tl
@@ -52,3 +63,9 @@ def tl_dtype(dtype: torch.dtype):
 def is_channels_last(x: torch.Tensor) -> bool:
     """True when a 4-d tensor is laid out NHWC (and not also plainly contiguous, as C == 1 is)."""
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def op_registered(name: str) -> bool:
+    """True when the custom op OP_NAMESPACE::name is already defined in this process, so a
+    kernel module imported a second time (importlib.reload) does not define it again."""
+    return hasattr(getattr(torch.ops, OP_NAMESPACE), name)

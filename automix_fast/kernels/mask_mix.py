@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from automix_fast.kernels.common import is_channels_last, new_buffer, pow2
+from automix_fast.kernels.common import OP_NAMESPACE, cdiv, is_channels_last, new_buffer, op_registered, pow2
 from automix_fast.kernels.launches import launch
 
 __all__ = ["mask_mix", "mask_mix_forward", "mask_mix_backward"]
@@ -305,12 +305,12 @@ def mask_mix_forward(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, 
     if channels_inner:  # BLOCK_P counts elements: 8 per thread, 16-32 bytes each
         # 1024 (4 warps) for small images, so a CIFAR batch still spreads over every SM.
         block_p = 2048 if H * W * C >= 16384 else pow2(H * W * C, 128, 1024)
-        n_pblocks = triton.cdiv(H * W * C, block_p)
+        n_pblocks = cdiv(H * W * C, block_p)
         warps = max(1, block_p // 256)
     else:
         # 512 pixels for images up to 2048 pixels: a CIFAR batch of 100 gets 200 programs, not 100.
         block_p = 1024 if H * W > 2048 else pow2(H * W, 16, 512)
-        n_pblocks = triton.cdiv(H * W, block_p)
+        n_pblocks = cdiv(H * W, block_p)
         warps = 4 if block_p <= 512 else 8
     block_c = pow2(C, hi=4)
     partial = new_buffer((N, n_pblocks), torch.float32, x.device)
@@ -322,7 +322,7 @@ def mask_mix_forward(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, 
         BLOCK_P=block_p, BLOCK_C=block_c, BILINEAR=(mode == "bilinear"),
         FLAT=_flat_pixels(x) and _flat_pixels(out), CHANNELS_INNER=channels_inner,
         num_warps=warps)
-    s_mean = partial.sum(dim=1) / (H * W)
+    s_mean = partial.sum(dim=1).div_(H * W)  # in place: one buffer fewer
     return out, s_mean
 
 
@@ -353,7 +353,7 @@ def mask_mix_backward(logits, x, perm, mode, g, g_smean):
         block_b = min(8, block_b)
         rows = max(1, min(512 // block_x, pow2(H)))
         warps = 2
-    launch(_bwd_rows, (triton.cdiv(H, rows), triton.cdiv(w, block_b), N),
+    launch(_bwd_rows, (cdiv(H, rows), cdiv(w, block_b), N),
         lg, x, perm, g_arg, gs_arg, t,
         H, W, h, w, C, _scale(h, H), _scale(w, W), W / w, 1.0 / (H * W),
         *lg.stride(), *x.stride(), *g_arg.stride(), gs_arg.stride(0), *t.stride(),
@@ -363,7 +363,7 @@ def mask_mix_backward(logits, x, perm, mode, g, g_smean):
     dlogits = new_buffer((N, 1, h, w), logits.dtype, logits.device)
     dl = dlogits[:, 0]
     block_y = pow2(math.ceil(2 * H / h) + 6, 16, 64)
-    launch(_bwd_cols, (h, triton.cdiv(w, block_b), N),
+    launch(_bwd_cols, (h, cdiv(w, block_b), N),
         t, dl, H, h, w, _scale(h, H), H / h,
         *t.stride(), *dl.stride(),
         BLOCK_Y=block_y, BLOCK_B=block_b, BILINEAR=bilinear, num_warps=4)
@@ -371,26 +371,71 @@ def mask_mix_backward(logits, x, perm, mode, g, g_smean):
 
 
 class MaskMix(torch.autograd.Function):
+    """The eager autograd path: the fewest host steps per call."""
+
     @staticmethod
     def forward(ctx, logits, x, perm, mode):
         x = x.detach()
         x_mix, s_mean = mask_mix_forward(logits, x, perm, mode)
-        ctx.save_for_backward(logits, x, perm)
-        ctx.mode = mode
-        ctx.set_materialize_grads(False)
+        _save(ctx, (logits, x, perm, mode))
         return x_mix, s_mean
 
     @staticmethod
     def backward(ctx, g, g_smean):
-        logits, x, perm = ctx.saved_tensors
-        if (g is None and g_smean is None) or not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        return mask_mix_backward(logits, x, perm, ctx.mode, g, g_smean), None, None, None
+        return _backward(ctx, g, g_smean, mask_mix_backward)
+
+
+def _save(ctx, inputs) -> None:
+    logits, x, perm, mode = inputs
+    ctx.save_for_backward(logits, x.detach(), perm)
+    ctx.mode = mode
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, g, g_smean, backward):
+    """(d logits, None, None, None) from `backward(logits, x, perm, mode, g, g_smean)`."""
+    logits, x, perm = ctx.saved_tensors
+    if (g is None and g_smean is None) or not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    return backward(logits, x, perm, ctx.mode, g, g_smean), None, None, None
+
+
+# The same launchers as torch custom ops (torch.ops.automix_fast.mask_mix_fwd / _bwd), with fake
+# (shape-only) implementations and the autograd formula, so torch.compile traces through them.
+if not op_registered("mask_mix_fwd"):
+
+    @torch.library.custom_op(f"{OP_NAMESPACE}::mask_mix_fwd", mutates_args=(),
+                             schema="(Tensor logits, Tensor x, Tensor perm, str mode) -> (Tensor, Tensor)")
+    def _fwd_op(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return mask_mix_forward(logits, x, perm, mode)
+
+    @_fwd_op.register_fake
+    def _(logits, x, perm, mode):
+        memory_format = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+        return torch.empty_like(x, memory_format=memory_format), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+    @torch.library.custom_op(f"{OP_NAMESPACE}::mask_mix_bwd", mutates_args=(),
+                             schema="(Tensor logits, Tensor x, Tensor perm, str mode, Tensor? g, Tensor? g_smean) -> Tensor")
+    def _bwd_op(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, mode: str,
+                g: torch.Tensor | None, g_smean: torch.Tensor | None) -> torch.Tensor:
+        return mask_mix_backward(logits, x, perm, mode, g, g_smean)
+
+    @_bwd_op.register_fake
+    def _(logits, x, perm, mode, g, g_smean):
+        return logits.new_empty((logits.shape[0], 1, *logits.shape[-2:]))
+
+    _fwd_op.register_autograd(
+        lambda ctx, g, g_smean: _backward(ctx, g, g_smean, torch.ops.automix_fast.mask_mix_bwd),
+        setup_context=lambda ctx, inputs, output: _save(ctx, inputs))
 
 
 def mask_mix(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, mode: str = "nearest"):
     """(x_mix in x's dtype and memory format, s_mean (N,) fp32); differentiable in logits.
 
+    Eager calls run the autograd Function; under torch.compile the custom op
+    automix_fast::mask_mix_fwd (same launchers, same numbers) is traced instead.
     Arguments are validated by `automix_fast.ops.mask_mix`; call that instead.
     """
+    if torch.compiler.is_compiling():
+        return torch.ops.automix_fast.mask_mix_fwd(logits, x, perm, mode)
     return MaskMix.apply(logits, x, perm, mode)

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from automix_fast.kernels.common import new_buffer, pow2, tl_dtype, triton_interpret
+from automix_fast.kernels.common import OP_NAMESPACE, cdiv, new_buffer, op_registered, pow2, tl_dtype, triton_interpret
 from automix_fast.kernels.launches import launch
 
 __all__ = ["mixblock_attention", "attention_forward", "attention_backward"]
@@ -233,9 +233,14 @@ def _bwd_dkdv(Q, K, V, OUT, LSE, G, DK, DV,
 
 # ----------------------------------------------------------------------------- host side
 
+# Whether the kernels above run under triton's interpreter: triton.jit decides that when it
+# decorates them, at this module's import.
+INTERPRETED = triton_interpret()
+
+
 def _dot_settings(dtype: torch.dtype):
     """(operand dtype for tl.dot, input_precision)."""
-    if triton_interpret() or dtype == torch.float32:
+    if dtype == torch.float32 or INTERPRETED:
         return tl.float32, "ieee"
     return tl_dtype(dtype), "ieee"
 
@@ -272,7 +277,7 @@ def _bwd_config(rows: int, other: int, D: int, dtype: torch.dtype):
     block_other = 64
     if dtype != torch.float32:
         chunk = pow2(D, 16, 128)
-    return block_own, block_other, chunk, False, triton.cdiv(D, chunk), 8  # fp32 with 4 warps spills ~300 B on sm_80
+    return block_own, block_other, chunk, False, cdiv(D, chunk), 8  # fp32 with 4 warps spills ~300 B on sm_80
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
@@ -283,7 +288,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     lse = new_buffer((N, L), torch.float32, q.device)
     block_m, block_n, block_d, warps = _fwd_config(L, LK, D, q.dtype)
     dot_dtype, precision = _dot_settings(q.dtype)
-    grid = (triton.cdiv(L, block_m), N)
+    grid = (cdiv(L, block_m), N)
     launch(_fwd, grid, q, k, v, out, lse, L, LK, D, scale * LOG2E,
                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
@@ -302,7 +307,7 @@ def attention_backward(q, k, v, out, lse, g, scale: float, need_dq: bool = True,
     if need_dq:
         dq = new_buffer((N, L, D), q.dtype, q.device)
         bm, bn, bd, one, nd, warps = _bwd_config(L, LK, D, q.dtype)
-        launch(_bwd_dq, (triton.cdiv(L, bm), nd, N),
+        launch(_bwd_dq, (cdiv(L, bm), nd, N),
             q, k, v, out, lse, g, dq, *common, *dq.stride(),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_TILE=one, IN_DTYPE=tl_dtype(q.dtype),
             DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=warps, num_stages=2)
@@ -310,7 +315,7 @@ def attention_backward(q, k, v, out, lse, g, scale: float, need_dq: bool = True,
         dk = new_buffer((N, LK, D), k.dtype, k.device)
         dv = new_buffer((N, LK), v.dtype, v.device)
         bn, bm, bd, one, nd, warps = _bwd_config(LK, L, D, q.dtype)
-        launch(_bwd_dkdv, (triton.cdiv(LK, bn), nd, N),
+        launch(_bwd_dkdv, (cdiv(LK, bn), nd, N),
             q, k, v, out, lse, g, dk, dv, *common, *dk.stride(), *dv.stride(),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_TILE=one, IN_DTYPE=tl_dtype(q.dtype),
             DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=warps, num_stages=2)
@@ -318,27 +323,83 @@ def attention_backward(q, k, v, out, lse, g, scale: float, need_dq: bool = True,
 
 
 class MixBlockAttention(torch.autograd.Function):
+    """The eager autograd path: the fewest host steps per call."""
+
     @staticmethod
     def forward(ctx, q, k, v, scale):
         out, lse = attention_forward(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
+        _save(ctx, (q, k, v, scale), (out, lse))
         return out
 
     @staticmethod
     def backward(ctx, g):
-        q, k, v, out, lse = ctx.saved_tensors
-        need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        dq, dk, dv = attention_backward(q, k, v, out, lse, g, ctx.scale,
-                                        need_dq=need_q, need_dkdv=need_k or need_v)
-        return dq, (dk if need_k else None), (dv if need_v else None), None
+        return _backward(ctx, g, attention_backward)
+
+
+def _save(ctx, inputs, outputs) -> None:
+    q, k, v, scale = inputs
+    ctx.save_for_backward(q, k, v, *outputs)
+    ctx.scale = scale
+
+
+def _backward(ctx, g, backward):
+    """(dq, dk, dv, None) from `backward(q, k, v, out, lse, g, scale, need_dq, need_dkdv)`."""
+    q, k, v, out, lse = ctx.saved_tensors
+    need_q, need_k, need_v = ctx.needs_input_grad[:3]
+    if g is None:
+        return None, None, None, None
+    dq, dk, dv = backward(q, k, v, out, lse, g, ctx.scale, need_dq=need_q, need_dkdv=need_k or need_v)
+    return (dq if need_q else None), (dk if need_k else None), (dv if need_v else None), None
+
+
+# The same launchers as torch custom ops (torch.ops.automix_fast.mixblock_attention_fwd / _bwd),
+# with fake (shape-only) implementations and the autograd formula, so torch.compile traces
+# through them. The backward op returns an empty tensor for a gradient it was not asked for.
+if not op_registered("mixblock_attention_fwd"):
+
+    @torch.library.custom_op(f"{OP_NAMESPACE}::mixblock_attention_fwd", mutates_args=(),
+                             schema="(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)")
+    def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return attention_forward(q, k, v, scale)
+
+    @_fwd_op.register_fake
+    def _(q, k, v, scale):
+        return q.new_empty(q.shape[:2], dtype=torch.float32), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+    @torch.library.custom_op(f"{OP_NAMESPACE}::mixblock_attention_bwd", mutates_args=(), schema=(
+        "(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor g, float scale, bool need_dq, bool need_dkdv)"
+        " -> (Tensor, Tensor, Tensor)"))
+    def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                g: torch.Tensor, scale: float, need_dq: bool, need_dkdv: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dq, dk, dv = attention_backward(q, k, v, out, lse, g, scale, need_dq=need_dq, need_dkdv=need_dkdv)
+        empty = q.new_empty(0)
+        return (empty if dq is None else dq), (empty if dk is None else dk), (empty if dv is None else dv)
+
+    @_bwd_op.register_fake
+    def _(q, k, v, out, lse, g, scale, need_dq, need_dkdv):
+        empty = q.new_empty(0)
+        return (q.new_empty(q.shape) if need_dq else empty, k.new_empty(k.shape) if need_dkdv else empty,
+                v.new_empty(v.shape) if need_dkdv else empty)
+
+    def _setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])  # lse
+        ctx.set_materialize_grads(False)
+        _save(ctx, inputs, output)
+
+    _fwd_op.register_autograd(
+        lambda ctx, g, g_lse: _backward(ctx, g, torch.ops.automix_fast.mixblock_attention_bwd),
+        setup_context=_setup_context)
 
 
 def mixblock_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v for a one-channel v: (N, L) float32, differentiable in q, k, v.
 
+    Eager calls run the autograd Function; under torch.compile the custom op
+    automix_fast::mixblock_attention_fwd (same launchers, same numbers) is traced instead.
     Arguments are validated by `automix_fast.ops.mixblock_attention`; call that instead.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if torch.compiler.is_compiling():
+        return torch.ops.automix_fast.mixblock_attention_fwd(q, k, v, float(scale))[0]
     return MixBlockAttention.apply(q, k, v, float(scale))

@@ -86,7 +86,7 @@ SATURATED = 0.05  # a mask pixel is saturated below this or above 1 - this
 
 
 @torch.no_grad()
-def mask_statistics(logits: torch.Tensor, s_mean: torch.Tensor, lam: float) -> dict[str, torch.Tensor]:
+def mask_statistics(logits: torch.Tensor, s_mean: torch.Tensor, lam) -> dict[str, torch.Tensor]:
     """What the masks look like, as device scalars (no host read here).
 
     mask_partner_mean: mean partner weight s over the batch (the mask loss holds it near
@@ -101,7 +101,7 @@ def mask_statistics(logits: torch.Tensor, s_mean: torch.Tensor, lam: float) -> d
     partner = s_mean.mean()
     return {
         "mask_partner_mean": partner,
-        "mask_partner_target": torch.full_like(partner, 1.0 - lam),
+        "mask_partner_target": torch.zeros_like(partner) + (1.0 - lam),  # lam: a float or a 0-d tensor
         "mask_pixel_std": s.std(dim=1, unbiased=False).mean(),
         "mask_image_std": s_mean.std(unbiased=False) if s_mean.numel() > 1 else torch.zeros_like(partner),
         "mask_saturated": ((s < SATURATED) | (s > 1.0 - SATURATED)).float().mean(),
@@ -159,6 +159,7 @@ class AutoMix(Mixer):
         # policy's train()/eval(): train mode (batch statistics, its own BN running stats) while
         # training, eval mode for evaluation. Its EMA averages the parameters only (its BN
         # statistics stay its own), with the momentum of `encoder_momentum` at each step.
+        self.compiled_step = None  # set by compile_step
         self.k_ema = ModelEma(model, momentum_base, exclude_buffers=True)
         self.momentum_encoder = self.k_ema.module
         self.mix_block = MixBlock(
@@ -198,22 +199,52 @@ class AutoMix(Mixer):
             return self.random.beta(self.alpha, step, stream), perm
         return self.random.pair(self.alpha, x.shape[0], step, stream, x.device)
 
-    def mixed_backbone_input(self, x, m_bb, lam_bb: float, perm_bb):
-        """x_bb: plain mixup near lam 0 or 1, else the Mix Block's mix with m_bb (no gradient)."""
+    def plain_mixup(self, lam_bb: float) -> bool:
+        """Whether x_bb is plain mixup: lam_bb within lam_margin of 0 or 1 (a host float: no sync)."""
+        return min(lam_bb, 1.0 - lam_bb) <= self.lam_margin
+
+    def mixed_backbone_input(self, x, m_bb, lam_bb, perm_bb, plain_mixup: bool):
+        """x_bb: plain mixup when `plain_mixup`, else the Mix Block's mix with m_bb (no gradient)."""
         with torch.no_grad():
-            if min(lam_bb, 1.0 - lam_bb) <= self.lam_margin:  # lam is a host float: no device sync
-                return torch.lerp(x[perm_bb], x, lam_bb)
+            if plain_mixup:
+                return torch.lerp(x[perm_bb], x, lam_bb.to(x.dtype) if isinstance(lam_bb, torch.Tensor) else lam_bb)
             return self.mix_block.mix(m_bb, x, perm_bb)[0]
 
-    def backbone_only_terms(self, x, y, step) -> dict[str, torch.Tensor]:
+    def draws(self, x, step: int, total_steps: int) -> dict:
+        """The step's host-side values, a pure function of (seed, step): lam_bb, perm_bb and whether
+        x_bb is plain mixup, and on a step that trains the Mix Block also lam_mb, perm_mb and the
+        mask-loss weight. `step_loss(x, y, **draws)` is the rest of the step."""
+        lam_bb, perm_bb = self.draw(x, step, BACKBONE_STREAM)
+        draws = {"lam_bb": lam_bb, "perm_bb": perm_bb, "plain_mixup": self.plain_mixup(lam_bb)}
+        if self.trains_mix_block(step):
+            lam_mb, perm_mb = self.draw(x, step, MIX_BLOCK_STREAM)  # independent streams
+            draws.update(lam_mb=lam_mb, perm_mb=perm_mb, mask_weight=self.mask_weight_at(step, total_steps))
+        return draws
+
+    @staticmethod
+    def tensor_draws(draws: dict, device) -> dict:
+        """The draws with lam_bb, lam_mb and mask_weight as 0-d float32 tensors on `device`: what a
+        compiled `step_loss` takes, so a new lambda is a new input rather than a recompile (dynamo
+        specializes on Python floats). Close to the float step, not bit-identical: 1 - lam rounds
+        in float32 instead of float64."""
+        device = torch.device(device)
+
+        def scalar(v: float) -> torch.Tensor:
+            t = torch.tensor(v, dtype=torch.float32)
+            # From pinned memory the copy is asynchronous: no wait on the device's queue.
+            return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+
+        floats = ("lam_bb", "lam_mb", "mask_weight")
+        return {k: scalar(v) if k in floats else v for k, v in draws.items()}
+
+    def backbone_only_terms(self, x, y, lam_bb, perm_bb, plain_mixup: bool) -> dict[str, torch.Tensor]:
         """A step that skips the Mix Block branch (mix_block_every > 1): the same keys as a full
         step, L_mix_k = L_mask = 0, the mask statistics of m_bb."""
-        lam_bb, perm_bb = self.draw(x, step, BACKBONE_STREAM)
         f = self.mix_block_features(x)
         with torch.no_grad():
             m_bb = self.mix_block(f, lam_bb, perm_bb)
             s_mean_bb = torch.sigmoid(m_bb.float()).mean(dim=(1, 2, 3))  # exact for nearest upsampling
-        x_bb = self.mixed_backbone_input(x, m_bb, lam_bb, perm_bb)
+        x_bb = self.mixed_backbone_input(x, m_bb, lam_bb, perm_bb, plain_mixup)
         l_one_q = F.cross_entropy(self.model(x, head="one"), y, label_smoothing=self.smoothing)
         l_mix_q = mix_cross_entropy(self.model(x_bb, head="mix"), y, perm_bb, lam_bb, self.smoothing)
         zero = torch.zeros((), device=l_one_q.device, dtype=l_one_q.dtype)
@@ -221,16 +252,12 @@ class AutoMix(Mixer):
                 "mask_self_weight": 1.0 - s_mean_bb.mean(), "lam_mb": lam_bb,
                 **mask_statistics(m_bb, s_mean_bb, lam_bb), **self.mix_block.weight_norms()}
 
-    def loss_terms(self, x, y, step, total_steps) -> dict[str, torch.Tensor]:
-        """The four loss terms of the step (graph-connected) and the mask's self weight."""
-        if not self.trains_mix_block(step):
-            return self.backbone_only_terms(x, y, step)
-        lam_mb, perm_mb = self.draw(x, step, MIX_BLOCK_STREAM)  # independent streams
-        lam_bb, perm_bb = self.draw(x, step, BACKBONE_STREAM)
+    def mix_block_terms(self, x, y, lam_bb, perm_bb, plain_mixup: bool, lam_mb, perm_mb, mask_weight):
+        """The four loss terms of a step that trains the Mix Block (graph-connected)."""
         m_mb, m_bb = self.mix_masks(x, lam_mb, perm_mb, lam_bb, perm_bb)
 
         x_mb, s_mean_mb = self.mix_block.mix(m_mb, x, perm_mb)
-        x_bb = self.mixed_backbone_input(x, m_bb, lam_bb, perm_bb)
+        x_bb = self.mixed_backbone_input(x, m_bb, lam_bb, perm_bb, plain_mixup)
 
         # k's weights need no gradient, but x_mb does: the loss flows through k's activations into the MB.
         l_mix_k = mix_cross_entropy(self.momentum_encoder(x_mb, head="mix"), y, perm_mb, lam_mb, self.smoothing)
@@ -238,10 +265,22 @@ class AutoMix(Mixer):
         l_mix_q = mix_cross_entropy(self.model(x_bb, head="mix"), y, perm_bb, lam_bb, self.smoothing)
         self_weight = 1.0 - s_mean_mb.mean()
         mask_loss = torch.clamp((self_weight - lam_mb).abs() - self.mask_margin, min=0.0)
-        l_mask = self.mask_weight_at(step, total_steps) * mask_loss
+        l_mask = mask_weight * mask_loss
         return {"l_mix_q": l_mix_q, "l_one_q": l_one_q, "l_mix_k": l_mix_k, "l_mask": l_mask,
                 "mask_self_weight": self_weight, "lam_mb": lam_mb,
                 **mask_statistics(m_mb, s_mean_mb, lam_mb), **self.mix_block.weight_norms()}
+
+    def terms(self, x, y, lam_bb, perm_bb, plain_mixup: bool, lam_mb=None, perm_mb=None,
+              mask_weight=0.0) -> dict[str, torch.Tensor]:
+        """The loss terms and the mask's self weight from the step's `draws` (lam and the mask
+        weight as floats, or as the 0-d tensors of `tensor_draws`)."""
+        if lam_mb is None:
+            return self.backbone_only_terms(x, y, lam_bb, perm_bb, plain_mixup)
+        return self.mix_block_terms(x, y, lam_bb, perm_bb, plain_mixup, lam_mb, perm_mb, mask_weight)
+
+    def loss_terms(self, x, y, step, total_steps) -> dict[str, torch.Tensor]:
+        """The four loss terms of the step (graph-connected) and the mask's self weight."""
+        return self.terms(x, y, **self.draws(x, step, total_steps))
 
     def mask_weight_at(self, step: int, total_steps: int) -> float:
         if self.mask_anneal != "compound":
@@ -251,7 +290,21 @@ class AutoMix(Mixer):
         return self._compound(step)
 
     def loss(self, x, y, step, total_steps):
-        terms = self.loss_terms(x, y, step, total_steps)
+        draws = self.draws(x, step, total_steps)
+        if self.compiled_step is None:
+            return self.step_loss(x, y, **draws)
+        return self.compiled_step(x, y, **self.tensor_draws(draws, x.device))
+
+    def compile_step(self, **options) -> None:
+        """From now on `loss` runs torch.compile(step_loss, fullgraph=True, **options) on the
+        `tensor_draws`. One graph per kind of step (with or without the Mix Block branch) and
+        per plain_mixup value: up to four compiles, none per lambda."""
+        self.compiled_step = torch.compile(self.step_loss, fullgraph=True, **options)
+
+    def step_loss(self, x, y, **draws):
+        """(loss, logs) of the step from its `draws`: no host work, so torch.compile traces it
+        whole (fullgraph=True)."""
+        terms = self.terms(x, y, **draws)
         loss = terms["l_mix_q"] + terms["l_one_q"] + terms["l_mix_k"] + terms["l_mask"]
         logs = {k: v.detach() for k, v in terms.items() if k != "lam_mb"}
         logs["loss"] = loss.detach()

@@ -25,12 +25,19 @@ __all__ = ["mixblock_attention", "mask_mix", "resolve_backend", "triton_availabl
            "BACKENDS", "MODES", "reference"]
 
 
+_triton_found: bool | None = None  # whether triton imports; looked up on the first call
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    global _triton_found
+    if _triton_found is None:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _triton_found = False
+        else:
+            _triton_found = True
+    return _triton_found
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
