@@ -95,9 +95,9 @@ def test_onnx_export_gives_the_same_logits(tmp_path, capsys):
     assert json.loads((tmp_path / "m.json").read_text())["file_format"] == "onnx"
     onnx.checker.check_model(onnx.load(str(out)))
     ort = pytest.importorskip("onnxruntime")
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    onnx_model = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     for n in (1, 3):
         x = torch.randn(n, 3, 32, 32)
-        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        (got,) = onnx_model.run(None, {onnx_model.get_inputs()[0].name: x.numpy()})
         with torch.no_grad():
             torch.testing.assert_close(torch.from_numpy(got), model(x, head="one"), rtol=1e-4, atol=1e-4)
