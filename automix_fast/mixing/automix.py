@@ -99,9 +99,10 @@ def mask_statistics(logits: torch.Tensor, s_mean: torch.Tensor, lam) -> dict[str
     s = torch.sigmoid(logits.detach().float()).flatten(1)  # (N, h*w)
     s_mean = s_mean.detach().float()
     partner = s_mean.mean()
+    target = 1.0 - lam  # lam: a host float (eager) or a 0-d tensor (the compiled step)
     return {
         "mask_partner_mean": partner,
-        "mask_partner_target": torch.zeros_like(partner) + (1.0 - lam),  # lam: a float or a 0-d tensor
+        "mask_partner_target": target.to(partner.dtype) if torch.is_tensor(target) else torch.full_like(partner, target),
         "mask_pixel_std": s.std(dim=1, unbiased=False).mean(),
         "mask_image_std": s_mean.std(unbiased=False) if s_mean.numel() > 1 else torch.zeros_like(partner),
         "mask_saturated": ((s < SATURATED) | (s > 1.0 - SATURATED)).float().mean(),
