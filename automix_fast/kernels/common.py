@@ -12,6 +12,7 @@ the torch reference use `triton_interpret` and `is_channels_last` without triton
     is_channels_last(x)     a 4-d tensor laid out NHWC (and not also plainly contiguous)
     OP_NAMESPACE            the torch.library namespace of the kernels' custom ops
     op_registered(name)     whether OP_NAMESPACE::name is already defined (a module re-import)
+    define_op(...)          OP_NAMESPACE::name as a torch custom op with its fake (shape-only) twin
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import os
 import torch
 
 __all__ = ["POISON_OUTPUTS", "new_buffer", "triton_interpret", "pow2", "cdiv", "tl_dtype", "is_channels_last",
-           "OP_NAMESPACE", "op_registered"]
+           "OP_NAMESPACE", "op_registered", "define_op"]
 
 OP_NAMESPACE = "automix_fast"  # torch.ops.automix_fast.<op>: the kernels as torch custom ops
 
@@ -69,3 +70,12 @@ def op_registered(name: str) -> bool:
     """True when the custom op OP_NAMESPACE::name is already defined in this process, so a
     kernel module imported a second time (importlib.reload) does not define it again."""
     return hasattr(getattr(torch.ops, OP_NAMESPACE), name)
+
+
+def define_op(name: str, schema: str, impl, fake):
+    """Define OP_NAMESPACE::name (`schema`, no mutated arguments) as a torch custom op running
+    `impl`, with `fake` giving the outputs' shapes, dtypes and layouts for tracing; returns the
+    op (for `register_autograd`)."""
+    op = torch.library.custom_op(f"{OP_NAMESPACE}::{name}", impl, mutates_args=(), schema=schema)
+    op.register_fake(fake)
+    return op

@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from automix_fast.kernels.common import OP_NAMESPACE, cdiv, is_channels_last, new_buffer, op_registered, pow2
+from automix_fast.kernels.common import cdiv, define_op, is_channels_last, new_buffer, op_registered, pow2
 from automix_fast.kernels.launches import launch
 
 __all__ = ["mask_mix", "mask_mix_forward", "mask_mix_backward"]
@@ -404,26 +404,16 @@ def _backward(ctx, g, g_smean, backward):
 # (shape-only) implementations and the autograd formula, so torch.compile traces through them.
 if not op_registered("mask_mix_fwd"):
 
-    @torch.library.custom_op(f"{OP_NAMESPACE}::mask_mix_fwd", mutates_args=(),
-                             schema="(Tensor logits, Tensor x, Tensor perm, str mode) -> (Tensor, Tensor)")
-    def _fwd_op(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return mask_mix_forward(logits, x, perm, mode)
-
-    @_fwd_op.register_fake
-    def _(logits, x, perm, mode):
+    def _fake_fwd(logits, x, perm, mode):
         memory_format = torch.channels_last if is_channels_last(x) else torch.contiguous_format
         return torch.empty_like(x, memory_format=memory_format), x.new_empty((x.shape[0],), dtype=torch.float32)
 
-    @torch.library.custom_op(f"{OP_NAMESPACE}::mask_mix_bwd", mutates_args=(),
-                             schema="(Tensor logits, Tensor x, Tensor perm, str mode, Tensor? g, Tensor? g_smean) -> Tensor")
-    def _bwd_op(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, mode: str,
-                g: torch.Tensor | None, g_smean: torch.Tensor | None) -> torch.Tensor:
-        return mask_mix_backward(logits, x, perm, mode, g, g_smean)
-
-    @_bwd_op.register_fake
-    def _(logits, x, perm, mode, g, g_smean):
-        return logits.new_empty((logits.shape[0], 1, *logits.shape[-2:]))
-
+    _fwd_op = define_op("mask_mix_fwd", "(Tensor logits, Tensor x, Tensor perm, str mode) -> (Tensor, Tensor)",
+                        mask_mix_forward, _fake_fwd)
+    define_op("mask_mix_bwd",
+              "(Tensor logits, Tensor x, Tensor perm, str mode, Tensor? g, Tensor? g_smean) -> Tensor",
+              mask_mix_backward,
+              lambda logits, x, perm, mode, g, g_smean: logits.new_empty((logits.shape[0], 1, *logits.shape[-2:])))
     _fwd_op.register_autograd(
         lambda ctx, g, g_smean: _backward(ctx, g, g_smean, torch.ops.automix_fast.mask_mix_bwd),
         setup_context=lambda ctx, inputs, output: _save(ctx, inputs))

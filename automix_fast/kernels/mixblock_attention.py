@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from automix_fast.kernels.common import OP_NAMESPACE, cdiv, new_buffer, op_registered, pow2, tl_dtype, triton_interpret
+from automix_fast.kernels.common import cdiv, define_op, new_buffer, op_registered, pow2, tl_dtype, triton_interpret
 from automix_fast.kernels.launches import launch
 
 __all__ = ["mixblock_attention", "attention_forward", "attention_backward"]
@@ -357,29 +357,24 @@ def _backward(ctx, g, backward):
 # through them. The backward op returns an empty tensor for a gradient it was not asked for.
 if not op_registered("mixblock_attention_fwd"):
 
-    @torch.library.custom_op(f"{OP_NAMESPACE}::mixblock_attention_fwd", mutates_args=(),
-                             schema="(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)")
-    def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return attention_forward(q, k, v, scale)
-
-    @_fwd_op.register_fake
-    def _(q, k, v, scale):
-        return q.new_empty(q.shape[:2], dtype=torch.float32), q.new_empty(q.shape[:2], dtype=torch.float32)
-
-    @torch.library.custom_op(f"{OP_NAMESPACE}::mixblock_attention_bwd", mutates_args=(), schema=(
-        "(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor g, float scale, bool need_dq, bool need_dkdv)"
-        " -> (Tensor, Tensor, Tensor)"))
-    def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                g: torch.Tensor, scale: float, need_dq: bool, need_dkdv: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _bwd_impl(q, k, v, out, lse, g, scale, need_dq, need_dkdv):
         dq, dk, dv = attention_backward(q, k, v, out, lse, g, scale, need_dq=need_dq, need_dkdv=need_dkdv)
         empty = q.new_empty(0)
         return (empty if dq is None else dq), (empty if dk is None else dk), (empty if dv is None else dv)
 
-    @_bwd_op.register_fake
-    def _(q, k, v, out, lse, g, scale, need_dq, need_dkdv):
+    def _fake_bwd(q, k, v, out, lse, g, scale, need_dq, need_dkdv):
         empty = q.new_empty(0)
         return (q.new_empty(q.shape) if need_dq else empty, k.new_empty(k.shape) if need_dkdv else empty,
                 v.new_empty(v.shape) if need_dkdv else empty)
+
+    _fwd_op = define_op("mixblock_attention_fwd", "(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)",
+                        attention_forward,
+                        lambda q, k, v, scale: (q.new_empty(q.shape[:2], dtype=torch.float32),
+                                                q.new_empty(q.shape[:2], dtype=torch.float32)))
+    define_op("mixblock_attention_bwd",
+              "(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor g, float scale, bool need_dq, "
+              "bool need_dkdv) -> (Tensor, Tensor, Tensor)",
+              _bwd_impl, _fake_bwd)
 
     def _setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(output[1])  # lse
