@@ -375,7 +375,6 @@ class MaskMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, x, perm, mode):
-        x = x.detach()
         x_mix, s_mean = mask_mix_forward(logits, x, perm, mode)
         _save(ctx, (logits, x, perm, mode))
         return x_mix, s_mean

@@ -25,6 +25,9 @@ the training loop reads with the losses once per log interval; docs/AUTOMIX.md e
 """
 from __future__ import annotations
 
+import functools
+import operator
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -231,9 +234,8 @@ class AutoMix(Mixer):
         device = torch.device(device)
 
         def scalar(v: float) -> torch.Tensor:
-            t = torch.tensor(v, dtype=torch.float32)
             # From pinned memory the copy is asynchronous: no wait on the device's queue.
-            return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+            return torch.tensor(v, dtype=torch.float32, pin_memory=device.type == "cuda").to(device, non_blocking=True)
 
         floats = ("lam_bb", "lam_mb", "mask_weight")
         return {k: scalar(v) if k in floats else v for k, v in draws.items()}
@@ -306,7 +308,7 @@ class AutoMix(Mixer):
         """(loss, logs) of the step from its `draws`: no host work, so torch.compile traces it
         whole (fullgraph=True)."""
         terms = self.terms(x, y, **draws)
-        loss = terms["l_mix_q"] + terms["l_one_q"] + terms["l_mix_k"] + terms["l_mask"]
+        loss = functools.reduce(operator.add, (terms[k] for k in self.summed_terms))  # left to right, as listed
         logs = {k: v.detach() for k, v in terms.items() if k != "lam_mb"}
         logs["loss"] = loss.detach()
         return loss, logs
@@ -325,7 +327,7 @@ class AutoMix(Mixer):
     @torch.no_grad()
     def after_step(self, step, total_steps):
         # theta_k = m theta_k + (1 - m) theta_q; buffers (BN statistics) stay k's own.
-        self.k_ema.update(self.model, step, decay=encoder_momentum(step, total_steps, self.momentum_base, self.momentum_end))
+        self.k_ema.update(self.model, decay=encoder_momentum(step, total_steps, self.momentum_base, self.momentum_end))
 
     def eval_heads(self):
         q, k = self.model, self.momentum_encoder

@@ -10,6 +10,8 @@ time; `automix_fast.kernels.launches` and `automix_fast.kernels.common` do not i
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from automix_fast.config.sections import KERNEL_BACKENDS, MASK_MODES
@@ -25,19 +27,13 @@ __all__ = ["mixblock_attention", "mask_mix", "resolve_backend", "triton_availabl
            "BACKENDS", "MODES", "reference"]
 
 
-_triton_found: bool | None = None  # whether triton imports; looked up on the first call
-
-
+@functools.cache  # whether triton imports: looked up once
 def triton_available() -> bool:
-    global _triton_found
-    if _triton_found is None:
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            _triton_found = False
-        else:
-            _triton_found = True
-    return _triton_found
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
