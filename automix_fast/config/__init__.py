@@ -294,9 +294,9 @@ def resumed_config(found, given: dict[str, Any]) -> TrainConfig:
         raise CheckpointError(f"{path} holds no training config to resume with")
     values = {k: v for k, v in stored.items() if k in FIELDS}  # fields of older versions are dropped
     given = {k: coerce_field(k, v) for k, v in given.items()}
-    changed = [k for k, v in given.items() if k not in RESUMABLE_FIELDS and k in values and v != values[k]]
+    changed = [k for k, v in given.items() if k not in RESUMABLE_FIELDS and k in values and v != _stored(values, k)]
     if changed and not given.get("allow_config_change"):
-        details = ", ".join(f"{flag_name(k)} ({values[k]!r} -> {given[k]!r})" for k in changed)
+        details = ", ".join(f"{flag_name(k)} ({_stored(values, k)!r} -> {given[k]!r})" for k in changed)
         may = ", ".join(flag_name(k) for k in RESUMABLE_FIELDS if k not in ("resume", "output", "experiment"))
         raise ConfigError(
             f"resuming {path}: {details} cannot change on resume (the run continues with its stored config; "

@@ -41,7 +41,7 @@ import tempfile
 import weakref
 from pathlib import Path
 
-from ..atomic import write_bytes
+from ..atomic import write_text
 from ..errors import DataError
 from .jpeg_header import repaired
 from .transforms import load_rgb
@@ -276,8 +276,7 @@ class BadFiles:
 
     def _write(self, path: Path) -> None:
         text = "".join(f"{p}\t{how}\t{reason}\n" for p, (how, reason) in sorted(self.entries.items()))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes(path, text.encode("utf-8"), "checkpoint", durable=True)
+        write_text(path, text, "bad-images list", durable=True)
 
     def stop_after_epoch(self, before_training: bool = False) -> None:
         """With --skip-bad-images off: a DataError naming the files left out this epoch (call it
