@@ -10,8 +10,6 @@ time; `automix_fast.kernels.launches` and `automix_fast.kernels.common` do not i
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from automix_fast.config.sections import KERNEL_BACKENDS, MASK_MODES
@@ -27,13 +25,20 @@ __all__ = ["mixblock_attention", "mask_mix", "resolve_backend", "triton_availabl
            "BACKENDS", "MODES", "reference"]
 
 
-@functools.cache  # whether triton imports: looked up once
+_triton_found: bool | None = None  # whether triton imports; looked up on the first call (a plain
+# global, not functools.cache: dynamo warns about tracing through a cache wrapper)
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    global _triton_found
+    if _triton_found is None:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _triton_found = False
+        else:
+            _triton_found = True
+    return _triton_found
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
