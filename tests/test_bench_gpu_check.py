@@ -133,6 +133,7 @@ def test_summary_reasons_and_figures_from_stage_files(tmp_path):
     figs = dict(gpu_summary.leaves(gpu_summary.summarize(tmp_path)["figures"]))
     assert figs["automix_img_per_s.imagenet-r50"]["value"] == 1300.0
     assert figs["mixup_vanilla_ratio.imagenet-r50.eager"]["value"] == round(3900 / 4000, 3)
+    assert figs["mixup_vanilla_ratio.imagenet-r50.eager"]["target"] == gpu_summary.MIXUP_TARGET == 0.95
     assert figs["automix_mixup_step_ratio.imagenet-r50"]["value"] == round(98.4 / 32.8, 3)
     assert figs["peak_memory_automix_mixup_ratio.imagenet-r50"]["value"] == round(21000 / 10500, 3)
     assert figs["gpu_busy_share.imagenet-r50"]["value"] == 0.9

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from automix_fast.engine.model_ema import ModelEma
 from automix_fast.engine.schedule import MASK_LOSS_ANNEALS, CompoundCosine, cosine_anneal, momentum_cosine_start
 
-from .base import Mixer, mix_cross_entropy
+from .base import Mixer, mix_cross_entropy, to_device
 from .mixblock import MixBlock
 
 
@@ -77,11 +77,11 @@ def derangement(random, n: int, step: int, stream: int, device, *, fallback: boo
     for attempt in range(11):
         perm = random.perm(n, step, stream if attempt == 0 else (stream, attempt), "cpu")
         if attempt < 10 and not bool((perm == idx).any()):
-            return perm.to(device, non_blocking=True)
+            return to_device(perm, device)
     if fallback and n >= 2:
         shift = int(np.random.default_rng([random.seed, step, stream, 2]).integers(1, max(n - 1, 2)))
         perm = (idx + shift) % n
-    return perm.to(device, non_blocking=True)
+    return to_device(perm, device)
 
 
 MIX_BLOCK_STREAM, BACKBONE_STREAM = 0, 1  # StepRandom streams of the two branches' draws

@@ -10,6 +10,18 @@ from automix_fast.engine.model_ema import ModelEma
 from automix_fast.engine.optim import param_groups_weight_decay
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Host tensor `t` on `device` without the host waiting for the device: to CUDA it is copied
+    from pinned memory with non_blocking (to stage a copy from pageable memory the driver may wait
+    for every kernel already queued on the stream, which takes away the host's lead over the
+    GPU); the caching host allocator keeps the pinned buffer until the copy has run. The values
+    are `t`'s; to the CPU it is `t` itself."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        t = t.pin_memory()  # `t` itself when already pinned
+    return t.to(device, non_blocking=True)
+
+
 def mix_cross_entropy(logits, y, perm, lam: "float | torch.Tensor", smoothing: float = 0.0):
     """mixCE = lam * CE(logits, y) + (1 - lam) * CE(logits, y[perm]); a tensor `lam` holds one
     lambda per sample (timm's elem/pair modes) and weighs each sample's two terms."""
@@ -27,7 +39,8 @@ class StepRandom:
 
     Nothing to checkpoint: a resumed run draws the same lambdas and permutations as an
     uninterrupted one. Lambdas come from numpy on the host (no device sync to read them);
-    permutations from a CPU torch generator and are copied to the batch's device.
+    permutations from a CPU torch generator and are copied to the batch's device by `to_device`
+    (asynchronously: no wait on the device).
     """
 
     def __init__(self, seed: int, rank: int = 0):
@@ -53,7 +66,7 @@ class StepRandom:
     def perm(self, n: int, step: int, stream: int, device) -> torch.Tensor:
         # Per rank: each rank pairs the images of its own shard.
         g = torch.Generator().manual_seed(hash((self.seed, step, stream, self.rank)) & 0x7FFF_FFFF_FFFF)
-        return torch.randperm(n, generator=g).to(device, non_blocking=True)
+        return to_device(torch.randperm(n, generator=g), device)
 
 
 class Mixer(nn.Module):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from automix_fast.config.sections import MIXUP_MODES
 
-from .base import Mixer, mix_cross_entropy
+from .base import Mixer, mix_cross_entropy, to_device
 
 DECISION_STREAM = 3  # StepRandom stream of the per-batch (mix at all?, cutmix?) draws
 ELEM_STREAM = 4  # ... and of the per-sample draws of the elem and pair modes
@@ -191,8 +191,7 @@ class MixupCutmix(Mixer):
         # pixel, exactly), lam_mixup elsewhere (1: the sample's own pixel, exactly).
         draws = torch.from_numpy(np.concatenate([boxes.astype(np.float32), lam_mixup[:, None].astype(np.float32),
                                                  lam[:, None].astype(np.float32)], axis=1))
-        draws = draws.to(x.device, non_blocking=True)
-        partner = partner.to(x.device, non_blocking=True)
+        draws, partner = to_device(draws, x.device), to_device(partner, x.device)
         rows_i = torch.arange(h, device=x.device, dtype=torch.float32).view(1, h, 1)
         cols_i = torch.arange(w, device=x.device, dtype=torch.float32).view(1, 1, w)
         b = draws[:, :4, None, None]
