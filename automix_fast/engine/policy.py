@@ -67,14 +67,16 @@ def check_compile_backend(name) -> None:
         raise ConfigError(f"--torchcompile: torch.compile has no backend '{name}' (it has {', '.join(shown)})")
 
 
-def compile_policy(mixer, cfg) -> str:
-    """Compiles what `cfg.run.torchcompile_scope` names (with `cfg.run.torchcompile` on):
-    `step`, for a policy with a whole-step graph (AutoMix's `compile_step`), its loss step;
-    else (`encoders`, or a policy without one) the model and the momentum encoder, each in
-    place. Returns the line that says so, to print before the first step."""
-    run, mix = cfg.run, cfg.mixing.mix
-    options = {"backend": run.torchcompile, "mode": run.torchcompile_mode}
-    if run.torchcompile_scope == "step" and hasattr(mixer, "compile_step"):
+def compile_policy(mixer, backend: str = "inductor", *, mode: str | None = None, scope: str = "encoders",
+                   mix: str | None = None) -> str:
+    """torch.compile what `scope` names (--torchcompile-scope) with `backend` and `mode`: `step`,
+    for a policy with a whole-step graph (AutoMix's `compile_step`), its loss step; else
+    (`encoders`, or a policy without one) the model and the momentum encoder, each in place.
+    Returns the line that says what was compiled (`mix`: the policy's --mix name), to print
+    before the first step."""
+    options = {"backend": backend, "mode": mode}
+    mix = mix or mixer.name
+    if scope == "step" and hasattr(mixer, "compile_step"):
         mixer.compile_step(**options)
         what = f"the whole loss step of --mix {mix} (up to 4 graphs: Mix Block branch or not x plain mixup or not)"
     else:
@@ -83,8 +85,7 @@ def compile_policy(mixer, cfg) -> str:
         if mixer.momentum_encoder is not None:
             mixer.momentum_encoder.compile(**options)
             what = "the model and the momentum encoder"
-        if run.torchcompile_scope == "step":
+        if scope == "step":
             what += f" (--mix {mix} has no whole-step graph)"
-    mode = f", mode {run.torchcompile_mode}" if run.torchcompile_mode else ""
-    return (f"torch.compile ({run.torchcompile}{mode}): {what}; the first steps are slower while it compiles; "
-            "leave out --torchcompile (or pass --no-torchcompile) to run eager")
+    return (f"torch.compile ({backend}{f', mode {mode}' if mode else ''}): {what}; the first steps are slower while "
+            "it compiles; leave out --torchcompile (or pass --no-torchcompile) to run eager")

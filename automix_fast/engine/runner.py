@@ -145,7 +145,9 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.mixer = wrap_policy(cfg, model, mix_stage=self.mix_stage, rank=self.dist.rank).to(self.device)
-        self.compile_note = compile_policy(self.mixer, cfg) if cfg.run.torchcompile else None
+        run = cfg.run
+        self.compile_note = compile_policy(self.mixer, run.torchcompile, mode=run.torchcompile_mode,
+                                           scope=run.torchcompile_scope, mix=cfg.mixing.mix) if run.torchcompile else None
         self.terms = self.mixer.summed_terms  # the loss terms the shown loss sums
 
     def _build_optimizer(self) -> None:
