@@ -130,7 +130,12 @@ def test_step_compiled_automix_trains_as_eager_in_one_graph_per_kind_of_step_and
 
 
 @pytest.mark.slow
-def test_step_scope_compiles_a_baselines_model_and_says_so(data, tmp_path, capsys, one_thread):
+def test_the_default_scope_compiles_the_encoders_and_step_a_baselines_model(data, tmp_path, capsys, one_thread):
+    code, out, err, graphs = graphs_compiled(train_args(data, tmp_path, "encoders", "--torchcompile", "aot_eager",
+                                                        batch=6, epochs=1), capsys)
+    assert code == 0, err
+    assert "torch.compile (aot_eager): the model and the momentum encoder; the first steps are slower" in out
+    assert graphs >= 2  # q's forward and k's, each its own graph
     code, out, err, graphs = graphs_compiled(train_args(data, tmp_path, "mixup", "--mix", "mixup", *COMPILED, batch=6,
                                                         epochs=1), capsys)
     assert code == 0, err
