@@ -38,7 +38,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             base = str(f.type).replace(" | None", "")
             names = list(meta["aliases"]) + [flag_name(f.name)]
             kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{meta['help']} (default: {_default_text(f)})")
-            if base == "bool":
+            if meta["const"] is not None:  # `--torchcompile [BACKEND]` and `--no-torchcompile`
+                value, metavar = meta["const"]
+                group.add_argument(*names, nargs="?", const=value, metavar=metavar, **kw)
+                group.add_argument("--no-" + flag_name(f.name)[2:], dest=f.name, action="store_const", const=False,
+                                   default=argparse.SUPPRESS,
+                                   help=f"turn {flag_name(f.name)} off (the default; overrides a config file)")
+            elif base == "bool":
                 group.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
             elif base == "list":
                 item, nargs, metavar = meta["items"]

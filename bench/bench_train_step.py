@@ -5,6 +5,7 @@
     python bench/bench_train_step.py --model resnet18_cifar --img-size 32 -b 256 --compile
     python bench/bench_train_step.py --model resnet50 --img-size 224 -b 128 \
         --runs optimized:vanilla optimized:automix compiled:vanilla --profile optimized:automix
+    python bench/bench_train_step.py --model resnet18_cifar -b 100 --runs compiled:automix compiled-step:automix
 
 Each step is the engine's own (`automix_fast.engine.train.train_one_epoch`: schedule, autocast,
 backward, non-finite guard, fused optimizer, EMA), fed by a loader that hands out batches
@@ -14,7 +15,9 @@ reported, after one warm-up epoch (compilation, autotuning, allocator; its time 
 Configurations, side by side in one run:
   optimized: bf16 autocast, channels-last, Triton kernels (on CUDA), fused SGD, eager
              (compiled with --compile): the CUDA default of `automix-fast train`
-  compiled:  optimized with torch.compile of the encoders
+  compiled:  optimized with torch.compile of the encoders (`--torchcompile`)
+  compiled-step: optimized with torch.compile of AutoMix's whole loss step (`--torchcompile
+             --torchcompile-scope step`); the baselines' model as `compiled`
   reference: fp32, NCHW, --kernel-backend torch, eager
 --runs CONFIG:MIX ... picks (configuration, mix) pairs instead of every --configs x --mixes.
 --profile [CONFIG:]MIX ... runs --profile-steps more steps of those runs under torch.profiler:
@@ -39,13 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, profile_run, write_results  # noqa: E402
 
 from automix_fast.engine.optim import build_optimizer  # noqa: E402
+from automix_fast.engine.policy import compile_policy  # noqa: E402
 from automix_fast.engine.schedule import build_schedule  # noqa: E402
 from automix_fast.engine.train import EpochCallbacks, EpochPlan, StepContext, StepGuard, train_one_epoch  # noqa: E402
 from automix_fast.mixing import build_mixer  # noqa: E402
 from automix_fast.models import create_model  # noqa: E402
 
 FLOOR = 2.9  # bench/README.md "The ~2.9 floor": ~8.8 backbone units per AutoMix step against 3 for mixup
-CONFIGS = ("optimized", "compiled", "reference")
+CONFIGS = ("optimized", "compiled", "compiled-step", "reference")
 MIXES = ("vanilla", "mixup", "cutmix", "automix")
 
 
@@ -79,10 +83,12 @@ class SyntheticLoader:
 
 
 def settings(name: str, device: torch.device, compile_: bool) -> dict:
+    """The configuration's settings; `compile` is False or the --torchcompile-scope it compiles."""
     cuda = device.type == "cuda"
-    if name in ("optimized", "compiled"):
+    if name in ("optimized", "compiled", "compiled-step"):
+        scope = {"compiled": "encoders", "compiled-step": "step"}.get(name, "encoders" if compile_ else False)
         return {"amp_dtype": torch.bfloat16 if cuda else None, "channels_last": cuda, "kernel_backend": "auto",
-                "compile": compile_ or name == "compiled"}
+                "compile": scope}
     return {"amp_dtype": None, "channels_last": False, "kernel_backend": "torch", "compile": False}
 
 
@@ -109,10 +115,9 @@ def measure(mix: str, cfg: dict, args, device, profile: bool = False, trace: Pat
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     mixer = build_mixer(policy, model, kernel_backend=cfg["kernel_backend"], seed=0, **extra).to(device)
-    if cfg["compile"]:
-        model.compile()
-        if mixer.momentum_encoder is not None:
-            mixer.momentum_encoder.compile()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    if cfg["compile"]:  # as `automix-fast train --torchcompile --torchcompile-scope SCOPE` does
+        compile_policy(mixer, args.compile_backend, scope=cfg["compile"])
     groups = mixer.param_groups(0.1, 1e-4)
     opt = build_optimizer(groups, "sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, device=device)
     profile_steps = args.profile_steps if profile else 0
@@ -130,6 +135,7 @@ def measure(mix: str, cfg: dict, args, device, profile: bool = False, trace: Pat
     t0 = time.perf_counter()
     epoch(0, 0)  # warm-up: compilation, autotuning, allocator
     warmup_s = time.perf_counter() - t0
+    warmup_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     seconds = [epoch(1 + r, (1 + r) * args.steps).seconds for r in range(args.repeats)]
@@ -139,6 +145,10 @@ def measure(mix: str, cfg: dict, args, device, profile: bool = False, trace: Pat
         "step_ms_all": [round(1000 * s / args.steps, 3) for s in seconds], "warmup_s": round(warmup_s, 3),
         "compile": cfg["compile"], "skipped_steps": int(guard.skipped.item()),
     }
+    if cfg["compile"]:
+        # Graphs compiled in the warm-up epoch and in the timed ones (a compile there, e.g. the
+        # first plain-mixup step of AutoMix's compiled step, is in the timings: see step_ms_all).
+        row["graphs"] = [warmup_graphs, torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs - warmup_graphs]
     if cuda:
         row["peak_mib"] = round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1)
         row["base_mib"] = round(base / 2**20, 1)
@@ -197,6 +207,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", nargs="+", default=None, metavar="CONFIG:MIX",
                     help="(configuration, mix) pairs to run, in this order, instead of every --configs x --mixes")
     ap.add_argument("--compile", action="store_true", help="torch.compile the encoders in the optimized configuration")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled rows")
     ap.add_argument("--steps", type=int, default=10, help="steps per timed epoch")
     ap.add_argument("--repeats", type=int, default=5, help="timed epochs; the median is reported")
     ap.add_argument("--profile", nargs="+", default=[], metavar="[CONFIG:]MIX",
@@ -211,7 +222,7 @@ def main(argv=None) -> int:
 
     env = environment(device)
     setup = {k: getattr(args, k) for k in ("model", "img_size", "batch_size", "num_classes", "steps", "repeats", "compile",
-                                           "profile_steps")}
+                                           "compile_backend", "profile_steps")}
     setup["runs"] = [f"{c}:{m}" for c, m in runs]
     rows: list[dict] = []
 
@@ -228,7 +239,7 @@ def main(argv=None) -> int:
             row = {"config": name, **measure(mix, cfg, args, device, profile, trace)}
         except Exception as exc:  # one failing row (a compile error, out of memory) must not lose the others
             row = {"config": name, "mix": mix, "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
-            print(f"{name:<10} {mix:<8} error: {row['error'][:120]}", flush=True)
+            print(f"{name:<13} {mix:<8} error: {row['error'][:120]}", flush=True)
             if cfg["compile"]:
                 torch._dynamo.reset()
             if device.type == "cuda":
@@ -236,9 +247,10 @@ def main(argv=None) -> int:
         else:
             prof = row.get("profile")
             prof = prof if prof and prof.get("kernels_per_step") is not None else None
-            print(f"{name:<10} {mix:<8} {row['step_ms']:>9.2f} ms/step {row['img_per_s']:>9.1f} img/s"
+            print(f"{name:<13} {mix:<8} {row['step_ms']:>9.2f} ms/step {row['img_per_s']:>9.1f} img/s"
                   + (f" {row['peak_mib']:>9.0f} MiB" if "peak_mib" in row else "")
-                  + (f"  warm-up {row['warmup_s']:.1f} s" if cfg["compile"] else "")
+                  + (f"  warm-up {row['warmup_s']:.1f} s, graphs {row['graphs'][0]} + {row['graphs'][1]} timed"
+                     if cfg["compile"] else "")
                   + (f"  {prof['kernels_per_step']} kernels/step, GPU busy {prof['gpu_busy_share']:.0%}"
                      if prof else ""), flush=True)
         rows.append(row)

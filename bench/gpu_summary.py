@@ -128,7 +128,8 @@ def train_row(run: Run, preset: str, config: str, mix: str) -> tuple[dict, dict]
     if row is None:
         if f"{config}:{mix}" not in data["setup"].get("runs", []):
             raise Missing(f"{config}:{mix} is not part of {run.mode_name()}"
-                          + (" (no torch.compile on the CPU)" if config == "compiled" and run.env.get("dry_run") else ""))
+                          + (" (no torch.compile on the CPU)" if config.startswith("compiled") and run.env.get("dry_run")
+                             else ""))
         raise run.absent(stage, f"{config}:{mix}")
     if "error" in row:
         raise Missing(f"{config}:{mix} failed: {row['error']}")
@@ -146,6 +147,8 @@ def img_per_s(run: Run, preset: str, config: str, mix: str) -> dict:
            **setup_of(data)}
     if row.get("compile"):
         fig["warmup_s"] = row["warmup_s"]
+        if "graphs" in row:  # graphs compiled in the warm-up epoch and in the timed ones
+            fig["graphs"] = row["graphs"]
     return fig
 
 
@@ -294,6 +297,8 @@ def figures(run: Run) -> dict:
         "official_step_img_per_s": per_preset(official_step, ("imagenet-r50",)),
         "vanilla_img_per_s": {"imagenet-r50": {"eager": figure(lambda: img_per_s(run, "imagenet-r50", "optimized", "vanilla")),
                                                "compiled": figure(lambda: img_per_s(run, "imagenet-r50", "compiled", "vanilla"))}},
+        "automix_compiled_img_per_s": {"cifar-r18": {scope: figure(lambda c=c: img_per_s(run, "cifar-r18", c, "automix"))
+                                                     for scope, c in (("encoders", "compiled"), ("step", "compiled-step"))}},
         "mixup_vanilla_ratio": {p: {mode: figure(lambda p=p, c=c: img_ratio(run, p, c, "mixup", "vanilla"),
                                                  target=MIXUP_TARGET)
                                     for mode, c in (("eager", "optimized"), ("compiled", "compiled"))} for p in TRAIN_PRESETS},

@@ -22,6 +22,9 @@ STORED = Path(__file__).parent / "data" / "v1_run"
 # What the stored run resolved from null/auto (config.yaml marks each with "# resolved from").
 RESOLVED = {"dataset": "folder", "aug": "cifar", "num_classes": 3, "validation_batch_size": 16, "warmup_epochs": 0.25,
             "mix_alpha": 2.0, "mix_stage": 3, "amp": False, "channels_last": False}
+# Fields added after the stored run, at their defaults: their lines follow the stored ones.
+ADDED = {"torchcompile_mode": None, "torchcompile_scope": "encoders"}
+ADDED_LINES = "torchcompile_mode: null\ntorchcompile_scope: encoders\n"
 
 
 def test_every_field_is_declared_once_with_help_and_a_section():
@@ -41,8 +44,8 @@ def test_stored_config_yaml_loads_and_writes_back_the_same_lines():
     assert (cfg.optim.lr, cfg.schedule.decay_epochs, cfg.mixing.mask_loss_anneal, cfg.data.num_classes) == (0.05, [1], "cosine", 3)
     # Loaded, every resolved value is explicit: the same file without its "# resolved from" marks.
     unmarked = "".join(line.split("  # resolved from")[0] + "\n" for line in text.splitlines())
-    assert config_yaml(cfg) == unmarked
-    assert list(cfg.to_flat()) == list(yaml.safe_load(text))  # the same keys in the same order
+    assert config_yaml(cfg) == unmarked + ADDED_LINES
+    assert list(cfg.to_flat()) == list(yaml.safe_load(text)) + list(ADDED)  # the same keys in the same order
 
 
 def test_stored_checkpoint_config_resumes_and_writes_the_same_config_yaml():
@@ -53,10 +56,10 @@ def test_stored_checkpoint_config_resumes_and_writes_the_same_config_yaml():
     flat = cfg.to_flat()
     assert flat["epochs"] == 2 and flat["experiment"] == "v1_run" and flat["output"] == str(STORED.resolve().parent)
     assert {k: v for k, v in flat.items() if k not in ("epochs", "experiment", "output", "resume")} == \
-        {k: v for k, v in stored.items() if k not in ("epochs", "experiment", "output", "resume")}
+        {k: v for k, v in stored.items() if k not in ("epochs", "experiment", "output", "resume")} | ADDED
     assert config_changes(stored, cfg) == []
     # The run's config.yaml is what today's writer makes of the stored config and what it resolved.
-    assert config_yaml(build_config(stored), RESOLVED) == (STORED / "config.yaml").read_text()
+    assert config_yaml(build_config(stored), RESOLVED) == (STORED / "config.yaml").read_text() + ADDED_LINES
     with pytest.raises(ConfigError, match=r"--lr \(0.05 -> 0.2\) cannot change on resume"):
         resumed_config((str(path), state), {"resume": str(path), "lr": 0.2})
 

@@ -14,13 +14,16 @@ from automix_fast.errors import ConfigError
 
 
 def option(default: Any = None, help: str = "", *, choices: tuple[str, ...] | None = None,
-        aliases: tuple[str, ...] = (), items: tuple | None = None, resumable: bool = False):
+        aliases: tuple[str, ...] = (), items: tuple | None = None, resumable: bool = False,
+        const: tuple[str, str] | None = None):
     """A config field. `help` is its --help line (the default is added); `choices` its allowed
-    values; `aliases` short flags (`-b`); `items` for a list field (element type, argparse
-    nargs, metavar), default (int, "+", None); `resumable`: flags may change it on --resume
-    (how long or how a run runs, never what it computes per step)."""
+    values (None is allowed too when the type is optional); `aliases` short flags (`-b`); `items`
+    for a list field (element type, argparse nargs, metavar), default (int, "+", None);
+    `resumable`: flags may change it on --resume (how long or how a run runs, never what it
+    computes per step); `const` = (value, metavar) makes a switch with an optional value (timm's
+    `--torchcompile [BACKEND]`): false is off, true or the bare flag is `value`, else a name."""
     meta = {"help": help, "choices": choices, "aliases": tuple(aliases), "items": items or (int, "+", None),
-            "resumable": resumable}
+            "resumable": resumable, "const": const}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -50,7 +53,7 @@ class Section:
     def check(self) -> None:
         for f in dataclasses.fields(self):
             choices, value = f.metadata["choices"], getattr(self, f.name)
-            if choices is not None:
+            if choices is not None and value is not None:  # None: coerce let it through an optional type
                 require(value in choices, f.name, f"must be one of {', '.join(choices)}", value)
 
 
@@ -59,6 +62,12 @@ def coerce(f: dataclasses.Field, value: Any) -> Any:
     name, type_str = f.name, str(f.type)
     if name == "mask_loss_anneal" and isinstance(value, bool):  # a boolean reads as none / cosine
         value = "cosine" if value else "none"
+    if f.metadata["const"] is not None:  # a switch with an optional value: false (null: off too), true, a name
+        if value is None or isinstance(value, bool):
+            return f.metadata["const"][0] if value else False
+        if isinstance(value, str) and value:
+            return value
+        raise FieldError(name, f"must be false, true or a name, got {value!r}")
     if value is None:
         if "None" in type_str:
             return None

@@ -25,6 +25,8 @@ CLIP_MODES = ("norm", "value", "agc")
 SCHEDULES = ("cosine", "step", "const")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_DTYPES = ("bfloat16", "float16")
+TORCHCOMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+TORCHCOMPILE_SCOPES = ("encoders", "step")
 
 
 @dataclass
@@ -250,7 +252,17 @@ class RunOptions(Section):
     amp: bool | None = option(None, "mixed precision; none: on with CUDA")
     amp_dtype: str = option("bfloat16", "mixed-precision dtype (float16 adds a GradScaler)", choices=AMP_DTYPES)
     channels_last: bool | None = option(None, "channels-last memory format; none: on with CUDA")
-    torchcompile: bool = option(False, "torch.compile the encoders", resumable=True)
+    torchcompile: bool | str = option(
+        False, "torch.compile with this backend (the bare flag: inductor) what --torchcompile-scope names; the "
+        "first steps are slower while it compiles", const=("inductor", "BACKEND"), resumable=True)
+    torchcompile_mode: str | None = option(
+        None, "torch.compile mode of the inductor backend; none: torch's default", choices=TORCHCOMPILE_MODES,
+        resumable=True)
+    torchcompile_scope: str = option(
+        "encoders", "what --torchcompile compiles: encoders (the model and AutoMix's momentum encoder, each on its "
+        "own; evaluation runs compiled too) or step (AutoMix's whole loss step, Mix Block included, one graph per "
+        "kind of step, at most 4; evaluation runs eager); vanilla, mixup and cutmix have no step graph: step "
+        "compiles their model as encoders does", choices=TORCHCOMPILE_SCOPES, resumable=True)
     sync_bn: bool = option(False, "synchronise BatchNorm statistics across processes (torchrun)")
     deterministic: bool = option(False, "deterministic algorithms (slower)")
     max_bad_steps: int = option(
@@ -286,3 +298,7 @@ class RunOptions(Section):
         require(self.resume != "auto" or bool(self.experiment), "experiment",
                 "must name the run folder to continue with --resume auto (--experiment NAME)", self.experiment)
         require(self.eval_interval >= 1, "eval_interval", "must be at least 1", self.eval_interval)
+        if self.torchcompile and self.torchcompile_mode not in (None, "default"):
+            require(self.torchcompile == "inductor", "torchcompile_mode",
+                    f"is a mode of the inductor backend (--torchcompile {self.torchcompile} takes none)",
+                    self.torchcompile_mode)

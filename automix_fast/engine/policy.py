@@ -52,3 +52,40 @@ def wrap_policy(cfg, model, *, mix_stage: int | None = None, rank: int = 0):
         mix_shuffle_no_repeat=mixing.mix_shuffle_no_repeat, mix_block_init=mixing.mix_block_init,
         mix_block_every=mixing.mix_block_every, **mixer_options(mixing),
     )
+
+
+def check_compile_backend(name) -> None:
+    """ConfigError in one line unless `name` (the --torchcompile value; False: off) is a
+    torch.compile backend."""
+    if not name:
+        return
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if name not in known:
+        shown = sorted(set(torch._dynamo.list_backends()) | {"aot_eager", "eager"} & set(known))
+        raise ConfigError(f"--torchcompile: torch.compile has no backend '{name}' (it has {', '.join(shown)})")
+
+
+def compile_policy(mixer, backend: str = "inductor", *, mode: str | None = None, scope: str = "encoders",
+                   mix: str | None = None) -> str:
+    """torch.compile what `scope` names (--torchcompile-scope) with `backend` and `mode`: `step`,
+    for a policy with a whole-step graph (AutoMix's `compile_step`), its loss step; else
+    (`encoders`, or a policy without one) the model and the momentum encoder, each in place.
+    Returns the line that says what was compiled (`mix`: the policy's --mix name), to print
+    before the first step."""
+    options = {"backend": backend, "mode": mode}
+    mix = mix or mixer.name
+    if scope == "step" and hasattr(mixer, "compile_step"):
+        mixer.compile_step(**options)
+        what = f"the whole loss step of --mix {mix} (up to 4 graphs: Mix Block branch or not x plain mixup or not)"
+    else:
+        mixer.model.compile(**options)
+        what = "the model"
+        if mixer.momentum_encoder is not None:
+            mixer.momentum_encoder.compile(**options)
+            what = "the model and the momentum encoder"
+        if scope == "step":
+            what += f" (--mix {mix} has no whole-step graph)"
+    return (f"torch.compile ({backend}{f', mode {mode}' if mode else ''}): {what}; the first steps are slower while "
+            "it compiles; leave out --torchcompile (or pass --no-torchcompile) to run eager")

@@ -29,7 +29,8 @@ from automix_fast.engine.hooks import (BadFilesRecord, BadFilesStop, Checkpoints
 from automix_fast.engine.initial_checkpoint import load_initial_checkpoint
 from automix_fast.engine.metrics import MetricLogger, ProgressLine
 from automix_fast.engine.optim import build_optimizer
-from automix_fast.engine.policy import create_policy_model, resolve_amp, resolve_device, resolve_loader, wrap_policy
+from automix_fast.engine.policy import (check_compile_backend, compile_policy, create_policy_model, resolve_amp,
+                                        resolve_device, resolve_loader, wrap_policy)
 from automix_fast.engine.schedule import build_schedule, resolve_warmup_epochs
 from automix_fast.engine.stopflag import StopFlag
 from automix_fast.engine.tensorboard_log import require_tensorboard
@@ -100,6 +101,7 @@ class Trainer:
             ops.resolve_backend(cfg.mixing.kernel_backend, self.device)
         except ValueError as e:
             raise ConfigError(f"--kernel-backend: {e}") from None
+        check_compile_backend(cfg.run.torchcompile)
 
     def _probe_model(self) -> int:
         """Checks the model name and --mix-stage before any data work; returns the image size."""
@@ -143,10 +145,9 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.mixer = wrap_policy(cfg, model, mix_stage=self.mix_stage, rank=self.dist.rank).to(self.device)
-        if cfg.run.torchcompile:
-            self.model.compile()
-            if self.mixer.momentum_encoder is not None:
-                self.mixer.momentum_encoder.compile()
+        run = cfg.run
+        self.compile_note = compile_policy(self.mixer, run.torchcompile, mode=run.torchcompile_mode,
+                                           scope=run.torchcompile_scope, mix=cfg.mixing.mix) if run.torchcompile else None
         self.terms = self.mixer.summed_terms  # the loss terms the shown loss sums
 
     def _build_optimizer(self) -> None:
@@ -321,6 +322,8 @@ class Trainer:
             self.log(f"loss shown = {' + '.join(self.terms)} (each logged in metrics.jsonl)")
         if self.warmup_note and not self.quiet:
             print(self.warmup_note, file=sys.stderr if self.warmup_note.startswith("warning") else sys.stdout, flush=True)
+        if self.compile_note:
+            self.log(self.compile_note)
         self.log(f"run folder: {self.run_dir}")
 
     def _epoch_end_hooks(self, logger, checkpoints: Checkpoints, stop: StopFlag) -> tuple[Evaluation, list]:

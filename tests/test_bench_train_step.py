@@ -1,0 +1,35 @@
+"""bench/bench_train_step.py's compiled configurations, on the CPU with the aot_eager backend
+(no C++ compiler needed): `compiled` compiles the encoders, `compiled-step` AutoMix's whole loss
+step (one graph per kind of step) and a baseline's model, as `automix-fast train --torchcompile
+--torchcompile-scope encoders|step` does; each row says which, and how many graphs it compiled
+in the warm-up and in the timed epochs."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_train_step  # noqa: E402
+from faultkit import one_thread  # noqa: E402,F401
+
+
+@pytest.mark.slow
+def test_compiled_and_compiled_step_rows_side_by_side(tmp_path, one_thread):
+    out = tmp_path / "train.json"
+    code = bench_train_step.main([
+        "--model", "tinynet", "--img-size", "16", "-b", "4", "--num-classes", "10", "--steps", "2", "--repeats", "1",
+        "--device", "cpu", "--compile-backend", "aot_eager", "--output", str(out),
+        "--runs", "compiled:automix", "compiled-step:automix", "compiled-step:vanilla"])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert data["setup"]["compile_backend"] == "aot_eager"
+    rows = {(r["config"], r["mix"]): r for r in data["results"]}
+    assert all("error" not in r and r["img_per_s"] > 0 for r in rows.values()), rows
+    assert rows["compiled", "automix"]["compile"] == "encoders" and rows["compiled", "automix"]["graphs"][0] >= 2
+    # Seed 0 draws no plain-mixup lambda in steps 0-3: one graph, compiled in the warm-up epoch.
+    assert rows["compiled-step", "automix"]["compile"] == "step" and rows["compiled-step", "automix"]["graphs"] == [1, 0]
+    assert rows["compiled-step", "vanilla"]["compile"] == "step" and rows["compiled-step", "vanilla"]["graphs"] == [1, 0]
