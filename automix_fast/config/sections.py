@@ -251,6 +251,10 @@ class RunOptions(Section):
     amp_dtype: str = option("bfloat16", "mixed-precision dtype (float16 adds a GradScaler)", choices=AMP_DTYPES)
     channels_last: bool | None = option(None, "channels-last memory format; none: on with CUDA")
     torchcompile: bool = option(False, "torch.compile the encoders", resumable=True)
+    cuda_graph: bool = option(
+        False, "run each step from static device buffers, captured once per kind of step as CUDA graphs and "
+        "replayed (automix and vanilla, one process, bfloat16 or no mixed precision); the same numbers as the "
+        "eager step; on a CPU the static-buffer step runs without capture", resumable=True)
     sync_bn: bool = option(False, "synchronise BatchNorm statistics across processes (torchrun)")
     deterministic: bool = option(False, "deterministic algorithms (slower)")
     max_bad_steps: int = option(
