@@ -126,7 +126,7 @@ def _distributed_main(argv: list[str]) -> None:
     at step 1 (finite gradients) to check that every rank skips, and counts, that step."""
     import torch.distributed as dist
 
-    from automix_fast.engine import train
+    from automix_fast.engine import static_step
     from automix_fast.engine.distributed import flat_allreduce_mean
 
     policy, out_dir = argv[0], Path(argv[1])
@@ -136,13 +136,13 @@ def _distributed_main(argv: list[str]) -> None:
     scaler = None
     if bad_rank is not None:
         calls = [0]
-        real_flag = train.nonfinite_flag
+        real_flag = static_step.nonfinite_flag
 
         def flag(loss):  # step 1 on bad_rank: a non-finite loss whose gradients are finite
             calls[0] += 1
             f = real_flag(loss)
             return f + 1 if (rank == bad_rank and calls[0] == 2) else f
-        train.nonfinite_flag = flag
+        static_step.nonfinite_flag = flag  # where the step looks it up
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
     per_step, result, guard, mixer = run_steps(policy, grad_sync=flat_allreduce_mean, metric_mean=flat_allreduce_mean,
                                                scaler=scaler, seed=rank)

@@ -28,8 +28,9 @@ class _Schedule:
     def __init__(self):
         self.steps = []
 
-    def apply(self, optimizer, step):
+    def apply(self, optimizer, step):  # the loop logs the returned LRs, as LRSchedule.apply's
         self.steps.append(step)
+        return [g["lr"] for g in optimizer.param_groups]
 
 
 def _accumulated_run(micro_batch: int, accum: int, images: int = 40, grad_sync=None, stop_after=None, resume=None):

@@ -189,6 +189,22 @@ def validate(cfg: TrainConfig) -> None:
     require(mixing.mixup_mode != "pair" or data.batch_size % 2 == 0, "batch_size",
             "must be even for --mixup-mode pair (partners come in twos)", data.batch_size)
     require(0 <= cfg.schedule.min_lr <= cfg.optim.lr, "min_lr", "must be between 0 and --lr", cfg.schedule.min_lr)
+    if cfg.run.cuda_graph:
+        check_cuda_graph(cfg)
+
+
+def check_cuda_graph(cfg: TrainConfig) -> None:
+    """What --cuda-graph's static-buffer step can run (engine/static_step.py)."""
+    run = cfg.run
+    require(cfg.mixing.mix in ("automix", "vanilla"), "cuda_graph",
+            f"runs --mix automix and vanilla (mixup and cutmix decide per step on the host), not --mix {cfg.mixing.mix}",
+            None)
+    require(not (run.amp is not False and run.amp_dtype == "float16"), "cuda_graph",
+            "needs --amp-dtype bfloat16 or --no-amp (float16's loss scaler reads its overflow flag on the host)", None)
+    require(cfg.optim.opt in ("sgd", "adamw"), "cuda_graph",
+            f"needs --opt sgd or adamw (torch's fused kernels skip a bad step on the device), not --opt {cfg.optim.opt}",
+            None)
+    require(not run.torchcompile, "cuda_graph", "does not combine with --torchcompile (choose one)", None)
 
 
 # ---- timm's mixup/cutmix flags -------------------------------------------------------------

@@ -263,6 +263,10 @@ class RunOptions(Section):
         "own; evaluation runs compiled too) or step (AutoMix's whole loss step, Mix Block included, one graph per "
         "kind of step, at most 4; evaluation runs eager); vanilla, mixup and cutmix have no step graph: step "
         "compiles their model as encoders does", choices=TORCHCOMPILE_SCOPES, resumable=True)
+    cuda_graph: bool = option(
+        False, "run each step from static device buffers, captured once per kind of step as CUDA graphs and "
+        "replayed (automix and vanilla, one process, bfloat16 or no mixed precision); the same numbers as the "
+        "eager step; on a CPU the static-buffer step runs without capture", resumable=True)
     sync_bn: bool = option(False, "synchronise BatchNorm statistics across processes (torchrun)")
     deterministic: bool = option(False, "deterministic algorithms (slower)")
     max_bad_steps: int = option(

@@ -39,13 +39,23 @@ def ema_decay(decay: float, updates: int, warmup: bool = False) -> float:
     return min(decay, 1.0 - (1.0 + t) ** -WARMUP_POWER) if warmup else decay
 
 
+def _lerp_(averages: list, targets: list, weight) -> None:
+    """averages <- lerp(averages, targets, weight) in one foreach call; `weight` a float or a 0-d
+    float32 device tensor (the same numbers for the same float32 value)."""
+    if isinstance(weight, torch.Tensor):
+        torch._foreach_lerp_(averages, targets, [weight] * len(averages))
+    else:
+        torch._foreach_lerp_(averages, targets, weight)
+
+
 @torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model for float tensors; other buffers are copied."""
+def ema_update(ema: nn.Module, model: nn.Module, decay: float | None = None, *, weight=None) -> None:
+    """ema <- decay * ema + (1 - decay) * model for float tensors; other buffers are copied.
+    `weight` = 1 - decay (a float, or a 0-d float32 device tensor) replaces `decay` when given."""
     ema_state, model_state = ema.state_dict(), model.state_dict()
     floats = [(ema_state[k], v) for k, v in model_state.items() if v.is_floating_point()]
     if floats:
-        torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1.0 - decay)
+        _lerp_([e for e, _ in floats], [m for _, m in floats], 1.0 - decay if weight is None else weight)
     for k, v in model_state.items():
         if not v.is_floating_point():
             ema_state[k].copy_(v)
@@ -69,13 +79,16 @@ class ModelEma:
         return self.decay if step is None else ema_decay(self.decay, step, self.warmup)
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int | None = None, decay: float | None = None) -> None:
-        """Move `module` toward `model` by get_decay(step), or by `decay` when it is given."""
-        d = self.get_decay(step) if decay is None else decay
+    def update(self, model: nn.Module, step: int | None = None, decay: float | None = None,
+               weight: torch.Tensor | None = None) -> None:
+        """Move `module` toward `model` by get_decay(step), or by `decay` when it is given, or by
+        `weight`, a 0-d device tensor holding 1 - decay (a step that reads no host value)."""
+        if weight is None:
+            weight = 1.0 - (self.get_decay(step) if decay is None else decay)
         if self.exclude_buffers:
-            torch._foreach_lerp_(list(self.module.parameters()), list(model.parameters()), 1.0 - d)
+            _lerp_(list(self.module.parameters()), list(model.parameters()), weight)
         else:
-            ema_update(self.module, model, d)
+            ema_update(self.module, model, weight=weight)
 
     @torch.no_grad()
     def set(self, model: nn.Module) -> None:

@@ -33,9 +33,16 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float, no_decay_1d
     return [g for g in groups if g["params"]]
 
 
-def _with_fast_path(cls, params, device, **kwargs) -> torch.optim.Optimizer:
+def _with_fast_path(cls, params, device, fused: bool = False, **kwargs) -> torch.optim.Optimizer:
     """fused=True on CUDA (one kernel for all parameters), foreach if fused is refused there
-    (older torch, or a dtype the fused kernel lacks); torch's default on CPU."""
+    (older torch, or a dtype the fused kernel lacks); torch's default on CPU. `fused`: the fused
+    kernel on any device, or a ConfigError (the static-buffer step skips bad steps through it)."""
+    if fused:
+        try:
+            return cls(params, fused=True, **kwargs)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise ConfigError(f"--cuda-graph needs torch's fused {cls.__name__}, which this torch refuses here: "
+                              f"{str(e).splitlines()[0]}") from None
     if device is not None and torch.device(device).type == "cuda":
         try:
             return cls(params, fused=True, **kwargs)
@@ -46,20 +53,21 @@ def _with_fast_path(cls, params, device, **kwargs) -> torch.optim.Optimizer:
 
 def build_optimizer(param_groups, opt: str = "sgd", *, lr: float, momentum: float = 0.9,
                     weight_decay: float = 0.0, nesterov: bool = False, device=None,
-                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, fused: bool = False,
+                    ) -> torch.optim.Optimizer:
     """`--opt sgd|adamw|fused_sgd|apex_sgd`. `param_groups` is an iterable of parameters or of
     group dicts; a group's own `lr`/`weight_decay` override the arguments. `device`: where the
-    parameters live (a fused kernel is chosen for CUDA)."""
+    parameters live (a fused kernel is chosen for CUDA); `fused`: the fused kernel on any device."""
     params = list(param_groups)
     if lr <= 0:
         raise ConfigError(f"lr must be > 0, got {lr}")
     if opt == "sgd":
         if nesterov and momentum <= 0:
             raise ConfigError("nesterov needs momentum > 0")
-        return _with_fast_path(torch.optim.SGD, params, device, lr=lr, momentum=momentum,
+        return _with_fast_path(torch.optim.SGD, params, device, fused, lr=lr, momentum=momentum,
                                weight_decay=weight_decay, nesterov=nesterov)
     if opt == "adamw":
-        return _with_fast_path(torch.optim.AdamW, params, device, lr=lr, betas=tuple(betas), eps=eps,
+        return _with_fast_path(torch.optim.AdamW, params, device, fused, lr=lr, betas=tuple(betas), eps=eps,
                                weight_decay=weight_decay)
     if opt in ("fused_sgd", "apex_sgd"):
         try:  # NVIDIA apex; the PyPI package named `apex` is unrelated and has no `apex.optimizers`

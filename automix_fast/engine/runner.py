@@ -32,6 +32,7 @@ from automix_fast.engine.optim import build_optimizer
 from automix_fast.engine.policy import (check_compile_backend, compile_policy, create_policy_model, resolve_amp,
                                         resolve_device, resolve_loader, wrap_policy)
 from automix_fast.engine.schedule import build_schedule, resolve_warmup_epochs
+from automix_fast.engine.static_step import CUDA_WARMUP_RUNS, StaticStep
 from automix_fast.engine.stopflag import StopFlag
 from automix_fast.engine.tensorboard_log import require_tensorboard
 from automix_fast.engine.train import (EpochCallbacks, EpochPlan, NonFiniteError, StepContext, StepGuard,
@@ -69,6 +70,8 @@ class Trainer:
             self.device = self.dist.device
         self.is_main = self.dist.is_main
         self.quiet = quiet or not self.is_main
+        if self.cfg.run.cuda_graph and self.dist.is_distributed:
+            raise ConfigError("--cuda-graph runs in one process; drop it under torchrun")
 
     def _locate_run(self, resume_from, resolved: bool) -> None:
         """The run folder and the checkpoint to continue from, checked before any data work."""
@@ -160,7 +163,8 @@ class Trainer:
             decay_norm_and_bias=optim.decay_norm_and_bias,
         )
         self.optimizer = build_optimizer(groups, optim.opt, lr=optim.lr, momentum=optim.momentum,
-                                         weight_decay=optim.weight_decay, device=self.device)
+                                         weight_decay=optim.weight_decay, device=self.device,
+                                         fused=self.cfg.run.cuda_graph)
         self.steps_per_epoch = optimizer_steps_per_epoch(optim, len(self.train_loader))
         self.total_steps = sched.epochs * self.steps_per_epoch
         self.warmup_epochs, self.warmup_note = resolve_warmup_epochs(sched.warmup_epochs, sched.epochs)
@@ -184,7 +188,7 @@ class Trainer:
             "next_epoch": next_epoch,
             "next_batch": next_batch,
             "mixer": self.mixer.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": host_hyperparameters(self.optimizer.state_dict()),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "skipped_steps": int(self.guard.skipped.item()),
             "rng": rng_state(),
@@ -324,6 +328,10 @@ class Trainer:
             print(self.warmup_note, file=sys.stderr if self.warmup_note.startswith("warning") else sys.stdout, flush=True)
         if self.compile_note:
             self.log(self.compile_note)
+        if self.cfg.run.cuda_graph:
+            self.log("step: static buffers, each kind of step captured as CUDA graphs at its "
+                     f"{CUDA_WARMUP_RUNS + 2}th run and replayed" if self.device.type == "cuda" else
+                     "step: static buffers without capture (--cuda-graph on a CPU: the same numbers, no speed-up)")
         self.log(f"run folder: {self.run_dir}")
 
     def _epoch_end_hooks(self, logger, checkpoints: Checkpoints, stop: StopFlag) -> tuple[Evaluation, list]:
@@ -345,10 +353,13 @@ class Trainer:
     def _step_context(self) -> StepContext:
         """What every step uses; under torchrun gradients and logged values are averaged over ranks."""
         mean = flat_allreduce_mean if self.dist.is_distributed else None
-        return StepContext(self.mixer, self.optimizer, self.schedule, self.guard, self.total_steps,
-                           amp_dtype=self.amp_dtype, scaler=self.scaler, grad_sync=mean, metric_mean=mean,
-                           max_bad_steps=self.cfg.run.max_bad_steps, world_size=self.dist.world_size,
-                           **loop_options(self.cfg.optim))
+        ctx = StepContext(self.mixer, self.optimizer, self.schedule, self.guard, self.total_steps,
+                          amp_dtype=self.amp_dtype, scaler=self.scaler, grad_sync=mean, metric_mean=mean,
+                          max_bad_steps=self.cfg.run.max_bad_steps, world_size=self.dist.world_size,
+                          **loop_options(self.cfg.optim))
+        if self.cfg.run.cuda_graph:
+            ctx.stepper = StaticStep(ctx, capture=self.device.type == "cuda")
+        return ctx
 
     def _train_epoch(self, ctx: StepContext, epoch: int, logger, stop: StopFlag) -> EpochEnd:
         """One epoch's steps, with its progress line and train records; then BN statistics are
@@ -400,3 +411,11 @@ class Trainer:
         if self.dist.is_distributed:
             barrier()  # no rank leaves (and tears down gloo/NCCL) while another is still writing
         return summary
+
+
+def host_hyperparameters(state: dict) -> dict:
+    """An optimizer state_dict with its groups' tensor hyperparameters (the static step's device
+    learning rates) as floats, so the checkpoint loads the same into either kind of step."""
+    groups = [{k: v.item() if isinstance(v, torch.Tensor) and v.dim() == 0 and k != "params" else v
+               for k, v in g.items()} for g in state["param_groups"]]
+    return {**state, "param_groups": groups}

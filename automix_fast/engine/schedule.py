@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
+
 from automix_fast.config.sections import MASK_LOSS_ANNEALS, SCHEDULES
 from automix_fast.errors import ConfigError
 
@@ -113,12 +115,16 @@ class LRSchedule:
         return self._decayed(step)
 
     def apply(self, optimizer, step: int) -> list[float]:
-        """Set each param group's lr for `step`; returns the LRs (for logging)."""
+        """Set each param group's lr for `step` (a tensor lr is filled in place); returns the LRs
+        as host floats (for logging)."""
         lrs = self.lr_at(step)
         if len(optimizer.param_groups) != len(lrs):
             raise ValueError(f"schedule has {len(lrs)} groups, optimizer has {len(optimizer.param_groups)}")
         for group, lr in zip(optimizer.param_groups, lrs):
-            group["lr"] = lr
+            if isinstance(group["lr"], torch.Tensor):  # the static step's: refilled in place, read by its graphs
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         return lrs
 
 

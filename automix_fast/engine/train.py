@@ -6,7 +6,6 @@ stay on the device until a log interval reads them.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -15,95 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from automix_fast.engine.metrics import accuracy_topk
+from automix_fast.engine.static_step import EagerStep
+from automix_fast.engine.train_step import (StepContext, StepGuard, autocast, nonfinite_flag,  # noqa: F401 (re-exported)
+                                            optimizer_step)
 from automix_fast.errors import CheckpointError, UserError
 
 
 class NonFiniteError(UserError):
     """Too many consecutive steps had a non-finite loss or gradient."""
-
-
-@dataclass
-class StepGuard:
-    """Device-side bookkeeping of skipped (non-finite) steps."""
-
-    device: torch.device
-    found_inf: torch.Tensor = None
-    skipped: torch.Tensor = None
-    consecutive: torch.Tensor = None
-    worst: torch.Tensor = None  # the longest run of consecutive bad steps since the last check
-
-    def __post_init__(self):
-        self.found_inf = torch.zeros(1, device=self.device)
-        self.skipped = torch.zeros(1, device=self.device)
-        self.consecutive = torch.zeros(1, device=self.device)
-        self.worst = torch.zeros(1, device=self.device)
-        self._one = torch.ones(1, device=self.device)
-
-    def check(self, params: list[torch.Tensor], bad_loss: torch.Tensor | None = None) -> torch.Tensor:
-        """Set found_inf to 1 when any gradient is NaN/inf or bad_loss (a 0/1 flag) is set (no sync)."""
-        self.found_inf.zero_()
-        tensors = [p.grad for p in params if p.grad is not None]
-        if tensors:
-            torch._amp_foreach_non_finite_check_and_unscale_(tensors, self.found_inf, self._one)
-        if bad_loss is not None:
-            torch.maximum(self.found_inf, (bad_loss > 0).float(), out=self.found_inf)
-        return self.found_inf
-
-    def record(self, found_inf: torch.Tensor) -> None:
-        bad = (found_inf > 0).float()
-        self.skipped += bad
-        self.consecutive.mul_(bad).add_(bad)  # reset on a good step, count up on a bad one
-        torch.maximum(self.worst, self.consecutive, out=self.worst)
-
-    def too_many_bad(self, max_bad_steps: int) -> int:
-        """The longest bad run since the last call when it reached max_bad_steps, else 0 (one sync)."""
-        worst = int(self.worst.item())
-        self.worst.copy_(self.consecutive)
-        return worst if worst >= max_bad_steps else 0
-
-
-def autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=amp_dtype)
-
-
-def nonfinite_flag(loss: torch.Tensor) -> torch.Tensor:
-    """(1,) float32 on the loss's device: 1 when the loss is NaN/inf (no sync)."""
-    return (~torch.isfinite(loss.detach().float())).float().reshape(1)
-
-
-def optimizer_step(optimizer, params, guard: StepGuard, scaler=None, bad_loss: torch.Tensor | None = None,
-                   clip: Callable[[list[torch.Tensor]], None] | None = None) -> torch.Tensor:
-    """One update, skipped when a gradient is not finite or bad_loss (see nonfinite_flag) is set;
-    returns the device flag, which says exactly whether the update was skipped. `clip(params)`
-    (engine/grad_clip.py) runs on the unscaled gradients just before the update.
-
-    Under torchrun bad_loss must be the same on every rank (train_one_epoch all-reduces it with
-    the gradients), so that every rank skips, or applies, the same steps."""
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-        if clip is not None:
-            clip(params)
-        found_per_device = scaler._found_inf_per_device(optimizer)
-        if bad_loss is not None and found_per_device:
-            # A non-finite loss with finite (e.g. zero) gradients is still a bad step: make
-            # GradScaler skip it (and back off its scale) rather than apply it and count a skip.
-            first = next(iter(found_per_device.values()))  # a 0-dim float32 per device
-            first.add_(bad_loss.to(first.device, first.dtype).sum())
-        found = (sum(v.float() for v in found_per_device.values()).reshape(1) > 0).float()
-        scaler.step(optimizer)  # GradScaler skips on overflow and lowers the scale
-        scaler.update()
-        return found
-    if clip is not None:
-        clip(params)
-    found = guard.check(params, bad_loss)
-    if optimizer.defaults.get("fused"):
-        optimizer.found_inf = found  # the fused kernel skips the whole update on the device
-        optimizer.step()
-    elif found.item() == 0:  # unfused optimizers cannot skip on the device
-        optimizer.step()
-    return found
 
 
 @dataclass
@@ -114,41 +32,6 @@ class EpochResult:
     images: int = 0
     seconds: float = 0.0
     data_seconds: float = 0.0
-
-
-@dataclass
-class StepContext:
-    """What every optimizer step of a run uses, the same in every epoch.
-
-    A step is `accum_steps` micro-batches (timm's --grad-accum-steps): each backward adds
-    loss / accum_steps to the gradients, gradients are all-reduced (grad_sync) once, after the
-    last one, and the epoch's last step takes the micro-batches left (timm's rule), so an epoch
-    is ceil(len(loader) / accum_steps) steps. Steps, schedules, lambdas and the after_step
-    updates (EMA, momentum encoder) count optimizer steps. `clip` (grad_clip.py) runs before
-    each update. world_size: the processes training together; the logged `img_per_s_global` is
-    world_size x this rank's images per second (every rank runs the same number of equal
-    batches). metric_mean (under torchrun) averages the logged values over ranks in place, one
-    collective per log interval, so the metrics describe the global batch (every rank must log
-    together). More than max_bad_steps consecutive skipped steps raise NonFiniteError.
-    """
-
-    mixer: Any
-    optimizer: torch.optim.Optimizer
-    schedule: Any
-    guard: StepGuard
-    total_steps: int
-    amp_dtype: torch.dtype | None = None
-    scaler: Any = None
-    grad_sync: Callable[[list[torch.Tensor]], None] | None = None
-    metric_mean: Callable[[list[torch.Tensor]], None] | None = None
-    accum_steps: int = 1
-    clip: Callable[[list[torch.Tensor]], None] | None = None
-    max_bad_steps: int = 20
-    world_size: int = 1
-
-    @property
-    def device(self) -> torch.device:
-        return self.guard.device
 
 
 @dataclass
@@ -195,13 +78,13 @@ class _EpochRun:
         self.ctx, self.plan, self.cb = ctx, plan, callbacks
         ctx.mixer.train()
         loader.set_epoch(plan.epoch)
-        self.params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
+        self.stepper = ctx.stepper if ctx.stepper is not None else EagerStep(ctx)  # runs each optimizer step
         self.micro_batches = len(loader)
         self.batches = steps_per_epoch(self.micro_batches, ctx.accum_steps)  # optimizer steps
         self.result = EpochResult()
-        self.sums: dict[str, torch.Tensor] = {}
         self.count_since_log = 0  # micro-batches
         self.epoch_loss, self.epoch_count = 0.0, 0  # host floats from the interval reads: the epoch's mean loss
+        self.lr = 0.0  # the first group's, as the schedule set it (a host float)
         self.it = iter(loader)
         if plan.skip >= self.batches:
             raise CheckpointError(
@@ -216,11 +99,13 @@ class _EpochRun:
         """Optimizer step i of the epoch; True when the loop should stop after it."""
         ctx, cb = self.ctx, self.cb
         step = self.plan.start_step + i
-        ctx.schedule.apply(ctx.optimizer, step)
-        ctx.optimizer.zero_grad(set_to_none=True)
-        data_time, step_images, loss_sum = self._accumulate(i, step)
+        self.lr = ctx.schedule.apply(ctx.optimizer, step)[0]
+        micro = min(ctx.accum_steps, self.micro_batches - i * ctx.accum_steps)
+        self.data_time = 0.0
+        step_images = self.stepper.run(step, micro, self._micro_batches(micro))
+        self.count_since_log += micro
+        data_time = self.data_time
         self.result.data_seconds += data_time
-        self._update(step, loss_sum)
         self.result.steps += 1
         self.result.images += step_images
         last = i == self.batches - 1
@@ -231,46 +116,18 @@ class _EpochRun:
             stop = False
             logging_now = (i + 1) % cb.log_interval == 0 or last
         if cb.progress is not None and not logging_now:  # the bar moves; the loss waits for the interval's read
-            cb.progress.update(lr=ctx.optimizer.param_groups[0]["lr"], images=step_images, data_time=data_time)
+            cb.progress.update(lr=self.lr, images=step_images, data_time=data_time)
         if logging_now:
             stop = self._log(i, step, step_images, data_time) or stop
         return stop
 
-    def _accumulate(self, i: int, step: int) -> tuple[float, int, torch.Tensor]:
-        """Forward and backward over step i's micro-batches: (data seconds, images, summed loss)."""
-        ctx = self.ctx
-        micro = min(ctx.accum_steps, self.micro_batches - i * ctx.accum_steps)
-        data_time, step_images, loss_sum = 0.0, 0, None
+    def _micro_batches(self, micro: int):
+        """The step's `micro` loader batches, timing the waits for them (self.data_time)."""
         for _ in range(micro):
             t0 = time.perf_counter()
-            x, y = next(self.it)
-            data_time += time.perf_counter() - t0
-            with autocast(ctx.device, ctx.amp_dtype):
-                loss, logs = ctx.mixer.loss(x, y, step, ctx.total_steps)
-            part = loss / micro if micro > 1 else loss
-            (ctx.scaler.scale(part) if ctx.scaler is not None else part).backward()
-            loss_sum = part.detach() if loss_sum is None else loss_sum + part.detach()
-            for k, v in logs.items():
-                v = v.detach().float().to(ctx.device)
-                self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
-            self.count_since_log += 1
-            step_images += x.shape[0]
-        return data_time, step_images, loss_sum
-
-    def _update(self, step: int, loss_sum: torch.Tensor) -> None:
-        """All-reduce the gradients (torchrun), then the (possibly skipped) update and after_step."""
-        ctx = self.ctx
-        bad_loss = nonfinite_flag(loss_sum)
-        if ctx.grad_sync is not None:  # once per step: no all-reduce for the first micro-batches
-            for p in self.params:  # every rank must all-reduce the same list of tensors
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            # Mean over ranks; a NaN on one rank reaches all. The loss flag rides along, so a
-            # non-finite loss on any rank skips the step on every rank and is counted the same.
-            ctx.grad_sync([p.grad for p in self.params] + [bad_loss])
-        found = optimizer_step(ctx.optimizer, self.params, ctx.guard, ctx.scaler, bad_loss, ctx.clip)
-        ctx.guard.record(found)
-        ctx.mixer.after_step(step, ctx.total_steps)
+            batch = next(self.it)
+            self.data_time += time.perf_counter() - t0
+            yield batch
 
     def _log(self, i: int, step: int, step_images: int, data_time: float) -> bool:
         """The interval's one device read: report it; True when some rank asked to stop."""
@@ -298,12 +155,13 @@ class _EpochRun:
         if ctx.metric_mean is not None:
             if self.cb.should_stop is not None and self.cb.should_stop():  # this rank's own request (a host flag)
                 stop_flag.fill_(1.0)
-            ctx.metric_mean(list(self.sums.values()) + [stop_flag])  # > 0 after the mean: some rank asked
-        names = list(self.sums)
-        read = torch.cat([torch.stack([self.sums[k].reshape(()) for k in names]) / self.count_since_log,
+            ctx.metric_mean(list(self.stepper.sums.values()) + [stop_flag])  # > 0 after the mean: some rank asked
+        sums = self.stepper.sums
+        names = list(sums)
+        read = torch.cat([torch.stack([sums[k].reshape(()) for k in names]) / self.count_since_log,
                           ctx.guard.skipped.reshape(1), stop_flag]).tolist()  # one device read per interval
         values = dict(zip(names, read[:-2]))
-        values["lr"] = ctx.optimizer.param_groups[0]["lr"]
+        values["lr"] = self.lr
         values["skipped_steps"] = int(read[-2])
         elapsed = time.perf_counter() - self.t_start
         values["img_per_s_global"] = ctx.world_size * self.result.images / max(elapsed, 1e-9)
@@ -311,7 +169,8 @@ class _EpochRun:
         self.result.means = values
         self.epoch_loss += values["loss"] * self.count_since_log
         self.epoch_count += self.count_since_log
-        self.sums, self.count_since_log = {}, 0
+        self.stepper.reset_sums()
+        self.count_since_log = 0
         return values, read[-1] > 0
 
     def finish(self) -> EpochResult:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from automix_fast.engine.model_ema import ModelEma
 from automix_fast.engine.schedule import MASK_LOSS_ANNEALS, CompoundCosine, cosine_anneal, momentum_cosine_start
 
-from .base import Mixer, mix_cross_entropy, to_device
+from .base import DeviceLambda, DeviceScalars, Mixer, blend, lam_own, lam_partner, mix_cross_entropy, to_device
 from .mixblock import MixBlock
 
 
@@ -102,10 +102,10 @@ def mask_statistics(logits: torch.Tensor, s_mean: torch.Tensor, lam) -> dict[str
     s = torch.sigmoid(logits.detach().float()).flatten(1)  # (N, h*w)
     s_mean = s_mean.detach().float()
     partner = s_mean.mean()
-    target = 1.0 - lam  # lam: a host float (eager) or a 0-d tensor (the compiled step)
+    target = lam_partner(lam)  # 1 - lam: a host float, or a 0-d float32 tensor of a DeviceLambda
     return {
         "mask_partner_mean": partner,
-        "mask_partner_target": target.to(partner.dtype) if torch.is_tensor(target) else torch.full_like(partner, target),
+        "mask_partner_target": target.clone() if torch.is_tensor(target) else torch.full_like(partner, target),
         "mask_pixel_std": s.std(dim=1, unbiased=False).mean(),
         "mask_image_std": s_mean.std(unbiased=False) if s_mean.numel() > 1 else torch.zeros_like(partner),
         "mask_saturated": ((s < SATURATED) | (s > 1.0 - SATURATED)).float().mean(),
@@ -196,93 +196,115 @@ class AutoMix(Mixer):
             m_bb = self.mix_block.attend(tuple(t.detach() for t in projected), lam_bb, perm_bb, size)
         return m_mb, m_bb
 
-    def draw(self, x, step: int, stream: int):
-        """(lam, perm) of one branch; a pure function of (seed, step, stream)."""
+    def draw(self, x, step: int, stream: int, device=None):
+        """(lam, perm) of one branch, perm on `device` (default x's); a pure function of (seed, step, stream)."""
+        device = x.device if device is None else device
         if self.no_repeat:  # the official fine-grained recipes: no image mixed with itself
-            perm = derangement(self.random, x.shape[0], step, stream, x.device, fallback=stream == MIX_BLOCK_STREAM)
+            perm = derangement(self.random, x.shape[0], step, stream, device, fallback=stream == MIX_BLOCK_STREAM)
             return self.random.beta(self.alpha, step, stream), perm
-        return self.random.pair(self.alpha, x.shape[0], step, stream, x.device)
+        return self.random.pair(self.alpha, x.shape[0], step, stream, device)
 
     def plain_mixup(self, lam_bb: float) -> bool:
         """Whether x_bb is plain mixup: lam_bb within lam_margin of 0 or 1 (a host float: no sync)."""
         return min(lam_bb, 1.0 - lam_bb) <= self.lam_margin
 
-    def mixed_backbone_input(self, x, m_bb, lam_bb, perm_bb, plain_mixup: bool):
-        """x_bb: plain mixup when `plain_mixup`, else the Mix Block's mix with m_bb (no gradient)."""
+    def mixed_backbone_input(self, x, m_bb, lam_bb, perm_bb, plain_mixup):
+        """x_bb: plain mixup when `plain_mixup`, else the Mix Block's mix with m_bb (no gradient).
+        `plain_mixup` a 0-d bool tensor (the static step): both are made and it picks one."""
         with torch.no_grad():
+            if isinstance(plain_mixup, torch.Tensor):  # no host branch on a per-step value
+                return torch.where(plain_mixup, blend(x[perm_bb], x, lam_bb), self.mix_block.mix(m_bb, x, perm_bb)[0])
             if plain_mixup:
-                return torch.lerp(x[perm_bb], x, lam_bb.to(x.dtype) if isinstance(lam_bb, torch.Tensor) else lam_bb)
+                return blend(x[perm_bb], x, lam_bb)
             return self.mix_block.mix(m_bb, x, perm_bb)[0]
 
-    def draws(self, x, step: int, total_steps: int) -> dict:
+    def draws(self, x, step: int, total_steps: int, device=None) -> dict:
         """The step's host-side values, a pure function of (seed, step): lam_bb, perm_bb and whether
         x_bb is plain mixup, and on a step that trains the Mix Block also lam_mb, perm_mb and the
-        mask-loss weight. `step_loss(x, y, **draws)` is the rest of the step."""
-        lam_bb, perm_bb = self.draw(x, step, BACKBONE_STREAM)
+        mask-loss weight; permutations on `device` (default x's). `step_loss(x, y, **draws)` is
+        the rest of the step."""
+        lam_bb, perm_bb = self.draw(x, step, BACKBONE_STREAM, device)
         draws = {"lam_bb": lam_bb, "perm_bb": perm_bb, "plain_mixup": self.plain_mixup(lam_bb)}
         if self.trains_mix_block(step):
-            lam_mb, perm_mb = self.draw(x, step, MIX_BLOCK_STREAM)  # independent streams
+            lam_mb, perm_mb = self.draw(x, step, MIX_BLOCK_STREAM, device)  # independent streams
             draws.update(lam_mb=lam_mb, perm_mb=perm_mb, mask_weight=self.mask_weight_at(step, total_steps))
         return draws
 
     @staticmethod
     def tensor_draws(draws: dict, device) -> dict:
-        """The draws with lam_bb, lam_mb and mask_weight as 0-d float32 tensors on `device`: what a
-        compiled `step_loss` takes, so a new lambda is a new input rather than a recompile (dynamo
-        specializes on Python floats). Close to the float step, not bit-identical: 1 - lam rounds
-        in float32 instead of float64."""
+        """The draws with lam_bb and lam_mb as DeviceLambda and mask_weight as a 0-d float32 tensor
+        on `device`: what a compiled `step_loss` takes, so a new lambda is a new input rather than
+        a recompile (dynamo specializes on Python floats)."""
         device = torch.device(device)
+        pin = device.type == "cuda"  # from pinned memory the copy is asynchronous: no wait on the device's queue
+        out = dict(draws)
+        for k in ("lam_bb", "lam_mb"):
+            if k in draws:
+                out[k] = DeviceLambda.of(draws[k], device, pin)
+        if "mask_weight" in draws:
+            out["mask_weight"] = torch.tensor(draws["mask_weight"], dtype=torch.float32, pin_memory=pin).to(
+                device, non_blocking=True)
+        return out
 
-        def scalar(v: float) -> torch.Tensor:
-            # From pinned memory the copy is asynchronous: no wait on the device's queue.
-            return torch.tensor(v, dtype=torch.float32, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+    # The step in parts. The Mix Block branch's terms (l_mix_k, l_mask) reach only the Mix Block,
+    # q's two terms only q (x_bb is made without gradient), so each part can be backpropagated
+    # before the next is built (forward_backward): the same gradients as one backward of the sum
+    # (each tensor's gradient is the same sum of the same contributions), with one backbone
+    # graph alive at a time instead of three.
+    def mix_block_part(self, x, y, lam_bb, perm_bb, plain_mixup, lam_mb, perm_mb, mask_weight):
+        """A step that trains the Mix Block: ({l_mix_k, l_mask}, x_bb, mask logs)."""
+        m_mb, m_bb = self.mix_masks(x, lam_mb, perm_mb, lam_bb, perm_bb)
+        x_mb, s_mean_mb = self.mix_block.mix(m_mb, x, perm_mb)
+        x_bb = self.mixed_backbone_input(x, m_bb, lam_bb, perm_bb, plain_mixup)
+        # k's weights need no gradient, but x_mb does: the loss flows through k's activations into the MB.
+        l_mix_k = mix_cross_entropy(self.momentum_encoder(x_mb, head="mix"), y, perm_mb, lam_mb, self.smoothing)
+        self_weight = 1.0 - s_mean_mb.mean()
+        mask_loss = torch.clamp((self_weight - lam_own(lam_mb)).abs() - self.mask_margin, min=0.0)
+        logs = {"mask_self_weight": self_weight, **mask_statistics(m_mb, s_mean_mb, lam_mb),
+                **self.mix_block.weight_norms()}
+        return {"l_mix_k": l_mix_k, "l_mask": mask_weight * mask_loss}, x_bb, logs
 
-        floats = ("lam_bb", "lam_mb", "mask_weight")
-        return {k: scalar(v) if k in floats else v for k, v in draws.items()}
-
-    def backbone_only_terms(self, x, y, lam_bb, perm_bb, plain_mixup: bool) -> dict[str, torch.Tensor]:
-        """A step that skips the Mix Block branch (mix_block_every > 1): the same keys as a full
-        step, L_mix_k = L_mask = 0, the mask statistics of m_bb."""
+    def backbone_mask_part(self, x, lam_bb, perm_bb, plain_mixup):
+        """A step that skips the Mix Block branch (mix_block_every > 1): ({}, x_bb, the mask logs
+        of m_bb)."""
         f = self.mix_block_features(x)
         with torch.no_grad():
             m_bb = self.mix_block(f, lam_bb, perm_bb)
             s_mean_bb = torch.sigmoid(m_bb.float()).mean(dim=(1, 2, 3))  # exact for nearest upsampling
         x_bb = self.mixed_backbone_input(x, m_bb, lam_bb, perm_bb, plain_mixup)
-        l_one_q = F.cross_entropy(self.model(x, head="one"), y, label_smoothing=self.smoothing)
-        l_mix_q = mix_cross_entropy(self.model(x_bb, head="mix"), y, perm_bb, lam_bb, self.smoothing)
-        zero = torch.zeros((), device=l_one_q.device, dtype=l_one_q.dtype)
-        return {"l_mix_q": l_mix_q, "l_one_q": l_one_q, "l_mix_k": zero, "l_mask": zero.clone(),
-                "mask_self_weight": 1.0 - s_mean_bb.mean(), "lam_mb": lam_bb,
-                **mask_statistics(m_bb, s_mean_bb, lam_bb), **self.mix_block.weight_norms()}
+        logs = {"mask_self_weight": 1.0 - s_mean_bb.mean(), **mask_statistics(m_bb, s_mean_bb, lam_bb),
+                **self.mix_block.weight_norms()}
+        return {}, x_bb, logs
 
-    def mix_block_terms(self, x, y, lam_bb, perm_bb, plain_mixup: bool, lam_mb, perm_mb, mask_weight):
-        """The four loss terms of a step that trains the Mix Block (graph-connected)."""
-        m_mb, m_bb = self.mix_masks(x, lam_mb, perm_mb, lam_bb, perm_bb)
-
-        x_mb, s_mean_mb = self.mix_block.mix(m_mb, x, perm_mb)
-        x_bb = self.mixed_backbone_input(x, m_bb, lam_bb, perm_bb, plain_mixup)
-
-        # k's weights need no gradient, but x_mb does: the loss flows through k's activations into the MB.
-        l_mix_k = mix_cross_entropy(self.momentum_encoder(x_mb, head="mix"), y, perm_mb, lam_mb, self.smoothing)
-        l_one_q = F.cross_entropy(self.model(x, head="one"), y, label_smoothing=self.smoothing)
-        l_mix_q = mix_cross_entropy(self.model(x_bb, head="mix"), y, perm_bb, lam_bb, self.smoothing)
-        self_weight = 1.0 - s_mean_mb.mean()
-        mask_loss = torch.clamp((self_weight - lam_mb).abs() - self.mask_margin, min=0.0)
-        l_mask = mask_weight * mask_loss
-        return {"l_mix_q": l_mix_q, "l_one_q": l_one_q, "l_mix_k": l_mix_k, "l_mask": l_mask,
-                "mask_self_weight": self_weight, "lam_mb": lam_mb,
-                **mask_statistics(m_mb, s_mean_mb, lam_mb), **self.mix_block.weight_norms()}
-
-    def terms(self, x, y, lam_bb, perm_bb, plain_mixup: bool, lam_mb=None, perm_mb=None,
-              mask_weight=0.0) -> dict[str, torch.Tensor]:
-        """The loss terms and the mask's self weight from the step's `draws` (lam and the mask
-        weight as floats, or as the 0-d tensors of `tensor_draws`)."""
+    def masks_part(self, x, y, lam_bb, perm_bb, plain_mixup, lam_mb=None, perm_mb=None, mask_weight=0.0):
         if lam_mb is None:
-            return self.backbone_only_terms(x, y, lam_bb, perm_bb, plain_mixup)
-        return self.mix_block_terms(x, y, lam_bb, perm_bb, plain_mixup, lam_mb, perm_mb, mask_weight)
+            return self.backbone_mask_part(x, lam_bb, perm_bb, plain_mixup)
+        return self.mix_block_part(x, y, lam_bb, perm_bb, plain_mixup, lam_mb, perm_mb, mask_weight)
+
+    def one_q_term(self, x, y):
+        return F.cross_entropy(self.model(x, head="one"), y, label_smoothing=self.smoothing)
+
+    def mix_q_term(self, x_bb, y, perm_bb, lam_bb):
+        return mix_cross_entropy(self.model(x_bb, head="mix"), y, perm_bb, lam_bb, self.smoothing)
+
+    @staticmethod
+    def assemble(l_mix_q, l_one_q, mb_terms: dict, logs: dict) -> dict[str, torch.Tensor]:
+        """The four terms (l_mix_k = l_mask = 0 on a step without the Mix Block branch) and the logs."""
+        if not mb_terms:
+            zero = torch.zeros((), device=l_one_q.device, dtype=l_one_q.dtype)
+            mb_terms = {"l_mix_k": zero, "l_mask": zero.clone()}
+        return {"l_mix_q": l_mix_q, "l_one_q": l_one_q, **mb_terms, **logs}
+
+    def terms(self, x, y, lam_bb, perm_bb, plain_mixup, lam_mb=None, perm_mb=None,
+              mask_weight=0.0) -> dict[str, torch.Tensor]:
+        """The loss terms (graph-connected) and the mask logs from the step's `draws` (lambdas and
+        the mask weight as floats, or as the tensors of `tensor_draws`)."""
+        mb_terms, x_bb, logs = self.masks_part(x, y, lam_bb, perm_bb, plain_mixup, lam_mb, perm_mb, mask_weight)
+        l_one_q = self.one_q_term(x, y)
+        return self.assemble(self.mix_q_term(x_bb, y, perm_bb, lam_bb), l_one_q, mb_terms, logs)
 
     def loss_terms(self, x, y, step, total_steps) -> dict[str, torch.Tensor]:
-        """The four loss terms of the step (graph-connected) and the mask's self weight."""
+        """The four loss terms of the step (graph-connected) and the mask logs."""
         return self.terms(x, y, **self.draws(x, step, total_steps))
 
     def mask_weight_at(self, step: int, total_steps: int) -> float:
@@ -299,19 +321,88 @@ class AutoMix(Mixer):
         return self.compiled_step(x, y, **self.tensor_draws(draws, x.device))
 
     def compile_step(self, **options) -> None:
-        """From now on `loss` runs torch.compile(step_loss, fullgraph=True, **options) on the
-        `tensor_draws`. One graph per kind of step (with or without the Mix Block branch) and
-        per plain_mixup value: up to four compiles, none per lambda."""
+        """From now on `loss` (and `forward_backward`) run torch.compile(step_loss, fullgraph=True,
+        **options) on the `tensor_draws`. One graph per kind of step (with or without the Mix Block
+        branch) and per plain_mixup value: up to four compiles, none per lambda."""
         self.compiled_step = torch.compile(self.step_loss, fullgraph=True, **options)
 
     def step_loss(self, x, y, **draws):
         """(loss, logs) of the step from its `draws`: no host work, so torch.compile traces it
         whole (fullgraph=True)."""
-        terms = self.terms(x, y, **draws)
+        return self.loss_and_logs(self.terms(x, y, **draws))
+
+    def loss_and_logs(self, terms: dict):
         loss = functools.reduce(operator.add, (terms[k] for k in self.summed_terms))  # left to right, as listed
-        logs = {k: v.detach() for k, v in terms.items() if k != "lam_mb"}
+        logs = {k: v.detach() for k, v in terms.items()}
         logs["loss"] = loss.detach()
         return loss, logs
+
+    def forward_backward(self, x, y, step, total_steps, autocast, backward):
+        """The step part by part (see mix_block_part): the Mix Block branch's terms backpropagated
+        first, then q's clean pass, then q's mixed pass. The compiled step is one graph: one backward."""
+        if self.compiled_step is not None:
+            return super().forward_backward(x, y, step, total_steps, autocast, backward)
+        return self.parts_forward_backward(x, y, autocast, backward, **self.draws(x, step, total_steps))
+
+    def parts_forward_backward(self, x, y, autocast, backward, **draws):
+        lam_bb, perm_bb = draws["lam_bb"], draws["perm_bb"]
+        with autocast():
+            mb_terms, x_bb, logs = self.masks_part(x, y, **draws)
+        if mb_terms:
+            backward(mb_terms["l_mix_k"] + mb_terms["l_mask"])  # frees k's graph on x_mb and the Mix Block's
+        with autocast():
+            l_one_q = self.one_q_term(x, y)
+        backward(l_one_q)
+        with autocast():
+            l_mix_q = self.mix_q_term(x_bb, y, perm_bb, lam_bb)
+        backward(l_mix_q)
+        loss, logs = self.loss_and_logs(self.assemble(l_mix_q, l_one_q, mb_terms, logs))
+        return loss, logs
+
+    # The static-buffer step: every per-step value in device buffers (see Mixer.static_step).
+    static_step = True
+    STATIC_SCALARS = ("lam_bb", "partner_bb", "lam_mb", "partner_mb", "plain_mixup", "mask_weight", "ema_weight")
+
+    def step_kind(self, step: int) -> bool:
+        """True for a step that trains the Mix Block (a graph of its own)."""
+        return self.trains_mix_block(step)
+
+    def static_buffers(self, x) -> dict:
+        n = x.shape[0]
+        scalars = DeviceScalars(self.STATIC_SCALARS, x.device)
+        return {"scalars": scalars, "perms": torch.zeros(2, n, dtype=torch.long, device=x.device)}
+
+    def fill_static(self, buffers: dict, step: int, total_steps: int) -> None:
+        """Step `step`'s draws and EMA weight into `buffers`: one copy for the scalars, one for the
+        permutations (both from the host; values a step of the other kind does not read are 0)."""
+        x_like = buffers["perms"][0]  # draws read only its length and device
+        draws = self.draws(x_like, step, total_steps, device="cpu")
+        lam_bb, lam_mb = draws["lam_bb"], draws.get("lam_mb", 0.0)
+        buffers["scalars"].fill({
+            "lam_bb": lam_bb, "partner_bb": 1.0 - lam_bb, "lam_mb": lam_mb, "partner_mb": 1.0 - lam_mb,
+            "plain_mixup": float(draws["plain_mixup"]), "mask_weight": draws.get("mask_weight", 0.0),
+            "ema_weight": 1.0 - encoder_momentum(step, total_steps, self.momentum_base, self.momentum_end),
+        })
+        perms = torch.stack([draws["perm_bb"], draws.get("perm_mb", draws["perm_bb"])])
+        pin = buffers["perms"].device.type == "cuda"
+        buffers["perms"].copy_(perms.pin_memory() if pin else perms, non_blocking=True)
+
+    def static_draws(self, buffers: dict, kind: bool) -> dict:
+        """The `draws` of a step of `kind`, as views of `buffers`."""
+        sc, perms = buffers["scalars"], buffers["perms"]
+        draws = {"lam_bb": DeviceLambda(sc["lam_bb"], sc["partner_bb"]), "perm_bb": perms[0],
+                 "plain_mixup": sc["plain_mixup"] > 0}
+        if kind:
+            draws.update(lam_mb=DeviceLambda(sc["lam_mb"], sc["partner_mb"]), perm_mb=perms[1],
+                         mask_weight=sc["mask_weight"])
+        return draws
+
+    def static_forward_backward(self, x, y, buffers, kind, autocast, backward):
+        return self.parts_forward_backward(x, y, autocast, backward, **self.static_draws(buffers, kind))
+
+    @torch.no_grad()
+    def static_after_step(self, buffers: dict) -> None:
+        self.k_ema.update(self.model, weight=buffers["scalars"]["ema_weight"])
 
     @staticmethod
     def progress_text(values: dict) -> str:

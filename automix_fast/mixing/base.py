@@ -1,6 +1,8 @@
 """What every mixing policy shares: the mixed-label loss, per-step random draws, the base class."""
 from __future__ import annotations
 
+from typing import Callable, ContextManager, NamedTuple
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -22,9 +24,58 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
-def mix_cross_entropy(logits, y, perm, lam: "float | torch.Tensor", smoothing: float = 0.0):
+class DeviceLambda(NamedTuple):
+    """A step's lambda held on the device, for a step whose per-step values are tensors (the
+    static-buffer step, the compiled step): `own` = lam and `partner` = 1 - lam as 0-d float32
+    tensors, both rounded from the host's float64 values. Every use below rounds them as the
+    host float's use does, so a step fed a DeviceLambda computes the same numbers bit for bit."""
+
+    own: torch.Tensor
+    partner: torch.Tensor
+
+    @classmethod
+    def of(cls, lam: float, device, pin: bool = False) -> "DeviceLambda":
+        """From a host float (copied from pinned memory when `pin`: an asynchronous copy)."""
+        host = torch.tensor([lam, 1.0 - lam], dtype=torch.float32, pin_memory=pin)
+        both = host.to(device, non_blocking=True)
+        return cls(both[0], both[1])
+
+
+def lam_own(lam):
+    """lam as a float or a 0-d tensor."""
+    return lam.own if isinstance(lam, DeviceLambda) else lam
+
+
+def lam_partner(lam):
+    """1 - lam, as a float or a 0-d tensor."""
+    return lam.partner if isinstance(lam, DeviceLambda) else 1.0 - lam
+
+
+def scaled(weight, t: torch.Tensor) -> torch.Tensor:
+    """weight * t in t's dtype, rounded once from float32 as `float * t` rounds for a float
+    `weight`, also when `weight` is a 0-d float32 tensor (which alone would round to t's dtype first)."""
+    if isinstance(weight, torch.Tensor) and t.dtype != weight.dtype:
+        return (weight * t.float()).to(t.dtype)
+    return weight * t
+
+
+def blend(partner: torch.Tensor, x: torch.Tensor, lam) -> torch.Tensor:
+    """lerp(partner, x, lam) = partner + lam (x - partner) for a float or DeviceLambda lam, in x's
+    dtype and memory format, rounded once from float32 in both cases."""
+    if not isinstance(lam, DeviceLambda):
+        return torch.lerp(partner, x, lam)
+    if x.dtype == torch.float32:
+        return torch.lerp(partner, x, lam.own)
+    return torch.lerp(partner.float(), x.float(), lam.own).to(x.dtype)
+
+
+def mix_cross_entropy(logits, y, perm, lam: "float | DeviceLambda | torch.Tensor", smoothing: float = 0.0):
     """mixCE = lam * CE(logits, y) + (1 - lam) * CE(logits, y[perm]); a tensor `lam` holds one
     lambda per sample (timm's elem/pair modes) and weighs each sample's two terms."""
+    if isinstance(lam, DeviceLambda):
+        return lam.own * F.cross_entropy(logits, y, label_smoothing=smoothing) + lam.partner * F.cross_entropy(
+            logits, y[perm], label_smoothing=smoothing
+        )
     if isinstance(lam, torch.Tensor):
         ce_y = F.cross_entropy(logits, y, label_smoothing=smoothing, reduction="none")
         ce_p = F.cross_entropy(logits, y[perm], label_smoothing=smoothing, reduction="none")
@@ -32,6 +83,27 @@ def mix_cross_entropy(logits, y, perm, lam: "float | torch.Tensor", smoothing: f
     return lam * F.cross_entropy(logits, y, label_smoothing=smoothing) + (1.0 - lam) * F.cross_entropy(
         logits, y[perm], label_smoothing=smoothing
     )
+
+
+class DeviceScalars:
+    """Named 0-d float32 tensors on one device, views of one vector, refilled together by one
+    host->device copy (from pinned memory on CUDA: no wait on the device's queue). A value is
+    rounded from the host's float64 to float32 as a float operand of a tensor op is."""
+
+    def __init__(self, names: "tuple[str, ...]", device):
+        self.names = tuple(names)
+        self.device = torch.device(device)
+        self.vector = torch.zeros(len(self.names), dtype=torch.float32, device=self.device)
+        self.views = {n: self.vector[i] for i, n in enumerate(self.names)}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.views[name]
+
+    def fill(self, values: "dict[str, float]") -> None:
+        """Set every name (a missing one is an error: a stale value must not survive a step)."""
+        host = torch.tensor([float(values[n]) for n in self.names], dtype=torch.float32,
+                            pin_memory=self.device.type == "cuda")
+        self.vector.copy_(host, non_blocking=True)
 
 
 class StepRandom:
@@ -121,6 +193,46 @@ class Mixer(nn.Module):
 
     def loss(self, x, y, step: int, total_steps: int):
         raise NotImplementedError
+
+    def forward_backward(self, x, y, step: int, total_steps: int, autocast: Callable[[], ContextManager],
+                         backward: Callable[[torch.Tensor], None]):
+        """One micro-batch's forward and backward: the loss computed under `autocast()`, then
+        `backward(loss)` (which scales and backpropagates it). Returns (loss detached, logs), the
+        same values as `loss`. A policy whose loss is a sum of parts with disjoint graphs may
+        backpropagate them one at a time (AutoMix does), freeing each part's graph before the next
+        is built: the same gradients, a lower peak of memory."""
+        with autocast():
+            loss, logs = self.loss(x, y, step, total_steps)
+        backward(loss)
+        return loss.detach(), logs
+
+    # The static-buffer step (engine/static_step.py; what --cuda-graph captures). A policy with
+    # `static_step` reads every per-step value (lambdas, permutations, weights) from device
+    # buffers it allocates once and refills before each step, and its step runs the same
+    # operations whatever the values: steps differ only by `step_kind`, one captured graph each.
+    static_step = False
+
+    def step_kind(self, step: int):
+        """Steps of one kind run the same operations (default: all steps are alike)."""
+        return None
+
+    def static_buffers(self, x) -> dict:
+        """The device buffers the static step reads (allocated once, for batches like `x`)."""
+        return {"scalars": DeviceScalars(("ema_weight",) if self.ema is not None else (), x.device)}
+
+    def fill_static(self, buffers: dict, step: int, total_steps: int) -> None:
+        """Write step `step`'s per-step values into `buffers` (no device read)."""
+        if self.ema is not None:  # lerp weight 1 - decay, rounded from float64 as the float update's
+            buffers["scalars"].fill({"ema_weight": 1.0 - self.ema.get_decay(step + 1)})
+
+    def static_forward_backward(self, x, y, buffers: dict, kind, autocast, backward):
+        """`forward_backward` of a step of `kind` reading its per-step values from `buffers`."""
+        raise NotImplementedError(f"{self.name} has no static-buffer step")
+
+    def static_after_step(self, buffers: dict) -> None:
+        """`after_step` reading its per-step values from `buffers`."""
+        if self.ema is not None:
+            self.ema.update(self.model, weight=buffers["scalars"]["ema_weight"])
 
     def progress_text(self, values: dict) -> str | None:
         """The policy's note on the progress line from the interval's logged means; None: no note."""

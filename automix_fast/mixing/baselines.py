@@ -35,6 +35,11 @@ class Vanilla(Mixer):
         loss = F.cross_entropy(self.model(x), y, label_smoothing=self.smoothing)
         return loss, {"loss": loss.detach()}
 
+    static_step = True
+
+    def static_forward_backward(self, x, y, buffers, kind, autocast, backward):
+        return self.forward_backward(x, y, 0, 0, autocast, backward)  # no per-step value but the EMA's
+
 
 def cutmix_boxes(lam: np.ndarray, h: int, w: int, u: np.ndarray) -> np.ndarray:
     """Boxes of area ~(1 - lam) * h * w centred at uniform points (u: (n, 2) in [0, 1)),

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from automix_fast import ops
 from automix_fast.config.sections import MIX_BLOCK_INITS
 
+from .base import lam_own, lam_partner, scaled
+
 COSINE_TEMPERATURE = 10.0  # tau at the start of `cosine` and `cosine-centered`
 COSINE_MAX_TEMPERATURE = 100.0  # clamp, so a runaway tau cannot make the softmax one-hot
 
@@ -81,13 +83,13 @@ class MixBlock(nn.Module):
         proj = torch.nn.functional.linear(feat, weight, bias)  # (N, L, D + 1 + pad); autocast keeps bf16/fp16
         return proj[..., : self.dim], proj[..., self.dim]
 
-    def attend(self, projected, lam: float, perm: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def attend(self, projected, lam, perm: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Mask logits (N, 1, h, w) float32 from projected features, for partners f[perm]."""
         q, k, v, scale = self.attention_inputs(projected, lam, perm)
         logits = ops.mixblock_attention(q, k, v, scale, backend=self.backend)  # (N, L) float32
         return logits.view(q.shape[0], 1, *size)
 
-    def attention_inputs(self, projected, lam: float, perm: torch.Tensor):
+    def attention_inputs(self, projected, lam, perm: torch.Tensor):
         """(q, k, v, scale) as the attention kernel gets them: softmax(scale q k^T) v, where
         scale None is 1/sqrt(D). Also read by bench/mix_block_attention.py's diagnostics."""
         q_all, v_all = projected
@@ -95,9 +97,9 @@ class MixBlock(nn.Module):
         if self.lam_concat:  # the lam channel of concat(f, lam) as a per-sample bias, in q's dtype
             c = self.in_channels
             w_lam = self.q_proj.weight[:, c, 0, 0].to(q.dtype)
-            q = q + lam * w_lam
-            k = k + (1.0 - lam) * w_lam
-            v = v + (1.0 - lam) * self.v_proj.weight[0, c, 0, 0].to(v.dtype)
+            q = q + scaled(lam_own(lam), w_lam)
+            k = k + scaled(lam_partner(lam), w_lam)
+            v = v + scaled(lam_partner(lam), self.v_proj.weight[0, c, 0, 0].to(v.dtype))
         scale = None  # the default 1/sqrt(D)
         if self.init == "cosine-centered":  # only what varies across an image's positions
             q, k = q - q.mean(dim=1, keepdim=True), k - k.mean(dim=1, keepdim=True)
@@ -106,7 +108,7 @@ class MixBlock(nn.Module):
             q, k, scale = F.normalize(q, dim=-1) * tau, F.normalize(k, dim=-1), 1.0
         return q, k, v, scale
 
-    def forward(self, f: torch.Tensor, lam: float, perm: torch.Tensor) -> torch.Tensor:
+    def forward(self, f: torch.Tensor, lam, perm: torch.Tensor) -> torch.Tensor:
         """Mask logits (N, 1, h, w) float32 for mixing each sample with its partner f[perm]."""
         return self.attend(self.project(f), lam, perm, tuple(f.shape[-2:]))
 

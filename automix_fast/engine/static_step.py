@@ -1,0 +1,212 @@
+"""Optimizer steps: the eager step, and the static-buffer step that a CUDA graph replays.
+
+`EagerStep.run` is one optimizer step: `accum_steps` micro-batches of the policy's
+`forward_backward`, then the (possibly skipped) update and the policy's `after_step`.
+
+`StaticStep.run` computes the same numbers from preallocated device buffers: the batch, the
+policy's per-step values (lambdas, permutations, the lam_margin choice, the mask-loss and EMA
+weights: `Mixer.static_buffers`, refilled by `Mixer.fill_static` with one or two host->device
+copies), the learning rates (tensors in the optimizer's groups, refilled by the schedule), the
+gradients, the summed loss and the logged sums. Nothing in a step branches on a per-step value
+except which graph runs: steps of one `Mixer.step_kind` (AutoMix: with or without the Mix Block
+branch) run the same operations, so on CUDA each kind's micro-batch and update are captured once
+as CUDA graphs (sharing one memory pool) and replayed; on CPU the same code runs without capture,
+which is how the tests hold it equal to the eager step bit for bit.
+
+The first step of each kind runs eagerly: it creates the optimizer's state and names the
+parameters that kind gives a gradient (a parameter without one is left out of that kind's
+update, as the eager step leaves it). A batch whose shape, dtype or layout differs from the
+buffers' (a last, smaller batch) runs eagerly too.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from automix_fast.engine.train_step import StepContext, autocast, nonfinite_flag, optimizer_step
+
+CUDA_WARMUP_RUNS = 2  # uncaptured runs of a graph on a side stream before its capture (lazy inits, autotuning)
+UNASSIGNED = object()  # no kind's static gradients are assigned (a kind may be None)
+
+
+class EagerStep:
+    """The eager optimizer step and the running sums of the logged values between log reads."""
+
+    def __init__(self, ctx: StepContext):
+        self.ctx = ctx
+        self.params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def run(self, step: int, micro: int, batches: Iterator) -> int:
+        """Optimizer step `step` over the `micro` (x, y) micro-batches of `batches` (each taken
+        just before its forward); returns the images seen."""
+        ctx = self.ctx
+        ctx.optimizer.zero_grad(set_to_none=True)
+        images, loss_sum = 0, None
+
+        def backward(t: torch.Tensor) -> None:
+            part = t / micro if micro > 1 else t
+            (ctx.scaler.scale(part) if ctx.scaler is not None else part).backward()
+
+        for x, y in batches:
+            loss, logs = ctx.mixer.forward_backward(x, y, step, ctx.total_steps,
+                                                    lambda: autocast(ctx.device, ctx.amp_dtype), backward)
+            part = loss / micro if micro > 1 else loss
+            loss_sum = part if loss_sum is None else loss_sum + part
+            self.add_logs(logs)
+            images += x.shape[0]
+        self.update(step, loss_sum)
+        return images
+
+    def add_logs(self, logs: dict) -> None:
+        for k, v in logs.items():
+            v = v.detach().float().to(self.ctx.device)
+            if k in self.sums:
+                self.sums[k].add_(v)
+            else:
+                self.sums[k] = v.clone()
+
+    def reset_sums(self) -> None:
+        self.sums = {}
+
+    def update(self, step: int, loss_sum: torch.Tensor) -> None:
+        """All-reduce the gradients (torchrun), then the (possibly skipped) update and after_step."""
+        ctx = self.ctx
+        bad_loss = nonfinite_flag(loss_sum)
+        if ctx.grad_sync is not None:  # once per step: no all-reduce for the first micro-batches
+            for p in self.params:  # every rank must all-reduce the same list of tensors
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            # Mean over ranks; a NaN on one rank reaches all. The loss flag rides along, so a
+            # non-finite loss on any rank skips the step on every rank and is counted the same.
+            ctx.grad_sync([p.grad for p in self.params] + [bad_loss])
+        found = optimizer_step(ctx.optimizer, self.params, ctx.guard, ctx.scaler, bad_loss, ctx.clip)
+        ctx.guard.record(found)
+        ctx.mixer.after_step(step, ctx.total_steps)
+
+
+class StaticStep(EagerStep):
+    """The step over static device buffers (see the module doc); `capture` (CUDA only) records
+    each kind's micro-batch and update as CUDA graphs and replays them."""
+
+    def __init__(self, ctx: StepContext, capture: bool = False):
+        super().__init__(ctx)
+        check_static(ctx)
+        self.capture = capture
+        self.mixer = ctx.mixer
+        self.buffers: dict | None = None  # the policy's, with x and y, allocated on the first fitting batch
+        self.grad_params: dict = {}  # kind -> the parameters its steps give a gradient
+        self.grads: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> its static gradient
+        self.assigned = UNASSIGNED  # the kind whose static gradients are the parameters' .grad now
+        self.loss_sum = torch.zeros((), device=ctx.device)
+        self.micro = torch.ones((), device=ctx.device)  # micro-batches in this step (the loss divisor)
+        self.graphs: dict = {}
+        self.runs: dict = {}
+        self.static_steps = 0  # steps run from the buffers (the others ran eagerly)
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        for group in ctx.optimizer.param_groups:  # the schedule refills these in place
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=ctx.device)
+
+    def run(self, step: int, micro: int, batches: Iterator) -> int:
+        kind = self.mixer.step_kind(step)
+        batches = list(batches)  # all fetched first: a batch that does not fit makes the whole step eager
+        if kind not in self.grad_params or not all(self.fits(x, y) for x, y in batches):
+            self.assigned = UNASSIGNED  # the eager step sets .grad to None first
+            images = super().run(step, micro, iter(batches))
+            if kind not in self.grad_params and self.fits(*batches[0]):
+                self.record(kind)
+            return images
+        self.assign(kind)
+        self.static_steps += 1
+        self.mixer.fill_static(self.buffers, step, self.ctx.total_steps)
+        self.micro.fill_(float(micro))
+        for x, y in batches:
+            self.buffers["x"].copy_(x, non_blocking=True)
+            self.buffers["y"].copy_(y, non_blocking=True)
+            self.launch(("micro", kind), lambda: self.micro_body(kind))
+        self.launch(("update", kind), self.update_body)
+        return sum(x.shape[0] for x, _ in batches)
+
+    def fits(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """Whether a batch fits the buffers (allocating them for the first batch seen)."""
+        if self.buffers is None:
+            self.buffers = {**self.mixer.static_buffers(x), "x": torch.empty_like(x), "y": torch.empty_like(y)}
+        bx, by = self.buffers["x"], self.buffers["y"]
+        return (x.shape == bx.shape and x.stride() == bx.stride() and x.dtype == bx.dtype and x.device == bx.device
+                and y.shape == by.shape and y.dtype == by.dtype)
+
+    def record(self, kind) -> None:
+        """After the eager first step of `kind`: the parameters it gave a gradient, each with a
+        static gradient (zeros; shared by the kinds); the logged sums exist from now on."""
+        self.grad_params[kind] = [p for p in self.params if p.grad is not None]
+        for p in self.grad_params[kind]:
+            if p not in self.grads:
+                self.grads[p] = torch.zeros_like(p)
+
+    def assign(self, kind) -> None:
+        """The parameters' .grad as the steps of `kind` read them: static, or None where the eager
+        step has none (so the update leaves those parameters alone)."""
+        if self.assigned != kind:
+            has = set(map(id, self.grad_params[kind]))
+            for p in self.params:
+                p.grad = self.grads[p] if id(p) in has else None
+            self.assigned = kind
+
+    def micro_body(self, kind) -> None:
+        """One micro-batch from the buffers: forward, backward into the static gradients, the loss
+        and the logged values added to their static sums."""
+        ctx = self.ctx
+        loss, logs = self.mixer.static_forward_backward(
+            self.buffers["x"], self.buffers["y"], self.buffers, kind,
+            lambda: autocast(ctx.device, ctx.amp_dtype), lambda t: (t / self.micro).backward())
+        self.loss_sum.add_(loss / self.micro)
+        for k, v in logs.items():
+            self.sums[k].add_(v.detach().float())
+
+    def update_body(self) -> None:
+        """The update from the static gradients (skipped on the device when not finite), the
+        policy's after_step from its buffers, then the gradients and the loss sum zeroed."""
+        ctx = self.ctx
+        found = optimizer_step(ctx.optimizer, self.params, ctx.guard, None, nonfinite_flag(self.loss_sum), ctx.clip)
+        ctx.guard.record(found)
+        self.mixer.static_after_step(self.buffers)
+        torch._foreach_zero_([p.grad for p in self.params if p.grad is not None])
+        self.loss_sum.zero_()
+
+    def reset_sums(self) -> None:
+        for v in self.sums.values():  # in place: a captured graph adds into these tensors
+            v.zero_()
+
+    def launch(self, key, body) -> None:
+        """Run `body`; with capture: eagerly on a side stream for its first runs, then captured
+        once and replayed from then on."""
+        if not self.capture:
+            body()
+            return
+        graph = self.graphs.get(key)
+        if graph is None:
+            self.runs[key] = self.runs.get(key, 0) + 1
+            if self.runs[key] <= CUDA_WARMUP_RUNS:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    body()
+                torch.cuda.current_stream().wait_stream(side)
+                return
+            graph = self.graphs[key] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                body()
+        graph.replay()
+
+
+def check_static(ctx: StepContext) -> None:
+    """What the static step cannot do, as one error each (the config checks say it first)."""
+    if not ctx.mixer.static_step:
+        raise ValueError(f"the static-buffer step supports automix and vanilla, not {ctx.mixer.name}")
+    if ctx.scaler is not None:
+        raise ValueError("the static-buffer step cannot run float16's loss scaler (it reads the host); use bfloat16")
+    if ctx.grad_sync is not None:
+        raise ValueError("the static-buffer step runs in one process")
+    if not ctx.optimizer.defaults.get("fused"):
+        raise ValueError("the static-buffer step needs a fused optimizer (it skips bad steps on the device)")

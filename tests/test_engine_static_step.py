@@ -1,0 +1,233 @@
+"""The static-buffer step (what --cuda-graph captures) against the eager step, on the CPU: the
+same training bit for bit, no host read inside the captured parts, and the same operations on
+every step of a kind whatever its per-step values (what makes one graph replayable)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from automix_fast.engine.checkpoint import load_checkpoint
+from automix_fast.engine.grad_clip import grad_clipper
+from automix_fast.engine.optim import build_optimizer
+from automix_fast.engine.schedule import build_schedule
+from automix_fast.engine.static_step import StaticStep
+from automix_fast.engine.train import EpochCallbacks, EpochPlan, StepContext, StepGuard, train_one_epoch
+from automix_fast.mixing import build_mixer
+from automix_fast.mixing.automix import BACKBONE_STREAM
+from automix_fast.models import create_model
+from synccount import SyncCounter
+
+TIMING = ("img_per_s_global", "data_share")
+
+
+class Batches:
+    """A loader of fixed batches: `full` of 6 images, then one of 5 (a last, smaller batch)."""
+
+    def __init__(self, full: int = 7, channels_last: bool = False):
+        g = torch.Generator().manual_seed(3)
+        sizes = [6] * full + [5]
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.data = [(torch.randn(n, 3, 32, 32, generator=g).contiguous(memory_format=fmt),
+                      torch.randint(0, 5, (n,), generator=g)) for n in sizes]
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __len__(self):
+        return len(self.data)
+
+    def __iter__(self):
+        return iter(self.data)
+
+
+def train(static: bool, *, policy="automix", epochs=2, accum=1, amp=None, channels_last=False, stepper_cls=StaticStep,
+          **mixer_kw):
+    """Train tinynet for `epochs` with the eager or the static step; (mixer, optimizer, logs, stepper)."""
+    torch.manual_seed(0)
+    model = create_model("tinynet", num_classes=5, mix_head=policy == "automix")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if policy == "automix":
+        mixer_kw = {"kernel_backend": "torch", **mixer_kw}
+    mixer = build_mixer(policy, model, seed=1, **mixer_kw)
+    if policy == "vanilla":
+        mixer.enable_model_ema(0.9, warmup=True)
+    groups = mixer.param_groups(0.1, 1e-4, mix_block_lr=0.05)
+    optimizer = build_optimizer(groups, "sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, fused=True)
+    loader = Batches(channels_last=channels_last)
+    steps = -(-len(loader) // accum)
+    schedule = build_schedule("cosine", [g["lr"] for g in groups], total_steps=epochs * steps, steps_per_epoch=steps,
+                              warmup_steps=2)
+    ctx = StepContext(mixer, optimizer, schedule, StepGuard(torch.device("cpu")), epochs * steps, amp_dtype=amp,
+                      accum_steps=accum, clip=grad_clipper(5.0, "norm"))
+    if static:
+        ctx.stepper = stepper_cls(ctx)
+    logs = []
+    for epoch in range(epochs):
+        train_one_epoch(ctx, loader, EpochPlan(epoch=epoch, start_step=epoch * steps),
+                        EpochCallbacks(log_interval=2, on_log=lambda i, v: logs.append(
+                            {k: x for k, x in v.items() if k not in TIMING})))
+    return mixer, optimizer, logs, ctx.stepper
+
+
+def assert_same_training(a, b):
+    (mixer_a, opt_a, logs_a, _), (mixer_b, opt_b, logs_b, _) = a, b
+    state_a, state_b = mixer_a.state_dict(), mixer_b.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for k in state_a:  # q, k, the Mix Block, the EMA copy, every BatchNorm statistic
+        assert torch.equal(state_a[k], state_b[k]), k
+    for p_a, p_b in zip(opt_a.state.values(), opt_b.state.values()):
+        for k in p_a:
+            assert torch.equal(p_a[k], p_b[k]), k
+    assert logs_a == logs_b  # every logged mean, the loss terms and mask statistics included
+
+
+@pytest.mark.parametrize("mask_mode,accum,amp,channels_last", [
+    ("nearest", 2, None, False),
+    ("bilinear", 1, torch.bfloat16, True),
+])
+def test_static_step_trains_automix_as_the_eager_step_bit_for_bit(mask_mode, accum, amp, channels_last):
+    """Two epochs with --mix-block-every 2 (both kinds of step), a lam_margin that sends some steps
+    to plain mixup and others to the Mix Block's mix, gradient accumulation or bf16 autocast,
+    gradient clipping, a warm-up and cosine LR (tensor LRs in the static step), the momentum
+    encoder's rising momentum, and a last smaller batch (an eager step amid static ones)."""
+    kw = dict(mask_mode=mask_mode, mix_block_every=2, lam_margin=0.3, accum=accum, amp=amp,
+              channels_last=channels_last, lam_concat=True)
+    eager = train(False, **kw)
+    static = train(True, **kw)
+    stepper = static[3]
+    assert stepper.static_steps >= 4 and set(stepper.grad_params) == {True, False}
+    mixer = static[0]
+    x = torch.zeros(6, 1)
+    plain = {mixer.plain_mixup(mixer.draw(x, s, BACKBONE_STREAM)[0]) for s in range(2, 14)}
+    assert plain == {True, False}  # both ways of making x_bb ran through the static buffers
+    assert_same_training(eager, static)
+
+
+def test_static_step_trains_vanilla_with_model_ema_as_the_eager_step():
+    assert_same_training(train(False, policy="vanilla"), train(True, policy="vanilla"))
+
+
+class OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+        self.ops.append((str(func), shapes))
+        return out
+
+
+class RecordingStep(StaticStep):
+    """A StaticStep that records, per graph, the ops of each run of its captured parts and the
+    host reads among them."""
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.recorded = {}
+        self.syncs = []
+
+    def launch(self, key, body):
+        counter, recorder = SyncCounter(), OpRecorder()
+        with counter.host_methods(), counter, recorder:
+            body()
+        self.syncs += counter.seen
+        self.recorded.setdefault(key, []).append(recorder.ops)
+
+
+def test_captured_parts_read_nothing_on_the_host_and_repeat_the_same_ops():
+    """What CUDA graph capture needs, checked on the CPU: no host read inside a captured part, and
+    every run of a part replays the same operations on the same shapes although the lambdas, the
+    permutations, the lam_margin choice, the LRs and the weights change from step to step."""
+    _, _, _, stepper = train(True, mix_block_every=2, lam_margin=0.3, stepper_cls=RecordingStep)
+    assert stepper.syncs == []
+    assert set(stepper.recorded) == {("micro", True), ("micro", False), ("update", True), ("update", False)}
+    for key, runs in stepper.recorded.items():
+        assert len(runs) >= 3, key
+        assert all(r == runs[0] for r in runs), f"{key}: the ops differ between steps"
+
+
+def test_backward_part_by_part_gives_the_gradients_of_one_backward():
+    """AutoMix's forward_backward (the Mix Block branch, q's clean pass and q's mixed pass each
+    backpropagated before the next is built) against one backward of the summed loss, scaled as
+    gradient accumulation and a loss scaler scale it: equal gradients, statistics and logs."""
+    from contextlib import nullcontext
+
+    from mixkit import batch, make_automix
+
+    a, b = make_automix(mix_block_every=2, lam_margin=0.3), make_automix(mix_block_every=2, lam_margin=0.3)
+    b.load_state_dict(a.state_dict())
+    a.train(), b.train()
+    x, y = batch()
+    seen_plain = set()
+    for step in range(6):
+        seen_plain.add(a.plain_mixup(a.draw(x, step, BACKBONE_STREAM)[0]))
+        for m in (a, b):
+            m.zero_grad(set_to_none=True)
+        loss_a, logs_a = a.loss(x, y, step, 100)
+        (loss_a / 3 * 256.0).backward()
+        loss_b, logs_b = b.forward_backward(x, y, step, 100, nullcontext, lambda t: (t / 3 * 256.0).backward())
+        assert torch.equal(loss_a.detach(), loss_b)
+        assert logs_a.keys() == logs_b.keys() and all(torch.equal(logs_a[k], logs_b[k]) for k in logs_a)
+        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+            assert (p.grad is None) == (q.grad is None), name
+            assert p.grad is None or torch.equal(p.grad, q.grad), name
+        for (name, t), u in zip(a.named_buffers(), b.buffers()):
+            assert torch.equal(t, u), name
+    assert seen_plain == {True, False}
+
+
+def _cli_run(tmp_path, capsys, name, *extra):
+    from automix_fast.cli import main
+    from automix_fast.data.embedded import ensure_embedded_dataset
+
+    data = ensure_embedded_dataset(str(tmp_path / "cache"), train_per_class=4, val_per_class=2)
+    argv = ["train", "--data-dir", data, "-b", "8", "--model", "tinynet", "--loader", "torch", "-j", "0",
+            "--log-interval", "1", "--kernel-backend", "torch", "--output", str(tmp_path), "--experiment", name,
+            "--no-visualize", "--mix-block-every", "2", "--lam-margin", "0.3", *extra]
+    code = main(argv)
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    values = [{k: v for k, v in r["values"].items() if k not in TIMING} for r in records if r["type"] == "train"]
+    return out.out, values, load_checkpoint(tmp_path / name / "last.pt")["mixer"]
+
+
+def test_cuda_graph_flag_on_a_cpu_trains_as_the_eager_run_and_resumes(tmp_path, capsys):
+    """`automix-fast train --cuda-graph` on a CPU runs the static-buffer step (and says so). It
+    updates with torch's fused SGD, the eager CPU run with the unfused one (their last bits may
+    differ; the same optimizer gives equal runs, see the tests above), so the logs agree closely;
+    the run resumed from its epoch-1 checkpoint (which holds float LRs) with --cuda-graph ends
+    bit for bit where the uninterrupted run ends."""
+    _, eager_logs, _ = _cli_run(tmp_path, capsys, "eager", "--epochs", "2")
+    out, static_logs, static = _cli_run(tmp_path, capsys, "static", "--epochs", "2", "--cuda-graph")
+    assert "static buffers without capture" in out
+    assert len(static_logs) == len(eager_logs) == 10
+    for a, b in zip(eager_logs, static_logs):
+        assert a.keys() == b.keys()
+        for k in ("loss", "l_mix_q", "l_one_q", "l_mix_k", "l_mask", "mask_partner_mean"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    epoch_1 = tmp_path / "static" / "checkpoint-0001.pt"
+    assert all(isinstance(g["lr"], float) for g in load_checkpoint(epoch_1)["optimizer"]["param_groups"])
+    _, resumed_logs, resumed = _cli_run(tmp_path, capsys, "resumed", "--epochs", "2", "--cuda-graph",
+                                        "--resume", str(epoch_1))
+    assert resumed_logs == static_logs[5:]  # the fork logs its own epoch only
+    assert all(torch.equal(static[k], resumed[k]) for k in static)
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--mix", "mixup"], "--cuda-graph runs --mix automix and vanilla"),
+    (["--amp", "--amp-dtype", "float16"], "--cuda-graph needs --amp-dtype bfloat16 or --no-amp"),
+])
+def test_cuda_graph_refuses_what_it_cannot_capture_in_one_line(tmp_path, capsys, flags, says):
+    from automix_fast.cli import main
+
+    code = main(["train", "--cuda-graph", "--output", str(tmp_path), "--experiment", "x", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()
