@@ -173,10 +173,12 @@ def test_a_checked_signature_still_rejects_bad_arguments(device):
 def test_a_checked_cpu_signature_still_follows_triton_interpret(monkeypatch, device):
     q, k, v, _ = _inputs(2, 16, 16, 16, torch.float32, device)
     ops.mixblock_attention(q, k, v, backend="triton")
+    ops.mixblock_attention(q, k, v)  # auto: the Triton kernel while TRITON_INTERPRET=1
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         ops.mixblock_attention(q, k, v, backend="triton")
-    assert_bitwise_equal(ops.mixblock_attention(q, k, v), ops.reference.mixblock_attention(q, k, v), "auto -> torch")
+    monkeypatch.setattr(ops.reference, "mixblock_attention", lambda *args: "the torch reference")
+    assert ops.mixblock_attention(q, k, v) == "the torch reference"  # auto
 
 
 def test_without_autograd_the_kernel_runs_directly_with_the_same_numbers(device):

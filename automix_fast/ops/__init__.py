@@ -96,13 +96,13 @@ def _implementation(name: str, backend: str):
 
 
 def _remember(key, name: str, backend: str, device: torch.device):
-    """Cache the checked signature `key` (its last item: whether launches are recorded); returns
-    the function that runs it."""
+    """Cache the checked signature `key` (its last two items: the backend asked for, whether
+    launches are recorded), which resolved to `backend`; returns the function that runs it."""
     if len(_checked) >= _CHECKED_SIZE:
         _checked.clear()
     fn = _implementation(name, backend)
-    # Recording, "torch" and CUDA tensors resolve the same way whatever TRITON_INTERPRET says.
-    _checked[key] = fn if key[-1] or backend == "torch" or device.type != "cpu" else None
+    # Recording, backend="torch" and non-CPU tensors resolve alike whatever TRITON_INTERPRET says.
+    _checked[key] = fn if key[-1] or key[-2] == "torch" or device.type != "cpu" else None
     return fn
 
 
@@ -134,7 +134,10 @@ def mixblock_attention(q, k, v, scale=None, *, backend: str = "auto") -> torch.T
     scale = _check_scale(scale, q)
     device = _check_same_device(q=q, k=k, v=v)
     chosen = resolve_backend(backend, device)
-    fn = _implementation("mixblock_attention", chosen) if key is None else _remember(key, "mixblock_attention", chosen, device)
+    if key is None:
+        fn = _implementation("mixblock_attention", chosen)
+    else:
+        fn = _remember(key, "mixblock_attention", chosen, device)
     return fn(q, k, v, float(scale))
 
 
