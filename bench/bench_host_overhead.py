@@ -8,7 +8,9 @@ bench/aot_compile.py inside `automix_fast.kernels.launches.recording()`: the lau
 their launches instead of running them, so what is timed is the Python around the kernels, with
 no GPU and no kernel time; torch's own ops on small buffers (s_mean's sum) run for real on the CPU,
 and output buffers are allocated (uninitialised) by the CPU allocator. Triton's own launch path
-(argument binding, cache lookup, driver call) is not included.
+(argument binding, cache lookup, driver call) is not included. Every call repeats one signature,
+as training steps do: the ops' checked-signature cache and the launchers' per-signature plans are
+warm after the warm-up calls.
 
 Per op, preset and dtype (images channels-last, the training layout), the median and 90th
 percentile over --calls calls (`median_us`, `p90_us`), and the median with each launch replaced

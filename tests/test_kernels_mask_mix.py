@@ -145,6 +145,45 @@ def test_bad_arguments_raise(case, arg, device):
         ops.mask_mix(logits, x, perm, mode="bicubic", backend="triton")
 
 
+
+def test_a_checked_signature_still_rejects_bad_arguments(device):
+    # The first call caches its signature (shapes, dtypes, devices, mode, backend); calls that
+    # differ from it in one argument must still fail the check that names that argument.
+    logits, x, perm, _, _ = _inputs(2, 3, 4, 4, 8, 8, torch.float32, device, channels_last=False)
+    first = ops.mask_mix(logits, x, perm, backend="triton")
+    again = ops.mask_mix(logits, x, perm, backend="triton")
+    for name, a, b in zip(("x_mix", "s_mean"), first, again):
+        assert_bitwise_equal(a, b, name)
+    for kwargs, arg in [(dict(perm=perm.int()), "perm"), (dict(perm=perm.tolist()), "perm"),
+                        (dict(perm=perm.to("meta")), "perm is on meta"), (dict(x=x.long()), "x"),
+                        (dict(logits=logits.detach()[:, :, None]), "logits"), (dict(mode="bicubic"), "mode"),
+                        (dict(backend="cuda"), "backend")]:
+        args = dict(logits=logits, x=x, perm=perm, mode="nearest", backend="triton") | kwargs
+        with pytest.raises(ValueError, match=arg):
+            ops.mask_mix(args.pop("logits"), args.pop("x"), args.pop("perm"), **args)
+
+
+def test_one_shape_in_two_layouts_gets_a_plan_each(device):
+    # The launchers cache tile sizes, grid and strides per signature: the same shape in another
+    # memory format is another signature, and x_mix keeps each input's layout.
+    for channels_last in (False, True, False):
+        _check(2, 3, 7, 7, 32, 32, "bilinear", torch.float32, device, channels_last=channels_last)
+
+
+def test_without_autograd_the_kernel_runs_directly_with_the_same_numbers(device):
+    logits, x, perm, _, _ = _inputs(2, 3, 7, 7, 32, 32, torch.bfloat16, device, channels_last=True)
+    want = ops.mask_mix(logits, x, perm, backend="triton")
+    assert all(t.grad_fn is not None for t in want)
+    with torch.no_grad():
+        got = ops.mask_mix(logits, x, perm, backend="triton")
+    detached = ops.mask_mix(logits.detach(), x, perm, backend="triton")
+    for outs in (got, detached):
+        assert all(t.grad_fn is None and not t.requires_grad for t in outs)
+        for name, a, b in zip(("x_mix", "s_mean"), outs, want):
+            assert a.stride() == b.stride()
+            assert_bitwise_equal(a, b.detach(), name)
+
+
 # Compiled-GPU parity at the benchmark presets: bf16 channels-last images, C = 3.
 PRESETS = {"cifar-r18": (100, 3, 8, 8, 32, 32), "imagenet-r18": (256, 3, 14, 14, 224, 224),
            "imagenet-r50": (256, 3, 14, 14, 224, 224)}

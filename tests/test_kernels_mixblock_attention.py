@@ -154,6 +154,45 @@ def test_bad_arguments_raise(case, arg, device):
         ops.mixblock_attention(q, k, v, scale=-1.0, backend="triton")
 
 
+
+def test_a_checked_signature_still_rejects_bad_arguments(device):
+    # The first call caches its signature (shapes, dtypes, devices, backend); calls that differ
+    # from it in one argument, or pass a bad scale, must still fail the check that names it.
+    q, k, v, _ = _inputs(2, 16, 16, 16, torch.float32, device)
+    assert_bitwise_equal(ops.mixblock_attention(q, k, v, backend="triton"),
+                         ops.mixblock_attention(q, k, v, backend="triton"), "out")
+    for args, kwargs, arg in [((q, k, v), dict(scale=-1.0), "scale"), ((q, k, v), dict(scale="0.5"), "scale"),
+                              ((q, k, v.detach().half()), {}, "share a dtype"), ((q, k, v[:, :-1]), {}, "v"),
+                              ((q, k.detach().to("meta"), v), {}, "k is on meta"), ((q, k, v.tolist()), {}, "v"),
+                              ((q, k, v), dict(backend="cuda"), "backend")]:
+        with pytest.raises(ValueError, match=arg):
+            ops.mixblock_attention(*args, **{"backend": "triton", **kwargs})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors reach the Triton kernels only interpreted")
+def test_a_checked_cpu_signature_still_follows_triton_interpret(monkeypatch, device):
+    q, k, v, _ = _inputs(2, 16, 16, 16, torch.float32, device)
+    ops.mixblock_attention(q, k, v, backend="triton")
+    ops.mixblock_attention(q, k, v)  # auto: the Triton kernel while TRITON_INTERPRET=1
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        ops.mixblock_attention(q, k, v, backend="triton")
+    monkeypatch.setattr(ops.reference, "mixblock_attention", lambda *args: "the torch reference")
+    assert ops.mixblock_attention(q, k, v) == "the torch reference"  # auto
+
+
+def test_without_autograd_the_kernel_runs_directly_with_the_same_numbers(device):
+    q, k, v, _ = _inputs(2, 49, 49, 40, torch.bfloat16, device)
+    want = ops.mixblock_attention(q, k, v, backend="triton")
+    assert want.grad_fn is not None
+    with torch.no_grad():
+        got = ops.mixblock_attention(q, k, v, backend="triton")
+    detached = ops.mixblock_attention(q.detach(), k.detach(), v.detach(), backend="triton")
+    for out in (got, detached):
+        assert out.grad_fn is None and not out.requires_grad
+        assert_bitwise_equal(out, want.detach(), "out")
+
+
 # Compiled-GPU parity at the benchmark presets (bf16, as the Mix Block runs under autocast).
 PRESETS = {"cifar-r18": (100, 64, 64, 128), "imagenet-r18": (256, 196, 196, 128), "imagenet-r50": (256, 196, 196, 512)}
 

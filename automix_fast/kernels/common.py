@@ -4,7 +4,10 @@ This module does not import triton at import time: the dispatcher (`automix_fast
 the torch reference use `triton_interpret` and `is_channels_last` without triton installed.
 
     POISON_OUTPUTS          test hook: every kernel-filled buffer starts full of NaN
-    new_buffer(...)         a buffer a kernel fills (uninitialised, or NaN under the hook)
+    new_strided(...)        a buffer a kernel fills (uninitialised, or NaN under the hook)
+    layout(shape, fmt)      the strides torch.empty gives `shape` in memory format `fmt`
+    remember(cache, k, v)   cache[k] = v in a per-signature plan cache of bounded size
+    needs_autograd(*ts)     whether an op on ts must go through its autograd.Function
     triton_interpret()      True when TRITON_INTERPRET asks for triton's CPU interpreter
     pow2(x, lo, hi)         the next power of two >= x, clamped to [lo, hi]
     cdiv(a, b)              ceil(a / b) for ints (triton.cdiv, without its per-call wrapper cost)
@@ -19,9 +22,10 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
-__all__ = ["POISON_OUTPUTS", "new_buffer", "triton_interpret", "pow2", "cdiv", "tl_dtype", "is_channels_last",
-           "OP_NAMESPACE", "op_registered", "define_op"]
+__all__ = ["POISON_OUTPUTS", "new_strided", "layout", "remember", "needs_autograd", "triton_interpret", "pow2", "cdiv",
+           "tl_dtype", "is_channels_last", "OP_NAMESPACE", "op_registered", "define_op"]
 
 OP_NAMESPACE = "automix_fast"  # torch.ops.automix_fast.<op>: the kernels as torch custom ops
 
@@ -30,11 +34,42 @@ OP_NAMESPACE = "automix_fast"  # torch.ops.automix_fast.<op>: the kernels as tor
 POISON_OUTPUTS = False
 
 
-def new_buffer(shape, dtype: torch.dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
-    """An uninitialised tensor for a kernel to fill; full of NaN while POISON_OUTPUTS is set."""
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device).contiguous(memory_format=memory_format)
-    return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+def new_strided(shape, stride, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised tensor with the given strides (see `layout`) for a kernel to fill; full of
+    NaN while POISON_OUTPUTS is set. torch.empty_strided is the cheapest allocation call."""
+    t = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+    return t.fill_(float("nan")) if POISON_OUTPUTS else t
+
+
+def layout(shape, memory_format=torch.contiguous_format) -> tuple:
+    """The strides of torch.empty(shape, memory_format=memory_format) (a meta tensor: no memory)."""
+    return torch.empty(shape, device="meta", memory_format=memory_format).stride()
+
+
+# Launchers keep the host work that depends only on a call's signature (shapes, strides, dtypes,
+# mode) -- tile sizes, grid, scalar arguments, buffer layouts -- in a dict per launcher, keyed on
+# that signature; a repeated signature (every training step) skips it. At most PLAN_CACHE_SIZE
+# signatures a launcher: a full cache is emptied and refilled.
+PLAN_CACHE_SIZE = 256
+
+
+def remember(cache: dict, key, plan):
+    """cache[key] = plan (emptying `cache` first when it holds PLAN_CACHE_SIZE plans); returns plan."""
+    if len(cache) >= PLAN_CACHE_SIZE:
+        cache.clear()
+    cache[key] = plan
+    return plan
+
+
+def needs_autograd(*tensors: torch.Tensor) -> bool:
+    """Whether an op on `tensors` must run through its autograd.Function: grad mode is on and
+    one of them requires grad, or a forward-AD level or torch.func transform is active (they see
+    the Function). Otherwise the Function would record nothing, so the launcher runs directly."""
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t.requires_grad:
+                return True
+    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
 
 
 def triton_interpret() -> bool:

@@ -39,7 +39,7 @@ class TensorArg:
 
     @classmethod
     def of(cls, t: torch.Tensor) -> "TensorArg":
-        if t.device.type == "meta":
+        if t.is_meta:
             return cls(t.dtype, (1 << 20) + t.storage_offset() * t.element_size())
         return cls(t.dtype, t.data_ptr())
 
@@ -88,5 +88,5 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     if _launches is None:
         kernel[grid](*args, **kwargs)
         return
-    args = tuple(TensorArg.of(a) if isinstance(a, torch.Tensor) else a for a in args)
-    _launches.append(Launch(kernel, tuple(grid), args, dict(kwargs)))
+    tensor, of = torch.Tensor, TensorArg.of
+    _launches.append(Launch(kernel, tuple(grid), tuple([of(a) if isinstance(a, tensor) else a for a in args]), kwargs))

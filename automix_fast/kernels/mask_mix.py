@@ -55,7 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
-from automix_fast.kernels.common import cdiv, define_op, is_channels_last, new_buffer, op_registered, pow2
+from automix_fast.kernels.common import (cdiv, define_op, is_channels_last, layout, needs_autograd, new_strided,
+                                         op_registered, pow2, remember)
 from automix_fast.kernels.launches import launch
 
 __all__ = ["mask_mix", "mask_mix_forward", "mask_mix_backward"]
@@ -296,11 +297,18 @@ def _channels_inner(t: torch.Tensor) -> bool:
     return t.stride(1) == 1 and t.stride(3) == C and t.stride(2) == W * C and C > 1
 
 
-def mask_mix_forward(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, mode: str):
+# Per-signature plans of the launchers (see common.remember): everything but the tensors.
+_FWD_PLANS: dict = {}
+_BWD_PLANS: dict = {}
+
+
+def _fwd_plan(logits: torch.Tensor, x: torch.Tensor, mode: str) -> tuple:
+    """(x_mix shape and strides, partial buffer shape and strides, grid, scalar arguments, launch
+    keywords, H * W as a 0-d float32 CPU tensor) of the forward launch for this signature."""
     N, C, H, W = x.shape
     h, w = logits.shape[-2:]
     memory_format = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-    out = new_buffer(x.shape, x.dtype, x.device, memory_format)
+    out = torch.empty(x.shape, device="meta", memory_format=memory_format)  # x_mix's layout
     channels_inner = _channels_inner(x) and _channels_inner(out)
     if channels_inner:  # BLOCK_P counts elements: 8 per thread, 16-32 bytes each
         # 1024 (4 warps) for small images, so a CIFAR batch still spreads over every SM.
@@ -313,25 +321,40 @@ def mask_mix_forward(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, 
         n_pblocks = cdiv(H * W, block_p)
         warps = 4 if block_p <= 512 else 8
     block_c = pow2(C, hi=4)
-    partial = new_buffer((N, n_pblocks), torch.float32, x.device)
-    lg = logits[:, 0]
-    launch(_fwd, (n_pblocks, N),
-        lg, x, perm, out, partial,
-        H, W, h, w, C, _scale(h, H), _scale(w, W), n_pblocks,
-        *lg.stride(), *x.stride(), *out.stride(), partial.stride(0),
-        BLOCK_P=block_p, BLOCK_C=block_c, BILINEAR=(mode == "bilinear"),
-        FLAT=_flat_pixels(x) and _flat_pixels(out), CHANNELS_INNER=channels_inner,
-        num_warps=warps)
-    s_mean = partial.sum(dim=1).div_(H * W)  # in place: one buffer fewer
+    partial = (N, n_pblocks)
+    partial_stride = layout(partial)
+    # logits is passed whole with the strides of logits[:, 0] (the same address: no view to build).
+    args = (H, W, h, w, C, _scale(h, H), _scale(w, W), n_pblocks,
+            logits.stride(0), *logits.stride()[2:], *x.stride(), *out.stride(), partial_stride[0])
+    kwargs = dict(BLOCK_P=block_p, BLOCK_C=block_c, BILINEAR=(mode == "bilinear"),
+                  FLAT=_flat_pixels(x) and _flat_pixels(out), CHANNELS_INNER=channels_inner, num_warps=warps)
+    # s_mean = sum of the partials / (H * W); a 0-d CPU tensor divides as the Python int does
+    # (the same float32 division), without wrapping the int into a tensor on every call.
+    hw = torch.tensor(H * W, dtype=torch.float32)
+    return x.shape, out.stride(), partial, partial_stride, (n_pblocks, N), args, kwargs, hw
+
+
+def mask_mix_forward(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, mode: str):
+    key = (x.shape, x.stride(), logits.shape, logits.stride(), mode)
+    plan = _FWD_PLANS.get(key)
+    if plan is None:
+        plan = remember(_FWD_PLANS, key, _fwd_plan(logits, x, mode))
+    shape, out_stride, partial_shape, partial_stride, grid, args, kwargs, hw = plan
+    device = x.device
+    out = new_strided(shape, out_stride, x.dtype, device)
+    partial = new_strided(partial_shape, partial_stride, torch.float32, device)
+    launch(_fwd, grid, logits, x, perm, out, partial, *args, **kwargs)
+    s_mean = partial.sum(dim=1).div_(hw)  # in place: one buffer fewer
     return out, s_mean
 
 
-def mask_mix_backward(logits, x, perm, mode, g, g_smean):
-    """d logits (N, 1, h, w) in logits' dtype; g or g_smean may be None (no gradient)."""
+def _bwd_plan(logits: torch.Tensor, x: torch.Tensor, mode: str, g, g_smean) -> tuple:
+    """(t buffer shape and strides, rows grid, rows scalar arguments (after the tensors), rows
+    launch keywords, d logits shape and strides, cols grid, cols scalar arguments (after the two
+    tensors), cols launch keywords) of the backward launches for this signature."""
     N, C, H, W = x.shape
     h, w = logits.shape[-2:]
     bilinear = mode == "bilinear"
-    lg = logits[:, 0]
     block_x = pow2(W, 16, 256)
     block_b = pow2(w, 2, 64)
     block_c = pow2(C, hi=4)
@@ -339,10 +362,10 @@ def mask_mix_backward(logits, x, perm, mode, g, g_smean):
     # with wx at most 4096 elements: ~128 registers instead of 255 at the CIFAR shape, and 4x
     # the programs there (400 rather than 100 at batch 100).
     rows = max(1, min(256 // block_x, 4096 // (block_x * block_b), pow2(H)))
-    t = new_buffer((N, H, w), torch.float32, x.device)
+    t = (N, H, w)
+    t_stride = layout(t)
     has_g, has_gs = g is not None, g_smean is not None
     g_arg = g if has_g else x
-    gs_arg = g_smean if has_gs else t
     channels_inner = _channels_inner(x) and _channels_inner(g_arg)
     warps = 4
     if channels_inner:
@@ -353,20 +376,36 @@ def mask_mix_backward(logits, x, perm, mode, g, g_smean):
         block_b = min(8, block_b)
         rows = max(1, min(512 // block_x, pow2(H)))
         warps = 2
-    launch(_bwd_rows, (cdiv(H, rows), cdiv(w, block_b), N),
-        lg, x, perm, g_arg, gs_arg, t,
-        H, W, h, w, C, _scale(h, H), _scale(w, W), W / w, 1.0 / (H * W),
-        *lg.stride(), *x.stride(), *g_arg.stride(), gs_arg.stride(0), *t.stride(),
-        ROWS=rows, BLOCK_X=block_x, BLOCK_C=block_c, BLOCK_B=block_b,
-        BILINEAR=bilinear, HAS_G=has_g, HAS_GS=has_gs, CHANNELS_INNER=channels_inner,
-        num_warps=warps)
-    dlogits = new_buffer((N, 1, h, w), logits.dtype, logits.device)
-    dl = dlogits[:, 0]
+    # logits and d logits are passed whole with the strides of their [:, 0] views.
+    lg_stride = (logits.stride(0), *logits.stride()[2:])
+    rows_args = (H, W, h, w, C, _scale(h, H), _scale(w, W), W / w, 1.0 / (H * W),
+                 *lg_stride, *x.stride(), *g_arg.stride(), g_smean.stride(0) if has_gs else t_stride[0], *t_stride)
+    rows_kwargs = dict(ROWS=rows, BLOCK_X=block_x, BLOCK_C=block_c, BLOCK_B=block_b,
+                       BILINEAR=bilinear, HAS_G=has_g, HAS_GS=has_gs, CHANNELS_INNER=channels_inner,
+                       num_warps=warps)
+    dlogits = (N, 1, h, w)
+    dl_stride = layout(dlogits)
     block_y = pow2(math.ceil(2 * H / h) + 6, 16, 64)
-    launch(_bwd_cols, (h, cdiv(w, block_b), N),
-        t, dl, H, h, w, _scale(h, H), H / h,
-        *t.stride(), *dl.stride(),
-        BLOCK_Y=block_y, BLOCK_B=block_b, BILINEAR=bilinear, num_warps=4)
+    cols_args = (H, h, w, _scale(h, H), H / h, *t_stride, dl_stride[0], *dl_stride[2:])
+    cols_kwargs = dict(BLOCK_Y=block_y, BLOCK_B=block_b, BILINEAR=bilinear, num_warps=4)
+    return (t, t_stride, (cdiv(H, rows), cdiv(w, block_b), N), rows_args, rows_kwargs,
+            dlogits, dl_stride, (h, cdiv(w, block_b), N), cols_args, cols_kwargs)
+
+
+def mask_mix_backward(logits, x, perm, mode, g, g_smean):
+    """d logits (N, 1, h, w) in logits' dtype; g or g_smean may be None (no gradient)."""
+    key = (x.shape, x.stride(), logits.shape, logits.stride(), mode,
+           None if g is None else g.stride(), None if g_smean is None else g_smean.stride())
+    plan = _BWD_PLANS.get(key)
+    if plan is None:
+        plan = remember(_BWD_PLANS, key, _bwd_plan(logits, x, mode, g, g_smean))
+    t_shape, t_stride, rows_grid, rows_args, rows_kwargs, dl_shape, dl_stride, cols_grid, cols_args, cols_kwargs = plan
+    device = x.device
+    t = new_strided(t_shape, t_stride, torch.float32, device)
+    launch(_bwd_rows, rows_grid, logits, x, perm, x if g is None else g, t if g_smean is None else g_smean, t,
+           *rows_args, **rows_kwargs)
+    dlogits = new_strided(dl_shape, dl_stride, logits.dtype, logits.device)
+    launch(_bwd_cols, cols_grid, t, dlogits, *cols_args, **cols_kwargs)
     return dlogits
 
 
@@ -427,4 +466,6 @@ def mask_mix(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, mode: st
     """
     if torch.compiler.is_compiling():
         return torch.ops.automix_fast.mask_mix_fwd(logits, x, perm, mode)
-    return MaskMix.apply(logits, x, perm, mode)
+    if needs_autograd(logits, x):
+        return MaskMix.apply(logits, x, perm, mode)
+    return mask_mix_forward(logits, x, perm, mode)

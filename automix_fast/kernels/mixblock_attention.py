@@ -44,7 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from automix_fast.kernels.common import cdiv, define_op, new_buffer, op_registered, pow2, tl_dtype, triton_interpret
+from automix_fast.kernels.common import (cdiv, define_op, layout, needs_autograd, new_strided, op_registered, pow2,
+                                         remember, tl_dtype, triton_interpret)
 from automix_fast.kernels.launches import launch
 
 __all__ = ["mixblock_attention", "attention_forward", "attention_backward"]
@@ -280,45 +281,83 @@ def _bwd_config(rows: int, other: int, D: int, dtype: torch.dtype):
     return block_own, block_other, chunk, False, cdiv(D, chunk), 8  # fp32 with 4 warps spills ~300 B on sm_80
 
 
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
-    """(out (N, L) fp32, lse2 (N, L) fp32 in base 2) without building the N x L x Lk matrix."""
+# Per-signature plans of the launchers (see common.remember): everything but the tensors.
+_FWD_PLANS: dict = {}
+_BWD_PLANS: dict = {}
+
+
+def _fwd_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple:
+    """(out / lse shape and strides, grid, scalar arguments after the tensors, launch keywords)."""
     N, L, D = q.shape
     LK = k.shape[1]
-    out = new_buffer((N, L), torch.float32, q.device)
-    lse = new_buffer((N, L), torch.float32, q.device)
+    shape = (N, L)
+    stride = layout(shape)
     block_m, block_n, block_d, warps = _fwd_config(L, LK, D, q.dtype)
     dot_dtype, precision = _dot_settings(q.dtype)
-    grid = (cdiv(L, block_m), N)
-    launch(_fwd, grid, q, k, v, out, lse, L, LK, D, scale * LOG2E,
-               *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-               DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=warps, num_stages=2)
+    args = (L, LK, D, scale * LOG2E, *q.stride(), *k.stride(), *v.stride(), *stride, *stride)
+    kwargs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                  DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=warps, num_stages=2)
+    return shape, stride, (cdiv(L, block_m), N), args, kwargs
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """(out (N, L) fp32, lse2 (N, L) fp32 in base 2) without building the N x L x Lk matrix."""
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, scale)
+    plan = _FWD_PLANS.get(key)
+    if plan is None:
+        plan = remember(_FWD_PLANS, key, _fwd_plan(q, k, v, scale))
+    shape, stride, grid, args, kwargs = plan
+    device = q.device
+    out = new_strided(shape, stride, torch.float32, device)
+    lse = new_strided(shape, stride, torch.float32, device)
+    launch(_fwd, grid, q, k, v, out, lse, *args, **kwargs)
     return out, lse
 
 
-def attention_backward(q, k, v, out, lse, g, scale: float, need_dq: bool = True, need_dkdv: bool = True):
-    """(dq, dk, dv) in the inputs' dtypes; None for the ones not asked for."""
+def _bwd_plan(q, k, v, out, lse, g, scale: float, need_dq: bool, need_dkdv: bool) -> tuple:
+    """(scalar arguments shared by both kernels, then per kernel None when not asked for, else
+    its buffers' shapes and strides, grid, its own stride arguments and launch keywords)."""
     N, L, D = q.shape
     LK = k.shape[1]
     dot_dtype, precision = _dot_settings(q.dtype)
     common = (L, LK, D, scale * LOG2E, scale,
               *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *g.stride())
-    dq = dk = dv = None
+    dq_plan = dkdv_plan = None
     if need_dq:
-        dq = new_buffer((N, L, D), q.dtype, q.device)
+        dq = (N, L, D)
+        dq_stride = layout(dq)
         bm, bn, bd, one, nd, warps = _bwd_config(L, LK, D, q.dtype)
-        launch(_bwd_dq, (cdiv(L, bm), nd, N),
-            q, k, v, out, lse, g, dq, *common, *dq.stride(),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_TILE=one, IN_DTYPE=tl_dtype(q.dtype),
-            DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=warps, num_stages=2)
+        dq_plan = (dq, dq_stride, (cdiv(L, bm), nd, N), dq_stride,
+                   dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_TILE=one, IN_DTYPE=tl_dtype(q.dtype),
+                        DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=warps, num_stages=2))
     if need_dkdv:
-        dk = new_buffer((N, LK, D), k.dtype, k.device)
-        dv = new_buffer((N, LK), v.dtype, v.device)
+        dk, dv = (N, LK, D), (N, LK)
+        dk_stride, dv_stride = layout(dk), layout(dv)
         bn, bm, bd, one, nd, warps = _bwd_config(LK, L, D, q.dtype)
-        launch(_bwd_dkdv, (cdiv(LK, bn), nd, N),
-            q, k, v, out, lse, g, dk, dv, *common, *dk.stride(), *dv.stride(),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_TILE=one, IN_DTYPE=tl_dtype(q.dtype),
-            DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=warps, num_stages=2)
+        dkdv_plan = (dk, dk_stride, dv, dv_stride, (cdiv(LK, bn), nd, N), (*dk_stride, *dv_stride),
+                     dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_TILE=one, IN_DTYPE=tl_dtype(q.dtype),
+                          DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=warps, num_stages=2))
+    return common, dq_plan, dkdv_plan
+
+
+def attention_backward(q, k, v, out, lse, g, scale: float, need_dq: bool = True, need_dkdv: bool = True):
+    """(dq, dk, dv) in the inputs' dtypes; None for the ones not asked for."""
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), out.stride(), lse.stride(), g.stride(), q.dtype,
+           scale, need_dq, need_dkdv)
+    plan = _BWD_PLANS.get(key)
+    if plan is None:
+        plan = remember(_BWD_PLANS, key, _bwd_plan(q, k, v, out, lse, g, scale, need_dq, need_dkdv))
+    common, dq_plan, dkdv_plan = plan
+    dq = dk = dv = None
+    if dq_plan is not None:
+        shape, stride, grid, strides, kwargs = dq_plan
+        dq = new_strided(shape, stride, q.dtype, q.device)
+        launch(_bwd_dq, grid, q, k, v, out, lse, g, dq, *common, *strides, **kwargs)
+    if dkdv_plan is not None:
+        dk_shape, dk_stride, dv_shape, dv_stride, grid, strides, kwargs = dkdv_plan
+        dk = new_strided(dk_shape, dk_stride, k.dtype, k.device)
+        dv = new_strided(dv_shape, dv_stride, v.dtype, v.device)
+        launch(_bwd_dkdv, grid, q, k, v, out, lse, g, dk, dv, *common, *strides, **kwargs)
     return dq, dk, dv
 
 
@@ -397,4 +436,6 @@ def mixblock_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
         scale = q.shape[-1] ** -0.5
     if torch.compiler.is_compiling():
         return torch.ops.automix_fast.mixblock_attention_fwd(q, k, v, float(scale))[0]
-    return MixBlockAttention.apply(q, k, v, float(scale))
+    if needs_autograd(q, k, v):
+        return MixBlockAttention.apply(q, k, v, float(scale))
+    return attention_forward(q, k, v, float(scale))[0]

@@ -75,8 +75,50 @@ def _check_same_device(**tensors: torch.Tensor) -> torch.device:
     return first
 
 
+# Signatures that passed the checks below -> the function that runs them (the Triton op or the
+# torch reference; None: resolve the backend on every call, since for CPU tensors it follows
+# TRITON_INTERPRET). A repeated signature (every training step) skips the shape, dtype, device
+# and backend checks; scale, not in the key, is checked on every call. At most _CHECKED_SIZE
+# signatures: a full cache is emptied. Not consulted while torch.compile traces.
+_checked: dict = {}
+_CHECKED_SIZE = 512
+
+
+def _implementation(name: str, backend: str):
+    """The function running op `name` ("mixblock_attention" or "mask_mix") on `backend`."""
+    if backend == "torch":
+        return getattr(reference, name)
+    if name == "mask_mix":
+        from automix_fast.kernels.mask_mix import mask_mix as triton_op
+    else:
+        from automix_fast.kernels.mixblock_attention import mixblock_attention as triton_op
+    return triton_op
+
+
+def _remember(key, name: str, backend: str, device: torch.device):
+    """Cache the checked signature `key` (its last two items: the backend asked for, whether
+    launches are recorded), which resolved to `backend`; returns the function that runs it."""
+    if len(_checked) >= _CHECKED_SIZE:
+        _checked.clear()
+    fn = _implementation(name, backend)
+    # Recording, backend="torch" and non-CPU tensors resolve alike whatever TRITON_INTERPRET says.
+    _checked[key] = fn if key[-1] or key[-2] == "torch" or device.type != "cpu" else None
+    return fn
+
+
 def mixblock_attention(q, k, v, scale=None, *, backend: str = "auto") -> torch.Tensor:
     """softmax(q @ k^T * scale, -1) @ v with a one-channel v; (N, L) float32, differentiable in q, k, v."""
+    key = None
+    if not torch.compiler.is_compiling() and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) \
+            and isinstance(v, torch.Tensor) and type(backend) is str:
+        key = ("mixblock_attention", q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype,
+               q.device, k.device, v.device, backend, launches.active() is not None)
+        fn = _checked.get(key, False)
+        if fn is not False:
+            scale = _check_scale(scale, q)
+            if fn is None:
+                fn = _implementation("mixblock_attention", resolve_backend(backend, q.device))
+            return fn(q, k, v, float(scale))
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_float(name, t)
     if q.dim() != 3:
@@ -89,16 +131,23 @@ def mixblock_attention(q, k, v, scale=None, *, backend: str = "auto") -> torch.T
         raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if min(q.shape) == 0 or k.shape[1] == 0:
         raise ValueError(f"q and k must be non-empty, got shapes {tuple(q.shape)} and {tuple(k.shape)}")
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    elif not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    scale = _check_scale(scale, q)
     device = _check_same_device(q=q, k=k, v=v)
-    if resolve_backend(backend, device) == "triton":
-        from automix_fast.kernels.mixblock_attention import mixblock_attention as triton_op
+    chosen = resolve_backend(backend, device)
+    if key is None:
+        fn = _implementation("mixblock_attention", chosen)
+    else:
+        fn = _remember(key, "mixblock_attention", chosen, device)
+    return fn(q, k, v, float(scale))
 
-        return triton_op(q, k, v, float(scale))
-    return reference.mixblock_attention(q, k, v, float(scale))
+
+def _check_scale(scale, q: torch.Tensor):
+    """scale, or D ** -0.5 when it is None; a scale that is not a positive number is an error."""
+    if scale is None:
+        return q.shape[-1] ** -0.5
+    if not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    return scale
 
 
 def mask_mix(logits, x, perm, *, mode: str = "nearest", backend: str = "auto"):
@@ -108,6 +157,16 @@ def mask_mix(logits, x, perm, *, mode: str = "nearest", backend: str = "auto"):
     perm must hold indices in [0, N) (a permutation in practice); its values are not checked,
     since reading them would wait on the device.
     """
+    key = None
+    if not torch.compiler.is_compiling() and isinstance(logits, torch.Tensor) and isinstance(x, torch.Tensor) \
+            and isinstance(perm, torch.Tensor) and type(mode) is str and type(backend) is str:
+        key = ("mask_mix", logits.shape, x.shape, perm.shape, logits.dtype, x.dtype, perm.dtype,
+               logits.device, x.device, perm.device, mode, backend, launches.active() is not None)
+        fn = _checked.get(key, False)
+        if fn is not False:
+            if fn is None:
+                fn = _implementation("mask_mix", resolve_backend(backend, x.device))
+            return fn(logits, x, perm, mode)
     _check_float("logits", logits)
     _check_float("x", x)
     if x.dim() != 4:
@@ -123,8 +182,6 @@ def mask_mix(logits, x, perm, *, mode: str = "nearest", backend: str = "auto"):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     device = _check_same_device(x=x, logits=logits, perm=perm)
-    if resolve_backend(backend, device) == "triton":
-        from automix_fast.kernels.mask_mix import mask_mix as triton_op
-
-        return triton_op(logits, x, perm, mode)
-    return reference.mask_mix(logits, x, perm, mode)
+    chosen = resolve_backend(backend, device)
+    fn = _implementation("mask_mix", chosen) if key is None else _remember(key, "mask_mix", chosen, device)
+    return fn(logits, x, perm, mode)
