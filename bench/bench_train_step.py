@@ -18,6 +18,8 @@ Configurations, side by side in one run:
   compiled:  optimized with torch.compile of the encoders (`--torchcompile`)
   compiled-step: optimized with torch.compile of AutoMix's whole loss step (`--torchcompile
              --torchcompile-scope step`); the baselines' model as `compiled`
+  graphed:   optimized with the static-buffer step replayed as CUDA graphs (`--cuda-graph`; on a
+             CPU the static step without capture); automix and vanilla
   reference: fp32, NCHW, --kernel-backend torch, eager
 --runs CONFIG:MIX ... picks (configuration, mix) pairs instead of every --configs x --mixes.
 --profile [CONFIG:]MIX ... runs --profile-steps more steps of those runs under torch.profiler:
@@ -44,12 +46,13 @@ from common import environment, profile_run, write_results  # noqa: E402
 from automix_fast.engine.optim import build_optimizer  # noqa: E402
 from automix_fast.engine.policy import compile_policy  # noqa: E402
 from automix_fast.engine.schedule import build_schedule  # noqa: E402
+from automix_fast.engine.static_step import StaticStep  # noqa: E402
 from automix_fast.engine.train import EpochCallbacks, EpochPlan, StepContext, StepGuard, train_one_epoch  # noqa: E402
 from automix_fast.mixing import build_mixer  # noqa: E402
 from automix_fast.models import create_model  # noqa: E402
 
 FLOOR = 2.9  # bench/README.md "The ~2.9 floor": ~8.8 backbone units per AutoMix step against 3 for mixup
-CONFIGS = ("optimized", "compiled", "compiled-step", "reference")
+CONFIGS = ("optimized", "compiled", "compiled-step", "graphed", "reference")
 MIXES = ("vanilla", "mixup", "cutmix", "automix")
 
 
@@ -85,10 +88,11 @@ class SyntheticLoader:
 def settings(name: str, device: torch.device, compile_: bool) -> dict:
     """The configuration's settings; `compile` is False or the --torchcompile-scope it compiles."""
     cuda = device.type == "cuda"
-    if name in ("optimized", "compiled", "compiled-step"):
-        scope = {"compiled": "encoders", "compiled-step": "step"}.get(name, "encoders" if compile_ else False)
+    if name in ("optimized", "compiled", "compiled-step", "graphed"):
+        scope = {"compiled": "encoders", "compiled-step": "step"}.get(name, "encoders" if compile_ and name != "graphed"
+                                                                       else False)
         return {"amp_dtype": torch.bfloat16 if cuda else None, "channels_last": cuda, "kernel_backend": "auto",
-                "compile": scope}
+                "compile": scope, "static": name == "graphed"}
     return {"amp_dtype": None, "channels_last": False, "kernel_backend": "torch", "compile": False}
 
 
@@ -119,7 +123,8 @@ def measure(mix: str, cfg: dict, args, device, profile: bool = False, trace: Pat
     if cfg["compile"]:  # as `automix-fast train --torchcompile --torchcompile-scope SCOPE` does
         compile_policy(mixer, args.compile_backend, scope=cfg["compile"])
     groups = mixer.param_groups(0.1, 1e-4)
-    opt = build_optimizer(groups, "sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, device=device)
+    opt = build_optimizer(groups, "sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, device=device,
+                          fused=cfg.get("static", False))
     profile_steps = args.profile_steps if profile else 0
     total = (args.repeats + 1) * args.steps + profile_steps
     sched = build_schedule("cosine", [g["lr"] for g in groups], total_steps=total, steps_per_epoch=args.steps)
@@ -127,8 +132,11 @@ def measure(mix: str, cfg: dict, args, device, profile: bool = False, trace: Pat
     loader = SyntheticLoader(args.steps, args.batch_size, args.img_size, args.num_classes, device, dtype, cfg["channels_last"])
     guard = StepGuard(device)
 
+    ctx = StepContext(mixer, opt, sched, guard, total, amp_dtype=cfg["amp_dtype"])
+    if cfg.get("static"):  # as `automix-fast train --cuda-graph`: one static step for the whole run
+        ctx.stepper = StaticStep(ctx, capture=cuda)
+
     def epoch(e, start):
-        ctx = StepContext(mixer, opt, sched, guard, total, amp_dtype=cfg["amp_dtype"])
         return train_one_epoch(ctx, loader, EpochPlan(epoch=e, start_step=start),
                                EpochCallbacks(log_interval=loader.steps))
 
@@ -145,6 +153,8 @@ def measure(mix: str, cfg: dict, args, device, profile: bool = False, trace: Pat
         "step_ms_all": [round(1000 * s / args.steps, 3) for s in seconds], "warmup_s": round(warmup_s, 3),
         "compile": cfg["compile"], "skipped_steps": int(guard.skipped.item()),
     }
+    if cfg.get("static"):  # steps run from the buffers (the first of each kind runs eagerly)
+        row["static_steps"] = ctx.stepper.static_steps
     if cfg["compile"]:
         # Graphs compiled in the warm-up epoch and in the timed ones (a compile there, e.g. the
         # first plain-mixup step of AutoMix's compiled step, is in the timings: see step_ms_all).

@@ -15,7 +15,7 @@
 #                        full mode also the CIFAR cases
 # then bench/gpu_summary.py gathers every figure into OUT/gpu-check.json.
 # --quick: fewer steps and repetitions, no pytest stage, the 224 px loader only; stage time limits add
-#   up to 365 s, so the check (imports and compile warm-ups included) ends within 7 minutes on one H100/H200.
+#   up to 300 s, so the check (imports and compile warm-ups included) ends within 5 minutes on one H100/H200.
 # Full mode: stage limits add up to 590 s, within 10 minutes.
 # --dry-run: every stage at tiny sizes on the CPU (tinynet, 1 step; the ops under the Triton
 #   interpreter; no torch.compile), to check the scripts and the summary without a GPU; the
@@ -76,8 +76,9 @@ if [ "$DRY" = 1 ]; then
   stage ops 120 env TRITON_INTERPRET=1 $PY bench/bench_ops.py --smoke --providers triton torch --modes nearest \
     --output "$OUT/ops.json"
   train imagenet-r50 120 "${tiny[@]}" --runs optimized:vanilla optimized:mixup optimized:automix reference:automix \
-    --profile optimized:automix
-  train cifar-r18 120 "${tiny[@]}" --runs optimized:vanilla optimized:mixup optimized:automix --profile optimized:automix
+    graphed:automix --profile optimized:automix
+  train cifar-r18 120 "${tiny[@]}" --runs optimized:vanilla optimized:mixup optimized:automix graphed:vanilla \
+    graphed:automix --profile optimized:automix
   train imagenet-r18 120 "${tiny[@]}" --runs optimized:vanilla optimized:mixup
   stage loader 120 $PY bench/bench_loader.py --device cpu --workers all -b 4 --imagenet-count 8 --warmup 1 \
     --batches 1 --only imagenet/dali,imagenet/torch-stream --cache-dir "$CACHE" --out "$OUT/loader.json"
@@ -85,22 +86,24 @@ elif [ "$MODE" = quick ]; then
   # Per stage, an estimate (not a measurement) of its H200 seconds, imports, Triton JIT and
   # torch.compile warm-ups included; a stage past its limit keeps the rows it finished.
   # ~30 s: 3 presets x (attention, mask_mix nearest) x (triton, torch), copy bandwidth
-  stage ops 45 $PY bench/bench_ops.py --providers triton torch --modes nearest --warmup-ms 10 --rep-ms 30 \
+  # The limits add up to 300 s; the rows of a stage run in order of need, so a stage cut short
+  # keeps the figures that matter most.
+  stage ops 35 $PY bench/bench_ops.py --providers triton torch --modes nearest --warmup-ms 10 --rep-ms 30 \
     --output "$OUT/ops.json"
-  # ~90 s: ~45 of them compiling resnet50
-  train imagenet-r50 100 --model resnet50 --img-size 224 -b 128 --num-classes 1000 --steps 8 --repeats 2 \
-    --runs optimized:vanilla optimized:mixup optimized:automix reference:automix compiled:vanilla compiled:mixup \
-    --profile optimized:automix
-  # ~120 s: ~30 of them compiling resnet18_cifar, ~65 compiling AutoMix (the encoders, then the whole
-  # step: its warm-up epoch, steps 0-19 of seed 0, has both kinds of step, so no compile is timed)
-  train cifar-r18 140 --model resnet18_cifar --img-size 32 -b 100 --num-classes 100 --steps 20 --repeats 2 \
-    --runs optimized:vanilla optimized:mixup optimized:automix compiled:vanilla compiled:mixup \
-    compiled:automix compiled-step:automix --profile optimized:automix optimized:vanilla
-  # ~40 s
-  train imagenet-r18 50 --model resnet18 --img-size 224 -b 256 --num-classes 1000 --steps 8 --repeats 2 \
+  # ~85 s: ~45 of them compiling resnet50 (compiled mixup reuses vanilla's compiled graphs)
+  train imagenet-r50 95 --model resnet50 --img-size 224 -b 128 --num-classes 1000 --steps 8 --repeats 2 \
+    --runs optimized:vanilla optimized:mixup optimized:automix graphed:automix reference:automix compiled:vanilla \
+    compiled:mixup --profile optimized:automix
+  # ~100 s: ~30 of them compiling resnet18_cifar, ~50 compiling AutoMix's whole step (its warm-up
+  # epoch, steps 0-19 of seed 0, has both kinds of step, so no compile is timed)
+  train cifar-r18 110 --model resnet18_cifar --img-size 32 -b 100 --num-classes 100 --steps 20 --repeats 2 \
+    --runs optimized:vanilla optimized:mixup optimized:automix graphed:vanilla graphed:automix compiled:vanilla \
+    compiled:mixup compiled-step:automix --profile optimized:automix optimized:vanilla
+  # ~35 s
+  train imagenet-r18 35 --model resnet18 --img-size 224 -b 256 --num-classes 1000 --steps 8 --repeats 2 \
     --runs optimized:vanilla optimized:mixup compiled:vanilla compiled:mixup
   # ~20 s: 512 generated JPEGs (once per machine), 48 batches of 128
-  stage loader 30 $PY bench/bench_loader.py --device cuda --workers all -b 128 --imagenet-count 512 --warmup 16 \
+  stage loader 25 $PY bench/bench_loader.py --device cuda --workers all -b 128 --imagenet-count 512 --warmup 16 \
     --batches 32 --only imagenet/dali,imagenet/torch-stream --cache-dir "$CACHE" --out "$OUT/loader.json"
 else
   stage pytest-gpu 130 $PY -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" \

@@ -297,8 +297,13 @@ def figures(run: Run) -> dict:
         "official_step_img_per_s": per_preset(official_step, ("imagenet-r50",)),
         "vanilla_img_per_s": {"imagenet-r50": {"eager": figure(lambda: img_per_s(run, "imagenet-r50", "optimized", "vanilla")),
                                                "compiled": figure(lambda: img_per_s(run, "imagenet-r50", "compiled", "vanilla"))}},
-        "automix_compiled_img_per_s": {"cifar-r18": {scope: figure(lambda c=c: img_per_s(run, "cifar-r18", c, "automix"))
-                                                     for scope, c in (("encoders", "compiled"), ("step", "compiled-step"))}},
+        # AutoMix per way of running the step, side by side: what the CUDA default is chosen from.
+        "automix_img_per_s_by_step": {
+            p: {name: figure(lambda p=p, c=c: img_per_s(run, p, c, "automix")) for name, c in ways}
+            for p, ways in (("imagenet-r50", (("eager", "optimized"), ("cuda-graph", "graphed"))),
+                            ("cifar-r18", (("eager", "optimized"), ("cuda-graph", "graphed"),
+                                           ("compiled-step", "compiled-step"))))},
+        "vanilla_img_per_s_cuda_graph": per_preset(img_per_s, ("cifar-r18",), "graphed", "vanilla"),
         "mixup_vanilla_ratio": {p: {mode: figure(lambda p=p, c=c: img_ratio(run, p, c, "mixup", "vanilla"),
                                                  target=MIXUP_TARGET)
                                     for mode, c in (("eager", "optimized"), ("compiled", "compiled"))} for p in TRAIN_PRESETS},

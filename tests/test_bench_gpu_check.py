@@ -25,7 +25,9 @@ FIGURES = [
     "automix_img_per_s.imagenet-r50", "automix_img_per_s.cifar-r18",
     "official_step_img_per_s.imagenet-r50",
     "vanilla_img_per_s.imagenet-r50.eager", "vanilla_img_per_s.imagenet-r50.compiled",
-    "automix_compiled_img_per_s.cifar-r18.encoders", "automix_compiled_img_per_s.cifar-r18.step",
+    "automix_img_per_s_by_step.imagenet-r50.eager", "automix_img_per_s_by_step.imagenet-r50.cuda-graph",
+    *(f"automix_img_per_s_by_step.cifar-r18.{w}" for w in ("eager", "cuda-graph", "compiled-step")),
+    "vanilla_img_per_s_cuda_graph.cifar-r18",
     *(f"mixup_vanilla_ratio.{p}.{m}" for p in ("cifar-r18", "imagenet-r18", "imagenet-r50") for m in ("eager", "compiled")),
     "automix_mixup_step_ratio.imagenet-r50", "automix_mixup_step_ratio.cifar-r18",
     "gpu_busy_share.cifar-r18", "gpu_busy_share.imagenet-r50",
@@ -97,7 +99,11 @@ def test_quick_dry_run_writes_every_figure(tmp_path):
                  "copy_gbps", "mask_mix_share_of_copy.imagenet-r50.fwd", "attention_speedup_vs_torch.cifar-r18"):
         assert found[name]["value"] is None and "needs CUDA" in found[name]["reason"], name
     assert "no torch.compile" in found["vanilla_img_per_s.imagenet-r50.compiled"]["reason"]
-    assert found["automix_compiled_img_per_s.cifar-r18.step"]["reason"] == (
+    # The static step runs on the CPU too (without capture): its rates are measured.
+    for name in ("automix_img_per_s_by_step.cifar-r18.cuda-graph", "automix_img_per_s_by_step.imagenet-r50.cuda-graph",
+                 "vanilla_img_per_s_cuda_graph.cifar-r18"):
+        assert found[name]["value"] > 0, name
+    assert found["automix_img_per_s_by_step.cifar-r18.compiled-step"]["reason"] == (
         "compiled-step:automix is not part of gpu_check.sh --quick --dry-run (no torch.compile on the CPU)")
     assert "DALI is not installed" in found["loader_img_per_s.dali-224"]["reason"]
     assert "did not run" in found["gpu_tests_failed"]["reason"]
@@ -151,7 +157,7 @@ def test_summary_reasons_and_figures_from_stage_files(tmp_path):
     assert "compiled:mixup is not part of gpu_check.sh --quick" in figs["mixup_vanilla_ratio.imagenet-r50.compiled"]["reason"]
     assert "RuntimeError: boom" in figs["attention_speedup_vs_torch.cifar-r18"]["reason"]
     assert figs["automix_img_per_s.cifar-r18"]["reason"] == "stage train-cifar-r18 failed (exit 1; see train-cifar-r18.log)"
-    assert figs["automix_compiled_img_per_s.cifar-r18.step"]["reason"] == figs["automix_img_per_s.cifar-r18"]["reason"]
+    assert figs["automix_img_per_s_by_step.cifar-r18.compiled-step"]["reason"] == figs["automix_img_per_s.cifar-r18"]["reason"]
     assert figs["mask_mix_share_of_copy.imagenet-r50.bwd"]["reason"] == (
         "mask_mix-nearest imagenet-r50 triton bwd was not measured")
     assert "stage loader did not run" in figs["loader_img_per_s.torch-224"]["reason"]
