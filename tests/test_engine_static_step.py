@@ -44,7 +44,7 @@ class Batches:
 
 
 def train(static: bool, *, policy="automix", epochs=2, accum=1, amp=None, channels_last=False, stepper_cls=StaticStep,
-          **mixer_kw):
+          opt="sgd", **mixer_kw):
     """Train tinynet for `epochs` with the eager or the static step; (mixer, optimizer, logs, stepper)."""
     torch.manual_seed(0)
     model = create_model("tinynet", num_classes=5, mix_head=policy == "automix")
@@ -56,7 +56,7 @@ def train(static: bool, *, policy="automix", epochs=2, accum=1, amp=None, channe
     if policy == "vanilla":
         mixer.enable_model_ema(0.9, warmup=True)
     groups = mixer.param_groups(0.1, 1e-4, mix_block_lr=0.05)
-    optimizer = build_optimizer(groups, "sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, fused=True)
+    optimizer = build_optimizer(groups, opt, lr=0.1, momentum=0.9, weight_decay=1e-4, fused=True)
     loader = Batches(channels_last=channels_last)
     steps = -(-len(loader) // accum)
     schedule = build_schedule("cosine", [g["lr"] for g in groups], total_steps=epochs * steps, steps_per_epoch=steps,
@@ -107,8 +107,9 @@ def test_static_step_trains_automix_as_the_eager_step_bit_for_bit(mask_mode, acc
     assert_same_training(eager, static)
 
 
-def test_static_step_trains_vanilla_with_model_ema_as_the_eager_step():
-    assert_same_training(train(False, policy="vanilla"), train(True, policy="vanilla"))
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+def test_static_step_trains_vanilla_with_model_ema_as_the_eager_step(opt):
+    assert_same_training(train(False, policy="vanilla", opt=opt), train(True, policy="vanilla", opt=opt))
 
 
 class OpRecorder(TorchDispatchMode):

@@ -67,7 +67,10 @@ def build_optimizer(param_groups, opt: str = "sgd", *, lr: float, momentum: floa
         return _with_fast_path(torch.optim.SGD, params, device, fused, lr=lr, momentum=momentum,
                                weight_decay=weight_decay, nesterov=nesterov)
     if opt == "adamw":
-        return _with_fast_path(torch.optim.AdamW, params, device, fused, lr=lr, betas=tuple(betas), eps=eps,
+        kwargs = {}
+        if fused and device is not None and torch.device(device).type == "cuda":
+            kwargs["capturable"] = True  # Adam's step count on the device: a CUDA graph may replay its update
+        return _with_fast_path(torch.optim.AdamW, params, device, fused, **kwargs, lr=lr, betas=tuple(betas), eps=eps,
                                weight_decay=weight_decay)
     if opt in ("fused_sgd", "apex_sgd"):
         try:  # NVIDIA apex; the PyPI package named `apex` is unrelated and has no `apex.optimizers`

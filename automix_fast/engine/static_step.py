@@ -11,7 +11,9 @@ gradients, the summed loss and the logged sums. Nothing in a step branches on a 
 except which graph runs: steps of one `Mixer.step_kind` (AutoMix: with or without the Mix Block
 branch) run the same operations, so on CUDA each kind's micro-batch and update are captured once
 as CUDA graphs (sharing one memory pool) and replayed; on CPU the same code runs without capture,
-which is how the tests hold it equal to the eager step bit for bit.
+which is how the tests hold it equal to the eager step bit for bit. (One difference on CUDA:
+torch's fused optimizers read a tensor learning rate as float32 there, a float one as float64,
+so the static step's LR is the float32 rounding of the eager step's.)
 
 The first step of each kind runs eagerly: it creates the optimizer's state and names the
 parameters that kind gives a gradient (a parameter without one is left out of that kind's
@@ -105,8 +107,12 @@ class StaticStep(EagerStep):
         self.runs: dict = {}
         self.static_steps = 0  # steps run from the buffers (the others ran eagerly)
         self.pool = torch.cuda.graph_pool_handle() if capture else None
-        for group in ctx.optimizer.param_groups:  # the schedule refills these in place
-            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=ctx.device)
+        # The schedule refills these in place. CPU fused kernels read a tensor LR as float64, as
+        # they read a float one: the same update. CUDA ones read it as float32 (a float LR as
+        # float64): there the LR is rounded to float32, a relative change below 6e-8.
+        lr_dtype = torch.float32 if ctx.device.type == "cuda" else torch.float64
+        for group in ctx.optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=lr_dtype, device=ctx.device)
 
     def run(self, step: int, micro: int, batches: Iterator) -> int:
         kind = self.mixer.step_kind(step)
@@ -195,7 +201,8 @@ class StaticStep(EagerStep):
                 torch.cuda.current_stream().wait_stream(side)
                 return
             graph = self.graphs[key] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread_local: a loader's thread may pin memory (a CUDA call) while this one captures
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 body()
         graph.replay()
 

@@ -86,7 +86,9 @@ def optimizer_step(optimizer, params, guard: StepGuard, scaler=None, bad_loss: t
         clip(params)
     found = guard.check(params, bad_loss)
     if optimizer.defaults.get("fused"):
-        optimizer.found_inf = found  # the fused kernel skips the whole update on the device
+        # The fused kernel skips the whole update on the device. 0-d, as GradScaler passes it: fused
+        # Adam subtracts it from its 0-d step counts, which a (1,) flag cannot broadcast into.
+        optimizer.found_inf = found.reshape(())
         optimizer.step()
     elif found.item() == 0:  # unfused optimizers cannot skip on the device
         optimizer.step()
