@@ -199,7 +199,8 @@ def check_cuda_graph(cfg: TrainConfig) -> None:
     require(cfg.mixing.mix in ("automix", "vanilla"), "cuda_graph",
             f"runs --mix automix and vanilla (mixup and cutmix decide per step on the host), not --mix {cfg.mixing.mix}",
             None)
-    require(not (run.amp is not False and run.amp_dtype == "float16"), "cuda_graph",
+    # amp unset means on with CUDA: the step context refuses the loss scaler then (check_static).
+    require(not (run.amp is True and run.amp_dtype == "float16"), "cuda_graph",
             "needs --amp-dtype bfloat16 or --no-amp (float16's loss scaler reads its overflow flag on the host)", None)
     require(cfg.optim.opt in ("sgd", "adamw"), "cuda_graph",
             f"needs --opt sgd or adamw (torch's fused kernels skip a bad step on the device), not --opt {cfg.optim.opt}",

@@ -63,7 +63,7 @@ def check_compile_backend(name) -> None:
 
     known = torch._dynamo.list_backends(exclude_tags=())
     if name not in known:
-        shown = sorted(set(torch._dynamo.list_backends()) | {"aot_eager", "eager"} & set(known))
+        shown = sorted(set(torch._dynamo.list_backends()) | ({"aot_eager", "eager"} & set(known)))
         raise ConfigError(f"--torchcompile: torch.compile has no backend '{name}' (it has {', '.join(shown)})")
 
 

@@ -211,6 +211,7 @@ class Trainer:
         try:
             self.mixer.load_state_dict(state["mixer"])
             self.optimizer.load_state_dict(state["optimizer"])
+            keep_implementation(self.optimizer)
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{path} does not match this model: {str(e).splitlines()[0]}") from None
         if self.scaler is not None and state.get("scaler"):
@@ -330,7 +331,7 @@ class Trainer:
             self.log(self.compile_note)
         if self.cfg.run.cuda_graph:
             self.log("step: static buffers, each kind of step captured as CUDA graphs at its "
-                     f"{CUDA_WARMUP_RUNS + 2}th run and replayed" if self.device.type == "cuda" else
+                     f"run number {CUDA_WARMUP_RUNS + 2} and replayed" if self.device.type == "cuda" else
                      "step: static buffers without capture (--cuda-graph on a CPU: the same numbers, no speed-up)")
         self.log(f"run folder: {self.run_dir}")
 
@@ -419,3 +420,16 @@ def host_hyperparameters(state: dict) -> dict:
     groups = [{k: v.item() if isinstance(v, torch.Tensor) and v.dim() == 0 and k != "params" else v
                for k, v in g.items()} for g in state["param_groups"]]
     return {**state, "param_groups": groups}
+
+
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")
+
+
+def keep_implementation(optimizer) -> None:
+    """After load_state_dict (which restores each group's saved settings, these included): the
+    kernel choice of the optimizer this run built, not of the run that saved the state (a run
+    resumed with or without --cuda-graph, on another device)."""
+    for group in optimizer.param_groups:
+        for key in IMPLEMENTATION_KEYS:
+            if key in optimizer.defaults:
+                group[key] = optimizer.defaults[key]

@@ -18,7 +18,9 @@ so the static step's LR is the float32 rounding of the eager step's.)
 The first step of each kind runs eagerly: it creates the optimizer's state and names the
 parameters that kind gives a gradient (a parameter without one is left out of that kind's
 update, as the eager step leaves it). A batch whose shape, dtype or layout differs from the
-buffers' (a last, smaller batch) runs eagerly too.
+buffers' (a last, smaller batch) runs eagerly too; until a graph is captured the buffers follow
+the batch instead (a run whose first step is a smaller batch). A step's micro-batches are all
+fetched before its first forward (one eager step if any does not fit).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from typing import Iterator
 import torch
 
 from automix_fast.engine.train_step import StepContext, autocast, nonfinite_flag, optimizer_step
+from automix_fast.errors import ConfigError, UserError
 
 CUDA_WARMUP_RUNS = 2  # uncaptured runs of a graph on a side stream before its capture (lazy inits, autotuning)
 UNASSIGNED = object()  # no kind's static gradients are assigned (a kind may be None)
@@ -107,6 +110,9 @@ class StaticStep(EagerStep):
         self.runs: dict = {}
         self.static_steps = 0  # steps run from the buffers (the others ran eagerly)
         self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.side = torch.cuda.Stream() if capture else None  # the uncaptured warm-up runs' stream
+        if capture:  # AdamW's capturable update warns once when it first runs uncaptured: it will be captured
+            ctx.optimizer._warned_capturable_if_run_uncaptured = True
         # The schedule refills these in place. CPU fused kernels read a tensor LR as float64, as
         # they read a float one: the same update. CUDA ones read it as float32 (a float LR as
         # float64): there the LR is rounded to float32, a relative change below 6e-8.
@@ -117,6 +123,8 @@ class StaticStep(EagerStep):
     def run(self, step: int, micro: int, batches: Iterator) -> int:
         kind = self.mixer.step_kind(step)
         batches = list(batches)  # all fetched first: a batch that does not fit makes the whole step eager
+        if self.buffers is not None and not self.graphs and not self.fits(*batches[0]):
+            self.buffers, self.runs = None, {}  # nothing captured yet: follow the batch (a first, smaller one)
         if kind not in self.grad_params or not all(self.fits(x, y) for x, y in batches):
             self.assigned = UNASSIGNED  # the eager step sets .grad to None first
             images = super().run(step, micro, iter(batches))
@@ -140,7 +148,7 @@ class StaticStep(EagerStep):
             self.buffers = {**self.mixer.static_buffers(x), "x": torch.empty_like(x), "y": torch.empty_like(y)}
         bx, by = self.buffers["x"], self.buffers["y"]
         return (x.shape == bx.shape and x.stride() == bx.stride() and x.dtype == bx.dtype and x.device == bx.device
-                and y.shape == by.shape and y.dtype == by.dtype)
+                and y.shape == by.shape and y.dtype == by.dtype and y.device == by.device)
 
     def record(self, kind) -> None:
         """After the eager first step of `kind`: the parameters it gave a gradient, each with a
@@ -194,26 +202,35 @@ class StaticStep(EagerStep):
         if graph is None:
             self.runs[key] = self.runs.get(key, 0) + 1
             if self.runs[key] <= CUDA_WARMUP_RUNS:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
+                self.side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self.side):
                     body()
-                torch.cuda.current_stream().wait_stream(side)
+                torch.cuda.current_stream().wait_stream(self.side)
                 return
-            graph = self.graphs[key] = torch.cuda.CUDAGraph()
+            graph = self.capture_graph(key, body)
+        graph.replay()
+
+    def capture_graph(self, key, body) -> "torch.cuda.CUDAGraph":
+        graph = torch.cuda.CUDAGraph()
+        try:
             # thread_local: a loader's thread may pin memory (a CUDA call) while this one captures
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 body()
-        graph.replay()
+        except RuntimeError as e:
+            raise UserError(f"--cuda-graph: capturing the {key[0]} part of a step failed: "
+                            f"{str(e).splitlines()[0]}; run without --cuda-graph") from None
+        self.graphs[key] = graph
+        torch.cuda.empty_cache()  # the eager and warm-up runs' cached blocks: the graphs have their own pool
+        return graph
 
 
 def check_static(ctx: StepContext) -> None:
-    """What the static step cannot do, as one error each (the config checks say it first)."""
+    """What the static step cannot do, as one error each (the config checks say most of it first)."""
     if not ctx.mixer.static_step:
-        raise ValueError(f"the static-buffer step supports automix and vanilla, not {ctx.mixer.name}")
+        raise ConfigError(f"--cuda-graph runs --mix automix and vanilla, not {ctx.mixer.name}")
     if ctx.scaler is not None:
-        raise ValueError("the static-buffer step cannot run float16's loss scaler (it reads the host); use bfloat16")
+        raise ConfigError("--cuda-graph cannot run float16's loss scaler (it reads the host): use --amp-dtype bfloat16")
     if ctx.grad_sync is not None:
-        raise ValueError("the static-buffer step runs in one process")
-    if not ctx.optimizer.defaults.get("fused"):
-        raise ValueError("the static-buffer step needs a fused optimizer (it skips bad steps on the device)")
+        raise ConfigError("--cuda-graph runs in one process; drop it under torchrun")
+    if not all(group.get("fused") for group in ctx.optimizer.param_groups):
+        raise ConfigError("--cuda-graph needs torch's fused optimizer (it skips a bad step on the device)")

@@ -66,7 +66,7 @@ def optimizer_step(optimizer, params, guard: StepGuard, scaler=None, bad_loss: t
     returns the device flag, which says exactly whether the update was skipped. `clip(params)`
     (engine/grad_clip.py) runs on the unscaled gradients just before the update.
 
-    Under torchrun bad_loss must be the same on every rank (train_one_epoch all-reduces it with
+    Under torchrun bad_loss must be the same on every rank (EagerStep.update all-reduces it with
     the gradients), so that every rank skips, or applies, the same steps."""
     if scaler is not None:
         scaler.unscale_(optimizer)

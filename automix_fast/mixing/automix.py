@@ -277,14 +277,18 @@ class AutoMix(Mixer):
         return {}, x_bb, logs
 
     def masks_part(self, x, y, lam_bb, perm_bb, plain_mixup, lam_mb=None, perm_mb=None, mask_weight=0.0):
+        """The step's first part from its draws: (the Mix Block branch's terms, {} on a step without
+        it; x_bb, made without gradient; the mask logs)."""
         if lam_mb is None:
             return self.backbone_mask_part(x, lam_bb, perm_bb, plain_mixup)
         return self.mix_block_part(x, y, lam_bb, perm_bb, plain_mixup, lam_mb, perm_mb, mask_weight)
 
     def one_q_term(self, x, y):
+        """L_one_q: q's clean pass (graph-connected to q)."""
         return F.cross_entropy(self.model(x, head="one"), y, label_smoothing=self.smoothing)
 
     def mix_q_term(self, x_bb, y, perm_bb, lam_bb):
+        """L_mix_q: q's pass on x_bb (graph-connected to q)."""
         return mix_cross_entropy(self.model(x_bb, head="mix"), y, perm_bb, lam_bb, self.smoothing)
 
     @staticmethod
@@ -345,6 +349,8 @@ class AutoMix(Mixer):
         return self.parts_forward_backward(x, y, autocast, backward, **self.draws(x, step, total_steps))
 
     def parts_forward_backward(self, x, y, autocast, backward, **draws):
+        """(loss, logs) of the step from its draws (floats or buffers), each part backpropagated
+        through `backward` as soon as it is built."""
         lam_bb, perm_bb = draws["lam_bb"], draws["perm_bb"]
         with autocast():
             mb_terms, x_bb, logs = self.masks_part(x, y, **draws)

@@ -155,7 +155,12 @@ class Mixer(nn.Module):
     - momentum_encoder: the momentum (EMA) encoder k, or None (the default: no momentum encoder);
     - mix_block: the learned Mix Block, or None (the default: a fixed mixing rule);
     - model_ema: timm's EMA copy of the model (head `ema`), updated by `ema` (a ModelEma), both
-      None until `enable_model_ema(decay)` adds them (the baselines only).
+      None until `enable_model_ema(decay)` adds them (the baselines only);
+    - forward_backward(x, y, step, total_steps, autocast, backward) -> (loss, logs): what the
+      training loop calls (default: `loss` under autocast, then one backward);
+    - the static-buffer step (`static_step`, `step_kind`, `static_buffers`, `fill_static`,
+      `static_forward_backward`, `static_after_step`): the same step reading its per-step values
+      from device buffers, for policies with `static_step` (automix, vanilla).
     """
 
     name = "base"
