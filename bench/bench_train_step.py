@@ -121,7 +121,7 @@ def measure(mix: str, cfg: dict, args, device, profile: bool = False, trace: Pat
     mixer = build_mixer(policy, model, kernel_backend=cfg["kernel_backend"], seed=0, **extra).to(device)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     if cfg["compile"]:  # as `automix-fast train --torchcompile --torchcompile-scope SCOPE` does
-        compile_policy(mixer, args.compile_backend, scope=cfg["compile"])
+        compile_policy(mixer, args.compile_backend, mode=args.compile_mode, scope=cfg["compile"])
     groups = mixer.param_groups(0.1, 1e-4)
     opt = build_optimizer(groups, "sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, device=device,
                           fused=cfg.get("static", False))
@@ -218,6 +218,8 @@ def main(argv=None) -> int:
                     help="(configuration, mix) pairs to run, in this order, instead of every --configs x --mixes")
     ap.add_argument("--compile", action="store_true", help="torch.compile the encoders in the optimized configuration")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled rows")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode of the compiled rows (inductor: reduce-overhead captures CUDA graphs)")
     ap.add_argument("--steps", type=int, default=10, help="steps per timed epoch")
     ap.add_argument("--repeats", type=int, default=5, help="timed epochs; the median is reported")
     ap.add_argument("--profile", nargs="+", default=[], metavar="[CONFIG:]MIX",
@@ -232,7 +234,7 @@ def main(argv=None) -> int:
 
     env = environment(device)
     setup = {k: getattr(args, k) for k in ("model", "img_size", "batch_size", "num_classes", "steps", "repeats", "compile",
-                                           "compile_backend", "profile_steps")}
+                                           "compile_backend", "compile_mode", "profile_steps")}
     setup["runs"] = [f"{c}:{m}" for c, m in runs]
     rows: list[dict] = []
 
