@@ -332,7 +332,7 @@ class Trainer:
         if self.cfg.run.cuda_graph:
             self.log("step: static buffers, each kind of step captured as CUDA graphs at its "
                      f"run number {CUDA_WARMUP_RUNS + 2} and replayed" if self.device.type == "cuda" else
-                     "step: static buffers without capture (--cuda-graph on a CPU: the same numbers, no speed-up)")
+                     "step: static buffers without capture (--cuda-graph on a CPU: nothing to capture, no speed-up)")
         self.log(f"run folder: {self.run_dir}")
 
     def _epoch_end_hooks(self, logger, checkpoints: Checkpoints, stop: StopFlag) -> tuple[Evaluation, list]:
