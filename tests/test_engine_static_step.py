@@ -168,13 +168,20 @@ def test_captured_parts_read_nothing_on_the_host_and_repeat_the_same_ops():
         assert all(r == runs[0] for r in runs), f"{key}: the ops differ between steps"
 
 
-def test_backward_part_by_part_gives_the_gradients_of_one_backward():
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_backward_part_by_part_gives_the_gradients_of_one_backward(amp):
     """AutoMix's forward_backward (the Mix Block branch, q's clean pass and q's mixed pass each
     backpropagated before the next is built) against one backward of the summed loss, scaled as
-    gradient accumulation and a loss scaler scale it: equal gradients, statistics and logs."""
+    gradient accumulation and a loss scaler scale it: equal gradients, statistics and logs. Under
+    bf16 autocast the reference backward runs with autocast's weight cache off: with it on, one
+    backward sums q's two passes' weight gradients in bf16 at the shared cast before converting
+    them to float32, where the parts (and a cache-free backward) sum the float32 conversions."""
     from contextlib import nullcontext
 
     from mixkit import batch, make_automix
+
+    def autocast(cache=True):
+        return torch.autocast("cpu", dtype=amp, cache_enabled=cache) if amp is not None else nullcontext()
 
     a, b = make_automix(mix_block_every=2, lam_margin=0.3), make_automix(mix_block_every=2, lam_margin=0.3)
     b.load_state_dict(a.state_dict())
@@ -185,9 +192,10 @@ def test_backward_part_by_part_gives_the_gradients_of_one_backward():
         seen_plain.add(a.plain_mixup(a.draw(x, step, BACKBONE_STREAM)[0]))
         for m in (a, b):
             m.zero_grad(set_to_none=True)
-        loss_a, logs_a = a.loss(x, y, step, 100)
+        with autocast(cache=False):
+            loss_a, logs_a = a.loss(x, y, step, 100)
         (loss_a / 3 * 256.0).backward()
-        loss_b, logs_b = b.forward_backward(x, y, step, 100, nullcontext, lambda t: (t / 3 * 256.0).backward())
+        loss_b, logs_b = b.forward_backward(x, y, step, 100, autocast, lambda t: (t / 3 * 256.0).backward())
         assert torch.equal(loss_a.detach(), loss_b)
         assert logs_a.keys() == logs_b.keys() and all(torch.equal(logs_a[k], logs_b[k]) for k in logs_a)
         for (name, p), q in zip(a.named_parameters(), b.parameters()):

@@ -350,20 +350,24 @@ class AutoMix(Mixer):
 
     def parts_forward_backward(self, x, y, autocast, backward, **draws):
         """(loss, logs) of the step from its draws (floats or buffers), each part backpropagated
-        through `backward` as soon as it is built."""
+        through `backward` as soon as it is built. The parts share one autocast region, so each
+        weight is cast once per step as in one backward (autocast keeps its casts until its
+        outermost region ends); the backward passes run with autocast off, as outside it."""
         lam_bb, perm_bb = draws["lam_bb"], draws["perm_bb"]
+
+        def backward_outside_autocast(t):
+            with torch.autocast(x.device.type, enabled=False):
+                backward(t)
+
         with autocast():
             mb_terms, x_bb, logs = self.masks_part(x, y, **draws)
-        if mb_terms:
-            backward(mb_terms["l_mix_k"] + mb_terms["l_mask"])  # frees k's graph on x_mb and the Mix Block's
-        with autocast():
+            if mb_terms:
+                backward_outside_autocast(mb_terms["l_mix_k"] + mb_terms["l_mask"])  # frees k's graph on x_mb and the MB's
             l_one_q = self.one_q_term(x, y)
-        backward(l_one_q)
-        with autocast():
+            backward_outside_autocast(l_one_q)
             l_mix_q = self.mix_q_term(x_bb, y, perm_bb, lam_bb)
-        backward(l_mix_q)
-        loss, logs = self.loss_and_logs(self.assemble(l_mix_q, l_one_q, mb_terms, logs))
-        return loss, logs
+            backward_outside_autocast(l_mix_q)
+        return self.loss_and_logs(self.assemble(l_mix_q, l_one_q, mb_terms, logs))
 
     # The static-buffer step: every per-step value in device buffers (see Mixer.static_step).
     static_step = True
