@@ -126,7 +126,9 @@ def measure(mix: str, cfg: dict, args, device, profile: bool = False, trace: Pat
     opt = build_optimizer(groups, "sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, device=device,
                           fused=cfg.get("static", False))
     profile_steps = args.profile_steps if profile else 0
-    total = (args.repeats + 1) * args.steps + profile_steps
+    # One schedule length for every row, profiled or not: rows of one mix train the same steps,
+    # so their weights can be compared (weights_sq_sum).
+    total = (args.repeats + 1) * args.steps + args.profile_steps
     sched = build_schedule("cosine", [g["lr"] for g in groups], total_steps=total, steps_per_epoch=args.steps)
     dtype = cfg["amp_dtype"] or torch.float32
     loader = SyntheticLoader(args.steps, args.batch_size, args.img_size, args.num_classes, device, dtype, cfg["channels_last"])
@@ -155,6 +157,9 @@ def measure(mix: str, cfg: dict, args, device, profile: bool = False, trace: Pat
     }
     if cfg.get("static"):  # steps run from the buffers (the first of each kind runs eagerly)
         row["static_steps"] = ctx.stepper.static_steps
+    # Every row starts from the same weights and batches: rows of one mix that train the same steps
+    # end with close weights (a --cuda-graph replay that read a stale buffer would not).
+    row["weights_projection"], row["weights_norm"] = weights_signature(list(mixer.parameters()))
     if cfg["compile"]:
         # Graphs compiled in the warm-up epoch and in the timed ones (a compile there, e.g. the
         # first plain-mixup step of AutoMix's compiled step, is in the timings: see step_ms_all).
@@ -178,6 +183,21 @@ def measure(mix: str, cfg: dict, args, device, profile: bool = False, trace: Pat
     if cfg["compile"]:
         torch._dynamo.reset()  # the next row compiles its own model; free this one's graphs
     return row
+
+
+@torch.no_grad()
+def weights_signature(params: list[torch.Tensor], k: int = 4) -> tuple[list[float], float]:
+    """(k projections of all the weights on fixed Gaussian directions, their L2 norm): for two runs
+    of one model, max |a_i - b_i| / norm estimates the relative distance between their weights."""
+    device = params[0].device
+    g = torch.Generator(device=device).manual_seed(0)
+    proj = torch.zeros(k, dtype=torch.float64, device=device)
+    sq = torch.zeros((), dtype=torch.float64, device=device)
+    for p in params:
+        w = p.detach().double().flatten()
+        proj += torch.randn(k, w.numel(), generator=g, device=device, dtype=torch.float64) @ w
+        sq += w.pow(2).sum()
+    return proj.tolist(), float(sq.sqrt())
 
 
 def parse_runs(ap: argparse.ArgumentParser, args) -> list[tuple[str, str]]:

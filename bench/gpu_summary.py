@@ -152,6 +152,18 @@ def img_per_s(run: Run, preset: str, config: str, mix: str) -> dict:
     return fig
 
 
+def graphed_vs_eager(run: Run, preset: str, mix: str) -> dict:
+    """How far the --cuda-graph row's weights end from the eager row's after the same steps."""
+    a, data = train_row(run, preset, "graphed", mix)
+    b, _ = train_row(run, preset, "optimized", mix)
+    if "weights_projection" not in a or "weights_projection" not in b:
+        raise Missing("the rows hold no weights_projection")
+    gap = max(abs(u - v) for u, v in zip(a["weights_projection"], b["weights_projection"]))
+    return {"value": gap / b["weights_norm"],
+            "unit": "relative distance of the weights, graphed vs optimized, after the same steps (random projections)",
+            "static_steps": a.get("static_steps"), "source": f"train-{preset}.json", **setup_of(data)}
+
+
 def official_step(run: Run, preset: str) -> dict:
     fig = {**img_per_s(run, preset, "reference", "automix"),
            "what": "AutoMix in the reference configuration (fp32, NCHW, the torch reference ops, eager): the "
@@ -304,6 +316,9 @@ def figures(run: Run) -> dict:
                             ("cifar-r18", (("eager", "optimized"), ("cuda-graph", "graphed"),
                                            ("compiled-step", "compiled-step"))))},
         "vanilla_img_per_s_cuda_graph": per_preset(img_per_s, ("cifar-r18",), "graphed", "vanilla"),
+        "cuda_graph_vs_eager_weights": {p: {m: figure(lambda p=p, m=m: graphed_vs_eager(run, p, m)) for m in mixes}
+                                        for p, mixes in (("imagenet-r50", ("automix",)),
+                                                         ("cifar-r18", ("automix", "vanilla")))},
         "mixup_vanilla_ratio": {p: {mode: figure(lambda p=p, c=c: img_ratio(run, p, c, "mixup", "vanilla"),
                                                  target=MIXUP_TARGET)
                                     for mode, c in (("eager", "optimized"), ("compiled", "compiled"))} for p in TRAIN_PRESETS},

@@ -28,6 +28,8 @@ FIGURES = [
     "automix_img_per_s_by_step.imagenet-r50.eager", "automix_img_per_s_by_step.imagenet-r50.cuda-graph",
     *(f"automix_img_per_s_by_step.cifar-r18.{w}" for w in ("eager", "cuda-graph", "compiled-step")),
     "vanilla_img_per_s_cuda_graph.cifar-r18",
+    "cuda_graph_vs_eager_weights.imagenet-r50.automix", "cuda_graph_vs_eager_weights.cifar-r18.automix",
+    "cuda_graph_vs_eager_weights.cifar-r18.vanilla",
     *(f"mixup_vanilla_ratio.{p}.{m}" for p in ("cifar-r18", "imagenet-r18", "imagenet-r50") for m in ("eager", "compiled")),
     "automix_mixup_step_ratio.imagenet-r50", "automix_mixup_step_ratio.cifar-r18",
     "gpu_busy_share.cifar-r18", "gpu_busy_share.imagenet-r50",
@@ -103,6 +105,10 @@ def test_quick_dry_run_writes_every_figure(tmp_path):
     for name in ("automix_img_per_s_by_step.cifar-r18.cuda-graph", "automix_img_per_s_by_step.imagenet-r50.cuda-graph",
                  "vanilla_img_per_s_cuda_graph.cifar-r18"):
         assert found[name]["value"] > 0, name
+    # ... and trains what the eager step trains (the CPU's unfused SGD against the static step's fused one).
+    for name in ("cuda_graph_vs_eager_weights.imagenet-r50.automix", "cuda_graph_vs_eager_weights.cifar-r18.automix",
+                 "cuda_graph_vs_eager_weights.cifar-r18.vanilla"):
+        assert 0 <= found[name]["value"] < 1e-7 and found[name]["static_steps"] >= 1, name
     assert found["automix_img_per_s_by_step.cifar-r18.compiled-step"]["reason"] == (
         "compiled-step:automix is not part of gpu_check.sh --quick --dry-run (no torch.compile on the CPU)")
     assert "DALI is not installed" in found["loader_img_per_s.dali-224"]["reason"]
