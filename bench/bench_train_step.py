@@ -47,7 +47,8 @@ from automix_fast.engine.optim import build_optimizer  # noqa: E402
 from automix_fast.engine.policy import compile_policy  # noqa: E402
 from automix_fast.engine.schedule import build_schedule  # noqa: E402
 from automix_fast.engine.static_step import StaticStep  # noqa: E402
-from automix_fast.engine.train import EpochCallbacks, EpochPlan, StepContext, StepGuard, train_one_epoch  # noqa: E402
+from automix_fast.engine.train import EpochCallbacks, EpochPlan, train_one_epoch  # noqa: E402
+from automix_fast.engine.train_step import StepContext, StepGuard  # noqa: E402
 from automix_fast.mixing import build_mixer  # noqa: E402
 from automix_fast.models import create_model  # noqa: E402
 
@@ -89,8 +90,7 @@ def settings(name: str, device: torch.device, compile_: bool) -> dict:
     """The configuration's settings; `compile` is False or the --torchcompile-scope it compiles."""
     cuda = device.type == "cuda"
     if name in ("optimized", "compiled", "compiled-step", "graphed"):
-        scope = {"compiled": "encoders", "compiled-step": "step"}.get(name, "encoders" if compile_ and name != "graphed"
-                                                                       else False)
+        scope = {"compiled": "encoders", "compiled-step": "step", "optimized": "encoders" if compile_ else False}.get(name, False)
         return {"amp_dtype": torch.bfloat16 if cuda else None, "channels_last": cuda, "kernel_backend": "auto",
                 "compile": scope, "static": name == "graphed"}
     return {"amp_dtype": None, "channels_last": False, "kernel_backend": "torch", "compile": False}

@@ -1,4 +1,4 @@
-"""Tiny image folders and in-memory datasets shared by the data tests."""
+"""Tiny image folders and in-memory datasets shared by the data tests, and a loader over fixed batches."""
 from __future__ import annotations
 
 import os
@@ -47,3 +47,19 @@ def exif_rotated(path):
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(arr).save(path, exif=exif, quality=95)
+
+
+class BatchList:
+    """A training loader over a fixed list of (x, y) batches: what train_one_epoch asks of one."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)

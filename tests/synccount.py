@@ -97,7 +97,8 @@ def run_steps(policy: str, *, grad_sync=None, metric_mean=None, scaler=None, see
     launches recorded instead of run (automix_fast.kernels.launches): what is counted is the host
     side of the GPU path, without the interpreter's own copies to numpy."""
     from automix_fast.engine.schedule import ConstSchedule
-    from automix_fast.engine.train import EpochCallbacks, EpochPlan, StepContext, StepGuard, train_one_epoch
+    from automix_fast.engine.train import EpochCallbacks, EpochPlan, train_one_epoch
+    from automix_fast.engine.train_step import StepContext, StepGuard
     from automix_fast.mixing import build_mixer
     from automix_fast.models import create_model
     from automix_fast.kernels import launches

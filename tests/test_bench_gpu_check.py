@@ -77,8 +77,9 @@ def test_quick_dry_run_writes_every_figure(tmp_path):
         assert envrec[key], key
     assert envrec["torch"] == torch.__version__ and envrec["dali"] is None  # DALI hidden
     assert set(summary["stages"]) == {"ops", "train-imagenet-r50", "train-cifar-r18", "train-imagenet-r18", "loader"}
-    # every stage ran to its end; how long it took is recorded, not judged
-    assert all(s["rc"] == 0 and isinstance(s["seconds"], (int, float)) for s in summary["stages"].values())
+    # every stage ran to its end (exit status 0); its time and limit are recorded fields, never judged here
+    assert all(s["rc"] == 0 for s in summary["stages"].values())
+    assert all({"seconds", "limit_s"} <= set(s) for s in summary["stages"].values())
 
     found = dict(gpu_summary.leaves(summary["figures"]))
     assert sorted(found) == sorted(FIGURES)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from automix_fast.engine.grad_clip import grad_clipper
-from automix_fast.engine.train import StepGuard, nonfinite_flag, optimizer_step
+from automix_fast.engine.train_step import StepGuard, nonfinite_flag, optimizer_step
 
 
 def _linear_with_grad(scale: float = 100.0):

@@ -3,8 +3,6 @@ same training bit for bit, no host read inside the captured parts, and the same 
 every step of a kind whatever its per-step values (what makes one graph replayable)."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -14,34 +12,26 @@ from automix_fast.engine.grad_clip import grad_clipper
 from automix_fast.engine.optim import build_optimizer
 from automix_fast.engine.schedule import build_schedule
 from automix_fast.engine.static_step import StaticStep
-from automix_fast.engine.train import EpochCallbacks, EpochPlan, StepContext, StepGuard, train_one_epoch
+from automix_fast.engine.train import EpochCallbacks, EpochPlan, train_one_epoch
+from automix_fast.engine.train_step import StepContext, StepGuard
 from automix_fast.mixing import build_mixer
 from automix_fast.mixing.automix import BACKBONE_STREAM
 from automix_fast.models import create_model
+from datakit import BatchList
+from faultkit import records
 from synccount import SyncCounter
 
 TIMING = ("img_per_s_global", "data_share")
 
 
-class Batches:
+def batches(full: int = 7, channels_last: bool = False, small_first: bool = False, device="cpu") -> BatchList:
     """A loader of fixed batches: `full` of 6 images, then one of 5 (a last, smaller batch), or
     the one of 5 first."""
-
-    def __init__(self, full: int = 7, channels_last: bool = False, small_first: bool = False):
-        g = torch.Generator().manual_seed(3)
-        sizes = [5] + [6] * full if small_first else [6] * full + [5]
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        self.data = [(torch.randn(n, 3, 32, 32, generator=g).contiguous(memory_format=fmt),
-                      torch.randint(0, 5, (n,), generator=g)) for n in sizes]
-
-    def set_epoch(self, epoch):
-        pass
-
-    def __len__(self):
-        return len(self.data)
-
-    def __iter__(self):
-        return iter(self.data)
+    g = torch.Generator().manual_seed(3)
+    sizes = [5] + [6] * full if small_first else [6] * full + [5]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return BatchList([(torch.randn(n, 3, 32, 32, generator=g).contiguous(memory_format=fmt).to(device),
+                       torch.randint(0, 5, (n,), generator=g).to(device)) for n in sizes])
 
 
 def train(static: bool, *, policy="automix", epochs=2, accum=1, amp=None, channels_last=False, stepper_cls=StaticStep,
@@ -60,8 +50,7 @@ def train(static: bool, *, policy="automix", epochs=2, accum=1, amp=None, channe
         mixer.enable_model_ema(0.9, warmup=True)
     groups = mixer.param_groups(0.1, 1e-4, mix_block_lr=0.05)
     optimizer = build_optimizer(groups, opt, lr=0.1, momentum=0.9, weight_decay=1e-4, fused=True)
-    loader = Batches(channels_last=channels_last, small_first=small_first)
-    loader.data = [(x.to(device), y.to(device)) for x, y in loader.data]
+    loader = batches(channels_last=channels_last, small_first=small_first, device=device)
     steps = -(-len(loader) // accum)
     schedule = build_schedule("cosine", [g["lr"] for g in groups], total_steps=epochs * steps, steps_per_epoch=steps,
                               warmup_steps=2)
@@ -217,8 +206,7 @@ def _cli_run(tmp_path, capsys, name, *extra):
     code = main(argv)
     out = capsys.readouterr()
     assert code == 0, out.err
-    records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-    values = [{k: v for k, v in r["values"].items() if k not in TIMING} for r in records if r["type"] == "train"]
+    values = [{k: v for k, v in r["values"].items() if k not in TIMING} for r in records(tmp_path / name)]
     return out.out, values, load_checkpoint(tmp_path / name / "last.pt")["mixer"]
 
 

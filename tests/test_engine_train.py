@@ -5,23 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from automix_fast.engine.train import EpochCallbacks, EpochPlan, StepContext, StepGuard, train_one_epoch
+from automix_fast.engine.train import EpochCallbacks, EpochPlan, train_one_epoch
+from automix_fast.engine.train_step import StepContext, StepGuard
 from automix_fast.mixing.baselines import Vanilla
+from datakit import BatchList
 from faultkit import cli, train_args
-
-
-class _Loader:
-    def __init__(self, batches):
-        self.batches = batches
-
-    def set_epoch(self, epoch):
-        pass
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        return iter(self.batches)
 
 
 class _Schedule:
@@ -47,7 +35,7 @@ def _accumulated_run(micro_batch: int, accum: int, images: int = 40, grad_sync=N
     if resume is not None:
         model, opt, skip = resume
     mixer = Vanilla(model)
-    loader = _Loader([(x[i:i + micro_batch], y[i:i + micro_batch]) for i in range(0, images, micro_batch)])
+    loader = BatchList([(x[i:i + micro_batch], y[i:i + micro_batch]) for i in range(0, images, micro_batch)])
     schedule = _Schedule()
     calls = []
     stop = None if stop_after is None else (lambda: calls.append(1) or len(calls) >= stop_after)

@@ -139,7 +139,8 @@ def test_skipped_step_leaves_weights_untouched(data, tmp_path, monkeypatch, one_
                                       experiment="one", visualize=False, log_interval=1))
     trainer = Trainer(cfg, quiet=True)
     before = {k: v.clone() for k, v in trainer.mixer.model.named_parameters()}
-    from automix_fast.engine.train import EpochCallbacks, EpochPlan, StepContext, train_one_epoch
+    from automix_fast.engine.train import EpochCallbacks, EpochPlan, train_one_epoch
+    from automix_fast.engine.train_step import StepContext
 
     ctx = StepContext(trainer.mixer, trainer.optimizer, trainer.schedule, trainer.guard, trainer.total_steps)
     result = train_one_epoch(ctx, trainer.train_loader, EpochPlan(epoch=0, start_step=0),

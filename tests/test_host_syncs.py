@@ -86,7 +86,7 @@ def test_a_nonfinite_loss_on_one_rank_is_skipped_and_counted_on_every_rank(tmp_p
 
 
 def test_gradscaler_skips_a_nonfinite_loss_with_finite_gradients_and_counts_it():
-    from automix_fast.engine.train import StepGuard, optimizer_step
+    from automix_fast.engine.train_step import StepGuard, optimizer_step
 
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([w], lr=0.1)

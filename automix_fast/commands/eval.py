@@ -13,7 +13,7 @@ import torch
 
 from automix_fast import rundir
 from automix_fast.commands.common import EVAL_OVERRIDES, eval_data, load_trained
-from automix_fast.engine.train import autocast
+from automix_fast.engine.train_step import autocast
 
 
 @torch.no_grad()

@@ -80,3 +80,24 @@ def build_optimizer(param_groups, opt: str = "sgd", *, lr: float, momentum: floa
                               "installed; use --opt sgd (fused on CUDA already)") from None
         return FusedSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     raise ConfigError(f"unknown opt '{opt}'; choose from: {', '.join(OPTIMIZERS)}")
+
+
+def host_hyperparameters(state: dict) -> dict:
+    """An optimizer state_dict with its groups' tensor hyperparameters (the static step's device
+    learning rates) as floats, so the checkpoint loads the same into either kind of step."""
+    groups = [{k: v.item() if isinstance(v, torch.Tensor) and v.dim() == 0 and k != "params" else v
+               for k, v in g.items()} for g in state["param_groups"]]
+    return {**state, "param_groups": groups}
+
+
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")
+
+
+def keep_implementation(optimizer) -> None:
+    """After load_state_dict (which restores each group's saved settings, these included): the
+    kernel choice of the optimizer this run built, not of the run that saved the state (a run
+    resumed with or without --cuda-graph, on another device)."""
+    for group in optimizer.param_groups:
+        for key in IMPLEMENTATION_KEYS:
+            if key in optimizer.defaults:
+                group[key] = optimizer.defaults[key]

@@ -28,15 +28,15 @@ from automix_fast.engine.hooks import (BadFilesRecord, BadFilesStop, Checkpoints
                                        StopAgreement)
 from automix_fast.engine.initial_checkpoint import load_initial_checkpoint
 from automix_fast.engine.metrics import MetricLogger, ProgressLine
-from automix_fast.engine.optim import build_optimizer
+from automix_fast.engine.optim import build_optimizer, host_hyperparameters, keep_implementation
 from automix_fast.engine.policy import (check_compile_backend, compile_policy, create_policy_model, resolve_amp,
                                         resolve_device, resolve_loader, wrap_policy)
 from automix_fast.engine.schedule import build_schedule, resolve_warmup_epochs
 from automix_fast.engine.static_step import CUDA_WARMUP_RUNS, StaticStep
 from automix_fast.engine.stopflag import StopFlag
 from automix_fast.engine.tensorboard_log import require_tensorboard
-from automix_fast.engine.train import (EpochCallbacks, EpochPlan, NonFiniteError, StepContext, StepGuard,
-                                       train_one_epoch)
+from automix_fast.engine.train import EpochCallbacks, EpochPlan, NonFiniteError, train_one_epoch
+from automix_fast.engine.train_step import StepContext, StepGuard
 from automix_fast.engine.train_options import loop_options, model_options, optimizer_steps_per_epoch
 from automix_fast.errors import CheckpointError, ConfigError, OutputError
 from automix_fast.mixing.automix import mask_summary
@@ -412,24 +412,3 @@ class Trainer:
         if self.dist.is_distributed:
             barrier()  # no rank leaves (and tears down gloo/NCCL) while another is still writing
         return summary
-
-
-def host_hyperparameters(state: dict) -> dict:
-    """An optimizer state_dict with its groups' tensor hyperparameters (the static step's device
-    learning rates) as floats, so the checkpoint loads the same into either kind of step."""
-    groups = [{k: v.item() if isinstance(v, torch.Tensor) and v.dim() == 0 and k != "params" else v
-               for k, v in g.items()} for g in state["param_groups"]]
-    return {**state, "param_groups": groups}
-
-
-IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")
-
-
-def keep_implementation(optimizer) -> None:
-    """After load_state_dict (which restores each group's saved settings, these included): the
-    kernel choice of the optimizer this run built, not of the run that saved the state (a run
-    resumed with or without --cuda-graph, on another device)."""
-    for group in optimizer.param_groups:
-        for key in IMPLEMENTATION_KEYS:
-            if key in optimizer.defaults:
-                group[key] = optimizer.defaults[key]

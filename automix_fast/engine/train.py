@@ -15,8 +15,7 @@ import torch.nn.functional as F
 
 from automix_fast.engine.metrics import accuracy_topk
 from automix_fast.engine.static_step import EagerStep
-from automix_fast.engine.train_step import (StepContext, StepGuard, autocast, nonfinite_flag,  # noqa: F401 (re-exported)
-                                            optimizer_step)
+from automix_fast.engine.train_step import StepContext, autocast
 from automix_fast.errors import CheckpointError, UserError
 
 

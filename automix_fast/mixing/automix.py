@@ -235,15 +235,13 @@ class AutoMix(Mixer):
         """The draws with lam_bb and lam_mb as DeviceLambda and mask_weight as a 0-d float32 tensor
         on `device`: what a compiled `step_loss` takes, so a new lambda is a new input rather than
         a recompile (dynamo specializes on Python floats)."""
-        device = torch.device(device)
-        pin = device.type == "cuda"  # from pinned memory the copy is asynchronous: no wait on the device's queue
-        out = dict(draws)
-        for k in ("lam_bb", "lam_mb"):
-            if k in draws:
-                out[k] = DeviceLambda.of(draws[k], device, pin)
+        lams = [k for k in ("lam_bb", "lam_mb") if k in draws]
+        names = [n for k in lams for n in (k, "partner" + k[3:])] + (["mask_weight"] if "mask_weight" in draws else [])
+        scalars = DeviceScalars(names, device)  # one host->device copy for all of them
+        scalars.fill({**{"partner" + k[3:]: 1.0 - draws[k] for k in lams}, **draws})
+        out = {**draws, **{k: DeviceLambda(scalars[k], scalars["partner" + k[3:]]) for k in lams}}
         if "mask_weight" in draws:
-            out["mask_weight"] = torch.tensor(draws["mask_weight"], dtype=torch.float32, pin_memory=pin).to(
-                device, non_blocking=True)
+            out["mask_weight"] = scalars["mask_weight"]
         return out
 
     # The step in parts. The Mix Block branch's terms (l_mix_k, l_mask) reach only the Mix Block,

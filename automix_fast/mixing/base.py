@@ -33,13 +33,6 @@ class DeviceLambda(NamedTuple):
     own: torch.Tensor
     partner: torch.Tensor
 
-    @classmethod
-    def of(cls, lam: float, device, pin: bool = False) -> "DeviceLambda":
-        """From a host float (copied from pinned memory when `pin`: an asynchronous copy)."""
-        host = torch.tensor([lam, 1.0 - lam], dtype=torch.float32, pin_memory=pin)
-        both = host.to(device, non_blocking=True)
-        return cls(both[0], both[1])
-
 
 def lam_own(lam):
     """lam as a float or a 0-d tensor."""
@@ -72,15 +65,11 @@ def blend(partner: torch.Tensor, x: torch.Tensor, lam) -> torch.Tensor:
 def mix_cross_entropy(logits, y, perm, lam: "float | DeviceLambda | torch.Tensor", smoothing: float = 0.0):
     """mixCE = lam * CE(logits, y) + (1 - lam) * CE(logits, y[perm]); a tensor `lam` holds one
     lambda per sample (timm's elem/pair modes) and weighs each sample's two terms."""
-    if isinstance(lam, DeviceLambda):
-        return lam.own * F.cross_entropy(logits, y, label_smoothing=smoothing) + lam.partner * F.cross_entropy(
-            logits, y[perm], label_smoothing=smoothing
-        )
     if isinstance(lam, torch.Tensor):
         ce_y = F.cross_entropy(logits, y, label_smoothing=smoothing, reduction="none")
         ce_p = F.cross_entropy(logits, y[perm], label_smoothing=smoothing, reduction="none")
         return torch.lerp(ce_p, ce_y, lam.to(ce_y.dtype)).mean()
-    return lam * F.cross_entropy(logits, y, label_smoothing=smoothing) + (1.0 - lam) * F.cross_entropy(
+    return lam_own(lam) * F.cross_entropy(logits, y, label_smoothing=smoothing) + lam_partner(lam) * F.cross_entropy(
         logits, y[perm], label_smoothing=smoothing
     )
 
