@@ -19,7 +19,7 @@ Configurations, side by side in one run:
   compiled-step: optimized with torch.compile of AutoMix's whole loss step (`--torchcompile
              --torchcompile-scope step`); the baselines' model as `compiled`
   graphed:   optimized with the static-buffer step replayed as CUDA graphs (`--cuda-graph`; on a
-             CPU the static step without capture); automix and vanilla
+             CPU the static step without capture); every mix
   reference: fp32, NCHW, --kernel-backend torch, eager
 --runs CONFIG:MIX ... picks (configuration, mix) pairs instead of every --configs x --mixes.
 --profile [CONFIG:]MIX ... runs --profile-steps more steps of those runs under torch.profiler:

@@ -318,10 +318,12 @@ def figures(run: Run) -> dict:
         "vanilla_img_per_s_cuda_graph": per_preset(img_per_s, ("cifar-r18",), "graphed", "vanilla"),
         "cuda_graph_vs_eager_weights": {p: {m: figure(lambda p=p, m=m: graphed_vs_eager(run, p, m)) for m in mixes}
                                         for p, mixes in (("imagenet-r50", ("automix",)),
-                                                         ("cifar-r18", ("automix", "vanilla")))},
+                                                         ("cifar-r18", ("automix", "vanilla", "mixup")))},
         "mixup_vanilla_ratio": {p: {mode: figure(lambda p=p, c=c: img_ratio(run, p, c, "mixup", "vanilla"),
                                                  target=MIXUP_TARGET)
-                                    for mode, c in (("eager", "optimized"), ("compiled", "compiled"))} for p in TRAIN_PRESETS},
+                                    for mode, c in (("eager", "optimized"), ("compiled", "compiled"),
+                                                    ("cuda-graph", "graphed"))[:3 if p == "cifar-r18" else 2]}
+                                for p in TRAIN_PRESETS},
         "automix_mixup_step_ratio": per_preset(step_ratio, both),
         "gpu_busy_share": per_preset(profiled, both, "automix", "gpu_busy_share", "GPU-busy time / step time"),
         "launches_per_step": per_preset(profiled, both, "automix", "kernels_per_step", "kernels per step"),

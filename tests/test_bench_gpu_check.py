@@ -29,8 +29,9 @@ FIGURES = [
     *(f"automix_img_per_s_by_step.cifar-r18.{w}" for w in ("eager", "cuda-graph", "compiled-step")),
     "vanilla_img_per_s_cuda_graph.cifar-r18",
     "cuda_graph_vs_eager_weights.imagenet-r50.automix", "cuda_graph_vs_eager_weights.cifar-r18.automix",
-    "cuda_graph_vs_eager_weights.cifar-r18.vanilla",
+    "cuda_graph_vs_eager_weights.cifar-r18.vanilla", "cuda_graph_vs_eager_weights.cifar-r18.mixup",
     *(f"mixup_vanilla_ratio.{p}.{m}" for p in ("cifar-r18", "imagenet-r18", "imagenet-r50") for m in ("eager", "compiled")),
+    "mixup_vanilla_ratio.cifar-r18.cuda-graph",
     "automix_mixup_step_ratio.imagenet-r50", "automix_mixup_step_ratio.cifar-r18",
     "gpu_busy_share.cifar-r18", "gpu_busy_share.imagenet-r50",
     "launches_per_step.cifar-r18", "launches_per_step.imagenet-r50",
@@ -104,11 +105,11 @@ def test_quick_dry_run_writes_every_figure(tmp_path):
     assert "no torch.compile" in found["vanilla_img_per_s.imagenet-r50.compiled"]["reason"]
     # The static step runs on the CPU too (without capture): its rates are measured.
     for name in ("automix_img_per_s_by_step.cifar-r18.cuda-graph", "automix_img_per_s_by_step.imagenet-r50.cuda-graph",
-                 "vanilla_img_per_s_cuda_graph.cifar-r18"):
+                 "vanilla_img_per_s_cuda_graph.cifar-r18", "mixup_vanilla_ratio.cifar-r18.cuda-graph"):
         assert found[name]["value"] > 0, name
     # ... and trains what the eager step trains (the CPU's unfused SGD against the static step's fused one).
     for name in ("cuda_graph_vs_eager_weights.imagenet-r50.automix", "cuda_graph_vs_eager_weights.cifar-r18.automix",
-                 "cuda_graph_vs_eager_weights.cifar-r18.vanilla"):
+                 "cuda_graph_vs_eager_weights.cifar-r18.vanilla", "cuda_graph_vs_eager_weights.cifar-r18.mixup"):
         assert 0 <= found[name]["value"] < 1e-7 and found[name]["static_steps"] >= 1, name
     assert found["automix_img_per_s_by_step.cifar-r18.compiled-step"]["reason"] == (
         "compiled-step:automix is not part of gpu_check.sh --quick --dry-run (no torch.compile on the CPU)")

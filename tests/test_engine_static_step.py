@@ -3,6 +3,8 @@ same training bit for bit, no host read inside the captured parts, and the same 
 every step of a kind whatever its per-step values (what makes one graph replayable)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -105,6 +107,33 @@ def test_static_step_trains_vanilla_with_model_ema_as_the_eager_step(opt):
     assert_same_training(train(False, policy="vanilla", opt=opt), train(True, policy="vanilla", opt=opt))
 
 
+MIXUP_CUTMIX = dict(policy="mixup", mixup=1.0, cutmix=1.0, mix_prob=0.7)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(accum=2),
+    dict(amp=torch.bfloat16, channels_last=True, cutmix_minmax=(0.2, 0.8), model_ema_decay=0.9),
+    dict(mixup_mode="elem", amp=torch.bfloat16),
+    dict(mixup_mode="pair", model_ema_decay=0.9, model_ema_warmup=True),
+], ids=["batch-accum", "batch-minmax-bf16-ema", "elem", "pair-ema"])
+def test_static_step_trains_mixup_cutmix_as_the_eager_step_bit_for_bit(kw):
+    """timm's mixup/cutmix from the static buffers: in batch mode the three kinds of step (not
+    mixed, mixup, cutmix with its box anywhere) each run from the buffers after their first
+    step; the elem/pair modes' per-image draws in one kind; with model EMA's weight beside them."""
+    kw = {**MIXUP_CUTMIX, **kw}
+    eager, static = train(False, **kw), train(True, **kw)
+    mixer, stepper = static[0], static[3]
+    kinds = {None, "mixup", "cutmix"} if mixer.mode == "batch" else {"per_sample"}
+    assert set(stepper.grad_params) == kinds
+    steps = -(-len(batches()) // kw.get("accum", 1))
+    # Every kind also ran from the buffers: a step of it after its first (eager) one, and not an
+    # epoch's last step (whose smaller batch runs eagerly).
+    kinds_seen = [mixer.step_kind(s) for s in range(2 * steps)]
+    from_buffers = [k for s, k in enumerate(kinds_seen) if k in kinds_seen[:s] and (s + 1) % steps]
+    assert set(from_buffers) == kinds and stepper.static_steps >= len(from_buffers)
+    assert_same_training(eager, static)
+
+
 def test_a_smaller_first_batch_does_not_keep_the_static_step_eager():
     """Buffers made for a smaller first batch (a resume at an epoch's last step) follow the next,
     full batch while nothing is captured: the run still steps from the buffers."""
@@ -153,6 +182,17 @@ def test_captured_parts_read_nothing_on_the_host_and_repeat_the_same_ops():
     full = {key: runs for key, runs in stepper.recorded.items() if key[2] == 6}
     assert set(full) == {("micro", True, 6), ("micro", False, 6), ("update", True, 6), ("update", False, 6)}
     assert all(len(runs) >= 3 for runs in full.values())
+    for key, runs in stepper.recorded.items():
+        assert all(r == runs[0] for r in runs), f"{key}: the ops differ between steps"
+
+
+def test_cutmix_boxes_anywhere_replay_the_same_ops():
+    """mixup/cutmix's batch mode on the same check: each kind's runs issue the same operations on
+    the same shapes although each cutmix step pastes a box of another size in another place."""
+    _, _, _, stepper = train(True, stepper_cls=RecordingStep, **MIXUP_CUTMIX)
+    assert stepper.syncs == []
+    full = {key for key, runs in stepper.recorded.items() if key[2] == 6 and len(runs) >= 2}
+    assert {("micro", k, 6) for k in (None, "mixup", "cutmix")} <= full
     for key, runs in stepper.recorded.items():
         assert all(r == runs[0] for r in runs), f"{key}: the ops differ between steps"
 
@@ -239,8 +279,15 @@ def test_cuda_graph_flag_on_a_cpu_trains_as_the_eager_run_and_resumes(tmp_path, 
         assert [r["loss"] for r in logs] == pytest.approx([r["loss"] for r in reference[5:]], rel=1e-4)
 
 
+def test_cuda_graph_flag_runs_mixup_cutmix(tmp_path, capsys):
+    """`--mix cutmix --mixup 1 --cutmix 1 --cuda-graph` trains from the static buffers through the CLI."""
+    out, logs, _ = _cli_run(tmp_path, capsys, "mixcut", "--mix", "cutmix", "--mixup", "1", "--cutmix", "1",
+                            "--cuda-graph")
+    assert "static buffers without capture" in out and logs and all(math.isfinite(r["loss"]) for r in logs)
+
+
 @pytest.mark.parametrize("flags,says", [
-    (["--mix", "mixup"], "--cuda-graph runs --mix automix and vanilla"),
+    (["--opt", "apex_sgd"], "--cuda-graph needs --opt sgd or adamw"),
     (["--amp", "--amp-dtype", "float16"], "--cuda-graph needs --amp-dtype bfloat16 or --no-amp"),
 ])
 def test_cuda_graph_refuses_what_it_cannot_capture_in_one_line(tmp_path, capsys, flags, says):
@@ -261,7 +308,7 @@ def deterministic_cudnn():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("policy", ["automix", "vanilla"])
+@pytest.mark.parametrize("policy", ["automix", "vanilla", "mixup"])
 def test_captured_cuda_graphs_train_as_the_eager_step(policy, deterministic_cudnn):
     """On CUDA: each kind's micro-batch and update captured once and replayed (Triton kernels,
     channels-last, both kinds of step, both plain-mixup choices) train as the eager step does, up
@@ -269,9 +316,11 @@ def test_captured_cuda_graphs_train_as_the_eager_step(policy, deterministic_cudn
     kw = dict(policy=policy, device="cuda", channels_last=True, epochs=3)
     if policy == "automix":
         kw.update(mix_block_every=2, lam_margin=0.3)
+    if policy == "mixup":
+        kw.update(MIXUP_CUTMIX)
     eager, graphed = train(False, **kw), train(True, **kw)
     stepper = graphed[3]
-    kinds = {True, False} if policy == "automix" else {None}
+    kinds = {"automix": {True, False}, "vanilla": {None}, "mixup": {None, "mixup", "cutmix"}}[policy]
     assert set(stepper.graphs) == {(part, kind) for part in ("micro", "update") for kind in kinds}
     for a, b in zip(eager[2], graphed[2]):
         assert a.keys() == b.keys()

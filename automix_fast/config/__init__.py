@@ -196,9 +196,6 @@ def validate(cfg: TrainConfig) -> None:
 def check_cuda_graph(cfg: TrainConfig) -> None:
     """What --cuda-graph's static-buffer step can run (engine/static_step.py)."""
     run = cfg.run
-    require(cfg.mixing.mix in ("automix", "vanilla"), "cuda_graph",
-            f"runs --mix automix and vanilla (mixup and cutmix decide per step on the host), not --mix {cfg.mixing.mix}",
-            None)
     # amp unset means on with CUDA: the step context refuses the loss scaler then (check_static).
     require(not (run.amp is True and run.amp_dtype == "float16"), "cuda_graph",
             "needs --amp-dtype bfloat16 or --no-amp (float16's loss scaler reads its overflow flag on the host)", None)

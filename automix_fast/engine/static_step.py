@@ -9,7 +9,7 @@ weights: `Mixer.static_buffers`, refilled by `Mixer.fill_static` with one or two
 copies), the learning rates (tensors in the optimizer's groups, refilled by the schedule), the
 gradients, the summed loss and the logged sums. Nothing in a step branches on a per-step value
 except which graph runs: steps of one `Mixer.step_kind` (AutoMix: with or without the Mix Block
-branch) run the same operations, so on CUDA each kind's micro-batch and update are captured once
+branch; mixup/cutmix's batch mode: not mixed, mixup or cutmix) run the same operations, so on CUDA each kind's micro-batch and update are captured once
 as CUDA graphs (sharing one memory pool) and replayed; on CPU the same code runs without capture,
 which is how the tests hold it equal to the eager step bit for bit. (One difference on CUDA:
 torch's fused optimizers read a tensor learning rate as float32 there, a float one as float64,
@@ -227,7 +227,7 @@ class StaticStep(EagerStep):
 def check_static(ctx: StepContext) -> None:
     """What the static step cannot do, as one error each (the config checks say most of it first)."""
     if not ctx.mixer.static_step:
-        raise ConfigError(f"--cuda-graph runs --mix automix and vanilla, not {ctx.mixer.name}")
+        raise ConfigError(f"--cuda-graph: the {ctx.mixer.name} policy has no static-buffer step")
     if ctx.scaler is not None:
         raise ConfigError("--cuda-graph cannot run float16's loss scaler (it reads the host): use --amp-dtype bfloat16")
     if ctx.grad_sync is not None:

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from automix_fast.engine.model_ema import ModelEma
 from automix_fast.engine.schedule import MASK_LOSS_ANNEALS, CompoundCosine, cosine_anneal, momentum_cosine_start
 
-from .base import DeviceLambda, DeviceScalars, Mixer, blend, lam_own, lam_partner, mix_cross_entropy, to_device
+from .base import (DeviceLambda, DeviceScalars, Mixer, blend, copy_from_host, lam_own, lam_partner, mix_cross_entropy,
+                   to_device)
 from .mixblock import MixBlock
 
 
@@ -392,8 +393,7 @@ class AutoMix(Mixer):
             "ema_weight": 1.0 - encoder_momentum(step, total_steps, self.momentum_base, self.momentum_end),
         })
         perms = torch.stack([draws["perm_bb"], draws.get("perm_mb", draws["perm_bb"])])
-        pin = buffers["perms"].device.type == "cuda"
-        buffers["perms"].copy_(perms.pin_memory() if pin else perms, non_blocking=True)
+        copy_from_host(buffers["perms"], perms)
 
     def static_draws(self, buffers: dict, kind: bool) -> dict:
         """The `draws` of a step of `kind`, as views of `buffers`."""

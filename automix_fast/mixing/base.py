@@ -24,6 +24,11 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
+def copy_from_host(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst <- host tensor `src`, without the host waiting for the device (see `to_device`)."""
+    dst.copy_(src.pin_memory() if dst.device.type == "cuda" else src, non_blocking=True)
+
+
 class DeviceLambda(NamedTuple):
     """A step's lambda held on the device, for a step whose per-step values are tensors (the
     static-buffer step, the compiled step): `own` = lam and `partner` = 1 - lam as 0-d float32
@@ -149,7 +154,7 @@ class Mixer(nn.Module):
       training loop calls (default: `loss` under autocast, then one backward);
     - the static-buffer step (`static_step`, `step_kind`, `static_buffers`, `fill_static`,
       `static_forward_backward`, `static_after_step`): the same step reading its per-step values
-      from device buffers, for policies with `static_step` (automix, vanilla).
+      from device buffers, for policies with `static_step` (all of this package's).
     """
 
     name = "base"
@@ -216,8 +221,12 @@ class Mixer(nn.Module):
 
     def fill_static(self, buffers: dict, step: int, total_steps: int) -> None:
         """Write step `step`'s per-step values into `buffers` (no device read)."""
-        if self.ema is not None:  # lerp weight 1 - decay, rounded from float64 as the float update's
-            buffers["scalars"].fill({"ema_weight": 1.0 - self.ema.get_decay(step + 1)})
+        buffers["scalars"].fill(self.ema_values(step))
+
+    def ema_values(self, step: int) -> dict:
+        """The model EMA's per-step value after step `step`, as the static buffers hold it: the lerp
+        weight 1 - decay, rounded from float64 as the float update's (none without model EMA)."""
+        return {"ema_weight": 1.0 - self.ema.get_decay(step + 1)} if self.ema is not None else {}
 
     def static_forward_backward(self, x, y, buffers: dict, kind, autocast, backward):
         """`forward_backward` of a step of `kind` reading its per-step values from `buffers`."""

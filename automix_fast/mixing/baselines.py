@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from automix_fast.config.sections import MIXUP_MODES
 
-from .base import Mixer, mix_cross_entropy, to_device
+from .base import DeviceLambda, DeviceScalars, Mixer, blend, copy_from_host, mix_cross_entropy, to_device
 
 DECISION_STREAM = 3  # StepRandom stream of the per-batch (mix at all?, cutmix?) draws
 ELEM_STREAM = 4  # ... and of the per-sample draws of the elem and pair modes
@@ -130,27 +130,43 @@ class MixupCutmix(Mixer):
             return "cutmix" if u_switch < self.switch_prob else "mixup"
         return "mixup" if self.mixup_alpha > 0 else "cutmix"
 
-    def loss(self, x, y, step, total_steps):
-        if self.mode != "batch":
-            return self._loss_per_sample(x, y, step)
+    def batch_draws(self, n: int, h: int, w: int, step: int) -> dict | None:
+        """The batch mode's host draws of step `step` for n images of h x w: None (the batch is
+        not mixed), or {"kind": "mixup" | "cutmix", "lam": the labels' lambda, "perm": the
+        partners (a CPU tensor), "box": cutmix's (y0, y1, x0, x1) of the partner pasted, or None}."""
         kind = self.choose(step)
         if kind is None:
-            loss = F.cross_entropy(self.model(x), y, label_smoothing=self.smoothing)
-            return loss, {"loss": loss.detach()}
-        alpha = self.mixup_alpha if kind == "mixup" else self.cutmix_alpha
-        lam, perm = self.random.pair(alpha, x.shape[0], step, 0, x.device)
-        if kind == "mixup":
-            x_mix = torch.lerp(x[perm], x, lam)
-        else:
-            h, w = x.shape[-2:]
+            return None
+        lam = self.random.beta(self.mix_alpha(kind), step, 0)
+        perm = self.random.perm(n, step, 0, "cpu")
+        box = None
+        if kind == "cutmix":
             if self.cutmix_minmax is not None:
                 box = minmax_boxes(self.cutmix_minmax, h, w, self.random.per_sample(step, 0, per_rank=False), 1)[0]
             else:
                 box = cutmix_box(lam, h, w, self.random.uniform(step, 0, 2))
-            y0, y1, x0, x1 = (int(v) for v in box)
-            x_mix = x.clone()  # clone keeps x's memory format
-            x_mix[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]  # gathers only the box
+            box = tuple(int(v) for v in box)
             lam = float(box_area_lam(np.array([box]), h, w)[0])  # the box after clipping decides the labels
+        return {"kind": kind, "lam": lam, "perm": perm, "box": box}
+
+    def loss(self, x, y, step, total_steps):
+        if self.mode != "batch":
+            n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+            draws, partner = self.draws_tensor(n, h, w, step, x.dtype)
+            return self.per_sample_loss(x, y, to_device(draws, x.device), to_device(partner, x.device))
+        draws = self.batch_draws(x.shape[0], x.shape[-2], x.shape[-1], step)
+        if draws is None:
+            return self.batch_loss(x, y, None, None, None, None)
+        return self.batch_loss(x, y, draws["kind"], draws["lam"], to_device(draws["perm"], x.device), draws["box"])
+
+    def batch_loss(self, x, y, kind, lam, perm, box):
+        """The batch mode's loss of a step of `kind` (None: not mixed) from its draws: `lam` a float
+        and `box` ints (the eager step), or a DeviceLambda and 0-d tensors (the static step: the
+        same numbers, and the same operations wherever the box lies)."""
+        if kind is None:
+            loss = F.cross_entropy(self.model(x), y, label_smoothing=self.smoothing)
+            return loss, {"loss": loss.detach()}
+        x_mix = blend(x[perm], x, lam) if kind == "mixup" else paste_box(x, perm, box)
         loss = mix_cross_entropy(self.model(x_mix), y, perm, lam, self.smoothing)
         return loss, {"loss": loss.detach()}
 
@@ -183,20 +199,27 @@ class MixupCutmix(Mixer):
         order = self.random.perm(n, step, ELEM_STREAM, "cpu")
         return random_pairing(order) if self.mode == "pair" else (order, torch.arange(n))
 
-    def _loss_per_sample(self, x, y, step):
-        n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+    def draws_tensor(self, n: int, h: int, w: int, step: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The elem/pair modes' draws of step `step` as CPU tensors: ((n, 6) float32 rows of the
+        partner's box y0, y1, x0, x1, the blend weight of the sample's own pixels and the labels'
+        lambda; the partner of each image). Images of dtype `dtype` blend in it, so the labels
+        take the same rounded lambda."""
         partner, row = self.partners(n, step)
         row = row.numpy()
         lam_mixup, boxes, lam = (a[row] for a in self.draws_per_sample(int(row.max()) + 1, h, w, step))
-        if x.dtype != torch.float32:  # the pixels blend in x's dtype: the labels take the same rounded lambda
-            rounded = torch.from_numpy(lam_mixup).to(x.dtype).double().numpy()
+        if dtype != torch.float32:
+            rounded = torch.from_numpy(lam_mixup).to(dtype).double().numpy()
             lam = np.where(lam_mixup < 1.0, rounded, lam)
             lam_mixup = rounded
-        # One host->device copy of the draws, then one lerp: weight 0 inside a box (the partner's
-        # pixel, exactly), lam_mixup elsewhere (1: the sample's own pixel, exactly).
         draws = torch.from_numpy(np.concatenate([boxes.astype(np.float32), lam_mixup[:, None].astype(np.float32),
                                                  lam[:, None].astype(np.float32)], axis=1))
-        draws, partner = to_device(draws, x.device), to_device(partner, x.device)
+        return draws, partner
+
+    def per_sample_loss(self, x, y, draws, partner):
+        """The elem/pair modes' loss from their draws on x's device (`draws_tensor`): one lerp,
+        weight 0 inside a box (the partner's pixel, exactly), lam_mixup elsewhere (1: the sample's
+        own pixel, exactly)."""
+        h, w = x.shape[-2:]
         rows_i = torch.arange(h, device=x.device, dtype=torch.float32).view(1, h, 1)
         cols_i = torch.arange(w, device=x.device, dtype=torch.float32).view(1, 1, w)
         b = draws[:, :4, None, None]
@@ -206,6 +229,67 @@ class MixupCutmix(Mixer):
         loss = mix_cross_entropy(self.model(x_mix), y, partner, draws[:, 5], self.smoothing)
         return loss, {"loss": loss.detach()}
 
+    # The static-buffer step (see Mixer.static_step): the batch mode's steps come in three kinds
+    # (not mixed, mixup, cutmix: one graph each), the elem/pair modes' in one.
+    static_step = True
+    STATIC_SCALARS = ("lam", "partner", "box_y0", "box_y1", "box_x0", "box_x1")
+
+    def step_kind(self, step: int):
+        return self.choose(step) if self.mode == "batch" else "per_sample"
+
+    def static_buffers(self, x) -> dict:
+        n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+        buffers = super().static_buffers(x)  # the model EMA's weight, when there is one
+        names = buffers["scalars"].names + (self.STATIC_SCALARS if self.mode == "batch" else ())
+        buffers.update(scalars=DeviceScalars(names, x.device), image=(n, h, w, x.dtype),
+                       perm=torch.zeros(n, dtype=torch.long, device=x.device))
+        if self.mode != "batch":
+            buffers["draws"] = torch.zeros(n, 6, dtype=torch.float32, device=x.device)
+        return buffers
+
+    def fill_static(self, buffers: dict, step: int, total_steps: int) -> None:
+        """Step `step`'s draws into `buffers`: the scalars in one copy, the partners in another
+        (the draws of the elem/pair modes in a third); a value the step's kind does not read is 0."""
+        n, h, w, dtype = buffers["image"]
+        values = self.ema_values(step)
+        if self.mode != "batch":
+            draws, partner = self.draws_tensor(n, h, w, step, dtype)
+            copy_from_host(buffers["draws"], draws)
+        else:
+            draws = self.batch_draws(n, h, w, step) or {"lam": 0.0, "perm": None, "box": None}
+            box, lam = draws["box"] or (0, 0, 0, 0), draws["lam"]
+            values.update(lam=lam, partner=1.0 - lam, **dict(zip(self.STATIC_SCALARS[2:], box)))
+            partner = draws["perm"]
+        buffers["scalars"].fill(values)
+        if partner is not None:
+            copy_from_host(buffers["perm"], partner)
+
+    def static_forward_backward(self, x, y, buffers, kind, autocast, backward):
+        with autocast():
+            if kind == "per_sample":
+                loss, logs = self.per_sample_loss(x, y, buffers["draws"], buffers["perm"])
+            else:
+                sc = buffers["scalars"]
+                box = tuple(sc[k] for k in self.STATIC_SCALARS[2:])
+                loss, logs = self.batch_loss(x, y, kind, DeviceLambda(sc["lam"], sc["partner"]), buffers["perm"], box)
+        backward(loss)
+        return loss.detach(), logs
+
+
+def paste_box(x: torch.Tensor, perm: torch.Tensor, box) -> torch.Tensor:
+    """x with each image's partner x[perm] pasted inside `box` (y0, y1, x0, x1), in x's memory
+    format: ints slice (only the box is gathered); 0-d tensors make a mask (the same operations
+    wherever the box lies, and the same values)."""
+    y0, y1, x0, x1 = box
+    if isinstance(y0, torch.Tensor):
+        h, w = x.shape[-2:]
+        rows = torch.arange(h, device=x.device, dtype=torch.float32).view(h, 1)
+        cols = torch.arange(w, device=x.device, dtype=torch.float32).view(1, w)
+        inside = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+        return torch.where(inside, x[perm], x)
+    x_mix = x.clone()  # clone keeps x's memory format
+    x_mix[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]  # gathers only the box
+    return x_mix
 
 def baseline_alphas(mix: str, mix_alpha: float | None, mixup: float | None, cutmix: float | None) -> tuple[float, float]:
     """(mixup alpha, cutmix alpha) of `--mix mixup|cutmix`: from timm's --mixup/--cutmix when
