@@ -79,6 +79,26 @@ def test_automix_ranks_hold_identical_mix_block_and_momentum_encoder(data, tmp_p
     assert len(records(tmp_path / "am")) == 3
 
 
+def test_cuda_graph_step_under_torchrun_trains_as_the_eager_step(data, tmp_path):
+    """`--cuda-graph` under torchrun (the static-buffer step, uncaptured on the CPU): the ranks
+    all-reduce the same gradients and hold bitwise the same weights, and the run follows the eager
+    two-process run (which updates with torch's unfused SGD on the CPU: the last bits differ)."""
+    dump = tmp_path / "ranks"
+    common = ["--mix", "automix", "--mix-block-every", "2", "--seed", "5"]
+    eager = torchrun(2, train_args(data, tmp_path, "eager", *common, epochs=1, batch=8))
+    assert eager.returncode == 0, eager.stdout[-3000:] + eager.stderr[-3000:]
+    graph = torchrun(2, train_args(data, tmp_path, "graph", *common, "--cuda-graph", epochs=1, batch=8),
+                     env={"AUTOMIX_FAST_RANK_STATE_DIR": str(dump)})
+    assert graph.returncode == 0, graph.stdout[-3000:] + graph.stderr[-3000:]
+    assert "cpu x2" in graph.stdout and "static buffers" in graph.stdout
+    r0, r1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
+    params = [k for k in r0 if "running" not in k and "num_batches" not in k]
+    assert_states_equal(r0, r1, keys=params)
+    torch.testing.assert_close(torch.tensor(train_losses(tmp_path / "graph")),
+                               torch.tensor(train_losses(tmp_path / "eager")), rtol=1e-4, atol=1e-6)
+    assert_states_equal(weights(tmp_path / "graph" / "last.pt"), weights(tmp_path / "eager" / "last.pt"), atol=1e-5)
+
+
 def test_rank_shards_reassemble_the_global_batch():
     """Rank r's batch k + ... == the 1-process batch k of size world*B, with the same crops/flips."""
     from automix_fast.data import DataSpec

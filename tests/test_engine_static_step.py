@@ -37,9 +37,9 @@ def batches(full: int = 7, channels_last: bool = False, small_first: bool = Fals
 
 
 def train(static: bool, *, policy="automix", epochs=2, accum=1, amp=None, channels_last=False, stepper_cls=StaticStep,
-          opt="sgd", small_first=False, device="cpu", **mixer_kw):
+          opt="sgd", small_first=False, device="cpu", grad_sync=None, **mixer_kw):
     """Train tinynet for `epochs` with the eager or the static step (captured on CUDA); (mixer,
-    optimizer, logs, stepper)."""
+    optimizer, logs, stepper). `grad_sync`: the gradients' all-reduce (torchrun's)."""
     device = torch.device(device)
     torch.manual_seed(0)
     model = create_model("tinynet", num_classes=5, mix_head=policy == "automix").to(device)
@@ -57,7 +57,7 @@ def train(static: bool, *, policy="automix", epochs=2, accum=1, amp=None, channe
     schedule = build_schedule("cosine", [g["lr"] for g in groups], total_steps=epochs * steps, steps_per_epoch=steps,
                               warmup_steps=2)
     ctx = StepContext(mixer, optimizer, schedule, StepGuard(device), epochs * steps, amp_dtype=amp,
-                      accum_steps=accum, clip=grad_clipper(5.0, "norm"))
+                      accum_steps=accum, clip=grad_clipper(5.0, "norm"), grad_sync=grad_sync)
     if static:
         ctx.stepper = stepper_cls(ctx) if device.type == "cpu" else stepper_cls(ctx, capture=True)
     logs = []
@@ -131,6 +131,34 @@ def test_static_step_trains_mixup_cutmix_as_the_eager_step_bit_for_bit(kw):
     kinds_seen = [mixer.step_kind(s) for s in range(2 * steps)]
     from_buffers = [k for s, k in enumerate(kinds_seen) if k in kinds_seen[:s] and (s + 1) % steps]
     assert set(from_buffers) == kinds and stepper.static_steps >= len(from_buffers)
+    assert_same_training(eager, static)
+
+
+@pytest.fixture
+def process_group(request):
+    """A one-process group (gloo on the CPU, NCCL on CUDA): torchrun's all-reduce path, in this process."""
+    import torch.distributed as dist
+
+    from faultkit import free_port
+
+    backend = getattr(request, "param", "gloo")
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kw", [dict(mix_block_every=2, lam_margin=0.3), MIXUP_CUTMIX], ids=["automix", "mixup"])
+def test_static_step_under_torchrun_all_reduces_as_the_eager_step(kw, process_group):
+    """With torchrun's gradient all-reduce (here over a one-process group) the static step trains as
+    the eager one bit for bit: every parameter has a gradient on every kind of step (zeros where
+    the kind gives none, as the eager step all-reduces them), and the loss flag rides along."""
+    from automix_fast.engine.distributed import flat_allreduce_mean
+
+    eager = train(False, grad_sync=flat_allreduce_mean, **kw)
+    static = train(True, grad_sync=flat_allreduce_mean, **kw)
+    stepper = static[3]
+    assert len(stepper.grad_params) >= 2 and stepper.static_steps >= 8
+    assert all(len(params) == len(stepper.params) for params in stepper.grad_params.values())
     assert_same_training(eager, static)
 
 
@@ -322,6 +350,25 @@ def test_captured_cuda_graphs_train_as_the_eager_step(policy, deterministic_cudn
     stepper = graphed[3]
     kinds = {"automix": {True, False}, "vanilla": {None}, "mixup": {None, "mixup", "cutmix"}}[policy]
     assert set(stepper.graphs) == {(part, kind) for part in ("micro", "update") for kind in kinds}
+    assert_close_training(eager, graphed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("process_group", ["nccl"], indirect=True)
+def test_captured_cuda_graphs_all_reduce_as_the_eager_step(process_group, deterministic_cudnn):
+    """On CUDA under a (one-process) NCCL group: the gradients' all-reduce is captured with the
+    update and the run trains as the eager step does."""
+    from automix_fast.engine.distributed import flat_allreduce_mean
+
+    kw = dict(device="cuda", channels_last=True, epochs=3, mix_block_every=2, lam_margin=0.3,
+              grad_sync=flat_allreduce_mean)
+    eager, graphed = train(False, **kw), train(True, **kw)
+    assert {key[0] for key in graphed[3].graphs} == {"micro", "update"}
+    assert_close_training(eager, graphed)
+
+
+def assert_close_training(eager, graphed):
+    """The logged values and the final states within the GPU's rounding (float32 LR, atomics)."""
     for a, b in zip(eager[2], graphed[2]):
         assert a.keys() == b.keys()
         for k in a:

@@ -265,7 +265,7 @@ class RunOptions(Section):
         "compiles their model as encoders does", choices=TORCHCOMPILE_SCOPES, resumable=True)
     cuda_graph: bool = option(
         False, "run each step from static device buffers, captured once per kind of step as CUDA graphs and "
-        "replayed (every --mix, one process, bfloat16 or no mixed precision, torch's fused SGD or AdamW); "
+        "replayed (every --mix, also under torchrun with the all-reduce captured, bfloat16 or no mixed precision, torch's fused SGD or AdamW); "
         "the eager step's numbers with the same optimizer (on CUDA the learning rate in float32); on a CPU the "
         "static-buffer step runs without capture", resumable=True)
     sync_bn: bool = option(False, "synchronise BatchNorm statistics across processes (torchrun)")

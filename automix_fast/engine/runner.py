@@ -70,8 +70,6 @@ class Trainer:
             self.device = self.dist.device
         self.is_main = self.dist.is_main
         self.quiet = quiet or not self.is_main
-        if self.cfg.run.cuda_graph and self.dist.is_distributed:
-            raise ConfigError("--cuda-graph runs in one process; drop it under torchrun")
 
     def _locate_run(self, resume_from, resolved: bool) -> None:
         """The run folder and the checkpoint to continue from, checked before any data work."""

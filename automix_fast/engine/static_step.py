@@ -17,7 +17,9 @@ so the static step's LR is the float32 rounding of the eager step's.)
 
 The first step of each kind runs eagerly: it creates the optimizer's state and names the
 parameters that kind gives a gradient (a parameter without one is left out of that kind's
-update, as the eager step leaves it). A batch whose shape, dtype or layout differs from the
+update, as the eager step leaves it; under torchrun every parameter has one, zeros where the
+kind gives none, as the eager step all-reduces them). Under torchrun the gradients' all-reduce
+is part of the captured update (NCCL collectives can be captured). A batch whose shape, dtype or layout differs from the
 buffers' (a last, smaller batch) runs eagerly too; until a graph is captured the buffers follow
 the batch instead (a run whose first step is a smaller batch). A step's micro-batches are all
 fetched before its first forward (one eager step if any does not fit).
@@ -77,6 +79,12 @@ class EagerStep:
 
     def update(self, step: int, loss_sum: torch.Tensor) -> None:
         """All-reduce the gradients (torchrun), then the (possibly skipped) update and after_step."""
+        self.synced_update(loss_sum, self.ctx.scaler)
+        self.ctx.mixer.after_step(step, self.ctx.total_steps)
+
+    def synced_update(self, loss_sum: torch.Tensor, scaler) -> None:
+        """The gradients averaged over ranks (torchrun), then the update, skipped on the device
+        when the loss or a gradient is not finite."""
         ctx = self.ctx
         bad_loss = nonfinite_flag(loss_sum)
         if ctx.grad_sync is not None:  # once per step: no all-reduce for the first micro-batches
@@ -86,9 +94,7 @@ class EagerStep:
             # Mean over ranks; a NaN on one rank reaches all. The loss flag rides along, so a
             # non-finite loss on any rank skips the step on every rank and is counted the same.
             ctx.grad_sync([p.grad for p in self.params] + [bad_loss])
-        found = optimizer_step(ctx.optimizer, self.params, ctx.guard, ctx.scaler, bad_loss, ctx.clip)
-        ctx.guard.record(found)
-        ctx.mixer.after_step(step, ctx.total_steps)
+        ctx.guard.record(optimizer_step(ctx.optimizer, self.params, ctx.guard, scaler, bad_loss, ctx.clip))
 
 
 class StaticStep(EagerStep):
@@ -179,11 +185,10 @@ class StaticStep(EagerStep):
             self.sums[k].add_(v.detach().float())
 
     def update_body(self) -> None:
-        """The update from the static gradients (skipped on the device when not finite), the
-        policy's after_step from its buffers, then the gradients and the loss sum zeroed."""
-        ctx = self.ctx
-        found = optimizer_step(ctx.optimizer, self.params, ctx.guard, None, nonfinite_flag(self.loss_sum), ctx.clip)
-        ctx.guard.record(found)
+        """The update from the static gradients (averaged over ranks under torchrun: every
+        parameter has one then, as the eager step gives it), the policy's after_step from its
+        buffers, then the gradients and the loss sum zeroed."""
+        self.synced_update(self.loss_sum, None)
         self.mixer.static_after_step(self.buffers)
         torch._foreach_zero_([p.grad for p in self.params if p.grad is not None])
         self.loss_sum.zero_()
@@ -230,7 +235,5 @@ def check_static(ctx: StepContext) -> None:
         raise ConfigError(f"--cuda-graph: the {ctx.mixer.name} policy has no static-buffer step")
     if ctx.scaler is not None:
         raise ConfigError("--cuda-graph cannot run float16's loss scaler (it reads the host): use --amp-dtype bfloat16")
-    if ctx.grad_sync is not None:
-        raise ConfigError("--cuda-graph runs in one process; drop it under torchrun")
     if not all(group.get("fused") for group in ctx.optimizer.param_groups):
         raise ConfigError("--cuda-graph needs torch's fused optimizer (it skips a bad step on the device)")
