@@ -171,6 +171,17 @@ def test_a_smaller_first_batch_does_not_keep_the_static_step_eager():
     assert_same_training(eager, static)
 
 
+def test_capture_note_reports_new_graphs_once():
+    """The line the runner prints after an epoch that captured graphs, and nothing after the next."""
+    stepper = train(True, epochs=1)[3]
+    assert stepper.capture_note() is None  # a CPU captures nothing
+    stepper.graphs = {("micro", True): None, ("update", True): None, ("micro", False): None}
+    stepper.capture_seconds = {("micro", True): 0.5, ("update", True): 0.25}
+    assert stepper.capture_note() == ("CUDA graphs: 2 captured (1 kind of step, micro-batch and update each) in 0.8 s; "
+                                      "replayed from then on (3 in all)")
+    assert stepper.capture_note() is None
+
+
 class OpRecorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -350,6 +361,7 @@ def test_captured_cuda_graphs_train_as_the_eager_step(policy, deterministic_cudn
     stepper = graphed[3]
     kinds = {"automix": {True, False}, "vanilla": {None}, "mixup": {None, "mixup", "cutmix"}}[policy]
     assert set(stepper.graphs) == {(part, kind) for part in ("micro", "update") for kind in kinds}
+    assert stepper.capture_note().startswith(f"CUDA graphs: {2 * len(kinds)} captured ({len(kinds)} kind")
     assert_close_training(eager, graphed)
 
 

@@ -380,6 +380,9 @@ class Trainer:
                                      callbacks)
         finally:
             progress.close()
+        note = ctx.stepper.capture_note() if isinstance(ctx.stepper, StaticStep) else None
+        if note:
+            self.log(note)
         if self.dist.is_distributed:
             average_bn_stats(self.mixer)
         return EpochEnd(epoch, skip, result, self.steps_per_epoch)

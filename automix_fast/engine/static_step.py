@@ -26,6 +26,7 @@ fetched before its first forward (one eager step if any does not fit).
 """
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
 import torch
@@ -113,6 +114,7 @@ class StaticStep(EagerStep):
         self.loss_sum = torch.zeros((), device=ctx.device)
         self.micro = torch.ones((), device=ctx.device)  # micro-batches in this step (the loss divisor)
         self.graphs: dict = {}
+        self.capture_seconds: dict = {}  # key -> host seconds its capture took, until `capture_note` reports it
         self.runs: dict = {}
         self.static_steps = 0  # steps run from the buffers (the others ran eagerly)
         self.pool = torch.cuda.graph_pool_handle() if capture else None
@@ -217,6 +219,7 @@ class StaticStep(EagerStep):
 
     def capture_graph(self, key, body) -> "torch.cuda.CUDAGraph":
         graph = torch.cuda.CUDAGraph()
+        t0 = time.perf_counter()
         try:
             # thread_local: a loader's thread may pin memory (a CUDA call) while this one captures
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
@@ -225,8 +228,19 @@ class StaticStep(EagerStep):
             raise UserError(f"--cuda-graph: capturing the {key[0]} part of a step failed: "
                             f"{str(e).splitlines()[0]}; run without --cuda-graph") from None
         self.graphs[key] = graph
+        self.capture_seconds[key] = time.perf_counter() - t0
         torch.cuda.empty_cache()  # the eager and warm-up runs' cached blocks: the graphs have their own pool
         return graph
+
+    def capture_note(self) -> str | None:
+        """One line on the graphs captured since the last note (None: none was)."""
+        if not self.capture_seconds:
+            return None
+        captured, self.capture_seconds = self.capture_seconds, {}
+        kinds = len({kind for _, kind in captured})
+        return (f"CUDA graphs: {len(captured)} captured ({kinds} kind{'s' * (kinds != 1)} of step, micro-batch and "
+                f"update each) in {sum(captured.values()):.1f} s; replayed from then on "
+                f"({len(self.graphs)} in all)")
 
 
 def check_static(ctx: StepContext) -> None:
