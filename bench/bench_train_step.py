@@ -20,6 +20,8 @@ Configurations, side by side in one run:
              --torchcompile-scope step`); the baselines' model as `compiled`
   graphed:   optimized with the static-buffer step replayed as CUDA graphs (`--cuda-graph`; on a
              CPU the static step without capture); every mix
+  graphed-compiled, graphed-compiled-step: graphed with the code of compiled / compiled-step
+             (`--cuda-graph --torchcompile [--torchcompile-scope step]`)
   reference: fp32, NCHW, --kernel-backend torch, eager
 --runs CONFIG:MIX ... picks (configuration, mix) pairs instead of every --configs x --mixes.
 --profile [CONFIG:]MIX ... runs --profile-steps more steps of those runs under torch.profiler:
@@ -53,7 +55,9 @@ from automix_fast.mixing import build_mixer  # noqa: E402
 from automix_fast.models import create_model  # noqa: E402
 
 FLOOR = 2.9  # bench/README.md "The ~2.9 floor": ~8.8 backbone units per AutoMix step against 3 for mixup
-CONFIGS = ("optimized", "compiled", "compiled-step", "graphed", "reference")
+CONFIGS = ("optimized", "compiled", "compiled-step", "graphed", "graphed-compiled", "graphed-compiled-step", "reference")
+COMPILE_SCOPE = {"compiled": "encoders", "compiled-step": "step", "graphed-compiled": "encoders",
+                 "graphed-compiled-step": "step"}  # the --torchcompile-scope of each compiled configuration
 MIXES = ("vanilla", "mixup", "cutmix", "automix")
 
 
@@ -89,10 +93,10 @@ class SyntheticLoader:
 def settings(name: str, device: torch.device, compile_: bool) -> dict:
     """The configuration's settings; `compile` is False or the --torchcompile-scope it compiles."""
     cuda = device.type == "cuda"
-    if name in ("optimized", "compiled", "compiled-step", "graphed"):
-        scope = {"compiled": "encoders", "compiled-step": "step", "optimized": "encoders" if compile_ else False}.get(name, False)
+    if name != "reference":
+        scope = COMPILE_SCOPE.get(name, "encoders" if name == "optimized" and compile_ else False)
         return {"amp_dtype": torch.bfloat16 if cuda else None, "channels_last": cuda, "kernel_backend": "auto",
-                "compile": scope, "static": name == "graphed"}
+                "compile": scope, "static": name.startswith("graphed")}
     return {"amp_dtype": None, "channels_last": False, "kernel_backend": "torch", "compile": False}
 
 
@@ -214,11 +218,16 @@ def parse_runs(ap: argparse.ArgumentParser, args) -> list[tuple[str, str]]:
     return pairs
 
 
+def measured(row: dict) -> bool:
+    """Whether a row holds a measurement (not an error, not skipped for time)."""
+    return "error" not in row and "skipped" not in row
+
+
 def ratios(rows: list[dict]) -> tuple[dict, dict]:
     """Per configuration: automix/mixup step time and mixup/vanilla img/s, where both rows exist."""
     automix_mixup, mixup_vanilla = {}, {}
     for name in dict.fromkeys(r["config"] for r in rows):
-        by_mix = {r["mix"]: r for r in rows if r["config"] == name and "error" not in r}
+        by_mix = {r["mix"]: r for r in rows if r["config"] == name and measured(r)}
         if "automix" in by_mix and "mixup" in by_mix:
             automix_mixup[name] = round(by_mix["automix"]["step_ms"] / by_mix["mixup"]["step_ms"], 3)
         if "mixup" in by_mix and "vanilla" in by_mix:
@@ -246,6 +255,9 @@ def main(argv=None) -> int:
                     help="profile these runs (a bare MIX: in every configuration) for --profile-steps steps after the timed epochs")
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--trace-dir", default=None, help="keep the profiler traces here (gzipped chrome traces)")
+    ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                    help="start no row after this many seconds: the rest are recorded as skipped (a stage with a "
+                         "time limit keeps its status)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--output", default=None, help="JSON path (default output/bench/train-step-<device>-<date>.json)")
     args = ap.parse_args(argv)
@@ -263,8 +275,14 @@ def main(argv=None) -> int:
         return write_results("train-step", env, {"setup": setup, "floor": FLOOR, "automix_mixup_ratio": automix_mixup,
                                                  "mixup_vanilla_ratio": mixup_vanilla, "results": rows}, args.output)
 
+    started = time.perf_counter()
     for name, mix in runs:
         cfg = settings(name, device, args.compile)
+        if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
+            rows.append({"config": name, "mix": mix, "skipped": f"not started: past the {args.time_budget:g} s budget"})
+            print(f"{name:<13} {mix:<8} skipped ({rows[-1]['skipped']})", flush=True)
+            path = save()
+            continue
         profile = mix in args.profile or f"{name}:{mix}" in args.profile
         trace = Path(args.trace_dir) / f"trace-{args.model}-{name}-{mix}.json.gz" if profile and args.trace_dir else None
         try:
@@ -292,7 +310,7 @@ def main(argv=None) -> int:
         print(f"{name}: automix/mixup step time {r:.2f} (floor ~{FLOOR})")
     for name, r in mixup_vanilla.items():
         print(f"{name}: mixup/vanilla img/s {r:.2f}")
-    ok = [r for r in rows if "error" not in r]
+    ok = [r for r in rows if measured(r)]
     opt = {r["mix"]: r for r in ok if r["config"] == "optimized"}
     ref = {r["mix"]: r for r in ok if r["config"] == "reference"}
     for mix in opt.keys() & ref.keys():

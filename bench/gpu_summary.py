@@ -128,11 +128,13 @@ def train_row(run: Run, preset: str, config: str, mix: str) -> tuple[dict, dict]
     if row is None:
         if f"{config}:{mix}" not in data["setup"].get("runs", []):
             raise Missing(f"{config}:{mix} is not part of {run.mode_name()}"
-                          + (" (no torch.compile on the CPU)" if config.startswith("compiled") and run.env.get("dry_run")
+                          + (" (no torch.compile on the CPU)" if "compiled" in config and run.env.get("dry_run")
                              else ""))
         raise run.absent(stage, f"{config}:{mix}")
     if "error" in row:
         raise Missing(f"{config}:{mix} failed: {row['error']}")
+    if "skipped" in row:
+        raise Missing(f"{config}:{mix} {row['skipped']}")
     return row, data
 
 
@@ -307,14 +309,16 @@ def figures(run: Run) -> dict:
     return {
         "automix_img_per_s": per_preset(img_per_s, both, "optimized", "automix"),
         "official_step_img_per_s": per_preset(official_step, ("imagenet-r50",)),
-        "vanilla_img_per_s": {"imagenet-r50": {"eager": figure(lambda: img_per_s(run, "imagenet-r50", "optimized", "vanilla")),
-                                               "compiled": figure(lambda: img_per_s(run, "imagenet-r50", "compiled", "vanilla"))}},
+        "vanilla_img_per_s": {"imagenet-r50": {name: figure(lambda c=c: img_per_s(run, "imagenet-r50", c, "vanilla"))
+                                               for name, c in (("eager", "optimized"), ("compiled", "compiled"),
+                                                               ("cuda-graph-compiled", "graphed-compiled"))}},
         # AutoMix per way of running the step, side by side: what the CUDA default is chosen from.
         "automix_img_per_s_by_step": {
             p: {name: figure(lambda p=p, c=c: img_per_s(run, p, c, "automix")) for name, c in ways}
             for p, ways in (("imagenet-r50", (("eager", "optimized"), ("cuda-graph", "graphed"))),
                             ("cifar-r18", (("eager", "optimized"), ("cuda-graph", "graphed"),
-                                           ("compiled-step", "compiled-step"))))},
+                                           ("compiled-step", "compiled-step"),
+                                           ("cuda-graph-compiled-step", "graphed-compiled-step"))))},
         "vanilla_img_per_s_cuda_graph": per_preset(img_per_s, ("cifar-r18",), "graphed", "vanilla"),
         "cuda_graph_vs_eager_weights": {p: {m: figure(lambda p=p, m=m: graphed_vs_eager(run, p, m)) for m in mixes}
                                         for p, mixes in (("imagenet-r50", ("automix",)),
@@ -352,7 +356,7 @@ def measured_setup(run: Run, preset: str) -> str | None:
 
 def train_rows(run: Run) -> dict:
     """Every training-step row the stages measured: {preset: {"config:mix": img/s, step ms, peak, ...}}."""
-    keep = ("img_per_s", "step_ms", "peak_mib", "warmup_s", "error")
+    keep = ("img_per_s", "step_ms", "peak_mib", "warmup_s", "error", "skipped")
     rows = {}
     for preset in TRAIN_PRESETS:
         data = run._json(f"train-{preset}.json")

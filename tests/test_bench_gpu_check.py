@@ -25,8 +25,10 @@ FIGURES = [
     "automix_img_per_s.imagenet-r50", "automix_img_per_s.cifar-r18",
     "official_step_img_per_s.imagenet-r50",
     "vanilla_img_per_s.imagenet-r50.eager", "vanilla_img_per_s.imagenet-r50.compiled",
+    "vanilla_img_per_s.imagenet-r50.cuda-graph-compiled",
     "automix_img_per_s_by_step.imagenet-r50.eager", "automix_img_per_s_by_step.imagenet-r50.cuda-graph",
-    *(f"automix_img_per_s_by_step.cifar-r18.{w}" for w in ("eager", "cuda-graph", "compiled-step")),
+    *(f"automix_img_per_s_by_step.cifar-r18.{w}" for w in ("eager", "cuda-graph", "compiled-step",
+                                                           "cuda-graph-compiled-step")),
     "vanilla_img_per_s_cuda_graph.cifar-r18",
     "cuda_graph_vs_eager_weights.imagenet-r50.automix", "cuda_graph_vs_eager_weights.cifar-r18.automix",
     "cuda_graph_vs_eager_weights.cifar-r18.vanilla", "cuda_graph_vs_eager_weights.cifar-r18.mixup",
@@ -132,13 +134,15 @@ def test_summary_reasons_and_figures_from_stage_files(tmp_path):
         {"stage": "train-cifar-r18", "rc": 1, "seconds": 5.0, "limit_s": 65},
     )))
     setup = {"model": "resnet50", "img_size": 224, "batch_size": 128,
-             "runs": ["optimized:vanilla", "optimized:mixup", "optimized:automix", "compiled:vanilla"]}
+             "runs": ["optimized:vanilla", "optimized:mixup", "optimized:automix", "graphed-compiled:vanilla",
+                      "compiled:vanilla"]}
     prof = {"steps": 3, "kernels_per_step": 3400.0, "kernel_ms_per_step": 80.0, "busy_ms_per_step": 90.0,
             "busy_share_in_trace": 0.5, "gpu_busy_share": 0.9}
     write(tmp_path / "train-imagenet-r50.json", {"meta": meta, "setup": setup, "results": [
         {"config": "optimized", "mix": "vanilla", "img_per_s": 4000.0, "step_ms": 32.0, "peak_mib": 10000.0},
         {"config": "optimized", "mix": "mixup", "img_per_s": 3900.0, "step_ms": 32.8, "peak_mib": 10500.0},
         {"config": "optimized", "mix": "automix", "img_per_s": 1300.0, "step_ms": 98.4, "peak_mib": 21000.0, "profile": prof},
+        {"config": "graphed-compiled", "mix": "vanilla", "skipped": "not started: past the 76 s budget"},
     ]})
     rows = [{"op": "mask_mix-nearest", "preset": "imagenet-r50", "provider": "triton", "pass": "fwd", "ms": 0.1, "gbps": 3600.0,
              "peak_extra_mib": 1.0},
@@ -163,6 +167,8 @@ def test_summary_reasons_and_figures_from_stage_files(tmp_path):
     assert figs["vanilla_img_per_s.imagenet-r50.compiled"]["reason"] == (
         "stage train-imagenet-r50 timed out after 100 s before measuring compiled:vanilla")
     assert "compiled:mixup is not part of gpu_check.sh --quick" in figs["mixup_vanilla_ratio.imagenet-r50.compiled"]["reason"]
+    assert figs["vanilla_img_per_s.imagenet-r50.cuda-graph-compiled"]["reason"] == (
+        "graphed-compiled:vanilla not started: past the 76 s budget")
     assert "RuntimeError: boom" in figs["attention_speedup_vs_torch.cifar-r18"]["reason"]
     assert figs["automix_img_per_s.cifar-r18"]["reason"] == "stage train-cifar-r18 failed (exit 1; see train-cifar-r18.log)"
     assert figs["automix_img_per_s_by_step.cifar-r18.compiled-step"]["reason"] == figs["automix_img_per_s.cifar-r18"]["reason"]

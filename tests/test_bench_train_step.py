@@ -23,13 +23,29 @@ def test_compiled_and_compiled_step_rows_side_by_side(tmp_path, one_thread):
     code = bench_train_step.main([
         "--model", "tinynet", "--img-size", "16", "-b", "4", "--num-classes", "10", "--steps", "2", "--repeats", "1",
         "--device", "cpu", "--compile-backend", "aot_eager", "--output", str(out),
-        "--runs", "compiled:automix", "compiled-step:automix", "compiled-step:vanilla"])
+        "--runs", "compiled:automix", "compiled-step:automix", "compiled-step:vanilla", "graphed-compiled-step:automix",
+        "graphed-compiled:mixup"])
     assert code == 0
     data = json.loads(out.read_text())
     assert data["setup"]["compile_backend"] == "aot_eager"
     rows = {(r["config"], r["mix"]): r for r in data["results"]}
     assert all("error" not in r and r["img_per_s"] > 0 for r in rows.values()), rows
     assert rows["compiled", "automix"]["compile"] == "encoders" and rows["compiled", "automix"]["graphs"][0] >= 2
-    # Seed 0 draws no plain-mixup lambda in steps 0-3: one graph, compiled in the warm-up epoch.
+    # Every step of steps 0-3 trains the Mix Block: one graph, compiled in the warm-up epoch.
     assert rows["compiled-step", "automix"]["compile"] == "step" and rows["compiled-step", "automix"]["graphs"] == [1, 0]
     assert rows["compiled-step", "vanilla"]["compile"] == "step" and rows["compiled-step", "vanilla"]["graphs"] == [1, 0]
+    # The static step with the compiled code: the same one graph, and every timed step from the buffers.
+    for key in (("graphed-compiled-step", "automix"), ("graphed-compiled", "mixup")):
+        assert rows[key]["graphs"][1] == 0 and rows[key]["static_steps"] >= 2, rows[key]
+    assert rows["graphed-compiled-step", "automix"]["compile"] == "step"
+
+
+def test_rows_past_the_time_budget_are_recorded_as_skipped(tmp_path):
+    out = tmp_path / "train.json"
+    code = bench_train_step.main([
+        "--model", "tinynet", "--img-size", "16", "-b", "4", "--num-classes", "10", "--steps", "1", "--repeats", "1",
+        "--device", "cpu", "--output", str(out), "--runs", "optimized:vanilla", "optimized:mixup", "--time-budget", "0"])
+    assert code == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["config"], r["mix"], r["skipped"]) for r in rows] == [
+        ("optimized", mix, "not started: past the 0 s budget") for mix in ("vanilla", "mixup")]

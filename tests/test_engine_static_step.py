@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from automix_fast.engine.checkpoint import load_checkpoint
 from automix_fast.engine.grad_clip import grad_clipper
 from automix_fast.engine.optim import build_optimizer
+from automix_fast.engine.policy import compile_policy
 from automix_fast.engine.schedule import build_schedule
 from automix_fast.engine.static_step import StaticStep
 from automix_fast.engine.train import EpochCallbacks, EpochPlan, train_one_epoch
@@ -37,9 +38,10 @@ def batches(full: int = 7, channels_last: bool = False, small_first: bool = Fals
 
 
 def train(static: bool, *, policy="automix", epochs=2, accum=1, amp=None, channels_last=False, stepper_cls=StaticStep,
-          opt="sgd", small_first=False, device="cpu", grad_sync=None, **mixer_kw):
+          opt="sgd", small_first=False, device="cpu", grad_sync=None, compile_scope=None, **mixer_kw):
     """Train tinynet for `epochs` with the eager or the static step (captured on CUDA); (mixer,
-    optimizer, logs, stepper). `grad_sync`: the gradients' all-reduce (torchrun's)."""
+    optimizer, logs, stepper). `grad_sync`: the gradients' all-reduce (torchrun's);
+    `compile_scope`: torch.compile (aot_eager on the CPU, inductor on CUDA) of that --torchcompile-scope."""
     device = torch.device(device)
     torch.manual_seed(0)
     model = create_model("tinynet", num_classes=5, mix_head=policy == "automix").to(device)
@@ -50,6 +52,8 @@ def train(static: bool, *, policy="automix", epochs=2, accum=1, amp=None, channe
     mixer = build_mixer(policy, model, seed=1, **mixer_kw).to(device)
     if policy == "vanilla":
         mixer.enable_model_ema(0.9, warmup=True)
+    if compile_scope:
+        compile_policy(mixer, "aot_eager" if device.type == "cpu" else "inductor", scope=compile_scope)
     groups = mixer.param_groups(0.1, 1e-4, mix_block_lr=0.05)
     optimizer = build_optimizer(groups, opt, lr=0.1, momentum=0.9, weight_decay=1e-4, fused=True)
     loader = batches(channels_last=channels_last, small_first=small_first, device=device)
@@ -159,6 +163,24 @@ def test_static_step_under_torchrun_all_reduces_as_the_eager_step(kw, process_gr
     stepper = static[3]
     assert len(stepper.grad_params) >= 2 and stepper.static_steps >= 8
     assert all(len(params) == len(stepper.params) for params in stepper.grad_params.values())
+    assert_same_training(eager, static)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(compile_scope="step", mix_block_every=2, lam_margin=0.3, amp=torch.bfloat16),
+    dict(compile_scope="encoders", **MIXUP_CUTMIX),
+], ids=["automix-step-bf16", "mixup-encoders"])
+def test_static_step_runs_compiled_code_as_the_eager_compiled_step(kw):
+    """--cuda-graph with --torchcompile: the static step runs the compiled encoders, or AutoMix's
+    compiled loss step fed the buffers (its plain-mixup choice a tensor: one graph per kind of
+    step), and trains as the eager compiled run bit for bit; its steps compile a few graphs once
+    (none per step: a replayed graph never meets a recompile)."""
+    torch._dynamo.reset()
+    eager = train(False, **kw)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    static = train(True, **kw)
+    assert static[3].static_steps >= 10 and counters["stats"]["unique_graphs"] <= 2
     assert_same_training(eager, static)
 
 
@@ -327,6 +349,8 @@ def test_cuda_graph_flag_runs_mixup_cutmix(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags,says", [
     (["--opt", "apex_sgd"], "--cuda-graph needs --opt sgd or adamw"),
+    (["--torchcompile", "--torchcompile-mode", "reduce-overhead"],
+     "--cuda-graph does not combine with --torchcompile-mode reduce-overhead"),
     (["--amp", "--amp-dtype", "float16"], "--cuda-graph needs --amp-dtype bfloat16 or --no-amp"),
 ])
 def test_cuda_graph_refuses_what_it_cannot_capture_in_one_line(tmp_path, capsys, flags, says):

@@ -150,8 +150,8 @@ LAM_BB = {0: 0.4, 1: 0.03, 2: 0.95, 4: 0.65}  # steps 1 and 2 within lam_margin 
 @pytest.mark.parametrize("mask_mode,steps", [("nearest", (0, 1, 2, 4)), ("bilinear", (0,))])
 def test_automix_step_compiles_whole_and_matches_eager(mask_mode, steps):
     """`loss` through compile_step vs eager, with mix_block_every=2: steps 0, 2, 4 train the Mix
-    Block, 1 does not; x_bb is plain mixup on steps 1 and 2. One compile per (kind of step,
-    plain mixup) and none for a new lambda (step 4 reuses step 0's graph)."""
+    Block, 1 does not; x_bb is plain mixup on steps 1 and 2. One compile per kind of step and none
+    for a new lambda or plain-mixup choice (step 2 reuses step 0's graph, step 4 too)."""
     eager = _automix(mask_mode)
     compiled = copy.deepcopy(eager)
     graphs = []
@@ -178,6 +178,6 @@ def test_automix_step_compiles_whole_and_matches_eager(mask_mode, steps):
         assert grads_c.keys() == grads_e.keys() and any("mix_block" in n for n in grads_e) == (step % 2 == 0)
         for name in grads_e:
             assert_close(grads_c[name], grads_e[name], torch.float32, f"grad {name} at step {step}")
-        assert len(graphs) == min(i + 1, 3), f"{len(graphs)} compiles after step {step}"
+        assert len(graphs) == min(i + 1, 2), f"{len(graphs)} compiles after step {step}"
     names = op_names(graphs)
     assert "automix_fast.mixblock_attention_fwd" in names and "automix_fast.mask_mix_fwd" in names

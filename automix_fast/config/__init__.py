@@ -193,6 +193,9 @@ def validate(cfg: TrainConfig) -> None:
         check_cuda_graph(cfg)
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs themselves
+
+
 def check_cuda_graph(cfg: TrainConfig) -> None:
     """What --cuda-graph's static-buffer step can run (engine/static_step.py)."""
     run = cfg.run
@@ -202,7 +205,9 @@ def check_cuda_graph(cfg: TrainConfig) -> None:
     require(cfg.optim.opt in ("sgd", "adamw"), "cuda_graph",
             f"needs --opt sgd or adamw (torch's fused kernels skip a bad step on the device), not --opt {cfg.optim.opt}",
             None)
-    require(not run.torchcompile, "cuda_graph", "does not combine with --torchcompile (choose one)", None)
+    require(not (run.torchcompile and run.torchcompile_mode in CUDA_GRAPH_MODES), "cuda_graph",
+            f"does not combine with --torchcompile-mode {run.torchcompile_mode} (inductor captures CUDA graphs of its own "
+            "there): use --torchcompile-mode default or max-autotune-no-cudagraphs, or leave out one of the two", None)
 
 
 # ---- timm's mixup/cutmix flags -------------------------------------------------------------

@@ -261,11 +261,12 @@ class RunOptions(Section):
     torchcompile_scope: str = option(
         "encoders", "what --torchcompile compiles: encoders (the model and AutoMix's momentum encoder, each on its "
         "own; evaluation runs compiled too) or step (AutoMix's whole loss step, Mix Block included, one graph per "
-        "kind of step, at most 4; evaluation runs eager); vanilla, mixup and cutmix have no step graph: step "
+        "kind of step (with and without the Mix Block branch); evaluation runs eager); vanilla, mixup and cutmix have no step graph: step "
         "compiles their model as encoders does", choices=TORCHCOMPILE_SCOPES, resumable=True)
     cuda_graph: bool = option(
         False, "run each step from static device buffers, captured once per kind of step as CUDA graphs and "
-        "replayed (every --mix, also under torchrun with the all-reduce captured, bfloat16 or no mixed precision, torch's fused SGD or AdamW); "
+        "replayed (every --mix, also under torchrun with the all-reduce captured and with --torchcompile in a mode "
+        "without CUDA graphs of its own; bfloat16 or no mixed precision, torch's fused SGD or AdamW); "
         "the eager step's numbers with the same optimizer (on CUDA the learning rate in float32); on a CPU the "
         "static-buffer step runs without capture", resumable=True)
     sync_bn: bool = option(False, "synchronise BatchNorm statistics across processes (torchrun)")

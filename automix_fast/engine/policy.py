@@ -78,7 +78,7 @@ def compile_policy(mixer, backend: str = "inductor", *, mode: str | None = None,
     mix = mix or mixer.name
     if scope == "step" and hasattr(mixer, "compile_step"):
         mixer.compile_step(**options)
-        what = f"the whole loss step of --mix {mix} (up to 4 graphs: Mix Block branch or not x plain mixup or not)"
+        what = f"the whole loss step of --mix {mix} (2 graphs: with and without the Mix Block branch)"
     else:
         mixer.model.compile(**options)
         what = "the model"

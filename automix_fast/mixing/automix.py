@@ -233,14 +233,18 @@ class AutoMix(Mixer):
 
     @staticmethod
     def tensor_draws(draws: dict, device) -> dict:
-        """The draws with lam_bb and lam_mb as DeviceLambda and mask_weight as a 0-d float32 tensor
-        on `device`: what a compiled `step_loss` takes, so a new lambda is a new input rather than
-        a recompile (dynamo specializes on Python floats)."""
+        """The draws with lam_bb and lam_mb as DeviceLambda, mask_weight as a 0-d float32 tensor and
+        plain_mixup as a 0-d bool tensor on `device`: what a compiled `step_loss` takes, so a new
+        lambda or plain-mixup choice is a new input rather than a recompile (dynamo specializes on
+        Python floats and bools): one graph per kind of step, as the static step's."""
         lams = [k for k in ("lam_bb", "lam_mb") if k in draws]
-        names = [n for k in lams for n in (k, "partner" + k[3:])] + (["mask_weight"] if "mask_weight" in draws else [])
+        names = [n for k in lams for n in (k, "partner" + k[3:])] + ["plain_mixup"]
+        names += ["mask_weight"] if "mask_weight" in draws else []
         scalars = DeviceScalars(names, device)  # one host->device copy for all of them
-        scalars.fill({**{"partner" + k[3:]: 1.0 - draws[k] for k in lams}, **draws})
-        out = {**draws, **{k: DeviceLambda(scalars[k], scalars["partner" + k[3:]]) for k in lams}}
+        scalars.fill({**{"partner" + k[3:]: 1.0 - draws[k] for k in lams}, **draws,
+                      "plain_mixup": float(draws["plain_mixup"])})
+        out = {**draws, **{k: DeviceLambda(scalars[k], scalars["partner" + k[3:]]) for k in lams},
+               "plain_mixup": scalars["plain_mixup"] > 0}
         if "mask_weight" in draws:
             out["mask_weight"] = scalars["mask_weight"]
         return out
@@ -326,7 +330,7 @@ class AutoMix(Mixer):
     def compile_step(self, **options) -> None:
         """From now on `loss` (and `forward_backward`) run torch.compile(step_loss, fullgraph=True,
         **options) on the `tensor_draws`. One graph per kind of step (with or without the Mix Block
-        branch) and per plain_mixup value: up to four compiles, none per lambda."""
+        branch): two compiles, none per lambda or plain-mixup choice."""
         self.compiled_step = torch.compile(self.step_loss, fullgraph=True, **options)
 
     def step_loss(self, x, y, **draws):
@@ -406,7 +410,13 @@ class AutoMix(Mixer):
         return draws
 
     def static_forward_backward(self, x, y, buffers, kind, autocast, backward):
-        return self.parts_forward_backward(x, y, autocast, backward, **self.static_draws(buffers, kind))
+        draws = self.static_draws(buffers, kind)
+        if self.compiled_step is None:
+            return self.parts_forward_backward(x, y, autocast, backward, **draws)
+        with autocast():  # the compiled step is one graph: one backward
+            loss, logs = self.compiled_step(x, y, **draws)
+        backward(loss)
+        return loss.detach(), logs
 
     @torch.no_grad()
     def static_after_step(self, buffers: dict) -> None:
