@@ -269,14 +269,15 @@ def run(presets=tuple(PRESETS), dtypes=tuple(DTYPES), layouts=tuple(LAYOUTS), mo
 # ----------------------------------------------------------------------------- 4. budgets
 
 LOW_PRECISION = ("fp16", "bf16")
-# Source lines of the mask_mix forward that touch the images: from the first load of x to the
-# last store of x_mix (the PTX line info of a vector access may name any line of that range).
-IMAGE_ACCESS_FIRST, IMAGE_ACCESS_LAST = "tl.load(x_base", "tl.store(o_base"
-
-
-# Same for the backward rows kernel: from the first load of x to the store of its result
-# (LLVM may attach a load to a line of the arithmetic after it; no other load sits there).
-BWD_ACCESS_FIRST, BWD_ACCESS_LAST = "a = tl.load(x_base", "tl.store(T + n * stn"
+# Per mask_mix kernel: the source lines that touch the images, from the first load of x to the
+# last line holding the second marker (the PTX line info of a vector access may name any line of
+# that range: LLVM may attach a load to a line of the arithmetic after it; no other load sits
+# there), and which of those accesses must be 16-byte vectors.
+IMAGE_ACCESS = {
+    "_fwd": ("tl.load(x_base", "tl.store(o_base", ("ld", "st")),
+    "_bwd_rows": ("a = tl.load(x_base", "tl.store(T + n * stn", ("ld",)),
+    "_bwd_nearest": ("x_own = tl.load(x_base", "bx = _nearest_src(px", ("ld",)),
+}
 
 
 def image_access_lines(kernel: str = "_fwd") -> range:
@@ -284,8 +285,7 @@ def image_access_lines(kernel: str = "_fwd") -> range:
 
     from automix_fast.kernels import mask_mix
 
-    first_marker, last_marker = ((IMAGE_ACCESS_FIRST, IMAGE_ACCESS_LAST) if kernel == "_fwd"
-                                 else (BWD_ACCESS_FIRST, BWD_ACCESS_LAST))
+    first_marker, last_marker, _ = IMAGE_ACCESS[kernel]
     lines, start = inspect.getsourcelines(getattr(mask_mix, kernel).fn)
     first = next(i for i, t in enumerate(lines) if first_marker in t)
     last = max(i for i, t in enumerate(lines) if last_marker in t)
@@ -294,8 +294,8 @@ def image_access_lines(kernel: str = "_fwd") -> range:
 
 def budget_violations(report: dict) -> list[str]:
     """What the report breaks: compile errors; spills in kernels launched for fp16/bf16;
-    image loads/stores of the mask_mix forward, and image/gradient loads of its backward rows
-    kernel, that are not 16-byte vector accesses (either layout)."""
+    image loads/stores of the mask_mix forward, and image/gradient loads of its backward kernels
+    (nearest, and bilinear's rows kernel), that are not 16-byte vector accesses (either layout)."""
     out = []
     targets = list(report["meta"]["targets"])
     kernels = report["kernels"]
@@ -310,7 +310,7 @@ def budget_violations(report: dict) -> list[str]:
             if k["id"] in lowp and r["ok"] and (r["spill_stores"] or r["spill_loads"]):
                 out.append(f"spill: {k['kernel']} #{k['id']} on {t}: {r['spill_stores']} B stores, "
                            f"{r['spill_loads']} B loads ({k['constexprs']})")
-    for kernel, ops_needed in (("_fwd", ("ld", "st")), ("_bwd_rows", ("ld",))):
+    for kernel, (_, _, ops_needed) in IMAGE_ACCESS.items():
         lines = image_access_lines(kernel)
         uses = {u["spec"]: u for u in report["launches"]
                 if u["kernel"] == kernel and "mask_mix" in kernels[u["spec"]]["module"]}

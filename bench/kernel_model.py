@@ -6,7 +6,8 @@
 For every (preset, dtype, layout, mode, pass) the AOT report (bench/aot_compile.py) captured:
 - mask_mix (memory-bound): the minimum bytes an op must move (forward: read x and x[perm],
   write x_mix; backward: read the gradient of x_mix, x and x[perm]; plus the small logits,
-  s_mean and the (N, H, w) buffer), so that bench_ops.py's GB/s reads as a fraction of the floor.
+  s_mean, d logits and, in bilinear mode, the (N, H, w) buffer between the two backward
+  kernels), so that bench_ops.py's GB/s reads as a fraction of the floor.
   From the compiled kernel (registers, shared memory, warps, block size, load width), an
   estimate of the fraction of H100 HBM bandwidth it can reach, by Little's law: an SM keeps
   `resident threads x bytes each thread has in flight` outstanding; HBM needs
@@ -40,13 +41,16 @@ def shapes(preset: str) -> dict:
     return dict(N=n, C_feat=c, D=c // 2, h=h, L=h * h, H=size, W=size, C=3)
 
 
-def mask_mix_bytes(s: dict, dtype: str, pass_: str) -> int:
+def mask_mix_bytes(s: dict, dtype: str, pass_: str, mode: str) -> int:
     image = s["N"] * s["C"] * s["H"] * s["W"] * ESIZE[dtype]
     logits = s["N"] * s["L"] * 4
     if pass_ == "fwd":
         return 3 * image + logits + s["N"] * 4
+    backward = 3 * image + logits + logits  # g, x, x[perm]; logits in; dlogits out
+    if mode == "nearest":  # one kernel
+        return backward
     t_buffer = s["N"] * s["H"] * s["h"] * 4  # the (N, H, w) float32 buffer between the two kernels
-    return 3 * image + logits + 2 * t_buffer + logits  # g, x, x[perm]; logits in; t out and in; dlogits out
+    return backward + 2 * t_buffer  # written by the rows kernel, read by the columns kernel
 
 
 def attention_floor(s: dict, dtype: str, pass_: str) -> tuple[float, int]:
@@ -87,6 +91,8 @@ def inflight_bytes_per_thread(kernel: str, constexprs: dict, warps: int, dtype: 
     if kernel == "_bwd_rows":
         per_row = constexprs["BLOCK_X"] * (1 if constexprs.get("CHANNELS_INNER") else constexprs["BLOCK_C"])
         return 3 * constexprs["ROWS"] * per_row * e // threads
+    if kernel == "_bwd_nearest":  # one channel plane an iteration when the channels are a loop
+        return 3 * constexprs["ROWS"] * constexprs["BLOCK_E"] * e // threads
     return 0
 
 
@@ -114,7 +120,7 @@ def build(report: dict) -> dict:
         if op == "mask_mix":
             if u["kernel"] == "_bwd_cols":
                 continue  # reads the small (N, H, w) buffer only; counted with _bwd_rows
-            row["min_bytes"] = mask_mix_bytes(s, u["dtype"], u["pass_"])
+            row["min_bytes"] = mask_mix_bytes(s, u["dtype"], u["pass_"], u["mode"])
             # The floor in time at full HBM bandwidth: below ~5 us a launch costs more than the bytes.
             row["hbm_floor_us"] = round(row["min_bytes"] / H100["hbm_bytes_per_s"] * 1e6, 2)
             for t in report["meta"]["targets"]:

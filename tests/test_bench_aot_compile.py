@@ -21,14 +21,19 @@ import aot_compile  # noqa: E402
 
 from automix_fast.kernels import launches  # noqa: E402
 
-LAUNCHED = {"mask_mix": {"_fwd", "_bwd_rows", "_bwd_cols"}, "mixblock_attention": {"_fwd", "_bwd_dq", "_bwd_dkdv"}}
+LAUNCHED = {"mask_mix": {"_fwd", "_bwd_nearest", "_bwd_rows", "_bwd_cols"},
+            "mixblock_attention": {"_fwd", "_bwd_dq", "_bwd_dkdv"}}
 
 
 def test_recording_captures_every_kernel_without_running_it():
-    captured = aot_compile.capture(presets=["cifar-r18"], dtypes=["bf16"], layouts=["channels_last"], modes=["nearest"])
+    captured = aot_compile.capture(presets=["cifar-r18"], dtypes=["bf16"], layouts=["channels_last"],
+                                   modes=["nearest", "bilinear"])
     seen = {(rec.module.rsplit(".", 1)[-1], rec.name) for _, rec in captured}
     assert seen == {(m, k) for m, ks in LAUNCHED.items() for k in ks}
     assert {ctx["pass_"] for ctx, _ in captured} == {"fwd", "bwd"}
+    mask_bwd = {mode: [rec.name for ctx, rec in captured if ctx["mode"] == mode and ctx["pass_"] == "bwd"
+                       and rec.module.endswith("mask_mix")] for mode in ("nearest", "bilinear")}
+    assert mask_bwd == {"nearest": ["_bwd_nearest"], "bilinear": ["_bwd_rows", "_bwd_cols"]}
     attn_fwd = next(rec for ctx, rec in captured if rec.name == "_fwd" and "attention" in rec.module)
     assert attn_fwd.grid == (1, 100)  # L = 64 queries in one block, one program per sample
     assert launches.active() is None

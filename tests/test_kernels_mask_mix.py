@@ -64,8 +64,10 @@ def _check(N, C, h, w, H, W, mode, dtype, device, channels_last, logits_dtype=to
                  scale=float(ref_dl.abs().max()))
 
 
-# (N, C, h, w, H, W): H not divisible by h, 8x8 -> 32x32 CIFAR-like, non-square, downsampling.
-SIZES = [(2, 3, 8, 8, 30, 30), (2, 3, 7, 7, 32, 32), (3, 3, 4, 4, 17, 23), (1, 3, 8, 8, 32, 32), (2, 3, 9, 9, 5, 7)]
+# (N, C, h, w, H, W): H not divisible by h (cells of unequal size), 8x8 -> 32x32 CIFAR-like,
+# non-square, downsampling (cells with no pixel), one pixel a cell.
+SIZES = [(2, 3, 8, 8, 30, 30), (2, 3, 7, 7, 32, 32), (3, 3, 4, 4, 17, 23), (1, 3, 8, 8, 32, 32), (2, 3, 9, 9, 5, 7),
+         (2, 3, 6, 5, 6, 5)]
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -75,14 +77,16 @@ def test_parity_fp32(size, mode, channels_last, device):
     _check(*size, mode, torch.float32, device, channels_last)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("mode", ["nearest", "bilinear"])
-def test_parity_low_precision_images(dtype, mode, device):
-    _check(2, 3, 7, 7, 32, 32, mode, DTYPES[dtype], device, channels_last=True)
+def test_parity_low_precision_images(dtype, mode, channels_last, device):
+    _check(2, 3, 7, 7, 32, 32, mode, DTYPES[dtype], device, channels_last=channels_last)
 
 
-def test_parity_bf16_logits(device):
-    _check(2, 3, 4, 4, 17, 23, "bilinear", torch.bfloat16, device, channels_last=True, logits_dtype=torch.bfloat16)
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_parity_bf16_logits(mode, device):
+    _check(2, 3, 4, 4, 17, 23, mode, torch.bfloat16, device, channels_last=True, logits_dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -93,26 +97,32 @@ def test_gradient_through_one_output(mode, use_g, use_gs, channels_last, device)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_many_channels_and_wide_logits(channels_last, device):
-    # C = 5 crosses the 4-channel chunk; w = 70 spans two 64-column blocks of logits; in
-    # channels-last a row is 750 elements, several 256-element chunks of the backward.
-    _check(1, 5, 3, 70, 9, 150, "bilinear", torch.float32, device, channels_last=channels_last)
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_many_channels_and_wide_logits(mode, channels_last, device):
+    # C = 5 crosses the 4-channel chunk; w = 70 spans two 64-column blocks of logits (128 in
+    # nearest, ~2 pixels a cell); in channels-last a row is 750 elements, several 256-element
+    # chunks of the backward.
+    _check(1, 5, 3, 70, 9, 150, mode, torch.float32, device, channels_last=channels_last)
 
 
-def test_channels_last_image_with_contiguous_gradient(device):
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+@pytest.mark.parametrize("x_channels_last", [True, False], ids=["x-nhwc-g-nchw", "x-nchw-g-nhwc"])
+def test_image_and_gradient_in_different_layouts(x_channels_last, mode, device):
     # Mixed layouts take the (pixel, channel) backward instead of the flat-element one.
-    logits, x, perm, g, gs = _inputs(2, 3, 7, 7, 32, 32, torch.float32, device, channels_last=True)
-    g = g.contiguous()
-    dl = torch.autograd.grad(_loss(*ops.mask_mix(logits, x, perm, mode="nearest", backend="triton"), g, gs), logits)[0]
-    ref = torch.autograd.grad(_loss(*ops.reference.mask_mix(logits, x, perm, "nearest"), g, gs), logits)[0]
-    assert_close(dl, ref, torch.float32, "d logits (x channels-last, g contiguous)", scale=float(ref.abs().max()))
+    logits, x, perm, g, gs = _inputs(2, 3, 7, 7, 32, 32, torch.float32, device, channels_last=x_channels_last)
+    g = g.contiguous() if x_channels_last else g.contiguous(memory_format=torch.channels_last)
+    dl = torch.autograd.grad(_loss(*ops.mask_mix(logits, x, perm, mode=mode, backend="triton"), g, gs), logits)[0]
+    ref = torch.autograd.grad(_loss(*ops.reference.mask_mix(logits, x, perm, mode), g, gs), logits)[0]
+    assert_close(dl, ref, torch.float32, f"d logits ({mode}, x channels-last {x_channels_last}, g the other layout)",
+                 scale=float(ref.abs().max()))
 
 
-def test_strided_image(device):
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_strided_image(mode, device):
     # Neither contiguous nor channels_last: a row-subsampled view; x_mix comes back contiguous.
     x_big = torch.randn(2, 3, 34, 17, device=device)
     x = x_big[:, :, ::2, :]
-    _check(2, 3, 4, 4, 17, 17, "bilinear", torch.float32, device, channels_last=False, x=x)
+    _check(2, 3, 4, 4, 17, 17, mode, torch.float32, device, channels_last=False, x=x)
 
 
 @pytest.mark.parametrize("mode", ["nearest", "bilinear"])

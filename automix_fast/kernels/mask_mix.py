@@ -19,6 +19,15 @@ Backward (x is data and gets no gradient), from g = d loss / d x_mix and gs = d 
     dz[p]         = ds[p] s[p] (1 - s[p])
     dlogits[a, b] = sum_y wy[y, a] sum_x wx[x, b] dz[y, x]
 
+In nearest mode wy and wx are one-hot: every pixel of cell (a, b) = {(y, x): y0(y) = a,
+x0(x) = b} (y0, x0 the forward's source indices) has z = logits[a, b], hence one s(1 - s), so
+
+    dlogits[a, b] = s_ab (1 - s_ab) (sum_{p in cell(a, b)} sum_c g[c, p] (x[perm[n], c, p] - x[n, c, p])
+                                     + |cell(a, b)| gs[n] / (H W)),   s_ab = sigmoid(logits[a, b])
+
+with either term absent when g or gs is. Cells differ in size when H is not a multiple of h
+(32 px over 7 cells: 4 or 5 rows) and are empty when H < h.
+
 Design:
 - `_fwd`: one program per (BLOCK_P pixels, sample), a [BLOCK_P, BLOCK_C] tile per channel
   chunk. s is computed once per pixel and reused for every channel; the partner image is
@@ -30,7 +39,28 @@ Design:
   Otherwise, when the pixels are equally strided (contiguous), the pixel offset is
   p * stride_w, which lets the compiler see contiguous runs. s_mean: each program writes the sum of its pixels' s to a partial buffer
   (N, pixel blocks), summed afterwards in a fixed order: deterministic, no atomics.
-- Backward, two kernels, deterministic, no atomics, and no N x H x W intermediate:
+- Nearest backward, `_bwd_nearest`: one kernel, no atomics, no buffer, one one-warp program per
+  (logit row a, sample) covering the whole image width, so rows are read as contiguous runs
+  across cell borders (a program per cell would start its loads at unaligned cell borders) and
+  every image element is read once. Its image rows [y_first, y_end) are exact: y0 is monotone,
+  so a cell row starts after the rows whose forward index y0 is below a, counted over an 8-row
+  window from floor(a * H / h) - 3 (rounding moves the border by far less than a row). It walks
+  them in chunks of BLOCK_E row elements, ROWS (2) rows at a time, and accumulates
+  g (x[perm] - x) in fp32: the only per-element work (3 loads, 3 converts, a subtract, a
+  multiply-add; no sigmoid, no gather of a logit). Channels-last x and g (CHANNELS_INNER) are
+  walked by flat element e = x * C + c (C a constexpr: e // C is a multiply); otherwise by
+  pixel, one channel plane after another, through x's and g's own strides (they may differ).
+  Chunks start at multiples of BLOCK_E and rows at y * stride_h, so where the row stride is a
+  multiple of 16 elements (224 and 32 px images) the loads are 16-byte vectors; a lane holds
+  both rows of its columns, so their sum needs no shuffle. After a chunk's rows, its column
+  sums (plus rows * gs / (H W) once per pixel) are added to the logit columns the forward's
+  index x0 gives each pixel, CELLS consecutive columns at a time (a one-hot [CELLS, BLOCK_E]
+  sum): pixels go to cells by the exact test, never by rounding arithmetic. Last, each column
+  is multiplied by its s (1 - s) once and written. 57-72 registers, no spills, 96-192 bytes in
+  flight a lane per iteration; the 14 x 256 one-warp programs of an ImageNet batch are all
+  resident at once on an H100 (32 a SM).
+- Bilinear backward, two kernels, deterministic, no atomics, and no N x H x W intermediate
+  (the weights of a pixel mix four logits, so s varies inside a cell):
   `_bwd_rows` owns (image row y, block of logit columns b, sample). It reads g, x and
   x[perm] once for the row's pixels x that touch its columns, forms dz and contracts it
   with wx right away: t[n, y, b] = sum_x wx[x, b] dz[y, x], an (N, H, w) float32 buffer
@@ -72,30 +102,42 @@ def _src_index(dst, in_size, scale, BILINEAR: tl.constexpr):
         i1 = i0 + (i0 < in_size - 1).to(tl.int32)
         lam1 = src - i0.to(tl.float32)
     else:
-        i0 = tl.minimum(tl.floor(dst.to(tl.float32) * scale).to(tl.int32), in_size - 1)
+        i0 = _nearest_src(dst, in_size, scale)
         i1 = i0
         lam1 = tl.zeros(dst.shape, dtype=tl.float32)
     return i0, i1, lam1
 
 
 @triton.jit
-def _tap_weight(i0, i1, lam1, cell, BILINEAR: tl.constexpr):
-    """Weight of source cell `cell` in an output index with taps (i0, i1, lam1) (broadcasts)."""
-    if BILINEAR:
-        return tl.where(i0 == cell, 1.0 - lam1, 0.0) + tl.where(i1 == cell, lam1, 0.0)
-    else:
-        return tl.where(i0 == cell, 1.0, 0.0)
+def _nearest_src(dst, in_size, scale):
+    """Nearest-mode source index of output index `dst` (int32 scalar or tensor), as F.interpolate."""
+    return tl.minimum(tl.floor(dst.to(tl.float32) * scale).to(tl.int32), in_size - 1)
 
 
 @triton.jit
-def _footprint(first, last, out_size, in_size, inv_scale, BILINEAR: tl.constexpr):
-    """[lo, hi): a superset of the output indices whose taps touch source cells first..last."""
-    if BILINEAR:
-        lo_f = (first.to(tl.float32) - 0.5) * inv_scale - 0.5
-        hi_f = (last.to(tl.float32) + 1.5) * inv_scale - 0.5
-    else:
-        lo_f = first.to(tl.float32) * inv_scale
-        hi_f = (last.to(tl.float32) + 1.0) * inv_scale
+def _cell_start(a, out_size, in_size, scale, inv_scale):
+    """The first output index whose nearest source index is >= a (out_size when there is none).
+
+    The index map is monotone, so this is the number of indices before the boundary: counted
+    with the exact forward index over an 8-index window from a * inv_scale - 3, which holds
+    the boundary (float rounding moves it by far less than a pixel)."""
+    base = tl.floor(a.to(tl.float32) * inv_scale).to(tl.int32) - 3
+    k = base + tl.arange(0, 8)
+    before = (k < out_size) & (_nearest_src(k, in_size, scale) < a)
+    return tl.minimum(base + tl.sum(before.to(tl.int32), axis=0), out_size)
+
+
+@triton.jit
+def _tap_weight(i0, i1, lam1, cell):
+    """Bilinear weight of source cell `cell` in an output index with taps (i0, i1, lam1) (broadcasts)."""
+    return tl.where(i0 == cell, 1.0 - lam1, 0.0) + tl.where(i1 == cell, lam1, 0.0)
+
+
+@triton.jit
+def _footprint(first, last, out_size, in_size, inv_scale):
+    """[lo, hi): a superset of the output indices whose bilinear taps touch source cells first..last."""
+    lo_f = (first.to(tl.float32) - 0.5) * inv_scale - 0.5
+    hi_f = (last.to(tl.float32) + 1.5) * inv_scale - 0.5
     lo = tl.maximum(tl.floor(lo_f).to(tl.int32) - 2, 0)
     hi = tl.minimum(tl.ceil(hi_f).to(tl.int32) + 2, out_size)
     hi = tl.where(last >= in_size - 1, out_size, hi)
@@ -178,11 +220,81 @@ def _fwd(LOG, X, PERM, OUT, PART,
 
 
 @triton.jit
+def _bwd_nearest(LOG, X, PERM, G, GS, DL,
+                 H, W, h, w, scale_h, scale_w, inv_scale_h, inv_hw,
+                 sln, slh, slw, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sgsn, sdn, sdh, sdw,
+                 C: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr, CELLS: tl.constexpr,
+                 BLOCK_B: tl.constexpr, HAS_G: tl.constexpr, HAS_GS: tl.constexpr, CHANNELS_INNER: tl.constexpr):
+    a = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    # The image rows of logit row a, exactly: [y_first, y_end), empty when H < h leaves a no row.
+    y_first = _cell_start(a, H, h, scale_h, inv_scale_h)
+    y_end = tl.where(a + 1 < h, _cell_start(a + 1, H, h, scale_h, inv_scale_h), H)
+    if CHANNELS_INNER:  # x and g channels-last: a row is one run of W * C elements e = x * C + c
+        row_len = W * C
+        per_pixel = C
+        planes = 1
+        sxe = 1
+        sge = 1
+    else:  # a row is W pixels e = x, read once per channel plane through x's and g's strides
+        row_len = W
+        per_pixel = 1
+        planes = C
+        sxe = sxw
+        sge = sgw
+    if HAS_G:
+        partner = tl.load(PERM + n).to(tl.int64)
+        x_base = X + n * sxn
+        p_base = X + partner * sxn
+        g_base = G + n * sgn
+    if HAS_GS:  # d s_mean / d s = gs / (H W) at every pixel; an image column has y_end - y_first of them
+        col_mean = tl.load(GS + n * sgsn).to(tl.float32) * inv_hw * (y_end - y_first).to(tl.float32)
+    offs_b = tl.arange(0, BLOCK_B)
+    offs_j = tl.arange(0, CELLS)
+    acc = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for e0 in range(0, row_len, BLOCK_E):
+        ee = e0 + tl.arange(0, BLOCK_E)
+        mask_e = ee < row_len
+        # Column sums over the cell row of sum_c g (x[perm] - x): the only per-element work.
+        col = tl.zeros((BLOCK_E,), dtype=tl.float32)
+        if HAS_G:
+            part = tl.zeros((ROWS, BLOCK_E), dtype=tl.float32)
+            for r0 in range(y_first, y_end, ROWS):
+                yy = r0 + tl.arange(0, ROWS)
+                m2 = (yy < y_end)[:, None] & mask_e[None, :]
+                xo = yy[:, None] * sxh + ee[None, :] * sxe
+                go = yy[:, None] * sgh + ee[None, :] * sge
+                for c in range(0, planes):
+                    x_own = tl.load(x_base + c * sxc + xo, mask=m2, other=0.0).to(tl.float32)
+                    x_partner = tl.load(p_base + c * sxc + xo, mask=m2, other=0.0).to(tl.float32)
+                    gg = tl.load(g_base + c * sgc + go, mask=m2, other=0.0).to(tl.float32)
+                    part += gg * (x_partner - x_own)
+            col = tl.sum(part, axis=0)
+        px = ee // per_pixel
+        if HAS_GS:  # once per pixel: on its first element
+            col += tl.where(mask_e & (ee == px * per_pixel), col_mean, 0.0)
+        # The chunk's columns into their logit columns, by the forward's index of each pixel,
+        # CELLS consecutive logit columns at a time (elements past the row carry 0).
+        bx = _nearest_src(px, w, scale_w)
+        b_lo = _nearest_src(e0 // per_pixel, w, scale_w)
+        b_hi = _nearest_src((tl.minimum(e0 + BLOCK_E, row_len) - 1) // per_pixel, w, scale_w)
+        for j0 in range(b_lo, b_hi + 1, CELLS):
+            hit = offs_j[:, None] == (bx - j0)[None, :]
+            cells = tl.sum(tl.where(hit, col[None, :], 0.0), axis=1)
+            acc += tl.sum(tl.where(offs_b[:, None] == (j0 + offs_j)[None, :], cells[None, :], 0.0), axis=1)
+    # Every pixel of cell (a, b) has z = logits[a, b]: one s (1 - s) per cell.
+    mask_b = offs_b < w
+    z = tl.load(LOG + n * sln + a * slh + offs_b * slw, mask=mask_b, other=0.0).to(tl.float32)
+    s = _sigmoid(z)
+    tl.store(DL + n * sdn + a * sdh + offs_b * sdw, (acc * s * (1.0 - s)).to(DL.dtype.element_ty), mask=mask_b)
+
+
+@triton.jit
 def _bwd_rows(LOG, X, PERM, G, GS, T,
               H, W, h, w, C, scale_h, scale_w, inv_scale_w, inv_hw,
               sln, slh, slw, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sgsn, stn, sty, stb,
               ROWS: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
-              BILINEAR: tl.constexpr, HAS_G: tl.constexpr, HAS_GS: tl.constexpr, CHANNELS_INNER: tl.constexpr):
+              HAS_G: tl.constexpr, HAS_GS: tl.constexpr, CHANNELS_INNER: tl.constexpr):
     pid_y = tl.program_id(0)
     pid_b = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
@@ -192,7 +304,7 @@ def _bwd_rows(LOG, X, PERM, G, GS, T,
     mask_b = offs_b < w
     b_first = pid_b * BLOCK_B
     b_last = tl.minimum(b_first + BLOCK_B, w) - 1
-    x_lo, x_hi = _footprint(b_first, b_last, W, w, inv_scale_w, BILINEAR)
+    x_lo, x_hi = _footprint(b_first, b_last, W, w, inv_scale_w)
     # Start and end on multiples of 16 pixels and mask only by the image width, so the row's
     # loads are provably aligned and vectorize (contiguous layout); the extra pixels get zero
     # weight from wx below.
@@ -219,7 +331,7 @@ def _bwd_rows(LOG, X, PERM, G, GS, T,
             ee = e0 + tl.arange(0, BLOCK_X)
             xx = ee // C
             m2 = mask_r[:, None] & (ee < W * C)[None, :]
-            z = _mask_logit(l_base, slh, slw, offs_r[:, None], xx[None, :], m2, h, w, scale_h, scale_w, BILINEAR)
+            z = _mask_logit(l_base, slh, slw, offs_r[:, None], xx[None, :], m2, h, w, scale_h, scale_w, True)
             s = _sigmoid(z)
             ds = tl.zeros((ROWS, BLOCK_X), dtype=tl.float32) + tl.where((ee - xx * C) == 0, g_mean, 0.0)[None, :]
             if HAS_G:
@@ -228,14 +340,14 @@ def _bwd_rows(LOG, X, PERM, G, GS, T,
                 gg = tl.load(g_base + offs_r[:, None] * sgh + ee[None, :], mask=m2, other=0.0).to(tl.float32)
                 ds += gg * (b - a)
             dz = tl.where(m2, ds * s * (1.0 - s), 0.0)
-            x0i, x1i, lx = _src_index(xx, w, scale_w, BILINEAR)
-            wx = _tap_weight(x0i[:, None], x1i[:, None], lx[:, None], offs_b[None, :], BILINEAR)
+            x0i, x1i, lx = _src_index(xx, w, scale_w, True)
+            wx = _tap_weight(x0i[:, None], x1i[:, None], lx[:, None], offs_b[None, :])
             acc += tl.sum(dz[:, :, None] * wx[None, :, :], axis=1)
     else:
         for x0 in range(x_lo, x_hi, BLOCK_X):
             xx = x0 + tl.arange(0, BLOCK_X)
             m2 = mask_r[:, None] & (xx < W)[None, :]
-            z = _mask_logit(l_base, slh, slw, offs_r[:, None], xx[None, :], m2, h, w, scale_h, scale_w, BILINEAR)
+            z = _mask_logit(l_base, slh, slw, offs_r[:, None], xx[None, :], m2, h, w, scale_h, scale_w, True)
             s = _sigmoid(z)
             ds = tl.zeros((ROWS, BLOCK_X), dtype=tl.float32) + g_mean
             if HAS_G:
@@ -249,8 +361,8 @@ def _bwd_rows(LOG, X, PERM, G, GS, T,
                     gg = tl.load(g_base + gpix + offs_c[None, None, :] * sgc, mask=m3, other=0.0).to(tl.float32)
                     ds += tl.sum(gg * (b - a), axis=2)
             dz = tl.where(m2, ds * s * (1.0 - s), 0.0)
-            x0i, x1i, lx = _src_index(xx, w, scale_w, BILINEAR)
-            wx = _tap_weight(x0i[:, None], x1i[:, None], lx[:, None], offs_b[None, :], BILINEAR)
+            x0i, x1i, lx = _src_index(xx, w, scale_w, True)
+            wx = _tap_weight(x0i[:, None], x1i[:, None], lx[:, None], offs_b[None, :])
             acc += tl.sum(dz[:, :, None] * wx[None, :, :], axis=1)
     tl.store(T + n * stn + offs_r[:, None] * sty + offs_b[None, :] * stb, acc,
              mask=mask_r[:, None] & mask_b[None, :])
@@ -259,19 +371,19 @@ def _bwd_rows(LOG, X, PERM, G, GS, T,
 @triton.jit
 def _bwd_cols(T, DL, H, h, w, scale_h, inv_scale_h,
               stn, sty, stb, sdn, sdh, sdw,
-              BLOCK_Y: tl.constexpr, BLOCK_B: tl.constexpr, BILINEAR: tl.constexpr):
+              BLOCK_Y: tl.constexpr, BLOCK_B: tl.constexpr):
     a = tl.program_id(0)
     pid_b = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < w
-    y_lo, y_hi = _footprint(a, a, H, h, inv_scale_h, BILINEAR)
+    y_lo, y_hi = _footprint(a, a, H, h, inv_scale_h)
     acc = tl.zeros((BLOCK_B,), dtype=tl.float32)
     for y0 in range(y_lo, y_hi, BLOCK_Y):
         yy = y0 + tl.arange(0, BLOCK_Y)
         mask_y = yy < y_hi
-        i0, i1, ly = _src_index(yy, h, scale_h, BILINEAR)
-        wy = tl.where(mask_y, _tap_weight(i0, i1, ly, a, BILINEAR), 0.0)
+        i0, i1, ly = _src_index(yy, h, scale_h, True)
+        wy = tl.where(mask_y, _tap_weight(i0, i1, ly, a), 0.0)
         t = tl.load(T + n * stn + yy[:, None] * sty + offs_b[None, :] * stb,
                     mask=mask_y[:, None] & mask_b[None, :], other=0.0)
         acc += tl.sum(wy[:, None] * t, axis=0)
@@ -348,13 +460,42 @@ def mask_mix_forward(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, 
     return out, s_mean
 
 
-def _bwd_plan(logits: torch.Tensor, x: torch.Tensor, mode: str, g, g_smean) -> tuple:
-    """(t buffer shape and strides, rows grid, rows scalar arguments (after the tensors), rows
-    launch keywords, d logits shape and strides, cols grid, cols scalar arguments (after the two
-    tensors), cols launch keywords) of the backward launches for this signature."""
+def _nearest_bwd_plan(logits: torch.Tensor, x: torch.Tensor, g, g_smean) -> tuple:
+    """(d logits shape and strides, grid, scalar arguments (after the tensors), launch keywords)
+    of `_bwd_nearest` for this signature."""
     N, C, H, W = x.shape
     h, w = logits.shape[-2:]
-    bilinear = mode == "bilinear"
+    has_g, has_gs = g is not None, g_smean is not None
+    g_arg = g if has_g else x
+    channels_inner = has_g and _channels_inner(x) and _channels_inner(g)
+    row_len = W * C if channels_inner else W
+    # One warp a program; a tile of 2 image rows x BLOCK_E row elements. 256 elements are 16
+    # bytes a lane in fp16/bf16 (32 in fp32) per row, and both rows stay inside each lane, so
+    # summing them needs no shuffle: 96-192 bytes in flight a lane per iteration, 57-72 registers
+    # (4 rows: as many instructions a byte, up to 110 registers in fp32, a spill on sm_80 for
+    # contiguous fp16/bf16). Shorter rows get a narrower tile that still holds 8 elements a lane.
+    rows = pow2(cdiv(H, h), 1, 2)
+    block_e = 256 if row_len > 128 else max(pow2(row_len), 256 // rows)
+    # Column sums go to CELLS logit columns at a time, a [CELLS, BLOCK_E] one-hot: 4 (8 or 16
+    # take 119-223 registers on sm_80 for the same work).
+    block_b = pow2(w)
+    cells = min(4, block_b)
+    lg_stride = (logits.stride(0), *logits.stride()[2:])
+    dl_stride = layout((N, 1, h, w))
+    args = (H, W, h, w, _scale(h, H), _scale(w, W), H / h, 1.0 / (H * W),
+            *lg_stride, *x.stride(), *g_arg.stride(), g_smean.stride(0) if has_gs else 0,
+            dl_stride[0], *dl_stride[2:])
+    kwargs = dict(C=C, ROWS=rows, BLOCK_E=block_e, CELLS=cells, BLOCK_B=block_b, HAS_G=has_g, HAS_GS=has_gs,
+                  CHANNELS_INNER=channels_inner, num_warps=1)
+    return (N, 1, h, w), dl_stride, (h, N), args, kwargs
+
+
+def _bilinear_bwd_plan(logits: torch.Tensor, x: torch.Tensor, g, g_smean) -> tuple:
+    """(d logits shape and strides, t buffer shape and strides, rows grid, rows scalar arguments
+    (after the tensors), rows launch keywords, cols grid, cols scalar arguments (after the two
+    tensors), cols launch keywords) of `_bwd_rows` and `_bwd_cols` for this signature."""
+    N, C, H, W = x.shape
+    h, w = logits.shape[-2:]
     block_x = pow2(W, 16, 256)
     block_b = pow2(w, 2, 64)
     block_c = pow2(C, hi=4)
@@ -381,15 +522,13 @@ def _bwd_plan(logits: torch.Tensor, x: torch.Tensor, mode: str, g, g_smean) -> t
     rows_args = (H, W, h, w, C, _scale(h, H), _scale(w, W), W / w, 1.0 / (H * W),
                  *lg_stride, *x.stride(), *g_arg.stride(), g_smean.stride(0) if has_gs else t_stride[0], *t_stride)
     rows_kwargs = dict(ROWS=rows, BLOCK_X=block_x, BLOCK_C=block_c, BLOCK_B=block_b,
-                       BILINEAR=bilinear, HAS_G=has_g, HAS_GS=has_gs, CHANNELS_INNER=channels_inner,
-                       num_warps=warps)
-    dlogits = (N, 1, h, w)
-    dl_stride = layout(dlogits)
+                       HAS_G=has_g, HAS_GS=has_gs, CHANNELS_INNER=channels_inner, num_warps=warps)
+    dl_stride = layout((N, 1, h, w))
     block_y = pow2(math.ceil(2 * H / h) + 6, 16, 64)
     cols_args = (H, h, w, _scale(h, H), H / h, *t_stride, dl_stride[0], *dl_stride[2:])
-    cols_kwargs = dict(BLOCK_Y=block_y, BLOCK_B=block_b, BILINEAR=bilinear, num_warps=4)
-    return (t, t_stride, (cdiv(H, rows), cdiv(w, block_b), N), rows_args, rows_kwargs,
-            dlogits, dl_stride, (h, cdiv(w, block_b), N), cols_args, cols_kwargs)
+    cols_kwargs = dict(BLOCK_Y=block_y, BLOCK_B=block_b, num_warps=4)
+    return ((N, 1, h, w), dl_stride, t, t_stride, (cdiv(H, rows), cdiv(w, block_b), N), rows_args, rows_kwargs,
+            (h, cdiv(w, block_b), N), cols_args, cols_kwargs)
 
 
 def mask_mix_backward(logits, x, perm, mode, g, g_smean):
@@ -398,13 +537,19 @@ def mask_mix_backward(logits, x, perm, mode, g, g_smean):
            None if g is None else g.stride(), None if g_smean is None else g_smean.stride())
     plan = _BWD_PLANS.get(key)
     if plan is None:
-        plan = remember(_BWD_PLANS, key, _bwd_plan(logits, x, mode, g, g_smean))
-    t_shape, t_stride, rows_grid, rows_args, rows_kwargs, dl_shape, dl_stride, cols_grid, cols_args, cols_kwargs = plan
-    device = x.device
-    t = new_strided(t_shape, t_stride, torch.float32, device)
-    launch(_bwd_rows, rows_grid, logits, x, perm, x if g is None else g, t if g_smean is None else g_smean, t,
+        build = _nearest_bwd_plan if mode == "nearest" else _bilinear_bwd_plan
+        plan = remember(_BWD_PLANS, key, build(logits, x, g, g_smean))
+    dlogits = new_strided(plan[0], plan[1], logits.dtype, logits.device)
+    g_arg = x if g is None else g
+    if mode == "nearest":
+        grid, args, kwargs = plan[2:]
+        launch(_bwd_nearest, grid, logits, x, perm, g_arg, logits if g_smean is None else g_smean, dlogits,
+               *args, **kwargs)
+        return dlogits
+    t_shape, t_stride, rows_grid, rows_args, rows_kwargs, cols_grid, cols_args, cols_kwargs = plan[2:]
+    t = new_strided(t_shape, t_stride, torch.float32, x.device)
+    launch(_bwd_rows, rows_grid, logits, x, perm, g_arg, t if g_smean is None else g_smean, t,
            *rows_args, **rows_kwargs)
-    dlogits = new_strided(dl_shape, dl_stride, logits.dtype, logits.device)
     launch(_bwd_cols, cols_grid, t, dlogits, *cols_args, **cols_kwargs)
     return dlogits
 
