@@ -447,7 +447,7 @@ def _fwd_plan(logits: torch.Tensor, x: torch.Tensor, mode: str) -> tuple:
 
 
 def mask_mix_forward(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, mode: str):
-    key = (x.shape, x.stride(), logits.shape, logits.stride(), mode)
+    key = (x.shape, x.stride(), x.dtype, logits.shape, logits.stride(), mode)  # dtype: a plan may depend on it
     plan = _FWD_PLANS.get(key)
     if plan is None:
         plan = remember(_FWD_PLANS, key, _fwd_plan(logits, x, mode))
@@ -533,7 +533,7 @@ def _bilinear_bwd_plan(logits: torch.Tensor, x: torch.Tensor, g, g_smean) -> tup
 
 def mask_mix_backward(logits, x, perm, mode, g, g_smean):
     """d logits (N, 1, h, w) in logits' dtype; g or g_smean may be None (no gradient)."""
-    key = (x.shape, x.stride(), logits.shape, logits.stride(), mode,
+    key = (x.shape, x.stride(), x.dtype, logits.shape, logits.stride(), mode,
            None if g is None else g.stride(), None if g_smean is None else g_smean.stride())
     plan = _BWD_PLANS.get(key)
     if plan is None:
