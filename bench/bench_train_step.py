@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, profile_run, write_results  # noqa: E402
 
+from automix_fast.config import CUDA_GRAPH_MODES  # noqa: E402
 from automix_fast.engine.optim import build_optimizer  # noqa: E402
 from automix_fast.engine.policy import compile_policy  # noqa: E402
 from automix_fast.engine.schedule import build_schedule  # noqa: E402
@@ -256,13 +257,16 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--trace-dir", default=None, help="keep the profiler traces here (gzipped chrome traces)")
     ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                    help="start no row after this many seconds: the rest are recorded as skipped (a stage with a "
-                         "time limit keeps its status)")
+                    help="start no row after this many seconds from the first row's start: the rest are recorded "
+                         "as skipped (a stage with a time limit keeps its status)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--output", default=None, help="JSON path (default output/bench/train-step-<device>-<date>.json)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     runs = parse_runs(ap, args)
+    if args.compile_mode in CUDA_GRAPH_MODES and any(c.startswith("graphed-compiled") for c, _ in runs):
+        ap.error(f"--compile-mode {args.compile_mode} captures CUDA graphs of its own: the graphed-compiled rows "
+                 "cannot run with it")
 
     env = environment(device)
     setup = {k: getattr(args, k) for k in ("model", "img_size", "batch_size", "num_classes", "steps", "repeats", "compile",

@@ -64,11 +64,12 @@ stage() {  # stage NAME TIMEOUT_S CMD...
   else echo "   FAILED (exit $rc; see $OUT/$name.log)"; status=1; fi
 }
 train() {  # train PRESET TIMEOUT_S ARGS...: bench_train_step.py into OUT/train-PRESET.json
-  # A row still to start 80% into the stage's limit is skipped (recorded so), not cut off by it.
+  # A row still to start 70% into the stage's limit (counted from the first row, after imports and
+  # CUDA start-up) is skipped (recorded so), not cut off by it.
   local preset=$1 limit=$2
   shift 2
   stage "train-$preset" "$limit" $PY bench/bench_train_step.py "$@" --trace-dir "$OUT/traces" \
-    --time-budget $((limit * 4 / 5)) --output "$OUT/train-$preset.json"
+    --time-budget $((limit * 7 / 10)) --output "$OUT/train-$preset.json"
 }
 
 if [ "$DRY" = 1 ]; then
@@ -87,7 +88,7 @@ if [ "$DRY" = 1 ]; then
     --batches 1 --only imagenet/dali,imagenet/torch-stream --cache-dir "$CACHE" --out "$OUT/loader.json"
 elif [ "$MODE" = quick ]; then
   # Per stage, an estimate (not a measurement) of its H200 seconds, imports, Triton JIT and
-  # torch.compile warm-ups included; a training stage starts no row past 80% of its limit (those
+  # torch.compile warm-ups included; a training stage starts no row past 70% of its limit (those
   # are recorded as skipped), and a stage past its limit keeps the rows it finished.
   # ~30 s: 3 presets x (attention, mask_mix nearest) x (triton, torch), copy bandwidth
   # The limits add up to 300 s; the rows of a stage run in order of need, so a stage cut short

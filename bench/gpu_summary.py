@@ -31,6 +31,16 @@ TRAIN_PRESETS = {
 OPS_PRESETS = ("cifar-r18", "imagenet-r18", "imagenet-r50")
 MASK_MODE = "nearest"  # the training default (mask_mode)
 FLOOR = 2.9  # bench/README.md "The ~2.9 floor"
+# The graphed rows checked against the eager rows of the same code: {preset: {name: (mix, graphed, eager)}}.
+GRAPHED_PAIRS = {
+    "imagenet-r50": {"automix": ("automix", "graphed", "optimized"),
+                     "vanilla-compiled": ("vanilla", "graphed-compiled", "compiled")},
+    "cifar-r18": {**{m: (m, "graphed", "optimized") for m in ("automix", "vanilla", "mixup")},
+                  "automix-compiled-step": ("automix", "graphed-compiled-step", "compiled-step")},
+}
+# The ways mixup/vanilla is compared, per preset ("*": the others): (name, configuration).
+MIXUP_RATIO_WAYS = {"*": (("eager", "optimized"), ("compiled", "compiled")),
+                    "cifar-r18": (("eager", "optimized"), ("compiled", "compiled"), ("cuda-graph", "graphed"))}
 MIXUP_TARGET = 0.95  # bench/README.md "Mixup against vanilla": the least mixup/vanilla img/s
 SUMMARY = "gpu-check.json"
 
@@ -154,15 +164,16 @@ def img_per_s(run: Run, preset: str, config: str, mix: str) -> dict:
     return fig
 
 
-def graphed_vs_eager(run: Run, preset: str, mix: str) -> dict:
-    """How far the --cuda-graph row's weights end from the eager row's after the same steps."""
-    a, data = train_row(run, preset, "graphed", mix)
-    b, _ = train_row(run, preset, "optimized", mix)
+def graphed_vs_eager(run: Run, preset: str, mix: str, graphed: str = "graphed", eager: str = "optimized") -> dict:
+    """How far the --cuda-graph row's weights end from the eager row's (of the same code: eager or
+    compiled) after the same steps."""
+    a, data = train_row(run, preset, graphed, mix)
+    b, _ = train_row(run, preset, eager, mix)
     if "weights_projection" not in a or "weights_projection" not in b:
         raise Missing("the rows hold no weights_projection")
     gap = max(abs(u - v) for u, v in zip(a["weights_projection"], b["weights_projection"]))
     return {"value": gap / b["weights_norm"],
-            "unit": "relative distance of the weights, graphed vs optimized, after the same steps (random projections)",
+            "unit": f"relative distance of the weights, {graphed} vs {eager}, after the same steps (random projections)",
             "static_steps": a.get("static_steps"), "source": f"train-{preset}.json", **setup_of(data)}
 
 
@@ -320,13 +331,12 @@ def figures(run: Run) -> dict:
                                            ("compiled-step", "compiled-step"),
                                            ("cuda-graph-compiled-step", "graphed-compiled-step"))))},
         "vanilla_img_per_s_cuda_graph": per_preset(img_per_s, ("cifar-r18",), "graphed", "vanilla"),
-        "cuda_graph_vs_eager_weights": {p: {m: figure(lambda p=p, m=m: graphed_vs_eager(run, p, m)) for m in mixes}
-                                        for p, mixes in (("imagenet-r50", ("automix",)),
-                                                         ("cifar-r18", ("automix", "vanilla", "mixup")))},
+        # name: (mix, graphed row, eager row of the same code)
+        "cuda_graph_vs_eager_weights": {p: {name: figure(lambda p=p, w=w: graphed_vs_eager(run, p, *w))
+                                            for name, w in pairs.items()} for p, pairs in GRAPHED_PAIRS.items()},
         "mixup_vanilla_ratio": {p: {mode: figure(lambda p=p, c=c: img_ratio(run, p, c, "mixup", "vanilla"),
                                                  target=MIXUP_TARGET)
-                                    for mode, c in (("eager", "optimized"), ("compiled", "compiled"),
-                                                    ("cuda-graph", "graphed"))[:3 if p == "cifar-r18" else 2]}
+                                    for mode, c in MIXUP_RATIO_WAYS.get(p, MIXUP_RATIO_WAYS["*"])}
                                 for p in TRAIN_PRESETS},
         "automix_mixup_step_ratio": per_preset(step_ratio, both),
         "gpu_busy_share": per_preset(profiled, both, "automix", "gpu_busy_share", "GPU-busy time / step time"),

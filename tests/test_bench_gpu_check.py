@@ -32,6 +32,8 @@ FIGURES = [
     "vanilla_img_per_s_cuda_graph.cifar-r18",
     "cuda_graph_vs_eager_weights.imagenet-r50.automix", "cuda_graph_vs_eager_weights.cifar-r18.automix",
     "cuda_graph_vs_eager_weights.cifar-r18.vanilla", "cuda_graph_vs_eager_weights.cifar-r18.mixup",
+    "cuda_graph_vs_eager_weights.cifar-r18.automix-compiled-step",
+    "cuda_graph_vs_eager_weights.imagenet-r50.vanilla-compiled",
     *(f"mixup_vanilla_ratio.{p}.{m}" for p in ("cifar-r18", "imagenet-r18", "imagenet-r50") for m in ("eager", "compiled")),
     "mixup_vanilla_ratio.cifar-r18.cuda-graph",
     "automix_mixup_step_ratio.imagenet-r50", "automix_mixup_step_ratio.cifar-r18",

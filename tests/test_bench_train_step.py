@@ -49,3 +49,10 @@ def test_rows_past_the_time_budget_are_recorded_as_skipped(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [(r["config"], r["mix"], r["skipped"]) for r in rows] == [
         ("optimized", mix, "not started: past the 0 s budget") for mix in ("vanilla", "mixup")]
+
+
+def test_graphed_compiled_rows_refuse_a_compile_mode_that_captures_graphs(capsys):
+    with pytest.raises(SystemExit):
+        bench_train_step.main(["--device", "cpu", "--runs", "graphed-compiled:vanilla", "--compile-mode",
+                               "reduce-overhead"])
+    assert "--compile-mode reduce-overhead captures CUDA graphs of its own" in capsys.readouterr().err

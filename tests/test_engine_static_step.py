@@ -172,15 +172,15 @@ def test_static_step_under_torchrun_all_reduces_as_the_eager_step(kw, process_gr
 ], ids=["automix-step-bf16", "mixup-encoders"])
 def test_static_step_runs_compiled_code_as_the_eager_compiled_step(kw):
     """--cuda-graph with --torchcompile: the static step runs the compiled encoders, or AutoMix's
-    compiled loss step fed the buffers (its plain-mixup choice a tensor: one graph per kind of
-    step), and trains as the eager compiled run bit for bit; its steps compile a few graphs once
-    (none per step: a replayed graph never meets a recompile)."""
+    compiled loss step fed the buffers (its plain-mixup choice a tensor, as the eager compiled
+    step's), and trains as the eager compiled run bit for bit; the buffers pass the guards of the
+    eager run's graphs, so it compiles nothing new (a replayed graph never meets a recompile)."""
     torch._dynamo.reset()
     eager = train(False, **kw)
     counters = torch._dynamo.utils.counters
     counters.clear()
     static = train(True, **kw)
-    assert static[3].static_steps >= 10 and counters["stats"]["unique_graphs"] <= 2
+    assert static[3].static_steps >= 10 and counters["stats"].get("unique_graphs", 0) == 0
     assert_same_training(eager, static)
 
 
@@ -199,8 +199,7 @@ def test_capture_note_reports_new_graphs_once():
     assert stepper.capture_note() is None  # a CPU captures nothing
     stepper.graphs = {("micro", True): None, ("update", True): None, ("micro", False): None}
     stepper.capture_seconds = {("micro", True): 0.5, ("update", True): 0.25}
-    assert stepper.capture_note() == ("CUDA graphs: 2 captured (1 kind of step, micro-batch and update each) in 0.8 s; "
-                                      "replayed from then on (3 in all)")
+    assert stepper.capture_note() == "CUDA graphs: 2 captured (1 kind of step) in 0.8 s; replayed from then on (3 in all)"
     assert stepper.capture_note() is None
 
 
@@ -351,6 +350,7 @@ def test_cuda_graph_flag_runs_mixup_cutmix(tmp_path, capsys):
     (["--opt", "apex_sgd"], "--cuda-graph needs --opt sgd or adamw"),
     (["--torchcompile", "--torchcompile-mode", "reduce-overhead"],
      "--cuda-graph does not combine with --torchcompile-mode reduce-overhead"),
+    (["--torchcompile", "cudagraphs"], "--cuda-graph does not combine with --torchcompile cudagraphs"),
     (["--amp", "--amp-dtype", "float16"], "--cuda-graph needs --amp-dtype bfloat16 or --no-amp"),
 ])
 def test_cuda_graph_refuses_what_it_cannot_capture_in_one_line(tmp_path, capsys, flags, says):
@@ -371,12 +371,15 @@ def deterministic_cudnn():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("policy", ["automix", "vanilla", "mixup"])
-def test_captured_cuda_graphs_train_as_the_eager_step(policy, deterministic_cudnn):
+@pytest.mark.parametrize("policy,compile_scope", [("automix", None), ("vanilla", None), ("mixup", None),
+                                                  ("automix", "step"), ("mixup", "encoders")])
+def test_captured_cuda_graphs_train_as_the_eager_step(policy, compile_scope, deterministic_cudnn):
     """On CUDA: each kind's micro-batch and update captured once and replayed (Triton kernels,
-    channels-last, both kinds of step, both plain-mixup choices) train as the eager step does, up
-    to the float32 rounding of the learning rate and the GPU's atomics."""
-    kw = dict(policy=policy, device="cuda", channels_last=True, epochs=3)
+    channels-last, both kinds of step, both plain-mixup choices; inductor's code with
+    `compile_scope`) train as the eager step does (compiled alike), up to the float32 rounding of
+    the learning rate and the GPU's atomics."""
+    torch._dynamo.reset()
+    kw = dict(policy=policy, device="cuda", channels_last=True, epochs=3, compile_scope=compile_scope)
     if policy == "automix":
         kw.update(mix_block_every=2, lam_margin=0.3)
     if policy == "mixup":

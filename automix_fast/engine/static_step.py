@@ -238,9 +238,8 @@ class StaticStep(EagerStep):
             return None
         captured, self.capture_seconds = self.capture_seconds, {}
         kinds = len({kind for _, kind in captured})
-        return (f"CUDA graphs: {len(captured)} captured ({kinds} kind{'s' * (kinds != 1)} of step, micro-batch and "
-                f"update each) in {sum(captured.values()):.1f} s; replayed from then on "
-                f"({len(self.graphs)} in all)")
+        return (f"CUDA graphs: {len(captured)} captured ({kinds} kind{'s' * (kinds != 1)} of step) in "
+                f"{sum(captured.values()):.1f} s; replayed from then on ({len(self.graphs)} in all)")
 
 
 def check_static(ctx: StepContext) -> None:

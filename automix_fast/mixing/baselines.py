@@ -219,11 +219,8 @@ class MixupCutmix(Mixer):
         """The elem/pair modes' loss from their draws on x's device (`draws_tensor`): one lerp,
         weight 0 inside a box (the partner's pixel, exactly), lam_mixup elsewhere (1: the sample's
         own pixel, exactly)."""
-        h, w = x.shape[-2:]
-        rows_i = torch.arange(h, device=x.device, dtype=torch.float32).view(1, h, 1)
-        cols_i = torch.arange(w, device=x.device, dtype=torch.float32).view(1, 1, w)
         b = draws[:, :4, None, None]
-        inside = (rows_i >= b[:, 0]) & (rows_i < b[:, 1]) & (cols_i >= b[:, 2]) & (cols_i < b[:, 3])
+        inside = box_mask(x, (b[:, 0], b[:, 1], b[:, 2], b[:, 3]))  # (n, h, w)
         weight = torch.where(inside, 0.0, draws[:, 4, None, None]).unsqueeze(1).to(x.dtype)
         x_mix = torch.lerp(x[partner], x, weight)
         loss = mix_cross_entropy(self.model(x_mix), y, partner, draws[:, 5], self.smoothing)
@@ -232,7 +229,8 @@ class MixupCutmix(Mixer):
     # The static-buffer step (see Mixer.static_step): the batch mode's steps come in three kinds
     # (not mixed, mixup, cutmix: one graph each), the elem/pair modes' in one.
     static_step = True
-    STATIC_SCALARS = ("lam", "partner", "box_y0", "box_y1", "box_x0", "box_x1")
+    BOX_SCALARS = ("box_y0", "box_y1", "box_x0", "box_x1")
+    STATIC_SCALARS = ("lam", "partner", *BOX_SCALARS)
 
     def step_kind(self, step: int):
         return self.choose(step) if self.mode == "batch" else "per_sample"
@@ -258,7 +256,7 @@ class MixupCutmix(Mixer):
         else:
             draws = self.batch_draws(n, h, w, step) or {"lam": 0.0, "perm": None, "box": None}
             box, lam = draws["box"] or (0, 0, 0, 0), draws["lam"]
-            values.update(lam=lam, partner=1.0 - lam, **dict(zip(self.STATIC_SCALARS[2:], box)))
+            values.update(lam=lam, partner=1.0 - lam, **dict(zip(self.BOX_SCALARS, box)))
             partner = draws["perm"]
         buffers["scalars"].fill(values)
         if partner is not None:
@@ -270,10 +268,20 @@ class MixupCutmix(Mixer):
                 loss, logs = self.per_sample_loss(x, y, buffers["draws"], buffers["perm"])
             else:
                 sc = buffers["scalars"]
-                box = tuple(sc[k] for k in self.STATIC_SCALARS[2:])
+                box = tuple(sc[k] for k in self.BOX_SCALARS)
                 loss, logs = self.batch_loss(x, y, kind, DeviceLambda(sc["lam"], sc["partner"]), buffers["perm"], box)
         backward(loss)
         return loss.detach(), logs
+
+
+def box_mask(x: torch.Tensor, box) -> torch.Tensor:
+    """The pixels of x's h x w images inside `box` (y0, y1, x0, x1: tensors that broadcast against
+    (h, w), as 0-d or (n, 1, 1) ones do), as a bool tensor of the broadcast shape."""
+    h, w = x.shape[-2:]
+    rows = torch.arange(h, device=x.device, dtype=torch.float32).view(h, 1)
+    cols = torch.arange(w, device=x.device, dtype=torch.float32).view(1, w)
+    y0, y1, x0, x1 = box
+    return (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
 
 
 def paste_box(x: torch.Tensor, perm: torch.Tensor, box) -> torch.Tensor:
@@ -282,11 +290,7 @@ def paste_box(x: torch.Tensor, perm: torch.Tensor, box) -> torch.Tensor:
     wherever the box lies, and the same values)."""
     y0, y1, x0, x1 = box
     if isinstance(y0, torch.Tensor):
-        h, w = x.shape[-2:]
-        rows = torch.arange(h, device=x.device, dtype=torch.float32).view(h, 1)
-        cols = torch.arange(w, device=x.device, dtype=torch.float32).view(1, w)
-        inside = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
-        return torch.where(inside, x[perm], x)
+        return torch.where(box_mask(x, box), x[perm], x)
     x_mix = x.clone()  # clone keeps x's memory format
     x_mix[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]  # gathers only the box
     return x_mix
