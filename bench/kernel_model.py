@@ -84,10 +84,8 @@ def inflight_bytes_per_thread(kernel: str, constexprs: dict, warps: int, dtype: 
     """Image bytes one thread loads per loop iteration (what it can have outstanding)."""
     threads = 32 * warps
     e = ESIZE[dtype]
-    if kernel == "_fwd":
-        if constexprs.get("CHANNELS_INNER"):
-            return 2 * constexprs["BLOCK_P"] * e // threads
-        return 2 * constexprs["BLOCK_P"] * constexprs["BLOCK_C"] * e // threads
+    if kernel == "_fwd":  # one channel plane of x and x[perm] a step when the channels are a loop
+        return 2 * constexprs["ROWS"] * constexprs["BLOCK_E"] * e // threads
     if kernel == "_bwd_rows":
         per_row = constexprs["BLOCK_X"] * (1 if constexprs.get("CHANNELS_INNER") else constexprs["BLOCK_C"])
         return 3 * constexprs["ROWS"] * per_row * e // threads

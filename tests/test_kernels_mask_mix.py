@@ -105,6 +105,15 @@ def test_many_channels_and_wide_logits(mode, channels_last, device):
     _check(1, 5, 3, 70, 9, 150, mode, torch.float32, device, channels_last=channels_last)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_rows_wider_than_a_forward_chunk(mode, channels_last, device):
+    # The forward walks a row in 256-element chunks: W = 300 is two pixel chunks (the second
+    # partly masked), channels-last with C = 4 five element chunks; 21 image rows over 4 logit
+    # rows give a logit row 5 or 6 image rows (nearest; bilinear 3 to 8), odd counts for 2-row steps.
+    _check(2, 4, 4, 9, 21, 300, mode, torch.float32, device, channels_last=channels_last)
+
+
 @pytest.mark.parametrize("mode", ["nearest", "bilinear"])
 @pytest.mark.parametrize("x_channels_last", [True, False], ids=["x-nhwc-g-nchw", "x-nchw-g-nhwc"])
 def test_image_and_gradient_in_different_layouts(x_channels_last, mode, device):
@@ -117,11 +126,15 @@ def test_image_and_gradient_in_different_layouts(x_channels_last, mode, device):
                  scale=float(ref.abs().max()))
 
 
+@pytest.mark.parametrize("view", ["rows", "columns-nhwc"])
 @pytest.mark.parametrize("mode", ["nearest", "bilinear"])
-def test_strided_image(mode, device):
-    # Neither contiguous nor channels_last: a row-subsampled view; x_mix comes back contiguous.
-    x_big = torch.randn(2, 3, 34, 17, device=device)
-    x = x_big[:, :, ::2, :]
+def test_strided_image(mode, view, device):
+    # Neither contiguous nor channels_last: a row-subsampled view, or a column-subsampled view of
+    # a channels-last batch (pixels 2 C elements apart); x_mix comes back contiguous.
+    if view == "rows":
+        x = torch.randn(2, 3, 34, 17, device=device)[:, :, ::2, :]
+    else:
+        x = torch.randn(2, 3, 17, 34, device=device).contiguous(memory_format=torch.channels_last)[..., ::2]
     _check(2, 3, 4, 4, 17, 17, mode, torch.float32, device, channels_last=False, x=x)
 
 

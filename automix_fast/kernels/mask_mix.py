@@ -29,16 +29,27 @@ with either term absent when g or gs is. Cells differ in size when H is not a mu
 (32 px over 7 cells: 4 or 5 rows) and are empty when H < h.
 
 Design:
-- `_fwd`: one program per (BLOCK_P pixels, sample), a [BLOCK_P, BLOCK_C] tile per channel
-  chunk. s is computed once per pixel and reused for every channel; the partner image is
-  read through perm[n] inside the kernel (x[perm] is never built). x_mix is written in x's
-  memory format through its strides (channels_last stays channels_last, nothing is made
-  contiguous). Channels-last x and x_mix (CHANNELS_INNER) are indexed by flat element
-  e = p * C + c instead, one dense run per image, so every load and store is a 16-byte vector
-  whatever C is (a (pixel, channel) tile with p * C offsets compiles to scalar accesses).
-  Otherwise, when the pixels are equally strided (contiguous), the pixel offset is
-  p * stride_w, which lets the compiler see contiguous runs. s_mean: each program writes the sum of its pixels' s to a partial buffer
-  (N, pixel blocks), summed afterwards in a fixed order: deterministic, no atomics.
+- `_fwd`: one program per (chunk of BLOCK_E row elements, logit row a, sample), walking the
+  image rows whose source row (i0 in bilinear mode) is a, [y_first, y_end), found exactly as
+  in the nearest backward (`_cell_start`), ROWS rows a step (tile sizes: `_fwd_tile`).
+  Channels-last x and x_mix (CHANNELS_INNER) are walked by flat element e = x * C + c of a row
+  (C a constexpr: e // C is a multiply), one warp holding both rows of its columns; otherwise
+  by pixel, one channel plane after another, through x's and x_mix's own strides (a warp a
+  row when rows are long). What the rows share is computed once per chunk element before the walk: in nearest
+  mode s itself (every pixel of cell (a, x0) has z = logits[a, x0]: one gather and one
+  sigmoid per chunk element, not per image element); in bilinear mode the logit rows a and a1
+  interpolated along x, z_a = (1 - lx) v[a, x0] + lx v[a, x1], so a row's z is
+  (1 - ly) z_a + ly z_a1 (the operations of interpolating each pixel directly, in the same
+  order). Per image element the walk then does two loads, the lerp and a store (bilinear:
+  also z, its sigmoid and the s_mean term). The partner image is read through perm[n] inside
+  the kernel (x[perm] is never built); x_mix is written in x's memory format (channels_last
+  stays channels_last, nothing is made contiguous). Chunks start at multiples of BLOCK_E and
+  rows at y * stride_h, so where the row stride is a multiple of 16 elements (224 and 32 px
+  images) the loads and stores are 16-byte vectors, 8 consecutive elements of a row a lane.
+  s_mean: each program writes the sum of s over its pixels (nearest: rows x the chunk's sum)
+  to a partial buffer (N, h x chunks), summed afterwards in a fixed order: deterministic, no
+  atomics. At ImageNet bf16 channels-last (sm_90): ~2.5 SASS instructions per image byte in
+  nearest mode, ~5.9 in bilinear (a sigmoid per image element), 64 / 114 registers, no spills.
 - Nearest backward, `_bwd_nearest`: one kernel, no atomics, no buffer, one one-warp program per
   (logit row a, sample) covering the whole image width, so rows are read as contiguous runs
   across cell borders (a program per cell would start its loads at unaligned cell borders) and
@@ -115,16 +126,27 @@ def _nearest_src(dst, in_size, scale):
 
 
 @triton.jit
-def _cell_start(a, out_size, in_size, scale, inv_scale):
-    """The first output index whose nearest source index is >= a (out_size when there is none).
+def _cell_start(a, out_size, in_size, scale, inv_scale, BILINEAR: tl.constexpr = False):
+    """The first output index whose source index (i0 in bilinear mode) is >= a (out_size when there is none).
 
     The index map is monotone, so this is the number of indices before the boundary: counted
-    with the exact forward index over an 8-index window from a * inv_scale - 3, which holds
-    the boundary (float rounding moves it by far less than a pixel)."""
-    base = tl.floor(a.to(tl.float32) * inv_scale).to(tl.int32) - 3
-    k = base + tl.arange(0, 8)
-    before = (k < out_size) & (_nearest_src(k, in_size, scale) < a)
-    return tl.minimum(base + tl.sum(before.to(tl.int32), axis=0), out_size)
+    with the exact forward index over an 8-index window from the boundary's estimate minus 3
+    (nearest: a * inv_scale, bilinear: (a + 0.5) * inv_scale - 0.5), which holds the boundary
+    (float rounding moves it by far less than an index). Bilinear i0 clamps to 0 below the
+    image, so a = 0 starts at 0 (every index maps to i0 >= 0)."""
+    if BILINEAR:
+        base = tl.floor((a.to(tl.float32) + 0.5) * inv_scale - 0.5).to(tl.int32) - 3
+        k = base + tl.arange(0, 8)
+        src, _, _ = _src_index(k, in_size, scale, True)
+    else:
+        base = tl.floor(a.to(tl.float32) * inv_scale).to(tl.int32) - 3
+        k = base + tl.arange(0, 8)
+        src = _nearest_src(k, in_size, scale)
+    before = (k < out_size) & (src < a)
+    start = tl.minimum(base + tl.sum(before.to(tl.int32), axis=0), out_size)
+    if BILINEAR:
+        start = tl.where(a == 0, 0, start)
+    return start
 
 
 @triton.jit
@@ -167,56 +189,72 @@ def _sigmoid(z):
 
 @triton.jit
 def _fwd(LOG, X, PERM, OUT, PART,
-         H, W, h, w, C, scale_h, scale_w, n_pblocks,
+         H, W, h, w, scale_h, scale_w, inv_scale_h, n_chunks,
          sln, slh, slw, sxn, sxc, sxh, sxw, son, soc, soh, sow, spn,
-         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BILINEAR: tl.constexpr, FLAT: tl.constexpr,
+         C: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr, BILINEAR: tl.constexpr,
          CHANNELS_INNER: tl.constexpr):
-    pid_p = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
+    pid_e = tl.program_id(0)
+    a = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    # The image rows whose source row (i0 in bilinear mode) is logit row a, exactly: [y_first, y_end).
+    y_first = _cell_start(a, H, h, scale_h, inv_scale_h, BILINEAR)
+    y_end = tl.where(a + 1 < h, _cell_start(a + 1, H, h, scale_h, inv_scale_h, BILINEAR), H)
+    # Row geometry (row_len, per_pixel, planes, element strides of x and x_mix): channels-last x
+    # and x_mix are walked by flat element e = x * C + c of a row; otherwise by pixel e = x, one
+    # channel plane after another, through x's and x_mix's own strides.
+    if CHANNELS_INNER:
+        row_len, per_pixel, planes, sxe, soe = W * C, C, 1, 1, 1
+    else:
+        row_len, per_pixel, planes, sxe, soe = W, 1, C, sxw, sow
+    ee = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    mask_e = ee < row_len
+    px = ee // per_pixel
+    first = mask_e & (ee == px * per_pixel)  # a pixel's first element: counted once in s_mean
+    # What every row of the program shares, once per element of the chunk: nearest, s itself
+    # (every pixel of cell (a, x0) has z = logits[a, x0]); bilinear, the two logit rows a and a1
+    # interpolated along x (each row then mixes them with its own weight ly).
+    l_base = LOG + n * sln
+    if BILINEAR:
+        a1 = a + (a < h - 1).to(tl.int32)
+        x0, x1, lx = _src_index(px, w, scale_w, True)
+        v00 = tl.load(l_base + a * slh + x0 * slw, mask=mask_e, other=0.0).to(tl.float32)
+        v01 = tl.load(l_base + a * slh + x1 * slw, mask=mask_e, other=0.0).to(tl.float32)
+        v10 = tl.load(l_base + a1 * slh + x0 * slw, mask=mask_e, other=0.0).to(tl.float32)
+        v11 = tl.load(l_base + a1 * slh + x1 * slw, mask=mask_e, other=0.0).to(tl.float32)
+        z_a = ((1.0 - lx) * v00 + lx * v01)[None, :]
+        z_a1 = ((1.0 - lx) * v10 + lx * v11)[None, :]
+        s_acc = tl.zeros((ROWS, BLOCK_E), dtype=tl.float32)
+    else:
+        z = tl.load(l_base + a * slh + _nearest_src(px, w, scale_w) * slw, mask=mask_e, other=0.0).to(tl.float32)
+        s_col = _sigmoid(z)
+        s = s_col[None, :]
     partner = tl.load(PERM + n).to(tl.int64)
     x_base = X + n * sxn
     p_base = X + partner * sxn
     o_base = OUT + n * son
-    if CHANNELS_INNER:
-        # Channels-last x and x_mix: the image is one run of H*W*C elements, so a program
-        # takes BLOCK_P consecutive elements e = p * C + c (not pixels) and its loads and
-        # stores are contiguous and 16-byte aligned, whatever C is.
-        offs_e = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_e = offs_e < H * W * C
-        pix = offs_e // C
-        yy = pix // W
-        xx = pix % W
-        z = _mask_logit(LOG + n * sln, slh, slw, yy, xx, mask_e, h, w, scale_h, scale_w, BILINEAR)
-        s = _sigmoid(z)
-        a = tl.load(x_base + offs_e, mask=mask_e, other=0.0).to(tl.float32)
-        b = tl.load(p_base + offs_e, mask=mask_e, other=0.0).to(tl.float32)
-        # torch.lerp's two-sided formula, so fp32 results match the reference bit for bit.
-        mixed = tl.where(s < 0.5, a + s * (b - a), b - (b - a) * (1.0 - s))
-        tl.store(o_base + offs_e, mixed.to(OUT.dtype.element_ty), mask=mask_e)
-        s_sum = tl.sum(tl.where(mask_e & (offs_e - pix * C == 0), s, 0.0), axis=0)  # each pixel once
-    else:
-        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < H * W
-        yy = offs_p // W
-        xx = offs_p % W
-        z = _mask_logit(LOG + n * sln, slh, slw, yy, xx, mask_p, h, w, scale_h, scale_w, BILINEAR)
-        s = _sigmoid(z)
-        if FLAT:
-            pix_x = offs_p * sxw
-            pix_o = offs_p * sow
-        else:
-            pix_x = yy * sxh + xx * sxw
-            pix_o = yy * soh + xx * sow
-        s2 = s[:, None]
-        for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            m2 = mask_p[:, None] & (offs_c < C)[None, :]
-            a = tl.load(x_base + pix_x[:, None] + offs_c[None, :] * sxc, mask=m2, other=0.0).to(tl.float32)
-            b = tl.load(p_base + pix_x[:, None] + offs_c[None, :] * sxc, mask=m2, other=0.0).to(tl.float32)
-            mixed = tl.where(s2 < 0.5, a + s2 * (b - a), b - (b - a) * (1.0 - s2))
-            tl.store(o_base + pix_o[:, None] + offs_c[None, :] * soc, mixed.to(OUT.dtype.element_ty), mask=m2)
-        s_sum = tl.sum(tl.where(mask_p, s, 0.0), axis=0)
-    tl.store(PART + n * spn + pid_p, s_sum)
+    for r0 in range(y_first, y_end, ROWS):
+        yy = r0 + tl.arange(0, ROWS)
+        row_in = yy < y_end
+        m2 = row_in[:, None] & mask_e[None, :]
+        if BILINEAR:
+            _, _, ly = _src_index(yy, h, scale_h, True)
+            ly = ly[:, None]
+            s = _sigmoid((1.0 - ly) * z_a + ly * z_a1)
+            s_acc += tl.where(row_in[:, None], s, 0.0)
+        xo = yy[:, None] * sxh + ee[None, :] * sxe
+        oo = yy[:, None] * soh + ee[None, :] * soe
+        for c in range(0, planes):
+            x_own = tl.load(x_base + c * sxc + xo, mask=m2, other=0.0).to(tl.float32)
+            x_partner = tl.load(p_base + c * sxc + xo, mask=m2, other=0.0).to(tl.float32)
+            # torch.lerp's two-sided formula, so fp32 results match the reference bit for bit.
+            mixed = tl.where(s < 0.5, x_own + s * (x_partner - x_own), x_partner - (x_partner - x_own) * (1.0 - s))
+            tl.store(o_base + c * soc + oo, mixed.to(OUT.dtype.element_ty), mask=m2)
+    if BILINEAR:
+        s_sum = tl.sum(tl.sum(tl.where(first[None, :], s_acc, 0.0), axis=1), axis=0)
+    else:  # every row has the chunk's s; a logit row with no image row adds 0 (not 0 x s: NaN for a NaN logit)
+        rows = (y_end - y_first).to(tl.float32)
+        s_sum = tl.where(y_end > y_first, rows * tl.sum(tl.where(first, s_col, 0.0), axis=0), 0.0)
+    tl.store(PART + n * spn + a * n_chunks + pid_e, s_sum)
 
 
 @triton.jit
@@ -397,12 +435,6 @@ def _scale(in_size: int, out_size: int) -> float:
     return float(np.float32(in_size) / np.float32(out_size))
 
 
-def _flat_pixels(t: torch.Tensor) -> bool:
-    """True when pixel (y, x) sits at (y * W + x) * stride(3): contiguous and channels_last are."""
-    H, W = t.shape[-2:]
-    return H == 1 or t.stride(2) == W * t.stride(3)
-
-
 def _channels_inner(t: torch.Tensor) -> bool:
     """True when each image of t is one dense run in (y, x, c) order: channels_last, not a view."""
     N, C, H, W = t.shape
@@ -414,6 +446,26 @@ _FWD_PLANS: dict = {}
 _BWD_PLANS: dict = {}
 
 
+def _fwd_tile(H: int, h: int, row_len: int, channels_inner: bool) -> tuple[int, int, int]:
+    """(ROWS, BLOCK_E, warps) of the forward: a tile of ROWS image rows x BLOCK_E row elements.
+
+    A 256-element row chunk is 8 elements a lane, 16 bytes in fp16/bf16 (32 in fp32). Channels-
+    last: 2 rows a step in one warp (as many instructions a byte as 1 row, twice the bytes in
+    flight); a lane holds both rows of its columns. Pixel rows: 2 rows a step, a warp each, the
+    channel-plane loop unrolled; a plane's loads wait for the previous plane's store (x_mix may
+    alias x as far as the compiler knows), so the bytes in flight come from resident warps, and
+    an ImageNet grid has 27 programs an SM: 2 warps a program keep twice as many loads in
+    flight as 1 (one warp with both rows: a loop over the planes, 147 registers in bilinear mode).
+    A row of at most 128 elements gets a narrower tile and more rows (up to a logit row's), one
+    warp, still 8 elements a lane."""
+    cell_rows = pow2(cdiv(H, h))
+    if row_len > 128:
+        rows = min(cell_rows, 2)
+        return rows, 256, 1 if channels_inner else rows
+    rows = min(cell_rows, 256 // pow2(row_len, 8))
+    return rows, max(pow2(row_len, 8), 256 // rows), 1
+
+
 def _fwd_plan(logits: torch.Tensor, x: torch.Tensor, mode: str) -> tuple:
     """(x_mix shape and strides, partial buffer shape and strides, grid, scalar arguments, launch
     keywords, H * W as a 0-d float32 CPU tensor) of the forward launch for this signature."""
@@ -422,28 +474,20 @@ def _fwd_plan(logits: torch.Tensor, x: torch.Tensor, mode: str) -> tuple:
     memory_format = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     out = torch.empty(x.shape, device="meta", memory_format=memory_format)  # x_mix's layout
     channels_inner = _channels_inner(x) and _channels_inner(out)
-    if channels_inner:  # BLOCK_P counts elements: 8 per thread, 16-32 bytes each
-        # 1024 (4 warps) for small images, so a CIFAR batch still spreads over every SM.
-        block_p = 2048 if H * W * C >= 16384 else pow2(H * W * C, 128, 1024)
-        n_pblocks = cdiv(H * W * C, block_p)
-        warps = max(1, block_p // 256)
-    else:
-        # 512 pixels for images up to 2048 pixels: a CIFAR batch of 100 gets 200 programs, not 100.
-        block_p = 1024 if H * W > 2048 else pow2(H * W, 16, 512)
-        n_pblocks = cdiv(H * W, block_p)
-        warps = 4 if block_p <= 512 else 8
-    block_c = pow2(C, hi=4)
-    partial = (N, n_pblocks)
+    row_len = W * C if channels_inner else W
+    rows, block_e, warps = _fwd_tile(H, h, row_len, channels_inner)
+    n_chunks = cdiv(row_len, block_e)
+    partial = (N, h * n_chunks)
     partial_stride = layout(partial)
     # logits is passed whole with the strides of logits[:, 0] (the same address: no view to build).
-    args = (H, W, h, w, C, _scale(h, H), _scale(w, W), n_pblocks,
+    args = (H, W, h, w, _scale(h, H), _scale(w, W), H / h, n_chunks,
             logits.stride(0), *logits.stride()[2:], *x.stride(), *out.stride(), partial_stride[0])
-    kwargs = dict(BLOCK_P=block_p, BLOCK_C=block_c, BILINEAR=(mode == "bilinear"),
-                  FLAT=_flat_pixels(x) and _flat_pixels(out), CHANNELS_INNER=channels_inner, num_warps=warps)
+    kwargs = dict(C=C, ROWS=rows, BLOCK_E=block_e, BILINEAR=(mode == "bilinear"), CHANNELS_INNER=channels_inner,
+                  num_warps=warps)
     # s_mean = sum of the partials / (H * W); a 0-d CPU tensor divides as the Python int does
     # (the same float32 division), without wrapping the int into a tensor on every call.
     hw = torch.tensor(H * W, dtype=torch.float32)
-    return x.shape, out.stride(), partial, partial_stride, (n_pblocks, N), args, kwargs, hw
+    return x.shape, out.stride(), partial, partial_stride, (n_chunks, h, N), args, kwargs, hw
 
 
 def mask_mix_forward(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, mode: str):
