@@ -44,9 +44,10 @@ def _loss(x_mix, s_mean, g, gs, use_g=True, use_gs=True):
 
 
 def _check(N, C, h, w, H, W, mode, dtype, device, channels_last, logits_dtype=torch.float32,
-           use_g=True, use_gs=True, x=None):
-    logits, x0, perm, g, gs = _inputs(N, C, h, w, H, W, dtype, device, channels_last, logits_dtype)
+           use_g=True, use_gs=True, x=None, perm=None):
+    logits, x0, perm0, g, gs = _inputs(N, C, h, w, H, W, dtype, device, channels_last, logits_dtype)
     x = x0 if x is None else x
+    perm = perm0 if perm is None else perm
     tag = f"N={N} C={C} {h}x{w}->{H}x{W} {mode} {dtype} channels_last={channels_last}"
     x_mix, s_mean = ops.mask_mix(logits, x, perm, mode=mode, backend="triton")
     ref_mix, ref_mean = ops.reference.mask_mix(logits, x, perm, mode)
@@ -136,6 +137,14 @@ def test_strided_image(mode, view, device):
     else:
         x = torch.randn(2, 3, 17, 34, device=device).contiguous(memory_format=torch.channels_last)[..., ::2]
     _check(2, 3, 4, 4, 17, 17, mode, torch.float32, device, channels_last=False, x=x)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_strided_permutation(mode, device):
+    """perm as a strided view (every other element of a longer tensor): the kernels read perm[n]."""
+    perm = torch.stack([torch.randperm(3), torch.zeros(3, dtype=torch.long)], dim=1).reshape(-1)[::2].to(device)
+    assert perm.stride() == (2,)
+    _check(3, 3, 4, 4, 16, 16, mode, torch.float32, device, channels_last=True, perm=perm)
 
 
 @pytest.mark.parametrize("mode", ["nearest", "bilinear"])

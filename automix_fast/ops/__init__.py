@@ -157,6 +157,8 @@ def mask_mix(logits, x, perm, *, mode: str = "nearest", backend: str = "auto"):
     perm must hold indices in [0, N) (a permutation in practice); its values are not checked,
     since reading them would wait on the device.
     """
+    if isinstance(perm, torch.Tensor) and perm.dim() == 1 and perm.stride(0) != 1:
+        perm = perm.contiguous()  # the kernels read partner n at perm's address + n
     key = None
     if not torch.compiler.is_compiling() and isinstance(logits, torch.Tensor) and isinstance(x, torch.Tensor) \
             and isinstance(perm, torch.Tensor) and type(mode) is str and type(backend) is str:
