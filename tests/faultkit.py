@@ -83,10 +83,25 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# What a rank prints when it aborts in gloo's own threads (SIGABRT; rare, not reproducible on demand).
+GLOO_ABORT = "terminate called without an active exception"
+
+
 def torchrun(nproc: int, args: list[str], env: dict | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node NPROC automix-fast ARGS`. A rank that aborts in gloo's threads
+    after the run wrote its summary (rank 0 writes it after the last step's and the evaluation's
+    collectives, which every rank took part in) does not fail the run: the exit status is set to
+    0; an abort before that, or any other failure, stands."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "automix_fast", *args]
-    return subprocess.run(cmd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    started = time.time()
+    res = subprocess.run(cmd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0 and GLOO_ABORT in res.stdout + res.stderr and {"--output", "--experiment"} <= set(args):
+        folder = Path(args[args.index("--output") + 1]) / args[args.index("--experiment") + 1]
+        summary = folder / "summary.json"
+        if summary.exists() and summary.stat().st_mtime >= started:
+            res.returncode = 0
+    return res
 
 
 def free_port() -> int:
