@@ -56,7 +56,8 @@ from automix_fast.mixing import build_mixer  # noqa: E402
 from automix_fast.models import create_model  # noqa: E402
 
 FLOOR = 2.9  # bench/README.md "The ~2.9 floor": ~8.8 backbone units per AutoMix step against 3 for mixup
-CONFIGS = ("optimized", "compiled", "compiled-step", "graphed", "graphed-compiled", "graphed-compiled-step", "reference")
+CONFIGS = ("optimized", "compiled", "compiled-step", "graphed", "graphed-compiled", "graphed-compiled-step",
+           "reference")
 COMPILE_SCOPE = {"compiled": "encoders", "compiled-step": "step", "graphed-compiled": "encoders",
                  "graphed-compiled-step": "step"}  # the --torchcompile-scope of each compiled configuration
 MIXES = ("vanilla", "mixup", "cutmix", "automix")

@@ -206,8 +206,8 @@ def check_cuda_graph(cfg: TrainConfig) -> None:
             f"needs --opt sgd or adamw (torch's fused kernels skip a bad step on the device), not --opt {cfg.optim.opt}",
             None)
     require(not (run.torchcompile and run.torchcompile_mode in CUDA_GRAPH_MODES), "cuda_graph",
-            f"does not combine with --torchcompile-mode {run.torchcompile_mode} (inductor captures CUDA graphs of its own "
-            "there): use --torchcompile-mode default or max-autotune-no-cudagraphs, or leave out one of the two", None)
+            f"does not combine with --torchcompile-mode {run.torchcompile_mode} (inductor captures CUDA graphs of its "
+            "own there): use --torchcompile-mode default or max-autotune-no-cudagraphs, or leave out one of the two", None)
     require(run.torchcompile != "cudagraphs", "cuda_graph",
             "does not combine with --torchcompile cudagraphs (that backend captures CUDA graphs of its own): use "
             "--torchcompile inductor, or leave out one of the two", None)

@@ -261,8 +261,8 @@ class RunOptions(Section):
     torchcompile_scope: str = option(
         "encoders", "what --torchcompile compiles: encoders (the model and AutoMix's momentum encoder, each on its "
         "own; evaluation runs compiled too) or step (AutoMix's whole loss step, Mix Block included, one graph per "
-        "kind of step (with and without the Mix Block branch); evaluation runs eager); vanilla, mixup and cutmix have no step graph: step "
-        "compiles their model as encoders does", choices=TORCHCOMPILE_SCOPES, resumable=True)
+        "kind of step (with and without the Mix Block branch); evaluation runs eager); vanilla, mixup and cutmix "
+        "have no step graph: step compiles their model as encoders does", choices=TORCHCOMPILE_SCOPES, resumable=True)
     cuda_graph: bool = option(
         False, "run each step from static device buffers, captured once per kind of step as CUDA graphs and "
         "replayed (every --mix, also under torchrun with the all-reduce captured and with --torchcompile in a mode "

@@ -9,8 +9,9 @@ weights: `Mixer.static_buffers`, refilled by `Mixer.fill_static` with one or two
 copies), the learning rates (tensors in the optimizer's groups, refilled by the schedule), the
 gradients, the summed loss and the logged sums. Nothing in a step branches on a per-step value
 except which graph runs: steps of one `Mixer.step_kind` (AutoMix: with or without the Mix Block
-branch; mixup/cutmix's batch mode: not mixed, mixup or cutmix) run the same operations, so on CUDA each kind's micro-batch and update are captured once
-as CUDA graphs (sharing one memory pool) and replayed; on CPU the same code runs without capture,
+branch; mixup/cutmix's batch mode: not mixed, mixup or cutmix) run the same operations, so on
+CUDA each kind's micro-batch and update are captured once as CUDA graphs (sharing one memory
+pool) and replayed; on CPU the same code runs without capture,
 which is how the tests hold it equal to the eager step bit for bit. (One difference on CUDA:
 torch's fused optimizers read a tensor learning rate as float32 there, a float one as float64,
 so the static step's LR is the float32 rounding of the eager step's.)
@@ -19,10 +20,11 @@ The first step of each kind runs eagerly: it creates the optimizer's state and n
 parameters that kind gives a gradient (a parameter without one is left out of that kind's
 update, as the eager step leaves it; under torchrun every parameter has one, zeros where the
 kind gives none, as the eager step all-reduces them). Under torchrun the gradients' all-reduce
-is part of the captured update (NCCL collectives can be captured). A batch whose shape, dtype or layout differs from the
-buffers' (a last, smaller batch) runs eagerly too; until a graph is captured the buffers follow
-the batch instead (a run whose first step is a smaller batch). A step's micro-batches are all
-fetched before its first forward (one eager step if any does not fit).
+is part of the captured update (NCCL collectives can be captured). A batch whose shape, dtype
+or layout differs from the buffers' (a last, smaller batch) runs eagerly too; until a graph is
+captured the buffers follow the batch instead (a run whose first step is a smaller batch). A
+step's micro-batches are all fetched before its first forward (one eager step if any does not
+fit).
 """
 from __future__ import annotations
 

@@ -167,19 +167,15 @@ def _footprint(first, last, out_size, in_size, inv_scale):
 
 
 @triton.jit
-def _mask_logit(l_base, slh, slw, yy, xx, mask, h, w, scale_h, scale_w, BILINEAR: tl.constexpr):
-    """interpolate(logits)[yy, xx] in fp32 (yy, xx broadcastable int32 tensors)."""
-    y0, y1, ly = _src_index(yy, h, scale_h, BILINEAR)
-    x0, x1, lx = _src_index(xx, w, scale_w, BILINEAR)
-    if BILINEAR:
-        v00 = tl.load(l_base + y0 * slh + x0 * slw, mask=mask, other=0.0).to(tl.float32)
-        v01 = tl.load(l_base + y0 * slh + x1 * slw, mask=mask, other=0.0).to(tl.float32)
-        v10 = tl.load(l_base + y1 * slh + x0 * slw, mask=mask, other=0.0).to(tl.float32)
-        v11 = tl.load(l_base + y1 * slh + x1 * slw, mask=mask, other=0.0).to(tl.float32)
-        z = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
-    else:
-        z = tl.load(l_base + y0 * slh + x0 * slw, mask=mask, other=0.0).to(tl.float32)
-    return z
+def _bilinear_logit(l_base, slh, slw, yy, xx, mask, h, w, scale_h, scale_w):
+    """interpolate(logits, mode="bilinear")[yy, xx] in fp32 (yy, xx broadcastable int32 tensors)."""
+    y0, y1, ly = _src_index(yy, h, scale_h, True)
+    x0, x1, lx = _src_index(xx, w, scale_w, True)
+    v00 = tl.load(l_base + y0 * slh + x0 * slw, mask=mask, other=0.0).to(tl.float32)
+    v01 = tl.load(l_base + y0 * slh + x1 * slw, mask=mask, other=0.0).to(tl.float32)
+    v10 = tl.load(l_base + y1 * slh + x0 * slw, mask=mask, other=0.0).to(tl.float32)
+    v11 = tl.load(l_base + y1 * slh + x1 * slw, mask=mask, other=0.0).to(tl.float32)
+    return (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
 
 
 @triton.jit
@@ -268,13 +264,16 @@ def _bwd_nearest(LOG, X, PERM, G, GS, DL,
     # The image rows of logit row a, exactly: [y_first, y_end), empty when H < h leaves a no row.
     y_first = _cell_start(a, H, h, scale_h, inv_scale_h)
     y_end = tl.where(a + 1 < h, _cell_start(a + 1, H, h, scale_h, inv_scale_h), H)
-    if CHANNELS_INNER:  # x and g channels-last: a row is one run of W * C elements e = x * C + c
+    # Row geometry, as the forward's (one assignment each: per_pixel must stay a constexpr for the
+    # interpreter): channels-last x and g are walked by flat element e = x * C + c of a row;
+    # otherwise by pixel e = x, once per channel plane, through x's and g's own strides.
+    if CHANNELS_INNER:
         row_len = W * C
         per_pixel = C
         planes = 1
         sxe = 1
         sge = 1
-    else:  # a row is W pixels e = x, read once per channel plane through x's and g's strides
+    else:
         row_len = W
         per_pixel = 1
         planes = C
@@ -369,7 +368,7 @@ def _bwd_rows(LOG, X, PERM, G, GS, T,
             ee = e0 + tl.arange(0, BLOCK_X)
             xx = ee // C
             m2 = mask_r[:, None] & (ee < W * C)[None, :]
-            z = _mask_logit(l_base, slh, slw, offs_r[:, None], xx[None, :], m2, h, w, scale_h, scale_w, True)
+            z = _bilinear_logit(l_base, slh, slw, offs_r[:, None], xx[None, :], m2, h, w, scale_h, scale_w)
             s = _sigmoid(z)
             ds = tl.zeros((ROWS, BLOCK_X), dtype=tl.float32) + tl.where((ee - xx * C) == 0, g_mean, 0.0)[None, :]
             if HAS_G:
@@ -385,7 +384,7 @@ def _bwd_rows(LOG, X, PERM, G, GS, T,
         for x0 in range(x_lo, x_hi, BLOCK_X):
             xx = x0 + tl.arange(0, BLOCK_X)
             m2 = mask_r[:, None] & (xx < W)[None, :]
-            z = _mask_logit(l_base, slh, slw, offs_r[:, None], xx[None, :], m2, h, w, scale_h, scale_w, True)
+            z = _bilinear_logit(l_base, slh, slw, offs_r[:, None], xx[None, :], m2, h, w, scale_h, scale_w)
             s = _sigmoid(z)
             ds = tl.zeros((ROWS, BLOCK_X), dtype=tl.float32) + g_mean
             if HAS_G:

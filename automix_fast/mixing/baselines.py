@@ -295,6 +295,7 @@ def paste_box(x: torch.Tensor, perm: torch.Tensor, box) -> torch.Tensor:
     x_mix[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]  # gathers only the box
     return x_mix
 
+
 def baseline_alphas(mix: str, mix_alpha: float | None, mixup: float | None, cutmix: float | None) -> tuple[float, float]:
     """(mixup alpha, cutmix alpha) of `--mix mixup|cutmix`: from timm's --mixup/--cutmix when
     given (see config.resolve_mixup_cutmix), else --mix-alpha for the named one (default
