@@ -6,6 +6,9 @@ means for the baselines, and the one-line errors. The runs use the aot_eager bac
 needs no C++ compiler."""
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
 import yaml
@@ -99,17 +102,29 @@ def test_step_compiled_automix_trains_as_eager_in_one_graph_per_kind_of_step_and
 
     code, out, err, graphs = graphs_compiled(train_args(data, tmp_path, "eager", *AUTOMIX, batch=6), capsys)
     assert code == 0, err
-    assert graphs == 0 and "torch.compile" not in out
+    assert graphs == 0 and "torch.compile" not in out and "compile_seconds" not in \
+        json.loads((tmp_path / "eager" / "summary.json").read_text())
     eager = train_losses(tmp_path / "eager")
     assert len(eager) == 8
 
     code, out, err, graphs = graphs_compiled(train_args(data, tmp_path, "step", *AUTOMIX, *COMPILED, batch=6), capsys)
     assert code == 0, err
-    note = [line for line in out.splitlines() if line.startswith("torch.compile")]
+    note = [line for line in out.splitlines() if line.startswith("torch.compile (")]
     assert note == ["torch.compile (aot_eager): the whole loss step of --mix automix (2 graphs: with and without "
                     "the Mix Block branch); the first steps are slower while it compiles; leave out "
                     "--torchcompile (or pass --no-torchcompile) to run eager"]
     assert graphs == 2  # one per kind of step over 8 steps with all four (Mix Block, plain mixup) pairs
+    # The warm-up is one line after the epoch that compiled (the first: every kind of step) and
+    # none after the second; the summary has the seconds spent compiling.
+    lines = out.splitlines()
+    warmup = [i for i, line in enumerate(lines) if line.startswith("torch.compile warm-up:")]
+    assert len(warmup) == 1, out
+    assert re.fullmatch(r"torch\.compile warm-up: \d+\.\d s compiling in this epoch \(2 frames traced"
+                        r"(, 2 backward graphs compiled)?\)", lines[warmup[0]]), lines[warmup[0]]
+    assert lines[warmup[0] - 2].startswith("epoch 1/2 done:") and lines[warmup[0] - 1].startswith("  eval ")
+    summary = json.loads((tmp_path / "step" / "summary.json").read_text())
+    assert 0 < summary["compile_seconds"] < summary["train_seconds"]
+    assert f"({summary['compile_seconds']:.0f}s of it compiling)" in out
     stored = yaml.safe_load((tmp_path / "step" / "config.yaml").read_text())
     assert (stored["torchcompile"], stored["torchcompile_mode"], stored["torchcompile_scope"]) == \
         ("aot_eager", None, "step")

@@ -91,7 +91,8 @@ def print_summary(summary: dict) -> None:
     ev = summary["eval"]
     epochs = summary["epochs"]
     print(f"\ndone: {summary['mix']} {summary['model']}, {epochs} epoch{'s' if epochs != 1 else ''} "
-          f"in {summary['train_seconds']:.0f}s")
+          f"in {summary['train_seconds']:.0f}s"
+          + (f" ({summary['compile_seconds']:.0f}s of it compiling)" if "compile_seconds" in summary else ""))
     print(f"{'head':<8} {'top-1':>7} {'top-5':>7}")
     for head in summary["heads"]:
         print(f"{head:<8} {ev[head + '_top1']:>7.2f} {ev[head + '_top5']:>7.2f}")

@@ -10,6 +10,7 @@ See docs/DISTRIBUTED.md.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -22,6 +23,7 @@ from automix_fast.config import TrainConfig, config_changes, flag_name, save_con
 from automix_fast.data import DataSpec, build_loaders
 from automix_fast.data.torch_loader import resolve_aug
 from automix_fast.engine.checkpoint import FORMAT, CheckpointManager, check_training_state, rng_state, set_rng_state
+from automix_fast.engine.compile_clock import CompileClock
 from automix_fast.engine.distributed import (all_reduce_sum, average_bn_stats, barrier, convert_sync_batchnorm,
                                              flat_allreduce_mean, init_distributed)
 from automix_fast.engine.hooks import (BadFilesRecord, BadFilesStop, Checkpoints, EpochEnd, EpochLog, Evaluation,
@@ -149,6 +151,7 @@ class Trainer:
         run = cfg.run
         self.compile_note = compile_policy(self.mixer, run.torchcompile, mode=run.torchcompile_mode,
                                            scope=run.torchcompile_scope, mix=cfg.mixing.mix) if run.torchcompile else None
+        self.compile_clock = CompileClock() if run.torchcompile else None
         self.terms = self.mixer.summed_terms  # the loss terms the shown loss sums
 
     def _build_optimizer(self) -> None:
@@ -274,13 +277,16 @@ class Trainer:
         evaluation, hooks = self._epoch_end_hooks(logger, checkpoints, stop)
         t_run = time.perf_counter()
         try:
-            ctx = self._step_context()
-            for epoch in range(self.start_epoch, self.cfg.schedule.epochs):
-                end = self._train_epoch(ctx, epoch, logger, stop)
-                for hook in hooks:
-                    hook.epoch_end(end)
-                if end.outcome is not None:
-                    return end.outcome
+            with self.compile_clock or contextlib.nullcontext():
+                ctx = self._step_context()
+                for epoch in range(self.start_epoch, self.cfg.schedule.epochs):
+                    end = self._train_epoch(ctx, epoch, logger, stop)
+                    for hook in hooks:
+                        hook.epoch_end(end)
+                    if self.compile_clock is not None and (note := self.compile_clock.note()):
+                        self.log(note)
+                    if end.outcome is not None:
+                        return end.outcome
         except NonFiniteError as e:
             raise NonFiniteError(f"{e}; {checkpoints.describe_last_good()}") from None
         except OutputError as e:
@@ -399,6 +405,7 @@ class Trainer:
             "heads": list(self.mixer.eval_heads()),
             "skipped_steps": int(self.guard.skipped.item()),
             "train_seconds": seconds,
+            **({"compile_seconds": round(self.compile_clock.seconds, 2)} if self.compile_clock else {}),
             **mask_summary(self.history),
             "stopped": False,
             "is_main": self.is_main,
