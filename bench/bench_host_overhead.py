@@ -25,11 +25,13 @@ cost of describing every argument), of:
 --allocator caching (the default) makes glibc's malloc behave for this process as the CUDA caching
 allocator does on the GPU, where these calls run in training: it never maps memory per call, and a
 freed block serves the next call's buffer. glibc, left alone, serves an allocation over 32 MB
-(x_mix at 224 px, dq/dk at ImageNet shapes) with mmap and returns it with munmap on every call, a
-cost the GPU never pays; so before any tensor is allocated the bench sets, through mallopt, no
-mmap (M_MMAP_MAX 0), no trimming (M_TRIM_THRESHOLD -1) and a 256 MiB top pad (M_TOP_PAD), the
+(x_mix at 224 px, dq/dk at ImageNet shapes) with mmap and unmaps it when freed, and returns some of
+a few MB to the system too (fp32 dq/dk at CIFAR shapes), so they are mapped again on every call, a
+cost the GPU never pays; before any tensor is allocated the bench therefore sets, through mallopt,
+no mmap (M_MMAP_MAX 0), no trimming (M_TRIM_THRESHOLD -1) and a 256 MiB top pad (M_TOP_PAD), the
 same as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_TOP_PAD_=268435456 in the
-environment. It needs glibc; --allocator system leaves malloc as it is. The JSON records the choice.
+environment. It needs glibc; --allocator system leaves malloc as it is. The JSON records the
+choice.
 """
 from __future__ import annotations
 
