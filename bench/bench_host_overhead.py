@@ -2,6 +2,7 @@
 
     python bench/bench_host_overhead.py                 # -> output/bench/host-overhead-cpu-<date>.json
     python bench/bench_host_overhead.py --presets cifar-r18 --calls 500 --output /tmp/host.json
+    python bench/bench_host_overhead.py --allocator system    # malloc left as it is (large buffers mmap'd per call)
 
 Each op runs on CPU tensors (--device meta: meta tensors) at the preset shapes of
 bench/aot_compile.py inside `automix_fast.kernels.launches.recording()`: the launchers record
@@ -20,10 +21,22 @@ cost of describing every argument), of:
              need a gradient, so the autograd node is built too);
   fwd_nograd the same call under torch.no_grad (the backbone mask, x_bb);
   bwd        the backward launchers as the autograd Function calls them.
+
+--allocator caching (the default) makes glibc's malloc behave for this process as the CUDA caching
+allocator does on the GPU, where these calls run in training: it never maps memory per call, and a
+freed block serves the next call's buffer. glibc, left alone, serves an allocation over 32 MB
+(x_mix at 224 px, dq/dk at ImageNet shapes) with mmap and unmaps it when freed, and returns some of
+a few MB to the system too (fp32 dq/dk at CIFAR shapes), so they are mapped again on every call, a
+cost the GPU never pays; before any tensor is allocated the bench therefore sets, through mallopt,
+no mmap (M_MMAP_MAX 0), no trimming (M_TRIM_THRESHOLD -1) and a 256 MiB top pad (M_TOP_PAD), the
+same as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_TOP_PAD_=268435456 in the
+environment. It needs glibc; --allocator system leaves malloc as it is. The JSON records the
+choice.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import sys
 import time
@@ -38,6 +51,26 @@ from common import environment, write_results  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PASSES = ("fwd", "fwd_nograd", "bwd")
 BUDGET_US = 20.0
+ALLOCATORS = ("caching", "system")
+# glibc's mallopt parameters (malloc.h) and the values of --allocator caching: no mmap, never
+# trim, grow the heap 256 MiB beyond each request.
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
+CACHING_MALLOPT = {"M_MMAP_MAX": (M_MMAP_MAX, 0), "M_TRIM_THRESHOLD": (M_TRIM_THRESHOLD, -1),
+                   "M_TOP_PAD": (M_TOP_PAD, 256 << 20)}
+
+
+def use_caching_allocator() -> None:
+    """Make glibc's malloc keep and reuse what this process frees (CACHING_MALLOPT); a C library
+    without mallopt, or a setting it refuses, ends the run with a one-line error."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        raise SystemExit("error: --allocator caching needs glibc's mallopt, which this C library lacks; "
+                         "use --allocator system") from None
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    for name, (param, value) in CACHING_MALLOPT.items():
+        if mallopt(param, value) == 0:
+            raise SystemExit(f"error: --allocator caching: mallopt({name}, {value}) failed; use --allocator system")
 
 
 def time_calls(fn, calls: int, recorded: list) -> dict:
@@ -97,9 +130,14 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=("cpu", "meta"),
                    help="tensors' device (default cpu): on meta, torch's own small ops (s_mean's sum and divide) "
                         "run Python reference code and dominate")
+    p.add_argument("--allocator", default="caching", choices=ALLOCATORS,
+                   help="caching (default): glibc's malloc set to reuse freed blocks and never map memory per call, "
+                        "as the CUDA caching allocator does; system: malloc as it is (large buffers mmap'd per call)")
     p.add_argument("--calls", type=int, default=3000, help="timed calls per measurement (default 3000)")
     p.add_argument("--output", default=None, help="JSON path (default output/bench/host-overhead-cpu-<date>.json)")
     args = p.parse_args(argv)
+    if args.allocator == "caching":
+        use_caching_allocator()  # before any tensor is allocated
     torch.set_num_threads(1)
 
     from automix_fast.kernels import launches
@@ -133,8 +171,12 @@ def main(argv=None) -> int:
                               f"median {row['median_us']:7.2f} us  p90 {row['p90_us']:7.2f} us  "
                               f"bare launch {row['bare_median_us']:7.2f} us{flag}")
     env = environment(torch.device("cpu"))
+    allocator = {"caching": "glibc malloc set by mallopt to reuse freed blocks, no mmap, no trimming",
+                 "system": "the C library's malloc as configured"}[args.allocator]
     payload = {"benchmark": "host-overhead", "unit": "microseconds per call", "budget_us": BUDGET_US,
-               "calls": args.calls, "method": f"{args.device} tensors, launches recorded (automix_fast.kernels.launches)",
+               "calls": args.calls, "allocator": args.allocator,
+               "method": f"{args.device} tensors, launches recorded (automix_fast.kernels.launches); "
+                         f"CPU allocator: {args.allocator} ({allocator})",
                "results": rows}
     path = write_results("host-overhead", env, payload, args.output)
     print(f"wrote {path}")
