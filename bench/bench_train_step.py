@@ -102,9 +102,12 @@ def settings(name: str, device: torch.device, compile_: bool) -> dict:
     return {"amp_dtype": None, "channels_last": False, "kernel_backend": "torch", "compile": False}
 
 
-# AutoMix with k run only up to the Mix Block's stage on the clean batch (not the official step):
-# the difference to "automix" is the cost of k's remaining stages (`k_full_forward`).
-VARIANTS = {"automix-k-to-mix-stage": ("automix", {"k_full_forward": False})}
+# Named variants of AutoMix that change what the step computes (not the official step):
+# automix-k-to-mix-stage runs k only up to the Mix Block's stage on the clean batch (the difference
+# to "automix" is the cost of k's remaining stages, `k_full_forward`); automix-q-batched runs q's
+# two passes as one over both batches (`q_batched`).
+VARIANTS = {"automix-k-to-mix-stage": ("automix", {"k_full_forward": False}),
+            "automix-q-batched": ("automix", {"q_batched": True})}
 
 
 def measure(mix: str, cfg: dict, args, device, profile: bool = False, trace: Path | None = None) -> dict:

@@ -10,8 +10,9 @@
 #                        quick mode also automix replayed as CUDA graphs, and vanilla compiled and replayed
 #   train-cifar-r18      resnet18_cifar 32 px b100: vanilla / mixup / automix eager, vanilla / mixup
 #                        compiled; automix and vanilla profiled (GPU-busy share, kernels per step);
-#                        quick mode also vanilla / mixup / automix replayed as CUDA graphs, and
-#                        automix's whole step compiled, eager and replayed
+#                        quick mode also vanilla / mixup / automix replayed as CUDA graphs,
+#                        automix's whole step compiled, eager and replayed, and automix with
+#                        --q-batched, eager and replayed
 #   train-imagenet-r18   resnet18 224 px b256: vanilla / mixup, eager and compiled
 #   loader               the torch loader (and DALI when installed) at 224 px with every CPU as a worker;
 #                        full mode also the CIFAR cases
@@ -82,7 +83,7 @@ if [ "$DRY" = 1 ]; then
   train imagenet-r50 120 "${tiny[@]}" --runs optimized:vanilla optimized:mixup optimized:automix reference:automix \
     graphed:automix --profile optimized:automix
   train cifar-r18 120 "${tiny[@]}" --runs optimized:vanilla optimized:mixup optimized:automix graphed:vanilla \
-    graphed:mixup graphed:automix --profile optimized:automix
+    graphed:mixup graphed:automix optimized:automix-q-batched graphed:automix-q-batched --profile optimized:automix
   train imagenet-r18 120 "${tiny[@]}" --runs optimized:vanilla optimized:mixup
   stage loader 120 $PY bench/bench_loader.py --device cpu --workers all -b 4 --imagenet-count 8 --warmup 1 \
     --batches 1 --only imagenet/dali,imagenet/torch-stream --cache-dir "$CACHE" --out "$OUT/loader.json"
@@ -100,13 +101,13 @@ elif [ "$MODE" = quick ]; then
   train imagenet-r50 95 --model resnet50 --img-size 224 -b 128 --num-classes 1000 --steps 8 --repeats 2 \
     --runs optimized:vanilla optimized:mixup optimized:automix graphed:automix reference:automix compiled:vanilla \
     compiled:mixup graphed-compiled:vanilla --profile optimized:automix
-  # ~100 s: ~30 of them compiling resnet18_cifar, ~40 compiling AutoMix's whole step, twice (2
+  # ~105 s: ~30 of them compiling resnet18_cifar, ~40 compiling AutoMix's whole step, twice (2
   # graphs each; the graphed one from inductor's cache; the warm-up epoch, steps 0-19 of seed 0,
   # has both kinds of step, so no compile is timed)
   train cifar-r18 110 --model resnet18_cifar --img-size 32 -b 100 --num-classes 100 --steps 20 --repeats 2 \
     --runs optimized:vanilla optimized:mixup optimized:automix graphed:vanilla graphed:mixup graphed:automix \
     compiled:vanilla compiled:mixup compiled-step:automix graphed-compiled-step:automix \
-    --profile optimized:automix optimized:vanilla
+    optimized:automix-q-batched graphed:automix-q-batched --profile optimized:automix optimized:vanilla
   # ~35 s
   train imagenet-r18 35 --model resnet18 --img-size 224 -b 256 --num-classes 1000 --steps 8 --repeats 2 \
     --runs optimized:vanilla optimized:mixup compiled:vanilla compiled:mixup

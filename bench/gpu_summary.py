@@ -323,13 +323,16 @@ def figures(run: Run) -> dict:
         "vanilla_img_per_s": {"imagenet-r50": {name: figure(lambda c=c: img_per_s(run, "imagenet-r50", c, "vanilla"))
                                                for name, c in (("eager", "optimized"), ("compiled", "compiled"),
                                                                ("cuda-graph-compiled", "graphed-compiled"))}},
-        # AutoMix per way of running the step, side by side: what the CUDA default is chosen from.
+        # AutoMix per way of running the step, side by side: what the CUDA default is chosen from
+        # (the q-batched ways change what the step computes: a named option, never the default).
         "automix_img_per_s_by_step": {
-            p: {name: figure(lambda p=p, c=c: img_per_s(run, p, c, "automix")) for name, c in ways}
-            for p, ways in (("imagenet-r50", (("eager", "optimized"), ("cuda-graph", "graphed"))),
-                            ("cifar-r18", (("eager", "optimized"), ("cuda-graph", "graphed"),
-                                           ("compiled-step", "compiled-step"),
-                                           ("cuda-graph-compiled-step", "graphed-compiled-step"))))},
+            p: {name: figure(lambda p=p, c=c, m=m: img_per_s(run, p, c, m)) for name, c, m in ways}
+            for p, ways in (("imagenet-r50", (("eager", "optimized", "automix"), ("cuda-graph", "graphed", "automix"))),
+                            ("cifar-r18", (("eager", "optimized", "automix"), ("cuda-graph", "graphed", "automix"),
+                                           ("compiled-step", "compiled-step", "automix"),
+                                           ("cuda-graph-compiled-step", "graphed-compiled-step", "automix"),
+                                           ("eager-q-batched", "optimized", "automix-q-batched"),
+                                           ("cuda-graph-q-batched", "graphed", "automix-q-batched"))))},
         "vanilla_img_per_s_cuda_graph": per_preset(img_per_s, ("cifar-r18",), "graphed", "vanilla"),
         # name: (mix, graphed row, eager row of the same code)
         "cuda_graph_vs_eager_weights": {p: {name: figure(lambda p=p, w=w: graphed_vs_eager(run, p, *w))

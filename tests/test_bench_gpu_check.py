@@ -28,7 +28,8 @@ FIGURES = [
     "vanilla_img_per_s.imagenet-r50.cuda-graph-compiled",
     "automix_img_per_s_by_step.imagenet-r50.eager", "automix_img_per_s_by_step.imagenet-r50.cuda-graph",
     *(f"automix_img_per_s_by_step.cifar-r18.{w}" for w in ("eager", "cuda-graph", "compiled-step",
-                                                           "cuda-graph-compiled-step")),
+                                                           "cuda-graph-compiled-step", "eager-q-batched",
+                                                           "cuda-graph-q-batched")),
     "vanilla_img_per_s_cuda_graph.cifar-r18",
     "cuda_graph_vs_eager_weights.imagenet-r50.automix", "cuda_graph_vs_eager_weights.cifar-r18.automix",
     "cuda_graph_vs_eager_weights.cifar-r18.vanilla", "cuda_graph_vs_eager_weights.cifar-r18.mixup",
@@ -110,7 +111,9 @@ def test_quick_dry_run_writes_every_figure(tmp_path):
     assert "no torch.compile" in found["vanilla_img_per_s.imagenet-r50.compiled"]["reason"]
     # The static step runs on the CPU too (without capture): its rates are measured.
     for name in ("automix_img_per_s_by_step.cifar-r18.cuda-graph", "automix_img_per_s_by_step.imagenet-r50.cuda-graph",
-                 "vanilla_img_per_s_cuda_graph.cifar-r18", "mixup_vanilla_ratio.cifar-r18.cuda-graph"):
+                 "vanilla_img_per_s_cuda_graph.cifar-r18", "mixup_vanilla_ratio.cifar-r18.cuda-graph",
+                 "automix_img_per_s_by_step.cifar-r18.eager-q-batched",
+                 "automix_img_per_s_by_step.cifar-r18.cuda-graph-q-batched"):
         assert found[name]["value"] > 0, name
     # ... and trains what the eager step trains (the CPU's unfused SGD against the static step's fused one).
     for name in ("cuda_graph_vs_eager_weights.imagenet-r50.automix", "cuda_graph_vs_eager_weights.cifar-r18.automix",

@@ -23,8 +23,8 @@ STORED = Path(__file__).parent / "data" / "v1_run"
 RESOLVED = {"dataset": "folder", "aug": "cifar", "num_classes": 3, "validation_batch_size": 16, "warmup_epochs": 0.25,
             "mix_alpha": 2.0, "mix_stage": 3, "amp": False, "channels_last": False}
 # Fields added after the stored run, at their defaults: their lines follow the stored ones.
-ADDED = {"torchcompile_mode": None, "torchcompile_scope": "encoders", "cuda_graph": False}
-ADDED_LINES = "torchcompile_mode: null\ntorchcompile_scope: encoders\ncuda_graph: false\n"
+ADDED = {"q_batched": False, "torchcompile_mode": None, "torchcompile_scope": "encoders", "cuda_graph": False}
+ADDED_LINES = "q_batched: false\ntorchcompile_mode: null\ntorchcompile_scope: encoders\ncuda_graph: false\n"
 
 
 def test_every_field_is_declared_once_with_help_and_a_section():

@@ -106,6 +106,16 @@ def test_static_step_trains_automix_as_the_eager_step_bit_for_bit(mask_mode, acc
     assert_same_training(eager, static)
 
 
+def test_static_step_trains_q_batched_automix_as_the_eager_step_bit_for_bit():
+    """--q-batched (q's two passes as one) through the static buffers: both kinds of step, both
+    lam_margin choices, gradient accumulation, bf16 channels-last."""
+    kw = dict(mix_block_every=2, lam_margin=0.3, accum=2, amp=torch.bfloat16, channels_last=True, q_batched=True)
+    eager = train(False, **kw)
+    static = train(True, **kw)
+    assert static[0].q_batched and static[3].static_steps >= 4
+    assert_same_training(eager, static)
+
+
 @pytest.mark.parametrize("opt", ["sgd", "adamw"])
 def test_static_step_trains_vanilla_with_model_ema_as_the_eager_step(opt):
     assert_same_training(train(False, policy="vanilla", opt=opt), train(True, policy="vanilla", opt=opt))
@@ -168,8 +178,9 @@ def test_static_step_under_torchrun_all_reduces_as_the_eager_step(kw, process_gr
 
 @pytest.mark.parametrize("kw", [
     dict(compile_scope="step", mix_block_every=2, lam_margin=0.3, amp=torch.bfloat16),
+    dict(compile_scope="step", mix_block_every=2, lam_margin=0.3, q_batched=True),
     dict(compile_scope="encoders", **MIXUP_CUTMIX),
-], ids=["automix-step-bf16", "mixup-encoders"])
+], ids=["automix-step-bf16", "automix-step-q-batched", "mixup-encoders"])
 def test_static_step_runs_compiled_code_as_the_eager_compiled_step(kw):
     """--cuda-graph with --torchcompile: the static step runs the compiled encoders, or AutoMix's
     compiled loss step fed the buffers (its plain-mixup choice a tensor, as the eager compiled
@@ -337,6 +348,21 @@ def test_cuda_graph_flag_on_a_cpu_trains_as_the_eager_run_and_resumes(tmp_path, 
         _, logs, _ = _cli_run(tmp_path, capsys, name, "--epochs", "2", *flags, "--resume",
                               str(tmp_path / source / "checkpoint-0001.pt"))
         assert [r["loss"] for r in logs] == pytest.approx([r["loss"] for r in reference[5:]], rel=1e-4)
+
+
+def test_q_batched_flag_reaches_the_step_and_is_stored(tmp_path, capsys):
+    """`--q-batched` (with --cuda-graph or without) is stored in config.yaml and reaches the
+    step: q's first loss differs from the two-pass run's from the first step on (BatchNorm's
+    statistics span both batches), and the static step logs what the eager one does."""
+    import yaml
+
+    _, two, _ = _cli_run(tmp_path, capsys, "two", "--epochs", "1")
+    _, one, _ = _cli_run(tmp_path, capsys, "one", "--epochs", "1", "--q-batched")
+    _, graphed, _ = _cli_run(tmp_path, capsys, "graphed", "--epochs", "1", "--q-batched", "--cuda-graph")
+    assert yaml.safe_load((tmp_path / "one" / "config.yaml").read_text())["q_batched"] is True
+    assert yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())["q_batched"] is False
+    assert one[0]["l_one_q"] != pytest.approx(two[0]["l_one_q"], rel=1e-4)
+    assert [r["loss"] for r in graphed] == pytest.approx([r["loss"] for r in one], rel=1e-4, abs=1e-6)
 
 
 def test_cuda_graph_flag_runs_mixup_cutmix(tmp_path, capsys):

@@ -2,6 +2,7 @@
 momentum encoder, lambdas and permutations, --mix-block-every)."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -176,3 +177,61 @@ def test_every_two_skips_the_mix_block_branch_on_odd_steps():
         assert logs.keys() == keys  # the training loop averages every key over every step
     with pytest.raises(ConfigError, match="--mix-block-every"):
         build_config(overrides={"mix_block_every": 0})
+
+
+def _q_batch_norm_in_eval(mixer):
+    """q's BatchNorm layers normalise with their running statistics (no batch statistics), so a
+    pass's output for an image does not depend on the rest of its batch; k's are untouched."""
+    for m in mixer.model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def test_q_batched_is_the_two_passes_but_for_batch_statistics():
+    """--q-batched: q's clean and mixed passes as one pass over both batches. Where batch
+    statistics play no part (q's BatchNorm normalising with running statistics) it gives the
+    two passes' losses, logs and gradients (to rounding); in training mode BatchNorm's
+    statistics span both batches, so the losses and q's running statistics differ."""
+    x, y = batch()
+    two, one = make_training_automix(mix_block_every=2, lam_margin=0.3), \
+        make_training_automix(mix_block_every=2, lam_margin=0.3, q_batched=True)
+    assert (two.q_batched, one.q_batched) == (False, True)
+    _q_batch_norm_in_eval(two), _q_batch_norm_in_eval(one)
+    calls = []
+    one.model.register_forward_hook(lambda _m, args, _out: calls.append(args[0].shape[0]))
+    for step in range(4):  # both kinds of step (the Mix Block branch on even steps)
+        for m in (two, one):
+            m.zero_grad(set_to_none=True)
+        loss_two, logs_two = two.forward_backward(x, y, step, 10, contextlib.nullcontext, lambda t: t.backward())
+        loss_one, logs_one = one.forward_backward(x, y, step, 10, contextlib.nullcontext, lambda t: t.backward())
+        torch.testing.assert_close(loss_one, loss_two, rtol=1e-5, atol=1e-6)
+        assert logs_one.keys() == logs_two.keys()
+        for k in logs_one:
+            torch.testing.assert_close(logs_one[k], logs_two[k], rtol=1e-5, atol=1e-6, msg=k)
+        for (name, p), q in zip(two.named_parameters(), one.parameters()):
+            assert (p.grad is None) == (q.grad is None), name
+            if p.grad is not None:
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert calls == [2 * len(x)] * 4  # q ran once a step, on both batches
+
+    # Training-mode BatchNorm: the batch statistics of the stacked batch, not of each pass.
+    two, one = make_training_automix(), make_training_automix(q_batched=True)
+    _, logs_two = two.loss(x, y, 0, 10)
+    _, logs_one = one.loss(x, y, 0, 10)
+    assert not torch.allclose(logs_one["l_one_q"], logs_two["l_one_q"])
+    bn = "stem.1.running_mean"  # q's first BatchNorm
+    assert not torch.allclose(one.model.state_dict()[bn], two.model.state_dict()[bn])
+
+
+def test_q_batched_compiles_whole():
+    """The batched q pass inside AutoMix's whole loss step: torch.compile(fullgraph=True) traces
+    it (aot_eager) and it gives the eager batched step's losses."""
+    torch._dynamo.reset()
+    x, y = batch()
+    eager, compiled = make_training_automix(q_batched=True), make_training_automix(q_batched=True)
+    compiled.compile_step(backend="aot_eager")
+    for step in (0, 1):
+        loss_e, logs_e = eager.loss(x, y, step, 10)
+        loss_c, logs_c = compiled.loss(x, y, step, 10)
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(logs_c["l_one_q"], logs_e["l_one_q"], rtol=1e-4, atol=1e-5)

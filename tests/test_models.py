@@ -306,3 +306,19 @@ def test_gradients_reach_every_parameter(name, zero_init):
         # the first step (the zeroed tensor itself does), so only check non-zero without it.
         if not zero_init:
             assert torch.count_nonzero(p.grad) > 0, pname
+
+
+def test_a_tuple_of_heads_reads_one_head_per_equal_part_of_the_batch():
+    """model(x, head=("one", "mix")): one backbone pass over the stacked batches, head_one on the
+    first half and head_mix on the second (as two passes when BatchNorm uses running statistics);
+    a batch that does not split evenly or a bad head name is a one-line error before any work."""
+    torch.manual_seed(0)
+    model = create_model("tinynet", num_classes=5, mix_head=True).eval()
+    a, b = torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    one, mix = model(torch.cat([a, b]), head=("one", "mix"))
+    torch.testing.assert_close(one, model(a, head="one"), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mix, model(b, head="mix"), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"a batch of 5 does not split into 2 equal parts for the heads \('one', 'mix'\)"):
+        model(torch.randn(5, 3, 32, 32), head=("one", "mix"))
+    with pytest.raises(ValueError, match="head must be one of"):
+        model(torch.cat([a, b]), head=("one", "mixed"))

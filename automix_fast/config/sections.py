@@ -128,6 +128,9 @@ class MixOptions(Section):
     mix_block_every: int = option(
         1, "update the Mix Block every N-th step; the others use its masks without gradient and skip x_mb and k's "
         "pass on it (AutoMix)")
+    q_batched: bool = option(
+        False, "q's clean and mixed passes as one forward and backward over both batches (fewer, larger kernels; "
+        "BatchNorm's statistics span both batches: not the official step) (AutoMix)")
     # timm's mixup/cutmix flags, with timm's meanings (docs/TIMM_FLAGS.md); see resolve_mixup_cutmix.
     mixup: float | None = option(
         None, "mixup alpha, as timm (0: off); with --cutmix too, one of the two per batch (sets --mix; see "

@@ -50,7 +50,7 @@ def wrap_policy(cfg, model, *, mix_stage: int | None = None, rank: int = 0):
         mask_mode=mixing.mask_mode, mix_stage=mix_stage or mixing.mix_stage or model.mix_stage,
         kernel_backend=mixing.kernel_backend, k_full_forward=mixing.k_full_forward,
         mix_shuffle_no_repeat=mixing.mix_shuffle_no_repeat, mix_block_init=mixing.mix_block_init,
-        mix_block_every=mixing.mix_block_every, **mixer_options(mixing),
+        mix_block_every=mixing.mix_block_every, q_batched=mixing.q_batched, **mixer_options(mixing),
     )
 
 

@@ -35,7 +35,7 @@ def build_mixer(name: str, model, **settings) -> Mixer:
         own = {"alpha": settings["alpha"]} if settings.get("alpha") is not None else {}
         keys = ("momentum_base", "momentum_end", "mask_loss_weight", "mask_loss_anneal", "mask_margin",
                 "lam_margin", "lam_concat", "mask_mode", "mix_stage", "kernel_backend", "k_full_forward",
-                "mix_shuffle_no_repeat", "mix_block_init", "mix_block_every")
+                "mix_shuffle_no_repeat", "mix_block_init", "mix_block_every", "q_batched")
         own.update({k: settings[k] for k in keys if settings.get(k) is not None})
         mixer = AutoMix(model, **common, **own)
     if settings.get("model_ema_decay") is not None:

@@ -20,6 +20,11 @@ built, k does not run on it, and L_mix_k = L_mask = 0 (they log as 0 on those st
 statistics of those steps describe m_bb at lam_bb instead of m_mb at lam_mb). That saves k's
 forward and input-backward on x_mb, about 2 of the ~8.8 backbone units of a full step.
 
+With `q_batched`, q's two passes of step 5 are one: q runs on x and x_bb stacked, head_one on
+the first half and head_mix on the second, with one backward. The same work in half as many,
+twice as large kernels; BatchNorm's batch (and running) statistics then span both batches, so
+it is not the official step (off in every recipe).
+
 Every step also returns the mask statistics of `mask_statistics` (detached device scalars that
 the training loop reads with the losses once per log interval; docs/AUTOMIX.md explains them).
 """
@@ -144,6 +149,7 @@ class AutoMix(Mixer):
         mix_shuffle_no_repeat: bool = False,
         mix_block_init: str = "official",
         mix_block_every: int = 1,
+        q_batched: bool = False,
         **kw,
     ):
         super().__init__(model, **kw)
@@ -154,6 +160,7 @@ class AutoMix(Mixer):
         self.mask_weight, self.mask_anneal, self.mask_margin = mask_loss_weight, _anneal_name(mask_loss_anneal), mask_margin
         self._compound = None  # CompoundCosine, built on first use (it needs total_steps)
         self.k_full_forward = k_full_forward
+        self.q_batched = bool(q_batched)  # q's two passes as one (see batched_q_terms)
         self.no_repeat = mix_shuffle_no_repeat
         self.lam_margin = lam_margin
         if isinstance(mix_block_every, bool) or not isinstance(mix_block_every, int) or mix_block_every < 1:
@@ -294,6 +301,14 @@ class AutoMix(Mixer):
         """L_mix_q: q's pass on x_bb (graph-connected to q)."""
         return mix_cross_entropy(self.model(x_bb, head="mix"), y, perm_bb, lam_bb, self.smoothing)
 
+    def batched_q_terms(self, x, x_bb, y, perm_bb, lam_bb):
+        """(L_one_q, L_mix_q) from one pass of q over x and x_bb stacked (`q_batched`): BatchNorm's
+        batch statistics (and running statistics) span both batches, unlike the official step's
+        two passes; the same losses otherwise."""
+        one, mix = self.model(torch.cat([x, x_bb]), head=("one", "mix"))
+        return (F.cross_entropy(one, y, label_smoothing=self.smoothing),
+                mix_cross_entropy(mix, y, perm_bb, lam_bb, self.smoothing))
+
     @staticmethod
     def assemble(l_mix_q, l_one_q, mb_terms: dict, logs: dict) -> dict[str, torch.Tensor]:
         """The four terms (l_mix_k = l_mask = 0 on a step without the Mix Block branch) and the logs."""
@@ -307,6 +322,9 @@ class AutoMix(Mixer):
         """The loss terms (graph-connected) and the mask logs from the step's `draws` (lambdas and
         the mask weight as floats, or as the tensors of `tensor_draws`)."""
         mb_terms, x_bb, logs = self.masks_part(x, y, lam_bb, perm_bb, plain_mixup, lam_mb, perm_mb, mask_weight)
+        if self.q_batched:
+            l_one_q, l_mix_q = self.batched_q_terms(x, x_bb, y, perm_bb, lam_bb)
+            return self.assemble(l_mix_q, l_one_q, mb_terms, logs)
         l_one_q = self.one_q_term(x, y)
         return self.assemble(self.mix_q_term(x_bb, y, perm_bb, lam_bb), l_one_q, mb_terms, logs)
 
@@ -366,10 +384,14 @@ class AutoMix(Mixer):
             mb_terms, x_bb, logs = self.masks_part(x, y, **draws)
             if mb_terms:
                 backward_outside_autocast(mb_terms["l_mix_k"] + mb_terms["l_mask"])  # frees k's graph on x_mb and the MB's
-            l_one_q = self.one_q_term(x, y)
-            backward_outside_autocast(l_one_q)
-            l_mix_q = self.mix_q_term(x_bb, y, perm_bb, lam_bb)
-            backward_outside_autocast(l_mix_q)
+            if self.q_batched:  # one pass of q over both batches: one backward
+                l_one_q, l_mix_q = self.batched_q_terms(x, x_bb, y, perm_bb, lam_bb)
+                backward_outside_autocast(l_one_q + l_mix_q)
+            else:
+                l_one_q = self.one_q_term(x, y)
+                backward_outside_autocast(l_one_q)
+                l_mix_q = self.mix_q_term(x_bb, y, perm_bb, lam_bb)
+                backward_outside_autocast(l_mix_q)
         return self.loss_and_logs(self.assemble(l_mix_q, l_one_q, mb_terms, logs))
 
     # The static-buffer step: every per-step value in device buffers (see Mixer.static_step).

@@ -116,7 +116,17 @@ class Classifier(nn.Module):
         """Global average pool + the linear head `head` ("one" or "mix") -> (N, num_classes)."""
         return self._head(head)(self._pool(feat))
 
-    def forward(self, x: torch.Tensor, head: str = "one") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, head: str | tuple[str, ...] = "one"):
+        """The logits of `head` for the batch x; with a tuple of heads, x is that many equal
+        batches stacked and the result is a tuple of their logits, one head each (one backbone
+        pass over all of them: BatchNorm's batch statistics span every part)."""
+        if isinstance(head, tuple):
+            linears = [self._head(h) for h in head]  # a bad head name fails before the backbone runs
+            if not linears or x.shape[0] % len(linears):
+                raise ValueError(f"a batch of {x.shape[0]} does not split into {len(linears)} equal parts for the "
+                                 f"heads {head}")
+            pooled = self._pool(self.forward_features(x)).split(x.shape[0] // len(linears))
+            return tuple(linear(part) for linear, part in zip(linears, pooled))
         linear = self._head(head)  # a bad head name fails before the backbone runs
         return linear(self._pool(self.forward_features(x)))
 
