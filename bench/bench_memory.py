@@ -14,7 +14,9 @@ step; on CPU the running total of the allocations torch.profiler reports while t
 - automix: AutoMix's step as the engine runs it (`forward_backward`: the Mix Block branch, q's
   clean pass and q's mixed pass each backpropagated before the next is built);
 - automix-one-backward: the same loss backpropagated once at the end (all three backbone
-  graphs alive together), the peak the part-by-part backward removes.
+  graphs alive together), the peak the part-by-part backward removes;
+- automix-q-batched: AutoMix with `--q-batched` (q's two passes as one over both batches, so
+  both of q's graphs are alive together; a named option, not the official step).
 
 The ratios `automix / mixup` and `automix-one-backward / mixup` are the figures to compare with
 the target (AutoMix within 2.2x mixup at ResNet-50 224 px b128).
@@ -37,7 +39,7 @@ from automix_fast.engine.optim import build_optimizer  # noqa: E402
 from automix_fast.mixing import build_mixer  # noqa: E402
 from automix_fast.models import create_model  # noqa: E402
 
-ROWS = ("vanilla", "mixup", "automix", "automix-one-backward")
+ROWS = ("vanilla", "mixup", "automix", "automix-one-backward", "automix-q-batched")
 
 
 def make_step(row: str, model_name: str, batch: int, img_size: int, device, amp_dtype, channels_last: bool):
@@ -47,7 +49,7 @@ def make_step(row: str, model_name: str, batch: int, img_size: int, device, amp_
     model = create_model(model_name, num_classes=100, mix_head=policy == "automix").to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    mixer = build_mixer(policy, model, seed=0).to(device)
+    mixer = build_mixer(policy, model, seed=0, q_batched=row == "automix-q-batched").to(device)
     mixer.train()
     optimizer = build_optimizer(mixer.param_groups(0.1, 1e-4), "sgd", lr=0.1, momentum=0.9, device=device)
     g = torch.Generator().manual_seed(0)
@@ -121,7 +123,7 @@ def main(argv=None) -> int:
         print(f"{row:<22} {rows[-1]['peak_mib']:>10.1f} MiB", flush=True)
     peaks = {r["row"]: r["peak_mib"] for r in rows}
     ratios = {f"{a}/mixup": round(peaks[a] / peaks["mixup"], 3)
-              for a in ("automix", "automix-one-backward") if a in peaks and peaks.get("mixup")}
+              for a in ("automix", "automix-one-backward", "automix-q-batched") if a in peaks and peaks.get("mixup")}
     for k, v in ratios.items():
         print(f"{k:<28} {v:.2f}x")
     config = {k: getattr(args, k) for k in ("model", "img_size", "batch_size", "amp_dtype", "channels_last")}

@@ -25,8 +25,10 @@ def test_automix_step_peaks_within_the_target_of_mixup_and_below_one_backward(tm
     assert _bench().main(["--model", "tinynet", "--batch-size", "8", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     peaks = {r["row"]: r["peak_mib"] for r in result["rows"]}
-    assert set(peaks) == {"vanilla", "mixup", "automix", "automix-one-backward"}
+    assert set(peaks) == {"vanilla", "mixup", "automix", "automix-one-backward", "automix-q-batched"}
     assert 0 < peaks["vanilla"] <= peaks["mixup"]
     assert result["ratios"]["automix/mixup"] <= 2.2
     assert peaks["automix"] < 0.6 * peaks["automix-one-backward"]
+    # --q-batched keeps both of q's graphs alive together: above the part-by-part step.
+    assert peaks["automix"] < peaks["automix-q-batched"] and "automix-q-batched/mixup" in result["ratios"]
     assert result["meta"]["torch"] and result["config"]["model"] == "tinynet"
