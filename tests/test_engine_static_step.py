@@ -17,6 +17,7 @@ from automix_fast.engine.schedule import build_schedule
 from automix_fast.engine.static_step import StaticStep
 from automix_fast.engine.train import EpochCallbacks, EpochPlan, train_one_epoch
 from automix_fast.engine.train_step import StepContext, StepGuard
+from automix_fast.errors import UserError
 from automix_fast.mixing import build_mixer
 from automix_fast.mixing.automix import BACKBONE_STREAM
 from automix_fast.models import create_model
@@ -212,6 +213,40 @@ def test_capture_note_reports_new_graphs_once():
     stepper.capture_seconds = {("micro", True): 0.5, ("update", True): 0.25}
     assert stepper.capture_note() == "CUDA graphs: 2 captured (1 kind of step) in 0.8 s; replayed from then on (3 in all)"
     assert stepper.capture_note() is None
+
+
+class FailingCapture:
+    """torch.cuda.graph when a captured op fails: the op's CUDA error invalidates the capture, so
+    capture_end (on exit) raises an error of its own."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+
+def test_a_failed_capture_names_the_failing_op_error_not_capture_ends(monkeypatch):
+    """The one-line error of a failed capture gives the captured op's error (what to fix), which
+    capture_end's error would hide, and keeps it as the cause (its traceback shows the op)."""
+    mixer = build_mixer("vanilla", create_model("tinynet", num_classes=5), seed=1)
+    optimizer = build_optimizer(mixer.param_groups(0.1, 0.0), "sgd", lr=0.1, fused=True)
+    stepper = StaticStep(StepContext(mixer, optimizer, None, StepGuard(torch.device("cpu")), 1))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", FailingCapture)
+    op_error = RuntimeError("CUDA error: operation not permitted when stream is capturing\nCUDA kernel errors ...")
+
+    def body():
+        raise op_error
+
+    with pytest.raises(UserError) as info:
+        stepper.capture_graph(("micro", None), body)
+    assert str(info.value) == ("--cuda-graph: capturing the micro part of a step failed: CUDA error: operation not "
+                               "permitted when stream is capturing; run without --cuda-graph")
+    assert info.value.__cause__ is op_error and not stepper.graphs
 
 
 class OpRecorder(TorchDispatchMode):

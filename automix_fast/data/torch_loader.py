@@ -216,7 +216,7 @@ class StreamingLoader(_LoaderBase):
                 images, labels, positions = self._refill(len(failed))  # every step needs a batch (DDP)
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            where = positions.to(self.device) if params is not None else None
+            where = positions.to(self.device, non_blocking=True) if params is not None else None
             yield self._finish(images, params, where), labels
 
     def _refill(self, n: int):

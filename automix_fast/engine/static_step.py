@@ -222,13 +222,19 @@ class StaticStep(EagerStep):
     def capture_graph(self, key, body) -> "torch.cuda.CUDAGraph":
         graph = torch.cuda.CUDAGraph()
         t0 = time.perf_counter()
+        failed = []  # body's own error: a CUDA error invalidates the capture, and capture_end's error then hides it
         try:
             # thread_local: a loader's thread may pin memory (a CUDA call) while this one captures
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                body()
+                try:
+                    body()
+                except RuntimeError as e:
+                    failed.append(e)
+                    raise
         except RuntimeError as e:
+            first = failed[0] if failed else e
             raise UserError(f"--cuda-graph: capturing the {key[0]} part of a step failed: "
-                            f"{str(e).splitlines()[0]}; run without --cuda-graph") from None
+                            f"{str(first).splitlines()[0]}; run without --cuda-graph") from first
         self.graphs[key] = graph
         self.capture_seconds[key] = time.perf_counter() - t0
         torch.cuda.empty_cache()  # the eager and warm-up runs' cached blocks: the graphs have their own pool
