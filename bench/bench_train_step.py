@@ -115,8 +115,9 @@ def measure(mix: str, cfg: dict, args, device, profile: bool = False, trace: Pat
     (its trace kept gzipped at `trace` when given).
 
     Peak memory (`peak_mib`, CUDA) is torch.cuda.max_memory_allocated() over the timed epochs
-    minus what was allocated before this row built its model (`base_mib`): the model, optimizer
-    state, batches and the step's own peak."""
+    (graphed rows: the warm-up epoch too, where their graphs are captured; `peak_scope`) minus
+    what was allocated before this row built its model (`base_mib`): the model, optimizer state,
+    batches and the step's own peak."""
     policy, extra = VARIANTS.get(mix, (mix, {}))
     cuda = device.type == "cuda"
     gc.collect()
@@ -155,7 +156,9 @@ def measure(mix: str, cfg: dict, args, device, profile: bool = False, trace: Pat
     epoch(0, 0)  # warm-up: compilation, autotuning, allocator
     warmup_s = time.perf_counter() - t0
     warmup_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
-    if cuda:
+    if cuda and not cfg.get("static"):
+        # A graphed row's activations are allocated while its graphs are captured (in the warm-up
+        # epoch) and never again by a replay: its peak spans the warm-up too (`peak_scope`).
         torch.cuda.reset_peak_memory_stats(device)
     seconds = [epoch(1 + r, (1 + r) * args.steps).seconds for r in range(args.repeats)]
     step_ms = 1000 * statistics.median(seconds) / args.steps
@@ -176,6 +179,7 @@ def measure(mix: str, cfg: dict, args, device, profile: bool = False, trace: Pat
     if cuda:
         row["peak_mib"] = round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1)
         row["base_mib"] = round(base / 2**20, 1)
+        row["peak_scope"] = "warm-up and timed epochs" if cfg.get("static") else "timed epochs"
     if profile_steps:
         loader.steps = profile_steps
         try:
