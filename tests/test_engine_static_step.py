@@ -231,12 +231,16 @@ class FailingCapture:
 
 def test_a_failed_capture_names_the_failing_op_error_not_capture_ends(monkeypatch):
     """The one-line error of a failed capture gives the captured op's error (what to fix), which
-    capture_end's error would hide, and keeps it as the cause (its traceback shows the op)."""
+    capture_end's error would hide, and keeps it as the cause (its traceback shows the op); the
+    stream current before the capture is current again."""
     mixer = build_mixer("vanilla", create_model("tinynet", num_classes=5), seed=1)
     optimizer = build_optimizer(mixer.param_groups(0.1, 0.0), "sgd", lr=0.1, fused=True)
     stepper = StaticStep(StepContext(mixer, optimizer, None, StepGuard(torch.device("cpu")), 1))
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
     monkeypatch.setattr(torch.cuda, "graph", FailingCapture)
+    streams = []
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: "the stream before capture")
+    monkeypatch.setattr(torch.cuda, "set_stream", streams.append)
     op_error = RuntimeError("CUDA error: operation not permitted when stream is capturing\nCUDA kernel errors ...")
 
     def body():
@@ -247,6 +251,7 @@ def test_a_failed_capture_names_the_failing_op_error_not_capture_ends(monkeypatc
     assert str(info.value) == ("--cuda-graph: capturing the micro part of a step failed: CUDA error: operation not "
                                "permitted when stream is capturing; run without --cuda-graph")
     assert info.value.__cause__ is op_error and not stepper.graphs
+    assert streams == ["the stream before capture"]  # made current again: torch's exit skipped it
 
 
 class OpRecorder(TorchDispatchMode):

@@ -223,6 +223,7 @@ class StaticStep(EagerStep):
         graph = torch.cuda.CUDAGraph()
         t0 = time.perf_counter()
         failed = []  # body's own error: a CUDA error invalidates the capture, and capture_end's error then hides it
+        stream = torch.cuda.current_stream()
         try:
             # thread_local: a loader's thread may pin memory (a CUDA call) while this one captures
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
@@ -232,6 +233,7 @@ class StaticStep(EagerStep):
                     failed.append(e)
                     raise
         except RuntimeError as e:
+            torch.cuda.set_stream(stream)  # when capture_end raises, graph's exit leaves the capture stream current
             first = failed[0] if failed else e
             raise UserError(f"--cuda-graph: capturing the {key[0]} part of a step failed: "
                             f"{str(first).splitlines()[0]}; run without --cuda-graph") from first
