@@ -66,3 +66,18 @@ def test_mix_and_mixup_flags_disagree_on_the_command_line(data, tmp_path):
     run = cli(train_args(data, tmp_path, "bad", "--mix", "automix", "--cutmix", "1.0", epochs=1))
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and "does not combine with --mix automix" in run.stderr
+
+
+def test_automix_departures_name_each_alternative_to_the_official_step():
+    from automix_fast.engine.train_options import automix_departures
+
+    assert automix_departures(build_config().mixing) == []  # the default run is the official step
+    cfg = build_config(overrides={"k_full_forward": False, "mix_block_every": 3, "mix_block_init": "cosine",
+                                  "q_batched": True})
+    assert automix_departures(cfg.mixing) == [
+        "--no-k-full-forward (k stops at the mix stage on the clean batch)",
+        "--mix-block-every 3 (the Mix Block trains on one step in 3)",
+        "--mix-block-init cosine",
+        "--q-batched (q's two passes as one: BatchNorm statistics over both batches)",
+    ]
+    assert automix_departures(build_config(overrides={"mix": "mixup", "q_batched": True}).mixing) == []

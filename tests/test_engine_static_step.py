@@ -391,13 +391,18 @@ def test_cuda_graph_flag_on_a_cpu_trains_as_the_eager_run_and_resumes(tmp_path, 
 
 
 def test_q_batched_flag_reaches_the_step_and_is_stored(tmp_path, capsys):
-    """`--q-batched` (with --cuda-graph or without) is stored in config.yaml and reaches the
-    step: q's first loss differs from the two-pass run's from the first step on (BatchNorm's
+    """`--q-batched` (with --cuda-graph or without) is stored in config.yaml, named in the header
+    and reaches the step: q's first loss differs from the two-pass run's from the first step on (BatchNorm's
     statistics span both batches), and the static step logs what the eager one does."""
     import yaml
 
-    _, two, _ = _cli_run(tmp_path, capsys, "two", "--epochs", "1")
-    _, one, _ = _cli_run(tmp_path, capsys, "one", "--epochs", "1", "--q-batched")
+    out_two, two, _ = _cli_run(tmp_path, capsys, "two", "--epochs", "1")
+    out_one, one, _ = _cli_run(tmp_path, capsys, "one", "--epochs", "1", "--q-batched")
+    # The header says how the step departs from the official one (here also --mix-block-every).
+    every = "--mix-block-every 2 (the Mix Block trains on one step in 2)"
+    assert f"not the official AutoMix step: {every}\n" in out_two
+    assert (f"not the official AutoMix step: {every}; --q-batched (q's two passes as one: BatchNorm statistics "
+            "over both batches)\n") in out_one
     _, graphed, _ = _cli_run(tmp_path, capsys, "graphed", "--epochs", "1", "--q-batched", "--cuda-graph")
     assert yaml.safe_load((tmp_path / "one" / "config.yaml").read_text())["q_batched"] is True
     assert yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())["q_batched"] is False

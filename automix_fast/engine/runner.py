@@ -39,7 +39,8 @@ from automix_fast.engine.stopflag import StopFlag
 from automix_fast.engine.tensorboard_log import require_tensorboard
 from automix_fast.engine.train import EpochCallbacks, EpochPlan, NonFiniteError, train_one_epoch
 from automix_fast.engine.train_step import StepContext, StepGuard
-from automix_fast.engine.train_options import loop_options, model_options, optimizer_steps_per_epoch
+from automix_fast.engine.train_options import (automix_departures, loop_options, model_options,
+                                               optimizer_steps_per_epoch)
 from automix_fast.errors import CheckpointError, ConfigError, OutputError
 from automix_fast.mixing.automix import mask_summary
 from automix_fast.models import create_model
@@ -329,6 +330,9 @@ class Trainer:
         self.log(self.header())
         if self.terms:
             self.log(f"loss shown = {' + '.join(self.terms)} (each logged in metrics.jsonl)")
+        departures = automix_departures(self.cfg.mixing)
+        if departures:
+            self.log(f"not the official AutoMix step: {'; '.join(departures)}")
         if self.warmup_note and not self.quiet:
             print(self.warmup_note, file=sys.stderr if self.warmup_note.startswith("warning") else sys.stdout, flush=True)
         if self.compile_note:

@@ -28,6 +28,24 @@ def mixer_options(mixing) -> dict:
             "model_ema_decay": mixing.model_ema_decay if mixing.model_ema else None}
 
 
+def automix_departures(mixing) -> list[str]:
+    """The named alternatives to the official AutoMix step that the `mixing` section turns on,
+    each as its flag and what it changes (empty for the official step or another policy)."""
+    if mixing.mix != "automix":
+        return []
+    departures = []
+    if not mixing.k_full_forward:
+        departures.append("--no-k-full-forward (k stops at the mix stage on the clean batch)")
+    if mixing.mix_block_every != 1:
+        departures.append(f"--mix-block-every {mixing.mix_block_every} (the Mix Block trains on one step in "
+                          f"{mixing.mix_block_every})")
+    if mixing.mix_block_init != "official":
+        departures.append(f"--mix-block-init {mixing.mix_block_init}")
+    if mixing.q_batched:
+        departures.append("--q-batched (q's two passes as one: BatchNorm statistics over both batches)")
+    return departures
+
+
 def loop_options(optim) -> dict:
     """train_one_epoch arguments of the `optim` section: micro-batches per step and the gradient clipper."""
     return {"accum_steps": optim.grad_accum_steps, "clip": grad_clipper(optim.clip_grad, optim.clip_mode)}
