@@ -6,8 +6,8 @@ means for the baselines, and the one-line errors. The runs use the aot_eager bac
 needs no C++ compiler."""
 from __future__ import annotations
 
+import itertools
 import json
-import re
 
 import pytest
 import torch
@@ -15,6 +15,7 @@ import yaml
 
 from automix_fast.cli import build_parser, main
 from automix_fast.config import build_config, config_changes, load_yaml, resumed_config
+from automix_fast.engine import compile_clock
 from automix_fast.engine.checkpoint import load_checkpoint
 from automix_fast.errors import ConfigError
 from automix_fast.mixing.automix import BACKBONE_STREAM
@@ -97,8 +98,11 @@ def kinds_of_steps(steps) -> set:
 
 @pytest.mark.slow
 def test_step_compiled_automix_trains_as_eager_in_one_graph_per_kind_of_step_and_resumes(data, tmp_path, capsys,
-                                                                                          one_thread):
+                                                                                          one_thread, monkeypatch):
     assert len(kinds_of_steps(range(4))) == 4  # the first epoch already has every kind of step
+    # The compile clock reads a stand-in advancing 1.5 s a read: each compile window lasts 1.5 s.
+    reads = itertools.count()
+    monkeypatch.setattr(compile_clock, "_now", lambda: 1.5 * next(reads))
 
     code, out, err, graphs = graphs_compiled(train_args(data, tmp_path, "eager", *AUTOMIX, batch=6), capsys)
     assert code == 0, err
@@ -115,16 +119,17 @@ def test_step_compiled_automix_trains_as_eager_in_one_graph_per_kind_of_step_and
                     "--torchcompile (or pass --no-torchcompile) to run eager"]
     assert graphs == 2  # one per kind of step over 8 steps with all four (Mix Block, plain mixup) pairs
     # The warm-up is one line after the epoch that compiled (the first: every kind of step) and
-    # none after the second; the summary has the seconds spent compiling.
+    # none after the second; the summary has the seconds spent compiling: 1.5 s a window, the two
+    # frames and (compiled at their first backward) their two backward graphs.
     lines = out.splitlines()
     warmup = [i for i, line in enumerate(lines) if line.startswith("torch.compile warm-up:")]
     assert len(warmup) == 1, out
-    assert re.fullmatch(r"torch\.compile warm-up: \d+\.\d s compiling in this epoch \(2 frames traced"
-                        r"(, 2 backward graphs compiled)?\)", lines[warmup[0]]), lines[warmup[0]]
+    assert lines[warmup[0]] == ("torch.compile warm-up: 6.0 s compiling in this epoch (2 frames traced, "
+                                "2 backward graphs compiled)")
     assert lines[warmup[0] - 2].startswith("epoch 1/2 done:") and lines[warmup[0] - 1].startswith("  eval ")
     summary = json.loads((tmp_path / "step" / "summary.json").read_text())
-    assert 0 < summary["compile_seconds"] < summary["train_seconds"]
-    assert f"({summary['compile_seconds']:.0f}s of it compiling)" in out
+    assert summary["compile_seconds"] == 6.0
+    assert "epochs in " in out and "s (6s of it compiling)" in out
     stored = yaml.safe_load((tmp_path / "step" / "config.yaml").read_text())
     assert (stored["torchcompile"], stored["torchcompile_mode"], stored["torchcompile_scope"]) == \
         ("aot_eager", None, "step")

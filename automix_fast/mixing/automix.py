@@ -293,21 +293,29 @@ class AutoMix(Mixer):
             return self.backbone_mask_part(x, lam_bb, perm_bb, plain_mixup)
         return self.mix_block_part(x, y, lam_bb, perm_bb, plain_mixup, lam_mb, perm_mb, mask_weight)
 
-    def one_q_term(self, x, y):
-        """L_one_q: q's clean pass (graph-connected to q)."""
-        return F.cross_entropy(self.model(x, head="one"), y, label_smoothing=self.smoothing)
+    def one_q_term(self, x, y, logits=None):
+        """L_one_q: q's clean pass (graph-connected to q), or from its head_one `logits`."""
+        logits = self.model(x, head="one") if logits is None else logits
+        return F.cross_entropy(logits, y, label_smoothing=self.smoothing)
 
-    def mix_q_term(self, x_bb, y, perm_bb, lam_bb):
-        """L_mix_q: q's pass on x_bb (graph-connected to q)."""
-        return mix_cross_entropy(self.model(x_bb, head="mix"), y, perm_bb, lam_bb, self.smoothing)
+    def mix_q_term(self, x_bb, y, perm_bb, lam_bb, logits=None):
+        """L_mix_q: q's pass on x_bb (graph-connected to q), or from its head_mix `logits`."""
+        logits = self.model(x_bb, head="mix") if logits is None else logits
+        return mix_cross_entropy(logits, y, perm_bb, lam_bb, self.smoothing)
 
     def batched_q_terms(self, x, x_bb, y, perm_bb, lam_bb):
         """(L_one_q, L_mix_q) from one pass of q over x and x_bb stacked (`q_batched`): BatchNorm's
         batch statistics (and running statistics) span both batches, unlike the official step's
         two passes; the same losses otherwise."""
         one, mix = self.model(torch.cat([x, x_bb]), head=("one", "mix"))
-        return (F.cross_entropy(one, y, label_smoothing=self.smoothing),
-                mix_cross_entropy(mix, y, perm_bb, lam_bb, self.smoothing))
+        return self.one_q_term(x, y, one), self.mix_q_term(x_bb, y, perm_bb, lam_bb, mix)
+
+    def q_terms(self, x, x_bb, y, perm_bb, lam_bb):
+        """(L_one_q, L_mix_q): q's clean pass, then its pass on x_bb; one pass with `q_batched`."""
+        if self.q_batched:
+            return self.batched_q_terms(x, x_bb, y, perm_bb, lam_bb)
+        l_one_q = self.one_q_term(x, y)
+        return l_one_q, self.mix_q_term(x_bb, y, perm_bb, lam_bb)
 
     @staticmethod
     def assemble(l_mix_q, l_one_q, mb_terms: dict, logs: dict) -> dict[str, torch.Tensor]:
@@ -322,11 +330,8 @@ class AutoMix(Mixer):
         """The loss terms (graph-connected) and the mask logs from the step's `draws` (lambdas and
         the mask weight as floats, or as the tensors of `tensor_draws`)."""
         mb_terms, x_bb, logs = self.masks_part(x, y, lam_bb, perm_bb, plain_mixup, lam_mb, perm_mb, mask_weight)
-        if self.q_batched:
-            l_one_q, l_mix_q = self.batched_q_terms(x, x_bb, y, perm_bb, lam_bb)
-            return self.assemble(l_mix_q, l_one_q, mb_terms, logs)
-        l_one_q = self.one_q_term(x, y)
-        return self.assemble(self.mix_q_term(x_bb, y, perm_bb, lam_bb), l_one_q, mb_terms, logs)
+        l_one_q, l_mix_q = self.q_terms(x, x_bb, y, perm_bb, lam_bb)
+        return self.assemble(l_mix_q, l_one_q, mb_terms, logs)
 
     def loss_terms(self, x, y, step, total_steps) -> dict[str, torch.Tensor]:
         """The four loss terms of the step (graph-connected) and the mask logs."""
