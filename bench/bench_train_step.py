@@ -22,6 +22,9 @@ Configurations, side by side in one run:
              CPU the static step without capture); every mix
   graphed-compiled, graphed-compiled-step: graphed with the code of compiled / compiled-step
              (`--cuda-graph --torchcompile [--torchcompile-scope step]`)
+  optimized-fp16, graphed-fp16: optimized / graphed in fp16 autocast with GradScaler (`--amp-dtype
+             float16`), on any device; on CUDA BatchNorm then runs cuDNN's kernels (torch sends
+             bf16 BatchNorm to its own), the difference these rows measure
   reference: fp32, NCHW, --kernel-backend torch, eager
 --runs CONFIG:MIX ... picks (configuration, mix) pairs instead of every --configs x --mixes.
 --profile [CONFIG:]MIX ... runs --profile-steps more steps of those runs under torch.profiler:
@@ -57,7 +60,7 @@ from automix_fast.models import create_model  # noqa: E402
 
 FLOOR = 2.9  # bench/README.md "The ~2.9 floor": ~8.8 backbone units per AutoMix step against 3 for mixup
 CONFIGS = ("optimized", "compiled", "compiled-step", "graphed", "graphed-compiled", "graphed-compiled-step",
-           "reference")
+           "optimized-fp16", "graphed-fp16", "reference")
 COMPILE_SCOPE = {"compiled": "encoders", "compiled-step": "step", "graphed-compiled": "encoders",
                  "graphed-compiled-step": "step"}  # the --torchcompile-scope of each compiled configuration
 MIXES = ("vanilla", "mixup", "cutmix", "automix")
@@ -97,7 +100,8 @@ def settings(name: str, device: torch.device, compile_: bool) -> dict:
     cuda = device.type == "cuda"
     if name != "reference":
         scope = COMPILE_SCOPE.get(name, "encoders" if name == "optimized" and compile_ else False)
-        return {"amp_dtype": torch.bfloat16 if cuda else None, "channels_last": cuda, "kernel_backend": "auto",
+        amp = torch.float16 if name.endswith("-fp16") else torch.bfloat16 if cuda else None
+        return {"amp_dtype": amp, "channels_last": cuda, "kernel_backend": "auto",
                 "compile": scope, "static": name.startswith("graphed")}
     return {"amp_dtype": None, "channels_last": False, "kernel_backend": "torch", "compile": False}
 
@@ -140,11 +144,12 @@ def measure(mix: str, cfg: dict, args, device, profile: bool = False, trace: Pat
     # so their weights can be compared (weights_sq_sum).
     total = (args.repeats + 1) * args.steps + args.profile_steps
     sched = build_schedule("cosine", [g["lr"] for g in groups], total_steps=total, steps_per_epoch=args.steps)
-    dtype = cfg["amp_dtype"] or torch.float32
+    dtype = (cfg["amp_dtype"] if cuda else None) or torch.float32  # the loaders' image dtype: autocast's on CUDA
     loader = SyntheticLoader(args.steps, args.batch_size, args.img_size, args.num_classes, device, dtype, cfg["channels_last"])
     guard = StepGuard(device)
 
-    ctx = StepContext(mixer, opt, sched, guard, total, amp_dtype=cfg["amp_dtype"])
+    scaler = torch.amp.GradScaler(device.type) if cfg["amp_dtype"] == torch.float16 else None
+    ctx = StepContext(mixer, opt, sched, guard, total, amp_dtype=cfg["amp_dtype"], scaler=scaler)
     if cfg.get("static"):  # as `automix-fast train --cuda-graph`: one static step for the whole run
         ctx.stepper = StaticStep(ctx, capture=cuda)
 
@@ -166,7 +171,10 @@ def measure(mix: str, cfg: dict, args, device, profile: bool = False, trace: Pat
         "mix": mix, "step_ms": round(step_ms, 3), "img_per_s": round(args.batch_size / step_ms * 1000, 1),
         "step_ms_all": [round(1000 * s / args.steps, 3) for s in seconds], "warmup_s": round(warmup_s, 3),
         "compile": cfg["compile"], "skipped_steps": int(guard.skipped.item()),
+        "amp_dtype": str(cfg["amp_dtype"]).removeprefix("torch.") if cfg["amp_dtype"] else None,
     }
+    if scaler is not None:
+        row["loss_scale"] = scaler.get_scale()  # GradScaler's scale after the timed epochs
     if cfg.get("static"):  # steps run from the buffers (the first of each kind runs eagerly)
         row["static_steps"] = ctx.stepper.static_steps
     # Every row starts from the same weights and batches: rows of one mix that train the same steps

@@ -7,7 +7,9 @@
 #   ops                  the Mix Block ops at the presets, Triton against torch, and the copy bandwidth
 #   train-imagenet-r50   train-step img/s, resnet50 224 px b128: vanilla / mixup / automix eager,
 #                        automix in the reference configuration, vanilla / mixup compiled; automix profiled;
-#                        quick mode also automix replayed as CUDA graphs, and vanilla compiled and replayed
+#                        quick mode also automix replayed as CUDA graphs, and vanilla compiled and replayed;
+#                        last, fp16 (GradScaler; cuDNN's BatchNorm): vanilla and automix eager, automix
+#                        replayed (full mode: automix replayed in bf16 and fp16, fp16 automix profiled)
 #   train-cifar-r18      resnet18_cifar 32 px b100: vanilla / mixup / automix eager, vanilla / mixup
 #                        compiled; automix and vanilla profiled (GPU-busy share, kernels per step);
 #                        quick mode also vanilla / mixup / automix replayed as CUDA graphs,
@@ -81,7 +83,7 @@ if [ "$DRY" = 1 ]; then
   stage ops 120 env TRITON_INTERPRET=1 $PY bench/bench_ops.py --smoke --providers triton torch --modes nearest \
     --output "$OUT/ops.json"
   train imagenet-r50 120 "${tiny[@]}" --runs optimized:vanilla optimized:mixup optimized:automix reference:automix \
-    graphed:automix --profile optimized:automix
+    graphed:automix optimized-fp16:vanilla optimized-fp16:automix graphed-fp16:automix --profile optimized:automix
   train cifar-r18 120 "${tiny[@]}" --runs optimized:vanilla optimized:mixup optimized:automix graphed:vanilla \
     graphed:mixup graphed:automix optimized:automix-q-batched graphed:automix-q-batched --profile optimized:automix
   train imagenet-r18 120 "${tiny[@]}" --runs optimized:vanilla optimized:mixup
@@ -100,7 +102,8 @@ elif [ "$MODE" = quick ]; then
   # vanilla's compiled code from inductor's cache)
   train imagenet-r50 95 --model resnet50 --img-size 224 -b 128 --num-classes 1000 --steps 8 --repeats 2 \
     --runs optimized:vanilla optimized:mixup optimized:automix graphed:automix reference:automix compiled:vanilla \
-    compiled:mixup graphed-compiled:vanilla --profile optimized:automix
+    compiled:mixup graphed-compiled:vanilla optimized-fp16:vanilla optimized-fp16:automix graphed-fp16:automix \
+    --profile optimized:automix
   # ~105 s: ~30 of them compiling resnet18_cifar, ~40 compiling AutoMix's whole step, twice (2
   # graphs each; the graphed one from inductor's cache; the warm-up epoch, steps 0-19 of seed 0,
   # has both kinds of step, so no compile is timed)
@@ -120,7 +123,8 @@ else
   stage ops 130 $PY bench/bench_ops.py --providers triton torch --output "$OUT/ops.json"
   train imagenet-r50 130 --model resnet50 --img-size 224 -b 128 --num-classes 1000 --steps 10 --repeats 3 \
     --runs optimized:vanilla optimized:mixup optimized:automix reference:automix compiled:vanilla compiled:mixup \
-    --profile optimized:automix --profile-steps 5
+    optimized-fp16:vanilla optimized-fp16:automix graphed:automix graphed-fp16:automix \
+    --profile optimized:automix optimized-fp16:automix --profile-steps 5
   train cifar-r18 70 --model resnet18_cifar --img-size 32 -b 100 --num-classes 100 --steps 20 --repeats 3 \
     --runs optimized:vanilla optimized:mixup optimized:automix compiled:vanilla compiled:mixup \
     --profile optimized:automix optimized:vanilla --profile-steps 5

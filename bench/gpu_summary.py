@@ -34,7 +34,8 @@ FLOOR = 2.9  # bench/README.md "The ~2.9 floor"
 # The graphed rows checked against the eager rows of the same code: {preset: {name: (mix, graphed, eager)}}.
 GRAPHED_PAIRS = {
     "imagenet-r50": {"automix": ("automix", "graphed", "optimized"),
-                     "vanilla-compiled": ("vanilla", "graphed-compiled", "compiled")},
+                     "vanilla-compiled": ("vanilla", "graphed-compiled", "compiled"),
+                     "automix-fp16": ("automix", "graphed-fp16", "optimized-fp16")},
     "cifar-r18": {**{m: (m, "graphed", "optimized") for m in ("automix", "vanilla", "mixup")},
                   "automix-compiled-step": ("automix", "graphed-compiled-step", "compiled-step")},
 }
@@ -322,12 +323,16 @@ def figures(run: Run) -> dict:
         "official_step_img_per_s": per_preset(official_step, ("imagenet-r50",)),
         "vanilla_img_per_s": {"imagenet-r50": {name: figure(lambda c=c: img_per_s(run, "imagenet-r50", c, "vanilla"))
                                                for name, c in (("eager", "optimized"), ("compiled", "compiled"),
-                                                               ("cuda-graph-compiled", "graphed-compiled"))}},
+                                                               ("cuda-graph-compiled", "graphed-compiled"),
+                                                               ("eager-fp16", "optimized-fp16"))}},
         # AutoMix per way of running the step, side by side: what the CUDA default is chosen from
-        # (the q-batched ways change what the step computes: a named option, never the default).
+        # (the q-batched ways change what the step computes: a named option, never the default;
+        # the fp16 ways run float16 autocast with GradScaler, whose BatchNorm is cuDNN's).
         "automix_img_per_s_by_step": {
             p: {name: figure(lambda p=p, c=c, m=m: img_per_s(run, p, c, m)) for name, c, m in ways}
-            for p, ways in (("imagenet-r50", (("eager", "optimized", "automix"), ("cuda-graph", "graphed", "automix"))),
+            for p, ways in (("imagenet-r50", (("eager", "optimized", "automix"), ("cuda-graph", "graphed", "automix"),
+                                              ("eager-fp16", "optimized-fp16", "automix"),
+                                              ("cuda-graph-fp16", "graphed-fp16", "automix"))),
                             ("cifar-r18", (("eager", "optimized", "automix"), ("cuda-graph", "graphed", "automix"),
                                            ("compiled-step", "compiled-step", "automix"),
                                            ("cuda-graph-compiled-step", "graphed-compiled-step", "automix"),

@@ -26,7 +26,8 @@ FIGURES = [
     "official_step_img_per_s.imagenet-r50",
     "vanilla_img_per_s.imagenet-r50.eager", "vanilla_img_per_s.imagenet-r50.compiled",
     "vanilla_img_per_s.imagenet-r50.cuda-graph-compiled",
-    "automix_img_per_s_by_step.imagenet-r50.eager", "automix_img_per_s_by_step.imagenet-r50.cuda-graph",
+    "vanilla_img_per_s.imagenet-r50.eager-fp16",
+    *(f"automix_img_per_s_by_step.imagenet-r50.{w}" for w in ("eager", "cuda-graph", "eager-fp16", "cuda-graph-fp16")),
     *(f"automix_img_per_s_by_step.cifar-r18.{w}" for w in ("eager", "cuda-graph", "compiled-step",
                                                            "cuda-graph-compiled-step", "eager-q-batched",
                                                            "cuda-graph-q-batched")),
@@ -34,7 +35,7 @@ FIGURES = [
     "cuda_graph_vs_eager_weights.imagenet-r50.automix", "cuda_graph_vs_eager_weights.cifar-r18.automix",
     "cuda_graph_vs_eager_weights.cifar-r18.vanilla", "cuda_graph_vs_eager_weights.cifar-r18.mixup",
     "cuda_graph_vs_eager_weights.cifar-r18.automix-compiled-step",
-    "cuda_graph_vs_eager_weights.imagenet-r50.vanilla-compiled",
+    "cuda_graph_vs_eager_weights.imagenet-r50.vanilla-compiled", "cuda_graph_vs_eager_weights.imagenet-r50.automix-fp16",
     *(f"mixup_vanilla_ratio.{p}.{m}" for p in ("cifar-r18", "imagenet-r18", "imagenet-r50") for m in ("eager", "compiled")),
     "mixup_vanilla_ratio.cifar-r18.cuda-graph",
     "automix_mixup_step_ratio.imagenet-r50", "automix_mixup_step_ratio.cifar-r18",
@@ -113,10 +114,13 @@ def test_quick_dry_run_writes_every_figure(tmp_path):
     for name in ("automix_img_per_s_by_step.cifar-r18.cuda-graph", "automix_img_per_s_by_step.imagenet-r50.cuda-graph",
                  "vanilla_img_per_s_cuda_graph.cifar-r18", "mixup_vanilla_ratio.cifar-r18.cuda-graph",
                  "automix_img_per_s_by_step.cifar-r18.eager-q-batched",
-                 "automix_img_per_s_by_step.cifar-r18.cuda-graph-q-batched"):
+                 "automix_img_per_s_by_step.cifar-r18.cuda-graph-q-batched",
+                 "automix_img_per_s_by_step.imagenet-r50.eager-fp16", "automix_img_per_s_by_step.imagenet-r50.cuda-graph-fp16",
+                 "vanilla_img_per_s.imagenet-r50.eager-fp16"):
         assert found[name]["value"] > 0, name
     # ... and trains what the eager step trains (the CPU's unfused SGD against the static step's fused one).
-    for name in ("cuda_graph_vs_eager_weights.imagenet-r50.automix", "cuda_graph_vs_eager_weights.cifar-r18.automix",
+    for name in ("cuda_graph_vs_eager_weights.imagenet-r50.automix", "cuda_graph_vs_eager_weights.imagenet-r50.automix-fp16",
+                 "cuda_graph_vs_eager_weights.cifar-r18.automix",
                  "cuda_graph_vs_eager_weights.cifar-r18.vanilla", "cuda_graph_vs_eager_weights.cifar-r18.mixup"):
         assert 0 <= found[name]["value"] < 1e-7 and found[name]["static_steps"] >= 1, name
     assert found["automix_img_per_s_by_step.cifar-r18.compiled-step"]["reason"] == (

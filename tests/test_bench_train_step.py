@@ -40,6 +40,28 @@ def test_compiled_and_compiled_step_rows_side_by_side(tmp_path, one_thread):
     assert rows["graphed-compiled-step", "automix"]["compile"] == "step"
 
 
+def test_fp16_rows_train_with_a_loss_scaler_eager_and_from_the_static_buffers(tmp_path):
+    """optimized-fp16 and graphed-fp16 run float16 autocast with GradScaler (on the CPU too): the
+    rows say so, and the static-buffer row trains what the eager row trains (fused against
+    unfused SGD: close, not equal)."""
+    out = tmp_path / "train.json"
+    code = bench_train_step.main([
+        "--model", "tinynet", "--img-size", "16", "-b", "4", "--num-classes", "10", "--steps", "2", "--repeats", "1",
+        "--device", "cpu", "--output", str(out), "--runs", "optimized:automix", "optimized-fp16:automix",
+        "graphed-fp16:automix"])
+    assert code == 0
+    rows = {r["config"]: r for r in json.loads(out.read_text())["results"]}
+    assert all("error" not in r and r["img_per_s"] > 0 for r in rows.values()), rows
+    assert rows["optimized"]["amp_dtype"] is None and "loss_scale" not in rows["optimized"]
+    for name in ("optimized-fp16", "graphed-fp16"):
+        assert rows[name]["amp_dtype"] == "float16" and rows[name]["loss_scale"] > 0
+    assert rows["graphed-fp16"]["static_steps"] >= 2
+    eager, graphed = rows["optimized-fp16"], rows["graphed-fp16"]
+    gap = max(abs(a - b) for a, b in zip(eager["weights_projection"], graphed["weights_projection"]))
+    assert gap / eager["weights_norm"] < 1e-6
+    assert eager["weights_projection"] != rows["optimized"]["weights_projection"]  # fp16 changed the numbers
+
+
 def test_rows_past_the_time_budget_are_recorded_as_skipped(tmp_path):
     out = tmp_path / "train.json"
     code = bench_train_step.main([

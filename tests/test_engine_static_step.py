@@ -42,7 +42,10 @@ def train(static: bool, *, policy="automix", epochs=2, accum=1, amp=None, channe
           opt="sgd", small_first=False, device="cpu", grad_sync=None, compile_scope=None, **mixer_kw):
     """Train tinynet for `epochs` with the eager or the static step (captured on CUDA); (mixer,
     optimizer, logs, stepper). `grad_sync`: the gradients' all-reduce (torchrun's);
-    `compile_scope`: torch.compile (aot_eager on the CPU, inductor on CUDA) of that --torchcompile-scope."""
+    `compile_scope`: torch.compile (aot_eager on the CPU, inductor on CUDA) of that --torchcompile-scope.
+    float16 `amp` adds a GradScaler that starts at 2^16 and grows after 2 good steps, so its
+    scale both backs off (skipped steps) and grows; each log then also holds `scale`. The static
+    stepper's `static_at_logs` lists its static_steps at each log."""
     device = torch.device(device)
     torch.manual_seed(0)
     model = create_model("tinynet", num_classes=5, mix_head=policy == "automix").to(device)
@@ -61,15 +64,26 @@ def train(static: bool, *, policy="automix", epochs=2, accum=1, amp=None, channe
     steps = -(-len(loader) // accum)
     schedule = build_schedule("cosine", [g["lr"] for g in groups], total_steps=epochs * steps, steps_per_epoch=steps,
                               warmup_steps=2)
+    scaler = None
+    if amp == torch.float16:
+        scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16, growth_interval=2)
     ctx = StepContext(mixer, optimizer, schedule, StepGuard(device), epochs * steps, amp_dtype=amp,
-                      accum_steps=accum, clip=grad_clipper(5.0, "norm"), grad_sync=grad_sync)
+                      accum_steps=accum, clip=grad_clipper(5.0, "norm"), grad_sync=grad_sync, scaler=scaler)
     if static:
         ctx.stepper = stepper_cls(ctx) if device.type == "cpu" else stepper_cls(ctx, capture=True)
+        ctx.stepper.static_at_logs = []  # static_steps at each log
     logs = []
+
+    def on_log(i, values):
+        logs.append({k: x for k, x in values.items() if k not in TIMING})
+        if scaler is not None:
+            logs[-1]["scale"] = scaler.get_scale()
+        if ctx.stepper is not None:
+            ctx.stepper.static_at_logs.append(ctx.stepper.static_steps)
+
     for epoch in range(epochs):
         train_one_epoch(ctx, loader, EpochPlan(epoch=epoch, start_step=epoch * steps),
-                        EpochCallbacks(log_interval=2, on_log=lambda i, v: logs.append(
-                            {k: x for k, x in v.items() if k not in TIMING})))
+                        EpochCallbacks(log_interval=2, on_log=on_log))
     return mixer, optimizer, logs, ctx.stepper
 
 
@@ -114,6 +128,24 @@ def test_static_step_trains_q_batched_automix_as_the_eager_step_bit_for_bit():
     eager = train(False, **kw)
     static = train(True, **kw)
     assert static[0].q_batched and static[3].static_steps >= 4
+    assert_same_training(eager, static)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_static_step_trains_float16_with_its_loss_scaler_as_the_eager_step_bit_for_bit(accum):
+    """float16 autocast with GradScaler: the scale, its growth tracker and the overflow flags live
+    on the device, so the static step (and a captured update) equals the eager one through steps
+    that overflow, are skipped and back the scale off, and good ones that grow it again: both
+    kinds of step, channels-last, with and without gradient accumulation."""
+    kw = dict(mix_block_every=2, lam_margin=0.3, accum=accum, amp=torch.float16, channels_last=True)
+    eager = train(False, **kw)
+    static = train(True, **kw)
+    assert static[3].static_steps >= 4 and set(static[3].grad_params) == {True, False}
+    statics = static[3].static_at_logs
+    scales, skipped = [log["scale"] for log in static[2]], [log["skipped_steps"] for log in static[2]]
+    assert any(b < a for a, b in zip(scales, scales[1:])) and any(b > a for a, b in zip(scales, scales[1:]))
+    if accum == 1:  # a step skipped in a log window (2 steps) of static steps only
+        assert any(statics[i + 1] - statics[i] == 2 and skipped[i + 1] > skipped[i] for i in range(len(statics) - 1))
     assert_same_training(eager, static)
 
 
@@ -284,11 +316,15 @@ class RecordingStep(StaticStep):
         self.recorded.setdefault((*key, self.buffers["x"].shape[0]), []).append(recorder.ops)
 
 
-def test_captured_parts_read_nothing_on_the_host_and_repeat_the_same_ops():
+@pytest.mark.parametrize("amp", [None, torch.float16])
+def test_captured_parts_read_nothing_on_the_host_and_repeat_the_same_ops(amp):
     """What CUDA graph capture needs, checked on the CPU: no host read inside a captured part, and
     every run of a part replays the same operations on the same shapes although the lambdas, the
-    permutations, the lam_margin choice, the LRs and the weights change from step to step."""
-    _, _, _, stepper = train(True, mix_block_every=2, lam_margin=0.3, stepper_cls=RecordingStep)
+    permutations, the lam_margin choice, the LRs and the weights change from step to step (and
+    under float16, the loss scale, and whether the step overflowed and is skipped)."""
+    _, _, logs, stepper = train(True, mix_block_every=2, lam_margin=0.3, stepper_cls=RecordingStep, amp=amp)
+    if amp is not None:
+        assert logs[-1]["skipped_steps"] > 0 and len({log["scale"] for log in logs}) > 1
     assert stepper.syncs == []
     full = {key: runs for key, runs in stepper.recorded.items() if key[2] == 6}
     assert set(full) == {("micro", True, 6), ("micro", False, 6), ("update", True, 6), ("update", False, 6)}
@@ -417,12 +453,34 @@ def test_cuda_graph_flag_runs_mixup_cutmix(tmp_path, capsys):
     assert "static buffers without capture" in out and logs and all(math.isfinite(r["loss"]) for r in logs)
 
 
+def test_cuda_graph_flag_trains_float16_with_its_loss_scaler_and_resumes(tmp_path, capsys):
+    """`--cuda-graph --amp --amp-dtype float16` on a CPU: the static-buffer step with GradScaler
+    logs what the eager float16 run logs (closely: fused against unfused SGD, as above), and the
+    run resumed from its epoch-1 checkpoint, which holds the scaler's scale, ends bit for bit
+    where the uninterrupted run ends."""
+    fp16 = ("--amp", "--amp-dtype", "float16")
+    _, eager_logs, _ = _cli_run(tmp_path, capsys, "eager", "--epochs", "2", *fp16)
+    out, static_logs, static = _cli_run(tmp_path, capsys, "static", "--epochs", "2", "--cuda-graph", *fp16)
+    assert "static buffers without capture" in out
+    assert len(static_logs) == len(eager_logs) == 10
+    for a, b in zip(eager_logs, static_logs):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+        assert b["skipped_steps"] == a["skipped_steps"]
+    epoch_1 = tmp_path / "static" / "checkpoint-0001.pt"
+    assert load_checkpoint(epoch_1)["scaler"]["scale"] > 0
+    _, resumed_logs, resumed = _cli_run(tmp_path, capsys, "resumed", "--epochs", "2", "--cuda-graph", *fp16,
+                                        "--resume", str(epoch_1))
+    assert resumed_logs == static_logs[5:]
+    assert all(torch.equal(static[k], resumed[k]) for k in static)
+    assert (load_checkpoint(tmp_path / "resumed" / "last.pt")["scaler"]
+            == load_checkpoint(tmp_path / "static" / "last.pt")["scaler"])
+
+
 @pytest.mark.parametrize("flags,says", [
     (["--opt", "apex_sgd"], "--cuda-graph needs --opt sgd or adamw"),
     (["--torchcompile", "--torchcompile-mode", "reduce-overhead"],
      "--cuda-graph does not combine with --torchcompile-mode reduce-overhead"),
     (["--torchcompile", "cudagraphs"], "--cuda-graph does not combine with --torchcompile cudagraphs"),
-    (["--amp", "--amp-dtype", "float16"], "--cuda-graph needs --amp-dtype bfloat16 or --no-amp"),
 ])
 def test_cuda_graph_refuses_what_it_cannot_capture_in_one_line(tmp_path, capsys, flags, says):
     from automix_fast.cli import main
@@ -442,15 +500,17 @@ def deterministic_cudnn():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("policy,compile_scope", [("automix", None), ("vanilla", None), ("mixup", None),
-                                                  ("automix", "step"), ("mixup", "encoders")])
-def test_captured_cuda_graphs_train_as_the_eager_step(policy, compile_scope, deterministic_cudnn):
+@pytest.mark.parametrize("policy,compile_scope,amp", [("automix", None, None), ("vanilla", None, None),
+                                                      ("mixup", None, None), ("automix", "step", None),
+                                                      ("mixup", "encoders", None), ("automix", None, torch.float16)])
+def test_captured_cuda_graphs_train_as_the_eager_step(policy, compile_scope, amp, deterministic_cudnn):
     """On CUDA: each kind's micro-batch and update captured once and replayed (Triton kernels,
     channels-last, both kinds of step, both plain-mixup choices; inductor's code with
-    `compile_scope`) train as the eager step does (compiled alike), up to the float32 rounding of
-    the learning rate and the GPU's atomics."""
+    `compile_scope`; float16 with GradScaler, whose BatchNorm runs cuDNN's kernels) train as the
+    eager step does (compiled alike), up to the float32 rounding of the learning rate and the
+    GPU's atomics."""
     torch._dynamo.reset()
-    kw = dict(policy=policy, device="cuda", channels_last=True, epochs=3, compile_scope=compile_scope)
+    kw = dict(policy=policy, device="cuda", channels_last=True, epochs=3, compile_scope=compile_scope, amp=amp)
     if policy == "automix":
         kw.update(mix_block_every=2, lam_margin=0.3)
     if policy == "mixup":

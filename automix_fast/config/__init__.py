@@ -199,9 +199,6 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes th
 def check_cuda_graph(cfg: TrainConfig) -> None:
     """What --cuda-graph's static-buffer step can run (engine/static_step.py)."""
     run = cfg.run
-    # amp unset means on with CUDA: the step context refuses the loss scaler then (check_static).
-    require(not (run.amp is True and run.amp_dtype == "float16"), "cuda_graph",
-            "needs --amp-dtype bfloat16 or --no-amp (float16's loss scaler reads its overflow flag on the host)", None)
     require(cfg.optim.opt in ("sgd", "adamw"), "cuda_graph",
             f"needs --opt sgd or adamw (torch's fused kernels skip a bad step on the device), not --opt {cfg.optim.opt}",
             None)

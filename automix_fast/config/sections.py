@@ -269,7 +269,8 @@ class RunOptions(Section):
     cuda_graph: bool = option(
         False, "run each step from static device buffers, captured once per kind of step as CUDA graphs and "
         "replayed (every --mix, also under torchrun with the all-reduce captured and with --torchcompile in a mode "
-        "without CUDA graphs of its own; bfloat16 or no mixed precision, torch's fused SGD or AdamW); "
+        "without CUDA graphs of its own; bfloat16, float16 (its loss scaler captured too) or no mixed precision, "
+        "torch's fused SGD or AdamW); "
         "the eager step's numbers with the same optimizer (on CUDA the learning rate in float32); on a CPU the "
         "static-buffer step runs without capture", resumable=True)
     sync_bn: bool = option(False, "synchronise BatchNorm statistics across processes (torchrun)")

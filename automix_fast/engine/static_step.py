@@ -7,14 +7,16 @@
 policy's per-step values (lambdas, permutations, the lam_margin choice, the mask-loss and EMA
 weights: `Mixer.static_buffers`, refilled by `Mixer.fill_static` with one or two host->device
 copies), the learning rates (tensors in the optimizer's groups, refilled by the schedule), the
-gradients, the summed loss and the logged sums. Nothing in a step branches on a per-step value
-except which graph runs: steps of one `Mixer.step_kind` (AutoMix: with or without the Mix Block
-branch; mixup/cutmix's batch mode: not mixed, mixup or cutmix) run the same operations, so on
-CUDA each kind's micro-batch and update are captured once as CUDA graphs (sharing one memory
-pool) and replayed; on CPU the same code runs without capture,
-which is how the tests hold it equal to the eager step bit for bit. (One difference on CUDA:
-torch's fused optimizers read a tensor learning rate as float32 there, a float one as float64,
-so the static step's LR is the float32 rounding of the eager step's.)
+gradients, the summed loss and the logged sums; under float16 autocast, GradScaler's loss scale
+and growth tracker, which its update changes in place on the device (the fused optimizer takes
+the scale and the overflow flag as tensors, so no part of the scaler reads the host). Nothing
+in a step branches on a per-step value except which graph runs: steps of one `Mixer.step_kind`
+(AutoMix: with or without the Mix Block branch; mixup/cutmix's batch mode: not mixed, mixup or
+cutmix) run the same operations, so on CUDA each kind's micro-batch and update are captured
+once as CUDA graphs (sharing one memory pool) and replayed; on CPU the same code runs without
+capture, which is how the tests hold it equal to the eager step bit for bit. (One difference on
+CUDA: torch's fused optimizers read a tensor learning rate as float32 there, a float one as
+float64, so the static step's LR is the float32 rounding of the eager step's.)
 
 The first step of each kind runs eagerly: it creates the optimizer's state and names the
 parameters that kind gives a gradient (a parameter without one is left out of that kind's
@@ -183,16 +185,21 @@ class StaticStep(EagerStep):
         ctx = self.ctx
         loss, logs = self.mixer.static_forward_backward(
             self.buffers["x"], self.buffers["y"], self.buffers, kind,
-            lambda: autocast(ctx.device, ctx.amp_dtype), lambda t: (t / self.micro).backward())
+            lambda: autocast(ctx.device, ctx.amp_dtype), lambda t: self.scaled(t / self.micro).backward())
         self.loss_sum.add_(loss / self.micro)
         for k, v in logs.items():
             self.sums[k].add_(v.detach().float())
+
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss as backward takes it: times float16's loss scale (a device tensor that the
+        captured update changes in place, so a replay reads the current scale)."""
+        return loss if self.ctx.scaler is None else self.ctx.scaler.scale(loss)
 
     def update_body(self) -> None:
         """The update from the static gradients (averaged over ranks under torchrun: every
         parameter has one then, as the eager step gives it), the policy's after_step from its
         buffers, then the gradients and the loss sum zeroed."""
-        self.synced_update(self.loss_sum, None)
+        self.synced_update(self.loss_sum, self.ctx.scaler)
         self.mixer.static_after_step(self.buffers)
         torch._foreach_zero_([p.grad for p in self.params if p.grad is not None])
         self.loss_sum.zero_()
@@ -256,7 +263,5 @@ def check_static(ctx: StepContext) -> None:
     """What the static step cannot do, as one error each (the config checks say most of it first)."""
     if not ctx.mixer.static_step:
         raise ConfigError(f"--cuda-graph: the {ctx.mixer.name} policy has no static-buffer step")
-    if ctx.scaler is not None:
-        raise ConfigError("--cuda-graph cannot run float16's loss scaler (it reads the host): use --amp-dtype bfloat16")
     if not all(group.get("fused") for group in ctx.optimizer.param_groups):
         raise ConfigError("--cuda-graph needs torch's fused optimizer (it skips a bad step on the device)")
