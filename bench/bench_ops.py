@@ -1,5 +1,8 @@
 """Benchmark the Mix Block ops: Triton kernels vs the torch reference vs torch.compile(reference).
 
+Provider `triton-tiled` (attention only) runs the Triton attention with its backward forced to
+the tiled plan, to set against `triton` (the launcher's automatic choice) at the same shapes.
+
     python bench/bench_ops.py                      # every preset, op, pass and provider (CUDA)
     python bench/bench_ops.py --presets cifar-r18 --ops mask_mix --providers triton torch
     TRITON_INTERPRET=1 python bench/bench_ops.py --smoke   # tiny CPU run that checks the script
@@ -28,6 +31,7 @@ from common import git_commit, results_path  # noqa: E402
 
 from automix_fast import ops  # noqa: E402
 from automix_fast.atomic import write_json  # noqa: E402
+from automix_fast.kernels import mixblock_attention  # noqa: E402
 from automix_fast.ops import reference  # noqa: E402
 
 # name: (N, L, D, image size); images are (N, 3, S, S) bf16 channels-last, logits (N, 1, h, h), h*h = L.
@@ -38,7 +42,9 @@ PRESETS = {
 }
 SMOKE_PRESETS = {"smoke": (2, 16, 24, 12)}
 PASSES = ("fwd", "bwd", "fwd+bwd")
-PROVIDERS = ("triton", "torch", "compile")
+# triton-tiled: attention only, the Triton forward and the backward forced to its tiled plan
+# (mixblock_attention.BWD_PLANS), against `triton`'s automatic choice at the same shapes.
+PROVIDERS = ("triton", "torch", "compile", "triton-tiled")
 OPS = ("attention", "mask_mix")
 
 
@@ -69,7 +75,25 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
+class TiledBackwardAttention(torch.autograd.Function):
+    """The Triton attention with its backward tiled as plan "tiled" says (bench only)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        out, lse = mixblock_attention.attention_forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*mixblock_attention.attention_backward(q, k, v, out, lse, g, ctx.scale, plan="tiled"), None)
+
+
 def attention_fns(provider: str):
+    if provider == "triton-tiled":
+        return lambda q, k, v: TiledBackwardAttention.apply(q, k, v, q.shape[-1] ** -0.5)
     if provider == "triton":
         return lambda q, k, v: ops.mixblock_attention(q, k, v, backend="triton")
     if provider == "torch":
@@ -148,14 +172,14 @@ def run_mask_mix(preset, shape, provider, device, dtype, mode) -> list[dict]:
 def print_table(rows: list[dict], copy_gbps: float | None) -> None:
     if copy_gbps:
         print(f"device-to-device copy: {copy_gbps:.0f} GB/s")
-    print(f"{'op':<20}{'preset':<14}{'provider':<9}{'pass':<9}{'ms':>9}{'rate':>14}{'peak MiB':>10}")
+    print(f"{'op':<20}{'preset':<14}{'provider':<14}{'pass':<9}{'ms':>9}{'rate':>14}{'peak MiB':>10}")
     for r in rows:
         if "error" in r:
-            print(f"{r['op']:<20}{r['preset']:<14}{r['provider']:<9}{'-':<9}  error: {r['error'][:60]}")
+            print(f"{r['op']:<20}{r['preset']:<14}{r['provider']:<14}{'-':<9}  error: {r['error'][:60]}")
             continue
         rate = f"{r['tflops']:.2f} TFLOP/s" if "tflops" in r else f"{r['gbps']:.0f} GB/s"
         peak = "" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.0f}"
-        print(f"{r['op']:<20}{r['preset']:<14}{r['provider']:<9}{r['pass']:<9}{r['ms']:>9.3f}{rate:>14}{peak:>10}")
+        print(f"{r['op']:<20}{r['preset']:<14}{r['provider']:<14}{r['pass']:<9}{r['ms']:>9.3f}{rate:>14}{peak:>10}")
 
 
 def main(argv=None) -> int:
@@ -208,7 +232,7 @@ def main(argv=None) -> int:
             jobs = []
             if "attention" in args.ops:
                 jobs.append(("attention", lambda: run_attention(preset, shape, provider, device, dtype)))
-            if "mask_mix" in args.ops:
+            if "mask_mix" in args.ops and provider != "triton-tiled":
                 for mode in args.modes:
                     jobs.append((f"mask_mix-{mode}", lambda mode=mode: run_mask_mix(preset, shape, provider, device, dtype, mode)))
             for op, job in jobs:

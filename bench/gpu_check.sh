@@ -4,7 +4,8 @@
 #
 # One command for the day a GPU is there (ours, or a user checking an install):
 #   pytest-gpu           compiled-kernel parity and every other GPU-only test (full mode only; junit XML)
-#   ops                  the Mix Block ops at the presets, Triton against torch, and the copy bandwidth
+#   ops                  the Mix Block ops at the presets, Triton against torch (and the attention with its
+#                        backward's tiled plan), and the copy bandwidth
 #   train-imagenet-r50   train-step img/s, resnet50 224 px b128: vanilla / mixup / automix eager,
 #                        automix in the reference configuration, vanilla / mixup compiled; automix profiled;
 #                        quick mode also automix replayed as CUDA graphs, and vanilla compiled and replayed;
@@ -80,7 +81,7 @@ if [ "$DRY" = 1 ]; then
   tiny=(--model tinynet --img-size 16 -b 4 --num-classes 10 --steps 1 --repeats 1 --profile-steps 1 --device cpu)
   [ "$MODE" = full ] && stage pytest-gpu 120 $PY -m pytest -m gpu -q -p no:cacheprovider \
     --junitxml="$OUT/pytest-gpu.xml" -o junit_suite_name=gpu tests
-  stage ops 120 env TRITON_INTERPRET=1 $PY bench/bench_ops.py --smoke --providers triton torch --modes nearest \
+  stage ops 120 env TRITON_INTERPRET=1 $PY bench/bench_ops.py --smoke --providers triton torch triton-tiled --modes nearest \
     --output "$OUT/ops.json"
   train imagenet-r50 120 "${tiny[@]}" --runs optimized:vanilla optimized:mixup optimized:automix reference:automix \
     graphed:automix optimized-fp16:vanilla optimized-fp16:automix graphed-fp16:automix --profile optimized:automix
@@ -93,10 +94,11 @@ elif [ "$MODE" = quick ]; then
   # Per stage, an estimate (not a measurement) of its H200 seconds, imports, Triton JIT and
   # torch.compile warm-ups included; a training stage starts no row past 70% of its limit (those
   # are recorded as skipped), and a stage past its limit keeps the rows it finished.
-  # ~30 s: 3 presets x (attention, mask_mix nearest) x (triton, torch), copy bandwidth
+  # ~30 s: 3 presets x (attention, mask_mix nearest) x (triton, torch), the attention with its tiled
+  # backward (triton-tiled), copy bandwidth
   # The limits add up to 300 s; the rows of a stage run in order of need, so a stage cut short
   # keeps the figures that matter most.
-  stage ops 35 $PY bench/bench_ops.py --providers triton torch --modes nearest --warmup-ms 10 --rep-ms 30 \
+  stage ops 35 $PY bench/bench_ops.py --providers triton torch triton-tiled --modes nearest --warmup-ms 10 --rep-ms 30 \
     --output "$OUT/ops.json"
   # ~85 s: ~45 of them compiling resnet50 (compiled mixup and the graphed compiled vanilla reuse
   # vanilla's compiled code from inductor's cache)

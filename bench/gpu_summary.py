@@ -276,6 +276,14 @@ def speedup(run: Run, op: str, preset: str) -> dict:
             "triton_ms": fast["ms"], "torch_ms": ref["ms"], "op": op, "source": "ops.json"}
 
 
+def tiled_backward_speedup(run: Run, preset: str) -> dict:
+    auto = ops_row(run, "attention", preset, "triton", "bwd")
+    tiled = ops_row(run, "attention", preset, "triton-tiled", "bwd")
+    return {"value": round(auto["ms"] / tiled["ms"], 3),
+            "unit": "attention backward ms, automatic plan / tiled plan (above 1: tiled is faster)",
+            "auto_ms": auto["ms"], "tiled_ms": tiled["ms"], "source": "ops.json"}
+
+
 def attention_peak_ratio(run: Run, preset: str) -> dict:
     fast = ops_row(run, "attention", preset, "triton", "fwd+bwd")
     ref = ops_row(run, "attention", preset, "torch", "fwd+bwd")
@@ -357,6 +365,8 @@ def figures(run: Run) -> dict:
         "attention_speedup_vs_torch": per_preset(lambda r, p: speedup(r, "attention", p), OPS_PRESETS),
         "mask_mix_speedup_vs_torch": per_preset(lambda r, p: speedup(r, f"mask_mix-{MASK_MODE}", p), OPS_PRESETS),
         "attention_peak_memory_ratio": per_preset(attention_peak_ratio, ("imagenet-r50",)),
+        # The backward's plans side by side where both recompute nothing (D = 128): which to make automatic.
+        "attention_bwd_tiled_speedup": per_preset(tiled_backward_speedup, ("cifar-r18", "imagenet-r18")),
         "loader_img_per_s": {"torch-224": figure(lambda: loader(run, "imagenet/torch-stream")),
                              "dali-224": figure(lambda: loader(run, "imagenet/dali"))},
         "gpu_tests_failed": figure(lambda: gpu_tests(run)),

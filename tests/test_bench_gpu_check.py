@@ -47,6 +47,7 @@ FIGURES = [
     *(f"mask_mix_share_of_copy.{p}.{d}" for p in ("imagenet-r18", "imagenet-r50") for d in ("fwd", "bwd")),
     *(f"{op}_speedup_vs_torch.{p}" for op in ("attention", "mask_mix") for p in ("cifar-r18", "imagenet-r18", "imagenet-r50")),
     "attention_peak_memory_ratio.imagenet-r50",
+    "attention_bwd_tiled_speedup.cifar-r18", "attention_bwd_tiled_speedup.imagenet-r18",
     "loader_img_per_s.torch-224", "loader_img_per_s.dali-224",
     "gpu_tests_failed",
 ]
@@ -107,7 +108,8 @@ def test_quick_dry_run_writes_every_figure(tmp_path):
     assert row["profile"]["steps"] == 1 and row["profile"]["kernels_per_step"] is None  # profiled, no GPU kernels
     # What needs CUDA, compile or DALI is null with the reason.
     for name in ("gpu_busy_share.cifar-r18", "launches_per_step.imagenet-r50", "peak_mib.imagenet-r50.automix",
-                 "copy_gbps", "mask_mix_share_of_copy.imagenet-r50.fwd", "attention_speedup_vs_torch.cifar-r18"):
+                 "copy_gbps", "mask_mix_share_of_copy.imagenet-r50.fwd", "attention_speedup_vs_torch.cifar-r18",
+                 "attention_bwd_tiled_speedup.imagenet-r18"):
         assert found[name]["value"] is None and "needs CUDA" in found[name]["reason"], name
     assert "no torch.compile" in found["vanilla_img_per_s.imagenet-r50.compiled"]["reason"]
     # The static step runs on the CPU too (without capture): its rates are measured.
@@ -158,7 +160,10 @@ def test_summary_reasons_and_figures_from_stage_files(tmp_path):
              "peak_extra_mib": 1.0},
             {"op": "attention", "preset": "imagenet-r50", "provider": "triton", "pass": "fwd+bwd", "ms": 0.2, "peak_extra_mib": 50.0},
             {"op": "attention", "preset": "imagenet-r50", "provider": "torch", "pass": "fwd+bwd", "ms": 0.8, "peak_extra_mib": 200.0},
-            {"op": "attention", "preset": "cifar-r18", "provider": "triton", "error": "RuntimeError: boom"}]
+            {"op": "attention", "preset": "cifar-r18", "provider": "triton", "error": "RuntimeError: boom"},
+            {"op": "attention", "preset": "imagenet-r18", "provider": "triton", "pass": "bwd", "ms": 0.45, "peak_extra_mib": 9.0},
+            {"op": "attention", "preset": "imagenet-r18", "provider": "triton-tiled", "pass": "bwd", "ms": 0.3,
+             "peak_extra_mib": 9.0}]
     write(tmp_path / "ops.json", {"meta": {**meta, "copy_gbps": 4000.0}, "results": rows})
 
     figs = dict(gpu_summary.leaves(gpu_summary.summarize(tmp_path)["figures"]))
@@ -173,6 +178,7 @@ def test_summary_reasons_and_figures_from_stage_files(tmp_path):
     assert figs["mask_mix_share_of_copy.imagenet-r50.fwd"]["value"] == 0.9
     assert figs["attention_speedup_vs_torch.imagenet-r50"]["value"] == 4.0
     assert figs["attention_peak_memory_ratio.imagenet-r50"]["value"] == 0.25
+    assert figs["attention_bwd_tiled_speedup.imagenet-r18"]["value"] == 1.5
     # Planned but cut off by the time limit / never planned in this mode / a failed row / a failed stage.
     assert figs["vanilla_img_per_s.imagenet-r50.compiled"]["reason"] == (
         "stage train-imagenet-r50 timed out after 100 s before measuring compiled:vanilla")
