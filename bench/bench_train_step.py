@@ -300,7 +300,7 @@ def main(argv=None) -> int:
         cfg = settings(name, device, args.compile)
         if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
             rows.append({"config": name, "mix": mix, "skipped": f"not started: past the {args.time_budget:g} s budget"})
-            print(f"{name:<13} {mix:<8} skipped ({rows[-1]['skipped']})", flush=True)
+            print(f"{name:<15} {mix:<8} skipped ({rows[-1]['skipped']})", flush=True)
             path = save()
             continue
         profile = mix in args.profile or f"{name}:{mix}" in args.profile
@@ -309,7 +309,7 @@ def main(argv=None) -> int:
             row = {"config": name, **measure(mix, cfg, args, device, profile, trace)}
         except Exception as exc:  # one failing row (a compile error, out of memory) must not lose the others
             row = {"config": name, "mix": mix, "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
-            print(f"{name:<13} {mix:<8} error: {row['error'][:120]}", flush=True)
+            print(f"{name:<15} {mix:<8} error: {row['error'][:120]}", flush=True)
             if cfg["compile"]:
                 torch._dynamo.reset()
             if device.type == "cuda":
@@ -317,7 +317,7 @@ def main(argv=None) -> int:
         else:
             prof = row.get("profile")
             prof = prof if prof and prof.get("kernels_per_step") is not None else None
-            print(f"{name:<13} {mix:<8} {row['step_ms']:>9.2f} ms/step {row['img_per_s']:>9.1f} img/s"
+            print(f"{name:<15} {mix:<8} {row['step_ms']:>9.2f} ms/step {row['img_per_s']:>9.1f} img/s"
                   + (f" {row['peak_mib']:>9.0f} MiB" if "peak_mib" in row else "")
                   + (f"  warm-up {row['warmup_s']:.1f} s, graphs {row['graphs'][0]} + {row['graphs'][1]} timed"
                      if cfg["compile"] else "")
