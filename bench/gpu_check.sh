@@ -94,8 +94,8 @@ elif [ "$MODE" = quick ]; then
   # Per stage, an estimate (not a measurement) of its H200 seconds, imports, Triton JIT and
   # torch.compile warm-ups included; a training stage starts no row past 70% of its limit (those
   # are recorded as skipped), and a stage past its limit keeps the rows it finished.
-  # ~30 s: 3 presets x (attention, mask_mix nearest) x (triton, torch), the attention with its tiled
-  # backward (triton-tiled), copy bandwidth
+  # ~30 s: 3 presets x (attention, mask_mix nearest) x (triton, torch), copy bandwidth; then, last,
+  # the attention with its tiled backward (triton-tiled) at the two D = 128 presets
   # The limits add up to 300 s; the rows of a stage run in order of need, so a stage cut short
   # keeps the figures that matter most.
   stage ops 35 $PY bench/bench_ops.py --providers triton torch triton-tiled --modes nearest --warmup-ms 10 --rep-ms 30 \

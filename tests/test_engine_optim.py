@@ -41,3 +41,43 @@ def test_optimizer_errors():
     except ImportError:
         with pytest.raises(ConfigError, match="apex.optimizers.FusedSGD"):
             build_optimizer(params, "apex_sgd", lr=0.1)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_fused_sgd_skipping_its_first_step_keeps_a_finite_momentum(nesterov):
+    """A fused SGD whose first step is skipped (found_inf = 1: an fp16 overflow, a non-finite
+    gradient) leaves parameters and momentum at zero change, and its next step is torch's
+    first step bit for bit (unfused SGD's, which creates its buffer from that step's gradient);
+    then both go on equal. torch alone creates the buffers with empty_like and keeps them."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 9)
+    grads = [torch.randn(64, 9) for _ in range(3)]
+    fused_w, plain_w = nn.Parameter(w.clone()), nn.Parameter(w.clone())
+    fused = build_optimizer([fused_w], "sgd", lr=0.1, weight_decay=1e-4, nesterov=nesterov, fused=True)
+    plain = build_optimizer([plain_w], "sgd", lr=0.1, weight_decay=1e-4, nesterov=nesterov)
+    fused_w.grad = torch.full_like(w, float("inf"))
+    fused.found_inf = torch.ones(())
+    fused.step()  # skipped
+    assert torch.equal(fused_w.detach(), w) and torch.equal(fused.state[fused_w]["momentum_buffer"], torch.zeros_like(w))
+    fused.found_inf = torch.zeros(())
+    for g in grads:
+        fused_w.grad, plain_w.grad = g.clone(), g.clone()
+        fused.step()
+        plain.step()
+        assert torch.equal(fused_w.detach(), plain_w.detach())
+        assert torch.equal(fused.state[fused_w]["momentum_buffer"], plain.state[plain_w]["momentum_buffer"])
+
+
+def test_a_loaded_fused_sgd_state_gets_zero_momentum_where_it_has_none():
+    from automix_fast.engine.optim import start_momentum_at_zero
+
+    a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
+    opt = build_optimizer([a, b], "sgd", lr=0.1, fused=True)
+    state = opt.state_dict()
+    del state["state"][1]  # a checkpoint whose b never had a step
+    opt.load_state_dict(state)
+    assert "momentum_buffer" not in opt.state[b]
+    start_momentum_at_zero(opt)
+    assert torch.equal(opt.state[b]["momentum_buffer"], torch.zeros(2))
+    plain = build_optimizer([nn.Parameter(torch.ones(2))], "sgd", lr=0.1)
+    assert not plain.state  # torch's own first step creates the unfused buffers: nothing to do

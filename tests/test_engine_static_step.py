@@ -43,8 +43,8 @@ def train(static: bool, *, policy="automix", epochs=2, accum=1, amp=None, channe
     """Train tinynet for `epochs` with the eager or the static step (captured on CUDA); (mixer,
     optimizer, logs, stepper). `grad_sync`: the gradients' all-reduce (torchrun's);
     `compile_scope`: torch.compile (aot_eager on the CPU, inductor on CUDA) of that --torchcompile-scope.
-    float16 `amp` adds a GradScaler that starts at 2^16 and grows after 2 good steps, so its
-    scale both backs off (skipped steps) and grows; each log then also holds `scale`. The static
+    float16 `amp` adds a GradScaler that starts at 2^20 (the first steps overflow) and grows after
+    2 good steps, so its scale both backs off (skipped steps) and grows; each log then also holds `scale`. The static
     stepper's `static_at_logs` lists its static_steps at each log."""
     device = torch.device(device)
     torch.manual_seed(0)
@@ -66,7 +66,7 @@ def train(static: bool, *, policy="automix", epochs=2, accum=1, amp=None, channe
                               warmup_steps=2)
     scaler = None
     if amp == torch.float16:
-        scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16, growth_interval=2)
+        scaler = torch.amp.GradScaler(device.type, init_scale=2.0**20, growth_interval=2)
     ctx = StepContext(mixer, optimizer, schedule, StepGuard(device), epochs * steps, amp_dtype=amp,
                       accum_steps=accum, clip=grad_clipper(5.0, "norm"), grad_sync=grad_sync, scaler=scaler)
     if static:
@@ -136,12 +136,16 @@ def test_static_step_trains_float16_with_its_loss_scaler_as_the_eager_step_bit_f
     """float16 autocast with GradScaler: the scale, its growth tracker and the overflow flags live
     on the device, so the static step (and a captured update) equals the eager one through steps
     that overflow, are skipped and back the scale off, and good ones that grow it again: both
-    kinds of step, channels-last, with and without gradient accumulation."""
+    kinds of step, channels-last, with and without gradient accumulation. The first step of each
+    kind overflows: fused SGD's momentum must start finite (optim.start_momentum_at_zero)."""
     kw = dict(mix_block_every=2, lam_margin=0.3, accum=accum, amp=torch.float16, channels_last=True)
     eager = train(False, **kw)
     static = train(True, **kw)
     assert static[3].static_steps >= 4 and set(static[3].grad_params) == {True, False}
     statics = static[3].static_at_logs
+    assert static[2][0]["skipped_steps"] == 2  # steps 0 and 1: the first of each kind
+    momentum = [state["momentum_buffer"] for state in static[1].state.values()]
+    assert momentum and all(bool(torch.isfinite(m).all()) for m in momentum)
     scales, skipped = [log["scale"] for log in static[2]], [log["skipped_steps"] for log in static[2]]
     assert any(b < a for a, b in zip(scales, scales[1:])) and any(b > a for a, b in zip(scales, scales[1:]))
     if accum == 1:  # a step skipped in a log window (2 steps) of static steps only
@@ -467,7 +471,9 @@ def test_cuda_graph_flag_trains_float16_with_its_loss_scaler_and_resumes(tmp_pat
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
         assert b["skipped_steps"] == a["skipped_steps"]
     epoch_1 = tmp_path / "static" / "checkpoint-0001.pt"
-    assert load_checkpoint(epoch_1)["scaler"]["scale"] > 0
+    # GradScaler's growth tracker counted epoch 1's 5 good steps, updated on the device by the
+    # static step; the resumed run must carry it on (10 at the end, as uninterrupted).
+    assert static_logs[4]["skipped_steps"] == 0 and load_checkpoint(epoch_1)["scaler"]["_growth_tracker"] == 5
     _, resumed_logs, resumed = _cli_run(tmp_path, capsys, "resumed", "--epochs", "2", "--cuda-graph", *fp16,
                                         "--resume", str(epoch_1))
     assert resumed_logs == static_logs[5:]

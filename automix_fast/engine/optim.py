@@ -64,8 +64,10 @@ def build_optimizer(param_groups, opt: str = "sgd", *, lr: float, momentum: floa
     if opt == "sgd":
         if nesterov and momentum <= 0:
             raise ConfigError("nesterov needs momentum > 0")
-        return _with_fast_path(torch.optim.SGD, params, device, fused, lr=lr, momentum=momentum,
-                               weight_decay=weight_decay, nesterov=nesterov)
+        sgd = _with_fast_path(torch.optim.SGD, params, device, fused, lr=lr, momentum=momentum,
+                              weight_decay=weight_decay, nesterov=nesterov)
+        start_momentum_at_zero(sgd)
+        return sgd
     if opt == "adamw":
         kwargs = {}
         if fused and device is not None and torch.device(device).type == "cuda":
@@ -88,6 +90,23 @@ def host_hyperparameters(state: dict) -> dict:
     groups = [{k: v.item() if isinstance(v, torch.Tensor) and v.dim() == 0 and k != "params" else v
                for k, v in g.items()} for g in state["param_groups"]]
     return {**state, "param_groups": groups}
+
+
+def start_momentum_at_zero(optimizer) -> None:
+    """Zero momentum buffers for a fused SGD's parameters that have none (call after building it
+    and after load_state_dict). torch's fused SGD creates them uninitialised (empty_like) at its
+    first step and keeps them even when found_inf skips that step (an fp16 overflow, a non-finite
+    gradient), so the next step would add momentum times garbage. Started at zero, the first
+    step's buffer is momentum * 0 + grad = grad (dampening 0), the value torch's first step
+    copies, so nothing else changes."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return
+    for group in optimizer.param_groups:
+        if group.get("fused") and group["momentum"] != 0:
+            for p in group["params"]:
+                state = optimizer.state[p]
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")

@@ -30,7 +30,7 @@ from automix_fast.engine.hooks import (BadFilesRecord, BadFilesStop, Checkpoints
                                        StopAgreement)
 from automix_fast.engine.initial_checkpoint import load_initial_checkpoint
 from automix_fast.engine.metrics import MetricLogger, ProgressLine
-from automix_fast.engine.optim import build_optimizer, host_hyperparameters, keep_implementation
+from automix_fast.engine.optim import build_optimizer, host_hyperparameters, keep_implementation, start_momentum_at_zero
 from automix_fast.engine.policy import (check_compile_backend, compile_policy, create_policy_model, resolve_amp,
                                         resolve_device, resolve_loader, wrap_policy)
 from automix_fast.engine.schedule import build_schedule, resolve_warmup_epochs
@@ -214,6 +214,7 @@ class Trainer:
             self.mixer.load_state_dict(state["mixer"])
             self.optimizer.load_state_dict(state["optimizer"])
             keep_implementation(self.optimizer)
+            start_momentum_at_zero(self.optimizer)
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{path} does not match this model: {str(e).splitlines()[0]}") from None
         if self.scaler is not None and state.get("scaler"):
