@@ -153,9 +153,14 @@ def test_static_step_trains_float16_with_its_loss_scaler_as_the_eager_step_bit_f
     assert_same_training(eager, static)
 
 
-@pytest.mark.parametrize("opt", ["sgd", "adamw"])
-def test_static_step_trains_vanilla_with_model_ema_as_the_eager_step(opt):
-    assert_same_training(train(False, policy="vanilla", opt=opt), train(True, policy="vanilla", opt=opt))
+@pytest.mark.parametrize("opt,amp", [("sgd", None), ("adamw", None), ("adamw", torch.float16)])
+def test_static_step_trains_vanilla_with_model_ema_as_the_eager_step(opt, amp):
+    """Vanilla with model EMA; fused AdamW also under float16's GradScaler (its step count and
+    skipped steps on the device)."""
+    eager, static = train(False, policy="vanilla", opt=opt, amp=amp), train(True, policy="vanilla", opt=opt, amp=amp)
+    if amp is not None:
+        assert static[2][0]["skipped_steps"] > 0  # the first step overflowed
+    assert_same_training(eager, static)
 
 
 MIXUP_CUTMIX = dict(policy="mixup", mixup=1.0, cutmix=1.0, mix_prob=0.7)
@@ -217,7 +222,8 @@ def test_static_step_under_torchrun_all_reduces_as_the_eager_step(kw, process_gr
     dict(compile_scope="step", mix_block_every=2, lam_margin=0.3, amp=torch.bfloat16),
     dict(compile_scope="step", mix_block_every=2, lam_margin=0.3, q_batched=True),
     dict(compile_scope="encoders", **MIXUP_CUTMIX),
-], ids=["automix-step-bf16", "automix-step-q-batched", "mixup-encoders"])
+    dict(compile_scope="step", mix_block_every=2, lam_margin=0.3, amp=torch.float16),
+], ids=["automix-step-bf16", "automix-step-q-batched", "mixup-encoders", "automix-step-fp16"])
 def test_static_step_runs_compiled_code_as_the_eager_compiled_step(kw):
     """--cuda-graph with --torchcompile: the static step runs the compiled encoders, or AutoMix's
     compiled loss step fed the buffers (its plain-mixup choice a tensor, as the eager compiled
