@@ -1,7 +1,8 @@
 """Benchmark the Mix Block ops: Triton kernels vs the torch reference vs torch.compile(reference).
 
 Provider `triton-tiled` (attention only) runs the Triton attention with its backward forced to
-the tiled plan, to set against `triton` (the launcher's automatic choice) at the same shapes.
+`attention_backward(tiling="tiled")`, to set against `triton` (the launcher's automatic choice)
+at the same shapes.
 
     python bench/bench_ops.py                      # every preset, op, pass and provider (CUDA)
     python bench/bench_ops.py --presets cifar-r18 --ops mask_mix --providers triton torch
@@ -42,8 +43,8 @@ PRESETS = {
 }
 SMOKE_PRESETS = {"smoke": (2, 16, 24, 12)}
 PASSES = ("fwd", "bwd", "fwd+bwd")
-# triton-tiled: attention only, the Triton forward and the backward forced to its tiled plan
-# (mixblock_attention.BWD_PLANS), against `triton`'s automatic choice at the same shapes.
+# triton-tiled: attention only, the Triton forward and the backward forced to tiling "tiled"
+# (mixblock_attention.BWD_TILINGS), against `triton`'s automatic choice at the same shapes.
 PROVIDERS = ("triton", "torch", "compile", "triton-tiled")
 OPS = ("attention", "mask_mix")
 
@@ -76,7 +77,7 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
 
 
 class TiledBackwardAttention(torch.autograd.Function):
-    """The Triton attention with its backward tiled as plan "tiled" says (bench only)."""
+    """The Triton attention with its backward's tiling forced to "tiled" (bench only)."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale):
@@ -88,7 +89,7 @@ class TiledBackwardAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         q, k, v, out, lse = ctx.saved_tensors
-        return (*mixblock_attention.attention_backward(q, k, v, out, lse, g, ctx.scale, plan="tiled"), None)
+        return (*mixblock_attention.attention_backward(q, k, v, out, lse, g, ctx.scale, tiling="tiled"), None)
 
 
 def attention_fns(provider: str):
@@ -228,7 +229,7 @@ def main(argv=None) -> int:
         out = results_path("ops", slug, "-smoke" if args.smoke else "")
     rows = []
     # Preset by preset, then triton-tiled last (a stage cut short keeps the figures that matter
-    # most) and only where the tiled plan recomputes nothing in fp16/bf16 (D <= 128: one D chunk).
+    # most) and only where tiling "tiled" recomputes nothing in fp16/bf16 (D <= 128: one D chunk).
     runs = [(preset, shape, provider) for preset, shape in presets.items() for provider in providers
             if provider != "triton-tiled"]
     if "triton-tiled" in providers:

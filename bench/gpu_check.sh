@@ -5,7 +5,7 @@
 # One command for the day a GPU is there (ours, or a user checking an install):
 #   pytest-gpu           compiled-kernel parity and every other GPU-only test (full mode only; junit XML)
 #   ops                  the Mix Block ops at the presets, Triton against torch (and the attention with its
-#                        backward's tiled plan), and the copy bandwidth
+#                        backward tiled otherwise), and the copy bandwidth
 #   train-imagenet-r50   train-step img/s, resnet50 224 px b128: vanilla / mixup / automix eager,
 #                        automix in the reference configuration, vanilla / mixup compiled; automix profiled;
 #                        quick mode also automix replayed as CUDA graphs, and vanilla compiled and replayed;

@@ -108,35 +108,35 @@ def test_parity_multi_tile_bf16_several_d_chunks(device):
     _check(1, 272, 260, 200, torch.bfloat16, device)
 
 
-@pytest.mark.parametrize("plan", ["one-tile", "tiled"])
+@pytest.mark.parametrize("tiling", ["one-tile", "tiled"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_each_backward_plan_gives_the_reference_gradients(plan, dtype, device, monkeypatch):
-    """attention_backward's plans (what bench_ops.py's triton-tiled compares): one tile of keys
+def test_each_backward_tiling_gives_the_reference_gradients(tiling, dtype, device, monkeypatch):
+    """attention_backward's tilings (what bench_ops.py's triton-tiled compares): one tile of keys
     (of queries for dk, dv), or blocks of them looped at one D chunk (D = 128 in bf16) or at
     several (fp32), against the torch reference's gradients."""
     from functools import partial
 
     from automix_fast.kernels import launches, mixblock_attention as mba
 
-    monkeypatch.setattr(mba, "attention_backward", partial(mba.attention_backward, plan=plan))
+    monkeypatch.setattr(mba, "attention_backward", partial(mba.attention_backward, tiling=tiling))
     _check(2, 64, 49, 128, DTYPES[dtype], device, seed=3)
     q, k, v, g = _inputs(2, 64, 49, 128, DTYPES[dtype], device)
     out = ops.mixblock_attention(q, k, v, backend="triton")
     with launches.recording() as recorded:
         torch.autograd.grad(out, (q, k, v), g)
-    assert {r.name: r.kwargs["ONE_TILE"] for r in recorded} == {"_bwd_dq": plan == "one-tile",
-                                                                "_bwd_dkdv": plan == "one-tile"}
+    assert {r.name: r.kwargs["ONE_TILE"] for r in recorded} == {"_bwd_dq": tiling == "one-tile",
+                                                                "_bwd_dkdv": tiling == "one-tile"}
 
 
-def test_a_backward_plan_that_cannot_tile_is_refused(device):
+def test_a_backward_tiling_that_cannot_fit_is_refused(device):
     from automix_fast.kernels import mixblock_attention as mba
 
     q, k, v, g = _inputs(1, 300, 300, 16, torch.float32, device)
     out, lse = mba.attention_forward(q.detach(), k.detach(), v.detach(), 0.25)
-    with pytest.raises(ValueError, match="plan 'one-tile' needs at most 256 positions, got 300"):
-        mba.attention_backward(q.detach(), k.detach(), v.detach(), out, lse, g, 0.25, plan="one-tile")
-    with pytest.raises(ValueError, match="plan must be one of auto, one-tile, tiled, got 'fast'"):
-        mba.attention_backward(q.detach(), k.detach(), v.detach(), out, lse, g, 0.25, plan="fast")
+    with pytest.raises(ValueError, match="tiling 'one-tile' needs at most 256 positions, got 300"):
+        mba.attention_backward(q.detach(), k.detach(), v.detach(), out, lse, g, 0.25, tiling="one-tile")
+    with pytest.raises(ValueError, match="tiling must be one of auto, one-tile, tiled, got 'fast'"):
+        mba.attention_backward(q.detach(), k.detach(), v.detach(), out, lse, g, 0.25, tiling="fast")
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -243,11 +243,11 @@ def test_parity_large_general_path_gpu(device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["cifar-r18", "imagenet-r18"])
-def test_parity_tiled_backward_plan_at_the_presets_gpu(preset, device, monkeypatch):
+def test_parity_tiled_backward_at_the_presets_gpu(preset, device, monkeypatch):
     """The compiled tiled backward (bench_ops.py's triton-tiled) at the D = 128 presets, in bf16."""
     from functools import partial
 
     from automix_fast.kernels import mixblock_attention as mba
 
-    monkeypatch.setattr(mba, "attention_backward", partial(mba.attention_backward, plan="tiled"))
+    monkeypatch.setattr(mba, "attention_backward", partial(mba.attention_backward, tiling="tiled"))
     _check(*PRESETS[preset], torch.bfloat16, device)

@@ -27,7 +27,7 @@ Design:
   D-chunk by D-chunk (no accumulator wider than BLOCK_D); fp16/bf16 programs own 64 rows,
   wgmma's minimum on sm_90. Otherwise a program owns one (row block, D chunk) output tile and
   loops over the other side, recomputing scores (correct for any L; scores are recomputed
-  once per D chunk, 128 columns wide for fp16/bf16). `attention_backward(plan=...)` can force
+  once per D chunk, 128 columns wide for fp16/bf16). `attention_backward(tiling=...)` can force
   either way ("one-tile" where the other side fits, "tiled" always): in fp16/bf16 at D <= 128
   the tiled way recomputes nothing either (one 128-column chunk), in tiles that need fewer
   registers (more programs per SM), so benchmarks can measure which is faster at a shape
@@ -56,7 +56,7 @@ __all__ = ["mixblock_attention", "attention_forward", "attention_backward"]
 
 LOG2E = 1.4426950408889634
 ONE_TILE_MAX = 256  # the "other side" is handled in a single tile up to this many positions
-BWD_PLANS = ("auto", "one-tile", "tiled")  # attention_backward's ways of tiling (auto: one tile when it fits)
+BWD_TILINGS = ("auto", "one-tile", "tiled")  # attention_backward's ways of tiling (auto: one tile when it fits)
 
 
 @triton.jit
@@ -263,17 +263,17 @@ def _fwd_config(L: int, LK: int, D: int, dtype: torch.dtype):
     return block_m, block_n, _d_chunk(D, dtype), warps
 
 
-def _bwd_config(rows: int, other: int, D: int, dtype: torch.dtype, plan: str = "auto"):
+def _bwd_config(rows: int, other: int, D: int, dtype: torch.dtype, tiling: str = "auto"):
     """Blocks for a backward kernel that owns `rows` positions and reduces over `other`, tiled
-    as `plan` (BWD_PLANS) says.
+    as `tiling` (BWD_TILINGS) says.
 
     Returns (own block, other block, D chunk, one_tile, D chunks in the grid, warps).
     """
     chunk = _d_chunk(D, dtype)
     fits = pow2(other, 16) <= ONE_TILE_MAX
-    if plan == "one-tile" and not fits:
-        raise ValueError(f"attention backward: plan 'one-tile' needs at most {ONE_TILE_MAX} positions, got {other}")
-    if plan != "tiled" and fits:
+    if tiling == "one-tile" and not fits:
+        raise ValueError(f"attention backward: tiling 'one-tile' needs at most {ONE_TILE_MAX} positions, got {other}")
+    if tiling != "tiled" and fits:
         block_other = pow2(other, 16)
         if dtype == torch.float32:  # IEEE fp32 dots use no tensor cores; small tiles spill less
             block_own = min(pow2(rows, 16), max(16, 8192 // block_other), 64)
@@ -323,7 +323,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return out, lse
 
 
-def _bwd_plan(q, k, v, out, lse, g, scale: float, need_dq: bool, need_dkdv: bool, plan: str) -> tuple:
+def _bwd_plan(q, k, v, out, lse, g, scale: float, need_dq: bool, need_dkdv: bool, tiling: str) -> tuple:
     """(scalar arguments shared by both kernels, then per kernel None when not asked for, else
     its buffers' shapes and strides, grid, its own stride arguments and launch keywords)."""
     N, L, D = q.shape
@@ -335,14 +335,14 @@ def _bwd_plan(q, k, v, out, lse, g, scale: float, need_dq: bool, need_dkdv: bool
     if need_dq:
         dq = (N, L, D)
         dq_stride = layout(dq)
-        bm, bn, bd, one, nd, warps = _bwd_config(L, LK, D, q.dtype, plan)
+        bm, bn, bd, one, nd, warps = _bwd_config(L, LK, D, q.dtype, tiling)
         dq_plan = (dq, dq_stride, (cdiv(L, bm), nd, N), dq_stride,
                    dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_TILE=one, IN_DTYPE=tl_dtype(q.dtype),
                         DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=warps, num_stages=2))
     if need_dkdv:
         dk, dv = (N, LK, D), (N, LK)
         dk_stride, dv_stride = layout(dk), layout(dv)
-        bn, bm, bd, one, nd, warps = _bwd_config(LK, L, D, q.dtype, plan)
+        bn, bm, bd, one, nd, warps = _bwd_config(LK, L, D, q.dtype, tiling)
         dkdv_plan = (dk, dk_stride, dv, dv_stride, (cdiv(LK, bn), nd, N), (*dk_stride, *dv_stride),
                      dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_TILE=one, IN_DTYPE=tl_dtype(q.dtype),
                           DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=warps, num_stages=2))
@@ -350,16 +350,16 @@ def _bwd_plan(q, k, v, out, lse, g, scale: float, need_dq: bool, need_dkdv: bool
 
 
 def attention_backward(q, k, v, out, lse, g, scale: float, need_dq: bool = True, need_dkdv: bool = True,
-                       plan: str = "auto"):
-    """(dq, dk, dv) in the inputs' dtypes; None for the ones not asked for. `plan`: BWD_PLANS."""
+                       tiling: str = "auto"):
+    """(dq, dk, dv) in the inputs' dtypes; None for the ones not asked for. `tiling`: BWD_TILINGS."""
     key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), out.stride(), lse.stride(), g.stride(), q.dtype,
-           scale, need_dq, need_dkdv, plan)
-    launches = _BWD_PLANS.get(key)
-    if launches is None:
-        if plan not in BWD_PLANS:
-            raise ValueError(f"attention backward: plan must be one of {', '.join(BWD_PLANS)}, got {plan!r}")
-        launches = remember(_BWD_PLANS, key, _bwd_plan(q, k, v, out, lse, g, scale, need_dq, need_dkdv, plan))
-    common, dq_plan, dkdv_plan = launches
+           scale, need_dq, need_dkdv, tiling)
+    plan = _BWD_PLANS.get(key)
+    if plan is None:
+        if tiling not in BWD_TILINGS:
+            raise ValueError(f"attention backward: tiling must be one of {', '.join(BWD_TILINGS)}, got {tiling!r}")
+        plan = remember(_BWD_PLANS, key, _bwd_plan(q, k, v, out, lse, g, scale, need_dq, need_dkdv, tiling))
+    common, dq_plan, dkdv_plan = plan
     dq = dk = dv = None
     if dq_plan is not None:
         shape, stride, grid, strides, kwargs = dq_plan
