@@ -31,6 +31,7 @@ FIGURES = [
     *(f"automix_img_per_s_by_step.cifar-r18.{w}" for w in ("eager", "cuda-graph", "compiled-step",
                                                            "cuda-graph-compiled-step", "eager-q-batched",
                                                            "cuda-graph-q-batched")),
+    "automix_fastest_way.imagenet-r50", "automix_fastest_way.cifar-r18",
     "vanilla_img_per_s_cuda_graph.cifar-r18",
     "cuda_graph_vs_eager_weights.imagenet-r50.automix", "cuda_graph_vs_eager_weights.cifar-r18.automix",
     "cuda_graph_vs_eager_weights.cifar-r18.vanilla", "cuda_graph_vs_eager_weights.cifar-r18.mixup",
@@ -100,6 +101,12 @@ def test_quick_dry_run_writes_every_figure(tmp_path):
                  "vanilla_img_per_s.imagenet-r50.eager", "mixup_vanilla_ratio.imagenet-r18.eager",
                  "automix_mixup_step_ratio.cifar-r18", "loader_img_per_s.torch-224"):
         assert found[name]["value"] > 0, name
+    # The fastest official way is one of those measured (never a q-batched one), with its rate.
+    for preset in ("cifar-r18", "imagenet-r50"):
+        fastest = found[f"automix_fastest_way.{preset}"]
+        assert "q-batched" not in fastest["way"] and set(fastest["measured"]) >= {"eager", "cuda-graph"}
+        assert fastest["value"] == max(fastest["measured"].values())
+        assert fastest["value"] == found[f"automix_img_per_s_by_step.{preset}.{fastest['way']}"]["value"]
     train = json.loads((out / "train-cifar-r18.json").read_text())
     row = next(r for r in train["results"] if r["mix"] == "automix")
     assert found["automix_img_per_s.cifar-r18"]["value"] == row["img_per_s"]
@@ -179,6 +186,10 @@ def test_summary_reasons_and_figures_from_stage_files(tmp_path):
     assert figs["attention_speedup_vs_torch.imagenet-r50"]["value"] == 4.0
     assert figs["attention_peak_memory_ratio.imagenet-r50"]["value"] == 0.25
     assert figs["attention_bwd_tiled_speedup.imagenet-r18"]["value"] == 1.5
+    # Of AutoMix's ways at imagenet-r50 only eager measured: it is the fastest; at cifar-r18 none was.
+    fastest = figs["automix_fastest_way.imagenet-r50"]
+    assert (fastest["value"], fastest["way"], fastest["over_eager"]) == (1300.0, "eager", 1.0)
+    assert figs["automix_fastest_way.cifar-r18"]["reason"] == "no way of running AutoMix's step was measured here"
     # Planned but cut off by the time limit / never planned in this mode / a failed row / a failed stage.
     assert figs["vanilla_img_per_s.imagenet-r50.compiled"]["reason"] == (
         "stage train-imagenet-r50 timed out after 100 s before measuring compiled:vanilla")
