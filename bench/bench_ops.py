@@ -111,8 +111,9 @@ def mask_mix_fns(provider: str, mode: str):
     return lambda lg, x, perm: compiled(lg, x, perm, mode)
 
 
-def measure(make_out, inputs, grads, device: torch.device) -> dict:
-    """Median ms of forward, backward (graph kept, grads w.r.t. `inputs`) and both; peak memory."""
+def measure(make_out, inputs, grads, device: torch.device, passes=PASSES) -> dict:
+    """Median ms of forward, backward (graph kept, grads w.r.t. `inputs`) and both, as `passes`
+    asks; peak memory (of fwd+bwd, when asked for)."""
     outs = make_out()
     outs = outs if isinstance(outs, tuple) else (outs,)
 
@@ -123,10 +124,11 @@ def measure(make_out, inputs, grads, device: torch.device) -> dict:
         o = make_out()
         torch.autograd.grad(o if isinstance(o, tuple) else (o,), inputs, grads)
 
-    res = {"fwd": bench_ms(make_out, device), "bwd": bench_ms(bwd, device), "fwd+bwd": bench_ms(both, device)}
+    fns = {"fwd": make_out, "bwd": bwd, "fwd+bwd": both}
+    res = {p: bench_ms(fns[p], device) for p in passes}
     outs = None  # drop the kept graph before measuring peak memory
     peak = None
-    if device.type == "cuda":
+    if device.type == "cuda" and "fwd+bwd" in passes:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -136,19 +138,19 @@ def measure(make_out, inputs, grads, device: torch.device) -> dict:
     return {"ms": res, "peak_extra_mib": peak}
 
 
-def run_attention(preset, shape, provider, device, dtype) -> list[dict]:
+def run_attention(preset, shape, provider, device, dtype, passes=PASSES) -> list[dict]:
     N, L, D, _ = shape
     gen = torch.Generator(device="cpu").manual_seed(0)
     q, k = (torch.randn(N, L, D, generator=gen).to(device, dtype).requires_grad_(True) for _ in range(2))
     v = torch.randn(N, L, generator=gen).to(device, dtype).requires_grad_(True)
     g = torch.randn(N, L, generator=gen).to(device)
     fn = attention_fns(provider)
-    m = measure(lambda: fn(q, k, v), (q, k, v), (g,), device)
+    m = measure(lambda: fn(q, k, v), (q, k, v), (g,), device, passes)
     flops = {"fwd": 2 * N * L * L * D, "bwd": 4 * N * L * L * D}
     flops["fwd+bwd"] = flops["fwd"] + flops["bwd"]
     return [{"op": "attention", "preset": preset, "provider": provider, "pass": p, "ms": m["ms"][p],
              "tflops": flops[p] / (m["ms"][p] * 1e-3) / 1e12, "peak_extra_mib": m["peak_extra_mib"],
-             "shape": {"N": N, "L": L, "D": D, "dtype": str(dtype)}} for p in PASSES]
+             "shape": {"N": N, "L": L, "D": D, "dtype": str(dtype)}} for p in passes]
 
 
 def run_mask_mix(preset, shape, provider, device, dtype, mode) -> list[dict]:
@@ -229,15 +231,17 @@ def main(argv=None) -> int:
         out = results_path("ops", slug, "-smoke" if args.smoke else "")
     rows = []
     # Preset by preset, then triton-tiled last (a stage cut short keeps the figures that matter
-    # most) and only where tiling "tiled" recomputes nothing in fp16/bf16 (D <= 128: one D chunk).
+    # most), its backward only, and only where tiling "tiled" recomputes nothing: fp16/bf16 at
+    # D <= 128 (one 128-column D chunk).
     runs = [(preset, shape, provider) for preset, shape in presets.items() for provider in providers
             if provider != "triton-tiled"]
-    if "triton-tiled" in providers:
+    if "triton-tiled" in providers and dtype != torch.float32:
         runs += [(preset, shape, "triton-tiled") for preset, shape in presets.items() if shape[2] <= 128]
     for preset, shape, provider in runs:
         jobs = []
+        passes = ("bwd",) if provider == "triton-tiled" else PASSES
         if "attention" in args.ops:
-            jobs.append(("attention", lambda: run_attention(preset, shape, provider, device, dtype)))
+            jobs.append(("attention", lambda: run_attention(preset, shape, provider, device, dtype, passes)))
         if "mask_mix" in args.ops and provider != "triton-tiled":
             for mode in args.modes:
                 jobs.append((f"mask_mix-{mode}", lambda mode=mode: run_mask_mix(preset, shape, provider, device, dtype, mode)))

@@ -94,8 +94,8 @@ elif [ "$MODE" = quick ]; then
   # Per stage, an estimate (not a measurement) of its H200 seconds, imports, Triton JIT and
   # torch.compile warm-ups included; a training stage starts no row past 70% of its limit (those
   # are recorded as skipped), and a stage past its limit keeps the rows it finished.
-  # ~30 s: 3 presets x (attention, mask_mix nearest) x (triton, torch), copy bandwidth; then, last,
-  # the attention with its tiled backward (triton-tiled) at the two D = 128 presets
+  # ~30 s: 3 presets x (attention, mask_mix nearest) x (triton, torch), copy bandwidth; then, last
+  # (cut first), the attention's backward with tiling "tiled" (triton-tiled) at the D = 128 presets
   # The limits add up to 300 s; the rows of a stage run in order of need, so a stage cut short
   # keeps the figures that matter most.
   stage ops 35 $PY bench/bench_ops.py --providers triton torch triton-tiled --modes nearest --warmup-ms 10 --rep-ms 30 \
@@ -122,7 +122,7 @@ elif [ "$MODE" = quick ]; then
 else
   stage pytest-gpu 130 $PY -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" \
     -o junit_suite_name=gpu tests
-  stage ops 130 $PY bench/bench_ops.py --providers triton torch --output "$OUT/ops.json"
+  stage ops 130 $PY bench/bench_ops.py --providers triton torch triton-tiled --output "$OUT/ops.json"
   train imagenet-r50 130 --model resnet50 --img-size 224 -b 128 --num-classes 1000 --steps 10 --repeats 3 \
     --runs optimized:vanilla optimized:mixup optimized:automix reference:automix compiled:vanilla compiled:mixup \
     optimized-fp16:vanilla optimized-fp16:automix graphed:automix graphed-fp16:automix \

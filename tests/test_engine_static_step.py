@@ -488,6 +488,26 @@ def test_cuda_graph_flag_trains_float16_with_its_loss_scaler_and_resumes(tmp_pat
             == load_checkpoint(tmp_path / "static" / "last.pt")["scaler"])
 
 
+def test_a_state_without_some_momentum_resumes_into_the_fused_sgd_of_cuda_graph(tmp_path, capsys):
+    """A checkpoint whose optimizer state lacks some parameters' momentum (as an unfused run's
+    does for parameters with no step yet) resumes into --cuda-graph's fused SGD: those buffers
+    start at zero (optim.start_momentum_at_zero; torch's fused SGD refuses a parameter group
+    that mixes parameters with and without one)."""
+    from automix_fast.engine.checkpoint import save_checkpoint
+
+    _cli_run(tmp_path, capsys, "eager", "--epochs", "2")
+    state = load_checkpoint(tmp_path / "eager" / "checkpoint-0001.pt")
+    dropped = sorted(state["optimizer"]["state"])[:3]
+    for i in dropped:
+        del state["optimizer"]["state"][i]
+    save_checkpoint(tmp_path / "cut.pt", state)
+    _, logs, _ = _cli_run(tmp_path, capsys, "resumed", "--epochs", "2", "--cuda-graph", "--resume",
+                          str(tmp_path / "cut.pt"))
+    assert len(logs) == 5 and all(math.isfinite(r["loss"]) for r in logs)
+    resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")["optimizer"]["state"]
+    assert all(torch.isfinite(resumed[i]["momentum_buffer"]).all() for i in dropped)
+
+
 @pytest.mark.parametrize("flags,says", [
     (["--opt", "apex_sgd"], "--cuda-graph needs --opt sgd or adamw"),
     (["--torchcompile", "--torchcompile-mode", "reduce-overhead"],

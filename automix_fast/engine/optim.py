@@ -98,7 +98,7 @@ def start_momentum_at_zero(optimizer) -> None:
     first step and keeps them even when found_inf skips that step (an fp16 overflow, a non-finite
     gradient), so the next step would add momentum times garbage. Started at zero, the first
     step's buffer is momentum * 0 + grad = grad (dampening 0), the value torch's first step
-    copies, so nothing else changes."""
+    copies (up to the sign of a zero), so nothing else changes."""
     if not isinstance(optimizer, torch.optim.SGD):
         return
     for group in optimizer.param_groups:

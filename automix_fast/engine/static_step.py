@@ -18,8 +18,8 @@ capture, which is how the tests hold it equal to the eager step bit for bit. (On
 CUDA: torch's fused optimizers read a tensor learning rate as float32 there, a float one as
 float64, so the static step's LR is the float32 rounding of the eager step's.)
 
-The first step of each kind runs eagerly: it creates the optimizer's state and names the
-parameters that kind gives a gradient (a parameter without one is left out of that kind's
+The first step of each kind runs eagerly: it creates the optimizer's remaining state and names
+the parameters that kind gives a gradient (a parameter without one is left out of that kind's
 update, as the eager step leaves it; under torchrun every parameter has one, zeros where the
 kind gives none, as the eager step all-reduces them). Under torchrun the gradients' all-reduce
 is part of the captured update (NCCL collectives can be captured). A batch whose shape, dtype

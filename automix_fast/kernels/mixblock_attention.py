@@ -29,9 +29,9 @@ Design:
   loops over the other side, recomputing scores (correct for any L; scores are recomputed
   once per D chunk, 128 columns wide for fp16/bf16). `attention_backward(tiling=...)` can force
   either way ("one-tile" where the other side fits, "tiled" always): in fp16/bf16 at D <= 128
-  the tiled way recomputes nothing either (one 128-column chunk), in tiles that need fewer
-  registers (more programs per SM), so benchmarks can measure which is faster at a shape
-  (bench_ops.py's `triton-tiled`).
+  the tiled way recomputes nothing either (one 128-column chunk), and at L = 196-256 its tiles
+  need fewer registers (more programs per SM), so benchmarks can measure which is faster at a
+  shape (bench_ops.py's `triton-tiled`).
 - Tile sizes and warps were chosen from the sm_80 / sm_90 compile report of
   bench/aot_compile.py (no spills in fp16/bf16, wgmma on sm_90), which CI regenerates.
 - Precision: products of fp16/bf16 tiles are exact in fp32 and every accumulation is fp32.
