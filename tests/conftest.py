@@ -45,3 +45,20 @@ def tiny_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_folder(tmp_path_factory.mktemp("folder") / "data")
+
+
+STAND_IN_WINDOW = 1.5  # seconds the stand-in compile clock advances per read: each compile window's length
+
+
+@pytest.fixture
+def stand_in_compile_clock(monkeypatch) -> float:
+    """engine/compile_clock reads a stand-in that advances STAND_IN_WINDOW a read instead of the
+    wall clock, so every compile window lasts exactly that long whatever this machine's speed (a
+    count of windows, not a timing); returns the window length."""
+    import itertools
+
+    from automix_fast.engine import compile_clock
+
+    reads = itertools.count()
+    monkeypatch.setattr(compile_clock, "_now", lambda: STAND_IN_WINDOW * next(reads))
+    return STAND_IN_WINDOW
