@@ -23,6 +23,7 @@ import re
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -76,20 +77,13 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-class TiledBackwardAttention(torch.autograd.Function):
-    """The Triton attention with its backward's tiling forced to "tiled" (bench only)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale):
-        out, lse = mixblock_attention.attention_forward(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
-        return out
+class TiledBackwardAttention(mixblock_attention.MixBlockAttention):
+    """The Triton attention's autograd Function with its backward's tiling forced to "tiled"
+    (bench only; the forward, what is saved and which gradients are computed are the Function's)."""
 
     @staticmethod
     def backward(ctx, g):
-        q, k, v, out, lse = ctx.saved_tensors
-        return (*mixblock_attention.attention_backward(q, k, v, out, lse, g, ctx.scale, tiling="tiled"), None)
+        return mixblock_attention._backward(ctx, g, partial(mixblock_attention.attention_backward, tiling="tiled"))
 
 
 def attention_fns(provider: str):

@@ -58,8 +58,7 @@ class EagerStep:
         images, loss_sum = 0, None
 
         def backward(t: torch.Tensor) -> None:
-            part = t / micro if micro > 1 else t
-            (ctx.scaler.scale(part) if ctx.scaler is not None else part).backward()
+            self.scaled(t / micro if micro > 1 else t).backward()
 
         for x, y in batches:
             loss, logs = ctx.mixer.forward_backward(x, y, step, ctx.total_steps,
@@ -70,6 +69,11 @@ class EagerStep:
             images += x.shape[0]
         self.update(step, loss_sum)
         return images
+
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss as backward takes it: times float16's loss scale, when there is a scaler (a
+        device tensor, which a captured update changes in place, so a replay reads the current scale)."""
+        return loss if self.ctx.scaler is None else self.ctx.scaler.scale(loss)
 
     def add_logs(self, logs: dict) -> None:
         for k, v in logs.items():
@@ -189,11 +193,6 @@ class StaticStep(EagerStep):
         self.loss_sum.add_(loss / self.micro)
         for k, v in logs.items():
             self.sums[k].add_(v.detach().float())
-
-    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
-        """The loss as backward takes it: times float16's loss scale (a device tensor that the
-        captured update changes in place, so a replay reads the current scale)."""
-        return loss if self.ctx.scaler is None else self.ctx.scaler.scale(loss)
 
     def update_body(self) -> None:
         """The update from the static gradients (averaged over ranks under torchrun: every
