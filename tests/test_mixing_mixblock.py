@@ -11,6 +11,10 @@ from automix_fast.config import build_config
 from automix_fast.errors import ConfigError
 from automix_fast.mixing.mixblock import COSINE_TEMPERATURE, MixBlock
 from mixkit import features
+from tolerances import assert_close_lowp
+
+INITS = ("official", "scaled", "cosine", "cosine-centered")
+LOWP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def logit_pixel_spread(block, f, perm):
@@ -23,7 +27,7 @@ def logit_pixel_spread(block, f, perm):
 def test_mix_block_inits_move_the_attention_off_uniform():
     f, perm = features()
     spreads = {}
-    for init in ("official", "scaled", "cosine", "cosine-centered"):
+    for init in INITS:
         torch.manual_seed(0)
         spreads[init] = logit_pixel_spread(MixBlock(32, backend="torch", init=init), f, perm)
     # Official: logits ~1e-2, a uniform softmax, every pixel the mean of v. The others are not.
@@ -133,3 +137,50 @@ def test_mixblock_init_gives_half_masks():
     f = torch.randn(4, 64, 8, 8)
     s = torch.sigmoid(mb(f, 0.5, torch.randperm(4)))
     assert (s - 0.5).abs().max() < 0.05
+
+
+def check_under_autocast(init: str, dtype: torch.dtype, device: torch.device) -> None:
+    """The Mix Block (`init`, with and without lam_concat) on the Triton kernels under `device`'s
+    autocast in `dtype` against its float32 result, with the flash-attention yardstick: the same
+    block computed by PyTorch in `dtype` (module and features cast, torch reference). The backward
+    runs and gives every parameter a finite gradient."""
+    f, perm = features()
+    f, perm = f.to(device), perm.to(device)
+    for lam_concat in (False, True):
+        torch.manual_seed(0)
+        block = MixBlock(32, backend="triton", init=init, lam_concat=lam_concat).to(device)
+        with torch.no_grad():
+            ref32 = block(f, 0.3, perm)
+        lowp = MixBlock(32, backend="torch", init=init, lam_concat=lam_concat).to(device)
+        lowp.load_state_dict(block.state_dict())
+        with torch.no_grad():
+            ref_lowp = lowp.to(dtype)(f.to(dtype), 0.3, perm)
+        with torch.autocast(device.type, dtype=dtype):
+            got = block(f, 0.3, perm)
+        assert_close_lowp(got, ref32, ref_lowp, dtype, f"logits [{init} lam_concat={lam_concat} {dtype}]")
+        got.square().sum().backward()
+        for name, p in block.named_parameters():
+            assert p.grad is not None and bool(p.grad.isfinite().all()), f"{name}: no finite gradient"
+
+
+def normalize_as_under_cuda_autocast(input, p=2.0, dim=1, eps=1e-12, out=None):
+    """F.normalize as CUDA autocast runs it: aten::norm is on its float32 list (the norm comes back
+    float32), so a bf16/fp16 input is divided by a float32 norm and the result is float32. CPU
+    autocast has no such rule."""
+    return input / input.norm(p, dim, keepdim=True, dtype=torch.float32).clamp_min(eps).expand_as(input)
+
+
+@pytest.mark.parametrize("dtype", list(LOWP), ids=list(LOWP))
+@pytest.mark.parametrize("init", INITS)
+def test_every_init_runs_under_cuda_autocasts_float32_norm(init, dtype, device, monkeypatch):
+    """With F.normalize promoted to float32 as CUDA autocast does (also under CPU autocast): q, k
+    and v still reach the kernel in one dtype, and the logits match the float32 block."""
+    monkeypatch.setattr(torch.nn.functional, "normalize", normalize_as_under_cuda_autocast)
+    check_under_autocast(init, LOWP[dtype], device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(LOWP), ids=list(LOWP))
+@pytest.mark.parametrize("init", INITS)
+def test_every_init_runs_under_cuda_autocast_gpu(init, dtype):
+    check_under_autocast(init, LOWP[dtype], torch.device("cuda"))

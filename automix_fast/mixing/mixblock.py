@@ -104,8 +104,13 @@ class MixBlock(nn.Module):
         if self.init == "cosine-centered":  # only what varies across an image's positions
             q, k = q - q.mean(dim=1, keepdim=True), k - k.mean(dim=1, keepdim=True)
         if self.init.startswith("cosine"):  # tau cos(q, k): the temperature rides on q, the kernel's scale is 1
-            tau = self.log_temperature.clamp(max=math.log(COSINE_MAX_TEMPERATURE)).exp().to(q.dtype)
-            q, k, scale = F.normalize(q, dim=-1) * tau, F.normalize(k, dim=-1), 1.0
+            # Normalised (and scaled by tau) in float32, then rounded once to the input dtype: CUDA
+            # autocast runs norm in float32, so F.normalize of a bf16 q would come back float32 there
+            # while v stays bf16, and the kernel takes q, k and v in one dtype.
+            dtype = q.dtype
+            tau = self.log_temperature.clamp(max=math.log(COSINE_MAX_TEMPERATURE)).exp()
+            q = (F.normalize(q.float(), dim=-1) * tau).to(dtype)
+            k, scale = F.normalize(k.float(), dim=-1).to(dtype), 1.0
         return q, k, v, scale
 
     def forward(self, f: torch.Tensor, lam, perm: torch.Tensor) -> torch.Tensor:
