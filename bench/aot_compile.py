@@ -211,7 +211,9 @@ def _worker_init(cache_dir: str) -> None:
 
 def run(presets=tuple(PRESETS), dtypes=tuple(DTYPES), layouts=tuple(LAYOUTS), modes=MODES,
         targets=tuple(TARGETS), workers: int = 2) -> dict:
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from automix_fast.kernels.common import triton_interpret
+
+    if triton_interpret():
         raise SystemExit("error: unset TRITON_INTERPRET to compile kernels ahead of time")
     import triton
     from triton.backends.compiler import GPUTarget

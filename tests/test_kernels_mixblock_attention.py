@@ -212,6 +212,20 @@ def test_a_checked_cpu_signature_still_follows_triton_interpret(monkeypatch, dev
     assert ops.mixblock_attention(q, k, v) == "the torch reference"  # auto
 
 
+@pytest.mark.parametrize("value, on", [
+    ("1", True), ("true", True), ("TRUE", True), ("Yes", True), ("y", True), ("ON", True),
+    ("0", False), ("", False), ("false", False), ("off", False), ("no", False), ("2", False), (" 1", False),
+    ("1 ", False), ("t", False),
+])
+def test_triton_interpret_reads_the_variable_as_triton_does(value, on, monkeypatch):
+    from triton import knobs
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert knobs.runtime.interpret is on  # triton's own reading of the value
+    assert ops.triton_interpret() is on
+    assert ops.resolve_backend("auto", torch.device("cpu")) == ("triton" if on else "torch")
+
+
 def test_without_autograd_the_kernel_runs_directly_with_the_same_numbers(device):
     q, k, v, _ = _inputs(2, 49, 49, 40, torch.bfloat16, device)
     want = ops.mixblock_attention(q, k, v, backend="triton")

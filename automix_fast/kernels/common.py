@@ -72,9 +72,14 @@ def needs_autograd(*tensors: torch.Tensor) -> bool:
     return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
 
 
+# The values of TRITON_INTERPRET that turn triton's interpreter on, compared case-insensitively and
+# unstripped, as triton's own getenv_bool does; any other value (or none) leaves it off.
+TRITON_TRUE = ("1", "true", "yes", "on", "y")
+
+
 def triton_interpret() -> bool:
-    """True when TRITON_INTERPRET is set to anything but "" or "0" (kernels run on the CPU)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when TRITON_INTERPRET turns triton's CPU interpreter on, read as triton reads it."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in TRITON_TRUE
 
 
 def pow2(x: int, lo: int = 1, hi: int | None = None) -> int:
