@@ -66,6 +66,24 @@ def test_mixblock_attention_compiles_to_the_custom_op(dtype, device):
         assert_close(a, b, dtype, f"d{name}")
 
 
+@pytest.mark.parametrize("needs_grad", ["q", "k", "v", "qk", "qv", "kv", "qkv", ""], ids=lambda s: s or "none")
+def test_compiled_attention_matches_the_reference_whichever_inputs_need_grad(needs_grad, device):
+    """Compiled attention with any subset of q, k, v requiring grad: the backward op is asked for
+    dq alone, dk and dv alone, or both, and gives the reference's forward and gradients."""
+    q, k, v, g = (t.detach() for t in _attention_inputs(torch.float32, device))
+    inputs = [t.requires_grad_(name in needs_grad) for name, t in zip("qkv", (q, k, v))]
+    compiled = compile_recording(lambda q, k, v: ops.mixblock_attention(q, k, v, backend="triton"), [])
+    got = compiled(*inputs)
+    want = ops.reference.mixblock_attention(*inputs)
+    assert_close(got, want, torch.float32, "out", scale=float(want.detach().abs().max()))
+    assert got.requires_grad == bool(needs_grad)
+    if not needs_grad:
+        return
+    wrt = [t for t in inputs if t.requires_grad]
+    for name, a, b in zip(needs_grad, torch.autograd.grad(got, wrt, g), torch.autograd.grad(want, wrt, g)):
+        assert_close(a, b, torch.float32, f"d{name}", scale=float(b.abs().max()))
+
+
 def _mask_inputs(dtype, device, channels_last, N=3, C=3, h=4, w=5, H=12, W=10):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(N, C, H, W, generator=gen).to(device=device, dtype=dtype)
@@ -115,7 +133,7 @@ def test_opcheck_each_custom_op(device):
     q, k, v, g = _attention_inputs(torch.float32, device, N=2, L=8, D=16)
     out, lse = custom.mixblock_attention_fwd(q, k, v, 0.25)
     opcheck(custom.mixblock_attention_fwd, (q, k, v, 0.25))
-    for need_dq, need_dkdv in ((True, True), (False, True)):
+    for need_dq, need_dkdv in ((True, True), (False, True), (True, False), (False, False)):
         opcheck(custom.mixblock_attention_bwd, (q.detach(), k.detach(), v.detach(), out.detach(), lse, g, 0.25,
                                                 need_dq, need_dkdv))
     logits, x, perm, g, gs = _mask_inputs(torch.float32, device, channels_last=True, N=2, H=8, W=8)

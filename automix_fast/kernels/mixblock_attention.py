@@ -408,15 +408,19 @@ def _backward(ctx, g, backward):
 # through them. The backward op returns an empty tensor for a gradient it was not asked for.
 if not op_registered("mixblock_attention_fwd"):
 
+    def _or_empty(grads, inputs) -> tuple:
+        """Each gradient, or a new empty tensor of its input's dtype where it is None: one each,
+        since the outputs of a custom op must not alias one another."""
+        return tuple(t.new_empty(0) if d is None else d for d, t in zip(grads, inputs))
+
     def _bwd_impl(q, k, v, out, lse, g, scale, need_dq, need_dkdv):
-        dq, dk, dv = attention_backward(q, k, v, out, lse, g, scale, need_dq=need_dq, need_dkdv=need_dkdv)
-        empty = q.new_empty(0)
-        return (empty if dq is None else dq), (empty if dk is None else dk), (empty if dv is None else dv)
+        grads = attention_backward(q, k, v, out, lse, g, scale, need_dq=need_dq, need_dkdv=need_dkdv)
+        return _or_empty(grads, (q, k, v))
 
     def _fake_bwd(q, k, v, out, lse, g, scale, need_dq, need_dkdv):
-        empty = q.new_empty(0)
-        return (q.new_empty(q.shape) if need_dq else empty, k.new_empty(k.shape) if need_dkdv else empty,
-                v.new_empty(v.shape) if need_dkdv else empty)
+        grads = (q.new_empty(q.shape) if need_dq else None, k.new_empty(k.shape) if need_dkdv else None,
+                 v.new_empty(v.shape) if need_dkdv else None)
+        return _or_empty(grads, (q, k, v))
 
     _fwd_op = define_op("mixblock_attention_fwd", "(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)",
                         attention_forward,
