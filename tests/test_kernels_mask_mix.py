@@ -216,6 +216,25 @@ def test_without_autograd_the_kernel_runs_directly_with_the_same_numbers(device)
             assert_bitwise_equal(a, b.detach(), name)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_an_image_requiring_grad_alone_records_no_autograd(compiled, device):
+    """x is data and gets no gradient: with only x requiring grad the outputs do not require grad,
+    as the reference's do not, and hold the reference's values (eager, and torch.compile through
+    the custom op)."""
+    logits, x, perm, _, _ = _inputs(2, 3, 7, 7, 32, 32, torch.float32, device, channels_last=True)
+    logits, x = logits.detach(), x.requires_grad_(True)
+
+    def step(logits, x, perm):
+        return ops.mask_mix(logits, x, perm, mode="bilinear", backend="triton")
+
+    run = torch.compile(step, backend="aot_eager", fullgraph=True) if compiled else step
+    got = run(logits, x, perm)
+    want = ops.reference.mask_mix(logits, x, perm, "bilinear")
+    for name, a, b, dtype in zip(("x_mix", "s_mean"), got, want, (x.dtype, torch.float32)):
+        assert not b.requires_grad and not a.requires_grad, f"{name} requires grad"
+        assert_close(a, b, dtype, name)
+
+
 # Compiled-GPU parity at the benchmark presets: bf16 channels-last images, C = 3.
 PRESETS = {"cifar-r18": (100, 3, 8, 8, 32, 32), "imagenet-r18": (256, 3, 14, 14, 224, 224),
            "imagenet-r50": (256, 3, 14, 14, 224, 224)}

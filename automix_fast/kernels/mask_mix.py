@@ -652,8 +652,10 @@ def mask_mix(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, mode: st
     automix_fast::mask_mix_fwd (same launchers, same numbers) is traced instead.
     Arguments are validated by `automix_fast.ops.mask_mix`; call that instead.
     """
+    if x.requires_grad:  # x is data and gets no gradient: it alone must not make the outputs require grad
+        x = x.detach()
     if torch.compiler.is_compiling():
         return torch.ops.automix_fast.mask_mix_fwd(logits, x, perm, mode)
-    if needs_autograd(logits, x):
+    if needs_autograd(logits):
         return MaskMix.apply(logits, x, perm, mode)
     return mask_mix_forward(logits, x, perm, mode)
