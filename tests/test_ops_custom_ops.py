@@ -120,6 +120,44 @@ def test_mask_mix_compiles_to_the_custom_op(dtype, channels_last, mode, device):
         assert_close(a, b, torch.float32, f"d logits (g={use_g}, gs={use_gs})")
 
 
+# ---------------------------------------------------------------- first-order only
+
+
+def _ops_of_one_input(device):
+    """(name, f, t): each op as a function of the one tensor its gradient is asked for."""
+    q, k, v, _ = _attention_inputs(torch.float32, device)
+    logits, x, perm, _, _ = _mask_inputs(torch.float32, device, channels_last=True)
+    return [("mixblock_attention", lambda t: ops.mixblock_attention(t, k.detach(), v.detach(), backend="triton"),
+             q.detach()),
+            ("mask_mix", lambda t: ops.mask_mix(t, x, perm, mode="bilinear", backend="triton")[0].float(),
+             logits.detach())]
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("loss", ["quadratic", "linear"])
+def test_differentiating_a_kernel_gradient_again_raises(loss, compiled, device):
+    """The kernels' backwards are first-order only. After create_graph=True (first-order gradient as
+    without it), a second backward through that gradient raises instead of leaving its second-order
+    term out: also for a loss linear in the output (the incoming gradient does not require grad) and
+    when the input also reaches the second loss another way (so the backward has a path without the op)."""
+    for name, f, t in _ops_of_one_input(device):
+        if compiled:
+            f = torch.compile(f, backend="aot_eager", fullgraph=True)
+        t = t.requires_grad_(True)
+
+        def first_loss():
+            y = f(t)
+            return (y * y).sum() if loss == "quadratic" else (0.5 * y).sum()
+
+        # create_graph first: a compiled backward first run without it donates its buffers and
+        # then refuses create_graph (torch.compile's rule, not the ops').
+        (grad,) = torch.autograd.grad(first_loss(), t, create_graph=True)
+        (plain,) = torch.autograd.grad(first_loss(), t)
+        assert_bitwise_equal(grad, plain, f"{name}: first-order gradient with create_graph")
+        with pytest.raises(RuntimeError, match="first-order only|double backward"):
+            torch.autograd.grad(grad.square().sum() + t.sum(), t)
+
+
 # ---------------------------------------------------------------- torch.library.opcheck
 
 

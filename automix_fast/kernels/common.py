@@ -8,6 +8,7 @@ the torch reference use `triton_interpret` and `is_channels_last` without triton
     layout(shape, fmt)      the strides torch.empty gives `shape` in memory format `fmt`
     remember(cache, k, v)   cache[k] = v in a per-signature plan cache of bounded size
     needs_autograd(*ts)     whether an op on ts must go through its autograd.Function
+    first_order_only(...)   a kernel backward's gradients, made to raise if differentiated again
     triton_interpret()      True when TRITON_INTERPRET asks for triton's CPU interpreter
     pow2(x, lo, hi)         the next power of two >= x, clamped to [lo, hi]
     cdiv(a, b)              ceil(a / b) for ints (triton.cdiv, without its per-call wrapper cost)
@@ -24,8 +25,8 @@ import os
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
-__all__ = ["POISON_OUTPUTS", "new_strided", "layout", "remember", "needs_autograd", "triton_interpret", "pow2", "cdiv",
-           "tl_dtype", "is_channels_last", "OP_NAMESPACE", "op_registered", "define_op"]
+__all__ = ["POISON_OUTPUTS", "new_strided", "layout", "remember", "needs_autograd", "first_order_only", "triton_interpret",
+           "pow2", "cdiv", "tl_dtype", "is_channels_last", "OP_NAMESPACE", "op_registered", "define_op"]
 
 OP_NAMESPACE = "automix_fast"  # torch.ops.automix_fast.<op>: the kernels as torch custom ops
 
@@ -70,6 +71,40 @@ def needs_autograd(*tensors: torch.Tensor) -> bool:
             if t.requires_grad:
                 return True
     return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """The identity on a kernel backward's gradients, recorded as a function of the tensors they
+    depend on (passed after them): a second backward towards those tensors runs this node and raises."""
+
+    @staticmethod
+    def forward(ctx, op: str, n: int, *tensors):
+        ctx.op = op
+        return tensors[:n]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{ctx.op}: the Triton backward is first-order only; for gradients of its gradients "
+                           "use backend='torch'")
+
+
+def first_order_only(op: str, grads: tuple, depends_on: tuple) -> tuple:
+    """`grads` (None where not computed), as a kernel op's autograd.Function backward returns them,
+    given the tensors they are a function of (its saved inputs and incoming gradients; None allowed).
+
+    The kernels' gradients carry no autograd graph, so under create_graph=True a second backward
+    would see them as constants and leave out every second-order term through the op. Where one of
+    `depends_on` requires grad, they are returned through a node linked to those tensors that raises
+    when a backward reaches it. (torch.autograd.function.once_differentiable is not enough: its error
+    node is linked to none of them, so a backward with `inputs` that also reach them another way skips
+    it, and it adds none when the incoming gradients do not require grad, as for a loss linear in the
+    op's output.) Otherwise `grads` as they are. Call it where grad mode is on (create_graph=True)."""
+    linked = [t for t in depends_on if t is not None and t.requires_grad]
+    present = [d for d in grads if d is not None]
+    if not linked or not present:
+        return grads
+    passed = iter(_FirstOrderOnly.apply(op, len(present), *present, *linked))
+    return tuple(None if d is None else next(passed) for d in grads)
 
 
 # The values of TRITON_INTERPRET that turn triton's interpreter on, compared case-insensitively and

@@ -96,8 +96,8 @@ import torch
 import triton
 import triton.language as tl
 
-from automix_fast.kernels.common import (cdiv, define_op, is_channels_last, layout, needs_autograd, new_strided,
-                                         op_registered, pow2, remember)
+from automix_fast.kernels.common import (cdiv, define_op, first_order_only, is_channels_last, layout, needs_autograd,
+                                         new_strided, op_registered, pow2, remember)
 from automix_fast.kernels.launches import launch
 
 __all__ = ["mask_mix", "mask_mix_forward", "mask_mix_backward"]
@@ -608,7 +608,10 @@ class MaskMix(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, g_smean):
-        return _backward(ctx, g, g_smean, mask_mix_backward)
+        grads = _backward(ctx, g, g_smean, mask_mix_backward)
+        if torch.is_grad_enabled():  # create_graph=True: differentiating these again must raise
+            grads = first_order_only("mask_mix", grads, (g, g_smean, ctx.saved_tensors[0]))
+        return grads
 
 
 def _save(ctx, inputs) -> None:
@@ -650,6 +653,8 @@ def mask_mix(logits: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, mode: st
 
     Eager calls run the autograd Function; under torch.compile the custom op
     automix_fast::mask_mix_fwd (same launchers, same numbers) is traced instead.
+    First-order only, as `mixblock_attention`: after a backward with create_graph=True a second
+    backward through d logits raises; the torch reference (backend="torch") has higher orders.
     Arguments are validated by `automix_fast.ops.mask_mix`; call that instead.
     """
     if x.requires_grad:  # x is data and gets no gradient: it alone must not make the outputs require grad

@@ -48,8 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from automix_fast.kernels.common import (cdiv, define_op, layout, needs_autograd, new_strided, op_registered, pow2,
-                                         remember, tl_dtype, triton_interpret)
+from automix_fast.kernels.common import (cdiv, define_op, first_order_only, layout, needs_autograd, new_strided,
+                                         op_registered, pow2, remember, tl_dtype, triton_interpret)
 from automix_fast.kernels.launches import launch
 
 __all__ = ["mixblock_attention", "attention_forward", "attention_backward"]
@@ -384,7 +384,10 @@ class MixBlockAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _backward(ctx, g, attention_backward)
+        grads = _backward(ctx, g, attention_backward)
+        if torch.is_grad_enabled():  # create_graph=True: differentiating these again must raise
+            grads = first_order_only("mixblock_attention", grads, (g, *ctx.saved_tensors[:3]))
+        return grads
 
 
 def _save(ctx, inputs, outputs) -> None:
@@ -446,6 +449,10 @@ def mixblock_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
 
     Eager calls run the autograd Function; under torch.compile the custom op
     automix_fast::mixblock_attention_fwd (same launchers, same numbers) is traced instead.
+    First-order only: the kernels' gradients are not themselves differentiable, so after a
+    backward with create_graph=True a second backward through them raises (eager:
+    `first_order_only`; compiled: torch.compile refuses double backward); the torch reference
+    (backend="torch") has higher-order gradients.
     Arguments are validated by `automix_fast.ops.mixblock_attention`; call that instead.
     """
     if scale is None:

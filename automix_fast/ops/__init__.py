@@ -5,6 +5,8 @@
 
 backend: "auto" runs the Triton kernels on CUDA tensors (or on CPU tensors when
 TRITON_INTERPRET=1) and the torch reference otherwise; "triton" and "torch" force one.
+The Triton kernels' gradients are first-order only: differentiating them again (after
+create_graph=True) raises; the torch reference has higher orders.
 The Triton kernel modules (which import triton) are imported on first use, never at import
 time; `automix_fast.kernels.launches` and `automix_fast.kernels.common` do not import triton.
 """
