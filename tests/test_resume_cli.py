@@ -170,3 +170,28 @@ def test_a_finished_run_is_left_alone_and_a_fork_continues_elsewhere(data, finis
     assert load_checkpoint(tmp_path / "other" / "last.pt")["next_epoch"] == 2
     assert (tmp_path / "other" / "summary.json").exists() and (tmp_path / "other" / "config.yaml").exists()
     assert snapshot(run) == before  # the source folder is never written
+
+
+def test_a_forced_change_of_the_optimizer_settings_is_what_the_resumed_run_uses(data, tmp_path, capsys, one_thread):
+    """--allow-config-change with new weight decay and momentum (the Mix Block's too): the
+    resumed optimizer's groups take them, not the checkpoint's (config.yaml says the new ones)."""
+    first = train_args(data, tmp_path, "am", "--mix", "automix", batch=8, epochs=1)
+    code, out, err = run_main(first, capsys)
+    assert code == 0, err
+    saved = load_checkpoint(tmp_path / "am" / "last.pt")["optimizer"]["param_groups"]
+    assert [(g["name"], g["weight_decay"], g["momentum"]) for g in saved] == [
+        ("model", 0.0005, 0.9), ("model", 0.0, 0.9), ("mix_block", 0.0005, 0.9)]
+    changed = ["--weight-decay", "0.1", "--momentum", "0.5", "--mix-block-weight-decay", "0.2",
+               "--mix-block-momentum", "0.3"]
+    code, out, err = run_main(train_args(data, tmp_path, "am", "--mix", "automix", "--resume", "auto",
+                                         "--allow-config-change", *changed, batch=8, epochs=2), capsys)
+    assert code == 0, err
+    groups = load_checkpoint(tmp_path / "am" / "last.pt")["optimizer"]["param_groups"]
+    assert [(g["name"], g["weight_decay"], g["momentum"]) for g in groups] == [
+        ("model", 0.1, 0.5), ("model", 0.0, 0.5), ("mix_block", 0.2, 0.3)]
+    # A changed optimizer cannot take the checkpoint's state: one line, before any step.
+    code, out, err = run_main(train_args(data, tmp_path, "am", "--mix", "automix", "--resume", "auto",
+                                         "--allow-config-change", "--opt", "adamw", batch=8, epochs=3), capsys)
+    msg = one_error(code, err)
+    assert "--opt cannot change on resume (sgd -> adamw)" in msg and "--initial-checkpoint" in msg
+    assert load_checkpoint(tmp_path / "am" / "last.pt")["next_epoch"] == 2

@@ -30,7 +30,8 @@ from automix_fast.engine.hooks import (BadFilesRecord, BadFilesStop, Checkpoints
                                        StopAgreement)
 from automix_fast.engine.initial_checkpoint import load_initial_checkpoint
 from automix_fast.engine.metrics import MetricLogger, ProgressLine
-from automix_fast.engine.optim import build_optimizer, host_hyperparameters, keep_implementation, start_momentum_at_zero
+from automix_fast.engine.optim import (build_optimizer, check_same_optimizer, host_hyperparameters,
+                                      load_state_keeping_settings, start_momentum_at_zero)
 from automix_fast.engine.policy import (check_compile_backend, compile_policy, create_policy_model, resolve_amp,
                                         resolve_device, resolve_loader, wrap_policy)
 from automix_fast.engine.schedule import build_schedule, resolve_warmup_epochs
@@ -210,10 +211,10 @@ class Trainer:
             old, now = state["config"], self.cfg.to_flat()
             details = ", ".join(f"{flag_name(k)}: {old[k]!r} -> {now[k]!r}" for k in changed)
             raise ConfigError(f"resuming {path} with a changed config ({details}); pass --allow-config-change to accept")
+        check_same_optimizer(state.get("config", {}).get("opt", self.cfg.optim.opt), self.cfg.optim.opt, path)
         try:
             self.mixer.load_state_dict(state["mixer"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            keep_implementation(self.optimizer)
+            load_state_keeping_settings(self.optimizer, state["optimizer"])
             start_momentum_at_zero(self.optimizer)
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{path} does not match this model: {str(e).splitlines()[0]}") from None
