@@ -195,3 +195,29 @@ def test_a_forced_change_of_the_optimizer_settings_is_what_the_resumed_run_uses(
     msg = one_error(code, err)
     assert "--opt cannot change on resume (sgd -> adamw)" in msg and "--initial-checkpoint" in msg
     assert load_checkpoint(tmp_path / "am" / "last.pt")["next_epoch"] == 2
+
+
+def test_resuming_an_earlier_checkpoint_of_the_folder_sets_the_later_continuation_aside(data, tmp_path, capsys,
+                                                                                        one_thread):
+    """--resume RUN/checkpoint-0001.pt in a run that went on to epoch 3: the new epoch 2 is kept
+    (even with --checkpoint-hist 1), the old continuation's files are renamed, not deleted, and
+    --resume auto then continues the new one."""
+    run = tmp_path / "run"
+    code, out, err = run_main(train_args(data, tmp_path, "run", "--mix", "vanilla", epochs=3), capsys)
+    assert code == 0, err
+    abandoned = load_checkpoint(run / "checkpoint-0003.pt")
+    code, out, err = run_main(["train", "--resume", str(run / "checkpoint-0001.pt"), "--epochs", "2",
+                               "--checkpoint-hist", "1"], capsys)
+    assert code == 0, err
+    assert ("set aside (not deleted) the later checkpoints this run replaces: last.pt -> last.superseded.pt, "
+            "checkpoint-0003.pt -> checkpoint-0003.superseded.pt, checkpoint-0002.pt -> checkpoint-0002.superseded.pt"
+            in out)
+    assert sorted(p.name for p in run.glob("*.pt")) == [
+        "best.pt", "checkpoint-0002.pt", "checkpoint-0002.superseded.pt", "checkpoint-0003.superseded.pt",
+        "last.pt", "last.superseded.pt"]
+    assert (run / "checkpoint-0002.pt").samefile(run / "last.pt")
+    assert_states_equal(load_checkpoint(run / "checkpoint-0003.superseded.pt")["mixer"], abandoned["mixer"])
+    code, out, err = run_main(train_args(data, tmp_path, "run", "--mix", "vanilla", "--resume", "auto", epochs=3),
+                              capsys)
+    assert code == 0, err
+    assert f"resumed from {run / 'last.pt'} at epoch 3, batch 0" in out and "set aside" not in out

@@ -22,7 +22,8 @@ from automix_fast import ops, rundir
 from automix_fast.config import TrainConfig, config_changes, flag_name, save_config
 from automix_fast.data import DataSpec, build_loaders
 from automix_fast.data.torch_loader import resolve_aug
-from automix_fast.engine.checkpoint import FORMAT, CheckpointManager, check_training_state, rng_state, set_rng_state
+from automix_fast.engine.checkpoint import (FORMAT, CheckpointManager, check_training_state, rng_state, set_aside_after,
+                                           set_rng_state)
 from automix_fast.engine.compile_clock import CompileClock
 from automix_fast.engine.distributed import (all_reduce_sum, average_bn_stats, barrier, convert_sync_batchnorm,
                                              flat_allreduce_mean, init_distributed)
@@ -323,8 +324,12 @@ class Trainer:
             self.run_dir = rundir.claim(self.run_dir, named=bool(self.cfg.run.experiment))
         elif self.forked:  # continuing elsewhere: into a new folder (or one that holds no run)
             rundir.claim(self.run_dir, named=True)
-        else:  # steps logged after that checkpoint (a kill) are logged again from here
+        else:  # steps logged after that checkpoint (a kill, an abandoned continuation) are logged again from here
             rundir.trim_metrics(self.run_dir, self.start_epoch * self.steps_per_epoch + self.start_batch)
+            moved = set_aside_after(self.run_dir, self.start_epoch, resumed_from=found[0])
+            if moved:
+                self.log(f"set aside (not deleted) the later checkpoints this run replaces: "
+                         f"{', '.join(f'{a.name} -> {b.name}' for a, b in moved)}")
         save_config(self.cfg, str(self.run_dir / rundir.CONFIG_FILE), self.resolved())
 
     def _announce(self) -> None:
