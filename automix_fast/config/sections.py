@@ -194,7 +194,8 @@ class OptimOptions(Section):
         None, "SGD momentum of the Mix Block's parameter group (default: --momentum)")
     clip_grad: float | None = option(None, "gradient clipping threshold (none: off); fp16 gradients are unscaled first")
     clip_mode: str = option(
-        "norm", "norm: total L2 norm; value: each element; agc: adaptive (the value is the clip factor)",
+        "norm", "norm: total L2 norm; value: each element; agc: adaptive (the value is the clip factor; the "
+        "classifier heads left out, as timm)",
         choices=CLIP_MODES)
     grad_accum_steps: int = option(
         1, "micro-batches of --batch-size per optimizer step; schedules and EMA count optimizer steps")

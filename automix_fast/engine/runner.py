@@ -372,7 +372,7 @@ class Trainer:
         ctx = StepContext(self.mixer, self.optimizer, self.schedule, self.guard, self.total_steps,
                           amp_dtype=self.amp_dtype, scaler=self.scaler, grad_sync=mean, metric_mean=mean,
                           max_bad_steps=self.cfg.run.max_bad_steps, world_size=self.dist.world_size,
-                          **loop_options(self.cfg.optim))
+                          **loop_options(self.cfg.optim, heads=self.mixer.head_parameters()))
         if self.cfg.run.cuda_graph:
             ctx.stepper = StaticStep(ctx, capture=self.device.type == "cuda")
         return ctx
