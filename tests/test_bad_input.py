@@ -65,7 +65,13 @@ FLAG_CASES = [
     (["--img-size", "4"], "--img-size"),
     (["--lr", "fast"], "--lr"),  # wrong type on the command line
     (["--mix", "mixdown"], "--mix"),
-    (["--sched", "step"], "--decay-epochs"),
+    (["--sched", "step"], "--decay-epochs is needed with --sched step"),
+    (["--sched", "multistep"], "--decay-milestones is needed with --sched multistep"),
+    (["--sched", "step", "--decay-epochs", "0"], "--decay-epochs must be a positive number of epochs"),
+    (["--sched", "step", "--decay-epochs", "30", "60"], "unrecognized arguments: 60"),  # a period, not a list
+    (["--sched", "multistep", "--decay-milestones", "2", "-1"], "--decay-milestones must be positive epochs"),
+    (["--sched", "multistep", "--decay-milestones", "1.5"], "--decay-milestones"),
+    (["--decay-rate", "0"], "--decay-rate must be in (0, 1]"),
     (["--resume", "auto"], "--experiment"),
 ]
 

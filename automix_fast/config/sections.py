@@ -6,6 +6,7 @@ checkpoints, logging). Each field's help, choices and resume rule live in its `o
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from automix_fast.config.fields import Section, option, require
@@ -22,7 +23,7 @@ MIX_BLOCK_INITS = ("official", "scaled", "cosine", "cosine-centered")
 MIXUP_MODES = ("batch", "pair", "elem")
 OPTIMIZERS = ("sgd", "adamw", "fused_sgd", "apex_sgd")
 CLIP_MODES = ("norm", "value", "agc")
-SCHEDULES = ("cosine", "step", "const")
+SCHEDULES = ("cosine", "step", "multistep", "const")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_DTYPES = ("bfloat16", "float16")
 TORCHCOMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -225,9 +226,15 @@ class ScheduleOptions(Section):
     epochs: int = option(15, "epochs to train (may be raised when resuming)", resumable=True)
     sched: str = option(
         "cosine", "learning-rate schedule after the warmup; the cosine moves once per epoch (every step with "
-        "--sched-on-updates), step divides at --decay-epochs, the warmup moves every step", choices=SCHEDULES)
+        "--sched-on-updates), step multiplies the lr by --decay-rate every --decay-epochs epochs, multistep at each "
+        "of --decay-milestones, the warmup moves every step", choices=SCHEDULES)
     min_lr: float = option(0.0, "learning rate floor of the cosine schedule")
-    decay_epochs: list | None = option(None, "epochs at which --sched step divides the lr by 10")
+    decay_epochs: float | None = option(
+        None, "--sched step: epochs between decays, fractions allowed (timm's; needed with --sched step)")
+    decay_milestones: list | None = option(
+        None, "--sched multistep: the epochs at which the lr decays (timm's; needed with --sched multistep)",
+        items=(int, "+", "EPOCH"))
+    decay_rate: float = option(0.1, "--sched step/multistep: the factor of each decay (timm's)")
     # none: 1 epoch, at most a quarter of the run (engine/schedule.py)
     warmup_epochs: float | None = option(
         None, "linear warmup length in epochs (fractions allowed); none: 1, at most a quarter of --epochs (a line "
@@ -243,8 +250,17 @@ class ScheduleOptions(Section):
             require(self.warmup_epochs >= 0, "warmup_epochs", "must be 0 or more", self.warmup_epochs)
         if self.mix_block_min_lr is not None:
             require(self.mix_block_min_lr >= 0, "mix_block_min_lr", "must be 0 or more", self.mix_block_min_lr)
-        if self.sched == "step":
-            require(bool(self.decay_epochs), "decay_epochs", "must list epochs when --sched is step", self.decay_epochs)
+        require(self.sched != "step" or self.decay_epochs is not None, "decay_epochs",
+                "is needed with --sched step (the epochs between decays)", None)
+        if self.decay_epochs is not None:
+            require(0 < self.decay_epochs < math.inf, "decay_epochs", "must be a positive number of epochs",
+                    self.decay_epochs)
+        require(self.sched != "multistep" or bool(self.decay_milestones), "decay_milestones",
+                "is needed with --sched multistep (the epochs to decay at)", None)
+        if self.decay_milestones:
+            require(all(m > 0 for m in self.decay_milestones), "decay_milestones", "must be positive epochs",
+                    self.decay_milestones)
+        require(0 < self.decay_rate <= 1, "decay_rate", "must be in (0, 1]", self.decay_rate)
 
 
 @dataclass

@@ -19,7 +19,7 @@ import time
 import torch
 
 from automix_fast import ops, rundir
-from automix_fast.config import TrainConfig, config_changes, flag_name, save_config
+from automix_fast.config import TrainConfig, config_changes, flag_name, read_older, save_config
 from automix_fast.data import DataSpec, build_loaders
 from automix_fast.data.torch_loader import resolve_aug
 from automix_fast.engine.checkpoint import (FORMAT, CheckpointManager, check_training_state, rng_state, set_aside_after,
@@ -175,7 +175,8 @@ class Trainer:
         self.schedule = build_schedule(
             sched.sched, [g["lr"] for g in groups], total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
             warmup_steps=int(self.warmup_epochs * self.steps_per_epoch), floors=[g["min_lr"] for g in groups],
-            decay_milestones=sched.decay_epochs or (), warmup_lr=sched.warmup_lr, on_updates=sched.sched_on_updates,
+            decay_epochs=sched.decay_epochs, decay_milestones=sched.decay_milestones or (), decay_rate=sched.decay_rate,
+            warmup_lr=sched.warmup_lr, on_updates=sched.sched_on_updates,
         )
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.guard = StepGuard(self.device)
@@ -209,7 +210,7 @@ class Trainer:
             )
         changed = config_changes(state.get("config", {}), self.cfg)
         if changed and not self.cfg.run.allow_config_change:
-            old, now = state["config"], self.cfg.to_flat()
+            old, now = read_older(state["config"]), self.cfg.to_flat()
             details = ", ".join(f"{flag_name(k)}: {old[k]!r} -> {now[k]!r}" for k in changed)
             raise ConfigError(f"resuming {path} with a changed config ({details}); pass --allow-config-change to accept")
         check_same_optimizer(state.get("config", {}).get("opt", self.cfg.optim.opt), self.cfg.optim.opt, path)
