@@ -201,7 +201,13 @@ def validate(cfg: TrainConfig) -> None:
             f"must be at least 2 to mix pairs (--mix {mixing.mix})", data.batch_size)
     require(mixing.mixup_mode != "pair" or data.batch_size % 2 == 0, "batch_size",
             "must be even for --mixup-mode pair (partners come in twos)", data.batch_size)
-    require(0 <= cfg.schedule.min_lr <= cfg.optim.lr, "min_lr", "must be between 0 and --lr", cfg.schedule.min_lr)
+    sched, optim = cfg.schedule, cfg.optim
+    require(0 <= sched.min_lr <= optim.lr, "min_lr", "must be between 0 and --lr", sched.min_lr)
+    if mixing.mix == "automix":  # the Mix Block's group: its own floor and lr, or the model's
+        floor = sched.min_lr if sched.mix_block_min_lr is None else sched.mix_block_min_lr
+        lr = optim.lr if optim.mix_block_lr is None else optim.mix_block_lr
+        unset = " (unset: --min-lr)" if sched.mix_block_min_lr is None else ""
+        require(floor <= lr, "mix_block_min_lr", f"must be at most the Mix Block's learning rate {lr:g}{unset}", floor)
     if cfg.run.cuda_graph:
         check_cuda_graph(cfg)
 

@@ -6,7 +6,6 @@ checkpoints, logging). Each field's help, choices and resume rule live in its `o
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from automix_fast.config.fields import Section, option, require
@@ -248,13 +247,13 @@ class ScheduleOptions(Section):
         require(self.epochs >= 1, "epochs", "must be at least 1", self.epochs)
         if self.warmup_epochs is not None:
             require(self.warmup_epochs >= 0, "warmup_epochs", "must be 0 or more", self.warmup_epochs)
+        require(self.warmup_lr >= 0, "warmup_lr", "must be 0 or more", self.warmup_lr)
         if self.mix_block_min_lr is not None:
             require(self.mix_block_min_lr >= 0, "mix_block_min_lr", "must be 0 or more", self.mix_block_min_lr)
         require(self.sched != "step" or self.decay_epochs is not None, "decay_epochs",
                 "is needed with --sched step (the epochs between decays)", None)
         if self.decay_epochs is not None:
-            require(0 < self.decay_epochs < math.inf, "decay_epochs", "must be a positive number of epochs",
-                    self.decay_epochs)
+            require(self.decay_epochs > 0, "decay_epochs", "must be a positive number of epochs", self.decay_epochs)
         require(self.sched != "multistep" or bool(self.decay_milestones), "decay_milestones",
                 "is needed with --sched multistep (the epochs to decay at)", None)
         if self.decay_milestones:
