@@ -185,13 +185,16 @@ class OptimOptions(Section):
     # 0.05 with one warmup epoch: the measured best of the two tried for the default run.
     lr: float = option(0.05, "peak learning rate (for the batch size given; scale it yourself with the global batch)")
     momentum: float = option(0.9, "SGD momentum")
-    weight_decay: float = option(0.0005, "weight decay (not on biases and norm weights)")
+    weight_decay: float = option(
+        0.0005, "weight decay; the backbone's biases and norm weights are exempt (timm's rule; see "
+        "--decay-norm-and-bias), the Mix Block's group decays every parameter, biases included (as the official code)")
     decay_norm_and_bias: bool = option(
         False, "weight decay on every parameter (official/mmcv) instead of timm's bias/norm exemption")
     mix_block_lr: float | None = option(None, "Mix Block learning rate; none: --lr")
-    mix_block_weight_decay: float | None = option(None, "Mix Block weight decay; none: --weight-decay")
+    mix_block_weight_decay: float | None = option(
+        None, "Mix Block weight decay, on every one of its parameters; none: --weight-decay")
     mix_block_momentum: float | None = option(
-        None, "SGD momentum of the Mix Block's parameter group (default: --momentum)")
+        None, "SGD momentum of the Mix Block's parameter group; none: --momentum")
     clip_grad: float | None = option(None, "gradient clipping threshold (none: off); fp16 gradients are unscaled first")
     clip_mode: str = option(
         "norm", "norm: total L2 norm; value: each element; agc: adaptive (the value is the clip factor; the "
@@ -240,7 +243,10 @@ class ScheduleOptions(Section):
         "says so when that cap applies; a value given is kept)")
     warmup_lr: float = option(1e-05, "learning rate at the start of warmup")
     mix_block_min_lr: float | None = option(None, "Mix Block learning-rate floor; none: --min-lr")
-    sched_on_updates: bool = option(False, "timm's: the LR cosine moves every step (default: once per epoch, as mmcv)")
+    sched_on_updates: bool = option(
+        False, "the cosine and step schedules move every step instead of once per epoch (the default, as mmcv's); timm's flag, "
+        "but our cosine spans the run after the warmup (timm's --warmup-prefix; timm's default runs it from step 0 "
+        "under the warmup) and our warmup moves every step with or without it (timm's moves per epoch without it)")
 
     def check(self) -> None:
         super().check()

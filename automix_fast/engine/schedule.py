@@ -4,6 +4,15 @@ No scheduler object carries state across steps, so a resumed run only needs its 
 `schedule.apply(optimizer, step)` before each optimizer step gives the same LRs as an
 uninterrupted run. Every schedule has one base LR per parameter group (the Mix Block can have
 its own LR and floor) and an optional linear warmup.
+
+Against timm's schedulers (timm's train.py defaults): the warmup moves every step, where timm's
+moves once per epoch unless --sched-on-updates. The cosine starts at the end of the warmup and
+spans the rest of the run, which is timm's non-default --warmup-prefix; timm's default runs the
+cosine over the whole run from step 0 and lets the warmup replace its first values, so after
+the warmup its LR is lower than ours (at the end of a 1-epoch warmup of a 10-epoch run, per
+step: 0.0976 of a 0.1 peak where ours is 0.1). Per epoch (without --sched-on-updates, as mmcv's
+by-epoch cosine of the official recipes) the cosine holds its value at the epoch's first step.
+step and multistep count epochs from the run's start, as timm's default.
 """
 from __future__ import annotations
 
@@ -137,8 +146,8 @@ class CosineSchedule(LRSchedule):
         super().__init__(base_lrs, **warmup)
         self.total_steps = int(total_steps)
         self.floors = _per_group(floors, len(self.base_lrs), "floors")
-        # Per epoch (timm without --sched-on-updates, mmcv's by_epoch cosine of the official
-        # recipes): the decay holds the value of the epoch's first step for the whole epoch.
+        # Per epoch (mmcv's by_epoch cosine of the official recipes; without --sched-on-updates):
+        # the decay holds the value of the epoch's first step for the whole epoch.
         self.steps_per_epoch = int(steps_per_epoch) if steps_per_epoch else None
 
     def _decayed(self, step: int) -> list[float]:
