@@ -65,7 +65,22 @@ FLAG_CASES = [
     (["--img-size", "4"], "--img-size"),
     (["--lr", "fast"], "--lr"),  # wrong type on the command line
     (["--mix", "mixdown"], "--mix"),
-    (["--sched", "step"], "--decay-epochs"),
+    (["--sched", "step"], "--decay-epochs is needed with --sched step"),
+    (["--sched", "multistep"], "--decay-milestones is needed with --sched multistep"),
+    (["--sched", "step", "--decay-epochs", "0"], "--decay-epochs must be a positive number of epochs"),
+    (["--sched", "step", "--decay-epochs", "30", "60"], "unrecognized arguments: 60"),  # a period, not a list
+    (["--sched", "multistep", "--decay-milestones", "2", "-1"], "--decay-milestones must be positive epochs"),
+    (["--sched", "multistep", "--decay-milestones", "1.5"], "--decay-milestones"),
+    (["--decay-rate", "0"], "--decay-rate must be in (0, 1]"),
+    (["--warmup-epochs", "inf"], "--warmup-epochs must be a finite number, got inf"),
+    (["--warmup-lr", "-1"], "--warmup-lr must be 0 or more, got -1.0"),
+    (["--warmup-lr", "nan"], "--warmup-lr must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--clip-grad", "inf"], "--clip-grad must be a finite number, got inf"),
+    (["--mix-block-lr", "0.01", "--mix-block-min-lr", "0.5"],
+     "--mix-block-min-lr must be at most the Mix Block's learning rate 0.01, got 0.5"),
+    (["--min-lr", "0.03", "--mix-block-lr", "0.01"],
+     "--mix-block-min-lr must be at most the Mix Block's learning rate 0.01 (unset: --min-lr), got 0.03"),
     (["--resume", "auto"], "--experiment"),
 ]
 
@@ -82,6 +97,10 @@ def test_bad_flag_values(capsys, tmp_path, flags, field):
     ("epochs: 2.5\n", "--epochs (epochs in the config file) must be an integer"),
     ("sync_bn: 'yes'\n", "--sync-bn (sync_bn in the config file) must be true or false"),
     ("mix_alpha: 0\n", "--mix-alpha (mix_alpha in the config file)"),
+    ("sched: multistep\ndecay_milestones: ['1']\n",
+     "--decay-milestones (decay_milestones in the config file) must be a list of integers, got ['1']"),
+    ("sched: step\ndecay_epochs: ['1']\n", "(decay_milestones in the config file) must be a list of integers"),
+    ("lr: .inf\n", "--lr (lr in the config file) must be a finite number, got inf"),
     ("- lr\n", "mapping"),
     ("lr: [\n", "not valid YAML"),
 ])

@@ -253,7 +253,7 @@ def test_sched_help_says_the_cosine_moves_per_epoch(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    sched = text[text.index("--sched {cosine,step,const} "):]  # its help, not the usage block
+    sched = text[text.index("--sched {cosine,step,multistep,const} "):]  # its help, not the usage block
     sched = sched[:sched.index("(default:")]
     assert "once per epoch" in sched and "--sched-on-updates" in sched and "per step" not in sched
     warmup = text[text.index("--warmup-epochs WARMUP_EPOCHS "):]
@@ -282,3 +282,24 @@ def test_short_run_caps_the_default_warmup_and_keeps_a_given_one(tmp_path, capsy
     assert "warning: --warmup-epochs 1 is more than a quarter of the 2-epoch run; kept as given" in err
     assert "warmup_epochs: 1.0\n" in (tmp_path / "given" / "config.yaml").read_text()
     assert _lrs(tmp_path / "given")[2] == pytest.approx(0.1)  # as asked: the cosine starts after epoch 1
+
+
+def test_sched_step_and_multistep_take_timms_flags(tmp_path, capsys):
+    """--sched step --decay-epochs N --decay-rate R (a period) and --sched multistep
+    --decay-milestones A B (epochs), as timm's train.py; config.yaml records them."""
+    from faultkit import make_folder
+
+    data = make_folder(tmp_path / "data", train_per_class=6, val_per_class=2, classes=2)
+    base = ["train", "--data-dir", str(data), "--img-size", "32", "--epochs", "4", "-b", "4", "--mix", "vanilla",
+            "--device", "cpu", "--output", str(tmp_path), "--no-visualize", "--lr", "0.1", "--warmup-epochs", "0",
+            "--eval-interval", "4", *FAST]
+    code, out, err = run(base + ["--experiment", "step", "--sched", "step", "--decay-epochs", "2", "--decay-rate",
+                                 "0.5"], capsys)
+    assert code == 0, err
+    assert _lrs(tmp_path / "step") == pytest.approx({1: 0.1, 2: 0.1, 3: 0.05, 4: 0.05})
+    assert "sched: step\ndecay_epochs: 2.0\n" in (tmp_path / "step" / "config.yaml").read_text()
+    code, out, err = run(base + ["--experiment", "multi", "--sched", "multistep", "--decay-milestones", "1", "3"],
+                         capsys)
+    assert code == 0, err
+    assert _lrs(tmp_path / "multi") == pytest.approx({1: 0.1, 2: 0.01, 3: 0.01, 4: 0.001})  # epochs counted from 0
+    assert "decay_milestones:\n- 1\n- 3\n" in (tmp_path / "multi" / "config.yaml").read_text()

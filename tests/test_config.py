@@ -49,7 +49,7 @@ def test_mix_follows_mixup_and_cutmix(flags, mix, alphas):
     ({"mix": "mixup", "cutmix_minmax": [0.2, 0.8]}, "--mix mixup does not cutmix"),
     ({"cutmix_minmax": [0.8, 0.2]}, "0 <= min < max <= 1"),
     ({"cutmix_minmax": [0.2]}, "0 <= min < max <= 1"),
-    ({"cutmix_minmax": [0.2, "x"]}, "list of numbers"),
+    ({"cutmix_minmax": [0.2, "x"]}, "list of finite numbers"),
     ({"cutmix_minmax": [0.2, 0.8], "mix_alpha": 0.3}, "--mix-alpha goes with --mix"),
     ({"mix": "vanilla", "mixup_mode": "elem"}, "--mixup-mode is for --mix mixup/cutmix"),
     ({"mix": "automix", "mixup_mode": "pair"}, "--mixup-mode is for --mix mixup/cutmix"),

@@ -1,7 +1,9 @@
 """The config sections: every flag, YAML key, config.yaml line and resume rule comes from the
 fields' metadata (a field added to a section is all of them), and the files written before the
 config had sections (tests/data/v1_run: the config.yaml and the checkpoint's config dict of a
-1-epoch run) still load, resume and write back unchanged."""
+1-epoch run) still load, resume and write back the same, their `sched: step` with a
+`decay_epochs` list of milestones read as today's `sched: multistep` with those
+`decay_milestones` (the same schedule)."""
 from __future__ import annotations
 
 import json
@@ -15,6 +17,7 @@ import yaml
 from automix_fast.config import (FIELDS, FLAT_ORDER, RESUMABLE_FIELDS, SECTION_OF, SECTIONS, TrainConfig, build_config,
                                  config_changes, config_yaml, load_yaml, resumed_config)
 from automix_fast.engine.checkpoint import load_checkpoint
+from automix_fast.engine.schedule import build_schedule
 from automix_fast.errors import ConfigError
 from faultkit import ENV
 
@@ -22,9 +25,21 @@ STORED = Path(__file__).parent / "data" / "v1_run"
 # What the stored run resolved from null/auto (config.yaml marks each with "# resolved from").
 RESOLVED = {"dataset": "folder", "aug": "cifar", "num_classes": 3, "validation_batch_size": 16, "warmup_epochs": 0.25,
             "mix_alpha": 2.0, "mix_stage": 3, "amp": False, "channels_last": False}
-# Fields added after the stored run, at their defaults: their lines follow the stored ones.
-ADDED = {"q_batched": False, "torchcompile_mode": None, "torchcompile_scope": "encoders", "cuda_graph": False}
-ADDED_LINES = "q_batched: false\ntorchcompile_mode: null\ntorchcompile_scope: encoders\ncuda_graph: false\n"
+# The stored run's step schedule (milestones in `decay_epochs`, as configs of its version hold
+# them) as today's fields read it: multistep at those milestones, by the same factor 0.1.
+READ_AS = {"sched": "multistep", "decay_epochs": None, "decay_milestones": [1], "decay_rate": 0.1}
+# Fields added after the stored run (at their defaults, but for the milestones read from
+# decay_epochs): their lines follow the stored ones.
+ADDED = {"q_batched": False, "decay_milestones": [1], "decay_rate": 0.1, "torchcompile_mode": None,
+         "torchcompile_scope": "encoders", "cuda_graph": False}
+ADDED_LINES = ("q_batched: false\ndecay_milestones:\n- 1\ndecay_rate: 0.1\ntorchcompile_mode: null\n"
+               "torchcompile_scope: encoders\ncuda_graph: false\n")
+
+
+def read_as_today(text: str) -> str:
+    """A config.yaml of the stored run with its schedule lines as today's writer puts them."""
+    assert "sched: step\ndecay_epochs:\n- 1\n" in text
+    return text.replace("sched: step\ndecay_epochs:\n- 1\n", "sched: multistep\ndecay_epochs: null\n")
 
 
 def test_every_field_is_declared_once_with_help_and_a_section():
@@ -41,10 +56,11 @@ def test_every_field_is_declared_once_with_help_and_a_section():
 def test_stored_config_yaml_loads_and_writes_back_the_same_lines():
     text = (STORED / "config.yaml").read_text()
     cfg = build_config(load_yaml(str(STORED / "config.yaml")))
-    assert (cfg.optim.lr, cfg.schedule.decay_epochs, cfg.mixing.mask_loss_anneal, cfg.data.num_classes) == (0.05, [1], "cosine", 3)
+    assert (cfg.optim.lr, cfg.schedule.sched, cfg.schedule.decay_milestones, cfg.mixing.mask_loss_anneal,
+            cfg.data.num_classes) == (0.05, "multistep", [1], "cosine", 3)
     # Loaded, every resolved value is explicit: the same file without its "# resolved from" marks.
     unmarked = "".join(line.split("  # resolved from")[0] + "\n" for line in text.splitlines())
-    assert config_yaml(cfg) == unmarked + ADDED_LINES
+    assert config_yaml(cfg) == read_as_today(unmarked) + ADDED_LINES
     assert list(cfg.to_flat()) == list(yaml.safe_load(text)) + list(ADDED)  # the same keys in the same order
 
 
@@ -56,10 +72,15 @@ def test_stored_checkpoint_config_resumes_and_writes_the_same_config_yaml():
     flat = cfg.to_flat()
     assert flat["epochs"] == 2 and flat["experiment"] == "v1_run" and flat["output"] == str(STORED.resolve().parent)
     assert {k: v for k, v in flat.items() if k not in ("epochs", "experiment", "output", "resume")} == \
-        {k: v for k, v in stored.items() if k not in ("epochs", "experiment", "output", "resume")} | ADDED
+        {k: v for k, v in stored.items() if k not in ("epochs", "experiment", "output", "resume")} | ADDED | READ_AS
     assert config_changes(stored, cfg) == []
+    # The same learning rates as the step schedule it was trained with: x0.1 from epoch 1 on.
+    schedule = build_schedule(cfg.schedule.sched, [0.05], total_steps=20, steps_per_epoch=10,
+                              decay_epochs=cfg.schedule.decay_epochs, decay_milestones=cfg.schedule.decay_milestones,
+                              decay_rate=cfg.schedule.decay_rate)
+    assert [schedule.lr_at(i)[0] for i in (9, 10, 19)] == pytest.approx([0.05, 0.005, 0.005])
     # The run's config.yaml is what today's writer makes of the stored config and what it resolved.
-    assert config_yaml(build_config(stored), RESOLVED) == (STORED / "config.yaml").read_text() + ADDED_LINES
+    assert config_yaml(build_config(stored), RESOLVED) == read_as_today((STORED / "config.yaml").read_text()) + ADDED_LINES
     with pytest.raises(ConfigError, match=r"--lr \(0.05 -> 0.2\) cannot change on resume"):
         resumed_config((str(path), state), {"resume": str(path), "lr": 0.2})
 

@@ -120,6 +120,33 @@ def test_manager_keeps_recent_and_best(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir())[1:3] == ["checkpoint-0005.pt", "checkpoint-0006.pt"]
 
 
+def test_resuming_an_earlier_epoch_sets_the_later_ones_aside_and_pruning_keeps_what_it_wrote(tmp_path):
+    """A run continued from epoch 1 of its own folder: the later continuation's files are renamed
+    (not deleted) out of reach of --resume auto and pruning; the new epoch's file is kept even
+    with a higher-numbered one beside it."""
+    mgr = ck.CheckpointManager(tmp_path, keep_recent=3)
+    for epoch in (1, 2, 3):
+        mgr.save({"value": float(epoch)}, epoch)
+    (tmp_path / "checkpoint-0003.superseded.pt").write_bytes(b"from an earlier set-aside")
+    moved = ck.set_aside_after(tmp_path, 1, resumed_from=tmp_path / "checkpoint-0001.pt")
+    assert [(a.name, b.name) for a, b in moved] == [
+        ("last.pt", "last.superseded.pt"), ("checkpoint-0003.pt", "checkpoint-0003.superseded-2.pt"),
+        ("checkpoint-0002.pt", "checkpoint-0002.superseded.pt")]
+    assert ck.load_checkpoint(tmp_path / "checkpoint-0003.superseded-2.pt")["value"] == 3.0
+    assert (tmp_path / "checkpoint-0003.superseded.pt").read_bytes() == b"from an earlier set-aside"
+    assert ck.latest_valid(tmp_path)[0].name == "checkpoint-0001.pt"
+    resumed = ck.CheckpointManager(tmp_path, keep_recent=1)
+    resumed.save({"value": 2.5}, 2)
+    assert ck.load_checkpoint(tmp_path / "checkpoint-0002.pt")["value"] == 2.5
+    assert not (tmp_path / "checkpoint-0001.pt").exists()
+    # Resumed from last.pt (or the same file under another name): nothing is set aside.
+    assert ck.set_aside_after(tmp_path, 2, resumed_from=tmp_path / "checkpoint-0002.pt") == []
+    # An epoch file above the one written (copied in by hand) is neither counted nor deleted.
+    (tmp_path / "checkpoint-0009.pt").write_bytes((tmp_path / "last.pt").read_bytes())
+    resumed.save({"value": 3.5}, 3)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-000?.pt")) == ["checkpoint-0003.pt", "checkpoint-0009.pt"]
+
+
 def test_manager_lower_is_better(tmp_path):
     mgr = ck.CheckpointManager(tmp_path)
     assert mgr.save({}, 0, metric=torch.tensor(2.0), higher_is_better=False)

@@ -56,3 +56,30 @@ def test_clip_applies_to_unscaled_gradients_under_grad_scaler():
     optimizer_step(opt, params, StepGuard(torch.device("cpu")), scaler, nonfinite_flag(loss), grad_clipper(0.5, "norm"))
     moved = torch.linalg.vector_norm(torch.stack([(p.detach() - s).norm() for p, s in zip(params, start)]))
     assert moved == pytest.approx(0.5, rel=1e-4)  # clipped after unscaling: the scale does not leak in
+
+
+def test_agc_leaves_out_the_classifier_heads_as_timm(data, tmp_path):
+    """timm's train.py clips `model_parameters(model, exclude_head=True)` in agc mode: the run's
+    clipper leaves the classifier heads (head_one, head_mix) as they are and clips the rest, the
+    Mix Block included; norm mode clips them all."""
+    from automix_fast.config import build_config
+    from automix_fast.engine.runner import Trainer
+
+    def clipped(mode: str) -> dict[str, bool]:
+        cfg = build_config(overrides=dict(
+            data_dir=str(data), img_size=32, epochs=1, batch_size=4, kernel_backend="torch", loader="torch", workers=0,
+            device="cpu", mix="automix", output=str(tmp_path), experiment=mode, clip_grad=1e-3, clip_mode=mode))
+        trainer = Trainer(cfg, quiet=True)
+        names = {id(p): n for n, p in trainer.mixer.named_parameters()}
+        params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+        for p in params:
+            p.grad = torch.full_like(p, 100.0)
+        trainer._step_context().clip(params)
+        return {names[id(p)]: not torch.equal(p.grad, torch.full_like(p, 100.0)) for p in params}
+
+    agc = clipped("agc")
+    heads = {n for n in agc if n.startswith(("model.head_one.", "model.head_mix."))}
+    assert heads == {f"model.head_{h}.{w}" for h in ("one", "mix") for w in ("weight", "bias")}
+    assert not any(agc[n] for n in heads) and all(agc[n] for n in agc if n not in heads)
+    assert any(n.startswith("mix_block.") for n in agc)
+    assert all(clipped("norm").values())

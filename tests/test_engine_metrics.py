@@ -67,6 +67,18 @@ def test_progress_line_not_tty():
     assert s["loss"] == 3.0 and s["steps"] == 7 and s["lr"] == 0.1
 
 
+def test_progress_line_epoch_loss_weights_each_interval_by_its_steps():
+    """As the training loop calls it: the loss only at each log step, as the mean of the interval
+    (10 steps, then the epoch's last 4). The epoch's loss weights each mean by its steps (as
+    summary.csv's train_loss does), not each interval alike."""
+    out = io.StringIO()
+    p = ProgressLine(1, 1, 14, log_interval=10, stream=out)
+    for step in range(1, 15):
+        p.update(loss=1.0 if step == 10 else 2.4 if step == 14 else None, images=4)
+    assert p.close()["loss"] == (10 * 1.0 + 4 * 2.4) / 14
+    assert " loss 1.4000 " in out.getvalue().splitlines()[-1]
+
+
 def test_progress_line_of_a_resumed_and_a_stopped_epoch():
     """A resumed epoch counts the steps that ran here (img/s over them); one that ends early says where."""
     out = io.StringIO()

@@ -170,3 +170,54 @@ def test_a_finished_run_is_left_alone_and_a_fork_continues_elsewhere(data, finis
     assert load_checkpoint(tmp_path / "other" / "last.pt")["next_epoch"] == 2
     assert (tmp_path / "other" / "summary.json").exists() and (tmp_path / "other" / "config.yaml").exists()
     assert snapshot(run) == before  # the source folder is never written
+
+
+def test_a_forced_change_of_the_optimizer_settings_is_what_the_resumed_run_uses(data, tmp_path, capsys, one_thread):
+    """--allow-config-change with new weight decay and momentum (the Mix Block's too): the
+    resumed optimizer's groups take them, not the checkpoint's (config.yaml says the new ones)."""
+    first = train_args(data, tmp_path, "am", "--mix", "automix", batch=8, epochs=1)
+    code, out, err = run_main(first, capsys)
+    assert code == 0, err
+    saved = load_checkpoint(tmp_path / "am" / "last.pt")["optimizer"]["param_groups"]
+    assert [(g["name"], g["weight_decay"], g["momentum"]) for g in saved] == [
+        ("model", 0.0005, 0.9), ("model", 0.0, 0.9), ("mix_block", 0.0005, 0.9)]
+    changed = ["--weight-decay", "0.1", "--momentum", "0.5", "--mix-block-weight-decay", "0.2",
+               "--mix-block-momentum", "0.3"]
+    code, out, err = run_main(train_args(data, tmp_path, "am", "--mix", "automix", "--resume", "auto",
+                                         "--allow-config-change", *changed, batch=8, epochs=2), capsys)
+    assert code == 0, err
+    groups = load_checkpoint(tmp_path / "am" / "last.pt")["optimizer"]["param_groups"]
+    assert [(g["name"], g["weight_decay"], g["momentum"]) for g in groups] == [
+        ("model", 0.1, 0.5), ("model", 0.0, 0.5), ("mix_block", 0.2, 0.3)]
+    # A changed optimizer cannot take the checkpoint's state: one line, before any step.
+    code, out, err = run_main(train_args(data, tmp_path, "am", "--mix", "automix", "--resume", "auto",
+                                         "--allow-config-change", "--opt", "adamw", batch=8, epochs=3), capsys)
+    msg = one_error(code, err)
+    assert "--opt cannot change on resume (sgd -> adamw)" in msg and "--initial-checkpoint" in msg
+    assert load_checkpoint(tmp_path / "am" / "last.pt")["next_epoch"] == 2
+
+
+def test_resuming_an_earlier_checkpoint_of_the_folder_sets_the_later_continuation_aside(data, tmp_path, capsys,
+                                                                                        one_thread):
+    """--resume RUN/checkpoint-0001.pt in a run that went on to epoch 3: the new epoch 2 is kept
+    (even with --checkpoint-hist 1), the old continuation's files are renamed, not deleted, and
+    --resume auto then continues the new one."""
+    run = tmp_path / "run"
+    code, out, err = run_main(train_args(data, tmp_path, "run", "--mix", "vanilla", epochs=3), capsys)
+    assert code == 0, err
+    abandoned = load_checkpoint(run / "checkpoint-0003.pt")
+    code, out, err = run_main(["train", "--resume", str(run / "checkpoint-0001.pt"), "--epochs", "2",
+                               "--checkpoint-hist", "1"], capsys)
+    assert code == 0, err
+    assert ("set aside (not deleted) the later checkpoints this run replaces: last.pt -> last.superseded.pt, "
+            "checkpoint-0003.pt -> checkpoint-0003.superseded.pt, checkpoint-0002.pt -> checkpoint-0002.superseded.pt"
+            in out)
+    assert sorted(p.name for p in run.glob("*.pt")) == [
+        "best.pt", "checkpoint-0002.pt", "checkpoint-0002.superseded.pt", "checkpoint-0003.superseded.pt",
+        "last.pt", "last.superseded.pt"]
+    assert (run / "checkpoint-0002.pt").samefile(run / "last.pt")
+    assert_states_equal(load_checkpoint(run / "checkpoint-0003.superseded.pt")["mixer"], abandoned["mixer"])
+    code, out, err = run_main(train_args(data, tmp_path, "run", "--mix", "vanilla", "--resume", "auto", epochs=3),
+                              capsys)
+    assert code == 0, err
+    assert f"resumed from {run / 'last.pt'} at epoch 3, batch 0" in out and "set aside" not in out

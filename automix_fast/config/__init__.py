@@ -25,7 +25,7 @@ from automix_fast.atomic import write_text
 
 __all__ = ["AUTO", "CHOICES", "CONFIG_DIR", "RESUMABLE_FIELDS", "FieldError", "TrainConfig", "build_config",
            "coerce_field", "config_changes", "config_yaml", "find_config", "flag_name", "load_yaml",
-           "resumed_config", "save_config", "validate"]
+           "read_older", "resumed_config", "save_config", "validate"]
 
 AUTO = "auto"
 
@@ -91,6 +91,19 @@ CHOICES: dict[str, tuple[str, ...]] = {k: f.metadata["choices"] for k, f in FIEL
 # long it runs and how it runs, never what it computes per step. Any other field given with a
 # different value is refused unless --allow-config-change.
 RESUMABLE_FIELDS = tuple(k for k in FLAT_ORDER if FIELDS[k].metadata["resumable"])
+
+
+def read_older(values: dict[str, Any]) -> dict[str, Any]:
+    """Flat values as today's fields read them, whichever version wrote them (a checkpoint's
+    config, a run's config.yaml): a `decay_epochs` list held the epochs at which `sched: step`
+    multiplied the lr by 0.1, which is `decay_milestones` of `sched: multistep` (the same
+    schedule; `decay_epochs` is now step's period). Returns a new dict when it changes one."""
+    if not isinstance(values.get("decay_epochs"), (list, tuple)) or "decay_milestones" in values:
+        return values
+    values = {**values, "decay_milestones": values["decay_epochs"], "decay_epochs": None}
+    if values.get("sched") == "step":
+        values["sched"] = "multistep"
+    return values
 
 
 def coerce_field(name: str, value: Any) -> Any:
@@ -160,7 +173,7 @@ def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str,
     """Defaults, then the YAML values, then explicit overrides (all flat); every value checked.
     An error about a value from the file names the flag and the file's key: `--lr (lr in the
     config file)`."""
-    file_values, overrides = file_values or {}, overrides or {}
+    file_values, overrides = read_older(file_values or {}), read_older(overrides or {})
     values: dict[str, Any] = {}
     try:
         for source in (file_values, overrides):
@@ -188,7 +201,13 @@ def validate(cfg: TrainConfig) -> None:
             f"must be at least 2 to mix pairs (--mix {mixing.mix})", data.batch_size)
     require(mixing.mixup_mode != "pair" or data.batch_size % 2 == 0, "batch_size",
             "must be even for --mixup-mode pair (partners come in twos)", data.batch_size)
-    require(0 <= cfg.schedule.min_lr <= cfg.optim.lr, "min_lr", "must be between 0 and --lr", cfg.schedule.min_lr)
+    sched, optim = cfg.schedule, cfg.optim
+    require(0 <= sched.min_lr <= optim.lr, "min_lr", "must be between 0 and --lr", sched.min_lr)
+    if mixing.mix == "automix":  # the Mix Block's group: its own floor and lr, or the model's
+        floor = sched.min_lr if sched.mix_block_min_lr is None else sched.mix_block_min_lr
+        lr = optim.lr if optim.mix_block_lr is None else optim.mix_block_lr
+        unset = " (unset: --min-lr)" if sched.mix_block_min_lr is None else ""
+        require(floor <= lr, "mix_block_min_lr", f"must be at most the Mix Block's learning rate {lr:g}{unset}", floor)
     if cfg.run.cuda_graph:
         check_cuda_graph(cfg)
 
@@ -300,7 +319,7 @@ def _stored(old: dict[str, Any], key: str) -> Any:
 
 def config_changes(old: dict[str, Any], new: TrainConfig) -> list[str]:
     """Fields outside RESUMABLE_FIELDS whose values differ between a checkpoint's config and this one."""
-    values = new.to_flat()
+    old, values = read_older(old), new.to_flat()
     return [k for k in FLAT_ORDER if k not in RESUMABLE_FIELDS and k in old and _stored(old, k) != values[k]]
 
 
@@ -311,8 +330,8 @@ def resumed_config(found, given: dict[str, Any]) -> TrainConfig:
     stored = state.get("config")
     if not isinstance(stored, dict):
         raise CheckpointError(f"{path} holds no training config to resume with")
-    values = {k: v for k, v in stored.items() if k in FIELDS}  # fields of older versions are dropped
-    given = {k: coerce_field(k, v) for k, v in given.items()}
+    values = {k: v for k, v in read_older(stored).items() if k in FIELDS}  # fields of older versions are dropped
+    given = {k: coerce_field(k, v) for k, v in read_older(given).items()}
     changed = [k for k, v in given.items() if k not in RESUMABLE_FIELDS and k in values and v != _stored(values, k)]
     if changed and not given.get("allow_config_change"):
         details = ", ".join(f"{flag_name(k)} ({_stored(values, k)!r} -> {given[k]!r})" for k in changed)

@@ -8,6 +8,7 @@ declared once, in its section.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from automix_fast.errors import ConfigError
@@ -84,6 +85,8 @@ def coerce(f: dataclasses.Field, value: Any) -> Any:
     if base == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise FieldError(name, f"must be a number, got {value!r}")
+        if not math.isfinite(value):  # no field has a use for nan or infinity
+            raise FieldError(name, f"must be a finite number, got {value!r}")
         return float(value)
     if base == "str":
         if not isinstance(value, str):
@@ -93,8 +96,10 @@ def coerce(f: dataclasses.Field, value: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise FieldError(name, f"must be a list, got {value!r}")
         if f.metadata["items"][0] is float:
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-                raise FieldError(name, f"must be a list of numbers, got {value!r}")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+                raise FieldError(name, f"must be a list of finite numbers, got {value!r}")
             return [float(v) for v in value]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise FieldError(name, f"must be a list of integers, got {value!r}")
         return list(value)
     return value

@@ -22,7 +22,7 @@ MIX_BLOCK_INITS = ("official", "scaled", "cosine", "cosine-centered")
 MIXUP_MODES = ("batch", "pair", "elem")
 OPTIMIZERS = ("sgd", "adamw", "fused_sgd", "apex_sgd")
 CLIP_MODES = ("norm", "value", "agc")
-SCHEDULES = ("cosine", "step", "const")
+SCHEDULES = ("cosine", "step", "multistep", "const")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_DTYPES = ("bfloat16", "float16")
 TORCHCOMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -185,16 +185,20 @@ class OptimOptions(Section):
     # 0.05 with one warmup epoch: the measured best of the two tried for the default run.
     lr: float = option(0.05, "peak learning rate (for the batch size given; scale it yourself with the global batch)")
     momentum: float = option(0.9, "SGD momentum")
-    weight_decay: float = option(0.0005, "weight decay (not on biases and norm weights)")
+    weight_decay: float = option(
+        0.0005, "weight decay; the backbone's biases and norm weights are exempt (timm's rule; see "
+        "--decay-norm-and-bias), the Mix Block's group decays every parameter, biases included (as the official code)")
     decay_norm_and_bias: bool = option(
         False, "weight decay on every parameter (official/mmcv) instead of timm's bias/norm exemption")
     mix_block_lr: float | None = option(None, "Mix Block learning rate; none: --lr")
-    mix_block_weight_decay: float | None = option(None, "Mix Block weight decay; none: --weight-decay")
+    mix_block_weight_decay: float | None = option(
+        None, "Mix Block weight decay, on every one of its parameters; none: --weight-decay")
     mix_block_momentum: float | None = option(
-        None, "SGD momentum of the Mix Block's parameter group (default: --momentum)")
+        None, "SGD momentum of the Mix Block's parameter group; none: --momentum")
     clip_grad: float | None = option(None, "gradient clipping threshold (none: off); fp16 gradients are unscaled first")
     clip_mode: str = option(
-        "norm", "norm: total L2 norm; value: each element; agc: adaptive (the value is the clip factor)",
+        "norm", "norm: total L2 norm; value: each element; agc: adaptive (the value is the clip factor; the "
+        "classifier heads left out, as timm)",
         choices=CLIP_MODES)
     grad_accum_steps: int = option(
         1, "micro-batches of --batch-size per optimizer step; schedules and EMA count optimizer steps")
@@ -224,26 +228,44 @@ class ScheduleOptions(Section):
     epochs: int = option(15, "epochs to train (may be raised when resuming)", resumable=True)
     sched: str = option(
         "cosine", "learning-rate schedule after the warmup; the cosine moves once per epoch (every step with "
-        "--sched-on-updates), step divides at --decay-epochs, the warmup moves every step", choices=SCHEDULES)
+        "--sched-on-updates), step multiplies the lr by --decay-rate every --decay-epochs epochs, multistep at each "
+        "of --decay-milestones, the warmup moves every step", choices=SCHEDULES)
     min_lr: float = option(0.0, "learning rate floor of the cosine schedule")
-    decay_epochs: list | None = option(None, "epochs at which --sched step divides the lr by 10")
+    decay_epochs: float | None = option(
+        None, "--sched step: epochs between decays, fractions allowed (timm's; needed with --sched step)")
+    decay_milestones: list | None = option(
+        None, "--sched multistep: the epochs at which the lr decays (timm's; needed with --sched multistep)",
+        items=(int, "+", "EPOCH"))
+    decay_rate: float = option(0.1, "--sched step/multistep: the factor of each decay (timm's)")
     # none: 1 epoch, at most a quarter of the run (engine/schedule.py)
     warmup_epochs: float | None = option(
         None, "linear warmup length in epochs (fractions allowed); none: 1, at most a quarter of --epochs (a line "
         "says so when that cap applies; a value given is kept)")
     warmup_lr: float = option(1e-05, "learning rate at the start of warmup")
     mix_block_min_lr: float | None = option(None, "Mix Block learning-rate floor; none: --min-lr")
-    sched_on_updates: bool = option(False, "timm's: the LR cosine moves every step (default: once per epoch, as mmcv)")
+    sched_on_updates: bool = option(
+        False, "the cosine and step schedules move every step instead of once per epoch (the default, as mmcv's); timm's flag, "
+        "but our cosine spans the run after the warmup (timm's --warmup-prefix; timm's default runs it from step 0 "
+        "under the warmup) and our warmup moves every step with or without it (timm's moves per epoch without it)")
 
     def check(self) -> None:
         super().check()
         require(self.epochs >= 1, "epochs", "must be at least 1", self.epochs)
         if self.warmup_epochs is not None:
             require(self.warmup_epochs >= 0, "warmup_epochs", "must be 0 or more", self.warmup_epochs)
+        require(self.warmup_lr >= 0, "warmup_lr", "must be 0 or more", self.warmup_lr)
         if self.mix_block_min_lr is not None:
             require(self.mix_block_min_lr >= 0, "mix_block_min_lr", "must be 0 or more", self.mix_block_min_lr)
-        if self.sched == "step":
-            require(bool(self.decay_epochs), "decay_epochs", "must list epochs when --sched is step", self.decay_epochs)
+        require(self.sched != "step" or self.decay_epochs is not None, "decay_epochs",
+                "is needed with --sched step (the epochs between decays)", None)
+        if self.decay_epochs is not None:
+            require(self.decay_epochs > 0, "decay_epochs", "must be a positive number of epochs", self.decay_epochs)
+        require(self.sched != "multistep" or bool(self.decay_milestones), "decay_milestones",
+                "is needed with --sched multistep (the epochs to decay at)", None)
+        if self.decay_milestones:
+            require(all(m > 0 for m in self.decay_milestones), "decay_milestones", "must be positive epochs",
+                    self.decay_milestones)
+        require(0 < self.decay_rate <= 1, "decay_rate", "must be in (0, 1]", self.decay_rate)
 
 
 @dataclass

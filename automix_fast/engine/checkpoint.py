@@ -162,6 +162,35 @@ def _epoch_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+SUPERSEDED = "superseded"  # the mark in the name of a file set aside: NAME.superseded.pt
+
+
+def set_aside_after(run_dir: str | os.PathLike, epoch: int, *, resumed_from) -> list[tuple[Path, Path]]:
+    """A run resumed in its own folder from a state within or at the end of epoch `epoch` (its
+    next_epoch) replaces what a continuation past that state wrote: checkpoint-N.pt with
+    N > epoch, and last.pt unless it is the file resumed from. Each is renamed to
+    NAME.superseded.pt (NAME.superseded-2.pt, ... when taken), a name that neither `--resume auto`
+    nor the pruning of CheckpointManager.save considers; nothing is deleted. Returns the
+    (old, new) paths, last.pt first, then the epochs newest first."""
+    run_dir = Path(run_dir)
+    last = run_dir / "last.pt"
+    later = [p for n, p in _epoch_checkpoints(run_dir) if n > epoch]
+    if last.exists() and not os.path.samefile(last, resumed_from):
+        later.insert(0, last)
+    moved = []
+    for path in later:
+        target, n = path.with_name(f"{path.stem}.{SUPERSEDED}.pt"), 1
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.stem}.{SUPERSEDED}-{n}.pt")
+        try:
+            os.rename(path, target)
+        except OSError as e:
+            raise (write_failure(target, e, "checkpoint") or e) from None
+        moved.append((path, target))
+    return moved
+
+
 def latest_valid(run_dir: str | os.PathLike) -> tuple[Path, dict] | None:
     """The newest checkpoint in run_dir that loads: last.pt, then checkpoint-*.pt newest first.
 
@@ -270,7 +299,10 @@ class CheckpointManager:
             _link_atomic(last, self.run_dir / f"checkpoint-{epoch:04d}.pt", blob)
         if is_best:
             _link_atomic(last, self.run_dir / "best.pt", blob)
-        for _, old in _epoch_checkpoints(self.run_dir)[self.keep_recent :]:
+        # The newest keep_recent epochs up to this one (this one first); an epoch file above it
+        # (copied in by hand) is neither counted nor deleted.
+        upto = [p for n, p in _epoch_checkpoints(self.run_dir) if n <= epoch]
+        for old in upto[self.keep_recent :]:
             old.unlink(missing_ok=True)
         return is_best
 

@@ -7,6 +7,7 @@ the step is skipped by the usual check.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Callable
 
 import torch
@@ -34,8 +35,11 @@ def adaptive_clip_grad(params: list[torch.Tensor], clip_factor: float, eps: floa
         g.copy_(torch.where(grad_norm < max_norm, g, clipped))
 
 
-def grad_clipper(value: float | None, mode: str = "norm") -> Callable[[list[torch.Tensor]], None] | None:
-    """clip(params) for `--clip-grad value --clip-mode mode`, or None when value is None."""
+def grad_clipper(value: float | None, mode: str = "norm", heads: Iterable[torch.Tensor] = ()
+                 ) -> Callable[[list[torch.Tensor]], None] | None:
+    """clip(params) for `--clip-grad value --clip-mode mode`, or None when value is None. `heads`:
+    the classifier heads' parameters, which agc leaves out (timm's train.py clips
+    `model_parameters(model, exclude_head=True)` in that mode); norm and value clip them too."""
     if value is None:
         return None
     if mode == "norm":
@@ -43,5 +47,6 @@ def grad_clipper(value: float | None, mode: str = "norm") -> Callable[[list[torc
     if mode == "value":
         return lambda params: torch.nn.utils.clip_grad_value_(params, value)
     if mode == "agc":
-        return lambda params: adaptive_clip_grad(params, value)
+        skip = {id(p) for p in heads}
+        return lambda params: adaptive_clip_grad([p for p in params if id(p) not in skip], value)
     raise ValueError(f"clip mode must be one of {CLIP_MODES}, got {mode!r}")

@@ -164,9 +164,12 @@ class ProgressLine:
     fit is cut, so the line never wraps (a wrapped line cannot be redrawn). Off a TTY (CI, pipes,
     log files) a whole plain line is printed every `log_interval` steps: no '\\r', no escape codes.
 
-    The loss shown is the mean since the previous line; with `terms` (the names of the values
-    that sum to it, AutoMix's l_mix_q + l_one_q + l_mix_k + l_mask, as in metrics.jsonl) they
-    follow it where the width allows. img/s counts every process's images:
+    The loss shown is the mean since the previous line; a `loss` given after steps without one
+    is the mean over all of them (the training loop reads it once per log interval), so the
+    epoch's loss weights it by those steps (summary.csv's train_loss weights micro-batches: the
+    same unless the epoch's last --grad-accum-steps step is short). With `terms` (the names of
+    the values that sum to it, AutoMix's l_mix_q + l_one_q + l_mix_k + l_mask, as in
+    metrics.jsonl) they follow it where the width allows. img/s counts every process's images:
     `world_size` x this process's (every rank runs the same number of equal batches), labelled
     "(N procs)" under torchrun; img/s and data% cover the same window as the loss.
     `close()` prints the epoch summary and returns it as a dict for the metric log: the steps
@@ -193,6 +196,7 @@ class ProgressLine:
         self.step = self.start_step = start_step
         self.lr = None
         self.epoch_loss, self.window_loss = Mean(), Mean()
+        self._since_loss = 0  # steps since the last loss given: the weight of the next one in the epoch's mean
         self.start = self._win_start = time.perf_counter()
         self._last_draw = float("-inf")  # the first step always draws
         self.images = self._win_images = 0
@@ -209,13 +213,15 @@ class ProgressLine:
         the batch, `note` text shown at the end of the line until the next note (AutoMix's mask
         statistics), `values` the logged host floats holding the `terms`."""
         self.step += 1
+        self._since_loss += 1
         if note is not None:
             self._note = note
         if values is not None:
             self._shown_terms = {k: values[k] for k in self.terms if k in values}
-        if loss is not None:
-            self.epoch_loss.add(loss)
+        if loss is not None:  # a step's loss, or the mean of the steps since the last one given
+            self.epoch_loss.add(loss, self._since_loss)
             self.window_loss.add(loss)
+            self._since_loss = 0
         if lr is not None:
             self.lr = lr
         self.images += images

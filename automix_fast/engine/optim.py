@@ -109,14 +109,23 @@ def start_momentum_at_zero(optimizer) -> None:
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")
+def check_same_optimizer(saved: str, now: str, path) -> None:
+    """A resumed run continues its optimizer's state, so --opt cannot change (another optimizer's
+    state does not load into it; fused_sgd and apex_sgd name the same one): one-line ConfigError."""
+    apex = ("fused_sgd", "apex_sgd")
+    if saved != now and not (saved in apex and now in apex):
+        raise ConfigError(f"--opt cannot change on resume ({saved} -> {now}): {path} holds {saved}'s state; to "
+                          f"train with {now} from its weights, start a new run with --initial-checkpoint {path}")
 
 
-def keep_implementation(optimizer) -> None:
-    """After load_state_dict (which restores each group's saved settings, these included): the
-    kernel choice of the optimizer this run built, not of the run that saved the state (a run
-    resumed with or without --cuda-graph, on another device)."""
-    for group in optimizer.param_groups:
-        for key in IMPLEMENTATION_KEYS:
-            if key in optimizer.defaults:
-                group[key] = optimizer.defaults[key]
+def load_state_keeping_settings(optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict(state)` for what training accumulated (momentum buffers, Adam's
+    moments and step counts), keeping each group's settings as this run built them: weight
+    decay, momentum, betas and the rest from its config (a change forced with
+    --allow-config-change takes effect), and the kernel choice (fused/foreach/capturable) of this
+    run's device and step, not of the run that saved the state. load_state_dict would restore
+    the saved ones. The lr stays the saved one until the schedule sets it before the first step."""
+    built = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, settings in zip(optimizer.param_groups, built):
+        group.update(settings)

@@ -19,10 +19,11 @@ import time
 import torch
 
 from automix_fast import ops, rundir
-from automix_fast.config import TrainConfig, config_changes, flag_name, save_config
+from automix_fast.config import TrainConfig, config_changes, flag_name, read_older, save_config
 from automix_fast.data import DataSpec, build_loaders
 from automix_fast.data.torch_loader import resolve_aug
-from automix_fast.engine.checkpoint import FORMAT, CheckpointManager, check_training_state, rng_state, set_rng_state
+from automix_fast.engine.checkpoint import (FORMAT, CheckpointManager, check_training_state, rng_state, set_aside_after,
+                                           set_rng_state)
 from automix_fast.engine.compile_clock import CompileClock
 from automix_fast.engine.distributed import (all_reduce_sum, average_bn_stats, barrier, convert_sync_batchnorm,
                                              flat_allreduce_mean, init_distributed)
@@ -30,7 +31,8 @@ from automix_fast.engine.hooks import (BadFilesRecord, BadFilesStop, Checkpoints
                                        StopAgreement)
 from automix_fast.engine.initial_checkpoint import load_initial_checkpoint
 from automix_fast.engine.metrics import MetricLogger, ProgressLine
-from automix_fast.engine.optim import build_optimizer, host_hyperparameters, keep_implementation, start_momentum_at_zero
+from automix_fast.engine.optim import (build_optimizer, check_same_optimizer, host_hyperparameters,
+                                      load_state_keeping_settings, start_momentum_at_zero)
 from automix_fast.engine.policy import (check_compile_backend, compile_policy, create_policy_model, resolve_amp,
                                         resolve_device, resolve_loader, wrap_policy)
 from automix_fast.engine.schedule import build_schedule, resolve_warmup_epochs
@@ -173,7 +175,8 @@ class Trainer:
         self.schedule = build_schedule(
             sched.sched, [g["lr"] for g in groups], total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
             warmup_steps=int(self.warmup_epochs * self.steps_per_epoch), floors=[g["min_lr"] for g in groups],
-            decay_milestones=sched.decay_epochs or (), warmup_lr=sched.warmup_lr, on_updates=sched.sched_on_updates,
+            decay_epochs=sched.decay_epochs, decay_milestones=sched.decay_milestones or (), decay_rate=sched.decay_rate,
+            warmup_lr=sched.warmup_lr, on_updates=sched.sched_on_updates,
         )
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.guard = StepGuard(self.device)
@@ -207,13 +210,13 @@ class Trainer:
             )
         changed = config_changes(state.get("config", {}), self.cfg)
         if changed and not self.cfg.run.allow_config_change:
-            old, now = state["config"], self.cfg.to_flat()
+            old, now = read_older(state["config"]), self.cfg.to_flat()
             details = ", ".join(f"{flag_name(k)}: {old[k]!r} -> {now[k]!r}" for k in changed)
             raise ConfigError(f"resuming {path} with a changed config ({details}); pass --allow-config-change to accept")
+        check_same_optimizer(state.get("config", {}).get("opt", self.cfg.optim.opt), self.cfg.optim.opt, path)
         try:
             self.mixer.load_state_dict(state["mixer"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            keep_implementation(self.optimizer)
+            load_state_keeping_settings(self.optimizer, state["optimizer"])
             start_momentum_at_zero(self.optimizer)
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{path} does not match this model: {str(e).splitlines()[0]}") from None
@@ -322,8 +325,12 @@ class Trainer:
             self.run_dir = rundir.claim(self.run_dir, named=bool(self.cfg.run.experiment))
         elif self.forked:  # continuing elsewhere: into a new folder (or one that holds no run)
             rundir.claim(self.run_dir, named=True)
-        else:  # steps logged after that checkpoint (a kill) are logged again from here
+        else:  # steps logged after that checkpoint (a kill, an abandoned continuation) are logged again from here
             rundir.trim_metrics(self.run_dir, self.start_epoch * self.steps_per_epoch + self.start_batch)
+            moved = set_aside_after(self.run_dir, self.start_epoch, resumed_from=found[0])
+            if moved:
+                self.log(f"set aside (not deleted) the later checkpoints this run replaces: "
+                         f"{', '.join(f'{a.name} -> {b.name}' for a, b in moved)}")
         save_config(self.cfg, str(self.run_dir / rundir.CONFIG_FILE), self.resolved())
 
     def _announce(self) -> None:
@@ -366,7 +373,7 @@ class Trainer:
         ctx = StepContext(self.mixer, self.optimizer, self.schedule, self.guard, self.total_steps,
                           amp_dtype=self.amp_dtype, scaler=self.scaler, grad_sync=mean, metric_mean=mean,
                           max_bad_steps=self.cfg.run.max_bad_steps, world_size=self.dist.world_size,
-                          **loop_options(self.cfg.optim))
+                          **loop_options(self.cfg.optim, heads=self.mixer.head_parameters()))
         if self.cfg.run.cuda_graph:
             ctx.stepper = StaticStep(ctx, capture=self.device.type == "cuda")
         return ctx

@@ -4,6 +4,15 @@ No scheduler object carries state across steps, so a resumed run only needs its 
 `schedule.apply(optimizer, step)` before each optimizer step gives the same LRs as an
 uninterrupted run. Every schedule has one base LR per parameter group (the Mix Block can have
 its own LR and floor) and an optional linear warmup.
+
+Against timm's schedulers (timm's train.py defaults): the warmup moves every step, where timm's
+moves once per epoch unless --sched-on-updates. The cosine starts at the end of the warmup and
+spans the rest of the run, which is timm's non-default --warmup-prefix; timm's default runs the
+cosine over the whole run from step 0 and lets the warmup replace its first values, so after
+the warmup its LR is lower than ours (at the end of a 1-epoch warmup of a 10-epoch run, per
+step: 0.0976 of a 0.1 peak where ours is 0.1). Per epoch (without --sched-on-updates, as mmcv's
+by-epoch cosine of the official recipes) the cosine holds its value at the epoch's first step.
+step and multistep count epochs from the run's start, as timm's default.
 """
 from __future__ import annotations
 
@@ -137,8 +146,8 @@ class CosineSchedule(LRSchedule):
         super().__init__(base_lrs, **warmup)
         self.total_steps = int(total_steps)
         self.floors = _per_group(floors, len(self.base_lrs), "floors")
-        # Per epoch (timm without --sched-on-updates, mmcv's by_epoch cosine of the official
-        # recipes): the decay holds the value of the epoch's first step for the whole epoch.
+        # Per epoch (mmcv's by_epoch cosine of the official recipes; without --sched-on-updates):
+        # the decay holds the value of the epoch's first step for the whole epoch.
         self.steps_per_epoch = int(steps_per_epoch) if steps_per_epoch else None
 
     def _decayed(self, step: int) -> list[float]:
@@ -150,17 +159,37 @@ class CosineSchedule(LRSchedule):
 
 
 class StepSchedule(LRSchedule):
-    """After warmup: base * gamma ** (number of milestones <= step); milestones in steps."""
+    """timm's StepLRScheduler: after warmup, base * rate ** floor(t / decay_epochs), t the epoch
+    (per step with `steps_per_epoch` None: the step in epochs, timm's --sched-on-updates),
+    counted from the run's start (timm without --warmup-prefix)."""
+
+    def __init__(self, decay_epochs: float, steps_per_epoch: int, base_lrs: Sequence[float] | float, *,
+                 rate: float = 0.1, on_updates: bool = False, **warmup):
+        super().__init__(base_lrs, **warmup)
+        self.decay_epochs, self.steps_per_epoch = float(decay_epochs), int(steps_per_epoch)
+        self.rate, self.on_updates = float(rate), on_updates
+
+    def _decayed(self, step: int) -> list[float]:
+        if self.on_updates:  # timm's arithmetic: t // decay_t, both in updates
+            k = step // (self.decay_epochs * self.steps_per_epoch)
+        else:
+            k = (step // self.steps_per_epoch) // self.decay_epochs
+        return [b * self.rate**k for b in self.base_lrs]
+
+
+class MultiStepSchedule(LRSchedule):
+    """timm's MultiStepLRScheduler: after warmup, base * rate ** (number of milestones <= step);
+    milestones in steps (an epoch's first step, so per epoch and per step agree)."""
 
     def __init__(self, milestones: Sequence[int], base_lrs: Sequence[float] | float, *,
-                 gamma: float = 0.1, **warmup):
+                 rate: float = 0.1, **warmup):
         super().__init__(base_lrs, **warmup)
         self.milestones = sorted(int(m) for m in milestones)
-        self.gamma = float(gamma)
+        self.rate = float(rate)
 
     def _decayed(self, step: int) -> list[float]:
         k = sum(step >= m for m in self.milestones)
-        return [b * self.gamma**k for b in self.base_lrs]
+        return [b * self.rate**k for b in self.base_lrs]
 
 
 class ConstSchedule(LRSchedule):
@@ -172,20 +201,22 @@ class ConstSchedule(LRSchedule):
 
 def build_schedule(name: str, base_lrs: Sequence[float] | float, *, total_steps: int,
                    steps_per_epoch: int, warmup_steps: int = 0, floors=0.0,
-                   decay_milestones: Sequence[int] = (), decay_rate: float = 0.1,
+                   decay_epochs: float | None = None, decay_milestones: Sequence[int] = (), decay_rate: float = 0.1,
                    warmup_start_factor: float = 0.0, warmup_lr: float | None = None,
                    on_updates: bool = True) -> LRSchedule:
-    """`--sched cosine|step|const`; `decay_milestones` are epochs (timm's --decay-milestones).
-    `on_updates` (timm's --sched-on-updates): the cosine moves every step; off, once per epoch
-    (warmup stays per step either way, as in timm and mmcv)."""
+    """`--sched cosine|step|multistep|const`, as timm's: `decay_epochs` the period of step (timm's
+    --decay-epochs), `decay_milestones` the epochs of multistep (timm's --decay-milestones),
+    `decay_rate` the factor of each decay. `on_updates` (timm's --sched-on-updates): the cosine
+    and step move every step; off, once per epoch (the warmup moves every step either way)."""
     warmup = dict(warmup_steps=warmup_steps, warmup_start_factor=warmup_start_factor,
                   warmup_lr=warmup_lr)
     if name == "cosine":
         return CosineSchedule(total_steps, base_lrs, floors=floors,
                               steps_per_epoch=None if on_updates else steps_per_epoch, **warmup)
     if name == "step":
-        return StepSchedule([e * steps_per_epoch for e in decay_milestones], base_lrs,
-                            gamma=decay_rate, **warmup)
+        return StepSchedule(decay_epochs, steps_per_epoch, base_lrs, rate=decay_rate, on_updates=on_updates, **warmup)
+    if name == "multistep":
+        return MultiStepSchedule([e * steps_per_epoch for e in decay_milestones], base_lrs, rate=decay_rate, **warmup)
     if name == "const":
         return ConstSchedule(base_lrs, **warmup)
     raise ConfigError(f"unknown sched '{name}'; choose from: {', '.join(SCHEDULES)}")

@@ -46,9 +46,10 @@ def automix_departures(mixing) -> list[str]:
     return departures
 
 
-def loop_options(optim) -> dict:
-    """train_one_epoch arguments of the `optim` section: micro-batches per step and the gradient clipper."""
-    return {"accum_steps": optim.grad_accum_steps, "clip": grad_clipper(optim.clip_grad, optim.clip_mode)}
+def loop_options(optim, heads=()) -> dict:
+    """train_one_epoch arguments of the `optim` section: micro-batches per step and the gradient
+    clipper (`heads`: the classifier heads' parameters, which --clip-mode agc leaves out)."""
+    return {"accum_steps": optim.grad_accum_steps, "clip": grad_clipper(optim.clip_grad, optim.clip_mode, heads)}
 
 
 def optimizer_steps_per_epoch(optim, loader_batches: int) -> int:

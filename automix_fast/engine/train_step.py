@@ -108,7 +108,7 @@ class StepContext:
     world_size x this rank's images per second (every rank runs the same number of equal
     batches). metric_mean (under torchrun) averages the logged values over ranks in place, one
     collective per log interval, so the metrics describe the global batch (every rank must log
-    together). More than max_bad_steps consecutive skipped steps raise NonFiniteError.
+    together). max_bad_steps consecutive skipped steps raise NonFiniteError.
     """
 
     mixer: Any

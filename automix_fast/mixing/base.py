@@ -252,6 +252,12 @@ class Mixer(nn.Module):
             heads["ema"] = (self.model_ema, "one")
         return heads
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The trained model's classifier heads' parameters (head_one, and head_mix where it has
+        one): what timm's --clip-mode agc leaves out."""
+        heads = (getattr(self.model, name, None) for name in ("head_one", "head_mix"))
+        return [p for head in heads if head is not None for p in head.parameters()]
+
     def param_groups(self, lr: float, weight_decay: float, min_lr: float = 0.0, decay_norm_and_bias: bool = False,
                      **_) -> list[dict]:
         groups = param_groups_weight_decay(self.model, weight_decay, decay_all=decay_norm_and_bias)
