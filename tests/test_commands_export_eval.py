@@ -222,3 +222,75 @@ def test_eval_creates_a_missing_output_folder(trained, tmp_path):
     assert run.returncode == 0, run.stderr
     assert json.loads(out_path.read_text())["count"] == 21
     assert run.stdout.strip().splitlines()[-1] == f"per-class accuracy and confusion matrices: {out_path}"
+
+
+# ----------------------------------------------------------------------------- a run with --val-split
+@pytest.fixture(scope="module")
+def split_run(tmp_path_factory):
+    """A tinynet checkpoint trained (random weights) on a flat 3-class folder of 10 images a
+    class with --val-split 0.2: its val split is 2 images a class, 6 in all."""
+    from faultkit import random_checkpoint
+
+    root = tmp_path_factory.mktemp("splitrun")
+    data = make_folder(root / "src", train_per_class=10, val_per_class=0) / "train"
+    flat = data.rename(root / "flat")
+    ckpt = root / "run" / "last.pt"
+    ckpt.parent.mkdir()
+    random_checkpoint(ckpt, "tinynet", "vanilla", ["class0", "class1", "class2"],
+                      data_dir=str(flat), val_split=0.2, img_size=32, loader="torch", workers=0)
+    return flat, ckpt
+
+
+def _eval_count(ckpt, tmp_path, *flags) -> int:
+    out = tmp_path / f"e{len(list(tmp_path.iterdir()))}.json"
+    assert main(["eval", "--checkpoint", str(ckpt), "--output", str(out), *flags]) == 0
+    return json.loads(out.read_text())["count"]
+
+
+def test_eval_data_dir_spelled_another_way_keeps_the_val_split(split_run, tmp_path, monkeypatch):
+    """--data-dir naming the training folder (with a trailing slash, relative, through .. or a
+    symbolic link) evaluates the held-out part, never the training images."""
+    flat, ckpt = split_run
+    assert _eval_count(ckpt, tmp_path) == 6
+    (tmp_path / "link").symlink_to(flat)
+    monkeypatch.chdir(flat.parent)
+    for spelling in (f"{flat}/", "flat", "./flat/", f"{flat}/../flat", str(tmp_path / "link")):
+        assert _eval_count(ckpt, tmp_path, "--data-dir", spelling) == 6, spelling
+    other = tmp_path / "copy"
+    shutil.copytree(flat, other)
+    assert _eval_count(ckpt, tmp_path, "--data-dir", str(other)) == 30  # another folder: all of it
+
+
+def test_eval_of_a_run_stored_with_a_relative_data_dir_from_elsewhere(tmp_path, monkeypatch, capsys):
+    """The config's data_dir is relative to where train ran. From another folder, eval finds the
+    data through the checkpoint's data_root (the absolute path train stores) and keeps the split;
+    a checkpoint without it says so in one line and asks for --data-dir."""
+    from faultkit import random_checkpoint
+
+    flat = (make_folder(tmp_path / "src", train_per_class=10, val_per_class=0) / "train").rename(tmp_path / "flat")
+    (tmp_path / "run").mkdir()
+    kw = dict(data_dir="flat", val_split=0.2, img_size=32, loader="torch", workers=0)
+    random_checkpoint(tmp_path / "run" / "old.pt", "tinynet", "vanilla", ["class0", "class1", "class2"], **kw)
+    random_checkpoint(tmp_path / "run" / "new.pt", "tinynet", "vanilla", ["class0", "class1", "class2"],
+                      data_root=str(flat), **kw)
+    monkeypatch.chdir(tmp_path / "run")
+    assert main(["eval", "--checkpoint", "old.pt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: data directory not found: flat (relative to the folder train ran in), as stored by the "
+                   "run of old.pt; pass --data-dir"), err
+    out = tmp_path / "out"
+    out.mkdir()
+    assert _eval_count("new.pt", out) == 6
+    assert _eval_count("new.pt", out, "--data-dir", str(flat)) == 6
+    assert _eval_count("new.pt", out, "--data-dir", "../flat/") == 6
+    flat.rename(tmp_path / "moved")
+    assert main(["eval", "--checkpoint", "new.pt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"not found: flat (relative to the folder train ran in) or {flat}, as stored" in err
+
+
+def test_a_training_checkpoint_stores_its_data_folder_absolute(trained):
+    from automix_fast.engine.checkpoint import load_checkpoint
+
+    data, run_dir = trained
+    assert load_checkpoint(run_dir / "last.pt")["data_root"] == os.path.abspath(data)
