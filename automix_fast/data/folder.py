@@ -62,6 +62,8 @@ def _decodes(path: str) -> bool:
     try:
         with Image.open(path) as img:
             img.load()
+    except Image.DecompressionBombError:
+        return True  # too large for Pillow, not truncated: the loaders say so when they reach it
     except Exception:  # noqa: BLE001 - whatever Pillow raises, the file does not decode
         return False
     return True

@@ -10,6 +10,7 @@ and memory format).
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -33,8 +34,18 @@ def load_rgb(path: str) -> Image.Image:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # e.g. "palette images with transparency"
                 return img.convert("RGB")
+    except Image.DecompressionBombError as e:  # an Exception, not an OSError: refused before decoding
+        raise DataError(f"cannot decode image {path}: {_too_large(e)}") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for undecodable files
         raise DataError(f"cannot decode image {path}: {e}") from None
+
+
+def _too_large(error: Exception) -> str:
+    """Pillow's refusal of a decompression bomb in one line, with the limit it applied."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    size = f"{int(found.group(1))} pixels" if found else "its size"
+    return (f"too large: {size}, over the {2 * Image.MAX_IMAGE_PIXELS} pixels Pillow decodes "
+            "(twice PIL.Image.MAX_IMAGE_PIXELS)")
 
 
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
