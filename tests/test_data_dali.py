@@ -127,6 +127,25 @@ def test_real_world_files_decode_like_pil(real_world):
 
 
 @needs_dali
+def test_16_bit_grayscale_decodes_as_dali_decodes_it(tmp_path):
+    """The torch loader's decode (load_rgb) and the Pillow copy the DALI loader falls back to
+    give DALI's own 8-bit values for a 16-bit grayscale PNG."""
+    from automix_fast.data.bad_files import BadFiles
+    from automix_fast.data.transforms import load_rgb
+    from test_data_transforms import gray16
+
+    path = str(tmp_path / "g16.png")
+    gray16(path, seed=1)
+    dali, = dali_mod.decode_images([path])
+    bad = BadFiles(True, announce=False)
+    assert bad.record(path, "stand-in DALI failure", try_pillow=True) == "decoded with Pillow"
+    copy, = dali_mod.decode_images([bad.read_path(path)])
+    for name, got in (("load_rgb", np.asarray(load_rgb(path))), ("Pillow copy", copy)):
+        diff = np.abs(got.astype(np.int16) - dali.astype(np.int16))
+        assert got.shape == dali.shape and diff.max() == 0, f"{name}: mean |diff| {diff.mean():.2f}, max {diff.max()}"
+
+
+@needs_dali
 def test_val_pipeline_normalizes_like_reference(tmp_path):
     """Val output of a file already img_size x img_size is exactly its normalized pixels."""
     path = str(tmp_path / "square.png")

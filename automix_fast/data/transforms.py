@@ -25,10 +25,13 @@ EVAL_CROP_FRACTION = 0.875  # eval: resize the shorter side to size / 0.875, the
 # ----------------------------------------------------------------------------- worker side (PIL)
 
 def load_rgb(path: str) -> Image.Image:
-    """Decode any supported file to an upright RGB image (grayscale, CMYK, palette, alpha, EXIF)."""
+    """Decode any supported file to an upright RGB image (grayscale, 16-bit grayscale, CMYK,
+    palette, alpha, EXIF)."""
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF, not pixels
+            if img.mode.startswith("I"):  # 16-bit grayscale: convert() would clip at 255, not scale
+                img = Image.fromarray(_to_8bit(np.asarray(img)))
             if img.mode == "P" and "transparency" in img.info:
                 img = img.convert("RGBA")  # converting a transparent palette directly warns
             with warnings.catch_warnings():
@@ -38,6 +41,11 @@ def load_rgb(path: str) -> Image.Image:
         raise DataError(f"cannot decode image {path}: {_too_large(e)}") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for undecodable files
         raise DataError(f"cannot decode image {path}: {e}") from None
+
+
+def _to_8bit(levels: np.ndarray) -> np.ndarray:
+    """16-bit levels (0..65535) as uint8, round(v / 257): what DALI's decoder makes of them."""
+    return np.rint(np.clip(levels, 0, 65535) / 257.0).astype(np.uint8)
 
 
 def _too_large(error: Exception) -> str:
