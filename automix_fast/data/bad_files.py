@@ -21,7 +21,7 @@ the DALI loader's header screening, see jpeg_header.py), and this module decides
 
 Each file is named once on the console (rank 0), counted in metrics.jsonl (a "data" record at
 the end of each epoch that found any), and listed in `<run folder>/bad_images.txt`
-(path, what was done, why; tab-separated) so a resumed run or the next run in the same folder
+(path, what was done, why; tab-separated; the path in the file name's own bytes, UTF-8 or not) so a resumed run or the next run in the same folder
 treats it so from the start. The files `--skip-bad-images` drops before training (the cheap
 check of folder.py, which names them on the console itself) are listed and counted the same way
 as "skipped before training", at the end of the first epoch (the run folder may not exist while
@@ -41,7 +41,7 @@ import tempfile
 import weakref
 from pathlib import Path
 
-from ..atomic import write_text
+from ..atomic import write_bytes
 from ..errors import DataError
 from .jpeg_header import repaired
 from .transforms import load_rgb
@@ -143,7 +143,7 @@ class BadFiles:
         if self._copy_dir is None:
             self._copy_dir = tempfile.mkdtemp(prefix="automix-fast-decoded-")
             weakref.finalize(self, shutil.rmtree, self._copy_dir, True)
-        return os.path.join(self._copy_dir, hashlib.sha1(path.encode("utf-8")).hexdigest() + ext)
+        return os.path.join(self._copy_dir, hashlib.sha1(os.fsencode(path)).hexdigest() + ext)
 
     # -- what the loaders report
     def record(self, path: str, reason: str, try_pillow: bool, defer: bool = False) -> str:
@@ -215,7 +215,7 @@ class BadFiles:
         listed = Path(run_dir) / BAD_FILES_NAME
         if not listed.is_file():
             return
-        for line in listed.read_text(encoding="utf-8").splitlines():
+        for line in listed.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
             parts = line.split("\t")
             if len(parts) != 3:
                 continue
@@ -276,7 +276,8 @@ class BadFiles:
 
     def _write(self, path: Path) -> None:
         text = "".join(f"{p}\t{how}\t{reason}\n" for p, (how, reason) in sorted(self.entries.items()))
-        write_text(path, text, "bad-images list", durable=True)
+        # A file name's own bytes, UTF-8 or not (surrogateescape), as start_run reads them back.
+        write_bytes(path, text.encode("utf-8", "surrogateescape"), "bad-images list", durable=True)
 
     def stop_after_epoch(self, before_training: bool = False) -> None:
         """With --skip-bad-images off: a DataError naming the files left out this epoch (call it
