@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="head exported as fc: one (plain labels) or mix (AutoMix's mixed-label head) (default: one)")
     ex.add_argument("--output", default=None,
                     help="FILE.pt2 (torch.export program, needs only torch), FILE.onnx, or weights FILE.safetensors, "
-                         "FILE.pt or FILE.pth; FILE.json is written beside it "
+                         "FILE.pt or FILE.pth; its JSON (e.g. FILE.pt2.json) is written beside it "
                          "(default: <checkpoint>-<head>.safetensors beside the checkpoint)")
 
     vis = sub.add_parser("visualize", help="write a PNG of Mix Block masks from a checkpoint")

@@ -53,7 +53,7 @@ def test_export_k_and_q_load_into_a_fresh_model_with_the_same_logits(automix_che
     assert run.returncode == 0, run.stderr
     weights = read_weights(tmp_path / "k.safetensors")
     assert set(weights) == torchvision_resnet18_keys()
-    meta = json.loads((tmp_path / "k.json").read_text())
+    meta = json.loads((tmp_path / "k.safetensors.json").read_text())
     assert meta["classes"] == CLASSES and meta["image_size"] == 32 and meta["torchvision_model"] == "resnet18"
     assert meta["mean"] == pytest.approx([0.485, 0.456, 0.406]) and meta["std"] == pytest.approx([0.229, 0.224, 0.225])
     assert (meta["encoder"], meta["classifier"], meta["key_names"], meta["epoch"]) == ("k", "one", "torchvision", 7)
@@ -135,7 +135,7 @@ def test_eval_refuses_other_class_names(trained, tmp_path, capsys):
 def test_export_of_a_model_outside_the_resnet_family(trained, tmp_path, capsys):
     _, run_dir = trained
     assert main(["export", "--checkpoint", str(run_dir / "best.pt"), "--output", str(tmp_path / "t.pt")]) == 0
-    meta = json.loads((tmp_path / "t.json").read_text())
+    meta = json.loads((tmp_path / "t.pt.json").read_text())
     assert meta["key_names"] == "automix-fast" and meta["torchvision_model"] is None
     assert "fc.weight" in torch.load(tmp_path / "t.pt", weights_only=True)
     assert main(["export", "--checkpoint", str(run_dir / "best.pt"), "--head", "k"]) == 2  # vanilla: no momentum encoder
