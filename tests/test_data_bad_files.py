@@ -483,3 +483,19 @@ def test_torch_image_over_pillows_pixel_limit_is_a_bad_file(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert err.count(big) == err.count(big_val) == 1 and err.count("over the 800 pixels Pillow decodes") == 2
     assert "Traceback" not in err
+
+
+@needs_dali
+def test_dali_eval_loader_screens_jpeg_headers_as_training_does(tmp_path):
+    """eval and visualize build the DALI val loader alone (evalset.build_eval_loader): a JPEG
+    whose header DALI's parser rejects is read from a repaired copy and never reaches a
+    pipeline (no pipeline failure to recover from), and every image is evaluated."""
+    from automix_fast.data.evalset import build_eval_loader, resolve_eval_data
+
+    paths = _files(tmp_path / "val" / "a", 5) + _files(tmp_path / "val" / "b", 5, seed=10)
+    odd = paths[7]
+    write(odd, ODD_EDITS[next(iter(ODD_EDITS))](open(odd, "rb").read()))
+    info = resolve_eval_data(str(tmp_path))
+    loader = build_eval_loader(_spec(dataset="folder", data_dir=str(tmp_path), loader="dali"), info)
+    assert sorted(y for _, ys in loader for y in ys.tolist()) == [0] * 5 + [1] * 5
+    assert loader.bad_files.entries[odd][0] == REPAIRED and loader.bad_files.recoveries == 0
