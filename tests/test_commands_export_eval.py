@@ -294,3 +294,36 @@ def test_a_training_checkpoint_stores_its_data_folder_absolute(trained):
 
     data, run_dir = trained
     assert load_checkpoint(run_dir / "last.pt")["data_root"] == os.path.abspath(data)
+
+
+# ----------------------------------------------------------------------------- files no decoder reads
+@pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=pytest.mark.skipif(
+    not __import__("automix_fast.data.dali", fromlist=["x"]).dali_available(), reason="NVIDIA DALI is not installed"))])
+def test_eval_scores_the_rest_and_says_how_many_were_left_out(tmp_path, loader, capsys):
+    """A val image that passes the pre-check but that no decoder reads: eval names it once as
+    left out of the evaluation (nothing stops), scores the others, and counts it in the result
+    line and the JSON. A JPEG whose header DALI's parser rejects is read from a repaired copy,
+    never by the pipeline (no pipeline recovery)."""
+    from PIL import Image
+
+    from faultkit import random_checkpoint
+    from oddkit import ODD_EDITS, UNREADABLE_EDITS, write
+
+    data = make_folder(tmp_path / "data", train_per_class=2, val_per_class=4)
+    jpegs = []
+    for c in ("class0", "class1"):
+        Image.open(data / "val" / c / "000.png").save(data / "val" / c / "x.jpg", quality=90)
+        jpegs.append(str(data / "val" / c / "x.jpg"))
+    broken, odd = jpegs
+    write(broken, UNREADABLE_EDITS["undefined_huffman"](open(broken, "rb").read()))
+    write(odd, ODD_EDITS[next(iter(ODD_EDITS))](open(odd, "rb").read()))
+    random_checkpoint(tmp_path / "last.pt", "tinynet", "vanilla", ["class0", "class1", "class2"], data_dir=str(data),
+                      img_size=32, loader=loader, workers=1)
+    assert main(["eval", "--checkpoint", str(tmp_path / "last.pt"), "--output", str(tmp_path / "e.json")]) == 0
+    out, err = capsys.readouterr()
+    assert f"13 images in {data / 'val'} (1 left out: no decoder reads them)" in out
+    assert err.count(broken) == 1 and "left out of the evaluation" in err and "run stops" not in err, err
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert (result["count"], result["left_out"], result["left_out_files"]) == (13, 1, [broken])
+    if loader == "dali":
+        assert err.count(odd) == 1 and "header repaired" in err and "decoded with Pillow" not in err, err

@@ -17,7 +17,8 @@ the DALI loader's header screening, see jpeg_header.py), and this module decides
   number of batches and the DDP step count are unchanged; a training batch left with no readable
   file at all takes the first readable files of the epoch instead, the only case where an image
   repeats). With --skip-bad-images off the run still finishes the epoch, writes its checkpoint,
-  then stops with one line naming the files (`stop_after_epoch`).
+  then stops with one line naming the files (`stop_after_epoch`). eval and visualize
+  (`evaluating`) only leave it out of the evaluation and score the rest.
 
 Each file is named once on the console (rank 0), counted in metrics.jsonl (a "data" record at
 the end of each epoch that found any), and listed in `<run folder>/bad_images.txt`
@@ -67,9 +68,10 @@ def decode_reason(message: str, path: str) -> str:
 class BadFiles:
     """The run's list of files that failed to decode mid-run, shared by the train and val loaders."""
 
-    def __init__(self, skip: bool = False, announce: bool = True):
+    def __init__(self, skip: bool = False, announce: bool = True, evaluating: bool = False):
         self.skip = skip
         self.announce = announce  # False on ranks other than 0: only rank 0 prints
+        self.evaluating = evaluating  # eval/visualize: a left-out file is only not scored, nothing stops
         self.entries: dict[str, tuple[str, str]] = {}  # path -> (REPAIRED | PILLOW | LEFT_OUT, reason)
         self.left_out: set[str] = set()
         self._copies: dict[str, str] = {}  # path -> the copy DALI reads instead (repaired JPEG or Pillow PNG)
@@ -190,6 +192,8 @@ class BadFiles:
             line = f"warning: DALI cannot decode {path} ({reason}); decoded with Pillow instead"
         elif how == SKIPPED:
             line = f"warning: skipped {path} before training ({reason})"
+        elif self.evaluating:
+            line = f"warning: cannot decode {path} ({reason}); left out of the evaluation"
         elif self.skip:
             line = f"warning: cannot decode {path} ({reason}); left out of this run"
         else:

@@ -66,7 +66,7 @@ def build_eval_loader(spec, info: DatasetInfo):
     validate_spec(spec)
     aug = resolve_aug(spec)
     if info.bad_files is None:
-        info.bad_files = BadFiles(skip=spec.skip_bad_images, announce=spec.rank == 0)
+        info.bad_files = BadFiles(skip=spec.skip_bad_images, announce=spec.rank == 0, evaluating=True)
     if spec.loader == "dali" and info.val_samples is not None:
         require_dali()
         screen_jpeg_headers([p for p, _ in info.val_samples], info.bad_files, threads=max(4, int(spec.workers)))
