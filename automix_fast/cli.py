@@ -104,6 +104,9 @@ def _add_eval_data_flags(p: argparse.ArgumentParser) -> None:
                    default=argparse.SUPPRESS, help="Mix Block ops (default: as trained)")
     p.add_argument("--loader", choices=CHOICES["loader"], default=argparse.SUPPRESS, help="data loader (default: as trained)")
     p.add_argument("-j", "--workers", type=int, default=argparse.SUPPRESS, help="loader workers (default: as trained)")
+    p.add_argument("--skip-bad-images", dest="skip_bad_images", action=argparse.BooleanOptionalAction,
+                   default=argparse.SUPPRESS,
+                   help="leave out the image files the pre-check finds damaged instead of refusing (default: as trained)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -327,3 +327,17 @@ def test_eval_scores_the_rest_and_says_how_many_were_left_out(tmp_path, loader, 
     assert (result["count"], result["left_out"], result["left_out_files"]) == (13, 1, [broken])
     if loader == "dali":
         assert err.count(odd) == 1 and "header repaired" in err and "decoded with Pillow" not in err, err
+
+
+def test_eval_takes_the_skip_bad_images_its_refusal_asks_for(trained, tmp_path, capsys):
+    data, run_dir = trained
+    shutil.copytree(data / "val", tmp_path / "v")
+    bad = tmp_path / "v" / "class1" / "cut.png"
+    bad.write_bytes((tmp_path / "v" / "class1" / "000.png").read_bytes()[:100])
+    argv = ["eval", "--checkpoint", str(run_dir / "last.pt"), "--data-dir", str(tmp_path / "v"),
+            "--output", str(tmp_path / "e.json")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(bad) in err and "pass --skip-bad-images" in err, err
+    assert main(argv + ["--skip-bad-images"]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["count"] == 21

@@ -16,7 +16,8 @@ from automix_fast.engine.policy import create_policy_model, resolve_amp, resolve
 from automix_fast.errors import CheckpointError, DataError
 
 # Fields of the stored config that eval/visualize flags may replace.
-EVAL_OVERRIDES = ("data_dir", "device", "kernel_backend", "loader", "workers", "validation_batch_size")
+EVAL_OVERRIDES = ("data_dir", "device", "kernel_backend", "loader", "workers", "validation_batch_size",
+                  "skip_bad_images")
 
 
 @dataclass
