@@ -137,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     vis = sub.add_parser("visualize", help="write a PNG of Mix Block masks from a checkpoint")
     _add_eval_data_flags(vis)
-    vis.add_argument("--output", dest="png", default=None, help="PNG path (default: mixes.png beside the checkpoint)")
+    vis.add_argument("--output", dest="png", default=None,
+                     help="PNG path, ending in .png (default: mixes.png beside the checkpoint, or mixes-1.png, "
+                          "mixes-2.png ... once it exists: an earlier picture is never replaced)")
     vis.add_argument("--num", type=int, default=8, help="pairs to show (default: 8)")
     sub.add_parser("models", help="list the models")
     return parser
