@@ -104,6 +104,9 @@ def _add_eval_data_flags(p: argparse.ArgumentParser) -> None:
                    default=argparse.SUPPRESS, help="Mix Block ops (default: as trained)")
     p.add_argument("--loader", choices=CHOICES["loader"], default=argparse.SUPPRESS, help="data loader (default: as trained)")
     p.add_argument("-j", "--workers", type=int, default=argparse.SUPPRESS, help="loader workers (default: as trained)")
+    p.add_argument("--skip-bad-images", dest="skip_bad_images", action=argparse.BooleanOptionalAction,
+                   default=argparse.SUPPRESS,
+                   help="leave out the image files the pre-check finds damaged instead of refusing (default: as trained)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,12 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="head exported as fc: one (plain labels) or mix (AutoMix's mixed-label head) (default: one)")
     ex.add_argument("--output", default=None,
                     help="FILE.pt2 (torch.export program, needs only torch), FILE.onnx, or weights FILE.safetensors, "
-                         "FILE.pt or FILE.pth; FILE.json is written beside it "
+                         "FILE.pt or FILE.pth; its JSON (e.g. FILE.pt2.json) is written beside it "
                          "(default: <checkpoint>-<head>.safetensors beside the checkpoint)")
 
     vis = sub.add_parser("visualize", help="write a PNG of Mix Block masks from a checkpoint")
     _add_eval_data_flags(vis)
-    vis.add_argument("--output", dest="png", default=None, help="PNG path (default: mixes.png beside the checkpoint)")
+    vis.add_argument("--output", dest="png", default=None,
+                     help="PNG path, ending in .png (default: mixes.png beside the checkpoint, or mixes-1.png, "
+                          "mixes-2.png ... once it exists: an earlier picture is never replaced)")
     vis.add_argument("--num", type=int, default=8, help="pairs to show (default: 8)")
     sub.add_parser("models", help="list the models")
     return parser

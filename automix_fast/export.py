@@ -4,7 +4,9 @@
     FILE.pt2                        the whole model as a torch.export ExportedProgram: loads with
                                     torch.export.load(FILE).module() and nothing but torch
     FILE.onnx                       the whole model as ONNX (writing it needs onnx and onnxscript)
-    FILE.json                       model, classes, image size, normalisation, key naming
+    FILE.<suffix>.json              beside each of them: model, classes, image size,
+                                    normalisation, key naming (one per file, so exports that
+                                    share a stem, t1.pt2 and t1.safetensors, keep their own)
 
 The programs (.pt2, .onnx) take a (batch, 3, image_size, image_size) float32 input, any batch
 size, and return the logits. In the weight files of the ResNet family (resnet18/34/50/101,
@@ -86,7 +88,9 @@ def export_state(mixer_state: dict, arch: str, encoder: str = "q", head: str = "
 
 
 def metadata_path(output: str | Path) -> Path:
-    return Path(output).with_suffix(".json")
+    """The JSON beside export `output`: its whole name plus .json (model.pt2 -> model.pt2.json)."""
+    output = Path(output)
+    return output.with_name(output.name + ".json")
 
 
 def check_output(output: str | Path) -> Path:
@@ -140,8 +144,8 @@ def serialize(output: str | Path, state: dict[str, torch.Tensor], meta: dict, mo
 
 
 def write_export(state: dict[str, torch.Tensor], meta: dict, output: str | Path, model=None) -> tuple[Path, Path]:
-    """Write `output` in the format of its suffix (see `serialize`) and FILE.json beside it,
-    each atomically; returns both paths."""
+    """Write `output` in the format of its suffix (see `serialize`) and its JSON beside it
+    (`metadata_path`), each atomically; returns both paths."""
     output = check_output(output)
     meta = {**meta, "file_format": file_format(output)}
     if meta["file_format"] in PROGRAM_FORMATS:
@@ -164,7 +168,11 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_export(path: str | Path):
     """Our Classifier (eval mode, CPU) holding an export's weights, built from its JSON."""
-    meta = json.loads(metadata_path(path).read_text())
+    try:
+        meta = json.loads(metadata_path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{metadata_path(path)} not found: load_export reads the JSON automix-fast export "
+                        f"writes beside {Path(path).name}") from None
     model = create_model(meta["model"], num_classes=meta["num_classes"])
     tv = meta["key_names"] == "torchvision"
     model.load_state_dict({from_export_keys(k, tv): v for k, v in read_weights(path).items()})

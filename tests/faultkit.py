@@ -163,14 +163,16 @@ def read_only(monkeypatch, folder: Path) -> None:
     monkeypatch.setattr(os, "access", access)
 
 
-def random_checkpoint(path: Path, arch: str, mix: str, classes: list[str], seed: int = 0, epoch: int = 1):
+def random_checkpoint(path: Path, arch: str, mix: str, classes: list[str], seed: int = 0, epoch: int = 1,
+                      data_root: str | None = None, **config):
     """A training checkpoint of `arch` and `mix` at `path` with random weights and BatchNorm
-    statistics (so that encoders and heads differ); returns the policy in eval mode."""
+    statistics (so that encoders and heads differ), its config given `config` besides (e.g.
+    data_dir, val_split) and `data_root` as train stores it; returns the policy in eval mode."""
     from automix_fast.config import build_config
     from automix_fast.engine.checkpoint import FORMAT, save_checkpoint
     from automix_fast.engine.policy import create_policy_model, wrap_policy
 
-    cfg = build_config({"model": arch, "mix": mix, "device": "cpu", "kernel_backend": "torch"})
+    cfg = build_config({"model": arch, "mix": mix, "device": "cpu", "kernel_backend": "torch", **config})
     torch.manual_seed(seed)
     mixer = wrap_policy(cfg, create_policy_model(cfg, len(classes)))
     with torch.no_grad():
@@ -178,5 +180,6 @@ def random_checkpoint(path: Path, arch: str, mix: str, classes: list[str], seed:
             if t.is_floating_point():
                 t.copy_(torch.rand_like(t) + 0.5 if "running_var" in name else 0.2 * torch.randn_like(t))
     save_checkpoint(path, {"format": FORMAT, "config": cfg.to_flat(), "model_name": arch,
-                           "num_classes": len(classes), "classes": classes, "mixer": mixer.state_dict(), "epoch": epoch})
+                           "num_classes": len(classes), "classes": classes, "mixer": mixer.state_dict(), "epoch": epoch,
+                           **({"data_root": data_root} if data_root else {})})
     return mixer.eval()

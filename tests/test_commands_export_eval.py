@@ -53,7 +53,7 @@ def test_export_k_and_q_load_into_a_fresh_model_with_the_same_logits(automix_che
     assert run.returncode == 0, run.stderr
     weights = read_weights(tmp_path / "k.safetensors")
     assert set(weights) == torchvision_resnet18_keys()
-    meta = json.loads((tmp_path / "k.json").read_text())
+    meta = json.loads((tmp_path / "k.safetensors.json").read_text())
     assert meta["classes"] == CLASSES and meta["image_size"] == 32 and meta["torchvision_model"] == "resnet18"
     assert meta["mean"] == pytest.approx([0.485, 0.456, 0.406]) and meta["std"] == pytest.approx([0.229, 0.224, 0.225])
     assert (meta["encoder"], meta["classifier"], meta["key_names"], meta["epoch"]) == ("k", "one", "torchvision", 7)
@@ -135,7 +135,7 @@ def test_eval_refuses_other_class_names(trained, tmp_path, capsys):
 def test_export_of_a_model_outside_the_resnet_family(trained, tmp_path, capsys):
     _, run_dir = trained
     assert main(["export", "--checkpoint", str(run_dir / "best.pt"), "--output", str(tmp_path / "t.pt")]) == 0
-    meta = json.loads((tmp_path / "t.json").read_text())
+    meta = json.loads((tmp_path / "t.pt.json").read_text())
     assert meta["key_names"] == "automix-fast" and meta["torchvision_model"] is None
     assert "fc.weight" in torch.load(tmp_path / "t.pt", weights_only=True)
     assert main(["export", "--checkpoint", str(run_dir / "best.pt"), "--head", "k"]) == 2  # vanilla: no momentum encoder
@@ -222,3 +222,122 @@ def test_eval_creates_a_missing_output_folder(trained, tmp_path):
     assert run.returncode == 0, run.stderr
     assert json.loads(out_path.read_text())["count"] == 21
     assert run.stdout.strip().splitlines()[-1] == f"per-class accuracy and confusion matrices: {out_path}"
+
+
+# ----------------------------------------------------------------------------- a run with --val-split
+@pytest.fixture(scope="module")
+def split_run(tmp_path_factory):
+    """A tinynet checkpoint trained (random weights) on a flat 3-class folder of 10 images a
+    class with --val-split 0.2: its val split is 2 images a class, 6 in all."""
+    from faultkit import random_checkpoint
+
+    root = tmp_path_factory.mktemp("splitrun")
+    data = make_folder(root / "src", train_per_class=10, val_per_class=0) / "train"
+    flat = data.rename(root / "flat")
+    ckpt = root / "run" / "last.pt"
+    ckpt.parent.mkdir()
+    random_checkpoint(ckpt, "tinynet", "vanilla", ["class0", "class1", "class2"],
+                      data_dir=str(flat), val_split=0.2, img_size=32, loader="torch", workers=0)
+    return flat, ckpt
+
+
+def _eval_count(ckpt, tmp_path, *flags) -> int:
+    out = tmp_path / f"e{len(list(tmp_path.iterdir()))}.json"
+    assert main(["eval", "--checkpoint", str(ckpt), "--output", str(out), *flags]) == 0
+    return json.loads(out.read_text())["count"]
+
+
+def test_eval_data_dir_spelled_another_way_keeps_the_val_split(split_run, tmp_path, monkeypatch):
+    """--data-dir naming the training folder (with a trailing slash, relative, through .. or a
+    symbolic link) evaluates the held-out part, never the training images."""
+    flat, ckpt = split_run
+    assert _eval_count(ckpt, tmp_path) == 6
+    (tmp_path / "link").symlink_to(flat)
+    monkeypatch.chdir(flat.parent)
+    for spelling in (f"{flat}/", "flat", "./flat/", f"{flat}/../flat", str(tmp_path / "link")):
+        assert _eval_count(ckpt, tmp_path, "--data-dir", spelling) == 6, spelling
+    other = tmp_path / "copy"
+    shutil.copytree(flat, other)
+    assert _eval_count(ckpt, tmp_path, "--data-dir", str(other)) == 30  # another folder: all of it
+
+
+def test_eval_of_a_run_stored_with_a_relative_data_dir_from_elsewhere(tmp_path, monkeypatch, capsys):
+    """The config's data_dir is relative to where train ran. From another folder, eval finds the
+    data through the checkpoint's data_root (the absolute path train stores) and keeps the split;
+    a checkpoint without it says so in one line and asks for --data-dir."""
+    from faultkit import random_checkpoint
+
+    flat = (make_folder(tmp_path / "src", train_per_class=10, val_per_class=0) / "train").rename(tmp_path / "flat")
+    (tmp_path / "run").mkdir()
+    kw = dict(data_dir="flat", val_split=0.2, img_size=32, loader="torch", workers=0)
+    random_checkpoint(tmp_path / "run" / "old.pt", "tinynet", "vanilla", ["class0", "class1", "class2"], **kw)
+    random_checkpoint(tmp_path / "run" / "new.pt", "tinynet", "vanilla", ["class0", "class1", "class2"],
+                      data_root=str(flat), **kw)
+    monkeypatch.chdir(tmp_path / "run")
+    assert main(["eval", "--checkpoint", "old.pt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: data directory not found: flat (relative to the folder train ran in), as stored by the "
+                   "run of old.pt; pass --data-dir"), err
+    out = tmp_path / "out"
+    out.mkdir()
+    assert _eval_count("new.pt", out) == 6
+    assert _eval_count("new.pt", out, "--data-dir", str(flat)) == 6
+    assert _eval_count("new.pt", out, "--data-dir", "../flat/") == 6
+    flat.rename(tmp_path / "moved")
+    assert main(["eval", "--checkpoint", "new.pt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"not found: flat (relative to the folder train ran in) or {flat}, as stored" in err
+
+
+def test_a_training_checkpoint_stores_its_data_folder_absolute(trained):
+    from automix_fast.engine.checkpoint import load_checkpoint
+
+    data, run_dir = trained
+    assert load_checkpoint(run_dir / "last.pt")["data_root"] == os.path.abspath(data)
+
+
+# ----------------------------------------------------------------------------- files no decoder reads
+@pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=pytest.mark.skipif(
+    not __import__("automix_fast.data.dali", fromlist=["x"]).dali_available(), reason="NVIDIA DALI is not installed"))])
+def test_eval_scores_the_rest_and_says_how_many_were_left_out(tmp_path, loader, capsys):
+    """A val image that passes the pre-check but that no decoder reads: eval names it once as
+    left out of the evaluation (nothing stops), scores the others, and counts it in the result
+    line and the JSON. A JPEG whose header DALI's parser rejects is read from a repaired copy,
+    never by the pipeline (no pipeline recovery)."""
+    from PIL import Image
+
+    from faultkit import random_checkpoint
+    from oddkit import ODD_EDITS, UNREADABLE_EDITS, write
+
+    data = make_folder(tmp_path / "data", train_per_class=2, val_per_class=4)
+    jpegs = []
+    for c in ("class0", "class1"):
+        Image.open(data / "val" / c / "000.png").save(data / "val" / c / "x.jpg", quality=90)
+        jpegs.append(str(data / "val" / c / "x.jpg"))
+    broken, odd = jpegs
+    write(broken, UNREADABLE_EDITS["undefined_huffman"](open(broken, "rb").read()))
+    write(odd, ODD_EDITS[next(iter(ODD_EDITS))](open(odd, "rb").read()))
+    random_checkpoint(tmp_path / "last.pt", "tinynet", "vanilla", ["class0", "class1", "class2"], data_dir=str(data),
+                      img_size=32, loader=loader, workers=1)
+    assert main(["eval", "--checkpoint", str(tmp_path / "last.pt"), "--output", str(tmp_path / "e.json")]) == 0
+    out, err = capsys.readouterr()
+    assert f"13 images in {data / 'val'} (1 left out: no decoder reads them)" in out
+    assert err.count(broken) == 1 and "left out of the evaluation" in err and "run stops" not in err, err
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert (result["count"], result["left_out"], result["left_out_files"]) == (13, 1, [broken])
+    if loader == "dali":
+        assert err.count(odd) == 1 and "header repaired" in err and "decoded with Pillow" not in err, err
+
+
+def test_eval_takes_the_skip_bad_images_its_refusal_asks_for(trained, tmp_path, capsys):
+    data, run_dir = trained
+    shutil.copytree(data / "val", tmp_path / "v")
+    bad = tmp_path / "v" / "class1" / "cut.png"
+    bad.write_bytes((tmp_path / "v" / "class1" / "000.png").read_bytes()[:100])
+    argv = ["eval", "--checkpoint", str(run_dir / "last.pt"), "--data-dir", str(tmp_path / "v"),
+            "--output", str(tmp_path / "e.json")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(bad) in err and "pass --skip-bad-images" in err, err
+    assert main(argv + ["--skip-bad-images"]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["count"] == 21

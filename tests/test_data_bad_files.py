@@ -449,3 +449,53 @@ def test_torch_worker_processes_report_a_file_deleted_mid_run(tmp_path):
     os.remove(paths[6])  # the persistent worker finds it gone next epoch
     assert sorted(i for b in _epoch(val) for i in b) == [0, 1, 2, 3, 4, 5, 7, 8, 9]
     assert bad.left_out == {paths[6]} and "No such file" in bad.entries[paths[6]][1]
+
+
+def test_torch_image_over_pillows_pixel_limit_is_a_bad_file(tmp_path, monkeypatch, capsys):
+    """Pillow refuses an image over twice Image.MAX_IMAGE_PIXELS (DecompressionBombError, not an
+    OSError): the torch loader leaves it out with one line naming the limit, as any file it
+    cannot decode; the resident-or-streaming probe passes over it."""
+    from PIL import Image
+
+    from automix_fast.data.torch_loader import _probe_small
+    from automix_fast.data.transforms import load_rgb
+    from datakit import make_folder
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # refused above 800 pixels; the others have 256
+    root = tmp_path / "data"
+    make_folder(root, per_class=4, size=(16, 16))
+    big, big_val = str(root / "train" / "cat" / "big.jpg"), str(root / "val" / "dog" / "big.jpg")
+    for path in (big, big_val):
+        Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(path)
+    with pytest.raises(DataError) as e:
+        load_rgb(big)
+    assert str(e.value) == (f"cannot decode image {big}: too large: 1200 pixels, over the 800 pixels Pillow decodes "
+                            "(twice PIL.Image.MAX_IMAGE_PIXELS)")
+    assert _probe_small([(big, 0)]) is False
+    from automix_fast.data.folder import image_problem
+
+    write(str(tmp_path / "big_crlf.jpg"), open(big, "rb").read() + b"\r\n")
+    assert image_problem(str(tmp_path / "big_crlf.jpg")) is None  # too large is not truncated
+    train, val, info = build_loaders(_spec(dataset="folder", data_dir=str(root), loader="torch"))
+    train_batches = [y for _, y in train]
+    assert sum(len(y) for y in train_batches) >= 7 and sum(len(y) for _, y in val) == 8
+    assert info.bad_files.left_out == {big, big_val}
+    err = capsys.readouterr().err
+    assert err.count(big) == err.count(big_val) == 1 and err.count("over the 800 pixels Pillow decodes") == 2
+    assert "Traceback" not in err
+
+
+@needs_dali
+def test_dali_eval_loader_screens_jpeg_headers_as_training_does(tmp_path):
+    """eval and visualize build the DALI val loader alone (evalset.build_eval_loader): a JPEG
+    whose header DALI's parser rejects is read from a repaired copy and never reaches a
+    pipeline (no pipeline failure to recover from), and every image is evaluated."""
+    from automix_fast.data.evalset import build_eval_loader, resolve_eval_data
+
+    paths = _files(tmp_path / "val" / "a", 5) + _files(tmp_path / "val" / "b", 5, seed=10)
+    odd = paths[7]
+    write(odd, ODD_EDITS[next(iter(ODD_EDITS))](open(odd, "rb").read()))
+    info = resolve_eval_data(str(tmp_path))
+    loader = build_eval_loader(_spec(dataset="folder", data_dir=str(tmp_path), loader="dali"), info)
+    assert sorted(y for _, ys in loader for y in ys.tolist()) == [0] * 5 + [1] * 5
+    assert loader.bad_files.entries[odd][0] == REPAIRED and loader.bad_files.recoveries == 0

@@ -7,7 +7,7 @@ import pytest
 
 from automix_fast.config import build_config
 from automix_fast.data import DataSpec, DatasetInfo, build_loaders
-from automix_fast.data.subset import apply_train_subset, class_balanced_subset
+from automix_fast.data.subset import apply_train_subset, class_balanced_subset, class_balanced_val_split
 from automix_fast.errors import ConfigError
 
 
@@ -65,3 +65,14 @@ def test_loaders_train_on_the_subset_on_every_rank(tiny_data, loader):
         assert len(train) == 30 // 2 // 2  # each rank's share of the subset
         seen.append([p for p, _ in info.train_samples])
     assert seen[0] == seen[1]  # the same subset on every rank, whatever --seed
+
+
+def test_val_split_holds_out_at_least_one_image_of_a_class_but_never_its_last():
+    """Classes of 1, 2, 3 and 30 images at --val-split 0.1: 0, 1, 1 and 3 held out (the class of
+    one image keeps it for training); the same labels always split the same way."""
+    labels = np.repeat(np.arange(4), [1, 2, 3, 30])
+    train, val = class_balanced_val_split(labels, 0.1)
+    assert np.bincount(labels[val], minlength=4).tolist() == [0, 1, 1, 3]
+    assert np.bincount(labels[train], minlength=4).tolist() == [1, 1, 2, 27]
+    again = class_balanced_val_split(labels, 0.1)
+    assert np.array_equal(again[0], train) and np.array_equal(again[1], val)

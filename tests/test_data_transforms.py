@@ -37,3 +37,22 @@ def test_resize_center_crop_shapes():
     img = Image.fromarray(rgb(50, 100, 0))
     assert resize_center_crop(img, 32).shape == (32, 32, 3)
     assert resize_center_crop(img, 32, resize_to=36).shape == (32, 32, 3)
+
+
+def gray16(path, seed: int = 0) -> np.ndarray:
+    """A 16-bit grayscale PNG of random levels over the whole range (opens as mode I;16); returns them."""
+    levels = np.random.default_rng(seed).integers(0, 65536, (20, 24), dtype=np.uint16)
+    levels[0, :6] = [0, 128, 129, 385, 65406, 65535]  # either side of the rounding points
+    Image.fromarray(levels).save(path)
+    with Image.open(path) as img:
+        assert img.mode == "I;16"
+    return levels
+
+
+def test_load_rgb_scales_16_bit_grayscale_to_8_bits(tmp_path):
+    """Scaled as round(v / 257), not clipped at 255 (which made such images almost white)."""
+    levels = gray16(tmp_path / "g16.png")
+    img = np.asarray(load_rgb(str(tmp_path / "g16.png")))
+    assert img.shape == (20, 24, 3) and (img == img[..., :1]).all()
+    np.testing.assert_array_equal(img[..., 0], np.rint(levels / 257.0).astype(np.uint8))
+    assert img[0, :6, 0].tolist() == [0, 0, 1, 1, 254, 255]

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from automix_fast.cli import main
+from automix_fast.errors import UserError
 from faultkit import ENV, random_checkpoint
 
 CLASSES = ["cat", "dog", "emu"]
@@ -55,7 +56,7 @@ def test_pt2_runs_with_torch_alone_and_gives_the_same_logits(arch, tmp_path, cap
     out = tmp_path / "out" / "model.pt2"
     assert main(["export", "--checkpoint", str(ckpt), "--output", str(out)]) == 0
     assert "torch.export program, input (batch, 3, 32, 32)" in capsys.readouterr().out
-    meta = json.loads((tmp_path / "out" / "model.json").read_text())
+    meta = json.loads((tmp_path / "out" / "model.pt2.json").read_text())
     assert (meta["file_format"], meta["model"], meta["classes"], meta["image_size"]) == ("torch.export", arch, CLASSES, 32)
 
     torch.manual_seed(2)
@@ -92,7 +93,7 @@ def test_onnx_export_gives_the_same_logits(tmp_path, capsys):
     ckpt, model = make_checkpoint(tmp_path, "tinynet")
     out = tmp_path / "m.onnx"
     assert main(["export", "--checkpoint", str(ckpt), "--output", str(out)]) == 0
-    assert json.loads((tmp_path / "m.json").read_text())["file_format"] == "onnx"
+    assert json.loads((tmp_path / "m.onnx.json").read_text())["file_format"] == "onnx"
     onnx.checker.check_model(onnx.load(str(out)))
     ort = pytest.importorskip("onnxruntime")
     onnx_model = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -101,3 +102,25 @@ def test_onnx_export_gives_the_same_logits(tmp_path, capsys):
         (got,) = onnx_model.run(None, {onnx_model.get_inputs()[0].name: x.numpy()})
         with torch.no_grad():
             torch.testing.assert_close(torch.from_numpy(got), model(x, head="one"), rtol=1e-4, atol=1e-4)
+
+
+def test_exports_sharing_a_stem_keep_a_json_each(tmp_path, capsys):
+    """t1.pt2, t1.safetensors and t1.pt side by side: each has its own JSON, saying its own
+    format, and load_export reads the one of the file it is given."""
+    from automix_fast.export import load_export
+
+    ckpt, model = make_checkpoint(tmp_path, "tinynet")
+    formats = {"t1.pt2": "torch.export", "t1.safetensors": "safetensors", "t1.pt": "torch.save"}
+    for name in formats:
+        assert main(["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / name)]) == 0
+        assert f"{tmp_path / name}.json: classes" in capsys.readouterr().out
+    for name, fmt in formats.items():
+        meta = json.loads((tmp_path / f"{name}.json").read_text())
+        assert meta["file_format"] == fmt and meta["key_names"] == (None if fmt == "torch.export" else "automix-fast")
+    assert not (tmp_path / "t1.json").exists()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_export(tmp_path / "t1.pt")(x), model(x, head="one"))
+    (tmp_path / "t1.pt.json").unlink()
+    with pytest.raises(UserError, match=r"t1\.pt\.json not found"):
+        load_export(tmp_path / "t1.pt")

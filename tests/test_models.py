@@ -119,10 +119,22 @@ def test_model_summary_is_one_line():
         ("resnet101", 1000, 44_549_160),
         ("resnext50_32x4d", 1000, 25_028_904),
         ("wrn28_8_cifar", 10, 23_354_842),  # pre-act WRN-28-8, reference layout
+        ("wrn28_8", 10, 23_354_842 + 16 * 3 * (7 * 7 - 3 * 3)),  # the same with a 7x7 stem conv, no stem BN
     ],
 )
 def test_parameter_counts(name, classes, count):
     assert meta_params(name, classes) == count
+
+
+@pytest.mark.parametrize("name, stem", [("wrn28_8", [nn.Conv2d, nn.MaxPool2d]), ("wrn28_8_cifar", [nn.Conv2d]),
+                                        ("resnet18", [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d]),
+                                        ("resnet18_cifar", [nn.Conv2d, nn.BatchNorm2d, nn.ReLU])])
+def test_a_pre_activation_net_normalizes_its_stem_output_once(name, stem):
+    """The pre-activation WRN's first block starts with BN + ReLU, so its stem (either kind) has
+    none; the post-activation ResNets normalize in the stem."""
+    model = built(name)
+    assert [type(m) for m in model.stem] == stem
+    assert isinstance(model.stages[0][0], PreActBlock) == name.startswith("wrn")  # starts with bn1 + ReLU
 
 
 def test_mix_head_adds_one_linear():

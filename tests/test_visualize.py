@@ -104,3 +104,19 @@ def test_an_unwritable_output_is_one_line_before_the_work(checkpoint, tmp_path, 
         out, err = capsys.readouterr()
         assert out == "" and err.count("\n") == 1 and f"error: cannot write mask picture {png}: " in err and reason in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "ro"] and not list((tmp_path / "ro").iterdir())
+
+
+def test_an_output_that_is_not_png_is_one_line_before_the_work(checkpoint, tmp_path, capsys):
+    for name in ("m.jpg", "m.PNG.txt", "m"):
+        assert main(["visualize", "--checkpoint", str(checkpoint), "--output", str(tmp_path / name)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err == f"error: --output must end in .png (the picture is a PNG), got {name}\n"
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_help_names_the_default_pictures(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        main(["visualize", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "mixes.png beside the checkpoint, or mixes-1.png, mixes-2.png ... once it exists" in text

@@ -2,6 +2,7 @@
 rebuilt from it without touching any data, and the evaluation data with its class check."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from automix_fast.engine.policy import create_policy_model, resolve_amp, resolve
 from automix_fast.errors import CheckpointError, DataError
 
 # Fields of the stored config that eval/visualize flags may replace.
-EVAL_OVERRIDES = ("data_dir", "device", "kernel_backend", "loader", "workers", "validation_batch_size")
+EVAL_OVERRIDES = ("data_dir", "device", "kernel_backend", "loader", "workers", "validation_batch_size",
+                  "skip_bad_images")
 
 
 @dataclass
@@ -52,7 +54,17 @@ def load_trained(path: str, overrides: dict | None = None) -> Trained:
     state = read_training_checkpoint(path)
     stored = dict(state["config"])
     stored.update(overrides or {})
-    if stored.get("data_dir") != state["config"].get("data_dir"):
+    trained_on = _training_folders(state)
+    if "data_dir" not in (overrides or {}) and trained_on:
+        found = [d for d in trained_on if os.path.isdir(d)]
+        if not found:
+            given = stored["data_dir"]
+            where = given if os.path.isabs(given) else f"{given} (relative to the folder train ran in)"
+            if trained_on[0] != given:
+                where += f" or {trained_on[0]}"
+            raise DataError(f"data directory not found: {where}, as stored by the run of {path}; pass --data-dir")
+        stored["data_dir"] = found[0]
+    if not any(same_folder(stored.get("data_dir"), d) for d in trained_on or [None]):
         stored["val_split"] = None  # another folder: evaluated as it is, not split as the training folder was
     stored.update(resume=None, experiment=None, torchcompile=False)
     cfg = build_config(stored)
@@ -67,6 +79,24 @@ def load_trained(path: str, overrides: dict | None = None) -> Trained:
     channels_last = cfg.run.channels_last if cfg.run.channels_last is not None else device.type == "cuda"
     mixer = mixer.to(device, memory_format=torch.channels_last) if channels_last else mixer.to(device)
     return Trained(Path(path), state, cfg, mixer.eval(), device, resolve_amp(cfg.run, device), channels_last)
+
+
+def _training_folders(state: dict) -> list[str]:
+    """Where a run's data folder is: the absolute path it had when the run trained (the
+    checkpoint's data_root), then the config's data_dir as given to train (relative to the
+    folder train ran in); empty for the embedded dataset."""
+    return [d for d in (state.get("data_root"), state["config"].get("data_dir")) if d]
+
+
+def same_folder(a: str | None, b: str | None) -> bool:
+    """True when `a` and `b` name the same folder, however spelled (relative or absolute, a
+    trailing slash, a symbolic link); None names the embedded dataset."""
+    if a is None or b is None:
+        return a is b
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist here: compare the spellings made absolute
+        return os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))
 
 
 def eval_data(trained: Trained):

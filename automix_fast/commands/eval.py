@@ -72,7 +72,9 @@ def run(args) -> int:
     confusion, top5, count = confusion_by_head(trained.mixer, loader, len(info.classes),
                                                amp_dtype=trained.amp_dtype, device=trained.device)
     heads = report(confusion, top5, count, info.classes)
-    print(f"{args.checkpoint}: {count} images in {info.root}")
+    left_out = sorted(info.bad_files.left_out)  # no decoder reads them: not scored (named above, once each)
+    print(f"{args.checkpoint}: {count} images in {info.root}"
+          + (f" ({len(left_out)} left out: no decoder reads them)" if left_out else ""))
     print(f"{'head':<8} {'top-1':>7} {'top-5':>7}")
     for name, h in heads.items():
         print(f"{name:<8} {h['top1']:>7.2f} {h['top5']:>7.2f}", flush=True)
@@ -80,7 +82,7 @@ def run(args) -> int:
         out = rundir.unique_path(out)  # another eval may have taken the name meanwhile
     rundir.write_json(out, {
         "checkpoint": str(trained.path), "data": info.root, "count": count, "classes": info.classes,
-        "heads": heads,
+        "left_out": len(left_out), "left_out_files": left_out, "heads": heads,
     }, "eval results")
     print(f"per-class accuracy and confusion matrices: {out}")
     return 0

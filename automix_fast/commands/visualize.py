@@ -13,6 +13,8 @@ from automix_fast.visualize import next_free_path, write_mix_grid
 def run(args) -> int:
     if args.num < 1:
         raise UserError(f"--num must be at least 1, got {args.num}")
+    if args.png and Path(args.png).suffix.lower() != ".png":
+        raise UserError(f"--output must end in .png (the picture is a PNG), got {Path(args.png).name}")
     overrides = {k: getattr(args, k) for k in EVAL_OVERRIDES if k in vars(args)}
     if "data_dir" in overrides:
         overrides["dataset"] = "auto"

@@ -17,11 +17,12 @@ the DALI loader's header screening, see jpeg_header.py), and this module decides
   number of batches and the DDP step count are unchanged; a training batch left with no readable
   file at all takes the first readable files of the epoch instead, the only case where an image
   repeats). With --skip-bad-images off the run still finishes the epoch, writes its checkpoint,
-  then stops with one line naming the files (`stop_after_epoch`).
+  then stops with one line naming the files (`stop_after_epoch`). eval and visualize
+  (`evaluating`) only leave it out of the evaluation and score the rest.
 
 Each file is named once on the console (rank 0), counted in metrics.jsonl (a "data" record at
 the end of each epoch that found any), and listed in `<run folder>/bad_images.txt`
-(path, what was done, why; tab-separated) so a resumed run or the next run in the same folder
+(path, what was done, why; tab-separated; the path in the file name's own bytes, UTF-8 or not) so a resumed run or the next run in the same folder
 treats it so from the start. The files `--skip-bad-images` drops before training (the cheap
 check of folder.py, which names them on the console itself) are listed and counted the same way
 as "skipped before training", at the end of the first epoch (the run folder may not exist while
@@ -41,7 +42,7 @@ import tempfile
 import weakref
 from pathlib import Path
 
-from ..atomic import write_text
+from ..atomic import write_bytes
 from ..errors import DataError
 from .jpeg_header import repaired
 from .transforms import load_rgb
@@ -67,9 +68,10 @@ def decode_reason(message: str, path: str) -> str:
 class BadFiles:
     """The run's list of files that failed to decode mid-run, shared by the train and val loaders."""
 
-    def __init__(self, skip: bool = False, announce: bool = True):
+    def __init__(self, skip: bool = False, announce: bool = True, evaluating: bool = False):
         self.skip = skip
         self.announce = announce  # False on ranks other than 0: only rank 0 prints
+        self.evaluating = evaluating  # eval/visualize: a left-out file is only not scored, nothing stops
         self.entries: dict[str, tuple[str, str]] = {}  # path -> (REPAIRED | PILLOW | LEFT_OUT, reason)
         self.left_out: set[str] = set()
         self._copies: dict[str, str] = {}  # path -> the copy DALI reads instead (repaired JPEG or Pillow PNG)
@@ -143,7 +145,7 @@ class BadFiles:
         if self._copy_dir is None:
             self._copy_dir = tempfile.mkdtemp(prefix="automix-fast-decoded-")
             weakref.finalize(self, shutil.rmtree, self._copy_dir, True)
-        return os.path.join(self._copy_dir, hashlib.sha1(path.encode("utf-8")).hexdigest() + ext)
+        return os.path.join(self._copy_dir, hashlib.sha1(os.fsencode(path)).hexdigest() + ext)
 
     # -- what the loaders report
     def record(self, path: str, reason: str, try_pillow: bool, defer: bool = False) -> str:
@@ -190,6 +192,8 @@ class BadFiles:
             line = f"warning: DALI cannot decode {path} ({reason}); decoded with Pillow instead"
         elif how == SKIPPED:
             line = f"warning: skipped {path} before training ({reason})"
+        elif self.evaluating:
+            line = f"warning: cannot decode {path} ({reason}); left out of the evaluation"
         elif self.skip:
             line = f"warning: cannot decode {path} ({reason}); left out of this run"
         else:
@@ -215,7 +219,7 @@ class BadFiles:
         listed = Path(run_dir) / BAD_FILES_NAME
         if not listed.is_file():
             return
-        for line in listed.read_text(encoding="utf-8").splitlines():
+        for line in listed.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
             parts = line.split("\t")
             if len(parts) != 3:
                 continue
@@ -276,7 +280,8 @@ class BadFiles:
 
     def _write(self, path: Path) -> None:
         text = "".join(f"{p}\t{how}\t{reason}\n" for p, (how, reason) in sorted(self.entries.items()))
-        write_text(path, text, "bad-images list", durable=True)
+        # A file name's own bytes, UTF-8 or not (surrogateescape), as start_run reads them back.
+        write_bytes(path, text.encode("utf-8", "surrogateescape"), "bad-images list", durable=True)
 
     def stop_after_epoch(self, before_training: bool = False) -> None:
         """With --skip-bad-images off: a DataError naming the files left out this epoch (call it

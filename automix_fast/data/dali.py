@@ -59,6 +59,7 @@ set).
 """
 from __future__ import annotations
 
+import os
 import weakref
 
 import numpy as np
@@ -205,7 +206,7 @@ class DaliFolderLoader:
             paths = [self.bad_files.read_path(self.paths[i]) for i in idx]
         else:  # a clean run: no per-batch work
             paths = [self.paths[i] for i in idx]
-        return [np.frombuffer(p.encode("utf-8"), dtype=np.uint8) for p in paths], self.labels[idx]
+        return [np.frombuffer(os.fsencode(p), dtype=np.uint8) for p in paths], self.labels[idx]
 
     def _source(self):
         """External source: the next planned batch as (encoded paths, labels); StopIteration ends the epoch."""
@@ -551,7 +552,7 @@ def decode_images(paths: list[str], device_id: int | None = None, num_threads: i
 
     def source():
         idx = next(batch)
-        return [np.frombuffer(paths[i].encode("utf-8"), dtype=np.uint8) for i in idx], np.asarray(idx, dtype=np.int64)
+        return [np.frombuffer(os.fsencode(paths[i]), dtype=np.uint8) for i in idx], np.asarray(idx, dtype=np.int64)
 
     pipe = P.decode_pipeline(source=source, gpu=device_id is not None, batch_size=16, num_threads=num_threads,
                              device_id=device_id, prefetch_queue_depth=1)

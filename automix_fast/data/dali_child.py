@@ -69,6 +69,8 @@ class DecodingProcess:
     """One decoding process serving one loader; started at once, set up at its first command."""
 
     def __init__(self, args: dict, batch_size: int, paths: list[str], labels):
+        # The file names' own bytes (os.fsencode): a name need not be valid UTF-8.
+        self._setup = ("setup", args, batch_size, [os.fsencode(p) for p in paths], labels)
         child_in, to_child = os.pipe()
         from_child, child_out = os.pipe()
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -81,7 +83,6 @@ class DecodingProcess:
             os.close(child_in)
             os.close(child_out)
         self._send_conn, self._recv_conn = Connection(to_child, readable=False), Connection(from_child, writable=False)
-        self._setup = ("setup", args, batch_size, [p.encode("utf-8") for p in paths], labels)
         self._ready = False
         self._finalizer = weakref.finalize(self, _stop, self.proc, self._send_conn, self._recv_conn)
 
@@ -180,14 +181,14 @@ class _Server:
 
     def _encoded(self, idx):
         np = self.np
-        paths = [self.copies[i].encode("utf-8") if i in self.copies else self.paths[i] for i in idx]
+        paths = [os.fsencode(self.copies[i]) if i in self.copies else self.paths[i] for i in idx]
         return [np.frombuffer(p, dtype=np.uint8) for p in paths], self.labels[idx]
 
     def _hook(self, k: int | None, idx) -> None:
         if self.crash is None:
             return
         if self.crash[0] == "file":
-            if any(os.path.basename(self.paths[i].decode("utf-8")) == self.crash[1] for i in idx if i not in self.copies):
+            if any(os.path.basename(os.fsdecode(self.paths[i])) == self.crash[1] for i in idx if i not in self.copies):
                 os.kill(os.getpid(), signal.SIGSEGV)
         elif self.crash[0] == "batch" and k == int(self.crash[1]):
             if len(self.crash) == 3:
@@ -285,13 +286,13 @@ class _Server:
 def main(argv: list[str]) -> int:
     inp, out = Connection(int(argv[0]), writable=False), Connection(int(argv[1]), readable=False)
     try:
-        from . import dali_pipelines  # noqa: F401  (the imports are most of the start-up time)
-    except Exception as e:  # noqa: BLE001 - reported to the loader as one line
-        out.send(("fail", f"{type(e).__name__}: {e}"))
-        return 1
-    out.send(("ready",))
-    try:
+        try:
+            from . import dali_pipelines  # noqa: F401  (the imports are most of the start-up time)
+        except Exception as e:  # noqa: BLE001 - reported to the loader as one line
+            out.send(("fail", f"{type(e).__name__}: {e}"))
+            return 1
+        out.send(("ready",))
         _Server(inp, out).serve()
-    except (BrokenPipeError, ConnectionResetError):  # the loader went away mid-answer
+    except (BrokenPipeError, ConnectionResetError):  # the loader went away (before or mid-answer): nothing to say
         pass
     return 0

@@ -17,6 +17,7 @@ buffer, which the loader views as a channels-last NCHW tensor without copying.
 from __future__ import annotations
 
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
 
 from .transforms import eval_resize_for
 
@@ -56,10 +57,8 @@ def _decoder_kwargs(gpu: bool, large: bool) -> dict:
     return dict(GPU_DECODER_LARGE if large else GPU_DECODER_SMALL)
 
 
-def _normalize(images, *, mean, std, out_dtype, crop=None, mirror=None):
+def _normalize(images, *, mean, std, out_dtype, mirror=None):
     kwargs = {}
-    if crop is not None:
-        kwargs["crop"] = (crop, crop)
     if mirror is not None:
         kwargs["mirror"] = mirror
     return fn.crop_mirror_normalize(
@@ -70,6 +69,29 @@ def _normalize(images, *, mean, std, out_dtype, crop=None, mirror=None):
         std=[255.0 * s for s in std],
         **kwargs,
     )
+
+
+def _resize_center_crop(images, resize_to: int, size: int):
+    """The torch loader's `resize_center_crop` (torchvision's Resize + CenterCrop) to the pixel:
+    the shorter side to `resize_to`, the longer one resize_to * long // short (int() of the
+    ratio, not rounded), then the size x size crop at int(round((side - size) / 2)), Python's
+    round half to even. Worked out per sample from the decoded shape with DALI's integer
+    arithmetic (DALI's own resize_shorter rounds the long side, and its centre crop rounds the
+    anchor half up: with an odd margin the crop would sit 1 px off)."""
+    shape = images.shape()  # (H, W, C) on the CPU, whatever the images' device
+    h, w = shape[0], shape[1]
+    short = dmath.min(h, w)
+    new_h, new_w = resize_to * h // short, resize_to * w // short
+    images = fn.resize(images, resize_x=fn.cast(new_w, dtype=types.FLOAT), resize_y=fn.cast(new_h, dtype=types.FLOAT),
+                       interp_type=types.INTERP_LINEAR, antialias=True)
+
+    def anchor(side):
+        margin = side - size
+        half = margin // 2
+        return half + (margin % 2) * (half % 2)  # an odd margin: the even one of half, half + 1
+
+    start = fn.cast(fn.stack(anchor(new_h), anchor(new_w)), dtype=types.INT32)
+    return fn.slice(images, start=start, shape=[size, size], axis_names="HW")
 
 
 @pipeline_def(enable_conditionals=False)
@@ -98,8 +120,7 @@ def train_pipeline(*, source, gpu: bool, img_size: int, aug: str, mean, std, out
         images = _normalize(images, mean=mean, std=std, out_dtype=out_dtype, mirror=mirror)
     else:
         images = fn.decoders.image(data, device=device, output_type=types.RGB, **_decoder_kwargs(gpu, large=False))
-        images = fn.resize(images, resize_shorter=img_size, interp_type=types.INTERP_LINEAR, antialias=True)
-        images = fn.crop(images, crop=(img_size, img_size))  # center; a no-op copy for square images
+        images = _resize_center_crop(images, img_size, img_size)
         shift = fn.random.uniform(values=list(range(-CIFAR_PAD, CIFAR_PAD + 1)), shape=[2], dtype=types.INT32)
         images = fn.slice(
             images, start=shift, shape=[img_size, img_size], axis_names="HW", out_of_bounds_policy="pad", fill_values=0
@@ -116,8 +137,8 @@ def val_pipeline(*, source, gpu: bool, img_size: int, aug: str, mean, std, out_d
     images = fn.decoders.image(
         data, device="mixed" if gpu else "cpu", output_type=types.RGB, **_decoder_kwargs(gpu, aug == "imagenet")
     )
-    images = fn.resize(images, resize_shorter=eval_resize_for(img_size, aug), interp_type=types.INTERP_LINEAR, antialias=True)
-    images = _normalize(images, mean=mean, std=std, out_dtype=out_dtype, crop=img_size)
+    images = _resize_center_crop(images, eval_resize_for(img_size, aug), img_size)
+    images = _normalize(images, mean=mean, std=std, out_dtype=out_dtype)
     return images, labels
 
 

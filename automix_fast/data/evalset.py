@@ -14,8 +14,9 @@ import os
 
 from . import DataSpec, DatasetInfo, resolve_dataset, validate_spec
 from ..errors import DataError
+from .bad_files import BadFiles
 from .cifar import load_cifar
-from .dali import DaliFolderLoader, require_dali
+from .dali import DaliFolderLoader, require_dali, screen_jpeg_headers
 from .embedded import ensure_embedded_dataset
 from .folder import scan_image_folder
 from .layout import detect_dataset, val_split_name
@@ -59,14 +60,19 @@ def resolve_eval_data(data_dir: str | None, dataset: str = "auto", skip_bad: boo
 
 
 def build_eval_loader(spec, info: DatasetInfo):
-    """The val loader that `build_loaders(spec)` would build for `info`, alone."""
+    """The val loader that `build_loaders(spec)` would build for `info`, alone. Files no decoder
+    reads are left out of the evaluation and listed in `info.bad_files` (bad_files.py); with the
+    DALI loader, JPEG headers are screened first, as for training (jpeg_header.py)."""
     validate_spec(spec)
     aug = resolve_aug(spec)
+    if info.bad_files is None:
+        info.bad_files = BadFiles(skip=spec.skip_bad_images, announce=spec.rank == 0, evaluating=True)
     if spec.loader == "dali" and info.val_samples is not None:
         require_dali()
-        return DaliFolderLoader(info.val_samples, spec, False, aug)
+        screen_jpeg_headers([p for p, _ in info.val_samples], info.bad_files, threads=max(4, int(spec.workers)))
+        return DaliFolderLoader(info.val_samples, spec, False, aug, info.bad_files)
     if info.val_arrays is not None and aug == "cifar":
         return _resident_pair(info.val_arrays, spec, False, aug)
     if info.val_samples is not None and folder_fits_resident(info, spec, aug):
-        return _resident_pair(decode_folder(info.val_samples, spec.img_size), spec, False, aug)
+        return _resident_pair(decode_folder(info.val_samples, spec.img_size, bad_files=info.bad_files), spec, False, aug)
     return _streaming(info, spec, False, aug)

@@ -13,7 +13,12 @@ every image file is checked cheaply BEFORE training starts, on threads: its firs
 JPEG, PNG, BMP or WEBP signature, and its end must be intact (a JPEG ends with the EOI marker
 FF D9, trailing zero padding allowed; a PNG ends with its IEND chunk; BMP and WEBP files are at
 least as long as their header says). This catches garbage and truncated files, the usual damage
-of an interrupted copy, without decoding anything. By default any bad file stops the run with a
+of an interrupted copy, without decoding anything. A JPEG or PNG whose last bytes are not its
+end marker is not always damaged: phones append data after it (Samsung's trailer, the video of
+a motion photo), and copy tools a line ending or fill bytes. Only such a file is looked at
+further: a JPEG is decoded with Pillow and is truncated when that decode fails; a PNG's chunks
+are walked and it is truncated when they end before a whole IEND chunk (Pillow decodes a PNG
+cut inside its last chunks, which DALI's decoder rejects). By default any bad file stops the run with a
 DataError naming the first few paths and the count and suggesting `--skip-bad-images`; with
 skip_bad=True they are dropped and one warning line names them. A file that passes the check but
 fails to decode later is handled by the loaders mid-run (bad_files.py): the check is cheap, not a
@@ -24,6 +29,8 @@ from __future__ import annotations
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
+
+from PIL import Image
 
 from ..errors import DataError
 from .layout import IMAGE_EXTENSIONS, LAYOUTS, LayoutError, folder_splits, is_image_file, layout_error, val_split_name
@@ -49,6 +56,39 @@ def _tail_without_padding(f, size: int) -> bytes:
     return b""
 
 
+def _decodes(path: str) -> bool:
+    """True when Pillow decodes the whole of JPEG `path`: the check of a file whose end marker
+    is followed by other bytes (a truncated file raises before its last row)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except Image.DecompressionBombError:
+        return True  # too large for Pillow, not truncated: the loaders say so when they reach it
+    except Exception:  # noqa: BLE001 - whatever Pillow raises, the file does not decode
+        return False
+    return True
+
+
+def _png_has_iend(path: str, size: int) -> bool:
+    """True when the chunks of PNG `path` lead, each whole, to a whole IEND chunk (whatever
+    follows it): one small read per chunk."""
+    pos = len(_PNG_SIGNATURE)
+    try:
+        with open(path, "rb") as f:
+            while pos + 12 <= size:
+                f.seek(pos)
+                header = f.read(8)
+                end = pos + 12 + int.from_bytes(header[:4], "big")
+                if end > size:
+                    return False
+                if header[4:8] == b"IEND":
+                    return f.read(4) == _PNG_END[4:]
+                pos = end
+    except OSError:
+        return False
+    return False
+
+
 def image_problem(path: str) -> str | None:
     """Why `path` is not a usable image file, or None when the cheap check passes."""
     try:
@@ -62,9 +102,9 @@ def image_problem(path: str) -> str | None:
         return "empty file"
     if head.startswith(b"\xff\xd8\xff"):
         # Encoders and some copy tools pad with zeros after EOI; DALI and PIL accept that.
-        return None if tail.endswith(b"\xff\xd9") else "truncated JPEG (no end marker)"
+        return None if tail.endswith(b"\xff\xd9") or _decodes(path) else "truncated JPEG (no end marker)"
     if head.startswith(_PNG_SIGNATURE):
-        return None if tail.endswith(_PNG_END) else "truncated PNG (no IEND chunk)"
+        return None if tail.endswith(_PNG_END) or _png_has_iend(path, size) else "truncated PNG (no IEND chunk)"
     if head.startswith(b"BM") and len(head) >= 6:
         declared = int.from_bytes(head[2:6], "little")
         return None if size >= declared else "truncated BMP"

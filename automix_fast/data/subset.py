@@ -10,9 +10,11 @@ The validation set is never subset. Both loaders read the subset, since it is ap
 resolved dataset (file list or arrays) before either is built.
 
 The val split holds out round(fraction * n_c) images of each class (at least one, and never a
-class's last image) of an image folder that has no validation split of its own; the training
-set is the rest. Its generator has a fixed seed of its own (no flag, not `--seed`, not
-`--train-subset-seed`), so a folder splits the same way on every rank, resume, seed and run.
+class's last image: a class of one image keeps it for training and has none in val) of an image
+folder that has no validation split of its own; the training set is the rest. Its generator has
+a fixed seed of its own (no flag, not `--seed`, not `--train-subset-seed`), so an unchanged
+folder splits the same way on every rank, resume, seed and run (the draw follows the list of
+files: adding or removing one can move others).
 A train subset is drawn after it, from the images left for training.
 """
 from __future__ import annotations

@@ -250,8 +250,8 @@ def _probe_small(samples: list[tuple[str, int]]) -> bool:
             with Image.open(path) as img:
                 if max(img.size) > RESIDENT_MAX_SIDE:
                     return False
-        except OSError:
-            return False  # let the streaming loader raise its precise decode error later
+        except (OSError, Image.DecompressionBombError):
+            return False  # let the streaming loader report the file later (bad_files.py)
     return True
 
 

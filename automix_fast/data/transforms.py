@@ -10,6 +10,7 @@ and memory format).
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -24,17 +25,35 @@ EVAL_CROP_FRACTION = 0.875  # eval: resize the shorter side to size / 0.875, the
 # ----------------------------------------------------------------------------- worker side (PIL)
 
 def load_rgb(path: str) -> Image.Image:
-    """Decode any supported file to an upright RGB image (grayscale, CMYK, palette, alpha, EXIF)."""
+    """Decode any supported file to an upright RGB image (grayscale, 16-bit grayscale, CMYK,
+    palette, alpha, EXIF)."""
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF, not pixels
+            if img.mode.startswith("I"):  # 16-bit grayscale: convert() would clip at 255, not scale
+                img = Image.fromarray(_to_8bit(np.asarray(img)))
             if img.mode == "P" and "transparency" in img.info:
                 img = img.convert("RGBA")  # converting a transparent palette directly warns
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # e.g. "palette images with transparency"
                 return img.convert("RGB")
+    except Image.DecompressionBombError as e:  # an Exception, not an OSError: refused before decoding
+        raise DataError(f"cannot decode image {path}: {_too_large(e)}") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for undecodable files
         raise DataError(f"cannot decode image {path}: {e}") from None
+
+
+def _to_8bit(levels: np.ndarray) -> np.ndarray:
+    """16-bit levels (0..65535) as uint8, round(v / 257): what DALI's decoder makes of them."""
+    return np.rint(np.clip(levels, 0, 65535) / 257.0).astype(np.uint8)
+
+
+def _too_large(error: Exception) -> str:
+    """Pillow's refusal of a decompression bomb in one line, with the limit it applied."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    size = f"{int(found.group(1))} pixels" if found else "its size"
+    return (f"too large: {size}, over the {2 * Image.MAX_IMAGE_PIXELS} pixels Pillow decodes "
+            "(twice PIL.Image.MAX_IMAGE_PIXELS)")
 
 
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,

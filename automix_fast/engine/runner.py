@@ -190,6 +190,8 @@ class Trainer:
             "model_name": self.cfg.net.model,
             "num_classes": self.num_classes,
             "classes": list(self.info.classes),
+            # the data folder made absolute: eval finds it (and knows it) from any working directory
+            "data_root": os.path.abspath(self.cfg.data.data_dir) if self.cfg.data.data_dir else None,
             "next_epoch": next_epoch,
             "next_batch": next_batch,
             "mixer": self.mixer.state_dict(),
