@@ -145,6 +145,23 @@ def test_pair_mode_partners_trade_with_one_draw():
     assert kinds == {"mixup", "cutmix"}
 
 
+@pytest.mark.parametrize("n", [7, 9])
+def test_pair_mode_odd_batch_leaves_the_odd_image_unmixed(n):
+    """An odd batch (an epoch's short last one) in pair mode: the pairs trade both ways and the
+    image left over is its own partner, so it reaches the model as it is."""
+    torch.manual_seed(0)
+    model = create_model("tinynet", num_classes=5)
+    mixer = MixupCutmix(model, mixup_alpha=0.8, cutmix_alpha=1.0, mode="pair", seed=2)
+    x, y = seeded_batch(n=n, seed=3)
+    for step in range(4):
+        p = _partner(mixer, n, step)
+        assert torch.equal(p[p], torch.arange(n))
+        alone = (p == torch.arange(n)).nonzero().flatten()
+        assert alone.numel() == 1
+        seen, _ = _seen_input(mixer, model, x, y, step)
+        assert torch.equal(seen[alone], x[alone])
+
+
 def test_per_sample_probabilities_follow_timm():
     model = create_model("tinynet", num_classes=5)
     mixer = MixupCutmix(model, mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.6, switch_prob=0.3, mode="elem", seed=3)

@@ -75,7 +75,7 @@ def random_pairing(order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The images of a random `order` taken two by two as partners: (partner, pair), where
     partner[partner[i]] == i and pair[i] numbers i's pair. An odd image out is its own partner."""
     n = order.numel()
-    partner, m = order.clone(), n - n % 2
+    partner, m = torch.arange(n), n - n % 2  # everyone its own partner until paired: the odd one out stays so
     partner[order[0:m:2]], partner[order[1:m:2]] = order[1:m:2], order[0:m:2]
     pair = torch.empty_like(order)
     pair[order] = torch.arange(n) // 2
