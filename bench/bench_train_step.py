@@ -128,6 +128,7 @@ def measure(mix: str, cfg: dict, args, device, profile: bool = False, trace: Pat
     if cuda:
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)  # a graphed row's peak must not include an earlier row's
     torch.manual_seed(0)
     model = create_model(args.model, num_classes=args.num_classes, mix_head=policy == "automix").to(device)
     if cfg["channels_last"]:
@@ -279,6 +280,8 @@ def main(argv=None) -> int:
     ap.add_argument("--output", default=None, help="JSON path (default output/bench/train-step-<device>-<date>.json)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda":  # cuDNN's autotuned algorithms, as `automix-fast train` on CUDA (not --deterministic)
+        torch.backends.cudnn.benchmark = True
     runs = parse_runs(ap, args)
     if args.compile_mode in CUDA_GRAPH_MODES and any(c.startswith("graphed-compiled") for c, _ in runs):
         ap.error(f"--compile-mode {args.compile_mode} captures CUDA graphs of its own: the graphed-compiled rows "
@@ -288,6 +291,7 @@ def main(argv=None) -> int:
     setup = {k: getattr(args, k) for k in ("model", "img_size", "batch_size", "num_classes", "steps", "repeats", "compile",
                                            "compile_backend", "compile_mode", "profile_steps")}
     setup["runs"] = [f"{c}:{m}" for c, m in runs]
+    setup["cudnn_benchmark"] = torch.backends.cudnn.benchmark
     rows: list[dict] = []
 
     def save():

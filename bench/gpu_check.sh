@@ -21,7 +21,8 @@
 #                        full mode also the CIFAR cases
 # then bench/gpu_summary.py gathers every figure into OUT/gpu-check.json.
 # --quick: fewer steps and repetitions, no pytest stage, the 224 px loader only; stage time limits add
-#   up to 300 s, so the check (imports and compile warm-ups included) ends within 5 minutes on one H100/H200.
+#   up to 285 s, leaving ~15 s for the environment record and the summary, so the check (imports and
+#   compile warm-ups included) ends within 5 minutes on one H100/H200.
 # Full mode: stage limits add up to 590 s, within 10 minutes.
 # --dry-run: every stage at tiny sizes on the CPU (tinynet, 1 step; the ops under the Triton
 #   interpreter; no torch.compile), to check the scripts and the summary without a GPU; the
@@ -96,20 +97,21 @@ elif [ "$MODE" = quick ]; then
   # are recorded as skipped), and a stage past its limit keeps the rows it finished.
   # ~30 s: 3 presets x (attention, mask_mix nearest) x (triton, torch), copy bandwidth; then, last
   # (cut first), the attention's backward with tiling "tiled" (triton-tiled) at the D = 128 presets
-  # The limits add up to 300 s; the rows of a stage run in order of need, so a stage cut short
-  # keeps the figures that matter most.
+  # The limits add up to 285 s (the environment record and the summary take the rest of 5
+  # minutes); the rows of a stage run in order of need, so a stage cut short keeps the figures
+  # that matter most.
   stage ops 35 $PY bench/bench_ops.py --providers triton torch triton-tiled --modes nearest --warmup-ms 10 --rep-ms 30 \
     --output "$OUT/ops.json"
   # ~85 s: ~45 of them compiling resnet50 (compiled mixup and the graphed compiled vanilla reuse
   # vanilla's compiled code from inductor's cache)
-  train imagenet-r50 95 --model resnet50 --img-size 224 -b 128 --num-classes 1000 --steps 8 --repeats 2 \
+  train imagenet-r50 90 --model resnet50 --img-size 224 -b 128 --num-classes 1000 --steps 8 --repeats 2 \
     --runs optimized:vanilla optimized:mixup optimized:automix graphed:automix reference:automix compiled:vanilla \
     compiled:mixup graphed-compiled:vanilla optimized-fp16:vanilla optimized-fp16:automix graphed-fp16:automix \
     --profile optimized:automix
   # ~105 s: ~30 of them compiling resnet18_cifar, ~40 compiling AutoMix's whole step, twice (2
   # graphs each; the graphed one from inductor's cache; the warm-up epoch, steps 0-19 of seed 0,
   # has both kinds of step, so no compile is timed)
-  train cifar-r18 110 --model resnet18_cifar --img-size 32 -b 100 --num-classes 100 --steps 20 --repeats 2 \
+  train cifar-r18 100 --model resnet18_cifar --img-size 32 -b 100 --num-classes 100 --steps 20 --repeats 2 \
     --runs optimized:vanilla optimized:mixup optimized:automix graphed:vanilla graphed:mixup graphed:automix \
     compiled:vanilla compiled:mixup compiled-step:automix graphed-compiled-step:automix \
     optimized:automix-q-batched graphed:automix-q-batched --profile optimized:automix optimized:vanilla
