@@ -81,3 +81,24 @@ def test_automix_departures_name_each_alternative_to_the_official_step():
         "--q-batched (q's two passes as one: BatchNorm statistics over both batches)",
     ]
     assert automix_departures(build_config(overrides={"mix": "mixup", "q_batched": True}).mixing) == []
+
+
+@pytest.mark.parametrize("recipe,flags,mix,alpha,alphas", [
+    ("cifar100_r18_vanilla", {"mixup": 0.2}, "mixup", None, (0.2, 0.0)),
+    ("cifar100_r18_mixup", {"mixup": 0.8, "cutmix": 1.0}, "mixup", None, (0.8, 1.0)),
+    ("cifar100_r18_automix", {"cutmix": 1.0}, "cutmix", None, (0.0, 1.0)),
+    ("cifar100_r18_automix", {"mix": "mixup"}, "mixup", None, (1.0, 0.0)),  # not the recipe's alpha 2
+    ("cifar100_r18_vanilla", {"mix": "cutmix"}, "cutmix", None, (0.0, 0.2)),
+    ("cifar100_r18_automix", {"mix": "mixup", "mix_alpha": 0.4}, "mixup", 0.4, (0.4, 0.0)),
+    ("cifar100_r18_mixup", {"mix": "mixup"}, "mixup", 1.0, (1.0, 0.0)),  # the file's own --mix keeps its alpha
+    ("cifar100_r18_mixup", {}, "mixup", 1.0, (1.0, 0.0)),
+])
+def test_command_line_picks_the_mixing_policy_over_a_recipe(recipe, flags, mix, alpha, alphas):
+    from automix_fast.config import CONFIG_DIR, load_yaml
+
+    cfg = build_config(load_yaml(f"{CONFIG_DIR}/{recipe}.yaml"), flags)
+    mixing = cfg.mixing
+    assert (mixing.mix, mixing.mix_alpha) == (mix, alpha)
+    mixer = build_mixer(mixing.mix, create_model("tinynet", num_classes=3), alpha=mixing.mix_alpha, mixup=mixing.mixup,
+                        cutmix=mixing.cutmix, cutmix_minmax=mixing.cutmix_minmax)
+    assert (mixer.mixup_alpha, mixer.cutmix_alpha) == alphas

@@ -11,7 +11,7 @@ import os
 import signal
 
 from automix_fast import rundir
-from automix_fast.config import CONFIG_DIR, build_config, load_yaml, resumed_config
+from automix_fast.config import CONFIG_DIR, build_config, file_under_flags, load_yaml, resumed_config
 from automix_fast.data.layout import KIND_NAMES, LayoutError
 from automix_fast.engine.distributed import cleanup
 from automix_fast.engine.runner import Trainer
@@ -25,7 +25,7 @@ def given_values(args: argparse.Namespace) -> tuple[dict, dict]:
     """(values from the -c file, values of the flags typed): only what the user gave."""
     flags = {k: v for k, v in vars(args).items() if k not in NOT_FIELDS}
     file_values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    return file_values, flags
+    return file_under_flags(file_values, flags), flags
 
 
 def train_config(args: argparse.Namespace):

@@ -24,7 +24,7 @@ from automix_fast.errors import CheckpointError, ConfigError
 from automix_fast.atomic import write_text
 
 __all__ = ["AUTO", "CHOICES", "CONFIG_DIR", "RESUMABLE_FIELDS", "FieldError", "TrainConfig", "build_config",
-           "coerce_field", "config_changes", "config_yaml", "find_config", "flag_name", "load_yaml",
+           "coerce_field", "config_changes", "config_yaml", "file_under_flags", "find_config", "flag_name", "load_yaml",
            "read_older", "resumed_config", "save_config", "validate"]
 
 AUTO = "auto"
@@ -174,6 +174,7 @@ def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str,
     An error about a value from the file names the flag and the file's key: `--lr (lr in the
     config file)`."""
     file_values, overrides = read_older(file_values or {}), read_older(overrides or {})
+    file_values = file_under_flags(file_values, overrides)
     values: dict[str, Any] = {}
     try:
         for source in (file_values, overrides):
@@ -230,6 +231,22 @@ def check_cuda_graph(cfg: TrainConfig) -> None:
 
 
 # ---- timm's mixup/cutmix flags -------------------------------------------------------------
+def file_under_flags(file_values: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
+    """The file's values that still apply under these command-line values: the command line
+    picks the mixing policy as a whole. Given --mixup/--cutmix, the file's `mix` and
+    `mix_alpha` do not apply; given a --mix other than the file's (the default automix when
+    the file names none), the file's `mix_alpha` does not apply unless --mix-alpha is given
+    too. Returns a new dict when it drops a key."""
+    drop: tuple[str, ...] = ()
+    if flags.get("mixup") is not None or flags.get("cutmix") is not None:
+        drop = ("mix", "mix_alpha")
+    elif flags.get("mix") is not None and flags["mix"] != file_values.get("mix", FIELDS["mix"].default):
+        drop = ("mix_alpha",)
+    if not any(k in file_values for k in drop):
+        return file_values
+    return {k: v for k, v in file_values.items() if k not in drop}
+
+
 def resolve_mixup_cutmix(values: dict[str, Any]) -> None:
     """Pick `mix` from timm's --mixup/--cutmix (in place, on the explicitly given values).
 
