@@ -3,7 +3,7 @@
 Mistakes in the user's input (flags, config files, data, checkpoints, unwritable outputs)
 print one line starting with 'error:' and exit with status 2; nothing is printed as a
 traceback. Flags must be spelled out: abbreviations (`--epoch`) are refused, so a typo can
-never set another field.
+never set another field. No command, or flags alone (`automix-fast --epochs 1`), is `train`.
 """
 from __future__ import annotations
 
@@ -153,9 +153,9 @@ def _commands() -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv or ["train"])
-    if args.command is None:
-        args = parser.parse_args(["train"] + argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["train"] + argv  # flags alone (or nothing) are train's
+    args = parser.parse_args(argv)
     try:
         return _commands()[args.command](args)
     except UserError as e:

@@ -303,3 +303,17 @@ def test_sched_step_and_multistep_take_timms_flags(tmp_path, capsys):
     assert code == 0, err
     assert _lrs(tmp_path / "multi") == pytest.approx({1: 0.1, 2: 0.01, 3: 0.01, 4: 0.001})  # epochs counted from 0
     assert "decay_milestones:\n- 1\n- 3\n" in (tmp_path / "multi" / "config.yaml").read_text()
+
+
+def test_flags_without_a_command_are_trains(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--epochs", "x"])  # fails in train's own parser, before any training
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--epochs" in err[0] and "'x'" in err[0], err
+    with pytest.raises(SystemExit) as e:
+        main(["-c", "cifar100_r18_automix", "--help"])
+    assert e.value.code == 0 and "--mix-alpha" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "{train,eval,export,visualize,models}" in out and "--mix-alpha" not in out
