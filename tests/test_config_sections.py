@@ -95,6 +95,15 @@ def test_a_config_file_may_group_its_keys_by_section(tmp_path):
         load_yaml(str(nested))
 
 
+@pytest.mark.parametrize("text", ["lr: 0.1\noptim: {lr: 0.2}\n", "optim: {lr: 0.2}\nlr: 0.1\n"])
+def test_a_key_given_flat_and_in_its_section_is_a_one_line_error(tmp_path, text):
+    both = tmp_path / "both.yaml"
+    both.write_text(text)
+    with pytest.raises(ConfigError, match=r"^config key 'lr' is given twice in .*both.yaml, flat and in its section "
+                                          r"'optim'; keep one$"):
+        load_yaml(str(both))
+
+
 # A field added to one section (and nothing else) in a fresh interpreter: its flag, --help line,
 # YAML key, config.yaml line, checkpoint key and resume rule all follow.
 FAKE_FIELD = r"""

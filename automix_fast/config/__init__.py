@@ -132,14 +132,19 @@ def _flatten(data: dict[str, Any], path: str) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if key in SECTION_OF or key == "base":
-            flat[key] = value
+            items = {key: value}
         elif any(s.name == key for s in SECTIONS) and isinstance(value, dict):
             for sub in value:
                 if SECTION_OF.get(sub) != key:
                     raise ConfigError(f"unknown config key '{key}.{sub}' in {path}")
-            flat.update(value)
+            items = value
         else:
             raise ConfigError(f"unknown config key '{key}' in {path}")
+        for sub in items:
+            if sub in flat:
+                raise ConfigError(f"config key '{sub}' is given twice in {path}, flat and in its section "
+                                  f"'{SECTION_OF[sub]}'; keep one")
+        flat.update(items)
     return flat
 
 
