@@ -95,6 +95,24 @@ def test_a_config_file_may_group_its_keys_by_section(tmp_path):
         load_yaml(str(nested))
 
 
+def test_base_is_read_beside_the_file_else_shipped_never_from_the_current_folder(tmp_path, monkeypatch):
+    from automix_fast.config import CONFIG_DIR
+
+    run, cwd = tmp_path / "run", tmp_path / "cwd"
+    run.mkdir(), cwd.mkdir()
+    (cwd / "cifar100_r18_automix.yaml").write_text("lr: 9.0\n")  # a stray file named like a shipped base
+    (cwd / "mine.yaml").write_text("lr: 9.0\n")
+    monkeypatch.chdir(cwd)
+    (run / "c.yaml").write_text("base: cifar100_r18_automix.yaml\nepochs: 3\n")
+    assert load_yaml(str(run / "c.yaml")) == {**load_yaml(f"{CONFIG_DIR}/cifar100_r18_automix.yaml"), "epochs": 3}
+    (run / "mine.yaml").write_text("lr: 0.3\n")
+    (run / "d.yaml").write_text("base: mine.yaml\n")
+    assert load_yaml(str(run / "d.yaml")) == {"lr": 0.3}
+    (run / "mine.yaml").unlink()
+    with pytest.raises(ConfigError, match=r"^base: mine.yaml in .*d.yaml is neither beside it nor a shipped config"):
+        load_yaml(str(run / "d.yaml"))
+
+
 @pytest.mark.parametrize("text", ["lr: 0.1\noptim: {lr: 0.2}\n", "optim: {lr: 0.2}\nlr: 0.1\n"])
 def test_a_key_given_flat_and_in_its_section_is_a_one_line_error(tmp_path, text):
     both = tmp_path / "both.yaml"

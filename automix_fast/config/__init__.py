@@ -120,11 +120,21 @@ def find_config(name: str) -> str:
     """A config path as given, or the name of a shipped config (`cifar100_r18_automix`)."""
     if os.path.isfile(name):
         return name
+    found = _shipped(name)
+    if found:
+        return found
+    raise ConfigError(f"config file not found: {name} (shipped configs: {_shipped_names()})")
+
+
+def _shipped(name: str) -> str | None:
     for candidate in (os.path.join(CONFIG_DIR, name), os.path.join(CONFIG_DIR, name + ".yaml")):
         if os.path.isfile(candidate):
             return candidate
-    shipped = ", ".join(sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml")))
-    raise ConfigError(f"config file not found: {name} (shipped configs: {shipped})")
+    return None
+
+
+def _shipped_names() -> str:
+    return ", ".join(sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml")))
 
 
 def _flatten(data: dict[str, Any], path: str) -> dict[str, Any]:
@@ -149,7 +159,7 @@ def _flatten(data: dict[str, Any], path: str) -> dict[str, Any]:
 
 
 def load_yaml(path: str, _seen: tuple = ()) -> dict[str, Any]:
-    """Flat field values from a YAML file; `base: other.yaml` (relative to the file) is read first."""
+    """Flat field values from a YAML file; `base: other.yaml` (beside the file, else a shipped config; never the current folder) is read first."""
     import yaml
 
     path = find_config(path)
@@ -169,7 +179,10 @@ def load_yaml(path: str, _seen: tuple = ()) -> dict[str, Any]:
     if not isinstance(base, str):
         raise ConfigError(f"config key 'base' in {path} must be a file name, got {base!r}")
     beside = os.path.join(os.path.dirname(path), base)  # a file next to this one, else a shipped config
-    merged = load_yaml(beside if os.path.isfile(beside) else base, _seen + (os.path.abspath(path),))
+    found = beside if os.path.isfile(beside) else _shipped(base)
+    if found is None:
+        raise ConfigError(f"base: {base} in {path} is neither beside it nor a shipped config ({_shipped_names()})")
+    merged = load_yaml(found, _seen + (os.path.abspath(path),))
     merged.update(data)
     return merged
 
