@@ -54,6 +54,10 @@ def test_torchcompile_takes_an_optional_backend_as_timm_and_a_stored_switch_stil
     assert parse(["train", "--torchcompile", "aot_eager"]).torchcompile == "aot_eager"
     assert parse(["train", "--no-torchcompile"]).torchcompile is False
     assert "torchcompile" not in vars(parse(["train"]))
+    for word, value in (("false", False), ("off", False), ("No", False), ("true", "inductor"), ("on", "inductor")):
+        flags = vars(parse(["train", "--torchcompile", word]))
+        flags = {k: v for k, v in flags.items() if k not in ("command", "config")}
+        assert build_config(overrides=flags).run.torchcompile == value, word
     cfg = build_config()
     assert (cfg.run.torchcompile, cfg.run.torchcompile_mode, cfg.run.torchcompile_scope) == (False, None, "encoders")
     # config files of the switch's days: true is timm's bare flag (inductor), false and null are off

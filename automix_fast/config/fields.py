@@ -22,7 +22,8 @@ def option(default: Any = None, help: str = "", *, choices: tuple[str, ...] | No
     for a list field (element type, argparse nargs, metavar), default (int, "+", None);
     `resumable`: flags may change it on --resume (how long or how a run runs, never what it
     computes per step); `const` = (value, metavar) makes a switch with an optional value (timm's
-    `--torchcompile [BACKEND]`): false is off, true or the bare flag is `value`, else a name."""
+    `--torchcompile [BACKEND]`): false (no, off, null) is off, true (yes, on) or the bare flag is
+    `value`, else a name."""
     meta = {"help": help, "choices": choices, "aliases": tuple(aliases), "items": items or (int, "+", None),
             "resumable": resumable, "const": const}
     return dataclasses.field(default=default, metadata=meta)
@@ -58,12 +59,19 @@ class Section:
                 require(value in choices, f.name, f"must be one of {', '.join(choices)}", value)
 
 
+# The words a switch with an optional value reads as off or on rather than as a name.
+SWITCH_WORDS = {"false": False, "no": False, "off": False, "none": None, "null": None, "true": True, "yes": True,
+                "on": True}
+
+
 def coerce(f: dataclasses.Field, value: Any) -> Any:
     """One value checked and converted against field `f`'s annotation (kept as a string)."""
     name, type_str = f.name, str(f.type)
     if name == "mask_loss_anneal" and isinstance(value, bool):  # a boolean reads as none / cosine
         value = "cosine" if value else "none"
     if f.metadata["const"] is not None:  # a switch with an optional value: false (null: off too), true, a name
+        if isinstance(value, str) and value.lower() in SWITCH_WORDS:  # `--torchcompile false` on the command line
+            value = SWITCH_WORDS[value.lower()]
         if value is None or isinstance(value, bool):
             return f.metadata["const"][0] if value else False
         if isinstance(value, str) and value:

@@ -278,7 +278,8 @@ class RunOptions(Section):
     amp_dtype: str = option("bfloat16", "mixed-precision dtype (float16 adds a GradScaler)", choices=AMP_DTYPES)
     channels_last: bool | None = option(None, "channels-last memory format; none: on with CUDA")
     torchcompile: bool | str = option(
-        False, "torch.compile with this backend (the bare flag: inductor) what --torchcompile-scope names; the "
+        False, "torch.compile with this backend (the bare flag or true: inductor; false, no or off: not compiled) "
+        "what --torchcompile-scope names; the "
         "first steps are slower while it compiles", const=("inductor", "BACKEND"), resumable=True)
     torchcompile_mode: str | None = option(
         None, "torch.compile mode of the inductor backend; none: torch's default", choices=TORCHCOMPILE_MODES,
