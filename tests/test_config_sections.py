@@ -7,6 +7,7 @@ config had sections (tests/data/v1_run: the config.yaml and the checkpoint's con
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from automix_fast.errors import ConfigError
 from faultkit import ENV
 
 STORED = Path(__file__).parent / "data" / "v1_run"
-# What the stored run resolved from null/auto (config.yaml marks each with "# resolved from").
+# What the stored run resolved from null/auto (its config.yaml marks each with "# resolved from").
 RESOLVED = {"dataset": "folder", "aug": "cifar", "num_classes": 3, "validation_batch_size": 16, "warmup_epochs": 0.25,
             "mix_alpha": 2.0, "mix_stage": 3, "amp": False, "channels_last": False}
 # The stored run's step schedule (milestones in `decay_epochs`, as configs of its version hold
@@ -40,6 +41,24 @@ def read_as_today(text: str) -> str:
     """A config.yaml of the stored run with its schedule lines as today's writer puts them."""
     assert "sched: step\ndecay_epochs:\n- 1\n" in text
     return text.replace("sched: step\ndecay_epochs:\n- 1\n", "sched: multistep\ndecay_epochs: null\n")
+
+
+def marked_as_today(text: str) -> str:
+    """A config.yaml of the stored run (its version wrote `amp: false  # resolved from null`) as
+    today's writer marks it: what was asked, then what it ran as (`amp: null  # ran as false`)."""
+    return re.sub(r"(?m)^(\w+): (.*)  # resolved from (.*)$", r"\1: \3  # ran as \2", text)
+
+
+def test_config_yaml_asks_again_for_what_the_run_left_to_null_or_auto(tmp_path):
+    cfg = build_config(overrides={"mix": "mixup", "lr": 0.2})
+    ran = {"amp": False, "channels_last": False, "kernel_backend": "torch", "dataset": "folder", "num_classes": 3,
+           "validation_batch_size": 128, "warmup_epochs": 0.25, "mix_alpha": 1.0, "img_size": 32}
+    text = config_yaml(cfg, ran)
+    assert "amp: null  # ran as false\n" in text and "dataset: auto  # ran as folder\n" in text
+    assert "kernel_backend: auto  # ran as torch\n" in text and "mix_alpha: null  # ran as 1.0\n" in text
+    (tmp_path / "config.yaml").write_text(text)
+    again = build_config(load_yaml(str(tmp_path / "config.yaml")), {"batch_size": 32})
+    assert again.to_flat() == {**cfg.to_flat(), "batch_size": 32}  # nothing pinned: worked out again
 
 
 def test_every_field_is_declared_once_with_help_and_a_section():
@@ -80,7 +99,8 @@ def test_stored_checkpoint_config_resumes_and_writes_the_same_config_yaml():
                               decay_rate=cfg.schedule.decay_rate)
     assert [schedule.lr_at(i)[0] for i in (9, 10, 19)] == pytest.approx([0.05, 0.005, 0.005])
     # The run's config.yaml is what today's writer makes of the stored config and what it resolved.
-    assert config_yaml(build_config(stored), RESOLVED) == read_as_today((STORED / "config.yaml").read_text()) + ADDED_LINES
+    written = marked_as_today(read_as_today((STORED / "config.yaml").read_text()))
+    assert config_yaml(build_config(stored), RESOLVED) == written + ADDED_LINES
     with pytest.raises(ConfigError, match=r"--lr \(0.05 -> 0.2\) cannot change on resume"):
         resumed_config((str(path), state), {"resume": str(path), "lr": 0.2})
 

@@ -71,13 +71,14 @@ def test_resume_extends_epochs_and_refuses_other_changes(data, tmp_path):
     first = cli(train_args(data, tmp_path, "ext", "--mix", "cutmix", epochs=1))
     assert first.returncode == 0, first.stderr
     assert "1 epoch x 7 steps" in first.stdout and "amp off" in first.stdout  # item 9: no 'amp None', no '1 epochs'
-    # config.yaml shows what ran (null/auto resolved, marked); the checkpoint keeps what was asked,
-    # so a resume on another machine resolves again.
+    # config.yaml keeps what was asked, each null/auto marked with what it ran as; the checkpoint
+    # keeps what was asked too, so a resume on another machine resolves again.
     text = (tmp_path / "ext" / "config.yaml").read_text()
     saved = yaml.safe_load(text)
-    assert saved["amp"] is False and saved["channels_last"] is False and saved["mix_alpha"] == 0.2
-    assert saved["dataset"] == "folder" and saved["validation_batch_size"] == 16 and saved["num_classes"] == 3
-    assert "amp: false  # resolved from null" in text and "dataset: folder  # resolved from auto" in text
+    assert saved["amp"] is None and saved["channels_last"] is None and saved["mix_alpha"] is None
+    assert saved["dataset"] == "auto" and saved["validation_batch_size"] is None and saved["num_classes"] is None
+    assert "amp: null  # ran as false" in text and "dataset: auto  # ran as folder" in text
+    assert "mix_alpha: null  # ran as 0.2" in text and "validation_batch_size: null  # ran as 16" in text
     assert ck.load_checkpoint(tmp_path / "ext" / "last.pt")["config"]["amp"] is None
     msg = one_error(cli(["train", "--resume", "auto", "--output", str(tmp_path), "--experiment", "ext",
                          "--lr", "0.2", "--smoothing", "0.1", "--epochs", "2"]))

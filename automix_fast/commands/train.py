@@ -72,7 +72,7 @@ def explain_pinned_dataset(err, args: argparse.Namespace) -> None:
     if not name or "dataset" in vars(args):
         return
     pinned = load_yaml(name)
-    if "dataset" not in pinned:
+    if pinned.get("dataset") in (None, "auto"):
         return
     config = os.path.splitext(os.path.basename(name))[0]
     advice = ""

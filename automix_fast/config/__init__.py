@@ -322,21 +322,20 @@ def resolve_cutmix_minmax(values: dict[str, Any]) -> None:
 
 # ---- config.yaml and resuming --------------------------------------------------------------
 def config_yaml(cfg: TrainConfig, resolved: dict[str, Any] | None = None) -> str:
-    """The config as flat YAML, with `resolved` values in place of null/auto ones, each marked
-    with a comment saying what was asked (so the file shows what ran and still loads with -c)."""
+    """The config as flat YAML, each null/auto value followed by a comment saying what it ran as
+    (`amp: null  # ran as false`): loaded with -c, the file asks for what this run asked for, so
+    those values are worked out again for the new flags and machine."""
     import yaml
 
     values = cfg.to_flat()
-    asked = {}
-    for key, value in (resolved or {}).items():
-        if values.get(key) in (None, AUTO) and value != values.get(key):
-            asked[key] = values[key]
-            values[key] = value
+    ran = {key: value for key, value in (resolved or {}).items()
+           if values.get(key) in (None, AUTO) and value != values.get(key)}
     lines = yaml.safe_dump(values, sort_keys=False).splitlines()
     for i, line in enumerate(lines):
         key = line.split(":", 1)[0]
-        if key in asked:
-            lines[i] = f"{line}  # resolved from {'null' if asked[key] is None else asked[key]}"
+        if key in ran:
+            shown = yaml.safe_dump({key: ran[key]}, default_flow_style=True).strip()[1:-1].split(": ", 1)[1]
+            lines[i] = f"{line}  # ran as {shown}"
     return "\n".join(lines) + "\n"
 
 
