@@ -21,6 +21,7 @@ import torch
 from automix_fast import ops, rundir
 from automix_fast.config import TrainConfig, config_changes, flag_name, read_older, save_config
 from automix_fast.data import DataSpec, build_loaders
+from automix_fast.data.shards import seed_of
 from automix_fast.data.torch_loader import resolve_aug
 from automix_fast.engine.checkpoint import (FORMAT, CheckpointManager, check_training_state, rng_state, set_aside_after,
                                            set_rng_state)
@@ -49,6 +50,21 @@ from automix_fast.models import create_model
 from automix_fast.visualize import write_mix_grid
 
 
+# The stream tag of seed_rank_generators (the data order and augmentation use 0 in that place).
+_RANK_GENERATOR_STREAM = 3
+
+
+def seed_rank_generators(seed: int, rank: int, step: int = 0) -> None:
+    """On ranks other than 0, reseed torch's global generators (CPU and every CUDA device) from
+    (seed, rank, step): what draws from them during training (DropPath's per-sample masks,
+    dropout) then differs between ranks, as each rank's samples do. Rank 0 keeps its stream, so a
+    single process draws exactly what it drew before. Called once the weights are built (they
+    come from `torch.manual_seed(seed)`, the same on every rank), and on resume at the resumed
+    global step, after the checkpoint's (rank 0's) generator state is restored."""
+    if rank != 0:
+        torch.manual_seed(seed_of(seed, step, rank, _RANK_GENERATOR_STREAM))
+
+
 class Trainer:
     """Everything one training run holds, built from a config; `fit` runs it."""
 
@@ -65,6 +81,7 @@ class Trainer:
         self._build_model()
         self._build_optimizer()
         self.start_epoch, self.start_batch, self.history = 0, 0, []
+        seed_rank_generators(self.cfg.run.seed, self.dist.rank)  # the weights are built: each rank its own draws
 
     # ------------------------------------------------------------------ build
     def _setup_processes(self, quiet: bool) -> None:
@@ -225,8 +242,10 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.guard.skipped.fill_(state.get("skipped_steps", 0))
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"])  # rank 0's generators, as they were when the checkpoint was written
         self.start_epoch, self.start_batch = state["next_epoch"], state["next_batch"]
+        seed_rank_generators(self.cfg.run.seed, self.dist.rank,
+                             self.start_epoch * self.steps_per_epoch + self.start_batch)
         self.history = json.loads(state.get("history", "[]"))
 
     def resolved(self) -> dict:
