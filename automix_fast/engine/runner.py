@@ -23,8 +23,8 @@ from automix_fast.config import TrainConfig, config_changes, flag_name, read_old
 from automix_fast.data import DataSpec, build_loaders
 from automix_fast.data.shards import seed_of
 from automix_fast.data.torch_loader import resolve_aug
-from automix_fast.engine.checkpoint import (FORMAT, CheckpointManager, check_training_state, rng_state, set_aside_after,
-                                           set_rng_state)
+from automix_fast.engine.checkpoint import (FORMAT, CheckpointManager, check_resume_world_size, check_training_state,
+                                           rng_state, set_aside_after, set_rng_state)
 from automix_fast.engine.compile_clock import CompileClock
 from automix_fast.engine.distributed import (all_reduce_sum, average_bn_stats, barrier, convert_sync_batchnorm,
                                              flat_allreduce_mean, init_distributed)
@@ -101,6 +101,8 @@ class Trainer:
         self.run_dir = rundir.locate(cfg)
         if resume_from is None and cfg.run.resume and not resolved:
             resume_from = rundir.find_resume(cfg)
+        if resume_from is not None:  # a mid-epoch state needs the process count that wrote it
+            check_resume_world_size(*resume_from, self.dist.world_size)
         self.resume_from = resume_from
         self.forked = resume_from is not None and rundir.forks(resume_from, self.run_dir)
         if self.is_main and (resume_from is None or self.forked):  # a new folder: checked before any data work
@@ -211,6 +213,7 @@ class Trainer:
             "data_root": os.path.abspath(self.cfg.data.data_dir) if self.cfg.data.data_dir else None,
             "next_epoch": next_epoch,
             "next_batch": next_batch,
+            "world_size": self.dist.world_size,  # a mid-epoch state resumes only with this many processes
             "mixer": self.mixer.state_dict(),
             "optimizer": host_hyperparameters(self.optimizer.state_dict()),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -222,6 +225,7 @@ class Trainer:
     def load_state(self, path, state: dict) -> None:
         """Continue from a training checkpoint read from `path` (checked against this run)."""
         check_training_state(path, state)
+        check_resume_world_size(path, state, self.dist.world_size)
         if state.get("model_name") != self.cfg.net.model or state.get("num_classes") != self.num_classes:
             raise CheckpointError(
                 f"{path} holds model '{state.get('model_name')}' with num_classes {state.get('num_classes')}, "
@@ -333,10 +337,20 @@ class Trainer:
                 self.log(f"forked from {path} (left as it is) at epoch {self.start_epoch + 1}, batch {self.start_batch}")
             else:
                 self.log(f"resumed from {path} at epoch {self.start_epoch + 1}, batch {self.start_batch}")
+            if self._other_world_size(state):
+                written = state["world_size"]
+                self.log(f"{path} was written by {written} process{'es' if written > 1 else ''} and this run has "
+                         f"{self.dist.world_size}: {self.steps_per_epoch} steps per epoch from here, and the "
+                         "schedule, the mixing draws and the logged steps follow that count")
         elif cfg.net.initial_checkpoint:  # timm's --initial-checkpoint: a fresh start from its weights only
             load_initial_checkpoint(self.mixer, cfg.net.initial_checkpoint, cfg.net.model, self.num_classes)
             self.log(f"model weights from {cfg.net.initial_checkpoint}")
         return found
+
+    def _other_world_size(self, state: dict) -> bool:
+        """Whether a state (at an epoch's end: check_resume_world_size refuses the others) was
+        written by another number of processes than this run has."""
+        return state.get("world_size", self.dist.world_size) != self.dist.world_size
 
     def _open_run_folder(self, found) -> None:
         """Rank 0 claims the run folder (or trims a resumed run's metrics) and writes config.yaml."""
@@ -347,7 +361,10 @@ class Trainer:
         elif self.forked:  # continuing elsewhere: into a new folder (or one that holds no run)
             rundir.claim(self.run_dir, named=True)
         else:  # steps logged after that checkpoint (a kill, an abandoned continuation) are logged again from here
-            rundir.trim_metrics(self.run_dir, self.start_epoch * self.steps_per_epoch + self.start_batch)
+            if self._other_world_size(found[1]):  # an epoch end: the steps logged so far counted other epochs
+                rundir.trim_metrics(self.run_dir, epoch=self.start_epoch)
+            else:
+                rundir.trim_metrics(self.run_dir, self.start_epoch * self.steps_per_epoch + self.start_batch)
             moved = set_aside_after(self.run_dir, self.start_epoch, resumed_from=found[0])
             if moved:
                 self.log(f"set aside (not deleted) the later checkpoints this run replaces: "
