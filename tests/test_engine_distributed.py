@@ -226,6 +226,23 @@ def test_sigterm_to_torchrun_stops_all_ranks_at_one_step_and_resumes(data, tmp_p
     assert len(records(tmp_path / "pre")) == 2 * 15  # every step logged once over the two runs
 
 
+def test_a_one_process_mid_epoch_state_is_refused_by_two_ranks_in_one_line(data, tmp_path):
+    """Every rank checks the process count before any data work and stops with the same line
+    (no rank is left waiting in a collective)."""
+    from automix_fast.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    one = cli(train_args(data, tmp_path, "one", "--mix", "vanilla", epochs=1))
+    assert one.returncode == 0, one.stderr[-3000:]
+    mid = tmp_path / "mid.pt"
+    save_checkpoint(mid, {**load_checkpoint(tmp_path / "one" / "last.pt"), "next_epoch": 0, "next_batch": 2})
+    two = torchrun(2, ["train", "--resume", str(mid), "--output", str(tmp_path), "--experiment", "two"], timeout=120)
+    assert two.returncode != 0
+    line = f"error: {mid} was written mid-epoch (epoch 1, batch 2) by 1 process and this run has 2: " \
+           "resume it with one process (no torchrun), or resume from an epoch-end checkpoint (checkpoint-NNNN.pt) instead"
+    assert (two.stdout + two.stderr).count(line) == 2, two.stdout[-3000:] + two.stderr[-3000:]
+    assert not (tmp_path / "two").exists()
+
+
 def test_distributed_single_process_noops(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
