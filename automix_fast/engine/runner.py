@@ -3,8 +3,9 @@
 Single process or under torchrun (DDP by gradient all-reduce: the policies run several
 forwards per step, which DDP's wrapper does not support without a static graph). Lambdas are
 shared by all ranks (drawn from (seed, step)); permutations are drawn per rank over its own
-shard. BN running statistics are averaged over ranks before each evaluation and checkpoint.
-Logged train metrics are averaged over ranks, eval counts summed. All ranks agree on a stop
+shard; once the identical initial weights are built, ranks other than 0 reseed torch's
+generators (their own DropPath masks). BN running statistics are averaged over ranks before each
+evaluation and checkpoint. Logged train metrics are averaged over ranks, eval counts summed. All ranks agree on a stop
 (signal) at the same step boundary. Only rank 0 prints, logs and writes files.
 See docs/DISTRIBUTED.md.
 """
