@@ -236,10 +236,13 @@ def forks(found, run_dir: Path) -> bool:
     return Path(found[0]).resolve().parent != Path(run_dir).resolve()
 
 
-def trim_metrics(run_dir: Path, step: int) -> int:
-    """Drop the metrics.jsonl records logged after global step `step` (the resumed checkpoint's):
-    a run killed after its last checkpoint logged steps that the resumed run logs again. Also
-    drops a line cut short by the kill. Returns how many were dropped."""
+def trim_metrics(run_dir: Path, step: int | None = None, *, epoch: int | None = None) -> int:
+    """Drop the metrics.jsonl records logged after global step `step` (the resumed checkpoint's),
+    or with `epoch` instead, those of epochs (1-based) after `epoch` (a resume at an epoch's end
+    with another number of processes, whose step numbers count other epochs): a run killed after
+    its last checkpoint logged steps that the resumed run logs again. Also drops a line cut short
+    by the kill. Returns how many were dropped."""
+    field, last = ("step", step) if epoch is None else ("epoch", epoch)
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return 0
@@ -247,7 +250,7 @@ def trim_metrics(run_dir: Path, step: int) -> int:
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             record = json.loads(line)
-            keep = record.get("step") is None or record["step"] <= step
+            keep = record.get(field) is None or record[field] <= last
         except (ValueError, AttributeError, TypeError):
             keep = False
         if keep:

@@ -99,6 +99,56 @@ def test_cuda_graph_step_under_torchrun_trains_as_the_eager_step(data, tmp_path)
     assert_states_equal(weights(tmp_path / "graph" / "last.pt"), weights(tmp_path / "eager" / "last.pt"), atol=1e-5)
 
 
+# Builds the Trainer of a --drop-path run and prints, per rank, the keep masks its last DropPath
+# draws for 16 samples: after the build and after loading a mid-epoch training state.
+DROP_PATH_MASKS = """
+import json, os, sys
+import torch
+from automix_fast.config import build_config
+from automix_fast.engine.distributed import cleanup
+from automix_fast.engine.runner import Trainer
+from automix_fast.models.drop_path import DropPath
+
+cfg = build_config(overrides=dict(model="resnet20_cifar", drop_path=0.5, mix="mixup", epochs=1, device="cpu",
+                                  data_dir=sys.argv[1], img_size=32, batch_size=8, workers=0, loader="torch",
+                                  kernel_backend="torch", output=sys.argv[2], experiment="masks", visualize=False))
+t = Trainer(cfg, quiet=True)
+drop = [m for m in t.model.modules() if isinstance(m, DropPath)][-1]
+drop.train()
+keep = lambda: (drop(torch.ones(16, 1, 1, 1)).flatten() != 0).int().tolist()
+built = keep()
+t.load_state("state", t.state(0, 2))
+print(json.dumps({"rank": int(os.environ.get("RANK", 0)), "built": built, "resumed": keep()}), flush=True)
+cleanup()
+"""
+
+
+def test_drop_path_masks_differ_between_ranks_and_one_process_draws_as_rank_0(data, tmp_path):
+    """Under torchrun every rank builds the same weights from --seed, then ranks other than 0 draw
+    from their own generator streams, also after a resume (which restores rank 0's generator
+    state on every rank); rank 0 keeps the stream a single process has."""
+    import json
+    import subprocess
+    import sys
+
+    from faultkit import ENV, free_port
+
+    script = tmp_path / "masks.py"
+    script.write_text(DROP_PATH_MASKS)
+    args = [str(script), str(data), str(tmp_path)]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(free_port()), *args],
+                         env=ENV, capture_output=True, text=True, timeout=180)
+    one = subprocess.run([sys.executable, *args], env=ENV, capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr[-3000:]
+    masks = {r["rank"]: r for r in map(json.loads, [ln for ln in two.stdout.splitlines() if ln.startswith("{")])}
+    assert set(masks) == {0, 1}, two.stdout[-3000:] + two.stderr[-3000:]
+    single = json.loads(one.stdout.strip().splitlines()[-1])
+    for when in ("built", "resumed"):
+        assert masks[0][when] != masks[1][when], f"{when}: both ranks drew the keep mask {masks[0][when]}"
+        assert masks[0][when] == single[when], f"{when}: rank 0 {masks[0][when]}, one process {single[when]}"
+
+
 def test_rank_shards_reassemble_the_global_batch():
     """Rank r's batch k + ... == the 1-process batch k of size world*B, with the same crops/flips."""
     from automix_fast.data import DataSpec
@@ -174,6 +224,23 @@ def test_sigterm_to_torchrun_stops_all_ranks_at_one_step_and_resumes(data, tmp_p
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"batch {state['next_batch']}" in resumed.stdout and "done:" in resumed.stdout
     assert len(records(tmp_path / "pre")) == 2 * 15  # every step logged once over the two runs
+
+
+def test_a_one_process_mid_epoch_state_is_refused_by_two_ranks_in_one_line(data, tmp_path):
+    """Every rank checks the process count before any data work and stops with the same line
+    (no rank is left waiting in a collective)."""
+    from automix_fast.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    one = cli(train_args(data, tmp_path, "one", "--mix", "vanilla", epochs=1))
+    assert one.returncode == 0, one.stderr[-3000:]
+    mid = tmp_path / "mid.pt"
+    save_checkpoint(mid, {**load_checkpoint(tmp_path / "one" / "last.pt"), "next_epoch": 0, "next_batch": 2})
+    two = torchrun(2, ["train", "--resume", str(mid), "--output", str(tmp_path), "--experiment", "two"], timeout=120)
+    assert two.returncode != 0
+    line = f"error: {mid} was written mid-epoch (epoch 1, batch 2) by 1 process and this run has 2: " \
+           "resume it with one process (no torchrun), or resume from an epoch-end checkpoint (checkpoint-NNNN.pt) instead"
+    assert (two.stdout + two.stderr).count(line) == 2, two.stdout[-3000:] + two.stderr[-3000:]
+    assert not (tmp_path / "two").exists()
 
 
 def test_distributed_single_process_noops(monkeypatch):

@@ -221,3 +221,42 @@ def test_resuming_an_earlier_checkpoint_of_the_folder_sets_the_later_continuatio
                               capsys)
     assert code == 0, err
     assert f"resumed from {run / 'last.pt'} at epoch 3, batch 0" in out and "set aside" not in out
+
+
+def test_a_mid_epoch_state_resumes_only_with_the_process_count_that_wrote_it(data, finished, tmp_path, capsys,
+                                                                          one_thread):
+    """Each rank's shard of an epoch and the global step of a batch depend on the process count,
+    so a mid-epoch state (a handmade one here: "written" by 2 processes) is refused by one process;
+    at an epoch's end any count resumes, with its own steps per epoch. A state without the count
+    (written before it was stored) is not checked."""
+    from automix_fast.engine.checkpoint import save_checkpoint
+
+    state = load_checkpoint(finished / "last.pt")
+    assert state["world_size"] == 1
+    mid = tmp_path / "mid.pt"
+    save_checkpoint(mid, {**state, "next_epoch": 0, "next_batch": 5, "world_size": 2})
+    code, out, err = run_main(["train", "--resume", str(mid), "--output", str(tmp_path), "--experiment", "other"],
+                              capsys)
+    msg = one_error(code, err)
+    assert f"{mid} was written mid-epoch (epoch 1, batch 5) by 2 processes and this run has 1" in msg, msg
+    assert "torchrun --nproc_per_node 2" in msg and "checkpoint-NNNN.pt" in msg
+    assert not (tmp_path / "other").exists()
+    # Without the count: resumed as before.
+    save_checkpoint(mid, {k: v for k, v in state.items() if k != "world_size"} | {"next_epoch": 0, "next_batch": 5})
+    code, out, err = run_main(["train", "--resume", str(mid), "--output", str(tmp_path), "--experiment", "old",
+                               "--log-interval", "5"], capsys)
+    assert code == 0 and "at epoch 1, batch 5" in out, err
+
+    # At an epoch's end with another count: resumed, and the records logged after that epoch
+    # (numbered with the other count's steps per epoch) are dropped by their epoch.
+    run = tmp_path / "good"
+    shutil.copytree(finished, run)
+    save_checkpoint(run / "last.pt", {**state, "world_size": 2})
+    with open(run / "metrics.jsonl", "a") as f:  # 2 processes went on into epoch 2 (7 steps an epoch)
+        f.write('{"type": "train", "epoch": 2, "step": 9, "time": 0, "values": {"loss": 1.0}}\n')
+    code, out, err = run_main(["train", "--resume", "auto", "--output", str(tmp_path), "--experiment", "good",
+                               "--epochs", "2", "--log-interval", "5"], capsys)
+    assert code == 0, err
+    assert f"{run / 'last.pt'} was written by 2 processes and this run has 1: 15 steps per epoch from here" in out
+    epoch2 = [r for r in records(run) if r["epoch"] == 2]
+    assert [r["step"] for r in epoch2] == [20, 25, 30], epoch2  # the record of step 9 is gone

@@ -153,6 +153,23 @@ def check_training_state(path: str | os.PathLike, state: dict, flag: str = "", *
         raise CheckpointError(f"{flag + ' ' if flag else ''}{path} is not an automix-fast training checkpoint")
 
 
+def check_resume_world_size(path: str | os.PathLike, state: dict, world_size: int) -> None:
+    """CheckpointError in one line when a mid-epoch training state (next_batch > 0) is resumed by
+    another number of processes than the `world_size` that wrote it: each rank's shard of the
+    epoch and the global step of a batch depend on that number, so skipping the batches done would
+    skip or repeat images. A state at an epoch's end resumes with any number. A state without
+    "world_size" (written before it was stored) is not checked: the command printed to continue an
+    interrupted run names the count that wrote it."""
+    written = state.get("world_size")
+    if written is None or written == world_size or not state.get("next_batch"):
+        return
+    how = f"torchrun --nproc_per_node {written}" if written > 1 else "one process (no torchrun)"
+    raise CheckpointError(
+        f"{path} was written mid-epoch (epoch {state.get('next_epoch', 0) + 1}, batch {state['next_batch']}) by "
+        f"{written} process{'es' if written > 1 else ''} and this run has {world_size}: resume it with {how}, "
+        "or resume from an epoch-end checkpoint (checkpoint-NNNN.pt) instead")
+
+
 # ----------------------------------------------------------------------------- run folder
 def _epoch_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """(epoch, path) of every checkpoint-<epoch>.pt in run_dir, newest first."""

@@ -3,8 +3,9 @@
 Single process or under torchrun (DDP by gradient all-reduce: the policies run several
 forwards per step, which DDP's wrapper does not support without a static graph). Lambdas are
 shared by all ranks (drawn from (seed, step)); permutations are drawn per rank over its own
-shard. BN running statistics are averaged over ranks before each evaluation and checkpoint.
-Logged train metrics are averaged over ranks, eval counts summed. All ranks agree on a stop
+shard; once the identical initial weights are built, ranks other than 0 reseed torch's
+generators (their own DropPath masks). BN running statistics are averaged over ranks before each
+evaluation and checkpoint. Logged train metrics are averaged over ranks, eval counts summed. All ranks agree on a stop
 (signal) at the same step boundary. Only rank 0 prints, logs and writes files.
 See docs/DISTRIBUTED.md.
 """
@@ -21,9 +22,10 @@ import torch
 from automix_fast import ops, rundir
 from automix_fast.config import TrainConfig, config_changes, flag_name, read_older, save_config
 from automix_fast.data import DataSpec, build_loaders
+from automix_fast.data.shards import seed_of
 from automix_fast.data.torch_loader import resolve_aug
-from automix_fast.engine.checkpoint import (FORMAT, CheckpointManager, check_training_state, rng_state, set_aside_after,
-                                           set_rng_state)
+from automix_fast.engine.checkpoint import (FORMAT, CheckpointManager, check_resume_world_size, check_training_state,
+                                           rng_state, set_aside_after, set_rng_state)
 from automix_fast.engine.compile_clock import CompileClock
 from automix_fast.engine.distributed import (all_reduce_sum, average_bn_stats, barrier, convert_sync_batchnorm,
                                              flat_allreduce_mean, init_distributed)
@@ -49,6 +51,21 @@ from automix_fast.models import create_model
 from automix_fast.visualize import write_mix_grid
 
 
+# The stream tag of seed_rank_generators (the data order and augmentation use 0 in that place).
+_RANK_GENERATOR_STREAM = 3
+
+
+def seed_rank_generators(seed: int, rank: int, step: int = 0) -> None:
+    """On ranks other than 0, reseed torch's global generators (CPU and every CUDA device) from
+    (seed, rank, step): what draws from them during training (DropPath's per-sample masks,
+    dropout) then differs between ranks, as each rank's samples do. Rank 0 keeps its stream, so a
+    single process draws exactly what it drew before. Called once the weights are built (they
+    come from `torch.manual_seed(seed)`, the same on every rank), and on resume at the resumed
+    global step, after the checkpoint's (rank 0's) generator state is restored."""
+    if rank != 0:
+        torch.manual_seed(seed_of(seed, step, rank, _RANK_GENERATOR_STREAM))
+
+
 class Trainer:
     """Everything one training run holds, built from a config; `fit` runs it."""
 
@@ -65,6 +82,7 @@ class Trainer:
         self._build_model()
         self._build_optimizer()
         self.start_epoch, self.start_batch, self.history = 0, 0, []
+        seed_rank_generators(self.cfg.run.seed, self.dist.rank)  # the weights are built: each rank its own draws
 
     # ------------------------------------------------------------------ build
     def _setup_processes(self, quiet: bool) -> None:
@@ -84,6 +102,8 @@ class Trainer:
         self.run_dir = rundir.locate(cfg)
         if resume_from is None and cfg.run.resume and not resolved:
             resume_from = rundir.find_resume(cfg)
+        if resume_from is not None:  # a mid-epoch state needs the process count that wrote it
+            check_resume_world_size(*resume_from, self.dist.world_size)
         self.resume_from = resume_from
         self.forked = resume_from is not None and rundir.forks(resume_from, self.run_dir)
         if self.is_main and (resume_from is None or self.forked):  # a new folder: checked before any data work
@@ -194,6 +214,7 @@ class Trainer:
             "data_root": os.path.abspath(self.cfg.data.data_dir) if self.cfg.data.data_dir else None,
             "next_epoch": next_epoch,
             "next_batch": next_batch,
+            "world_size": self.dist.world_size,  # a mid-epoch state resumes only with this many processes
             "mixer": self.mixer.state_dict(),
             "optimizer": host_hyperparameters(self.optimizer.state_dict()),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -205,6 +226,7 @@ class Trainer:
     def load_state(self, path, state: dict) -> None:
         """Continue from a training checkpoint read from `path` (checked against this run)."""
         check_training_state(path, state)
+        check_resume_world_size(path, state, self.dist.world_size)
         if state.get("model_name") != self.cfg.net.model or state.get("num_classes") != self.num_classes:
             raise CheckpointError(
                 f"{path} holds model '{state.get('model_name')}' with num_classes {state.get('num_classes')}, "
@@ -225,8 +247,10 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.guard.skipped.fill_(state.get("skipped_steps", 0))
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"])  # rank 0's generators, as they were when the checkpoint was written
         self.start_epoch, self.start_batch = state["next_epoch"], state["next_batch"]
+        seed_rank_generators(self.cfg.run.seed, self.dist.rank,
+                             self.start_epoch * self.steps_per_epoch + self.start_batch)
         self.history = json.loads(state.get("history", "[]"))
 
     def resolved(self) -> dict:
@@ -314,10 +338,20 @@ class Trainer:
                 self.log(f"forked from {path} (left as it is) at epoch {self.start_epoch + 1}, batch {self.start_batch}")
             else:
                 self.log(f"resumed from {path} at epoch {self.start_epoch + 1}, batch {self.start_batch}")
+            if self._other_world_size(state):
+                written = state["world_size"]
+                self.log(f"{path} was written by {written} process{'es' if written > 1 else ''} and this run has "
+                         f"{self.dist.world_size}: {self.steps_per_epoch} steps per epoch from here, and the "
+                         "schedule, the mixing draws and the logged steps follow that count")
         elif cfg.net.initial_checkpoint:  # timm's --initial-checkpoint: a fresh start from its weights only
             load_initial_checkpoint(self.mixer, cfg.net.initial_checkpoint, cfg.net.model, self.num_classes)
             self.log(f"model weights from {cfg.net.initial_checkpoint}")
         return found
+
+    def _other_world_size(self, state: dict) -> bool:
+        """Whether a state (at an epoch's end: check_resume_world_size refuses the others) was
+        written by another number of processes than this run has."""
+        return state.get("world_size", self.dist.world_size) != self.dist.world_size
 
     def _open_run_folder(self, found) -> None:
         """Rank 0 claims the run folder (or trims a resumed run's metrics) and writes config.yaml."""
@@ -328,7 +362,10 @@ class Trainer:
         elif self.forked:  # continuing elsewhere: into a new folder (or one that holds no run)
             rundir.claim(self.run_dir, named=True)
         else:  # steps logged after that checkpoint (a kill, an abandoned continuation) are logged again from here
-            rundir.trim_metrics(self.run_dir, self.start_epoch * self.steps_per_epoch + self.start_batch)
+            if self._other_world_size(found[1]):  # an epoch end: the steps logged so far counted other epochs
+                rundir.trim_metrics(self.run_dir, epoch=self.start_epoch)
+            else:
+                rundir.trim_metrics(self.run_dir, self.start_epoch * self.steps_per_epoch + self.start_batch)
             moved = set_aside_after(self.run_dir, self.start_epoch, resumed_from=found[0])
             if moved:
                 self.log(f"set aside (not deleted) the later checkpoints this run replaces: "
