@@ -25,7 +25,7 @@ def given_values(args: argparse.Namespace) -> tuple[dict, dict]:
     """(values from the -c file, values of the flags typed): only what the user gave."""
     flags = {k: v for k, v in vars(args).items() if k not in NOT_FIELDS}
     file_values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    return file_under_flags(file_values, flags), flags
+    return file_values, flags
 
 
 def train_config(args: argparse.Namespace):
@@ -38,7 +38,8 @@ def train_config(args: argparse.Namespace):
     found = rundir.find_resume(cfg)
     if found is None:
         return cfg, None
-    return resumed_config(found, {**file_values, **flags}), found
+    # The file's values that apply under the flags, as build_config took them (the mixing policy is the flags')
+    return resumed_config(found, {**file_under_flags(file_values, flags), **flags}), found
 
 
 def run(args) -> int:

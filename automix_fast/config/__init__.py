@@ -334,7 +334,7 @@ def config_yaml(cfg: TrainConfig, resolved: dict[str, Any] | None = None) -> str
     for i, line in enumerate(lines):
         key = line.split(":", 1)[0]
         if key in ran:
-            shown = yaml.safe_dump({key: ran[key]}, default_flow_style=True).strip()[1:-1].split(": ", 1)[1]
+            shown = yaml.safe_dump([ran[key]], default_flow_style=True).strip()[1:-1]  # a value, as YAML writes it
             lines[i] = f"{line}  # ran as {shown}"
     return "\n".join(lines) + "\n"
 

@@ -224,9 +224,9 @@ class Trainer:
         }
 
     def load_state(self, path, state: dict) -> None:
-        """Continue from a training checkpoint read from `path` (checked against this run)."""
+        """Continue from a training checkpoint read from `path` (checked against this run; its
+        process count was checked with the run folder, before any data work)."""
         check_training_state(path, state)
-        check_resume_world_size(path, state, self.dist.world_size)
         if state.get("model_name") != self.cfg.net.model or state.get("num_classes") != self.num_classes:
             raise CheckpointError(
                 f"{path} holds model '{state.get('model_name')}' with num_classes {state.get('num_classes')}, "
