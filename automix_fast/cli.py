@@ -98,7 +98,8 @@ class _Parser(argparse.ArgumentParser):
 def _add_eval_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a .pt file written by automix-fast train (required)")
     p.add_argument("--data-dir", default=argparse.SUPPRESS,
-                   help="dataset root, a folder holding val/, or a flat ImageFolder (default: the one it was trained on)")
+                   help="dataset root, a folder holding val/, a flat ImageFolder, or CIFAR python batches (their test "
+                        "batch) (default: the one it was trained on)")
     p.add_argument("--device", choices=CHOICES["device"], default=argparse.SUPPRESS, help="default: as trained")
     p.add_argument("--kernel-backend", dest="kernel_backend", choices=CHOICES["kernel_backend"],
                    default=argparse.SUPPRESS, help="Mix Block ops (default: as trained)")

@@ -181,7 +181,9 @@ class OptimOptions(Section):
     """What the optimizer and the step read: the optimizer, its parameter groups (the Mix Block's
     own), gradient clipping and accumulation."""
 
-    opt: str = option("sgd", "optimizer", choices=OPTIMIZERS)
+    opt: str = option(
+        "sgd", "optimizer: sgd is momentum SGD without Nesterov, as the official recipes (timm's sgd is Nesterov); "
+        "adamw; fused_sgd or apex_sgd: NVIDIA apex's FusedSGD (needs apex)", choices=OPTIMIZERS)
     # 0.05 with one warmup epoch: the measured best of the two tried for the default run.
     lr: float = option(0.05, "peak learning rate (for the batch size given; scale it yourself with the global batch)")
     momentum: float = option(0.9, "SGD momentum")
