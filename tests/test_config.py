@@ -102,3 +102,14 @@ def test_command_line_picks_the_mixing_policy_over_a_recipe(recipe, flags, mix, 
     mixer = build_mixer(mixing.mix, create_model("tinynet", num_classes=3), alpha=mixing.mix_alpha, mixup=mixing.mixup,
                         cutmix=mixing.cutmix, cutmix_minmax=mixing.cutmix_minmax)
     assert (mixer.mixup_alpha, mixer.cutmix_alpha) == alphas
+
+
+def test_a_mistyped_shipped_config_name_names_the_closest():
+    from automix_fast.config import find_config
+
+    with pytest.raises(ConfigError, match=r"; did you mean cifar100_r18_automix\?") as e:
+        find_config("cifar100_r18_automx")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        find_config("no_such_recipe_at_all")
+    assert "did you mean" not in str(e.value) and "shipped configs: cifar100_r18_automix" in str(e.value)

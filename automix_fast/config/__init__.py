@@ -12,6 +12,7 @@ file may be flat (`lr: 0.1`) or nested by section (`optim: {lr: 0.1}`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,7 +124,10 @@ def find_config(name: str) -> str:
     found = _shipped(name)
     if found:
         return found
-    raise ConfigError(f"config file not found: {name} (shipped configs: {_shipped_names()})")
+    names = _shipped_names()
+    close = difflib.get_close_matches(Path(name).stem, names, n=1, cutoff=0.8)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise ConfigError(f"config file not found: {name}{hint} (shipped configs: {', '.join(names)})")
 
 
 def _shipped(name: str) -> str | None:
@@ -133,8 +137,8 @@ def _shipped(name: str) -> str | None:
     return None
 
 
-def _shipped_names() -> str:
-    return ", ".join(sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml")))
+def _shipped_names() -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
 
 
 def _flatten(data: dict[str, Any], path: str) -> dict[str, Any]:
@@ -181,7 +185,8 @@ def load_yaml(path: str, _seen: tuple = ()) -> dict[str, Any]:
     beside = os.path.join(os.path.dirname(path), base)  # a file next to this one, else a shipped config
     found = beside if os.path.isfile(beside) else _shipped(base)
     if found is None:
-        raise ConfigError(f"base: {base} in {path} is neither beside it nor a shipped config ({_shipped_names()})")
+        raise ConfigError(f"base: {base} in {path} is neither beside it nor a shipped config "
+                          f"({', '.join(_shipped_names())})")
     merged = load_yaml(found, _seen + (os.path.abspath(path),))
     merged.update(data)
     return merged
