@@ -159,3 +159,27 @@ def test_streaming_handles_odd_files(tmp_path, img_size, aug):
     train.set_epoch(0)
     again = [b for b in train]  # same epoch, same crops: augmentation is seeded per sample
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
+
+
+@pytest.mark.parametrize("crop_pct,zoomed", [(None, True), (1.0, False)])
+def test_eval_crop_pct_sets_the_zoom_of_imagenet_style_eval(tmp_path, crop_pct, zoomed):
+    """Default ImageNet-style eval resizes to size / 0.875 before the centre crop; crop_pct 1 evaluates
+    the whole image at the training size (the official Tiny-ImageNet test pipeline)."""
+    make_folder(tmp_path, per_class=2, size=(16, 16))
+    spec = folder_spec(tmp_path, img_size=16, aug="imagenet", eval_batch_size=4, crop_pct=crop_pct, mean=MEAN, std=STD)
+    _, val, info = build_loaders(spec)
+    x, y = next(iter(val))
+    whole = np.stack([np.asarray(Image.open(p).convert("RGB")) for p, _ in info.val_samples])
+    same = np.allclose(x.numpy(), _normalize(whole), atol=1e-5)
+    assert same is not zoomed
+
+
+def test_cifar_eval_with_a_zoom_leaves_the_resident_loader():
+    """Resident arrays hold the training size only, so an eval zoom (crop_pct < 1) streams instead."""
+    info = array_info()
+    _, val = loaders_for(info, eval_batch_size=64)
+    assert isinstance(val, ResidentLoader)
+    _, val = loaders_for(info, eval_batch_size=64, crop_pct=0.5)
+    assert isinstance(val, StreamingLoader)
+    x, _ = next(iter(val))
+    assert not np.allclose(x.numpy(), _normalize(info.val_arrays[0]), atol=1e-3)

@@ -219,6 +219,27 @@ def test_every_recipe_is_official_in_decay_and_schedule():
             assert cfg.mixing.k_full_forward, name
 
 
+def test_every_recipe_views_images_as_the_official_test_pipeline():
+    """OpenMixup's dataset configs (configs/classification/_base_/datasets/): CIFAR-10/100 normalise
+    with mean (0.4914, 0.4822, 0.4465) and std (0.2023, 0.1994, 0.201) and test on the 32 px image;
+    Tiny-ImageNet tests on the whole 64 px image (no resize, no centre crop); ImageNet resizes to
+    256 and centre-crops 224, with ImageNet's mean and std."""
+    import os
+
+    from automix_fast.data import IMAGENET_MEAN, IMAGENET_STD, DataSpec, view_options
+    from automix_fast.data.transforms import eval_resize_for
+
+    cifar_mean, cifar_std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.201)
+    for name in sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml")):
+        data = recipe(name).data
+        view = DataSpec(img_size=data.img_size, aug=data.aug, **view_options(data))
+        resize = eval_resize_for(data.img_size, data.aug if data.aug != "auto" else "cifar", view.crop_pct)
+        want = {"cifar": (cifar_mean, cifar_std, 32), "tiny_": (IMAGENET_MEAN, IMAGENET_STD, 64),
+                "imagenet": (IMAGENET_MEAN, IMAGENET_STD, 256)}
+        prefix = next(p for p in want if name.startswith(p))
+        assert (view.mean, view.std, resize) == want[prefix], name
+
+
 # ---------------------------------------------------------------- 9. no-repeat shuffles
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from automix_fast.config import build_config
-from automix_fast.data import DataSpec
+from automix_fast.data import DataSpec, view_options
 from automix_fast.data.evalset import build_eval_loader, resolve_eval_data
 from automix_fast.engine.checkpoint import check_training_state, load_checkpoint
 from automix_fast.engine.policy import create_policy_model, resolve_amp, resolve_device, resolve_loader, wrap_policy
@@ -112,6 +112,7 @@ def eval_data(trained: Trained):
         loader=resolve_loader(cfg.data.loader), aug=cfg.data.aug,
         seed=cfg.run.seed, skip_bad_images=cfg.data.skip_bad_images,
         dtype=trained.amp_dtype if (trained.amp_dtype is not None and trained.device.type == "cuda") else torch.float32,
+        **view_options(cfg.data),
     )
     return build_eval_loader(spec, info), info, spec
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from automix_fast.commands.common import read_training_checkpoint
 from automix_fast.config import build_config
-from automix_fast.data import IMAGENET_MEAN, IMAGENET_STD, DataSpec
+from automix_fast.data import DataSpec, view_options
 from automix_fast.data.torch_loader import resolve_aug
 from automix_fast.data.transforms import eval_resize_for
 from automix_fast.errors import CheckpointError
@@ -29,7 +29,8 @@ def run(args) -> int:
     except RuntimeError as e:
         raise CheckpointError(f"{args.checkpoint}: encoder {args.head} does not match {arch}: {str(e).splitlines()[0]}") from None
     img_size = cfg.data.img_size or fresh.default_img_size
-    aug = resolve_aug(DataSpec(img_size=img_size, aug=cfg.data.aug))
+    view = DataSpec(img_size=img_size, aug=cfg.data.aug, **view_options(cfg.data))
+    aug = resolve_aug(view)
     meta = {
         "format": "automix-fast-export/1",
         "model": arch,
@@ -39,9 +40,9 @@ def run(args) -> int:
         "num_classes": num_classes,
         "classes": list(state.get("classes") or []),
         "image_size": img_size,
-        "eval_resize": eval_resize_for(img_size, aug),  # shorter side before the centre crop
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        "eval_resize": eval_resize_for(img_size, aug, view.crop_pct),  # shorter side before the centre crop
+        "mean": list(view.mean),
+        "std": list(view.std),
         "input": "RGB, NCHW, float in [0, 1], then (x - mean) / std",
         "encoder": args.head,
         "classifier": args.classifier,

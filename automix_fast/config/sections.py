@@ -44,6 +44,15 @@ class DataOptions(Section):
     aug: str = option(
         "auto", "augmentation: cifar (pad-crop-flip), imagenet (random-resized-crop), auto (cifar up to 64 px)",
         choices=AUGS)
+    crop_pct: float | None = option(
+        None, "eval centre crop: the shorter side resized to img_size / crop_pct, then an img_size crop (timm's "
+        "name); none: 0.875 with imagenet aug, 1 with cifar (no resize at the training size)")
+    mean: list | None = option(
+        None, "per-channel (RGB) normalisation mean, on the 0..1 scale (timm's); none: ImageNet's",
+        items=(float, 3, ("R", "G", "B")))
+    std: list | None = option(
+        None, "per-channel (RGB) normalisation standard deviation (timm's); none: ImageNet's",
+        items=(float, 3, ("R", "G", "B")))
     skip_bad_images: bool = option(
         False, "leave out unreadable image files (with a warning) instead of stopping", resumable=True)
     num_classes: int | None = option(None, "expected class count; none: from the data (a mismatch is an error)")
@@ -68,6 +77,14 @@ class DataOptions(Section):
         require(self.workers >= 0, "workers", "must be 0 or more", self.workers)
         if self.img_size is not None:
             require(self.img_size >= 8, "img_size", "must be at least 8", self.img_size)
+        if self.crop_pct is not None:
+            require(0 < self.crop_pct <= 1, "crop_pct", "must be a fraction in (0, 1]", self.crop_pct)
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None:
+                require(len(value) == 3, name, "needs 3 values (R G B)", value)
+        if self.std is not None:
+            require(all(v > 0 for v in self.std), "std", "must be positive", self.std)
         if self.num_classes is not None:
             require(self.num_classes >= 2, "num_classes", "must be at least 2", self.num_classes)
         if self.val_split is not None:

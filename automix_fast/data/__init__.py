@@ -18,7 +18,7 @@ from .embedded import ensure_embedded_dataset
 from .folder import resolve_image_folder
 from .layout import detect_dataset
 from .spec import (AUGS, DATASETS, IMAGE_DTYPES, IMAGENET_MEAN, IMAGENET_STD, LOADERS, DatasetInfo,  # noqa: F401
-                   DataSpec, validate_spec)
+                   DataSpec, validate_spec, view_options)
 from .subset import apply_train_subset
 from .torch_loader import build_torch_loaders
 

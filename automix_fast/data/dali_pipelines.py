@@ -130,14 +130,15 @@ def train_pipeline(*, source, gpu: bool, img_size: int, aug: str, mean, std, out
 
 
 @pipeline_def(enable_conditionals=False)
-def val_pipeline(*, source, gpu: bool, img_size: int, aug: str, mean, std, out_dtype):
-    """Deterministic evaluation: decode -> shorter side to img_size / 0.875 (imagenet) or img_size
-    (cifar), as the torch loader's `eval_resize_for` -> center crop img_size + normalize."""
+def val_pipeline(*, source, gpu: bool, img_size: int, aug: str, mean, std, out_dtype, crop_pct=None):
+    """Deterministic evaluation: decode -> shorter side to img_size / crop_pct (by default 0.875
+    with imagenet aug, 1 with cifar), as the torch loader's `eval_resize_for` -> center crop
+    img_size + normalize."""
     data, labels = _read(source)
     images = fn.decoders.image(
         data, device="mixed" if gpu else "cpu", output_type=types.RGB, **_decoder_kwargs(gpu, aug == "imagenet")
     )
-    images = _resize_center_crop(images, eval_resize_for(img_size, aug), img_size)
+    images = _resize_center_crop(images, eval_resize_for(img_size, aug, crop_pct), img_size)
     images = _normalize(images, mean=mean, std=std, out_dtype=out_dtype)
     return images, labels
 
@@ -152,10 +153,12 @@ def decode_pipeline(*, source, gpu: bool):
 
 def build_pipeline(args: dict, *, source, batch_size: int, prefetch: int, seed: int):
     """A built train or val pipeline from the loader's picklable description `args` (train, gpu,
-    img_size, aug, mean, std, half, num_threads, device_id); the loader and its decoding process
-    (`dali_child.py`) both build through here, so the two make the same pipeline."""
+    img_size, aug, crop_pct, mean, std, half, num_threads, device_id); the loader and its decoding
+    process (`dali_child.py`) both build through here, so the two make the same pipeline."""
     definition = train_pipeline if args["train"] else val_pipeline
+    eval_only = {} if args["train"] else {"crop_pct": args.get("crop_pct")}
     pipe = definition(
+        **eval_only,
         source=source,
         gpu=args["gpu"],
         img_size=args["img_size"],

@@ -20,7 +20,8 @@ from .dali import DaliFolderLoader, require_dali, screen_jpeg_headers
 from .embedded import ensure_embedded_dataset
 from .folder import scan_image_folder
 from .layout import detect_dataset, val_split_name
-from .torch_loader import _resident_pair, _streaming, decode_folder, folder_fits_resident, resolve_aug
+from .torch_loader import (_resident_pair, _streaming, decode_folder, eval_crop_is_whole, folder_fits_resident,
+                           resolve_aug)
 
 
 def eval_split_dir(data_dir: str) -> str:
@@ -71,8 +72,9 @@ def build_eval_loader(spec, info: DatasetInfo):
         require_dali()
         screen_jpeg_headers([p for p, _ in info.val_samples], info.bad_files, threads=max(4, int(spec.workers)))
         return DaliFolderLoader(info.val_samples, spec, False, aug, info.bad_files)
-    if info.val_arrays is not None and aug == "cifar":
+    whole = eval_crop_is_whole(spec, aug)
+    if whole and info.val_arrays is not None and aug == "cifar":
         return _resident_pair(info.val_arrays, spec, False, aug)
-    if info.val_samples is not None and folder_fits_resident(info, spec, aug):
+    if whole and info.val_samples is not None and folder_fits_resident(info, spec, aug):
         return _resident_pair(decode_folder(info.val_samples, spec.img_size, bad_files=info.bad_files), spec, False, aug)
     return _streaming(info, spec, False, aug)

@@ -28,6 +28,7 @@ class DataSpec:
     dtype: torch.dtype = torch.float32  # dtype of the emitted images
     loader: str = "torch"  # torch | dali
     aug: str = "auto"  # auto | cifar | imagenet
+    crop_pct: float | None = None  # eval centre-crop fraction; None: transforms.eval_resize_for's default
     rank: int = 0
     world_size: int = 1
     seed: int = 0
@@ -75,6 +76,17 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def view_options(data) -> dict:
+    """The DataSpec fields that say how a run's images are viewed (eval crop, normalisation), from
+    its config's data section; unset mean/std keep ImageNet's."""
+    view = {"crop_pct": data.crop_pct}
+    if data.mean is not None:
+        view["mean"] = tuple(data.mean)
+    if data.std is not None:
+        view["std"] = tuple(data.std)
+    return view
+
+
 def validate_spec(spec: DataSpec) -> None:
     """ConfigError naming the first bad field; normalises spec.device to a torch.device."""
     _require(spec.dataset in DATASETS, f"dataset: unknown '{spec.dataset}'; choose from {', '.join(DATASETS)}")
@@ -87,6 +99,8 @@ def validate_spec(spec: DataSpec) -> None:
     _require(isinstance(spec.rank, int) and 0 <= spec.rank < spec.world_size,
              f"rank: must be in 0..{spec.world_size - 1}, got {spec.rank!r}")
     _require(spec.dtype in IMAGE_DTYPES, f"dtype: images must be float32, bfloat16 or float16, got {spec.dtype}")
+    _require(spec.crop_pct is None or 0 < spec.crop_pct <= 1,
+             f"crop_pct: must be a fraction in (0, 1], got {spec.crop_pct!r}")
     _require(len(spec.mean) == 3 and len(spec.std) == 3 and all(s > 0 for s in spec.std),
              f"mean/std: need 3 values each and std > 0, got mean={spec.mean} std={spec.std}")
     _require(spec.train_subset is None or 0 < spec.train_subset <= 1,

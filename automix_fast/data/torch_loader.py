@@ -296,12 +296,19 @@ def _resident_pair(arrays, spec, train: bool, aug: str) -> ResidentLoader:
     return ResidentLoader(images, torch.from_numpy(np.asarray(arrays[1])), spec, train, aug)
 
 
+def eval_crop_is_whole(spec, aug: str) -> bool:
+    """Whether the eval view is the whole image at the training size (no zoom before the crop):
+    the resident loaders hold their images at that size, so they serve only this view."""
+    return eval_resize_for(spec.img_size, aug, spec.crop_pct) == spec.img_size
+
+
 def build_torch_loaders(spec, info):
     """(train_loader, val_loader) for a resolved dataset, resident when it fits, else streaming."""
     aug = resolve_aug(spec)
-    if info.train_arrays is not None and aug == "cifar":
+    whole = eval_crop_is_whole(spec, aug)
+    if whole and info.train_arrays is not None and aug == "cifar":
         return _resident_pair(info.train_arrays, spec, True, aug), _resident_pair(info.val_arrays, spec, False, aug)
-    if info.train_samples is not None and folder_fits_resident(info, spec, aug):
+    if whole and info.train_samples is not None and folder_fits_resident(info, spec, aug):
         train = decode_folder(info.train_samples, spec.img_size, bad_files=info.bad_files)
         val = decode_folder(info.val_samples, spec.img_size, bad_files=info.bad_files)
         if info.bad_files is not None and info.bad_files.left_out and not spec.skip_bad_images:
@@ -316,5 +323,6 @@ def _streaming(info, spec, train: bool, aug: str) -> StreamingLoader:
     if train and aug == "imagenet":
         dataset = _ImageDataset(**source, size=spec.img_size, mode="rrc")
     else:  # cifar-style train (crop/flip follow on the device) and every eval: a fixed-size view
-        dataset = _ImageDataset(**source, size=spec.img_size, mode="fixed", resize_to=eval_resize_for(spec.img_size, aug))
+        dataset = _ImageDataset(**source, size=spec.img_size, mode="fixed",
+                                resize_to=eval_resize_for(spec.img_size, aug, spec.crop_pct))
     return StreamingLoader(dataset, spec, train, aug, info.bad_files)

@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 from ..errors import DataError
 
-EVAL_CROP_FRACTION = 0.875  # eval: resize the shorter side to size / 0.875, then centre-crop size
+EVAL_CROP_FRACTION = 0.875  # ImageNet-style eval default: the shorter side to size / 0.875, then a centre crop
 
 
 # ----------------------------------------------------------------------------- worker side (PIL)
@@ -106,9 +106,12 @@ def resize_center_crop(img: Image.Image, size: int, resize_to: int | None = None
     return np.asarray(img, dtype=np.uint8)
 
 
-def eval_resize_for(size: int, aug: str) -> int:
-    """Shorter-side length before the eval centre crop: size/0.875 for ImageNet-style, else size."""
-    return int(size / EVAL_CROP_FRACTION) if aug == "imagenet" else size
+def eval_resize_for(size: int, aug: str, crop_pct: float | None = None) -> int:
+    """Shorter-side length before the eval centre crop: int(size / crop_pct); by default crop_pct
+    is 0.875 for ImageNet-style aug and 1 (the training size, no zoom) for CIFAR-style."""
+    if crop_pct is None:
+        crop_pct = EVAL_CROP_FRACTION if aug == "imagenet" else 1.0
+    return int(size / crop_pct)
 
 
 # ----------------------------------------------------------------------------- device side (batched)

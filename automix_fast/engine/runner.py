@@ -21,7 +21,7 @@ import torch
 
 from automix_fast import ops, rundir
 from automix_fast.config import TrainConfig, config_changes, flag_name, read_older, save_config
-from automix_fast.data import DataSpec, build_loaders
+from automix_fast.data import DataSpec, build_loaders, view_options
 from automix_fast.data.shards import seed_of
 from automix_fast.data.torch_loader import resolve_aug
 from automix_fast.engine.checkpoint import (FORMAT, CheckpointManager, check_resume_world_size, check_training_state,
@@ -153,6 +153,7 @@ class Trainer:
             loader=self.loader_kind, aug=data.aug, rank=self.dist.rank, world_size=self.dist.world_size,
             seed=self.cfg.run.seed, skip_bad_images=data.skip_bad_images,
             train_subset=data.train_subset, train_subset_seed=data.train_subset_seed, val_split=data.val_split,
+            **view_options(data),
         )
         self.train_loader, self.val_loader, self.info = build_loaders(self.spec)
         if data.num_classes is not None and data.num_classes != self.info.num_classes:
