@@ -2,6 +2,7 @@
 mid-epoch, a short last step)."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -91,3 +92,34 @@ def test_grad_accum_last_step_takes_the_rest():
     _, steps, result = _accumulated_run(4, 3, grad_sync=syncs.append)  # 10 micro-batches: 3 + 3 + 3 + 1
     assert steps == [0, 1, 2, 3] and result.steps == 4 and result.images == 40
     assert len(syncs) == 4  # one all-reduce per optimizer step, none for the other micro-batches
+
+
+class _FixedLogits(nn.Module):
+    """A 'model' whose logits are its input (features = input): its predictions are chosen by hand."""
+
+    def forward_features(self, x):
+        return x
+
+    def forward_head(self, feat, head="one"):
+        return feat
+
+
+def test_evaluate_reports_the_percentages_eval_reports():
+    """3 of 7 right at top-1 and 5 of 7 at top-5 (6 classes), over batches of 3, 3 and 1: the
+    training evaluation's numbers (summary.csv, metrics.jsonl) are those `automix-fast eval`
+    reports for the same predictions, to the last bit (counts divided on the host in float64)."""
+    from automix_fast.commands.eval import confusion_by_head, report
+    from automix_fast.engine.train import evaluate
+
+    logits = torch.tensor([[6.0, 5, 4, 3, 2, 1]] * 7)  # ranking 0, 1, ..., 5 for every image
+    y = torch.tensor([0, 0, 0, 1, 4, 5, 5])  # top-1: 3, top-5: 5
+    loader = [(logits[i:i + 3], y[i:i + 3]) for i in range(0, 7, 3)]
+    mixer = Vanilla(_FixedLogits())
+    out = evaluate(mixer, loader, amp_dtype=None, device=torch.device("cpu"))
+    heads = report(*confusion_by_head(mixer, loader, 6, amp_dtype=None, device=torch.device("cpu")), list("abcdef"))
+    assert out["count"] == 7
+    assert out["one_top1"] == heads["one"]["top1"] == 100.0 * 3 / 7
+    assert out["one_top5"] == heads["one"]["top5"] == 100.0 * 5 / 7
+    expected_loss = torch.nn.functional.cross_entropy(logits.double(), y, reduction="sum").item() / 7
+    assert out["one_loss"] == pytest.approx(expected_loss, rel=1e-6)
+
