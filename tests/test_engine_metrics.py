@@ -86,7 +86,7 @@ def test_progress_line_of_a_resumed_and_a_stopped_epoch():
     for _ in range(6):
         p.update(loss=1.0, images=8)
     assert p.close()["steps"] == 6
-    assert out.getvalue().startswith("epoch 1/4 done: 6 steps (resumed at step 4 of 10) in ")
+    assert out.getvalue().startswith("epoch 1/4 done: 6 steps (resumed at step 4 of 10, its data replayed in ")
     out = io.StringIO()
     p = ProgressLine(2, 4, 10, log_interval=100, stream=out)
     for _ in range(3):

@@ -2,6 +2,7 @@
 mid-epoch, a short last step)."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -91,3 +92,69 @@ def test_grad_accum_last_step_takes_the_rest():
     _, steps, result = _accumulated_run(4, 3, grad_sync=syncs.append)  # 10 micro-batches: 3 + 3 + 3 + 1
     assert steps == [0, 1, 2, 3] and result.steps == 4 and result.images == 40
     assert len(syncs) == 4  # one all-reduce per optimizer step, none for the other micro-batches
+
+
+class _FixedLogits(nn.Module):
+    """A 'model' whose logits are its input (features = input): its predictions are chosen by hand."""
+
+    def forward_features(self, x):
+        return x
+
+    def forward_head(self, feat, head="one"):
+        return feat
+
+
+def test_evaluate_reports_the_percentages_eval_reports():
+    """3 of 7 right at top-1 and 5 of 7 at top-5 (6 classes), over batches of 3, 3 and 1: the
+    training evaluation's numbers (summary.csv, metrics.jsonl) are those `automix-fast eval`
+    reports for the same predictions, to the last bit (counts divided on the host in float64)."""
+    from automix_fast.commands.eval import confusion_by_head, report
+    from automix_fast.engine.train import evaluate
+
+    logits = torch.tensor([[6.0, 5, 4, 3, 2, 1]] * 7)  # ranking 0, 1, ..., 5 for every image
+    y = torch.tensor([0, 0, 0, 1, 4, 5, 5])  # top-1: 3, top-5: 5
+    loader = [(logits[i:i + 3], y[i:i + 3]) for i in range(0, 7, 3)]
+    mixer = Vanilla(_FixedLogits())
+    out = evaluate(mixer, loader, amp_dtype=None, device=torch.device("cpu"))
+    heads = report(*confusion_by_head(mixer, loader, 6, amp_dtype=None, device=torch.device("cpu")), list("abcdef"))
+    assert out["count"] == 7
+    assert out["one_top1"] == heads["one"]["top1"] == 100.0 * 3 / 7
+    assert out["one_top5"] == heads["one"]["top5"] == 100.0 * 5 / 7
+    expected_loss = torch.nn.functional.cross_entropy(logits.double(), y, reduction="sum").item() / 7
+    assert out["one_loss"] == pytest.approx(expected_loss, rel=1e-6)
+
+
+def test_a_resumed_epochs_console_clock_starts_after_the_replay(monkeypatch):
+    """Resuming at step 3 replays the 3 batches done (the data order of the interrupted epoch);
+    the console's epoch time, img/s and data% cover the steps run, as metrics.jsonl's
+    img_per_s_global does, and the line says how long the replay took. A stand-in clock moves
+    10 s for every batch the loader yields, nothing else."""
+    import io
+    import time
+
+    from automix_fast.engine.metrics import ProgressLine
+
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+
+    class SlowLoader(BatchList):
+        def __iter__(self):
+            for batch in self.batches:
+                clock[0] += 10.0
+                yield batch
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 3, 8, 8, generator=g), torch.randint(0, 4, (40,), generator=g)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 36, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctx = StepContext(Vanilla(model), opt, _Schedule(), StepGuard(torch.device("cpu")), total_steps=100, amp_dtype=None)
+    loader = SlowLoader([(x[i:i + 8], y[i:i + 8]) for i in range(0, 40, 8)])
+    out = io.StringIO()
+    progress = ProgressLine(1, 1, 5, log_interval=100, stream=out, start_step=3)
+    result = train_one_epoch(ctx, loader, EpochPlan(epoch=0, start_step=0, skip=3),
+                             EpochCallbacks(log_interval=100, progress=progress))
+    summary = progress.close()
+    assert result.steps == 2 and result.seconds == 20.0 and result.means["img_per_s_global"] == 16 / 20.0
+    assert summary["time_s"] == 20.0 and summary["img_per_s"] == 16 / 20.0 and summary["data_frac"] == 1.0
+    assert out.getvalue().startswith(
+        "epoch 1/1 done: 2 steps (resumed at step 3 of 5, its data replayed in 30.0s) in 20.0s ")

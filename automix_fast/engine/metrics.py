@@ -172,6 +172,9 @@ class ProgressLine:
     metrics.jsonl) they follow it where the width allows. img/s counts every process's images:
     `world_size` x this process's (every rank runs the same number of equal batches), labelled
     "(N procs)" under torchrun; img/s and data% cover the same window as the loss.
+    The clock starts when the line is made, or at `start_clock()`, which the training loop calls
+    once the epoch's first batch can be read: a resumed epoch first replays the batches it had
+    done (their data order), and that time is said apart, not counted in the rate.
     `close()` prints the epoch summary and returns it as a dict for the metric log: the steps
     that ran in this process (a resumed epoch starts at `start_step`; img/s covers what ran),
     and for an epoch that ended early, where it stopped.
@@ -198,6 +201,7 @@ class ProgressLine:
         self.epoch_loss, self.window_loss = Mean(), Mean()
         self._since_loss = 0  # steps since the last loss given: the weight of the next one in the epoch's mean
         self.start = self._win_start = time.perf_counter()
+        self.replay_s = 0.0  # seconds before start_clock(): a resumed epoch's replay of its done batches
         self._last_draw = float("-inf")  # the first step always draws
         self.images = self._win_images = 0
         self.data_time = self._win_data = 0.0
@@ -205,6 +209,12 @@ class ProgressLine:
         self._shown_loss = None
         self._shown_terms: dict[str, float] = {}
         self._note = ""
+
+    def start_clock(self) -> None:
+        """The epoch's steps start now: its time, img/s and data% count from here."""
+        now = time.perf_counter()
+        self.replay_s += now - self.start
+        self.start = self._win_start = now
 
     def update(self, *, loss=None, lr: float | None = None, images: int = 0, data_time: float = 0.0,
                note: str | None = None, values: dict | None = None) -> None:
@@ -295,7 +305,8 @@ class ProgressLine:
             if self.is_tty and self._drawn:
                 self.stream.write("\n")
             head = "done" if self.step >= self.total else f"stopped at step {self.step} of {self.total}"
-            resumed = f" (resumed at step {self.start_step} of {self.total})" if self.start_step else ""
+            resumed = (f" (resumed at step {self.start_step} of {self.total}, its data replayed in {self.replay_s:.1f}s)"
+                       if self.start_step else "")
             line = f"epoch {self.epoch}/{self.epochs} {head}: {s['steps']} steps{resumed} in {s['time_s']:.1f}s"
             if self.epoch_loss.count:
                 line += f" loss {s['loss']:.4f}"

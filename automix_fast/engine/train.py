@@ -49,7 +49,8 @@ class EpochCallbacks:
 
     on_log(i, values) receives host floats every log_interval steps and at the end;
     progress.update(...) (see metrics.ProgressLine) is called every step, with the loss only at
-    those intervals, so drawing the bar never waits on the device. Under torchrun should_stop
+    those intervals, so drawing the bar never waits on the device; progress.start_clock() once,
+    before the first step (after a resumed epoch's replay of the batches it had done). Under torchrun should_stop
     is this rank's own flag; the ranks agree on it at log steps only, inside the metric_mean
     collective, so a step makes no extra collective and no host sync.
     """
@@ -92,6 +93,8 @@ class _EpochRun:
             )
         for _ in range(plan.skip * ctx.accum_steps):  # replay the data order of an interrupted epoch
             next(self.it)
+        if callbacks.progress is not None:
+            callbacks.progress.start_clock()  # the console's rate covers the steps, as the logged one
         self.t_start = time.perf_counter()
 
     def step(self, i: int) -> bool:
@@ -210,7 +213,9 @@ def evaluate(mixer, loader, *, amp_dtype: torch.dtype | None, device: torch.devi
     n = max(total.item(), 1.0)
     out = {"count": int(total.item())}
     for name, c in correct.items():
-        top1, top5, loss = (c / n).tolist()
-        out[f"{name}_top1"], out[f"{name}_top5"], out[f"{name}_loss"] = 100.0 * top1, 100.0 * top5, loss
+        # Divided on the host in float64 (the counts are exact in float32), as `automix-fast eval`
+        # divides: the same percentages to the last digit.
+        top1, top5, loss = c.tolist()
+        out[f"{name}_top1"], out[f"{name}_top5"], out[f"{name}_loss"] = 100.0 * top1 / n, 100.0 * top5 / n, loss / n
     mixer.train()
     return out
