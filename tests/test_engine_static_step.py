@@ -28,18 +28,19 @@ from synccount import SyncCounter
 TIMING = ("img_per_s_global", "data_share")
 
 
-def batches(full: int = 7, channels_last: bool = False, small_first: bool = False, device="cpu") -> BatchList:
+def batches(full: int = 7, channels_last: bool = False, small_first: bool = False, device="cpu",
+            small: bool = True) -> BatchList:
     """A loader of fixed batches: `full` of 6 images, then one of 5 (a last, smaller batch), or
-    the one of 5 first."""
+    the one of 5 first; `small` False: the full batches only."""
     g = torch.Generator().manual_seed(3)
-    sizes = [5] + [6] * full if small_first else [6] * full + [5]
+    sizes = [5] * small + [6] * full if small_first else [6] * full + [5] * small
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return BatchList([(torch.randn(n, 3, 32, 32, generator=g).contiguous(memory_format=fmt).to(device),
                        torch.randint(0, 5, (n,), generator=g).to(device)) for n in sizes])
 
 
 def train(static: bool, *, policy="automix", epochs=2, accum=1, amp=None, channels_last=False, stepper_cls=StaticStep,
-          opt="sgd", small_first=False, device="cpu", grad_sync=None, compile_scope=None, **mixer_kw):
+          opt="sgd", small_first=False, small=True, device="cpu", grad_sync=None, compile_scope=None, **mixer_kw):
     """Train tinynet for `epochs` with the eager or the static step (captured on CUDA); (mixer,
     optimizer, logs, stepper). `grad_sync`: the gradients' all-reduce (torchrun's);
     `compile_scope`: torch.compile (aot_eager on the CPU, inductor on CUDA) of that --torchcompile-scope.
@@ -60,7 +61,7 @@ def train(static: bool, *, policy="automix", epochs=2, accum=1, amp=None, channe
         compile_policy(mixer, "aot_eager" if device.type == "cpu" else "inductor", scope=compile_scope)
     groups = mixer.param_groups(0.1, 1e-4, mix_block_lr=0.05)
     optimizer = build_optimizer(groups, opt, lr=0.1, momentum=0.9, weight_decay=1e-4, fused=True)
-    loader = batches(channels_last=channels_last, small_first=small_first, device=device)
+    loader = batches(channels_last=channels_last, small_first=small_first, device=device, small=small)
     steps = -(-len(loader) // accum)
     schedule = build_schedule("cosine", [g["lr"] for g in groups], total_steps=epochs * steps, steps_per_epoch=steps,
                               warmup_steps=2)
@@ -238,6 +239,33 @@ def test_static_step_runs_compiled_code_as_the_eager_compiled_step(kw):
     assert_same_training(eager, static)
 
 
+class MicroCountingStep(StaticStep):
+    """A StaticStep that lists the micro-batch count of each step it runs from the buffers."""
+
+    def __init__(self, ctx, **kw):
+        super().__init__(ctx, **kw)
+        self.static_micro = []
+
+    def run(self, step, micro, batches):
+        before = self.static_steps
+        images = super().run(step, micro, batches)
+        if self.static_steps > before:
+            self.static_micro.append(micro)
+        return images
+
+
+@pytest.mark.parametrize("kw", [dict(mix_block_every=2, lam_margin=0.3), dict(MIXUP_CUTMIX, amp=torch.float16)],
+                         ids=["automix", "mixup-fp16"])
+def test_an_epochs_last_step_with_fewer_micro_batches_runs_from_the_buffers_as_the_eager_step(kw):
+    """Gradient accumulation over 7 full batches in steps of 2: each epoch's last step has one
+    micro-batch, which fits the buffers, so it runs from them with the loss divided by 1 (the
+    eager step does not divide), and the training stays equal bit for bit."""
+    kw = dict(kw, accum=2, small=False)
+    eager, static = train(False, **kw), train(True, stepper_cls=MicroCountingStep, **kw)
+    assert {1, 2} <= set(static[3].static_micro)
+    assert_same_training(eager, static)
+
+
 def test_a_smaller_first_batch_does_not_keep_the_static_step_eager():
     """Buffers made for a smaller first batch (a resume at an epoch's last step) follow the next,
     full batch while nothing is captured: the run still steps from the buffers."""
@@ -296,15 +324,30 @@ def test_a_failed_capture_names_the_failing_op_error_not_capture_ends(monkeypatc
     assert streams == ["the stream before capture"]  # made current again: torch's exit skipped it
 
 
+def op_arguments(value):
+    """An op argument as a replay must repeat it: a tensor by its shape and dtype (its values may
+    change from step to step), anything else (a Python number, a size, a flag) by its value, which
+    a CUDA graph bakes in at capture."""
+    if isinstance(value, torch.Tensor):
+        return "tensor", tuple(value.shape), value.dtype
+    if isinstance(value, (list, tuple)):
+        return tuple(op_arguments(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, op_arguments(v)) for k, v in value.items())
+    return value
+
+
 class OpRecorder(TorchDispatchMode):
+    """Records each op with its arguments (see op_arguments); the profiler's own markers left out."""
+
     def __init__(self):
         super().__init__()
         self.ops = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
-        self.ops.append((str(func), shapes))
+        if not str(func).startswith("profiler."):  # record_function handles: a new object each run
+            self.ops.append((str(func), op_arguments(args), op_arguments(kwargs or {})))
         return out
 
 
@@ -329,10 +372,13 @@ class RecordingStep(StaticStep):
 @pytest.mark.parametrize("amp", [None, torch.float16])
 def test_captured_parts_read_nothing_on_the_host_and_repeat_the_same_ops(amp):
     """What CUDA graph capture needs, checked on the CPU: no host read inside a captured part, and
-    every run of a part replays the same operations on the same shapes although the lambdas, the
-    permutations, the lam_margin choice, the LRs and the weights change from step to step (and
+    every run of a part replays the same operations on the same shapes with the same non-tensor
+    arguments (a Python number that changed between steps would be frozen in a graph) although
+    the lambdas (here also as the Mix Block's lam bias), the permutations, the lam_margin choice,
+    the LRs and the weights (the annealed mask-loss weight too) change from step to step (and
     under float16, the loss scale, and whether the step overflowed and is skipped)."""
-    _, _, logs, stepper = train(True, mix_block_every=2, lam_margin=0.3, stepper_cls=RecordingStep, amp=amp)
+    _, _, logs, stepper = train(True, mix_block_every=2, lam_margin=0.3, stepper_cls=RecordingStep, amp=amp,
+                                lam_concat=True, mask_loss_anneal="cosine")
     if amp is not None:
         assert logs[-1]["skipped_steps"] > 0 and len({log["scale"] for log in logs}) > 1
     assert stepper.syncs == []
@@ -343,13 +389,20 @@ def test_captured_parts_read_nothing_on_the_host_and_repeat_the_same_ops(amp):
         assert all(r == runs[0] for r in runs), f"{key}: the ops differ between steps"
 
 
-def test_cutmix_boxes_anywhere_replay_the_same_ops():
-    """mixup/cutmix's batch mode on the same check: each kind's runs issue the same operations on
-    the same shapes although each cutmix step pastes a box of another size in another place."""
-    _, _, _, stepper = train(True, stepper_cls=RecordingStep, **MIXUP_CUTMIX)
+@pytest.mark.parametrize("kw,kinds", [
+    (dict(MIXUP_CUTMIX, model_ema_decay=0.9, model_ema_warmup=True), (None, "mixup", "cutmix")),
+    (dict(MIXUP_CUTMIX, mixup_mode="pair"), ("per_sample",)),
+    (dict(policy="vanilla"), (None,)),
+], ids=["batch-ema-warmup", "pair", "vanilla-ema-warmup"])
+def test_baselines_replay_the_same_ops(kw, kinds):
+    """mixup/cutmix and vanilla on the same check: each kind's runs issue the same operations with
+    the same non-tensor arguments although each cutmix step pastes a box of another size in
+    another place, the per-image draws change, and the model EMA's warmed-up decay changes every
+    step (vanilla trains with it)."""
+    _, _, _, stepper = train(True, stepper_cls=RecordingStep, **kw)
     assert stepper.syncs == []
     full = {key for key, runs in stepper.recorded.items() if key[2] == 6 and len(runs) >= 2}
-    assert {("micro", k, 6) for k in (None, "mixup", "cutmix")} <= full
+    assert {("micro", k, 6) for k in kinds} <= full
     for key, runs in stepper.recorded.items():
         assert all(r == runs[0] for r in runs), f"{key}: the ops differ between steps"
 
