@@ -294,13 +294,16 @@ def test_sched_step_and_multistep_take_timms_flags(tmp_path, capsys):
             "--device", "cpu", "--output", str(tmp_path), "--no-visualize", "--lr", "0.1", "--warmup-epochs", "0",
             "--eval-interval", "4", *FAST]
     code, out, err = run(base + ["--experiment", "step", "--sched", "step", "--decay-epochs", "2", "--decay-rate",
-                                 "0.5"], capsys)
+                                 "0.5", "--lam-margin", "0.1"], capsys)
     assert code == 0, err
+    assert err.splitlines()[0] == ("warning: these flags change nothing in this run: --kernel-backend, --lam-margin "
+                                   "(read only with --mix automix)"), err  # typed flags --mix vanilla never reads
     assert _lrs(tmp_path / "step") == pytest.approx({1: 0.1, 2: 0.1, 3: 0.05, 4: 0.05})
     assert "sched: step\ndecay_epochs: 2.0\n" in (tmp_path / "step" / "config.yaml").read_text()
     code, out, err = run(base + ["--experiment", "multi", "--sched", "multistep", "--decay-milestones", "1", "3"],
                          capsys)
     assert code == 0, err
+    assert "--lam-margin" not in err and "--decay" not in err
     assert _lrs(tmp_path / "multi") == pytest.approx({1: 0.1, 2: 0.01, 3: 0.01, 4: 0.001})  # epochs counted from 0
     assert "decay_milestones:\n- 1\n- 3\n" in (tmp_path / "multi" / "config.yaml").read_text()
 

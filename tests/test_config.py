@@ -113,3 +113,29 @@ def test_a_mistyped_shipped_config_name_names_the_closest():
     with pytest.raises(ConfigError) as e:
         find_config("no_such_recipe_at_all")
     assert "did you mean" not in str(e.value) and "shipped configs: cifar100_r18_automix" in str(e.value)
+
+
+def test_idle_flags_names_the_typed_flags_this_run_never_reads():
+    from automix_fast.config import idle_flags
+
+    typed = {"mix": "mixup", "lam_margin": 0.1, "mix_block_every": 2, "model_ema_decay": 0.99, "decay_rate": 0.5,
+             "mixup_prob": 0.5, "lr": 0.1}
+    line = idle_flags(build_config({}, typed), typed)
+    assert line == ("warning: these flags change nothing in this run: --lam-margin, --mix-block-every (read only "
+                    "with --mix automix); --model-ema-decay (read only with --model-ema); --decay-rate (read only "
+                    "with --sched step/multistep)"), line
+    # The same values where each one is read: no line; a value only in the -c file is not typed.
+    read = {"lam_margin": 0.1, "mix_block_every": 2, "decay_rate": 0.5, "sched": "step", "decay_epochs": 1}
+    assert idle_flags(build_config({}, read), read) is None
+    cfg = build_config({"lam_margin": 0.1}, {"mix": "mixup"})
+    assert idle_flags(cfg, {"mix": "mixup"}) is None
+    typed = {"amp": False, "amp_dtype": "float16", "torchcompile_scope": "step", "mix": "vanilla", "mix_alpha": 1.0}
+    line = idle_flags(build_config({}, typed), typed)
+    assert "--amp-dtype (read only with --amp)" in line and "--torchcompile-scope (read only with --torchcompile)" in line
+    assert "--mix-alpha (read only with a --mix that mixes)" in line
+
+
+def test_every_idle_flag_rule_names_a_field():
+    from automix_fast.config import FIELDS, _READ_ONLY_WITH
+
+    assert set(_READ_ONLY_WITH) <= set(FIELDS), set(_READ_ONLY_WITH) - set(FIELDS)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 
 from automix_fast import rundir
-from automix_fast.config import CONFIG_DIR, build_config, file_under_flags, load_yaml, resumed_config
+from automix_fast.config import CONFIG_DIR, build_config, file_under_flags, idle_flags, load_yaml, resumed_config
 from automix_fast.data.layout import KIND_NAMES, LayoutError
 from automix_fast.engine.distributed import cleanup
 from automix_fast.engine.runner import Trainer
@@ -23,9 +24,14 @@ NOT_FIELDS = ("command", "config")
 
 def given_values(args: argparse.Namespace) -> tuple[dict, dict]:
     """(values from the -c file, values of the flags typed): only what the user gave."""
-    flags = {k: v for k, v in vars(args).items() if k not in NOT_FIELDS}
+    flags = given_values_typed(args)
     file_values = load_yaml(args.config) if getattr(args, "config", None) else {}
     return file_values, flags
+
+
+def given_values_typed(args: argparse.Namespace) -> dict:
+    """The fields whose flags were typed on the command line, with their values."""
+    return {k: v for k, v in vars(args).items() if k not in NOT_FIELDS}
 
 
 def train_config(args: argparse.Namespace):
@@ -46,10 +52,14 @@ def run(args) -> int:
     try:
         cfg, resume_from = train_config(args)
         finished = resume_from is not None and rundir.finished_line(resume_from, cfg)
+        main_rank = os.environ.get("RANK", "0") == "0"
         if finished:
-            if os.environ.get("RANK", "0") == "0":
+            if main_rank:
                 print(finished)
             return 0
+        idle = idle_flags(cfg, given_values_typed(args))
+        if idle and main_rank:
+            print(idle, file=sys.stderr, flush=True)
         try:
             summary = Trainer(cfg, resume_from=resume_from, resolved=True).fit()
         except LayoutError as e:

@@ -25,8 +25,8 @@ from automix_fast.errors import CheckpointError, ConfigError
 from automix_fast.atomic import write_text
 
 __all__ = ["AUTO", "CHOICES", "CONFIG_DIR", "RESUMABLE_FIELDS", "FieldError", "TrainConfig", "build_config",
-           "coerce_field", "config_changes", "config_yaml", "file_under_flags", "find_config", "flag_name", "load_yaml",
-           "read_older", "resumed_config", "save_config", "validate"]
+           "coerce_field", "config_changes", "config_yaml", "file_under_flags", "find_config", "flag_name", "idle_flags",
+           "load_yaml", "read_older", "resumed_config", "save_config", "validate"]
 
 AUTO = "auto"
 
@@ -234,6 +234,40 @@ def validate(cfg: TrainConfig) -> None:
         require(floor <= lr, "mix_block_min_lr", f"must be at most the Mix Block's learning rate {lr:g}{unset}", floor)
     if cfg.run.cuda_graph:
         check_cuda_graph(cfg)
+
+
+# Fields that only one setting reads, each with that setting's test and its name: a value given
+# while the setting is off changes nothing (timm ignores such flags silently; we say so).
+_AUTOMIX_ONLY = ("encoder_momentum", "encoder_momentum_end", "mask_loss_weight", "mask_loss_anneal", "mask_margin",
+                 "lam_margin", "lam_concat", "mask_mode", "mix_stage", "kernel_backend", "k_full_forward",
+                 "mix_shuffle_no_repeat", "mix_block_init", "mix_block_every", "q_batched", "mix_block_lr",
+                 "mix_block_weight_decay", "mix_block_momentum", "mix_block_min_lr")
+_READ_ONLY_WITH: dict[str, tuple[Any, str]] = {
+    **dict.fromkeys(_AUTOMIX_ONLY, (lambda c: c.mixing.mix == "automix", "--mix automix")),
+    **dict.fromkeys(("mixup_prob", "mixup_switch_prob"),
+                    (lambda c: c.mixing.mix in ("mixup", "cutmix"), "--mix mixup/cutmix")),
+    "mix_alpha": (lambda c: c.mixing.mix != "vanilla", "a --mix that mixes"),
+    "model_ema_decay": (lambda c: c.mixing.model_ema, "--model-ema"),
+    **dict.fromkeys(("torchcompile_mode", "torchcompile_scope"), (lambda c: bool(c.run.torchcompile), "--torchcompile")),
+    "amp_dtype": (lambda c: c.run.amp is not False, "--amp"),
+    "decay_epochs": (lambda c: c.schedule.sched == "step", "--sched step"),
+    "decay_milestones": (lambda c: c.schedule.sched == "multistep", "--sched multistep"),
+    "decay_rate": (lambda c: c.schedule.sched in ("step", "multistep"), "--sched step/multistep"),
+}
+
+
+def idle_flags(cfg: TrainConfig, typed: dict[str, Any]) -> str | None:
+    """One line naming the typed flags (`typed`: field -> value given on the command line) that
+    `cfg` never reads, grouped by the setting each needs; None when every one is read."""
+    needs: dict[str, list[str]] = {}
+    for key in typed:
+        rule = _READ_ONLY_WITH.get(key)
+        if rule is not None and not rule[0](cfg):
+            needs.setdefault(rule[1], []).append(flag_name(key))
+    if not needs:
+        return None
+    parts = [f"{', '.join(flags)} (read only with {setting})" for setting, flags in needs.items()]
+    return f"warning: these flags change nothing in this run: {'; '.join(parts)}"
 
 
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs themselves
