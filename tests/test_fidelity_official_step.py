@@ -179,7 +179,11 @@ def test_cifar10_recipes_are_the_cifar100_ones_on_cifar10():
         for mix in ("automix", "mixup", "cutmix", "vanilla"):
             ten, hundred = recipe(f"cifar10_{model}_{mix}"), recipe(f"cifar100_{model}_{mix}")
             assert (ten.data.dataset, hundred.data.dataset, ten.mixing.mix) == ("cifar10", "cifar100", mix)
-            assert dataclasses.replace(ten, data=dataclasses.replace(ten.data, dataset="cifar100")) == hundred
+            # CIFAR-100's own: ResNeXt-50 cutmix's weight decay 5e-4 (model zoo, CIFAR-100 only).
+            as_hundred = dataclasses.replace(ten, data=dataclasses.replace(ten.data, dataset="cifar100"),
+                                             optim=dataclasses.replace(ten.optim, weight_decay=hundred.optim.weight_decay))
+            assert as_hundred == hundred
+            assert ten.optim.weight_decay == 1e-4
     mixup, cutmix = recipe("cifar10_r18_mixup"), recipe("cifar10_rx50_cutmix")
     # OpenMixup's CIFAR-10 baselines: SGD lr 0.1 momentum 0.9 wd 1e-4, cosine to 0, batch 100.
     assert (mixup.optim.lr, mixup.schedule.min_lr, mixup.optim.momentum, mixup.optim.weight_decay,
@@ -189,6 +193,45 @@ def test_cifar10_recipes_are_the_cifar100_ones_on_cifar10():
     automix = recipe("cifar10_r18_automix")
     assert (automix.mixing.mix_alpha, automix.schedule.min_lr) == (2.0, 0.05)
     assert automix.mixing.encoder_momentum_end == 0.999999
+
+
+# OpenMixup's mixups baselines (docs/en/model_zoos/Mixup_sup.md and the configs under
+# configs/classification/<dataset>/mixups/): (alpha, weight decay, lr, floor, epochs) per recipe.
+OFFICIAL_BASELINES = {
+    "cifar100_r18_mixup": (1.0, 1e-4, 0.1, 0.0, 800), "cifar100_r18_cutmix": (0.2, 1e-4, 0.1, 0.0, 800),
+    "cifar100_r18_vanilla": (None, 1e-4, 0.1, 0.0, 800),
+    "cifar100_rx50_mixup": (1.0, 1e-4, 0.1, 0.0, 800), "cifar100_rx50_cutmix": (0.2, 5e-4, 0.1, 0.0, 800),
+    "cifar100_rx50_vanilla": (None, 1e-4, 0.1, 0.0, 800),
+    "cifar100_wrn28_8_mixup": (1.0, 1e-3, 0.03, 0.0, 400), "cifar100_wrn28_8_cutmix": (0.2, 1e-3, 0.03, 0.0, 400),
+    "cifar100_wrn28_8_vanilla": (None, 1e-3, 0.03, 0.0, 400),
+    "tiny_r18_mixup": (1.0, 1e-4, 0.2, 0.0, 400), "tiny_r18_cutmix": (1.0, 1e-4, 0.2, 0.0, 400),
+    "tiny_r18_vanilla": (None, 1e-4, 0.2, 0.0, 400),
+    **{f"imagenet_{r}_{mix}": (alpha, 1e-4, 0.1, 0.0, 100)
+       for r in ("r18", "r34", "r50")
+       for mix, alpha in (("mixup", 0.2), ("cutmix", 0.2 if r == "r18" else 1.0), ("vanilla", None))},
+}
+# CIFAR-10's are CIFAR-100's, but ResNeXt-50 cutmix keeps its config's weight decay 1e-4.
+OFFICIAL_BASELINES.update({name.replace("cifar100", "cifar10"): value for name, value in OFFICIAL_BASELINES.items()
+                           if name.startswith(("cifar100_r18", "cifar100_rx50"))})
+OFFICIAL_BASELINES["cifar10_rx50_cutmix"] = (0.2, 1e-4, 0.1, 0.0, 800)
+
+
+def test_every_baseline_recipe_is_the_official_mixups_one():
+    import os
+
+    shipped = {f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml")}
+    assert {n for n in shipped if not n.endswith("_automix")} == set(OFFICIAL_BASELINES)
+    for name, (alpha, wd, lr, floor, epochs) in OFFICIAL_BASELINES.items():
+        cfg = recipe(name)
+        assert cfg.mixing.mix == name.rsplit("_", 1)[1], name
+        got = (cfg.optim.weight_decay, cfg.optim.lr, cfg.schedule.min_lr, cfg.schedule.epochs)
+        assert got == (wd, lr, floor, epochs), name
+        assert (cfg.optim.opt, cfg.optim.momentum, cfg.schedule.sched, cfg.schedule.warmup_epochs) == ("sgd", 0.9, "cosine", 0)
+        if alpha is not None:
+            assert cfg.mixing.mix_alpha == alpha, name
+        automix = recipe(name.rsplit("_", 1)[0] + "_automix")
+        assert (cfg.data.batch_size, cfg.data.img_size, cfg.net.model) == (
+            automix.data.batch_size, automix.data.img_size, automix.net.model), name
 
 
 def test_every_shipped_config_with_a_dataset_is_named_after_it():
