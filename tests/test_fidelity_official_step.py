@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from automix_fast.config import CONFIG_DIR, build_config, load_yaml
+from automix_fast.data import DataSpec
 from automix_fast.engine.optim import build_optimizer, param_groups_weight_decay
 from automix_fast.engine.schedule import CompoundCosine, build_schedule
 from automix_fast.mixing import build_mixer
@@ -179,10 +180,10 @@ def test_cifar10_recipes_are_the_cifar100_ones_on_cifar10():
         for mix in ("automix", "mixup", "cutmix", "vanilla"):
             ten, hundred = recipe(f"cifar10_{model}_{mix}"), recipe(f"cifar100_{model}_{mix}")
             assert (ten.data.dataset, hundred.data.dataset, ten.mixing.mix) == ("cifar10", "cifar100", mix)
-            # CIFAR-100's own: ResNeXt-50 cutmix's weight decay 5e-4 (model zoo, CIFAR-100 only).
-            as_hundred = dataclasses.replace(ten, data=dataclasses.replace(ten.data, dataset="cifar100"),
-                                             optim=dataclasses.replace(ten.optim, weight_decay=hundred.optim.weight_decay))
-            assert as_hundred == hundred
+            # CIFAR-100's own: the reflect-padded crop, ResNeXt-50 cutmix's weight decay 5e-4 (model zoo).
+            data = dataclasses.replace(ten.data, dataset="cifar100", crop_padding_mode="reflect")
+            optim = dataclasses.replace(ten.optim, weight_decay=hundred.optim.weight_decay)
+            assert dataclasses.replace(ten, data=data, optim=optim) == hundred
             assert ten.optim.weight_decay == 1e-4
     mixup, cutmix = recipe("cifar10_r18_mixup"), recipe("cifar10_rx50_cutmix")
     # OpenMixup's CIFAR-10 baselines: SGD lr 0.1 momentum 0.9 wd 1e-4, cosine to 0, batch 100.
@@ -242,6 +243,21 @@ def test_every_shipped_config_with_a_dataset_is_named_after_it():
         pinned = recipe(name).data.dataset
         if pinned in ("cifar10", "cifar100"):
             assert name.startswith(pinned + "_"), name
+
+
+def test_cifar_recipes_pad_the_training_crop_as_the_official_pipelines():
+    """OpenMixup's dataset configs: CIFAR-100 RandomCrop(32, padding=4, padding_mode="reflect"),
+    CIFAR-10 RandomCrop(32, padding=4) (zeros); both crop with the cifar aug at 32 px."""
+    import os
+
+    from automix_fast.data.torch_loader import resolve_aug
+
+    for name in sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.startswith("cifar")):
+        data = recipe(name).data
+        want = "reflect" if name.startswith("cifar100_") else "zeros"
+        assert data.crop_padding_mode == want, name
+        assert resolve_aug(DataSpec(img_size=data.img_size, aug=data.aug)) == "cifar" and data.img_size == 32, name
+    assert build_config().data.crop_padding_mode == "zeros"  # the default run: unchanged
 
 
 def make_automix_for(model):
