@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
 from PIL import Image
 
 from automix_fast.data import DataSpec
@@ -28,11 +29,14 @@ def folder_spec(root, **kw) -> DataSpec:
     return DataSpec(dataset="auto", data_dir=str(root), **kw)
 
 
-def expected_cifar(images, idx, dy, dx, flip, pad=4):
-    """The augmentation written per image, the slow obvious way."""
+def expected_cifar(images, idx, dy, dx, flip, pad=4, padding_mode="zeros"):
+    """The augmentation written per image, the slow obvious way: torch's own pad (constant 0, or
+    mode='reflect' as torchvision's RandomCrop(padding_mode='reflect')), then the crop, then the flip."""
     out = []
+    mode = {"zeros": "constant", "reflect": "reflect"}[padding_mode]
     for i, j in enumerate(idx):
-        p = np.pad(images[j], ((pad, pad), (pad, pad), (0, 0)))
+        chw = torch.from_numpy(np.ascontiguousarray(images[j])).permute(2, 0, 1)[None].float()
+        p = torch.nn.functional.pad(chw, (pad, pad, pad, pad), mode=mode)[0].permute(1, 2, 0).to(torch.uint8).numpy()
         h, w = images.shape[1:3]
         crop = p[dy[i]:dy[i] + h, dx[i]:dx[i] + w]
         out.append(crop[:, ::-1] if flip[i] else crop)

@@ -341,3 +341,22 @@ def test_eval_takes_the_skip_bad_images_its_refusal_asks_for(trained, tmp_path, 
     assert err.count("\n") == 0 and str(bad) in err and "pass --skip-bad-images" in err, err
     assert main(argv + ["--skip-bad-images"]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["count"] == 21
+
+
+def test_a_wrn_checkpoint_of_the_earlier_layout_is_one_line(tmp_path, capsys):
+    """WRN checkpoints from before the conv biases (and the official block) do not load: export,
+    eval and --resume say so in one line, naming the checkpoint."""
+    from automix_fast.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    path = tmp_path / "old.pt"
+    mixer = random_checkpoint(path, "wrn28_8_cifar", "vanilla", CLASSES)
+    convs = {n for n, m in mixer.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    state = load_checkpoint(path)
+    state["mixer"] = {k: v for k, v in state["mixer"].items() if k.rsplit(".", 1)[0] not in convs or k.endswith("weight")}
+    save_checkpoint(path, state)
+    for argv in (["export", "--checkpoint", str(path), "--output", str(tmp_path / "w.safetensors")],
+                 ["eval", "--checkpoint", str(path), "--data-dir", str(tmp_path)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(path) in err[0] and "does not match" in err[0], err
+        assert "lacks model.stem.0.bias (and " in err[0] or "lacks stem.0.bias (and " in err[0], err

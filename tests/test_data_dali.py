@@ -250,6 +250,74 @@ def test_train_batches_shape_layout_normalization_labels(color_data, aug, channe
 
 
 @needs_dali
+@pytest.mark.parametrize("gpu", [False, pytest.param(True, marks=pytest.mark.gpu)])  # gpu: `pytest -m gpu`
+@pytest.mark.parametrize("mode", ["zeros", "reflect"])
+def test_pad_crop_is_torch_pad_then_crop_at_fixed_offsets(mode, gpu):
+    """The DALI crop of the cifar aug at every (dy, dx), against torch's pad (constant 0, or
+    mode='reflect') then the crop, on random non-uniform images, with cpu or gpu operators."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from automix_fast.data import dali_pipelines as P
+    from datakit import expected_cifar
+
+    size, pad = 9, P.CIFAR_PAD
+    offsets = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)]
+    images = np.random.default_rng(4).integers(0, 256, (len(offsets), size, size, 3), dtype=np.uint8)
+    shifts = np.array(offsets, np.int32) - pad
+
+    @pipeline_def(batch_size=len(offsets), num_threads=1, device_id=torch.cuda.current_device() if gpu else None)
+    def crops():
+        x = fn.external_source(source=lambda: list(images), batch=True, layout="HWC", dtype=types.UINT8)
+        shift = fn.external_source(source=lambda: list(shifts), batch=True, dtype=types.INT32)
+        return P.pad_crop(x.gpu() if gpu else x, shift, size, mode)
+
+    pipe = crops()
+    pipe.build()
+    out, = pipe.run()
+    out = out.as_cpu() if gpu else out
+    got = np.stack([np.array(out[i]) for i in range(len(offsets))])
+    dy, dx = (shifts + pad).T
+    want = expected_cifar(images, range(len(offsets)), dy, dx, np.zeros(len(offsets), bool), padding_mode=mode)
+    np.testing.assert_array_equal(got, want)
+
+
+def _square_pngs(root, size: int, count: int):
+    """Random size x size PNGs (lossless, no resize in the pipeline): the loaders' pixels are exact."""
+    rng = np.random.default_rng(7)
+    os.makedirs(root, exist_ok=True)
+    images = rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(os.path.join(root, f"{i:02d}.png"))
+    return images
+
+
+@needs_dali
+@pytest.mark.parametrize("mode", ["zeros", "reflect"])
+def test_dali_train_crops_are_the_torch_loaders_crops(tmp_path, mode):
+    """DALI draws its own offsets, so each DALI training image is matched against the torch
+    augmentation (cifar_augment) of its source at every offset and flip: one must be it."""
+    from automix_fast.data.transforms import cifar_augment
+
+    size = 12
+    images = _square_pngs(str(tmp_path), size, 8)
+    samples = [(os.path.join(str(tmp_path), f"{i:02d}.png"), i) for i in range(8)]
+    loader = dali_mod.DaliFolderLoader(samples, _spec(img_size=size, crop_padding_mode=mode, batch_size=8), True, "cifar")
+    (x, y), = list(loader)
+    seen = x.permute(0, 2, 3, 1).numpy() * STD + MEAN  # back to levels
+    grid = torch.arange(9)
+    dy, dx, flip = grid.repeat_interleave(18), grid.repeat_interleave(2).repeat(9), torch.tensor([False, True]).repeat(81)
+    bordered = 0
+    for got, label in zip(seen, y.tolist()):
+        source = torch.from_numpy(images[label]).expand(len(dy), size, size, 3)
+        candidates = cifar_augment(source, dy, dx, flip, padding_mode=mode).numpy().astype(np.float64)
+        error = np.abs(candidates - got).reshape(len(dy), -1).max(1)
+        match = int(error.argmin())
+        assert error[match] < 0.01, f"{label}: no torch crop within {error[match]:.3f} levels"
+        bordered += (int(dy[match]), int(dx[match])) != (4, 4)
+    assert bordered > 0  # some offsets reach into the padding
+
+
+@needs_dali
 def test_train_order_is_a_function_of_seed_and_epoch_and_shards_are_disjoint(real_world):
     samples = _indexed(real_world * 3)  # 27 samples
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from automix_fast.data import DataSpec, DatasetInfo, build_loaders, validate_spec
 from automix_fast.data.shards import train_indices
-from automix_fast.data.torch_loader import ResidentLoader, StreamingLoader, build_torch_loaders
+from automix_fast.data.torch_loader import ResidentLoader, StreamingLoader, _ImageDataset, build_torch_loaders
 from automix_fast.data.transforms import draw_cifar_params
 from automix_fast.errors import DataError
 from datakit import exif_rotated, expected_cifar, folder_spec, make_folder, rgb
@@ -59,6 +59,35 @@ def test_resident_train_batch_is_crop_flip_normalize():
     want = _normalize(expected_cifar(info.train_arrays[0], idx, dy.numpy(), dx.numpy(), flip.numpy()))
     np.testing.assert_allclose(x.numpy(), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(y.numpy(), info.train_arrays[1][idx])
+
+
+def test_resident_reflect_padding_is_torch_reflect_pad_then_crop():
+    info = array_info()
+    train, _ = loaders_for(info, batch_size=8, seed=5, crop_padding_mode="reflect")
+    train.set_epoch(1)
+    x, _ = next(iter(train))
+    idx = train_indices(40, 8, 5, 1, 0, 1)[:8].numpy()
+    dy, dx, flip = draw_cifar_params(train.num_samples, 8, train.shards.aug_generator())
+    args = (info.train_arrays[0], idx, dy.numpy(), dx.numpy(), flip.numpy())
+    np.testing.assert_allclose(x.numpy(), _normalize(expected_cifar(*args, padding_mode="reflect")), atol=1e-5)
+    assert not np.allclose(x.numpy(), _normalize(expected_cifar(*args)), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect"])
+def test_resident_and_streaming_loaders_pad_alike(mode):
+    """The same arrays through the resident loader and the streaming one: the same epoch, pixel for pixel."""
+    info = array_info()
+    resident, _ = loaders_for(info, batch_size=8, seed=2, crop_padding_mode=mode)
+    spec = DataSpec(dataset="cifar10", data_dir="mem", img_size=8, batch_size=8, seed=2, workers=0, mean=MEAN,
+                    std=STD, crop_padding_mode=mode)
+    validate_spec(spec)
+    streaming = StreamingLoader(_ImageDataset(arrays=info.train_arrays, size=8, mode="fixed"), spec, True, "cifar")
+    for loader in (resident, streaming):
+        loader.set_epoch(4)
+    pairs = list(zip(resident, streaming))
+    assert len(pairs) == len(resident) == 5
+    for (a, ya), (b, yb) in pairs:
+        assert torch.equal(ya, yb) and torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

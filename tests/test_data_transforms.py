@@ -18,6 +18,21 @@ def test_cifar_augment_matches_per_image():
     np.testing.assert_array_equal(got, expected_cifar(x.numpy(), range(5), dy.numpy(), dx.numpy(), flip.numpy()))
 
 
+def test_cifar_augment_reflect_is_torch_reflect_pad_then_crop():
+    """Every offset, both flips, non-square images: the gather reads torch's reflect padding."""
+    n, h, w = 2 * 9 * 9, 9, 7
+    x = torch.from_numpy(rgb(n * h, w, 1).reshape(n, h, w, 3).copy())
+    offsets = torch.arange(9)
+    dy = offsets.repeat_interleave(18)
+    dx = offsets.repeat_interleave(2).repeat(9)
+    flip = torch.tensor([False, True]).repeat(81)
+    got = cifar_augment(x, dy, dx, flip, padding_mode="reflect").numpy()
+    want = expected_cifar(x.numpy(), range(n), dy.numpy(), dx.numpy(), flip.numpy(), padding_mode="reflect")
+    np.testing.assert_array_equal(got, want)
+    zeros = cifar_augment(x, dy, dx, flip).numpy()
+    assert not np.array_equal(got, zeros) and np.array_equal(got[80], zeros[80])  # offset (4, 4): no border
+
+
 def test_load_rgb_applies_exif_orientation(tmp_path):
     exif_rotated(tmp_path / "e.jpg")
     img = np.asarray(load_rgb(str(tmp_path / "e.jpg")))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from automix_fast.config import CONFIG_DIR, build_config, load_yaml
+from automix_fast.data import DataSpec
 from automix_fast.engine.optim import build_optimizer, param_groups_weight_decay
 from automix_fast.engine.schedule import CompoundCosine, build_schedule
 from automix_fast.mixing import build_mixer
@@ -179,7 +180,11 @@ def test_cifar10_recipes_are_the_cifar100_ones_on_cifar10():
         for mix in ("automix", "mixup", "cutmix", "vanilla"):
             ten, hundred = recipe(f"cifar10_{model}_{mix}"), recipe(f"cifar100_{model}_{mix}")
             assert (ten.data.dataset, hundred.data.dataset, ten.mixing.mix) == ("cifar10", "cifar100", mix)
-            assert dataclasses.replace(ten, data=dataclasses.replace(ten.data, dataset="cifar100")) == hundred
+            # CIFAR-100's own: the reflect-padded crop, ResNeXt-50 cutmix's weight decay 5e-4 (model zoo).
+            data = dataclasses.replace(ten.data, dataset="cifar100", crop_padding_mode="reflect")
+            optim = dataclasses.replace(ten.optim, weight_decay=hundred.optim.weight_decay)
+            assert dataclasses.replace(ten, data=data, optim=optim) == hundred
+            assert ten.optim.weight_decay == 1e-4
     mixup, cutmix = recipe("cifar10_r18_mixup"), recipe("cifar10_rx50_cutmix")
     # OpenMixup's CIFAR-10 baselines: SGD lr 0.1 momentum 0.9 wd 1e-4, cosine to 0, batch 100.
     assert (mixup.optim.lr, mixup.schedule.min_lr, mixup.optim.momentum, mixup.optim.weight_decay,
@@ -191,6 +196,45 @@ def test_cifar10_recipes_are_the_cifar100_ones_on_cifar10():
     assert automix.mixing.encoder_momentum_end == 0.999999
 
 
+# OpenMixup's mixups baselines (docs/en/model_zoos/Mixup_sup.md and the configs under
+# configs/classification/<dataset>/mixups/): (alpha, weight decay, lr, floor, epochs) per recipe.
+OFFICIAL_BASELINES = {
+    "cifar100_r18_mixup": (1.0, 1e-4, 0.1, 0.0, 800), "cifar100_r18_cutmix": (0.2, 1e-4, 0.1, 0.0, 800),
+    "cifar100_r18_vanilla": (None, 1e-4, 0.1, 0.0, 800),
+    "cifar100_rx50_mixup": (1.0, 1e-4, 0.1, 0.0, 800), "cifar100_rx50_cutmix": (0.2, 5e-4, 0.1, 0.0, 800),
+    "cifar100_rx50_vanilla": (None, 1e-4, 0.1, 0.0, 800),
+    "cifar100_wrn28_8_mixup": (1.0, 1e-3, 0.03, 0.0, 400), "cifar100_wrn28_8_cutmix": (0.2, 1e-3, 0.03, 0.0, 400),
+    "cifar100_wrn28_8_vanilla": (None, 1e-3, 0.03, 0.0, 400),
+    "tiny_r18_mixup": (1.0, 1e-4, 0.2, 0.0, 400), "tiny_r18_cutmix": (1.0, 1e-4, 0.2, 0.0, 400),
+    "tiny_r18_vanilla": (None, 1e-4, 0.2, 0.0, 400),
+    **{f"imagenet_{r}_{mix}": (alpha, 1e-4, 0.1, 0.0, 100)
+       for r in ("r18", "r34", "r50")
+       for mix, alpha in (("mixup", 0.2), ("cutmix", 0.2 if r == "r18" else 1.0), ("vanilla", None))},
+}
+# CIFAR-10's are CIFAR-100's, but ResNeXt-50 cutmix keeps its config's weight decay 1e-4.
+OFFICIAL_BASELINES.update({name.replace("cifar100", "cifar10"): value for name, value in OFFICIAL_BASELINES.items()
+                           if name.startswith(("cifar100_r18", "cifar100_rx50"))})
+OFFICIAL_BASELINES["cifar10_rx50_cutmix"] = (0.2, 1e-4, 0.1, 0.0, 800)
+
+
+def test_every_baseline_recipe_is_the_official_mixups_one():
+    import os
+
+    shipped = {f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml")}
+    assert {n for n in shipped if not n.endswith("_automix")} == set(OFFICIAL_BASELINES)
+    for name, (alpha, wd, lr, floor, epochs) in OFFICIAL_BASELINES.items():
+        cfg = recipe(name)
+        assert cfg.mixing.mix == name.rsplit("_", 1)[1], name
+        got = (cfg.optim.weight_decay, cfg.optim.lr, cfg.schedule.min_lr, cfg.schedule.epochs)
+        assert got == (wd, lr, floor, epochs), name
+        assert (cfg.optim.opt, cfg.optim.momentum, cfg.schedule.sched, cfg.schedule.warmup_epochs) == ("sgd", 0.9, "cosine", 0)
+        if alpha is not None:
+            assert cfg.mixing.mix_alpha == alpha, name
+        automix = recipe(name.rsplit("_", 1)[0] + "_automix")
+        assert (cfg.data.batch_size, cfg.data.img_size, cfg.net.model) == (
+            automix.data.batch_size, automix.data.img_size, automix.net.model), name
+
+
 def test_every_shipped_config_with_a_dataset_is_named_after_it():
     """A config that pins `dataset:` says so in its name (the error for other data names both)."""
     import os
@@ -199,6 +243,21 @@ def test_every_shipped_config_with_a_dataset_is_named_after_it():
         pinned = recipe(name).data.dataset
         if pinned in ("cifar10", "cifar100"):
             assert name.startswith(pinned + "_"), name
+
+
+def test_cifar_recipes_pad_the_training_crop_as_the_official_pipelines():
+    """OpenMixup's dataset configs: CIFAR-100 RandomCrop(32, padding=4, padding_mode="reflect"),
+    CIFAR-10 RandomCrop(32, padding=4) (zeros); both crop with the cifar aug at 32 px."""
+    import os
+
+    from automix_fast.data.torch_loader import resolve_aug
+
+    for name in sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.startswith("cifar")):
+        data = recipe(name).data
+        want = "reflect" if name.startswith("cifar100_") else "zeros"
+        assert data.crop_padding_mode == want, name
+        assert resolve_aug(DataSpec(img_size=data.img_size, aug=data.aug)) == "cifar" and data.img_size == 32, name
+    assert build_config().data.crop_padding_mode == "zeros"  # the default run: unchanged
 
 
 def make_automix_for(model):

@@ -104,7 +104,7 @@ def test_model_summary_is_one_line():
     assert "\n" not in line and line.startswith("resnet50:")
     assert "256-512-1024-2048" in line and "25.56M" in line and "224" in line and "imagenet" in line
     cifar = model_summary("wrn28_8_cifar")
-    assert "128-256-512" in cifar and "23.35M" in cifar and "img 32" in cifar and "cifar" in cifar
+    assert "128-256-512" in cifar and "23.36M" in cifar and "img 32" in cifar and "cifar" in cifar
 
 
 # ---------------------------------------------------------------- parameter counts
@@ -118,8 +118,9 @@ def test_model_summary_is_one_line():
         ("resnet50", 1000, 25_557_032),
         ("resnet101", 1000, 44_549_160),
         ("resnext50_32x4d", 1000, 25_028_904),
-        ("wrn28_8_cifar", 10, 23_354_842),  # pre-act WRN-28-8, reference layout
-        ("wrn28_8", 10, 23_354_842 + 16 * 3 * (7 * 7 - 3 * 3)),  # the same with a 7x7 stem conv, no stem BN
+        # OpenMixup's WRN-28-8 backbone (conv biases included) is 23,357,792, plus a 10-class head.
+        ("wrn28_8_cifar", 10, 23_357_792 + 512 * 10 + 10),
+        ("wrn28_8", 10, 23_357_792 + 5130 + 16 * 3 * (7 * 7 - 3 * 3)),  # the same with a 7x7 stem conv, no stem BN
     ],
 )
 def test_parameter_counts(name, classes, count):
@@ -252,8 +253,10 @@ def test_channels_last_end_to_end(name):
             h.remove()
     assert not wrong, f"not channels_last after: {wrong[:5]}"
     assert feat.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(feat, ref_feat, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    # fp32 rounding of the two layouts' summation orders grows with the activations' size (WRN's
+    # un-normalized residual stream reaches tens at init), so the tolerance is relative to it.
+    for got, ref in ((feat, ref_feat), (logits, ref_logits)):
+        torch.testing.assert_close(got, ref, atol=1e-5 * max(1.0, ref.abs().max().item()), rtol=1e-5)
 
 
 # ---------------------------------------------------------------- init
@@ -275,11 +278,15 @@ def _last_of(block) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", ["resnet18_cifar", "resnet50_cifar", "wrn28_8_cifar"])  # tinynet has no residual blocks
 def test_zero_init_residual(name):
-    blocks = _residual_blocks(built(name))
-    assert blocks and all(torch.count_nonzero(_last_of(b)) == 0 for b in blocks)
+    """On by default for the ResNets; off for WRN (the official WRN does not zero-init), on when asked."""
+    default_on = not name.startswith("wrn")
+    torch.manual_seed(0)
+    on = _residual_blocks(create_model(name, NUM_CLASSES, zero_init_residual=True))
+    assert on and all(torch.count_nonzero(_last_of(b)) == 0 for b in on)
     torch.manual_seed(0)
     off = _residual_blocks(create_model(name, NUM_CLASSES, zero_init_residual=False))
     assert all(torch.count_nonzero(_last_of(b)) > 0 for b in off)
+    assert all((torch.count_nonzero(_last_of(b)) == 0) == default_on for b in _residual_blocks(built(name)))
 
 
 def test_init_kaiming_fan_out_and_bn():

@@ -11,7 +11,7 @@ import torch
 from automix_fast.config import build_config
 from automix_fast.data import DataSpec, view_options
 from automix_fast.data.evalset import build_eval_loader, resolve_eval_data
-from automix_fast.engine.checkpoint import check_training_state, load_checkpoint
+from automix_fast.engine.checkpoint import check_training_state, load_checkpoint, state_dict_mismatch
 from automix_fast.engine.policy import create_policy_model, resolve_amp, resolve_device, resolve_loader, wrap_policy
 from automix_fast.errors import CheckpointError, DataError
 
@@ -75,7 +75,7 @@ def load_trained(path: str, overrides: dict | None = None) -> Trained:
     try:
         mixer.load_state_dict(state["mixer"])
     except RuntimeError as e:
-        raise CheckpointError(f"{path} does not match its model: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"{path} does not match its model: {state_dict_mismatch(e)}") from None
     channels_last = cfg.run.channels_last if cfg.run.channels_last is not None else device.type == "cuda"
     mixer = mixer.to(device, memory_format=torch.channels_last) if channels_last else mixer.to(device)
     return Trained(Path(path), state, cfg, mixer.eval(), device, resolve_amp(cfg.run, device), channels_last)

@@ -10,6 +10,7 @@ from automix_fast.config import build_config
 from automix_fast.data import DataSpec, view_options
 from automix_fast.data.torch_loader import resolve_aug
 from automix_fast.data.transforms import eval_resize_for
+from automix_fast.engine.checkpoint import state_dict_mismatch
 from automix_fast.errors import CheckpointError
 from automix_fast.export import (PROGRAM_FORMATS, check_output, export_state, file_format, from_export_keys,
                                  torchvision_name, write_export)
@@ -27,7 +28,8 @@ def run(args) -> int:
     try:  # what a user will do with the file, done once here: it must load strictly
         fresh.load_state_dict({from_export_keys(k, tv is not None): v for k, v in weights.items()})
     except RuntimeError as e:
-        raise CheckpointError(f"{args.checkpoint}: encoder {args.head} does not match {arch}: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"{args.checkpoint}: encoder {args.head} does not match {arch}: "
+                              f"{state_dict_mismatch(e)}") from None
     img_size = cfg.data.img_size or fresh.default_img_size
     view = DataSpec(img_size=img_size, aug=cfg.data.aug, **view_options(cfg.data))
     aug = resolve_aug(view)

@@ -14,6 +14,7 @@ from automix_fast.config.fields import Section, option, require
 DATASETS = ("auto", "embedded", "folder", "cifar10", "cifar100")
 LOADERS = ("auto", "dali", "torch")
 AUGS = ("auto", "cifar", "imagenet")
+CROP_PADDING_MODES = ("zeros", "reflect")
 MIXES = ("vanilla", "mixup", "cutmix", "automix")
 MASK_LOSS_ANNEALS = ("none", "cosine", "compound")
 MASK_MODES = ("nearest", "bilinear")
@@ -44,6 +45,10 @@ class DataOptions(Section):
     aug: str = option(
         "auto", "augmentation: cifar (pad-crop-flip), imagenet (random-resized-crop), auto (cifar up to 64 px)",
         choices=AUGS)
+    crop_padding_mode: str = option(
+        "zeros", "cifar aug: how the 4 px border of the random crop is filled: zeros, or reflect (the image mirrored "
+        "without repeating its edge, torchvision's padding_mode='reflect'; OpenMixup's CIFAR-100)",
+        choices=CROP_PADDING_MODES)
     crop_pct: float | None = option(
         None, "eval centre crop: the shorter side resized to img_size / crop_pct, then an img_size crop (timm's "
         "name); none: 0.875 with imagenet aug, 1 with cifar (no resize at the training size)")

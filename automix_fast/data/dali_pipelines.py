@@ -94,14 +94,40 @@ def _resize_center_crop(images, resize_to: int, size: int):
     return fn.slice(images, start=start, shape=[size, size], axis_names="HW")
 
 
+def _reflect_pad(images, pad: int, size: int):
+    """size x size HWC images padded by `pad` on every side with their mirror image, the edge
+    pixel not repeated (torchvision's padding_mode='reflect'): mirrored strips joined on."""
+    def mirrored(images, start, shape, vertical: bool):
+        strip = fn.slice(images, start=start, shape=shape, axis_names="HW")
+        return fn.flip(strip, horizontal=int(not vertical), vertical=int(vertical))
+
+    top = mirrored(images, [1, 0], [pad, size], vertical=True)  # rows pad..1 above row 0
+    bottom = mirrored(images, [size - 1 - pad, 0], [pad, size], vertical=True)  # rows size-2.. below
+    images = fn.cat(top, images, bottom, axis_name="H")
+    left = mirrored(images, [0, 1], [size + 2 * pad, pad], vertical=False)
+    right = mirrored(images, [0, size - 1 - pad], [size + 2 * pad, pad], vertical=False)
+    return fn.cat(left, images, right, axis_name="W")
+
+
+def pad_crop(images, shift, size: int, padding_mode: str):
+    """The size x size window at `shift` (INT32 (dy, dx), each in [-CIFAR_PAD, CIFAR_PAD]) of
+    size x size HWC images padded by CIFAR_PAD: with zeros, or by reflection."""
+    if padding_mode == "reflect":
+        return fn.slice(_reflect_pad(images, CIFAR_PAD, size), start=shift + CIFAR_PAD, shape=[size, size],
+                        axis_names="HW")
+    return fn.slice(images, start=shift, shape=[size, size], axis_names="HW", out_of_bounds_policy="pad",
+                    fill_values=0)
+
+
 @pipeline_def(enable_conditionals=False)
-def train_pipeline(*, source, gpu: bool, img_size: int, aug: str, mean, std, out_dtype):
+def train_pipeline(*, source, gpu: bool, img_size: int, aug: str, mean, std, out_dtype, crop_padding_mode="zeros"):
     """Training augmentation.
 
     imagenet: fused decode + random-resized-crop (area [0.08, 1], aspect [3/4, 4/3], ROI decode
     where the decoder can) -> resize to img_size x img_size -> random flip + normalize.
     cifar: decode -> shorter side to img_size, center img_size crop -> random crop with 4 px
-    zero padding -> random flip + normalize (torchvision RandomCrop(padding=4) + flip).
+    padding, zeros or by reflection (`crop_padding_mode`) -> random flip + normalize
+    (torchvision RandomCrop(padding=4, padding_mode) + flip).
     """
     data, labels = _read(source)
     device = "mixed" if gpu else "cpu"
@@ -122,9 +148,7 @@ def train_pipeline(*, source, gpu: bool, img_size: int, aug: str, mean, std, out
         images = fn.decoders.image(data, device=device, output_type=types.RGB, **_decoder_kwargs(gpu, large=False))
         images = _resize_center_crop(images, img_size, img_size)
         shift = fn.random.uniform(values=list(range(-CIFAR_PAD, CIFAR_PAD + 1)), shape=[2], dtype=types.INT32)
-        images = fn.slice(
-            images, start=shift, shape=[img_size, img_size], axis_names="HW", out_of_bounds_policy="pad", fill_values=0
-        )
+        images = pad_crop(images, shift, img_size, crop_padding_mode)
         images = _normalize(images, mean=mean, std=std, out_dtype=out_dtype, mirror=mirror)
     return images, labels
 
@@ -153,12 +177,13 @@ def decode_pipeline(*, source, gpu: bool):
 
 def build_pipeline(args: dict, *, source, batch_size: int, prefetch: int, seed: int):
     """A built train or val pipeline from the loader's picklable description `args` (train, gpu,
-    img_size, aug, crop_pct, mean, std, half, num_threads, device_id); the loader and its decoding
+    img_size, aug, crop_pct, crop_padding_mode, mean, std, half, num_threads, device_id); the loader and its decoding
     process (`dali_child.py`) both build through here, so the two make the same pipeline."""
     definition = train_pipeline if args["train"] else val_pipeline
-    eval_only = {} if args["train"] else {"crop_pct": args.get("crop_pct")}
+    own = ({"crop_padding_mode": args.get("crop_padding_mode", "zeros")} if args["train"]
+           else {"crop_pct": args.get("crop_pct")})
     pipe = definition(
-        **eval_only,
+        **own,
         source=source,
         gpu=args["gpu"],
         img_size=args["img_size"],

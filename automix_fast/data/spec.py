@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config.sections import AUGS, DATASETS
+from ..config.sections import AUGS, CROP_PADDING_MODES, DATASETS
 from ..errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -28,6 +28,7 @@ class DataSpec:
     dtype: torch.dtype = torch.float32  # dtype of the emitted images
     loader: str = "torch"  # torch | dali
     aug: str = "auto"  # auto | cifar | imagenet
+    crop_padding_mode: str = "zeros"  # zeros | reflect: the border of the cifar aug's random crop
     crop_pct: float | None = None  # eval centre-crop fraction; None: transforms.eval_resize_for's default
     rank: int = 0
     world_size: int = 1
@@ -92,6 +93,8 @@ def validate_spec(spec: DataSpec) -> None:
     _require(spec.dataset in DATASETS, f"dataset: unknown '{spec.dataset}'; choose from {', '.join(DATASETS)}")
     _require(spec.loader in LOADERS, f"loader: unknown '{spec.loader}'; choose from {', '.join(LOADERS)}")
     _require(spec.aug in AUGS, f"aug: unknown '{spec.aug}'; choose from {', '.join(AUGS)}")
+    _require(spec.crop_padding_mode in CROP_PADDING_MODES,
+             f"crop_padding_mode: unknown '{spec.crop_padding_mode}'; choose from {', '.join(CROP_PADDING_MODES)}")
     for name, low in (("img_size", 8), ("batch_size", 1), ("eval_batch_size", 1), ("workers", 0), ("world_size", 1)):
         value = getattr(spec, name)
         _require(isinstance(value, int) and not isinstance(value, bool) and value >= low,

@@ -83,7 +83,8 @@ class _LoaderBase:
         if params is not None:
             if isinstance(where, int):
                 where = slice(where, where + images.shape[0])
-            images = cifar_augment(images, params[0][where], params[1][where], params[2][where])
+            images = cifar_augment(images, params[0][where], params[1][where], params[2][where],
+                                   padding_mode=self.spec.crop_padding_mode)
         return normalize_to(images, self._mean, self._std_inv, self.spec.dtype, self.spec.channels_last)
 
 

@@ -3,9 +3,9 @@
 Worker side (one image, PIL, uint8 out): `load_rgb`, `random_resized_crop` (torchvision's
 RandomResizedCrop semantics: same sampling of the box, 10 tries then a centre fallback, bilinear
 resize), `resize_center_crop` (torchvision's Resize(shorter side) + CenterCrop).
-Device side (whole batch, no per-image Python loop): `cifar_augment` (zero-pad 4, random crop,
-horizontal flip as one gather), `normalize_to` (uint8 NHWC -> normalized NCHW in the wanted dtype
-and memory format).
+Device side (whole batch, no per-image Python loop): `cifar_augment` (pad 4 with zeros or by
+reflection, random crop, horizontal flip as one gather), `normalize_to` (uint8 NHWC -> normalized
+NCHW in the wanted dtype and memory format).
 """
 from __future__ import annotations
 
@@ -124,21 +124,33 @@ def draw_cifar_params(n: int, size: int, generator: torch.Generator, pad: int = 
     return dy, dx, flip
 
 
-def cifar_augment(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int = 4) -> torch.Tensor:
-    """Zero-pad by `pad`, crop H x W at (dy, dx), flip where `flip`: the whole batch in one gather.
+def cifar_augment(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int = 4,
+                  padding_mode: str = "zeros") -> torch.Tensor:
+    """Pad by `pad`, crop H x W at (dy, dx), flip where `flip`: the whole batch in one gather.
 
     images: (N, H, W, C) uint8 NHWC; dy, dx: (N,) int64 in [0, 2*pad]; flip: (N,) bool.
+    padding_mode: 'zeros' (black border) or 'reflect' (the image mirrored about its edge pixel,
+    which is not repeated: torchvision's RandomCrop(padding_mode='reflect'); needs pad < H, W).
     Output pixel (i, j) of image n is padded[n, dy + i, dx + (W-1-j if flip else j)].
     """
     n, h, w, _ = images.shape
-    padded = torch.nn.functional.pad(images, (0, 0, pad, pad, pad, pad))  # pads W and H, not C
     ar_h = torch.arange(h, device=images.device)
     ar_w = torch.arange(w, device=images.device)
     rows = dy.to(images.device)[:, None] + ar_h  # (N, H)
     cols_src = torch.where(flip.to(images.device)[:, None], (w - 1) - ar_w, ar_w)  # (N, W)
     cols = dx.to(images.device)[:, None] + cols_src
     batch = torch.arange(n, device=images.device)[:, None, None]
+    if padding_mode == "reflect":  # read the mirrored pixel of the image itself: no padded copy
+        rows, cols = _reflect(rows - pad, h), _reflect(cols - pad, w)
+        return images[batch, rows[:, :, None], cols[:, None, :]]
+    padded = torch.nn.functional.pad(images, (0, 0, pad, pad, pad, pad))  # pads W and H, not C
     return padded[batch, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
+
+
+def _reflect(index: torch.Tensor, length: int) -> torch.Tensor:
+    """Indices in (-length, 2 * length - 1) mirrored into [0, length) without repeating the edge."""
+    index = index.abs()
+    return torch.where(index > length - 1, 2 * (length - 1) - index, index)
 
 
 def normalize_to(images_nhwc: torch.Tensor, mean: torch.Tensor, std_inv: torch.Tensor,

@@ -113,6 +113,21 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     _write_atomic(path, _encode(state))
 
 
+def state_dict_mismatch(error: Exception) -> str:
+    """What a failed `load_state_dict` found first, in one line: the checkpoint lacks a key (and
+    how many more), has one the model lacks, or a tensor of another shape (torch's own line)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines[1:]:
+        for label, says in (("Missing key(s) in state_dict:", "the checkpoint lacks"),
+                            ("Unexpected key(s) in state_dict:", "the model lacks")):
+            if line.startswith(label):
+                keys = re.findall(r'"([^"]+)"', line)
+                more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+                return f"{says} {keys[0]}{more}" if keys else line
+        return line
+    return lines[0] if lines else type(error).__name__
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Read and verify a checkpoint; any problem raises a one-line CheckpointError naming `path`."""
     path = Path(path)

@@ -25,7 +25,7 @@ from automix_fast.data import DataSpec, build_loaders, view_options
 from automix_fast.data.shards import seed_of
 from automix_fast.data.torch_loader import resolve_aug
 from automix_fast.engine.checkpoint import (FORMAT, CheckpointManager, check_resume_world_size, check_training_state,
-                                           rng_state, set_aside_after, set_rng_state)
+                                           rng_state, set_aside_after, set_rng_state, state_dict_mismatch)
 from automix_fast.engine.compile_clock import CompileClock
 from automix_fast.engine.distributed import (all_reduce_sum, average_bn_stats, barrier, convert_sync_batchnorm,
                                              flat_allreduce_mean, init_distributed)
@@ -150,7 +150,8 @@ class Trainer:
             eval_batch_size=data.validation_batch_size or 2 * data.batch_size, workers=data.workers,
             device=self.device, channels_last=self.channels_last,
             dtype=self.amp_dtype if (self.amp_dtype is not None and cuda) else torch.float32,
-            loader=self.loader_kind, aug=data.aug, rank=self.dist.rank, world_size=self.dist.world_size,
+            loader=self.loader_kind, aug=data.aug, crop_padding_mode=data.crop_padding_mode,
+            rank=self.dist.rank, world_size=self.dist.world_size,
             seed=self.cfg.run.seed, skip_bad_images=data.skip_bad_images,
             train_subset=data.train_subset, train_subset_seed=data.train_subset_seed, val_split=data.val_split,
             **view_options(data),
@@ -244,7 +245,7 @@ class Trainer:
             load_state_keeping_settings(self.optimizer, state["optimizer"])
             start_momentum_at_zero(self.optimizer)
         except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{path} does not match this model: {str(e).splitlines()[0]}") from None
+            raise CheckpointError(f"{path} does not match this model: {state_dict_mismatch(e)}") from None
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.guard.skipped.fill_(state.get("skipped_steps", 0))
