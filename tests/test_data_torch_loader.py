@@ -203,6 +203,20 @@ def test_eval_crop_pct_sets_the_zoom_of_imagenet_style_eval(tmp_path, crop_pct, 
     assert same is not zoomed
 
 
+def test_an_eval_zoom_leaves_cifar_style_training_images_whole():
+    """crop_pct is the eval view's: the streaming loader it selects trains on the same crops as
+    the resident one (pad, crop and flip of the whole image), as DALI does."""
+    info = array_info()
+    resident, _ = loaders_for(info, batch_size=8, seed=5)
+    streaming, _ = loaders_for(info, batch_size=8, seed=5, crop_pct=0.5)
+    assert isinstance(resident, ResidentLoader) and isinstance(streaming, StreamingLoader)
+    for loader in (resident, streaming):
+        loader.set_epoch(2)
+    (xr, yr), (xs, ys) = next(iter(resident)), next(iter(streaming))
+    assert torch.equal(yr, ys)
+    torch.testing.assert_close(xs, xr, atol=1e-6, rtol=0)
+
+
 def test_cifar_eval_with_a_zoom_leaves_the_resident_loader():
     """Resident arrays hold the training size only, so an eval zoom (crop_pct < 1) streams instead."""
     info = array_info()
