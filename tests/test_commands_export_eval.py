@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -360,3 +361,36 @@ def test_a_wrn_checkpoint_of_the_earlier_layout_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(path) in err[0] and "does not match" in err[0], err
         assert "lacks model.stem.0.bias (and " in err[0] or "lacks stem.0.bias (and " in err[0], err
+
+
+@pytest.mark.parametrize("filters, want", [({"train_interpolation": "bicubic", "interpolation": "bicubic"}, "bicubic"),
+                                           (None, "bilinear")])
+def test_eval_and_export_resize_with_the_runs_eval_filter(tmp_path, filters, want):
+    """`automix-fast eval` resizes with the run's --interpolation, and export's metadata names it;
+    the checkpoint of a run from before the field (no such key in its config) keeps bilinear."""
+    from PIL import Image
+
+    from automix_fast.commands.common import eval_data, load_trained
+    from automix_fast.data.transforms import PIL_FILTERS
+    from automix_fast.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    data = make_folder(tmp_path / "data", train_per_class=2, val_per_class=2)
+    path = tmp_path / "best.pt"
+    random_checkpoint(path, "tinynet", "vanilla", ["class0", "class1", "class2"], data_dir=str(data), img_size=40,
+                      loader="torch", **(filters or {}))
+    if filters is None:
+        state = load_checkpoint(path)
+        for key in ("train_interpolation", "interpolation"):
+            del state["config"][key]
+        save_checkpoint(path, state)
+    loader, info, spec = eval_data(load_trained(str(path)))
+    assert spec.interpolation == want
+    x, y = next(iter(loader))
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(spec.std).view(1, 3, 1, 1) * 255
+    first = Image.open(info.val_samples[0][0]).convert("RGB")  # 32 px, upscaled to 40 for eval
+    expected = torch.from_numpy(np.array(first.resize((40, 40), PIL_FILTERS[want]))).permute(2, 0, 1).float()
+    torch.testing.assert_close(x[0] * std[0] + mean[0], expected, atol=1e-3, rtol=0)
+    assert main(["export", "--checkpoint", str(path), "--output", str(tmp_path / "m.safetensors")]) == 0
+    meta = json.loads((tmp_path / "m.safetensors.json").read_text())
+    assert (meta["image_size"], meta["eval_resize"], meta["interpolation"]) == (40, 40, want)

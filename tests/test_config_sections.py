@@ -31,12 +31,12 @@ RESOLVED = {"dataset": "folder", "aug": "cifar", "num_classes": 3, "validation_b
 READ_AS = {"sched": "multistep", "decay_epochs": None, "decay_milestones": [1], "decay_rate": 0.1}
 # Fields added after the stored run (at their defaults, but for the milestones read from
 # decay_epochs): their lines follow the stored ones.
-ADDED = {"crop_padding_mode": "zeros", "crop_pct": None, "mean": None, "std": None, "q_batched": False,
-         "decay_milestones": [1], "decay_rate": 0.1, "torchcompile_mode": None, "torchcompile_scope": "encoders",
-         "cuda_graph": False}
-ADDED_LINES = ("crop_padding_mode: zeros\ncrop_pct: null\nmean: null\nstd: null\nq_batched: false\n"
-               "decay_milestones:\n- 1\ndecay_rate: 0.1\ntorchcompile_mode: null\ntorchcompile_scope: encoders\n"
-               "cuda_graph: false\n")
+ADDED = {"crop_padding_mode": "zeros", "crop_pct": None, "train_interpolation": "bilinear", "interpolation": "bilinear",
+         "mean": None, "std": None, "q_batched": False, "decay_milestones": [1], "decay_rate": 0.1,
+         "torchcompile_mode": None, "torchcompile_scope": "encoders", "cuda_graph": False}
+ADDED_LINES = ("crop_padding_mode: zeros\ncrop_pct: null\ntrain_interpolation: bilinear\ninterpolation: bilinear\n"
+               "mean: null\nstd: null\nq_batched: false\ndecay_milestones:\n- 1\ndecay_rate: 0.1\n"
+               "torchcompile_mode: null\ntorchcompile_scope: encoders\ncuda_graph: false\n")
 
 
 def read_as_today(text: str) -> str:

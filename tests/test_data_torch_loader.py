@@ -1,5 +1,5 @@
 """data/torch_loader.py: the resident and streaming loaders' contract (batches, layout,
-normalization, every val sample once, disjoint shards, reshuffles, odd files)."""
+normalization, every val sample once, disjoint shards, reshuffles, odd files, resampling filters)."""
 from __future__ import annotations
 
 import os
@@ -12,9 +12,11 @@ from PIL import Image
 from automix_fast.data import DataSpec, DatasetInfo, build_loaders, validate_spec
 from automix_fast.data.shards import train_indices
 from automix_fast.data.torch_loader import ResidentLoader, StreamingLoader, _ImageDataset, build_torch_loaders
-from automix_fast.data.transforms import draw_cifar_params
-from automix_fast.errors import DataError
-from datakit import exif_rotated, expected_cifar, folder_spec, make_folder, rgb
+from automix_fast.data.transforms import PIL_FILTERS, draw_cifar_params, resize_center_crop
+from automix_fast.errors import ConfigError, DataError
+from datakit import (TRAIN_VIEWS, batches_by_label, exif_rotated, expected_cifar, folder_spec, make_folder,
+                     pin_train_randomness, resized, rgb, unflipped, waves_info, write_waves)
+from tolerances import assert_resampled_like
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -226,3 +228,70 @@ def test_cifar_eval_with_a_zoom_leaves_the_resident_loader():
     assert isinstance(val, StreamingLoader)
     x, _ = next(iter(val))
     assert not np.allclose(x.numpy(), _normalize(info.val_arrays[0]), atol=1e-3)
+
+
+OTHER_FILTER = {"bilinear": "bicubic", "bicubic": "bilinear"}
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("path", TRAIN_VIEWS)
+def test_training_images_are_resized_with_train_interpolation(tmp_path, monkeypatch, path, interpolation):
+    """Every training resize (the random-resized crop, the CIFAR-style shorter side to img_size,
+    resident or streaming) is PIL's with --train-interpolation, whatever --interpolation says;
+    randomness pinned (datakit.pin_train_randomness) so the box is the whole image."""
+    aug, sizes, crop_pct = TRAIN_VIEWS[path]
+    pin_train_randomness(monkeypatch)
+    samples = write_waves(tmp_path, sizes)
+    spec = DataSpec(dataset="folder", data_dir=str(tmp_path), img_size=32, aug=aug, batch_size=2, workers=0,
+                    crop_pct=crop_pct, train_interpolation=interpolation, interpolation=OTHER_FILTER[interpolation],
+                    mean=MEAN, std=STD)
+    train, _ = build_torch_loaders(spec, waves_info(samples))
+    assert isinstance(train, ResidentLoader if path == "resident cifar" else StreamingLoader)
+    got = batches_by_label(train, MEAN, STD)
+    assert sorted(got) == list(range(len(samples)))
+    for (file, i) in samples:
+        want = resized(file, 32, aug, interpolation)
+        np.testing.assert_allclose(unflipped(got[i], want), want, atol=1e-3, err_msg=os.path.basename(file))
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_eval_images_are_resized_with_interpolation(tmp_path, interpolation):
+    """The eval resize (shorter side to img_size / 0.875, then the centre crop) is PIL's with
+    --interpolation, whatever --train-interpolation says."""
+    samples = write_waves(tmp_path, [(101, 77), (77, 101), (50, 50)])
+    spec = DataSpec(dataset="folder", data_dir=str(tmp_path), img_size=32, aug="imagenet", batch_size=2, eval_batch_size=2,
+                    workers=0, interpolation=interpolation, train_interpolation=OTHER_FILTER[interpolation],
+                    mean=MEAN, std=STD)
+    _, val = build_torch_loaders(spec, waves_info(samples))
+    got = batches_by_label(val, MEAN, STD)
+    for (file, i) in samples:
+        want = resize_center_crop(Image.open(file).convert("RGB"), 32, 36, interpolation)
+        np.testing.assert_allclose(got[i], want, atol=1e-3, err_msg=os.path.basename(file))
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("train", [True, False])
+def test_resident_arrays_are_resized_with_their_filter(monkeypatch, train, interpolation):
+    """In-memory arrays at another size than img_size (CIFAR at 40 px) are resized on the torch
+    side with the training or the eval filter: PIL's within resampling tolerance."""
+    pin_train_randomness(monkeypatch)
+    info = index_info(6, size=24)
+    other = OTHER_FILTER[interpolation]
+    filters = dict(train_interpolation=interpolation, interpolation=other) if train else \
+        dict(train_interpolation=other, interpolation=interpolation)
+    spec = DataSpec(dataset="cifar10", data_dir="mem", img_size=40, batch_size=2, eval_batch_size=4, mean=MEAN, std=STD,
+                    **filters)
+    loader = build_torch_loaders(spec, info)[0 if train else 1]
+    assert isinstance(loader, ResidentLoader)
+    got = batches_by_label(loader, MEAN, STD)
+    images = (info.train_arrays if train else info.val_arrays)[0]
+    for i, image in enumerate(images):
+        want = np.asarray(Image.fromarray(image).resize((40, 40), PIL_FILTERS[interpolation]))
+        assert_resampled_like(unflipped(got[i], want), want, f"image {i}")
+
+
+def test_an_unknown_filter_is_a_one_line_config_error():
+    for field in ("train_interpolation", "interpolation"):
+        with pytest.raises(ConfigError) as err:
+            validate_spec(DataSpec(**{field: "random"}))
+        assert str(err.value) == f"{field}: unknown 'random'; choose from bilinear, bicubic"

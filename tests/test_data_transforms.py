@@ -1,14 +1,19 @@
-"""data/transforms.py: the CIFAR augmentation, RandomResizedCrop boxes, resize + center crop, and
-EXIF orientation."""
+"""data/transforms.py: the CIFAR augmentation, RandomResizedCrop boxes, resize + center crop, the
+resampling filters, and EXIF orientation."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from automix_fast.data.transforms import (cifar_augment, draw_cifar_params, load_rgb, random_resized_crop_box,
-                                          resize_center_crop)
-from datakit import exif_rotated, expected_cifar, rgb
+from automix_fast.data.transforms import (PIL_FILTERS, cifar_augment, draw_cifar_params, load_rgb,
+                                          random_resized_crop, random_resized_crop_box, resize_center_crop,
+                                          resize_uint8_batch)
+from datakit import exif_rotated, expected_cifar, rgb, waves
+from tolerances import RESAMPLED_LEVELS, assert_resampled_like
+
+OTHER_FILTER = {"bilinear": "bicubic", "bicubic": "bilinear"}
 
 
 def test_cifar_augment_matches_per_image():
@@ -52,6 +57,38 @@ def test_resize_center_crop_shapes():
     img = Image.fromarray(rgb(50, 100, 0))
     assert resize_center_crop(img, 32).shape == (32, 32, 3)
     assert resize_center_crop(img, 32, resize_to=36).shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_worker_resizes_are_pils_with_the_asked_filter(interpolation):
+    """The random-resized crop and the resize before the centre crop are PIL's resize of the same
+    box with the asked filter (torchvision's PIL path, interpolation=2 or 3), to the pixel."""
+    img = Image.fromarray(waves(57, 71, 0))
+    want_filter = PIL_FILTERS[interpolation]
+    for seed in range(5):
+        left, top, w, h = random_resized_crop_box(71, 57, np.random.default_rng(seed))
+        want = np.asarray(img.resize((24, 24), want_filter, box=(left, top, left + w, top + h)))
+        got = random_resized_crop(img, 24, np.random.default_rng(seed), flip=False, interpolation=interpolation)
+        np.testing.assert_array_equal(got, want)
+    # shorter side 57 -> 28, longer int(28 * 71 / 57) = 34; crop 24 at (round(5), round(2))
+    want = np.asarray(img.resize((34, 28), want_filter))[2:26, 5:29]
+    np.testing.assert_array_equal(resize_center_crop(img, 24, 28, interpolation=interpolation), want)
+    other = resize_center_crop(img, 24, 28, interpolation=OTHER_FILTER[interpolation])
+    assert np.abs(other.astype(int) - want).mean() > RESAMPLED_LEVELS["mean"]  # the filters are told apart
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("h, w, size", [(24, 24, 32), (48, 48, 32), (64, 64, 24), (17, 45, 40)])
+def test_device_resize_is_pils_within_resampling_tolerance(interpolation, h, w, size):
+    """resize_uint8_batch (torch's antialiased interpolate) against PIL's resize with the same
+    filter, image by image; the other filter is out of that tolerance."""
+    batch = np.stack([waves(h, w, seed) for seed in range(3)])
+    got = resize_uint8_batch(torch.from_numpy(batch), size, interpolation).numpy()
+    for i, image in enumerate(batch):
+        want = np.asarray(Image.fromarray(image).resize((size, size), PIL_FILTERS[interpolation]))
+        assert_resampled_like(got[i], want, f"{interpolation} {w}x{h} -> {size}, image {i}")
+        other = np.asarray(Image.fromarray(image).resize((size, size), PIL_FILTERS[OTHER_FILTER[interpolation]]))
+        assert np.abs(got[i].astype(int) - other).mean() > RESAMPLED_LEVELS["mean"]
 
 
 def gray16(path, seed: int = 0) -> np.ndarray:

@@ -299,6 +299,21 @@ def test_every_recipe_views_images_as_the_official_test_pipeline():
         assert (view.mean, view.std, resize) == want[prefix], name
 
 
+def test_every_recipe_resamples_with_the_official_filters():
+    """OpenMixup's ImageNet pipeline (datasets/imagenet/basic_sz224_4xbs64.py, the base of its
+    ResNet AutoMix and mixups configs) trains with RandomResizedCrop(224, interpolation=3) and
+    tests with Resize(256, interpolation=3): PIL bicubic both; Tiny-ImageNet's
+    (datasets/tiny_imagenet/sz64_bs100.py) trains with a bicubic RandomResizedCrop(64) and
+    resizes nothing to test (bicubic would apply only to an image of another size); CIFAR's
+    resizes nothing, and its recipes keep the default."""
+    import os
+
+    for name in sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml")):
+        data = recipe(name).data
+        want = "bilinear" if name.startswith("cifar") else "bicubic"
+        assert (data.train_interpolation, data.interpolation) == (want, want), name
+
+
 # ---------------------------------------------------------------- 9. no-repeat shuffles
 
 

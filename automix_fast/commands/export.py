@@ -43,6 +43,7 @@ def run(args) -> int:
         "classes": list(state.get("classes") or []),
         "image_size": img_size,
         "eval_resize": eval_resize_for(img_size, aug, view.crop_pct),  # shorter side before the centre crop
+        "interpolation": view.interpolation,  # the resampling filter of that resize (PIL's, antialiased)
         "mean": list(view.mean),
         "std": list(view.std),
         "input": "RGB, NCHW, float in [0, 1], then (x - mean) / std",

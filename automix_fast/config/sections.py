@@ -15,6 +15,7 @@ DATASETS = ("auto", "embedded", "folder", "cifar10", "cifar100")
 LOADERS = ("auto", "dali", "torch")
 AUGS = ("auto", "cifar", "imagenet")
 CROP_PADDING_MODES = ("zeros", "reflect")
+INTERPOLATIONS = ("bilinear", "bicubic")
 MIXES = ("vanilla", "mixup", "cutmix", "automix")
 MASK_LOSS_ANNEALS = ("none", "cosine", "compound")
 MASK_MODES = ("nearest", "bilinear")
@@ -52,6 +53,11 @@ class DataOptions(Section):
     crop_pct: float | None = option(
         None, "eval centre crop: the shorter side resized to img_size / crop_pct, then an img_size crop (timm's "
         "name); none: 0.875 with imagenet aug, 1 with cifar (no resize at the training size)")
+    train_interpolation: str = option(
+        "bilinear", "resampling filter of the training images' resize: the random-resized crop, or the shorter side to "
+        "img_size with cifar aug (timm's name; not its 'random')", choices=INTERPOLATIONS)
+    interpolation: str = option(
+        "bilinear", "resampling filter of the eval images' resize (timm's name)", choices=INTERPOLATIONS)
     mean: list | None = option(
         None, "per-channel (RGB) normalisation mean, on the 0..1 scale (timm's); none: ImageNet's",
         items=(float, 3, ("R", "G", "B")))

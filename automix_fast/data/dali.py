@@ -218,8 +218,8 @@ class DaliFolderLoader:
         """The picklable description `dali_pipelines.build_pipeline` builds this loader's pipeline from."""
         s = self.spec
         return dict(train=self.train, gpu=self.device_id is not None, img_size=s.img_size, aug=self.aug,
-                    crop_pct=s.crop_pct, crop_padding_mode=s.crop_padding_mode, mean=tuple(s.mean), std=tuple(s.std),
-                    half=self._half,
+                    crop_pct=s.crop_pct, interpolation=s.filter_for(self.train),
+                    crop_padding_mode=s.crop_padding_mode, mean=tuple(s.mean), std=tuple(s.std), half=self._half,
                     num_threads=max(1, int(s.workers)), device_id=self.device_id)
 
     def _seed(self) -> int:

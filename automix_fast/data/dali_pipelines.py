@@ -40,6 +40,11 @@ GPU_DECODER_SMALL = dict(hw_decoder_load=0.65)
 RANDOM_AREA = (0.08, 1.0)
 RANDOM_ASPECT_RATIO = (3 / 4, 4 / 3)
 CIFAR_PAD = 4
+# The resampling filters by their config name (config.sections.INTERPOLATIONS), antialiased
+# (widened with the downscale) as PIL's: DALI's cubic is PIL's bicubic kernel (a = -0.5). DALI
+# keeps floats between its two passes where PIL rounds to uint8: the two agree within
+# tests/tolerances.py RESAMPLED_LEVELS.
+INTERP_TYPES = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
 
 
 def _read(source):
@@ -71,7 +76,11 @@ def _normalize(images, *, mean, std, out_dtype, mirror=None):
     )
 
 
-def _resize_center_crop(images, resize_to: int, size: int):
+def _resize(images, width, height, interpolation: str):
+    return fn.resize(images, resize_x=width, resize_y=height, interp_type=INTERP_TYPES[interpolation], antialias=True)
+
+
+def _resize_center_crop(images, resize_to: int, size: int, interpolation: str):
     """The torch loader's `resize_center_crop` (torchvision's Resize + CenterCrop) to the pixel:
     the shorter side to `resize_to`, the longer one resize_to * long // short (int() of the
     ratio, not rounded), then the size x size crop at int(round((side - size) / 2)), Python's
@@ -82,8 +91,7 @@ def _resize_center_crop(images, resize_to: int, size: int):
     h, w = shape[0], shape[1]
     short = dmath.min(h, w)
     new_h, new_w = resize_to * h // short, resize_to * w // short
-    images = fn.resize(images, resize_x=fn.cast(new_w, dtype=types.FLOAT), resize_y=fn.cast(new_h, dtype=types.FLOAT),
-                       interp_type=types.INTERP_LINEAR, antialias=True)
+    images = _resize(images, fn.cast(new_w, dtype=types.FLOAT), fn.cast(new_h, dtype=types.FLOAT), interpolation)
 
     def anchor(side):
         margin = side - size
@@ -120,8 +128,9 @@ def pad_crop(images, shift, size: int, padding_mode: str):
 
 
 @pipeline_def(enable_conditionals=False)
-def train_pipeline(*, source, gpu: bool, img_size: int, aug: str, mean, std, out_dtype, crop_padding_mode="zeros"):
-    """Training augmentation.
+def train_pipeline(*, source, gpu: bool, img_size: int, aug: str, mean, std, out_dtype, interpolation="bilinear",
+                   crop_padding_mode="zeros"):
+    """Training augmentation; every resize with the `interpolation` filter.
 
     imagenet: fused decode + random-resized-crop (area [0.08, 1], aspect [3/4, 4/3], ROI decode
     where the decoder can) -> resize to img_size x img_size -> random flip + normalize.
@@ -142,11 +151,11 @@ def train_pipeline(*, source, gpu: bool, img_size: int, aug: str, mean, std, out
             num_attempts=10,
             **_decoder_kwargs(gpu, large=True),
         )
-        images = fn.resize(images, resize_x=img_size, resize_y=img_size, interp_type=types.INTERP_LINEAR, antialias=True)
+        images = _resize(images, img_size, img_size, interpolation)
         images = _normalize(images, mean=mean, std=std, out_dtype=out_dtype, mirror=mirror)
     else:
         images = fn.decoders.image(data, device=device, output_type=types.RGB, **_decoder_kwargs(gpu, large=False))
-        images = _resize_center_crop(images, img_size, img_size)
+        images = _resize_center_crop(images, img_size, img_size, interpolation)
         shift = fn.random.uniform(values=list(range(-CIFAR_PAD, CIFAR_PAD + 1)), shape=[2], dtype=types.INT32)
         images = pad_crop(images, shift, img_size, crop_padding_mode)
         images = _normalize(images, mean=mean, std=std, out_dtype=out_dtype, mirror=mirror)
@@ -154,15 +163,16 @@ def train_pipeline(*, source, gpu: bool, img_size: int, aug: str, mean, std, out
 
 
 @pipeline_def(enable_conditionals=False)
-def val_pipeline(*, source, gpu: bool, img_size: int, aug: str, mean, std, out_dtype, crop_pct=None):
+def val_pipeline(*, source, gpu: bool, img_size: int, aug: str, mean, std, out_dtype, crop_pct=None,
+                 interpolation="bilinear"):
     """Deterministic evaluation: decode -> shorter side to img_size / crop_pct (by default 0.875
-    with imagenet aug, 1 with cifar), as the torch loader's `eval_resize_for` -> center crop
-    img_size + normalize."""
+    with imagenet aug, 1 with cifar), as the torch loader's `eval_resize_for`, with the
+    `interpolation` filter -> center crop img_size + normalize."""
     data, labels = _read(source)
     images = fn.decoders.image(
         data, device="mixed" if gpu else "cpu", output_type=types.RGB, **_decoder_kwargs(gpu, aug == "imagenet")
     )
-    images = _resize_center_crop(images, eval_resize_for(img_size, aug, crop_pct), img_size)
+    images = _resize_center_crop(images, eval_resize_for(img_size, aug, crop_pct), img_size, interpolation)
     images = _normalize(images, mean=mean, std=std, out_dtype=out_dtype)
     return images, labels
 
@@ -177,8 +187,8 @@ def decode_pipeline(*, source, gpu: bool):
 
 def build_pipeline(args: dict, *, source, batch_size: int, prefetch: int, seed: int):
     """A built train or val pipeline from the loader's picklable description `args` (train, gpu,
-    img_size, aug, crop_pct, crop_padding_mode, mean, std, half, num_threads, device_id); the loader and its decoding
-    process (`dali_child.py`) both build through here, so the two make the same pipeline."""
+    img_size, aug, crop_pct, interpolation, crop_padding_mode, mean, std, half, num_threads, device_id); the
+    loader and its decoding process (`dali_child.py`) both build through here, so the two make the same pipeline."""
     definition = train_pipeline if args["train"] else val_pipeline
     own = ({"crop_padding_mode": args.get("crop_padding_mode", "zeros")} if args["train"]
            else {"crop_pct": args.get("crop_pct")})
@@ -188,6 +198,7 @@ def build_pipeline(args: dict, *, source, batch_size: int, prefetch: int, seed: 
         gpu=args["gpu"],
         img_size=args["img_size"],
         aug=args["aug"],
+        interpolation=args.get("interpolation", "bilinear"),
         mean=args["mean"],
         std=args["std"],
         out_dtype=types.FLOAT16 if args["half"] else types.FLOAT,

@@ -76,5 +76,6 @@ def build_eval_loader(spec, info: DatasetInfo):
     if whole and info.val_arrays is not None and aug == "cifar":
         return _resident_pair(info.val_arrays, spec, False, aug)
     if whole and info.val_samples is not None and folder_fits_resident(info, spec, aug):
-        return _resident_pair(decode_folder(info.val_samples, spec.img_size, bad_files=info.bad_files), spec, False, aug)
+        val = decode_folder(info.val_samples, spec.img_size, bad_files=info.bad_files, interpolation=spec.interpolation)
+        return _resident_pair(val, spec, False, aug)
     return _streaming(info, spec, False, aug)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config.sections import AUGS, CROP_PADDING_MODES, DATASETS
+from ..config.sections import AUGS, CROP_PADDING_MODES, DATASETS, INTERPOLATIONS
 from ..errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -30,6 +30,8 @@ class DataSpec:
     aug: str = "auto"  # auto | cifar | imagenet
     crop_padding_mode: str = "zeros"  # zeros | reflect: the border of the cifar aug's random crop
     crop_pct: float | None = None  # eval centre-crop fraction; None: transforms.eval_resize_for's default
+    train_interpolation: str = "bilinear"  # resampling filter of the training images: bilinear | bicubic
+    interpolation: str = "bilinear"  # resampling filter of the eval images
     rank: int = 0
     world_size: int = 1
     seed: int = 0
@@ -39,6 +41,10 @@ class DataSpec:
     val_split: float | None = None  # hold out this class-balanced part of a folder without val/ (data/subset.py)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+
+    def filter_for(self, train: bool) -> str:
+        """The resampling filter of the training images (train_interpolation) or the eval ones (interpolation)."""
+        return self.train_interpolation if train else self.interpolation
 
 
 @dataclass
@@ -78,9 +84,10 @@ def _require(ok: bool, message: str) -> None:
 
 
 def view_options(data) -> dict:
-    """The DataSpec fields that say how a run's images are viewed (eval crop, normalisation), from
-    its config's data section; unset mean/std keep ImageNet's."""
-    view = {"crop_pct": data.crop_pct}
+    """The DataSpec fields that say how a run's images are viewed (eval crop, resampling filters,
+    normalisation), from its config's data section; unset mean/std keep ImageNet's."""
+    view = {"crop_pct": data.crop_pct, "train_interpolation": data.train_interpolation,
+            "interpolation": data.interpolation}
     if data.mean is not None:
         view["mean"] = tuple(data.mean)
     if data.std is not None:
@@ -104,6 +111,9 @@ def validate_spec(spec: DataSpec) -> None:
     _require(spec.dtype in IMAGE_DTYPES, f"dtype: images must be float32, bfloat16 or float16, got {spec.dtype}")
     _require(spec.crop_pct is None or 0 < spec.crop_pct <= 1,
              f"crop_pct: must be a fraction in (0, 1], got {spec.crop_pct!r}")
+    for name in ("train_interpolation", "interpolation"):
+        value = getattr(spec, name)
+        _require(value in INTERPOLATIONS, f"{name}: unknown {value!r}; choose from {', '.join(INTERPOLATIONS)}")
     _require(len(spec.mean) == 3 and len(spec.std) == 3 and all(s > 0 for s in spec.std),
              f"mean/std: need 3 values each and std > 0, got mean={spec.mean} std={spec.std}")
     _require(spec.train_subset is None or 0 < spec.train_subset <= 1,

@@ -111,12 +111,14 @@ class _ImageDataset(torch.utils.data.Dataset):
     """Items are (index, seed) pairs from the sampler; returns (uint8 HWC size x size, label).
 
     The source is either a list of (path, label) or in-memory (uint8 NHWC, labels) arrays.
-    mode: 'rrc' (RandomResizedCrop + flip, seeded per sample) or 'fixed' (resize + centre crop).
+    mode: 'rrc' (RandomResizedCrop + flip, seeded per sample) or 'fixed' (resize + centre crop),
+    resizing with the `interpolation` filter.
     """
 
-    def __init__(self, samples=None, arrays=None, size: int = 224, mode: str = "fixed", resize_to: int | None = None):
+    def __init__(self, samples=None, arrays=None, size: int = 224, mode: str = "fixed", resize_to: int | None = None,
+                 interpolation: str = "bilinear"):
         self.samples, self.arrays = samples, arrays
-        self.size, self.mode, self.resize_to = size, mode, resize_to
+        self.size, self.mode, self.resize_to, self.interpolation = size, mode, resize_to, interpolation
 
     def __len__(self) -> int:
         return len(self.samples) if self.samples is not None else len(self.arrays[1])
@@ -137,8 +139,9 @@ class _ImageDataset(torch.utils.data.Dataset):
         except DataError as e:
             return None, str(e), position
         if self.mode == "rrc":
-            return random_resized_crop(img, self.size, np.random.default_rng(seed)), label, position
-        return resize_center_crop(img, self.size, self.resize_to), label, position
+            image = random_resized_crop(img, self.size, np.random.default_rng(seed), interpolation=self.interpolation)
+            return image, label, position
+        return resize_center_crop(img, self.size, self.resize_to, self.interpolation), label, position
 
 
 class _ShardBatchSampler(torch.utils.data.Sampler):
@@ -264,8 +267,10 @@ def folder_fits_resident(info, spec, aug: str) -> bool:
     return total <= RESIDENT_MAX_BYTES and _probe_small(info.train_samples) and _probe_small(info.val_samples)
 
 
-def decode_folder(samples: list[tuple[str, int]], size: int, threads: int | None = None, bad_files=None):
-    """All images decoded, resized (shorter side) and centre-cropped to size: (uint8 NHWC, int64).
+def decode_folder(samples: list[tuple[str, int]], size: int, threads: int | None = None, bad_files=None,
+                  interpolation: str = "bilinear"):
+    """All images decoded, resized (shorter side, with the `interpolation` filter) and
+    centre-cropped to size: (uint8 NHWC, int64).
 
     With `bad_files` (bad_files.BadFiles), a file Pillow cannot decode is recorded there and left
     out of the arrays; without it, the first such file raises its DataError."""
@@ -274,7 +279,7 @@ def decode_folder(samples: list[tuple[str, int]], size: int, threads: int | None
 
     def fill(i: int) -> None:
         try:
-            out[i] = resize_center_crop(load_rgb(samples[i][0]), size)
+            out[i] = resize_center_crop(load_rgb(samples[i][0]), size, interpolation=interpolation)
         except DataError as e:
             if bad_files is None:
                 raise
@@ -293,7 +298,8 @@ def decode_folder(samples: list[tuple[str, int]], size: int, threads: int | None
 
 
 def _resident_pair(arrays, spec, train: bool, aug: str) -> ResidentLoader:
-    images = resize_uint8_batch(torch.from_numpy(np.ascontiguousarray(arrays[0])), spec.img_size)
+    images = resize_uint8_batch(torch.from_numpy(np.ascontiguousarray(arrays[0])), spec.img_size,
+                                spec.filter_for(train))
     return ResidentLoader(images, torch.from_numpy(np.asarray(arrays[1])), spec, train, aug)
 
 
@@ -310,8 +316,9 @@ def build_torch_loaders(spec, info):
     if whole and info.train_arrays is not None and aug == "cifar":
         return _resident_pair(info.train_arrays, spec, True, aug), _resident_pair(info.val_arrays, spec, False, aug)
     if whole and info.train_samples is not None and folder_fits_resident(info, spec, aug):
-        train = decode_folder(info.train_samples, spec.img_size, bad_files=info.bad_files)
-        val = decode_folder(info.val_samples, spec.img_size, bad_files=info.bad_files)
+        train = decode_folder(info.train_samples, spec.img_size, bad_files=info.bad_files,
+                              interpolation=spec.train_interpolation)
+        val = decode_folder(info.val_samples, spec.img_size, bad_files=info.bad_files, interpolation=spec.interpolation)
         if info.bad_files is not None and info.bad_files.left_out and not spec.skip_bad_images:
             info.bad_files.stop_after_epoch(before_training=True)  # refuse as the pre-check does
         return _resident_pair(train, spec, True, aug), _resident_pair(val, spec, False, aug)
@@ -321,9 +328,11 @@ def build_torch_loaders(spec, info):
 def _streaming(info, spec, train: bool, aug: str) -> StreamingLoader:
     source = dict(samples=info.train_samples if train else info.val_samples) if info.train_samples is not None \
         else dict(arrays=info.train_arrays if train else info.val_arrays)
+    interpolation = spec.filter_for(train)
     if train and aug == "imagenet":
-        dataset = _ImageDataset(**source, size=spec.img_size, mode="rrc")
-    else:  # cifar-style train (crop/flip follow on the device) and every eval: a fixed-size view
-        dataset = _ImageDataset(**source, size=spec.img_size, mode="fixed",
-                                resize_to=eval_resize_for(spec.img_size, aug, spec.crop_pct))
+        dataset = _ImageDataset(**source, size=spec.img_size, mode="rrc", interpolation=interpolation)
+    else:  # cifar-style train (crop/flip follow on the device; the eval zoom is not theirs) and every eval
+        resize_to = spec.img_size if train else eval_resize_for(spec.img_size, aug, spec.crop_pct)
+        dataset = _ImageDataset(**source, size=spec.img_size, mode="fixed", resize_to=resize_to,
+                                interpolation=interpolation)
     return StreamingLoader(dataset, spec, train, aug, info.bad_files)

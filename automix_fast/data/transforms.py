@@ -1,11 +1,13 @@
 """Image transforms: PIL decode and crops for the loader workers, batched tensor ops for the device.
 
 Worker side (one image, PIL, uint8 out): `load_rgb`, `random_resized_crop` (torchvision's
-RandomResizedCrop semantics: same sampling of the box, 10 tries then a centre fallback, bilinear
-resize), `resize_center_crop` (torchvision's Resize(shorter side) + CenterCrop).
+RandomResizedCrop semantics: same sampling of the box, 10 tries then a centre fallback),
+`resize_center_crop` (torchvision's Resize(shorter side) + CenterCrop). Both resize with PIL's
+bilinear or bicubic filter (`interpolation`), which torchvision's PIL path uses.
 Device side (whole batch, no per-image Python loop): `cifar_augment` (pad 4 with zeros or by
 reflection, random crop, horizontal flip as one gather), `normalize_to` (uint8 NHWC -> normalized
-NCHW in the wanted dtype and memory format).
+NCHW in the wanted dtype and memory format), `resize_uint8_batch` (the same filters as torch's
+antialiased interpolate).
 """
 from __future__ import annotations
 
@@ -20,6 +22,10 @@ from PIL import Image, ImageOps
 from ..errors import DataError
 
 EVAL_CROP_FRACTION = 0.875  # ImageNet-style eval default: the shorter side to size / 0.875, then a centre crop
+# The resampling filters by their config name (config.sections.INTERPOLATIONS). PIL always
+# antialiases (its filter widens with the downscale); torch does with antialias=True, to within
+# rounding of PIL's result (tests/tolerances.py RESAMPLED_LEVELS).
+PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
 # ----------------------------------------------------------------------------- worker side (PIL)
@@ -79,18 +85,21 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator, flip: bool = True) -> np.ndarray:
-    """RandomResizedCrop(size) + random horizontal flip, as a uint8 HWC array."""
+def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator, flip: bool = True,
+                        interpolation: str = "bilinear") -> np.ndarray:
+    """RandomResizedCrop(size) with the `interpolation` filter + random horizontal flip, as a uint8 HWC array."""
     left, top, w, h = random_resized_crop_box(img.width, img.height, rng)
     # resize(box=...) crops and resizes in one pass, without materialising the crop.
-    out = img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+    out = img.resize((size, size), PIL_FILTERS[interpolation], box=(left, top, left + w, top + h))
     if flip and rng.random() < 0.5:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(out, dtype=np.uint8)
 
 
-def resize_center_crop(img: Image.Image, size: int, resize_to: int | None = None) -> np.ndarray:
-    """Resize the shorter side to `resize_to` (default size), centre-crop size x size; uint8 HWC."""
+def resize_center_crop(img: Image.Image, size: int, resize_to: int | None = None,
+                       interpolation: str = "bilinear") -> np.ndarray:
+    """Resize the shorter side to `resize_to` (default size) with the `interpolation` filter,
+    centre-crop size x size; uint8 HWC."""
     resize_to = size if resize_to is None else resize_to
     w, h = img.size
     if (w, h) != (resize_to, resize_to) or resize_to != size:
@@ -99,7 +108,7 @@ def resize_center_crop(img: Image.Image, size: int, resize_to: int | None = None
         else:
             nw, nh = int(resize_to * w / h), resize_to
         if (nw, nh) != (w, h):
-            img = img.resize((nw, nh), Image.BILINEAR)
+            img = img.resize((nw, nh), PIL_FILTERS[interpolation])
         left = int(round((nw - size) / 2.0))
         top = int(round((nh - size) / 2.0))
         img = img.crop((left, top, left + size, top + size))
@@ -171,13 +180,25 @@ def norm_constants(mean, std, device: torch.device) -> tuple[torch.Tensor, torch
     return m, s
 
 
-def resize_uint8_batch(images_nhwc: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
-    """Resize in-memory uint8 NHWC images (e.g. CIFAR arrays) to size x size, bilinear + antialias."""
+def resize_uint8_batch(images_nhwc: torch.Tensor, size: int, interpolation: str = "bilinear",
+                       chunk: int = 4096) -> torch.Tensor:
+    """Resize in-memory uint8 NHWC images (e.g. CIFAR arrays) to size x size with the
+    `interpolation` filter (bilinear or bicubic), antialiased as PIL."""
     if images_nhwc.shape[1] == size and images_nhwc.shape[2] == size:
         return images_nhwc
     out = []
     for part in images_nhwc.split(chunk):  # chunks bound the float32 temporary
         x = part.permute(0, 3, 1, 2).float()
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        out.append(x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous())
+        if interpolation == "bicubic":
+            # Bicubic overshoots past 0..255 at hard edges; PIL resizes the width, then the height,
+            # rounding and clipping to uint8 in between: so do we (one pass is up to ~20 levels
+            # off PIL's result at such pixels, these two within 1).
+            x = _interpolate_uint8(x, (x.shape[2], size), interpolation)
+        out.append(_interpolate_uint8(x, (size, size), interpolation).to(torch.uint8).permute(0, 2, 3, 1).contiguous())
     return torch.cat(out)
+
+
+def _interpolate_uint8(x: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """Antialiased F.interpolate of float NCHW levels to `size`, rounded and clipped to 0..255."""
+    x = torch.nn.functional.interpolate(x, size=size, mode=interpolation, align_corners=False, antialias=True)
+    return x.round_().clamp_(0, 255)
