@@ -56,14 +56,19 @@ def check_writable(path: str | os.PathLike, what: str = "", hint: str = "choose 
     label = f"cannot write {what + ' ' if what else ''}{path}"
     if path.is_dir():
         raise OutputError(f"{label}: it is a folder ({hint})")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = _nearest_existing(path.parent)
     if not parent.is_dir():
         raise OutputError(f"{label}: {parent} is not a folder ({hint})")
     if not os.access(parent, os.W_OK | os.X_OK):
         reason = "read-only file system" if _read_only(parent) else "no permission"
         raise OutputError(f"{label}: {parent} is not writable, {reason} ({hint})")
+    return path
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest parent that exists (what a write with missing folders starts in)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
     return path
 
 
@@ -129,6 +134,9 @@ def check_new_run(run_dir: Path, *, named: bool) -> None:
     """Before any data work: the parent folder can be created and written, and a named run
     folder holds no other run. (The folder itself is created by `claim` when training starts.)"""
     parent = run_dir.parent
+    existing = _nearest_existing(parent)
+    if not existing.is_dir():  # mkdir would say "File exists" or "Not a directory"
+        raise OutputError(f"cannot create run folder {run_dir}: {existing} is not a folder (choose a writable --output)")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -113,6 +113,22 @@ def test_bad_config_files(capsys, tmp_path, text, field):
     assert field in one_error(capsys, ["train", "-c", str(cfg), "--output", str(tmp_path)])
 
 
+@pytest.mark.parametrize("content,field", [
+    ("lr: 0.1\n".encode("utf-16"), "is not UTF-8 text"),  # Windows Notepad's "Unicode"
+    ("experiment: café\n".encode("latin-1"), "is not UTF-8 text"),
+    (b"lr: 0.1\nepochs: 3\nlr: 0.2\n", "key 'lr' is given twice (lines 1 and 3)"),
+    (b"optim:\n  lr: 0.1\n  lr: 0.2\n", "key 'lr' is given twice (lines 2 and 3)"),
+])
+def test_config_files_that_yaml_reads_loosely(capsys, tmp_path, content, field):
+    """Not UTF-8 (PyYAML would raise UnicodeDecodeError), or a key given twice (PyYAML keeps the
+    last without a word): one line each. A missing data folder stops a file that is read anyway."""
+    cfg = tmp_path / "odd.yaml"
+    cfg.write_bytes(content)
+    message = one_error(capsys, ["train", "-c", str(cfg), "--output", str(tmp_path), "--model", "tinynet",
+                                 "--epochs", "1", "--device", "cpu", "--data-dir", str(tmp_path / "none")])
+    assert field in message and str(cfg) in message, message
+
+
 def test_class_count_that_does_not_match_the_data(capsys, data, tmp_path):
     msg = one_error(capsys, train_args(data, tmp_path, "nc", "--num-classes", "5", epochs=1))
     assert "--num-classes is 5 but the data has 3 classes" in msg

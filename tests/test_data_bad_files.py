@@ -499,3 +499,31 @@ def test_dali_eval_loader_screens_jpeg_headers_as_training_does(tmp_path):
     loader = build_eval_loader(_spec(dataset="folder", data_dir=str(tmp_path), loader="dali"), info)
     assert sorted(y for _, ys in loader for y in ys.tolist()) == [0] * 5 + [1] * 5
     assert loader.bad_files.entries[odd][0] == REPAIRED and loader.bad_files.recoveries == 0
+
+
+def test_a_full_temp_folder_for_the_copies_dali_reads_is_one_line(tmp_path, monkeypatch):
+    """The repaired copy of an odd JPEG header and Pillow's copy of a file DALI cannot decode go
+    to a temp folder: when it is full, one line naming the file and TMPDIR, no half-written copy."""
+    import errno
+    import io
+
+    from automix_fast.data import bad_files as bad_files_mod
+    from automix_fast.errors import OutputError
+
+    odd = write(str(tmp_path / "data" / "odd.jpg"), ODD_EDITS["ff00_header"](jpeg_bytes(picture(16, 16, 0))))
+    plain = write(str(tmp_path / "data" / "plain.png"), png_bytes(picture(16, 16, 1)))
+
+    class Full(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(bad_files_mod, "open", lambda path, mode="r", *a, **k: Full(path, "w"), raising=False)
+    bad = BadFiles(True, announce=False)
+    for path, record in ((odd, lambda: bad.record_header(odd, "FF 00 in the header")),
+                         (plain, lambda: bad.record(plain, "DALI fn.decoders.image: unsupported", try_pillow=True))):
+        with pytest.raises(OutputError) as info:
+            record()
+        message = str(info.value)
+        assert path in message and "No space left on device" in message and "TMPDIR" in message, message
+        assert "\n" not in message
+    assert not bad.has_copies and not [f for _, _, files in os.walk(bad._copy_dir) for f in files]

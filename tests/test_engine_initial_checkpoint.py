@@ -69,3 +69,31 @@ def test_initial_checkpoint_from_plain_weights(tmp_path, suffix):
     with pytest.raises(CheckpointError, match="does not match resnet18_cifar"):
         load_initial_checkpoint(build_mixer("vanilla", create_model("resnet18_cifar", num_classes=3)), str(path),
                                 "resnet18_cifar", 3)
+
+
+def test_initial_checkpoint_that_weights_only_refuses_names_the_reason(tmp_path, recwarn):
+    """A file torch.load(weights_only=True) refuses: the one line says why (what it pickles, or
+    that it is no torch.save file), not torch's advice to load it with weights_only=False, which
+    the command line cannot do; torch's warnings stay out of the output."""
+    import pickle
+
+    import numpy as np
+
+    from automix_fast.engine.initial_checkpoint import initial_weights
+    from automix_fast.errors import CheckpointError
+
+    model = create_model("tinynet", num_classes=3)
+    torch.save({"model": model.state_dict(), "mean": np.zeros(3)}, tmp_path / "numpy.pt")
+    torch.save(model, tmp_path / "whole.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch.save file at all\n")
+    with open(tmp_path / "plain.pkl", "wb") as f:
+        pickle.dump({"w": [1, 2]}, f)
+    reasons = {"numpy.pt": "it pickles numpy.", "whole.pt": "it pickles automix_fast.models.classifier.Classifier",
+               "junk.pt": "not a torch.save file", "plain.pkl": "not a torch.save file"}
+    for name, reason in reasons.items():
+        with pytest.raises(CheckpointError) as info:
+            initial_weights(str(tmp_path / name), "tinynet", 3)
+        message = str(info.value)
+        assert reason in message and "\n" not in message and "\x1b" not in message, message
+        assert "weights_only` set to `False`" not in message and "trusted source" not in message, message
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]

@@ -131,7 +131,10 @@ def test_unwritable_output_is_one_line(data, tmp_path, capsys, monkeypatch):
     blocker.write_text("not a folder")
     assert main(train_args(data, blocker / "runs", "x", "--mix", "vanilla", epochs=1)) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "cannot create run folder" in err[0] and str(blocker) in err[0], err
+    assert len(err) == 1 and "cannot create run folder" in err[0] and f"{blocker} is not a folder" in err[0], err
+    assert main(train_args(data, blocker, "x", "--mix", "vanilla", epochs=1)) == 2  # --output names the file itself
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{blocker} is not a folder" in err[0], err
     # A folder without write permission (simulated: tests may run as root, who may write anywhere).
     (tmp_path / "ro").mkdir()
     monkeypatch.setattr(rundir.os, "access", lambda path, mode: Path(path) != tmp_path / "ro")

@@ -162,6 +162,28 @@ def _flatten(data: dict[str, Any], path: str) -> dict[str, Any]:
     return flat
 
 
+def _unique_keys_loader():
+    """yaml.SafeLoader that refuses a mapping key given twice (PyYAML keeps the last one without
+    a word; YAML says keys are unique). Keys merged in with `<<` may still be overridden."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        problem=f"key '{key}' is given twice (lines {seen[key]} and {line}); keep one")
+                seen[key] = line
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
 def load_yaml(path: str, _seen: tuple = ()) -> dict[str, Any]:
     """Flat field values from a YAML file; `base: other.yaml` (beside the file, else a shipped config; never the current folder) is read first."""
     import yaml
@@ -171,9 +193,12 @@ def load_yaml(path: str, _seen: tuple = ()) -> dict[str, Any]:
         raise ConfigError(f"config file {path} includes itself through 'base'")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml.load(f, Loader=_unique_keys_loader()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError as e:  # e.g. Latin-1, or UTF-16 as Windows Notepad saves "Unicode"
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                          "save it as UTF-8") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of field: value")
     data = _flatten(data, path)

@@ -11,7 +11,8 @@ the DALI loader's header screening, see jpeg_header.py), and this module decides
   DALI reads a copy without the stray bytes (same pixels), whatever --skip-bad-images says.
 - DALI failed but Pillow decodes the file: it is "decoded with Pillow": re-encoded once, as a
   lossless PNG in a temporary folder, and the DALI pipeline reads that copy from then on. It
-  trains and evaluates like any other file, whatever --skip-bad-images says.
+  trains and evaluates like any other file, whatever --skip-bad-images says. The copies live in
+  one temp folder (TMPDIR) for the run; when it is full, that is one line (OutputError).
 - nothing decodes it: it is "left out": every later batch plans around it (the batch that held
   it is one image smaller; nothing else moves, so the sample order of the other files, the
   number of batches and the DDP step count are unchanged; a training batch left with no readable
@@ -34,7 +35,9 @@ not empty, and the search for a failing file runs only after a pipeline has rais
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import shutil
 import sys
@@ -42,8 +45,8 @@ import tempfile
 import weakref
 from pathlib import Path
 
-from ..atomic import write_bytes
-from ..errors import DataError
+from ..atomic import write_bytes, write_failure
+from ..errors import DataError, OutputError
 from .jpeg_header import repaired
 from .transforms import load_rgb
 
@@ -135,11 +138,25 @@ class BadFiles:
             data, problem = None, f"{problem}; {e.strerror or e}"
         if data is None:
             return self.record(path, f"JPEG header: {problem}", try_pillow=True, defer=True)
-        self._copies[path] = self._copy_path(path, ".jpg")
-        with open(self._copies[path], "wb") as f:
-            f.write(data)
+        self._write_copy(path, ".jpg", data)
         self._add(path, REPAIRED, f"JPEG header: {problem}", defer=True)
         return REPAIRED
+
+    def _write_copy(self, path: str, ext: str, data: bytes) -> None:
+        """`data` becomes the copy DALI reads for `path`. A full or unwritable temp folder is an
+        OutputError in one line (with the copy removed): the copies are what the run reads."""
+        copy = self._copy_path(path, ext)
+        try:
+            with open(copy, "wb") as f:
+                f.write(data)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(copy)
+            error = write_failure(os.path.dirname(copy), e, f"the copy DALI reads for {path} in")
+            if error is None:
+                raise
+            raise OutputError(f"{error}; set TMPDIR to a folder with room") from None
+        self._copies[path] = copy
 
     def _copy_path(self, path: str, ext: str) -> str:
         if self._copy_dir is None:
@@ -207,9 +224,9 @@ class BadFiles:
             image = load_rgb(path)
         except DataError as e:
             return decode_reason(str(e), path)
-        copy = self._copy_path(path, ".png")
-        image.save(copy, format="PNG", compress_level=1)  # fast; the copy lives for this run only
-        self._copies[path] = copy
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", compress_level=1)  # fast; the copy lives for this run only
+        self._write_copy(path, ".png", buf.getvalue())
         return None
 
     # -- what the run does (engine/runner.py)

@@ -12,6 +12,9 @@ ResNet state dict (conv1, bn1, layer1..4, fc), whose names are mapped back to ou
 """
 from __future__ import annotations
 
+import re
+import warnings
+
 import torch
 
 from automix_fast.engine.checkpoint import check_training_state, load_checkpoint
@@ -21,14 +24,32 @@ from automix_fast.export import from_export_keys, read_weights, torchvision_name
 OPTIONAL_PREFIX = "head_mix."  # the only weights allowed to be missing on either side
 
 
+def _load_failure(error: Exception) -> str:
+    """Why a file did not load, in one line. torch.load(weights_only=True)'s refusal is mostly
+    advice (load it with weights_only=False, which this command cannot do); its reason is the
+    WeightsUnpickler's line: a global it will not unpickle, or an opcode of no torch.save file."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    reason = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if reason:
+        found = re.match(r"Unsupported global: GLOBAL (\S+)", reason.group(1))
+        if found:
+            return f"it pickles {found.group(1)}, not only tensors; torch.load(weights_only=True) refuses it"
+        if reason.group(1).startswith("Unsupported operand"):
+            return "not a torch.save file"
+        return reason.group(1).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def plain_weights(path: str, num_classes: int, model_name: str) -> dict[str, torch.Tensor]:
     """A plain state dict (`torch.save(model.state_dict())`, or the same as .safetensors) with our
     key names or export/torchvision ones (`fc.*` marks those); the class count is read from the head."""
     try:
-        weights = read_weights(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. torch's "Detected pickle protocol 4" on a foreign pickle
+            weights = read_weights(path)
     except Exception as e:  # any unreadable file: one line naming it
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"--initial-checkpoint {path}: neither an automix-fast checkpoint nor plain weights ({first})") from None
+        raise CheckpointError(f"--initial-checkpoint {path}: neither an automix-fast checkpoint nor plain weights "
+                              f"({_load_failure(e)})") from None
     if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
         raise CheckpointError(f"--initial-checkpoint {path}: neither an automix-fast checkpoint nor a state dict of tensors")
     weights = {k[len("model."):] if k.startswith("model.") else k: v for k, v in weights.items()}
