@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 
 from automix_fast import rundir
 from automix_fast.config import CONFIG_DIR, build_config, file_under_flags, idle_flags, load_yaml, resumed_config
@@ -52,16 +51,13 @@ def run(args) -> int:
     try:
         cfg, resume_from = train_config(args)
         finished = resume_from is not None and rundir.finished_line(resume_from, cfg)
-        main_rank = os.environ.get("RANK", "0") == "0"
         if finished:
-            if main_rank:
+            if os.environ.get("RANK", "0") == "0":
                 print(finished)
             return 0
-        idle = idle_flags(cfg, given_values_typed(args))
-        if idle and main_rank:
-            print(idle, file=sys.stderr, flush=True)
         try:
-            summary = Trainer(cfg, resume_from=resume_from, resolved=True).fit()
+            summary = Trainer(cfg, resume_from=resume_from, resolved=True,
+                              warning=idle_flags(cfg, given_values_typed(args))).fit()
         except LayoutError as e:
             if resume_from is None:
                 explain_pinned_dataset(e, args)

@@ -262,9 +262,11 @@ def validate(cfg: TrainConfig) -> None:
 
 
 # Fields that only one setting reads, each with that setting's test and its name: a value given
-# while the setting is off changes nothing (timm ignores such flags silently; we say so).
+# while the setting is off changes nothing (timm ignores such flags silently; we say so). Left
+# out: --kernel-backend, which says how the Mix Block's ops run, not what a run computes, and
+# which scripts pass to every run.
 _AUTOMIX_ONLY = ("encoder_momentum", "encoder_momentum_end", "mask_loss_weight", "mask_loss_anneal", "mask_margin",
-                 "lam_margin", "lam_concat", "mask_mode", "mix_stage", "kernel_backend", "k_full_forward",
+                 "lam_margin", "lam_concat", "mask_mode", "mix_stage", "k_full_forward",
                  "mix_shuffle_no_repeat", "mix_block_init", "mix_block_every", "q_batched", "mix_block_lr",
                  "mix_block_weight_decay", "mix_block_momentum", "mix_block_min_lr")
 _READ_ONLY_WITH: dict[str, tuple[Any, str]] = {

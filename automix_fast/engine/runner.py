@@ -69,12 +69,15 @@ def seed_rank_generators(seed: int, rank: int, step: int = 0) -> None:
 class Trainer:
     """Everything one training run holds, built from a config; `fit` runs it."""
 
-    def __init__(self, cfg: TrainConfig, *, quiet: bool = False, resume_from=None, resolved: bool = False):
+    def __init__(self, cfg: TrainConfig, *, quiet: bool = False, resume_from=None, resolved: bool = False,
+                 warning: str | None = None):
         """`resume_from`: (path, state) of the checkpoint to continue from, when the caller has
         already read it (the train command does, for its config); with `resolved` the caller has
         also followed `cfg.run.resume` and None means a fresh start; else `cfg.run.resume` is followed
-        here, before any data work."""
+        here, before any data work. `warning`: the caller's line for stderr, printed with the lines
+        before the first step (so a run refused before then prints its one error line alone)."""
         self.cfg = cfg
+        self.caller_warning = warning
         self._setup_processes(quiet)
         self._locate_run(resume_from, resolved)
         self._setup_numerics()
@@ -376,6 +379,8 @@ class Trainer:
 
     def _announce(self) -> None:
         """The lines printed before the first step."""
+        if self.caller_warning and not self.quiet:
+            print(self.caller_warning, file=sys.stderr, flush=True)
         self.log(self.header())
         if self.terms:
             self.log(f"loss shown = {' + '.join(self.terms)} (each logged in metrics.jsonl)")
