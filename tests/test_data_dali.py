@@ -379,6 +379,39 @@ def test_set_epoch_on_a_live_loader_matches_a_fresh_one(real_world):
 
 
 @needs_dali
+@pytest.mark.parametrize("isolated", [True, False])
+def test_start_at_feeds_the_rest_of_the_epoch_and_no_file_before_it(real_world, monkeypatch, isolated):
+    """start_at(k) plans batches k.. of the epoch (in the decoding process or in this one): no
+    file of batches 0..k-1 reaches the pipeline; the training batches hold the uninterrupted
+    epoch's samples (their crops are the pipeline's next draws, dali.py), the deterministic val
+    batches its very pixels; the next iteration starts at batch 0."""
+    monkeypatch.setattr(dali_mod, "ISOLATE_CPU", isolated)
+    fed = []
+    planned = dali_mod.DaliFolderLoader._planned
+
+    def spy(self, batches, first):
+        for k, idx in planned(self, batches, first):
+            fed.append(k)
+            yield k, idx
+
+    monkeypatch.setattr(dali_mod.DaliFolderLoader, "_planned", spy)
+    samples = _indexed(real_world * 3)  # 27 samples: 6 train batches of 4, 6 val batches of 5
+    for train, k in ((True, 4), (False, 2)):
+        loader = dali_mod.DaliFolderLoader(samples, _spec(), train, "imagenet")
+        loader.set_epoch(2)
+        whole = list(loader)
+        fed.clear()
+        loader.set_epoch(2)
+        loader.start_at(k)
+        rest = list(loader)
+        assert sorted(set(fed)) == list(range(k, 6))
+        assert [y.tolist() for _, y in rest] == [y.tolist() for _, y in whole[k:]]
+        if not train:
+            assert all(torch.equal(a, b) for (a, _), (b, _) in zip(rest, whole[k:]))
+        assert [y.tolist() for _, y in loader] == [y.tolist() for _, y in whole]
+
+
+@needs_dali
 def test_too_few_training_images_is_a_data_error(real_world):
     with pytest.raises(DataError, match="too few"):
         dali_mod.DaliFolderLoader(_indexed(real_world), _spec(batch_size=5, world_size=2), True, "imagenet")

@@ -148,6 +148,56 @@ def test_set_epoch_reshuffles_deterministically():
     assert sorted(a) == list(range(40))
 
 
+def _train_loader(kind: str, root, **kw):
+    """A training loader of 40 samples, batch 4: resident (cifar-style draws on the device),
+    streaming arrays (the same draws, decoded by the DataLoader) or streaming files
+    (random-resized crops seeded per sample)."""
+    if kind == "resident":
+        return loaders_for(array_info(), seed=2, **kw)[0]
+    if kind == "streaming arrays":
+        spec = DataSpec(dataset="cifar10", data_dir="mem", img_size=8, batch_size=4, seed=2, workers=0, mean=MEAN,
+                        std=STD, **kw)
+        validate_spec(spec)
+        return StreamingLoader(_ImageDataset(arrays=array_info().train_arrays, size=8, mode="fixed"), spec, True, "cifar")
+    train, _, _ = build_loaders(folder_spec(root, img_size=16, aug="imagenet", batch_size=4, seed=2, **kw))
+    assert isinstance(train, StreamingLoader)
+    return train
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("kind", ["resident", "streaming arrays", "streaming files"])
+def test_start_at_yields_the_rest_of_the_epoch_without_reading_the_batches_before(tmp_path, monkeypatch, kind, world):
+    """set_epoch(e), start_at(k): batches k.. of the epoch, each the very batch (pixels, crops,
+    flips, labels) an iteration from batch 0 yields, on every rank, and no sample of batches
+    0..k-1 read; the iteration after that starts at batch 0 again."""
+    root = make_folder(tmp_path, per_class=20)
+    k = 3
+    for rank in range(world):
+        loader = _train_loader(kind, root, rank=rank, world_size=world)
+        loader.set_epoch(3)
+        whole = list(loader)
+        assert len(whole) == len(loader) == 10 // world
+        read = []
+        get = _ImageDataset.__getitem__
+        monkeypatch.setattr(_ImageDataset, "__getitem__", lambda self, item: read.append(item[2]) or get(self, item))
+        loader.set_epoch(3)
+        loader.start_at(k)
+        rest = list(loader)
+        assert len(rest) == len(whole) - k
+        for (a, ya), (b, yb) in zip(whole[k:], rest):
+            assert torch.equal(ya, yb) and torch.equal(a, b)
+        if kind != "resident":  # positions in this rank's epoch: only those of the batches yielded
+            assert sorted(read) == list(range(4 * k, 4 * len(whole)))
+        monkeypatch.undo()
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(list(loader), whole))
+
+
+def test_start_at_past_the_epoch_is_refused():
+    train, _ = loaders_for(array_info(), batch_size=8)
+    with pytest.raises(ValueError, match=r"start_at\(5\): an epoch here has 5 batches"):
+        train.start_at(5)
+
+
 def test_too_small_train_set():
     with pytest.raises(DataError, match="too few"):
         loaders_for(index_info(10), batch_size=8, world_size=2)

@@ -226,6 +226,49 @@ def test_sigterm_to_torchrun_stops_all_ranks_at_one_step_and_resumes(data, tmp_p
     assert len(records(tmp_path / "pre")) == 2 * 15  # every step logged once over the two runs
 
 
+def test_two_ranks_resume_a_streaming_epoch_with_grad_accum_as_if_uninterrupted(data, tmp_path):
+    """2 ranks, the streaming loader (72 px: random-resized crops, files decoded per batch), 2
+    micro-batches per step, stopped by SIGTERM mid-epoch: each rank starts its own shard at the
+    batch resumed at (the line says nothing was replayed), and the run ends on the uninterrupted
+    run's per-step losses and weights, bit for bit."""
+    import signal
+
+    from automix_fast.engine.checkpoint import load_checkpoint
+    from faultkit import run_until
+
+    # --sync-bn: every rank holds the same BN statistics, so the checkpoint (rank 0's) restores them all.
+    common = ["--mix", "vanilla", "--sync-bn", "--seed", "4", "--grad-accum-steps", "2", "--img-size", "72"]
+    ref = torchrun(2, train_args(data, tmp_path, "ref", *common, batch=2, epochs=1))  # 15 batches: 8 steps
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    args = train_args(data, tmp_path, "pre", *common, batch=2, epochs=1)
+    proc = _torchrun_popen(2, args)
+    try:
+        run_until(proc, "epoch 1/1 [", timeout=120)
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert "stopped by SIGTERM" in out, out[-3000:]
+    at = load_checkpoint(tmp_path / "pre" / "last.pt")["next_batch"]
+    assert 0 < at < 8
+    resumed = torchrun(2, args + ["--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"epoch 1/1 done: {8 - at} steps (resumed at step {at} of 8) in " in resumed.stdout
+    assert train_losses(tmp_path / "pre") == train_losses(tmp_path / "ref")
+    assert_states_equal(weights(tmp_path / "pre" / "last.pt"), weights(tmp_path / "ref" / "last.pt"))
+
+
+def _torchrun_popen(nproc: int, args: list[str]):
+    import subprocess
+    import sys
+
+    from faultkit import ENV, free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "automix_fast", *args]
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+
+
 def test_a_one_process_mid_epoch_state_is_refused_by_two_ranks_in_one_line(data, tmp_path):
     """Every rank checks the process count before any data work and stops with the same line
     (no rank is left waiting in a collective)."""

@@ -80,13 +80,21 @@ def test_progress_line_epoch_loss_weights_each_interval_by_its_steps():
 
 
 def test_progress_line_of_a_resumed_and_a_stopped_epoch():
-    """A resumed epoch counts the steps that ran here (img/s over them); one that ends early says where."""
+    """A resumed epoch counts the steps that ran here (img/s over them), and says how long a replay
+    of the batches done took when its loader replayed them; one that ends early says where."""
     out = io.StringIO()
     p = ProgressLine(1, 4, 10, log_interval=100, stream=out, start_step=4)
     for _ in range(6):
         p.update(loss=1.0, images=8)
     assert p.close()["steps"] == 6
-    assert out.getvalue().startswith("epoch 1/4 done: 6 steps (resumed at step 4 of 10, its data replayed in ")
+    assert out.getvalue().startswith("epoch 1/4 done: 6 steps (resumed at step 4 of 10) in ")
+    out = io.StringIO()
+    p = ProgressLine(1, 4, 10, log_interval=100, stream=out, start_step=4)
+    p.start_clock(replayed=True)  # the loader read the 4 steps' batches again to get there
+    p.update(loss=1.0, images=8)
+    p.close()
+    assert out.getvalue().startswith("epoch 1/4 stopped at step 5 of 10: 1 steps (resumed at step 4 of 10, "
+                                     "its data replayed in ")
     out = io.StringIO()
     p = ProgressLine(2, 4, 10, log_interval=100, stream=out)
     for _ in range(3):

@@ -22,9 +22,11 @@ class _Schedule:
         return [g["lr"] for g in optimizer.param_groups]
 
 
-def _accumulated_run(micro_batch: int, accum: int, images: int = 40, grad_sync=None, stop_after=None, resume=None):
+def _accumulated_run(micro_batch: int, accum: int, images: int = 40, grad_sync=None, stop_after=None, resume=None,
+                     loader=None):
     """Train a BN-free net (Vanilla) for one epoch; returns its weights and the steps scheduled.
-    stop_after: stop after that many steps; resume: (model, optimizer, steps done) to continue."""
+    stop_after: stop after that many steps; resume: (model, optimizer, steps done) to continue;
+    loader: one of 3 x 8 x 8 images in place of fixed batches of random ones."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(images, 3, 8, 8, generator=g), torch.randint(0, 4, (images,), generator=g)
     torch.manual_seed(0)
@@ -36,7 +38,8 @@ def _accumulated_run(micro_batch: int, accum: int, images: int = 40, grad_sync=N
     if resume is not None:
         model, opt, skip = resume
     mixer = Vanilla(model)
-    loader = BatchList([(x[i:i + micro_batch], y[i:i + micro_batch]) for i in range(0, images, micro_batch)])
+    if loader is None:
+        loader = BatchList([(x[i:i + micro_batch], y[i:i + micro_batch]) for i in range(0, images, micro_batch)])
     schedule = _Schedule()
     calls = []
     stop = None if stop_after is None else (lambda: calls.append(1) or len(calls) >= stop_after)
@@ -87,6 +90,45 @@ def test_grad_accum_resumes_mid_epoch_at_a_step_boundary():
         assert torch.equal(rest[k], whole[k]), k
 
 
+def test_a_resumed_epoch_decodes_only_the_batches_it_trains_on(tmp_path, monkeypatch):
+    """A streaming loader (files decoded per batch, random-resized crops) resumed after 1 of 3
+    steps of 2 micro-batches starts at micro-batch 2 (loader.start_at): it decodes the 16 files of
+    micro-batches 2..5 and no other, and the run ends on the uninterrupted run's weights, bit for bit."""
+    from automix_fast.data import build_loaders, torch_loader
+    from datakit import folder_spec, make_folder
+
+    root = make_folder(tmp_path, per_class=12)  # 24 files: 6 micro-batches of 4
+
+    def streaming():
+        loader = build_loaders(folder_spec(root, img_size=8, aug="imagenet", batch_size=4, seed=1))[0]
+        assert isinstance(loader, torch_loader.StreamingLoader)
+        return loader
+
+    decoded = []
+    load_rgb = torch_loader.load_rgb
+    monkeypatch.setattr(torch_loader, "load_rgb", lambda path: decoded.append(path) or load_rgb(path))
+    whole, _, _ = _accumulated_run(4, 2, loader=streaming())
+    assert len(decoded) == 24
+    model, opt, first = _accumulated_run(4, 2, stop_after=1, loader=streaming())
+    assert first.stopped and first.steps == 1
+    decoded.clear()
+    rest, steps, _ = _accumulated_run(4, 2, resume=(model, opt, first.steps), loader=streaming())
+    assert steps == [1, 2]
+    assert len(decoded) == 16 and not set(decoded) & set(_first_files(root, 8))
+    for k in whole:
+        assert torch.equal(rest[k], whole[k]), k
+
+
+def _first_files(root, count: int) -> list[str]:
+    """The files of the first `count` samples of epoch 0 (seed 1), in reading order."""
+    from automix_fast.data import build_loaders
+    from datakit import folder_spec
+
+    loader = build_loaders(folder_spec(root, img_size=8, aug="imagenet", batch_size=4, seed=1))[0]
+    loader.set_epoch(0)
+    return [loader.paths[i] for i in loader.shards.indices()[:count].tolist()]
+
+
 def test_grad_accum_last_step_takes_the_rest():
     syncs = []
     _, steps, result = _accumulated_run(4, 3, grad_sync=syncs.append)  # 10 micro-batches: 3 + 3 + 3 + 1
@@ -124,11 +166,13 @@ def test_evaluate_reports_the_percentages_eval_reports():
     assert out["one_loss"] == pytest.approx(expected_loss, rel=1e-6)
 
 
-def test_a_resumed_epochs_console_clock_starts_after_the_replay(monkeypatch):
-    """Resuming at step 3 replays the 3 batches done (the data order of the interrupted epoch);
-    the console's epoch time, img/s and data% cover the steps run, as metrics.jsonl's
-    img_per_s_global does, and the line says how long the replay took. A stand-in clock moves
-    10 s for every batch the loader yields, nothing else."""
+@pytest.mark.parametrize("skips", [False, True])
+def test_a_resumed_epochs_console_clock_starts_after_the_replay(monkeypatch, skips):
+    """Resuming at step 3: a loader without start_at replays the 3 batches done (the data order of
+    the interrupted epoch) and the line says how long that took; one with start_at yields from
+    batch 3 at once and the line says nothing of a replay. Either way the console's epoch time,
+    img/s and data% cover the steps run, as metrics.jsonl's img_per_s_global does. A stand-in
+    clock moves 10 s for every batch the loader yields, nothing else."""
     import io
     import time
 
@@ -138,17 +182,24 @@ def test_a_resumed_epochs_console_clock_starts_after_the_replay(monkeypatch):
     monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
 
     class SlowLoader(BatchList):
+        first = 0
+
         def __iter__(self):
-            for batch in self.batches:
+            first, self.first = self.first, 0
+            for batch in self.batches[first:]:
                 clock[0] += 10.0
                 yield batch
+
+    class SkippingLoader(SlowLoader):
+        def start_at(self, batch):
+            self.first = batch
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(40, 3, 8, 8, generator=g), torch.randint(0, 4, (40,), generator=g)
     model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 36, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ctx = StepContext(Vanilla(model), opt, _Schedule(), StepGuard(torch.device("cpu")), total_steps=100, amp_dtype=None)
-    loader = SlowLoader([(x[i:i + 8], y[i:i + 8]) for i in range(0, 40, 8)])
+    loader = (SkippingLoader if skips else SlowLoader)([(x[i:i + 8], y[i:i + 8]) for i in range(0, 40, 8)])
     out = io.StringIO()
     progress = ProgressLine(1, 1, 5, log_interval=100, stream=out, start_step=3)
     result = train_one_epoch(ctx, loader, EpochPlan(epoch=0, start_step=0, skip=3),
@@ -156,5 +207,5 @@ def test_a_resumed_epochs_console_clock_starts_after_the_replay(monkeypatch):
     summary = progress.close()
     assert result.steps == 2 and result.seconds == 20.0 and result.means["img_per_s_global"] == 16 / 20.0
     assert summary["time_s"] == 20.0 and summary["img_per_s"] == 16 / 20.0 and summary["data_frac"] == 1.0
-    assert out.getvalue().startswith(
-        "epoch 1/1 done: 2 steps (resumed at step 3 of 5, its data replayed in 30.0s) in 20.0s ")
+    resumed = "resumed at step 3 of 5" if skips else "resumed at step 3 of 5, its data replayed in 30.0s"
+    assert out.getvalue().startswith(f"epoch 1/1 done: 2 steps ({resumed}) in 20.0s ")

@@ -32,7 +32,14 @@ included. The random crop and flip draws come from DALI's per-pipeline random st
 from (seed, rank, first epoch iterated): a run started at epoch 0 repeats exactly (DALI's random
 operators draw per sample, so the thread count does not matter), but a run resumed at epoch e
 draws different crops than the uninterrupted run did; reseeding would mean rebuilding the
-pipeline every epoch (nvJPEG and buffer start-up each time).
+pipeline every epoch (nvJPEG and buffer start-up each time). A resume inside an epoch
+(`start_at(b)`) feeds the plan from batch b: no file of the batches done is read, and batches b,
+b+1, ... hold the uninterrupted run's files and labels in its order, but their crops and flips
+are the next draws of the pipeline's streams, not the uninterrupted run's. DALI's random
+operators draw in sequence per sample slot, and image_random_crop's number of draws depends on
+each image's shape, so the draws of the skipped batches cannot be spent without decoding them;
+replaying those batches would restore the draws only for a resume inside the first epoch the
+pipeline ran (in any later epoch they already differ, as above), at the cost of decoding them.
 
 Files that fail to decode (bad_files.py, jpeg_header.py). When the loaders are built, every JPEG's
 header is screened and a file DALI's parser would reject is read from a repaired copy: after a
@@ -195,6 +202,12 @@ class DaliFolderLoader:
     def set_epoch(self, epoch: int) -> None:
         self.shards.set_epoch(epoch)
 
+    def start_at(self, batch: int) -> None:
+        """The next iteration starts at batch `batch` of the current epoch, reading no file of the
+        batches before it: the torch loaders' contract (torch_loader._LoaderBase) for the order,
+        labels and batches; the crop and flip draws are the pipeline's own (see the module doc)."""
+        self.shards.start_at(batch)
+
     def indices(self) -> np.ndarray:
         """This rank's sample indices for the current epoch, in reading order."""
         return self.shards.indices().numpy()
@@ -262,11 +275,12 @@ class DaliFolderLoader:
             yield k, idx
 
     def __iter__(self):
+        first = self.shards.take_start()
         idx = self.indices()
         if len(idx) == 0:  # e.g. a val slice of an empty rank
             return
         if self._isolated:
-            yield from self._iter_isolated(idx)
+            yield from self._iter_isolated(idx, first)
             return
         if self._pipe is not None and self._in_flight:
             self._drain()  # the previous epoch was abandoned part way
@@ -275,7 +289,7 @@ class DaliFolderLoader:
         bs = self.batch_size
         self._order = idx
         batches = [idx[i:i + bs] for i in range(0, len(idx), bs)]
-        self._start_plan(batches, 0)
+        self._start_plan(batches, first)
         self._in_flight = True
         done = 0  # batches yielded since the plan last (re)started: self._fed[done] is the next out
         while True:
@@ -378,7 +392,7 @@ class DaliFolderLoader:
         copied = {p for p in bad.entries if bad.read_path(p) != p}
         return {i: bad.read_path(p) for i, p in enumerate(self.paths) if p in copied}
 
-    def _iter_isolated(self, idx: np.ndarray):
+    def _iter_isolated(self, idx: np.ndarray, first: int):
         """__iter__ through the decoding process. Its failures are handled as `_recover` handles a
         pipeline's: an error names the batches it had been fed; a death (a native crash, a kill)
         makes the batch being waited for and the PREFETCH_DEPTH after it the suspects. Either way
@@ -392,7 +406,7 @@ class DaliFolderLoader:
         batches = [idx[i:i + bs] for i in range(0, len(idx), bs)]
         self._in_flight = True
         try:
-            yield from self._stream_isolated(batches)
+            yield from self._stream_isolated(batches, first)
         except DataError:
             self._in_flight = False  # the decoding process is idle: no epoch of its own to stop
             raise
@@ -400,8 +414,8 @@ class DaliFolderLoader:
         if not self.bad_files.in_run:
             self.bad_files.announce_screened()
 
-    def _stream_isolated(self, batches: list[np.ndarray]):
-        planned, pos, send, deaths = list(self._planned(batches, 0)), 0, True, 0
+    def _stream_isolated(self, batches: list[np.ndarray], first: int):
+        planned, pos, send, deaths = list(self._planned(batches, first)), 0, True, 0
         while True:
             failure = died = None
             try:

@@ -42,17 +42,30 @@ def val_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
 class Shards:
     """One loader's epoch and index plan over `n` samples: spec gives seed, rank, world_size and the
     batch sizes; `train` selects the shuffled whole-batch plan (checked by `check_full_batch`) or
-    the ordered val slice. Call set_epoch(e) before each epoch."""
+    the ordered val slice. Call set_epoch(e) before each epoch; `start_at(b)` makes the next
+    iteration begin at batch b (the loaders' contract, torch_loader._LoaderBase)."""
 
     def __init__(self, n: int, spec, train: bool):
         self.n, self.spec, self.train = n, spec, train
         self.batch_size = spec.batch_size if train else spec.eval_batch_size
         self.epoch = 0
+        self._first = 0  # the batch the next iteration starts at
         if train:
             check_full_batch(n, spec.batch_size, spec.world_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def start_at(self, batch: int) -> None:
+        """The next iteration starts at this rank's batch `batch` (0-based) of the current epoch."""
+        if not 0 <= batch < max(len(self), 1):
+            raise ValueError(f"start_at({batch}): an epoch here has {len(self)} batches")
+        self._first = int(batch)
+
+    def take_start(self) -> int:
+        """The batch this iteration starts at (set by start_at, else 0); later iterations start at 0."""
+        first, self._first = self._first, 0
+        return first
 
     def indices(self) -> torch.Tensor:
         """This rank's sample indices for the current epoch, in reading order."""

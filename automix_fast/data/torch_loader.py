@@ -44,7 +44,19 @@ def resolve_aug(spec) -> str:
 
 
 class _LoaderBase:
-    """The contract surface: len, num_samples, set_epoch, and the device-side finishing step."""
+    """The contract surface: len, num_samples, set_epoch, start_at, and the device-side finishing step.
+
+    Resuming inside an epoch: `set_epoch(e)`, then `start_at(b)`, then iterate. That iteration
+    yields batches b, b+1, ... of this rank's epoch e, each exactly (images, augmentation,
+    labels) as an iteration from batch 0 would have yielded it, and reads or decodes nothing of
+    batches 0..b-1: the order, the per-sample crop seeds and the cifar-style crop/flip draws
+    are functions of (seed, epoch, position in the epoch), so the later batches do not depend on
+    the earlier ones having been made. `b` counts loader batches (micro-batches under
+    --grad-accum-steps) of this rank's shard; `len(loader)` does not change; the start applies
+    to the next iteration only. A loader without `start_at` is resumed by iterating over the
+    batches done (engine/train.py). The DALI loader has the same method with the same order
+    and batches, but its own augmentation draws (dali.py).
+    """
 
     def __init__(self, n: int, spec, train: bool, aug: str):
         self.spec, self.train, self.aug = spec, train, aug
@@ -65,6 +77,10 @@ class _LoaderBase:
 
     def set_epoch(self, epoch: int) -> None:
         self.shards.set_epoch(epoch)
+
+    def start_at(self, batch: int) -> None:
+        """The next iteration starts at batch `batch` of the current epoch (see the class doc)."""
+        self.shards.start_at(batch)
 
     def _cifar_params(self):
         """Crop offsets and flips for the whole epoch, drawn once and moved to the device once."""
@@ -100,7 +116,7 @@ class ResidentLoader(_LoaderBase):
         idx = self.shards.indices().to(self.device)
         params = self._cifar_params()
         bs = self.batch_size
-        for start in range(0, len(idx), bs):
+        for start in range(self.shards.take_start() * bs, len(idx), bs):
             sel = idx[start:start + bs]
             yield self._finish(self.images.index_select(0, sel), params, start), self.labels.index_select(0, sel)
 
@@ -146,11 +162,12 @@ class _ImageDataset(torch.utils.data.Dataset):
 
 class _ShardBatchSampler(torch.utils.data.Sampler):
     """Yields this rank's batches of (index, per-sample seed, position in the epoch) for the current
-    epoch of `shards` (whole batches only for training); files recorded as left out
-    (bad_files.py) are planned around."""
+    epoch of `shards` (whole batches only for training), from batch `first` on; files recorded as
+    left out (bad_files.py) are planned around."""
 
     def __init__(self, shards: Shards, paths: list[str] | None, bad_files):
         self.shards, self.paths, self.bad_files = shards, paths, bad_files
+        self.first = 0  # set by the loader before each iteration (start_at)
 
     def items(self) -> list[tuple[int, int, int]]:
         idx = self.shards.indices().tolist()
@@ -165,7 +182,7 @@ class _ShardBatchSampler(torch.utils.data.Sampler):
         bs = self.shards.batch_size
         left_out = self.bad_files.left_out if self.paths is not None else ()
         order = [i for i, _, _ in items] if self.shards.train else None
-        for start in range(0, len(items), bs):
+        for start in range(self.first * bs, len(items), bs):
             batch = items[start:start + bs]
             if left_out:  # empty unless a file failed: a clean run does no per-batch work here
                 keep = self.bad_files.plan([i for i, _, _ in batch], self.paths, order)
@@ -208,6 +225,7 @@ class StreamingLoader(_LoaderBase):
         )
 
     def __iter__(self):
+        self.sampler.first = self.shards.take_start()  # the sampler runs in this process, workers or not
         params = self._cifar_params()
         order = self.shards.indices().tolist()
         for images, labels, positions, failed in self.loader:

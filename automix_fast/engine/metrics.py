@@ -173,8 +173,9 @@ class ProgressLine:
     `world_size` x this process's (every rank runs the same number of equal batches), labelled
     "(N procs)" under torchrun; img/s and data% cover the same window as the loss.
     The clock starts when the line is made, or at `start_clock()`, which the training loop calls
-    once the epoch's first batch can be read: a resumed epoch first replays the batches it had
-    done (their data order), and that time is said apart, not counted in the rate.
+    once the epoch's first batch can be read: a resumed epoch whose loader cannot start
+    mid-epoch first replays the batches it had done (their data order), and that time is said
+    apart (`start_clock(replayed=True)`), not counted in the rate.
     `close()` prints the epoch summary and returns it as a dict for the metric log: the steps
     that ran in this process (a resumed epoch starts at `start_step`; img/s covers what ran),
     and for an epoch that ended early, where it stopped.
@@ -202,6 +203,7 @@ class ProgressLine:
         self._since_loss = 0  # steps since the last loss given: the weight of the next one in the epoch's mean
         self.start = self._win_start = time.perf_counter()
         self.replay_s = 0.0  # seconds before start_clock(): a resumed epoch's replay of its done batches
+        self.replayed = False  # whether that replay happened (a loader without start_at)
         self._last_draw = float("-inf")  # the first step always draws
         self.images = self._win_images = 0
         self.data_time = self._win_data = 0.0
@@ -210,8 +212,10 @@ class ProgressLine:
         self._shown_terms: dict[str, float] = {}
         self._note = ""
 
-    def start_clock(self) -> None:
-        """The epoch's steps start now: its time, img/s and data% count from here."""
+    def start_clock(self, replayed: bool = False) -> None:
+        """The epoch's steps start now: its time, img/s and data% count from here; `replayed`: the
+        time before this was spent replaying the batches a resumed epoch had done."""
+        self.replayed = self.replayed or replayed
         now = time.perf_counter()
         self.replay_s += now - self.start
         self.start = self._win_start = now
@@ -305,8 +309,8 @@ class ProgressLine:
             if self.is_tty and self._drawn:
                 self.stream.write("\n")
             head = "done" if self.step >= self.total else f"stopped at step {self.step} of {self.total}"
-            resumed = (f" (resumed at step {self.start_step} of {self.total}, its data replayed in {self.replay_s:.1f}s)"
-                       if self.start_step else "")
+            replay = f", its data replayed in {self.replay_s:.1f}s" if self.replayed else ""
+            resumed = f" (resumed at step {self.start_step} of {self.total}{replay})" if self.start_step else ""
             line = f"epoch {self.epoch}/{self.epochs} {head}: {s['steps']} steps{resumed} in {s['time_s']:.1f}s"
             if self.epoch_loss.count:
                 line += f" loss {s['loss']:.4f}"

@@ -50,7 +50,8 @@ class EpochCallbacks:
     on_log(i, values) receives host floats every log_interval steps and at the end;
     progress.update(...) (see metrics.ProgressLine) is called every step, with the loss only at
     those intervals, so drawing the bar never waits on the device; progress.start_clock() once,
-    before the first step (after a resumed epoch's replay of the batches it had done). Under torchrun should_stop
+    before the first step (after a resumed epoch's replay of the batches it had done, by a loader
+    that cannot start mid-epoch). Under torchrun should_stop
     is this rank's own flag; the ranks agree on it at log steps only, inside the metric_mean
     collective, so a step makes no extra collective and no host sync.
     """
@@ -71,6 +72,17 @@ def train_one_epoch(ctx: StepContext, loader, plan: EpochPlan, callbacks: EpochC
     return run.finish()
 
 
+def _start_loader(loader, batches_done: int) -> int:
+    """Have `loader`'s next iteration start after `batches_done` loader batches of its epoch
+    (`start_at`, docs/INTERNALS.md's loader contract); returns how many batches the caller must
+    still read and drop: `batches_done` for a loader without start_at, else 0."""
+    start_at = getattr(loader, "start_at", None)
+    if batches_done == 0 or start_at is None:
+        return batches_done
+    start_at(batches_done)
+    return 0
+
+
 class _EpochRun:
     """One call of train_one_epoch: the data iterator and the running sums between log reads."""
 
@@ -85,16 +97,17 @@ class _EpochRun:
         self.count_since_log = 0  # micro-batches
         self.epoch_loss, self.epoch_count = 0.0, 0  # host floats from the interval reads: the epoch's mean loss
         self.lr = 0.0  # the first group's, as the schedule set it (a host float)
-        self.it = iter(loader)
         if plan.skip >= self.batches:
             raise CheckpointError(
                 f"the checkpoint stopped after batch {plan.skip} of epoch {plan.epoch + 1}, but an epoch now has "
                 f"only {self.batches} batches (batch size or process count changed?); resume from an epoch checkpoint"
             )
-        for _ in range(plan.skip * ctx.accum_steps):  # replay the data order of an interrupted epoch
+        replayed = _start_loader(loader, plan.skip * ctx.accum_steps)
+        self.it = iter(loader)
+        for _ in range(replayed):  # a loader that cannot start mid-epoch: read the batches done again
             next(self.it)
-        if callbacks.progress is not None:
-            callbacks.progress.start_clock()  # the console's rate covers the steps, as the logged one
+        if callbacks.progress is not None:  # the console's rate covers the steps, as the logged one
+            callbacks.progress.start_clock(replayed=replayed > 0)
         self.t_start = time.perf_counter()
 
     def step(self, i: int) -> bool:
