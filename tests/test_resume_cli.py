@@ -260,3 +260,28 @@ def test_a_mid_epoch_state_resumes_only_with_the_process_count_that_wrote_it(dat
     assert f"{run / 'last.pt'} was written by 2 processes and this run has 1: 15 steps per epoch from here" in out
     epoch2 = [r for r in records(run) if r["epoch"] == 2]
     assert [r["step"] for r in epoch2] == [20, 25, 30], epoch2  # the record of step 9 is gone
+
+
+def test_a_resume_on_other_class_folders_is_refused_even_when_forced(data, finished, tmp_path, capsys, one_thread):
+    """Labels are the sorted class folder names: a folder renamed (or another dataset with as many
+    classes) would silently give the resumed head's outputs other meanings. Refused in one line
+    naming the first label that changes, --allow-config-change or not, before the run folder is
+    written; the same names in another folder resume."""
+    run = tmp_path / "good"
+    shutil.copytree(finished, run)
+    before = snapshot(run)
+    renamed = tmp_path / "renamed"
+    shutil.copytree(data, renamed)
+    for split in ("train", "val"):
+        (renamed / split / "class0").rename(renamed / split / "zebra")  # sorted: class1, class2, zebra
+    argv = ["train", "--resume", "auto", "--output", str(tmp_path), "--experiment", "good", "--epochs", "2",
+            "--allow-config-change", "--log-interval", "5"]
+    code, out, err = run_main(argv + ["--data-dir", str(renamed)], capsys)
+    msg = one_error(code, err)
+    assert f"the classes of {renamed}" in msg and "label 0 is 'class1' in the data and 'class0' in the checkpoint" in msg
+    assert "even with --allow-config-change" in msg, msg
+    assert snapshot(run) == before
+    same = tmp_path / "copy"
+    shutil.copytree(data, same)
+    code, out, err = run_main(argv + ["--data-dir", str(same)], capsys)
+    assert code == 0 and "epoch 2/2 done" in out, err

@@ -45,7 +45,7 @@ from automix_fast.engine.train import EpochCallbacks, EpochPlan, NonFiniteError,
 from automix_fast.engine.train_step import StepContext, StepGuard
 from automix_fast.engine.train_options import (automix_departures, loop_options, model_options,
                                                optimizer_steps_per_epoch)
-from automix_fast.errors import CheckpointError, ConfigError, OutputError
+from automix_fast.errors import CheckpointError, ConfigError, DataError, OutputError
 from automix_fast.mixing.automix import mask_summary
 from automix_fast.models import create_model
 from automix_fast.visualize import write_mix_grid
@@ -226,14 +226,21 @@ class Trainer:
         }
 
     def load_state(self, path, state: dict) -> None:
-        """Continue from a training checkpoint read from `path` (checked against this run; its
-        process count was checked with the run folder, before any data work)."""
+        """Continue from a training checkpoint read from `path` (checked against this run: its
+        model, class count and class names, and its config; its process count was checked with
+        the run folder, before any data work)."""
         check_training_state(path, state)
         if state.get("model_name") != self.cfg.net.model or state.get("num_classes") != self.num_classes:
             raise CheckpointError(
                 f"{path} holds model '{state.get('model_name')}' with num_classes {state.get('num_classes')}, "
                 f"but this run has model '{self.cfg.net.model}' with num_classes {self.num_classes}"
             )
+        other_labels = self.info.class_difference(state["classes"]) if state.get("classes") else None
+        if other_labels:  # the head's outputs would change meaning: no flag allows it
+            raise DataError(f"resuming {path}: the classes of {self.info.root} are not the ones it was trained on "
+                            f"({other_labels}); a resumed run keeps its labels, even with --allow-config-change "
+                            "(resume with the data it was trained on, or start a new run from its weights with "
+                            "--initial-checkpoint)")
         changed = config_changes(state.get("config", {}), self.cfg)
         if changed and not self.cfg.run.allow_config_change:
             old, now = read_older(state["config"]), self.cfg.to_flat()
