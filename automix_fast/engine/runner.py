@@ -20,6 +20,7 @@ import time
 import torch
 
 from automix_fast import ops, rundir
+from automix_fast.atomic import remove_stale_temps
 from automix_fast.config import TrainConfig, config_changes, flag_name, read_older, save_config
 from automix_fast.data import DataSpec, build_loaders, view_options
 from automix_fast.data.shards import seed_of
@@ -363,7 +364,8 @@ class Trainer:
         return state.get("world_size", self.dist.world_size) != self.dist.world_size
 
     def _open_run_folder(self, found) -> None:
-        """Rank 0 claims the run folder (or trims a resumed run's metrics) and writes config.yaml."""
+        """Rank 0 claims the run folder (or trims a resumed run's metrics), removes the temp files
+        of writes whose process was killed, and writes config.yaml."""
         if not self.is_main:
             return
         if found is None:  # a new run: its own folder (a suffixed default name when taken)
@@ -379,6 +381,10 @@ class Trainer:
             if moved:
                 self.log(f"set aside (not deleted) the later checkpoints this run replaces: "
                          f"{', '.join(f'{a.name} -> {b.name}' for a, b in moved)}")
+        stale = remove_stale_temps(self.run_dir)
+        if stale:
+            self.log(f"removed {len(stale)} temp file{'s' if len(stale) > 1 else ''} of writes cut short by a killed "
+                     f"process: {', '.join(p.name for p in stale[:3])}{', ...' if len(stale) > 3 else ''}")
         save_config(self.cfg, str(self.run_dir / rundir.CONFIG_FILE), self.resolved())
 
     def _announce(self) -> None:
