@@ -186,6 +186,9 @@ def test_resume_from_a_file_that_is_not_a_checkpoint(capsys, data, tmp_path):
     torch.save({"w": torch.zeros(2)}, junk)
     msg = one_error(capsys, train_args(data, tmp_path, "junk", "--resume", str(junk), epochs=1))
     assert "not an automix-fast checkpoint" in msg
+    (tmp_path / "empty.pt").write_bytes(b"")
+    msg = one_error(capsys, train_args(data, tmp_path, "empty", "--resume", str(tmp_path / "empty.pt"), epochs=1))
+    assert "the file is empty (0 bytes)" in msg
     msg = one_error(capsys, train_args(data, tmp_path, "gone", "--resume", str(tmp_path / "missing.pt"), epochs=1))
     assert "file not found" in msg
 

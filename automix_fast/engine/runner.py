@@ -354,8 +354,8 @@ class Trainer:
                          f"{self.dist.world_size}: {self.steps_per_epoch} steps per epoch from here, and the "
                          "schedule, the mixing draws and the logged steps follow that count")
         elif cfg.net.initial_checkpoint:  # timm's --initial-checkpoint: a fresh start from its weights only
-            load_initial_checkpoint(self.mixer, cfg.net.initial_checkpoint, cfg.net.model, self.num_classes)
-            self.log(f"model weights from {cfg.net.initial_checkpoint}")
+            source = load_initial_checkpoint(self.mixer, cfg.net.initial_checkpoint, cfg.net.model, self.num_classes)
+            self.log(f"model weights from {cfg.net.initial_checkpoint}" + (f" ({source})" if source else ""))
         return found
 
     def _other_world_size(self, state: dict) -> bool:
