@@ -20,7 +20,6 @@ import time
 import torch
 
 from automix_fast import ops, rundir
-from automix_fast.atomic import remove_stale_temps
 from automix_fast.config import TrainConfig, config_changes, flag_name, read_older, save_config
 from automix_fast.data import DataSpec, build_loaders, view_options
 from automix_fast.data.shards import seed_of
@@ -47,7 +46,6 @@ from automix_fast.engine.train_step import StepContext, StepGuard
 from automix_fast.engine.train_options import (automix_departures, loop_options, model_options,
                                                optimizer_steps_per_epoch)
 from automix_fast.errors import CheckpointError, ConfigError, DataError, OutputError
-from automix_fast.mixing.automix import mask_summary
 from automix_fast.models import create_model
 from automix_fast.visualize import write_mix_grid
 
@@ -381,10 +379,9 @@ class Trainer:
             if moved:
                 self.log(f"set aside (not deleted) the later checkpoints this run replaces: "
                          f"{', '.join(f'{a.name} -> {b.name}' for a, b in moved)}")
-        stale = remove_stale_temps(self.run_dir)
+        stale = rundir.clear_stale_temps(self.run_dir)
         if stale:
-            self.log(f"removed {len(stale)} temp file{'s' if len(stale) > 1 else ''} of writes cut short by a killed "
-                     f"process: {', '.join(p.name for p in stale[:3])}{', ...' if len(stale) > 3 else ''}")
+            self.log(stale)
         save_config(self.cfg, str(self.run_dir / rundir.CONFIG_FILE), self.resolved())
 
     def _announce(self) -> None:
@@ -462,20 +459,11 @@ class Trainer:
     def _finish(self, eval_result: dict, stop: StopFlag, seconds: float) -> dict:
         """summary.json and mixes.png (rank 0); the summary (with a signal that came after the last step)."""
         cfg = self.cfg
-        summary = {
-            "run_dir": str(self.run_dir),
-            "mix": cfg.mixing.mix,
-            "model": cfg.net.model,
-            "epochs": cfg.schedule.epochs,
-            "eval": eval_result,
-            "heads": list(self.mixer.eval_heads()),
-            "skipped_steps": int(self.guard.skipped.item()),
-            "train_seconds": seconds,
-            **({"compile_seconds": round(self.compile_clock.seconds, 2)} if self.compile_clock else {}),
-            **mask_summary(self.history),
-            "stopped": False,
-            "is_main": self.is_main,
-        }
+        summary = rundir.run_summary(
+            cfg, self.run_dir, self.history, eval_result, heads=list(self.mixer.eval_heads()),
+            skipped_steps=int(self.guard.skipped.item()), train_seconds=seconds,
+            compile_seconds=self.compile_clock.seconds if self.compile_clock else None)
+        summary["is_main"] = self.is_main
         if self.is_main:
             rundir.write_json(self.run_dir / rundir.SUMMARY_FILE, summary, "summary")
             if cfg.run.visualize and cfg.mixing.mix == "automix":
