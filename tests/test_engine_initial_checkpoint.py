@@ -39,8 +39,8 @@ def test_initial_checkpoint_class_mismatch_is_one_line(tmp_path):
     save_checkpoint(tmp_path / "three.pt", {"format": FORMAT, "model_name": "tinynet", "num_classes": 3,
                                             "mixer": {"model." + k: v for k, v in model.state_dict().items()}})
     four = make_folder(tmp_path / "four", train_per_class=4, val_per_class=2, classes=4)
-    run = cli(train_args(four, tmp_path, "run", "--mix", "automix", "--initial-checkpoint",  # automix: every flag
-                         str(tmp_path / "three.pt"), epochs=1))                               # of train_args is read
+    run = cli(train_args(four, tmp_path, "run", "--mix", "vanilla", "--initial-checkpoint",
+                         str(tmp_path / "three.pt"), epochs=1))
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and "trained for 3 classes, but the data has 4" in run.stderr
 
