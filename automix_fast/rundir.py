@@ -30,9 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-from automix_fast.atomic import write_json, write_text  # noqa: F401  (the run's writers, re-exported)
+from automix_fast.atomic import remove_stale_temps, write_json, write_text  # noqa: F401  (the run's writers, re-exported)
 from automix_fast.engine.checkpoint import latest_valid, resolve_resume
 from automix_fast.errors import CheckpointError, OutputError
+from automix_fast.mixing.automix import mask_summary
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -237,6 +238,59 @@ def finished_line(found, cfg) -> str | None:
         return None
     return (f"run {Path(path).parent} is finished ({done} of {cfg.schedule.epochs} epochs trained): nothing to train; "
             f"to train it longer, run the same command with --epochs N (more than {done})")
+
+
+def run_summary(cfg, run_dir: Path, history: list[dict], eval_result: dict, *, heads: list[str], skipped_steps: int,
+                train_seconds: float | None, compile_seconds: float | None = None) -> dict:
+    """The contents of summary.json for a run that finished (see docs/RUNS.md)."""
+    return {
+        "run_dir": str(run_dir),
+        "mix": cfg.mixing.mix,
+        "model": cfg.net.model,
+        "epochs": cfg.schedule.epochs,
+        "eval": eval_result,
+        "heads": heads,
+        "skipped_steps": skipped_steps,
+        "train_seconds": train_seconds,
+        **({"compile_seconds": round(compile_seconds, 2)} if compile_seconds is not None else {}),
+        **mask_summary(history),
+        "stopped": False,
+    }
+
+
+def clear_stale_temps(run_dir: Path) -> str | None:
+    """Remove the temp files of `run_dir` whose writer process is gone (`atomic.remove_stale_temps`);
+    the line that says so, or None when there were none."""
+    stale = remove_stale_temps(run_dir)
+    if not stale:
+        return None
+    names = ", ".join(p.name for p in stale[:3]) + (", ..." if len(stale) > 3 else "")
+    return f"removed {len(stale)} temp file{'s' if len(stale) > 1 else ''} of writes cut short by a killed process: {names}"
+
+
+def finish_again(found, cfg) -> list[str]:
+    """For a finished run continued in its own folder (`found`: its checkpoint, at the end of the
+    epochs its own config planned, the last one evaluated): remove the temp files of writes a kill
+    cut short, and write summary.json from the checkpoint when it is missing (a failed or killed
+    final write); nothing else is written. `train_seconds` is then null (not stored) and
+    `rebuilt_from` names the checkpoint. Returns what was done, one line each."""
+    path, state = found
+    run_dir = Path(path).parent
+    if forks(found, locate(cfg)):
+        return []
+    done = [note] if (note := clear_stale_temps(run_dir)) else []
+    history = json.loads(state.get("history", "[]"))
+    last = history[-1] if history else {}
+    planned = state.get("config", {}).get("epochs")
+    if ((run_dir / SUMMARY_FILE).exists() or not last.get("eval") or last.get("epoch") != state.get("next_epoch")
+            or planned != state.get("next_epoch") or state.get("next_batch", 0) != 0):
+        return done
+    heads = [k[: -len("_top1")] for k in last["eval"] if k.endswith("_top1")]
+    summary = run_summary(cfg, run_dir, history, last["eval"], heads=heads, skipped_steps=state.get("skipped_steps", 0),
+                          train_seconds=None)
+    summary["epochs"] = planned
+    write_json(run_dir / SUMMARY_FILE, {**summary, "rebuilt_from": str(path)}, "summary")
+    return done + [f"wrote the missing {run_dir / SUMMARY_FILE} from {path} (train_seconds: null, not stored)"]
 
 
 def forks(found, run_dir: Path) -> bool:

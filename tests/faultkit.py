@@ -46,8 +46,11 @@ def make_folder(root: Path, train_per_class: int = 20, val_per_class: int = 7, c
 
 
 def train_args(data: Path, out: Path, experiment: str, *extra: str, batch: int = 8, epochs: int = 2) -> list[str]:
+    mix = extra[extra.index("--mix") + 1] if "--mix" in extra else "automix"
+    # The baselines run no kernel: --kernel-backend would be an idle flag, warned about on stderr.
+    backend = ["--kernel-backend", "torch"] if mix == "automix" else []
     return ["train", "--data-dir", str(data), "--img-size", "32", "--epochs", str(epochs), "-b", str(batch),
-            "--kernel-backend", "torch", "--loader", "torch", "--workers", "0", "--device", "cpu",
+            *backend, "--loader", "torch", "--workers", "0", "--device", "cpu",
             "--model", "tinynet", "--output", str(out), "--experiment", experiment, "--log-interval", "1",
             "--no-visualize", *extra]
 

@@ -51,3 +51,29 @@ def test_durable_write_fsyncs_file_and_folder(tmp_path, monkeypatch):
     atomic.write_bytes(tmp_path / "b.bin", b"y")
     assert synced == []
     assert (tmp_path / "a.bin").read_bytes() == b"x" and (tmp_path / "b.bin").read_bytes() == b"y"
+
+
+def test_stale_temp_files_of_gone_processes_are_removed_and_nothing_else(tmp_path):
+    """A temp file whose writer was killed (a real child process, and a PID above Linux's
+    largest) is removed; one of a running process (this one, a live child), a folder named like
+    one and files that only resemble the pattern stay."""
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    stale = [f".last.pt.{gone.pid}.tmp", ".summary.json.4194305.tmp", f".checkpoint-0002.pt.{2 ** 64}.tmp"]
+    kept = [f".last.pt.{os.getpid()}.tmp", f".last.pt.{live.pid}.tmp", ".last.pt.tmp", f"last.pt.{gone.pid}.tmp",
+            f".last.pt.{gone.pid}.tmp.part", ".last.pt.0.tmp", ".last.pt.x1.tmp", "last.pt"]
+    try:
+        for name in stale + kept:
+            (tmp_path / name).write_bytes(b"x")
+        (tmp_path / f".tensorboard.{gone.pid}.tmp").mkdir()
+        removed = atomic.remove_stale_temps(tmp_path)
+    finally:
+        live.kill()
+        live.wait()
+    assert sorted(p.name for p in removed) == sorted(stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + [f".tensorboard.{gone.pid}.tmp"])
+    assert atomic.temp_path(tmp_path / "last.pt").name == f".last.pt.{os.getpid()}.tmp"

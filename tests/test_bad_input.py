@@ -129,6 +129,29 @@ def test_config_files_that_yaml_reads_loosely(capsys, tmp_path, content, field):
     assert field in message and str(cfg) in message, message
 
 
+def test_a_config_folder_is_named_as_a_folder(capsys, tmp_path):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "mine.yaml").write_text("lr: 0.1\n")
+    for given in (f"{folder}/", str(folder)):
+        message = one_error(capsys, ["train", "-c", given, "--output", str(tmp_path)])
+        assert f"config file {given} is a folder, not a YAML file" in message and "mine.yaml" in message, message
+
+
+@pytest.mark.parametrize("name", ["../escaped", "runs/a", "..", ".", "a\\b", "/abs/escaped"])
+def test_experiment_is_a_plain_name_under_output(capsys, data, tmp_path, name):
+    """--experiment names the run folder under --output: a path would write outside it."""
+    out = tmp_path / "out"
+    name = str(tmp_path / "escaped") if name.startswith("/") else name
+    message = one_error(capsys, train_args(data, out, name, epochs=1))
+    assert "--experiment must be a plain folder name" in message and repr(name) in message, message
+    config = tmp_path / "run.yaml"
+    config.write_text(f"experiment: '{name}'\n")
+    message = one_error(capsys, ["train", "-c", str(config), "--output", str(out)])
+    assert "--experiment (experiment in the config file) must be a plain folder name" in message, message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]  # nothing made, inside or outside --output
+
+
 def test_class_count_that_does_not_match_the_data(capsys, data, tmp_path):
     msg = one_error(capsys, train_args(data, tmp_path, "nc", "--num-classes", "5", epochs=1))
     assert "--num-classes is 5 but the data has 3 classes" in msg
@@ -165,6 +188,9 @@ def test_resume_from_a_file_that_is_not_a_checkpoint(capsys, data, tmp_path):
     torch.save({"w": torch.zeros(2)}, junk)
     msg = one_error(capsys, train_args(data, tmp_path, "junk", "--resume", str(junk), epochs=1))
     assert "not an automix-fast checkpoint" in msg
+    (tmp_path / "empty.pt").write_bytes(b"")
+    msg = one_error(capsys, train_args(data, tmp_path, "empty", "--resume", str(tmp_path / "empty.pt"), epochs=1))
+    assert "the file is empty (0 bytes)" in msg
     msg = one_error(capsys, train_args(data, tmp_path, "gone", "--resume", str(tmp_path / "missing.pt"), epochs=1))
     assert "file not found" in msg
 

@@ -97,3 +97,65 @@ def test_initial_checkpoint_that_weights_only_refuses_names_the_reason(tmp_path,
         assert reason in message and "\n" not in message and "\x1b" not in message, message
         assert "weights_only` set to `False`" not in message and "trusted source" not in message, message
     assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+
+
+def test_initial_checkpoint_from_timm_style_files_and_wrapped_keys(data, tmp_path):
+    """timm's checkpoints hold the weights under a key (its EMA first, as timm's load_checkpoint
+    takes them) beside the epoch, the optimizer and the pickled argument Namespace; DDP prefixes
+    the keys with `module.`, torch.compile with `_orig_mod.`. Unwrapped when the weights fit."""
+    import argparse
+
+    from automix_fast.engine.initial_checkpoint import load_initial_checkpoint
+
+    torch.manual_seed(0)
+    plain, ema = create_model("tinynet", num_classes=3), create_model("tinynet", num_classes=3)
+    optimizer = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    timm_file = tmp_path / "timm.pth.tar"
+    torch.save({"epoch": 3, "arch": "tinynet", "args": argparse.Namespace(model="tinynet", lr=0.1, amp=None),
+                "optimizer": optimizer.state_dict(), "version": 2, "metric": 50.0,
+                "state_dict": {"module." + k: v for k, v in plain.state_dict().items()},
+                "state_dict_ema": {"module." + k: v for k, v in ema.state_dict().items()}}, timm_file)
+    compiled = tmp_path / "compiled.pt"
+    torch.save({"model": {"module._orig_mod." + k: v for k, v in plain.state_dict().items()}}, compiled)
+    for path, source, expected in [
+        (timm_file, "its 'state_dict_ema', 'module.' removed from its keys", ema),
+        (compiled, "its 'model', 'module._orig_mod.' removed from its keys", plain),
+    ]:
+        mixer = build_mixer("vanilla", create_model("tinynet", num_classes=3))
+        assert load_initial_checkpoint(mixer, str(path), "tinynet", 3) == source
+        for k, v in expected.state_dict().items():
+            assert torch.equal(mixer.model.state_dict()[k], v), (path, k)
+    run = cli(train_args(data, tmp_path, "run", "--mix", "vanilla", "--initial-checkpoint", str(timm_file), epochs=1))
+    assert run.returncode == 0, run.stderr
+    assert f"model weights from {timm_file} (its 'state_dict_ema', 'module.' removed from its keys)" in run.stdout
+
+
+def test_initial_checkpoint_that_is_no_state_dict_says_what_it_found(tmp_path):
+    """Empty files, dicts without weights and weights of another model: one line saying what the
+    file holds."""
+    from automix_fast.engine.initial_checkpoint import initial_weights, load_initial_checkpoint
+    from automix_fast.errors import CheckpointError
+
+    model = create_model("tinynet", num_classes=3)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save({"epoch": 3, "arch": "tinynet"}, tmp_path / "meta.pt")
+    torch.save({"state_dict": {"conv.weight": torch.zeros(1), "note": "x"}, "epoch": 1}, tmp_path / "mixed.pt")
+    torch.save({"state_dict": {}, "epoch": 1}, tmp_path / "hollow.pt")
+    torch.save([model.state_dict()], tmp_path / "list.pt")
+    torch.save({}, tmp_path / "nothing.pt")
+    reasons = {"empty.pt": "the file is empty (0 bytes)", "meta.pt": "it holds a dict of 2 entries: 'epoch', 'arch'",
+               "mixed.pt": "its 'state_dict' holds 'note', a str", "hollow.pt": "its 'state_dict' is empty",
+               "list.pt": "it holds a list", "nothing.pt": "it holds an empty dict"}
+    for name, reason in reasons.items():
+        with pytest.raises(CheckpointError) as info:
+            initial_weights(str(tmp_path / name), "tinynet", 3)
+        assert reason in str(info.value) and "\n" not in str(info.value), str(info.value)
+    torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}, "epoch": 1},
+               tmp_path / "other.pt")
+    with pytest.raises(CheckpointError) as info:
+        load_initial_checkpoint(build_mixer("vanilla", create_model("resnet18_cifar", num_classes=3)),
+                                str(tmp_path / "other.pt"), "resnet18_cifar", 3)
+    message = str(info.value)
+    assert "does not match resnet18_cifar: it lacks" in message, message
+    assert f"(its 'state_dict', 'module.' removed from its keys: {len(model.state_dict())} tensors, the first " \
+           f"'{next(iter(model.state_dict()))}')" in message, message

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -75,9 +77,22 @@ def test_sigkill_leaves_valid_checkpoints_and_resume_finishes(data, tmp_path):
     for path in [run / "last.pt", *run.glob("checkpoint-*.pt")]:
         load_checkpoint(path)  # the newest file under each final name is complete and verified
     assert load_checkpoint(run / "last.pt")["next_epoch"] >= 1
-    resumed = cli(args + ["--resume", "auto"])
+    # What a kill during a checkpoint write leaves (the atomic writer's temp file, named with the
+    # killed trainer's PID), beside one of a process that still runs and names that only look alike.
+    (run / f".last.pt.{proc.pid}.tmp").write_bytes((run / "last.pt").read_bytes()[:1000])
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    kept = [f".last.pt.{live.pid}.tmp", ".last.pt.tmp", f"last.pt.{proc.pid}.tmp", f".last.pt.{proc.pid}.tmp.1"]
+    try:
+        for name in kept:
+            (run / name).write_bytes(b"x")
+        resumed = cli(args + ["--resume", "auto"])
+    finally:
+        live.kill()
+        live.wait()
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
+    assert f"removed 1 temp file of writes cut short by a killed process: .last.pt.{proc.pid}.tmp" in resumed.stdout
+    assert not (run / f".last.pt.{proc.pid}.tmp").exists() and all((run / name).exists() for name in kept)
     assert json.loads((run / "summary.json").read_text())["epochs"] == 3
     assert load_checkpoint(run / "last.pt")["next_epoch"] == 3
 

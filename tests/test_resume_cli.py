@@ -3,6 +3,7 @@ before its first step does not block its rerun, the exit status of an interrupte
 resumed epoch says it ran, a finished run left alone, and a fork under another --experiment."""
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import sys
@@ -261,3 +262,64 @@ def test_a_mid_epoch_state_resumes_only_with_the_process_count_that_wrote_it(dat
     assert f"{run / 'last.pt'} was written by 2 processes and this run has 1: 15 steps per epoch from here" in out
     epoch2 = [r for r in records(run) if r["epoch"] == 2]
     assert [r["step"] for r in epoch2] == [20, 25, 30], epoch2  # the record of step 9 is gone
+
+
+def test_a_resume_on_other_class_folders_is_refused_even_when_forced(data, finished, tmp_path, capsys, one_thread):
+    """Labels are the sorted class folder names: a folder renamed (or another dataset with as many
+    classes) would silently give the resumed head's outputs other meanings. Refused in one line
+    naming the first label that changes, --allow-config-change or not, before the run folder is
+    written; the same names in another folder resume."""
+    run = tmp_path / "good"
+    shutil.copytree(finished, run)
+    before = snapshot(run)
+    renamed = tmp_path / "renamed"
+    shutil.copytree(data, renamed)
+    for split in ("train", "val"):
+        (renamed / split / "class0").rename(renamed / split / "zebra")  # sorted: class1, class2, zebra
+    argv = ["train", "--resume", "auto", "--output", str(tmp_path), "--experiment", "good", "--epochs", "2",
+            "--allow-config-change", "--log-interval", "5"]
+    code, out, err = run_main(argv + ["--data-dir", str(renamed)], capsys)
+    msg = one_error(code, err)
+    assert f"the classes of {renamed}" in msg and "label 0 is 'class1' in the data and 'class0' in the checkpoint" in msg
+    assert "even with --allow-config-change" in msg, msg
+    assert snapshot(run) == before
+    same = tmp_path / "copy"
+    shutil.copytree(data, same)
+    code, out, err = run_main(argv + ["--data-dir", str(same)], capsys)
+    assert code == 0 and "epoch 2/2 done" in out, err
+
+
+def test_a_finished_run_without_its_summary_gets_it_back_from_the_checkpoint(data, finished, tmp_path, capsys,
+                                                                             one_thread):
+    """summary.json is the last file a run writes: a kill or a failed write there left a finished
+    run without it for good. `--resume auto` writes it from the checkpoint (the same but for the
+    training time, which is not stored), and only for a run that finished its own epochs, in its
+    own folder; a killed write's temp file goes too. Nothing else is written."""
+    from automix_fast.engine.checkpoint import save_checkpoint
+
+    run = tmp_path / "good"
+    shutil.copytree(finished, run)
+    original = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").unlink()
+    (run / ".summary.json.4194305.tmp").write_text("{")  # a PID above Linux's largest: its writer is gone
+    before = snapshot(run)
+    argv = ["train", "--resume", "auto", "--output", str(tmp_path), "--experiment", "good"]
+    code, out, err = run_main(argv, capsys)
+    assert code == 0, err
+    assert out.splitlines()[1:] == [
+        "removed 1 temp file of writes cut short by a killed process: .summary.json.4194305.tmp",
+        f"wrote the missing {run / 'summary.json'} from {run / 'last.pt'} (train_seconds: null, not stored)"]
+    rebuilt = json.loads((run / "summary.json").read_text())
+    assert rebuilt.pop("rebuilt_from") == str(run / "last.pt") and rebuilt.pop("train_seconds") is None
+    assert rebuilt == {k: v for k, v in original.items() if k not in ("train_seconds", "is_main")} | {
+        "run_dir": str(run)}
+    assert {k: v for k, v in snapshot(run).items() if k != "summary.json"} == {
+        k: v for k, v in before.items() if not k.endswith(".tmp")}
+    # Not for a fork's source folder, nor for a run stopped short of its own epochs (told --epochs 1 now).
+    (run / "summary.json").unlink()
+    code, out, err = run_main(["train", "--resume", str(run / "last.pt"), "--experiment", "other"], capsys)
+    assert code == 0 and "is finished" in out and not (run / "summary.json").exists(), err
+    state = load_checkpoint(run / "last.pt")
+    save_checkpoint(run / "last.pt", {**state, "config": {**state["config"], "epochs": 2}})
+    code, out, err = run_main(argv + ["--epochs", "1"], capsys)
+    assert code == 0 and len(out.splitlines()) == 1 and not (run / "summary.json").exists(), (out, err)

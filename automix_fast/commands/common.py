@@ -104,7 +104,7 @@ def eval_data(trained: Trained):
     overridden); DataError in one line when the class names differ from the checkpoint's."""
     cfg = trained.cfg
     info = resolve_eval_data(cfg.data.data_dir, cfg.data.dataset, cfg.data.skip_bad_images, cfg.data.val_split)
-    check_classes(info.classes, trained.classes, info.root, trained.path)
+    check_classes(info, trained.classes, trained.path)
     spec = DataSpec(
         dataset=cfg.data.dataset, data_dir=cfg.data.data_dir, img_size=trained.img_size,
         batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.validation_batch_size or 2 * cfg.data.batch_size,
@@ -117,16 +117,17 @@ def eval_data(trained: Trained):
     return build_eval_loader(spec, info), info, spec
 
 
-def check_classes(found: list[str], trained: list[str], root, checkpoint) -> None:
-    if not trained or list(found) == list(trained):
+def check_classes(info, trained: list[str], checkpoint) -> None:
+    """DataError in one line when the class folders of `info` (a DatasetInfo) are not the ones
+    `checkpoint` was trained on (`trained`; an old checkpoint without them is not checked)."""
+    first = info.class_difference(trained) if trained else None
+    if first is None:
         return
-    only_data = [c for c in found if c not in set(trained)]
-    only_ckpt = [c for c in trained if c not in set(found)]
-    if not only_data and not only_ckpt:
-        detail = "the same names in another order"
-    else:
-        detail = f"only in the data: {only_data[:5] or 'none'}; only in the checkpoint: {only_ckpt[:5] or 'none'}"
+    only_data = [c for c in info.classes if c not in set(trained)]
+    only_ckpt = [c for c in trained if c not in set(info.classes)]
+    detail = first if not only_data and not only_ckpt else (
+        f"{first}; only in the data: {only_data[:5] or 'none'}; only in the checkpoint: {only_ckpt[:5] or 'none'}")
     raise DataError(
-        f"the class folders of {root} ({len(found)}) differ from the {len(trained)} classes "
+        f"the class folders of {info.root} ({len(info.classes)}) differ from the {len(trained)} classes "
         f"{checkpoint} was trained on: {detail}"
     )

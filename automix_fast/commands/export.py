@@ -20,7 +20,7 @@ from automix_fast.models import create_model
 def run(args) -> int:
     state = read_training_checkpoint(args.checkpoint)
     output = check_output(args.output or Path(args.checkpoint).with_name(f"{Path(args.checkpoint).stem}-{args.head}.safetensors"))
-    cfg = build_config({**state["config"], "resume": None})
+    cfg = build_config({**state["config"], "resume": None, "experiment": None})  # a run setting: not the export's
     arch, num_classes = state["model_name"], int(state["num_classes"])
     weights = export_state(state["mixer"], arch, args.head, args.classifier)
     tv = torchvision_name(arch)

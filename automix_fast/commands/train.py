@@ -2,8 +2,9 @@
 the run being resumed), run the Trainer, print the summary.
 
 Exit status: 0 when the run finished (or was already finished: one line says so and how to
-extend it, and nothing is trained or written); 128 + the signal number when SIGINT (130) or
-SIGTERM (143) stopped it, after its checkpoint was written; 2 for a mistake in the input."""
+extend it, and nothing is trained; a summary.json that a kill or a failed write left missing
+is written from the checkpoint); 128 + the signal number when SIGINT (130) or SIGTERM (143)
+stopped it, after its checkpoint was written; 2 for a mistake in the input."""
 from __future__ import annotations
 
 import argparse
@@ -54,6 +55,8 @@ def run(args) -> int:
         if finished:
             if os.environ.get("RANK", "0") == "0":
                 print(finished)
+                for line in rundir.finish_again(resume_from, cfg):  # a missing summary.json, killed writes' temp files
+                    print(line)
             return 0
         try:
             summary = Trainer(cfg, resume_from=resume_from, resolved=True,

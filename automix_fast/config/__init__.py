@@ -118,12 +118,17 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
 
 
 def find_config(name: str) -> str:
-    """A config path as given, or the name of a shipped config (`cifar100_r18_automix`)."""
+    """A config path as given, or the name of a shipped config (`cifar100_r18_automix`); a
+    folder that is no shipped config's name is refused in one line, as a missing file is."""
     if os.path.isfile(name):
         return name
     found = _shipped(name)
     if found:
         return found
+    if os.path.isdir(name):
+        yamls = sorted(f for f in os.listdir(name) if f.endswith((".yaml", ".yml")))[:3]
+        inside = f" (it holds {', '.join(yamls)})" if yamls else ""
+        raise ConfigError(f"config file {name} is a folder, not a YAML file: pass one file in it{inside}")
     names = _shipped_names()
     close = difflib.get_close_matches(Path(name).stem, names, n=1, cutoff=0.8)
     hint = f"; did you mean {close[0]}?" if close else ""

@@ -31,6 +31,12 @@ TORCHCOMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotun
 TORCHCOMPILE_SCOPES = ("encoders", "step")
 
 
+def plain_name(name: str) -> bool:
+    """A file name without any folder part (no / or \\, not . or ..): what --experiment names
+    under --output, so the run folder can never be outside it."""
+    return name not in (".", "..") and not any(sep in name for sep in ("/", "\\"))
+
+
 @dataclass
 class DataOptions(Section):
     """What the loaders read: the dataset, its split and subset, batch sizes, workers, augmentation."""
@@ -333,7 +339,7 @@ class RunOptions(Section):
     seed: int = option(42, "random seed (weights, lambdas, permutations, data order)")
     output: str = option("output", "parent folder of run folders", resumable=True)
     experiment: str | None = option(
-        None, "run folder name under --output; none: <date>-<time>-<model>-<mix> (a new name, never a used one)",
+        None, "run folder name under --output (a plain name, no path); none: <date>-<time>-<model>-<mix> (a new name, never a used one)",
         resumable=True)
     resume: str | None = option(
         None, "continue a run: 'auto' (the newest valid checkpoint of --experiment; none yet: a fresh start), a "
@@ -361,6 +367,9 @@ class RunOptions(Section):
         require(self.resume != "auto" or bool(self.experiment), "experiment",
                 "must name the run folder to continue with --resume auto (--experiment NAME)", self.experiment)
         require(self.eval_interval >= 1, "eval_interval", "must be at least 1", self.eval_interval)
+        require(not self.experiment or plain_name(self.experiment), "experiment",
+                "must be a plain folder name, the run folder under --output (no path separator, not . or ..; "
+                "choose where it goes with --output)", self.experiment)
         if self.torchcompile and self.torchcompile_mode not in (None, "default"):
             require(self.torchcompile == "inductor", "torchcompile_mode",
                     f"is a mode of the inductor backend (--torchcompile {self.torchcompile} takes none)",

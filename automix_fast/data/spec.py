@@ -65,6 +65,18 @@ class DatasetInfo:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def class_difference(self, trained: list[str]) -> str | None:
+        """How this dataset's class list differs from `trained` (a checkpoint's), naming the first
+        label that would change meaning; None when they are the same names in the same order."""
+        found = list(self.classes)
+        if found == list(trained):
+            return None
+        i = next((i for i, (a, b) in enumerate(zip(found, trained)) if a != b), min(len(found), len(trained)))
+        here = repr(found[i]) if i < len(found) else "missing"
+        there = repr(trained[i]) if i < len(trained) else "missing"
+        order = " (the same names in another order)" if sorted(found) == sorted(trained) else ""
+        return f"label {i} is {here} in the data and {there} in the checkpoint{order}"
+
     @property
     def num_train(self) -> int:
         return len(self.train_samples) if self.train_samples is not None else len(self.train_arrays[1])

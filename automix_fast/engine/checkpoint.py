@@ -137,6 +137,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint {path}: file not found") from None
     except OSError as e:
         raise CheckpointError(f"checkpoint {path}: cannot read ({e.strerror or e})") from None
+    if not data:
+        raise CheckpointError(f"checkpoint {path}: the file is empty (0 bytes)")
     if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
         raise CheckpointError(f"checkpoint {path}: not an automix-fast checkpoint (unknown header)")
     if len(data) < _HEADER.size:

@@ -8,10 +8,16 @@ trained without the mix head may start an AutoMix run (head_mix stays freshly in
 and the mix head of an AutoMix checkpoint is dropped for a baseline run. A different model
 or class count is a one-line error. A plain state dict (`.pt` loadable with weights_only, or
 `.safetensors`) is accepted too: with our key names, or an `automix-fast export` / torchvision
-ResNet state dict (conv1, bn1, layer1..4, fc), whose names are mapped back to ours.
+ResNet state dict (conv1, bn1, layer1..4, fc), whose names are mapped back to ours; so is a
+timm-style checkpoint holding one (`{'state_dict': ...}`, `{'state_dict_ema': ...}`, ...) and
+keys that DistributedDataParallel (`module.`) or torch.compile (`_orig_mod.`) prefixed, unwrapped
+as timm's `load_checkpoint` does. An empty file, a file of something else, and weights that do not
+fit the model are one line saying what the file holds.
 """
 from __future__ import annotations
 
+import argparse
+import os
 import re
 import warnings
 
@@ -40,18 +46,72 @@ def _load_failure(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def plain_weights(path: str, num_classes: int, model_name: str) -> dict[str, torch.Tensor]:
+# timm's training checkpoints hold the weights under one of these keys; the first one present is
+# taken, as timm's load_checkpoint does (its EMA weights first).
+TIMM_WEIGHT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+# What wrappers put before every key: DistributedDataParallel, torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _describe(obj) -> str:
+    """What a file holds, in a few words, for a line that refuses it."""
+    if not isinstance(obj, dict):
+        return f"it holds a {type(obj).__name__}"
+    if not obj:
+        return "it holds an empty dict"
+    shown = ", ".join(repr(k) for k in list(obj)[:5]) + (", ..." if len(obj) > 5 else "")
+    return f"it holds a dict of {len(obj)} entries: {shown}"
+
+
+def _timm_key(weights: dict) -> str | None:
+    """The key of a timm-style checkpoint that holds its weights (timm's `load_state_dict` with
+    its EMA weights first), or None for a state dict itself."""
+    if all(torch.is_tensor(v) for v in weights.values()):
+        return None
+    return next((k for k in TIMM_WEIGHT_KEYS if isinstance(weights.get(k), dict)), None)
+
+
+def _without_wrappers(weights: dict) -> tuple[dict, list[str]]:
+    """timm's `clean_state_dict`, for torch.compile's prefix too: the keys without the prefixes
+    that wrappers put before them, and those prefixes."""
+    clean = {}
+    for name in weights:
+        key = name
+        while isinstance(key, str) and key.startswith(WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        clean[name] = key
+    prefixes = sorted({name[: len(name) - len(key)] for name, key in clean.items() if key != name})
+    return {clean[k]: v for k, v in weights.items()}, prefixes
+
+
+def plain_weights(path: str, num_classes: int, model_name: str) -> tuple[dict[str, torch.Tensor], str]:
     """A plain state dict (`torch.save(model.state_dict())`, or the same as .safetensors) with our
-    key names or export/torchvision ones (`fc.*` marks those); the class count is read from the head."""
+    key names or export/torchvision ones (`fc.*` marks those), or a timm-style checkpoint holding
+    one (`TIMM_WEIGHT_KEYS`, `WRAPPER_PREFIXES`); the class count is read from the head. Also says
+    where in the file the weights were found ("" for a plain state dict)."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
             warnings.simplefilter("ignore")  # e.g. torch's "Detected pickle protocol 4" on a foreign pickle
-            weights = read_weights(path)
+            weights = read_weights(path)  # timm's checkpoints also pickle its argument Namespace
     except Exception as e:  # any unreadable file: one line naming it
         raise CheckpointError(f"--initial-checkpoint {path}: neither an automix-fast checkpoint nor plain weights "
                               f"({_load_failure(e)})") from None
-    if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
-        raise CheckpointError(f"--initial-checkpoint {path}: neither an automix-fast checkpoint nor a state dict of tensors")
+    refuse = f"--initial-checkpoint {path}: neither an automix-fast checkpoint nor a state dict of tensors"
+    if not isinstance(weights, dict) or not weights:
+        raise CheckpointError(f"{refuse} ({_describe(weights)})")
+    key = _timm_key(weights)
+    if key is None and not all(torch.is_tensor(v) for v in weights.values()):
+        raise CheckpointError(f"{refuse} ({_describe(weights)})")
+    if key is not None:
+        inner = weights[key]
+        other = next((k for k, v in inner.items() if not torch.is_tensor(v)), None)
+        if not inner or other is not None:
+            what = "is empty" if not inner else f"holds {other!r}, a {type(inner[other]).__name__}"
+            raise CheckpointError(f"{refuse} (its '{key}' {what})")
+        weights = inner
+    weights, prefixes = _without_wrappers(weights)
+    done = ([f"its '{key}'"] if key else []) + (
+        [f"{' and '.join(repr(p) for p in prefixes)} removed from its keys"] if prefixes else [])
     weights = {k[len("model."):] if k.startswith("model.") else k: v for k, v in weights.items()}
     if "fc.weight" in weights:  # an export (or torchvision's own weights): back to our key names
         tv = torchvision_name(model_name) is not None
@@ -59,11 +119,14 @@ def plain_weights(path: str, num_classes: int, model_name: str) -> dict[str, tor
     head = weights.get("head_one.weight")
     if head is not None and head.shape[0] != num_classes:
         raise ConfigError(f"--initial-checkpoint {path} was trained for {head.shape[0]} classes, but the data has {num_classes}")
-    return weights
+    return weights, ", ".join(done)
 
 
-def initial_weights(path: str, model_name: str, num_classes: int) -> dict[str, torch.Tensor]:
-    """The `model.*` weights of checkpoint `path`, checked against this run's model and classes."""
+def initial_weights(path: str, model_name: str, num_classes: int) -> tuple[dict[str, torch.Tensor], str]:
+    """The `model.*` weights of checkpoint `path`, checked against this run's model and classes,
+    and where in the file they were found ("" for our checkpoints and plain state dicts)."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise CheckpointError(f"--initial-checkpoint {path}: the file is empty (0 bytes)")
     try:
         state = load_checkpoint(path)
     except CheckpointError as e:
@@ -77,21 +140,25 @@ def initial_weights(path: str, model_name: str, num_classes: int) -> dict[str, t
     if state.get("num_classes") != num_classes:
         raise ConfigError(f"--initial-checkpoint {path} was trained for {state.get('num_classes')} classes, "
                           f"but the data has {num_classes}")
-    return {k[len("model."):]: v for k, v in state["mixer"].items() if k.startswith("model.")}
+    return {k[len("model."):]: v for k, v in state["mixer"].items() if k.startswith("model.")}, ""
 
 
 @torch.no_grad()
 def load_initial_checkpoint(mixer, path: str, model_name: str, num_classes: int) -> None:
-    """Load the weights into mixer.model and restart its copies (k, model EMA) from them."""
-    weights = initial_weights(path, model_name, num_classes)
+    """Load the weights into mixer.model and restart its copies (k, model EMA) from them; returns
+    where in the file the weights were found ("" for our checkpoints and plain state dicts)."""
+    weights, source = initial_weights(path, model_name, num_classes)
     model = mixer.model
     own = model.state_dict()
     missing = [k for k in own if k not in weights and not k.startswith(OPTIONAL_PREFIX)]
     wrong = [k for k in own if k in weights and weights[k].shape != own[k].shape]
     if missing or wrong:
         what = f"lacks {missing[0]}" if missing else f"has {wrong[0]} of shape {tuple(weights[wrong[0]].shape)}"
-        raise CheckpointError(f"--initial-checkpoint {path} does not match {model_name}: it {what}")
+        found = f"{source}: " if source else ""
+        raise CheckpointError(f"--initial-checkpoint {path} does not match {model_name}: it {what} ({found}"
+                              f"{len(weights)} tensors, the first {next(iter(weights))!r})")
     model.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
     for copy in (mixer.momentum_encoder, mixer.model_ema):
         if copy is not None:
             copy.load_state_dict(model.state_dict())
+    return source

@@ -45,8 +45,7 @@ from automix_fast.engine.train import EpochCallbacks, EpochPlan, NonFiniteError,
 from automix_fast.engine.train_step import StepContext, StepGuard
 from automix_fast.engine.train_options import (automix_departures, loop_options, model_options,
                                                optimizer_steps_per_epoch)
-from automix_fast.errors import CheckpointError, ConfigError, OutputError
-from automix_fast.mixing.automix import mask_summary
+from automix_fast.errors import CheckpointError, ConfigError, DataError, OutputError
 from automix_fast.models import create_model
 from automix_fast.visualize import write_mix_grid
 
@@ -229,14 +228,21 @@ class Trainer:
         }
 
     def load_state(self, path, state: dict) -> None:
-        """Continue from a training checkpoint read from `path` (checked against this run; its
-        process count was checked with the run folder, before any data work)."""
+        """Continue from a training checkpoint read from `path` (checked against this run: its
+        model, class count and class names, and its config; its process count was checked with
+        the run folder, before any data work)."""
         check_training_state(path, state)
         if state.get("model_name") != self.cfg.net.model or state.get("num_classes") != self.num_classes:
             raise CheckpointError(
                 f"{path} holds model '{state.get('model_name')}' with num_classes {state.get('num_classes')}, "
                 f"but this run has model '{self.cfg.net.model}' with num_classes {self.num_classes}"
             )
+        other_labels = self.info.class_difference(state["classes"]) if state.get("classes") else None
+        if other_labels:  # the head's outputs would change meaning: no flag allows it
+            raise DataError(f"resuming {path}: the classes of {self.info.root} are not the ones it was trained on "
+                            f"({other_labels}); a resumed run keeps its labels, even with --allow-config-change "
+                            "(resume with the data it was trained on, or start a new run from its weights with "
+                            "--initial-checkpoint)")
         changed = config_changes(state.get("config", {}), self.cfg)
         if changed and not self.cfg.run.allow_config_change:
             old, now = read_older(state["config"]), self.cfg.to_flat()
@@ -349,8 +355,8 @@ class Trainer:
                          f"{self.dist.world_size}: {self.steps_per_epoch} steps per epoch from here, and the "
                          "schedule, the mixing draws and the logged steps follow that count")
         elif cfg.net.initial_checkpoint:  # timm's --initial-checkpoint: a fresh start from its weights only
-            load_initial_checkpoint(self.mixer, cfg.net.initial_checkpoint, cfg.net.model, self.num_classes)
-            self.log(f"model weights from {cfg.net.initial_checkpoint}")
+            source = load_initial_checkpoint(self.mixer, cfg.net.initial_checkpoint, cfg.net.model, self.num_classes)
+            self.log(f"model weights from {cfg.net.initial_checkpoint}" + (f" ({source})" if source else ""))
         return found
 
     def _other_world_size(self, state: dict) -> bool:
@@ -359,7 +365,8 @@ class Trainer:
         return state.get("world_size", self.dist.world_size) != self.dist.world_size
 
     def _open_run_folder(self, found) -> None:
-        """Rank 0 claims the run folder (or trims a resumed run's metrics) and writes config.yaml."""
+        """Rank 0 claims the run folder (or trims a resumed run's metrics), removes the temp files
+        of writes whose process was killed, and writes config.yaml."""
         if not self.is_main:
             return
         if found is None:  # a new run: its own folder (a suffixed default name when taken)
@@ -375,6 +382,9 @@ class Trainer:
             if moved:
                 self.log(f"set aside (not deleted) the later checkpoints this run replaces: "
                          f"{', '.join(f'{a.name} -> {b.name}' for a, b in moved)}")
+        stale = rundir.clear_stale_temps(self.run_dir)
+        if stale:
+            self.log(stale)
         save_config(self.cfg, str(self.run_dir / rundir.CONFIG_FILE), self.resolved())
 
     def _announce(self) -> None:
@@ -454,20 +464,11 @@ class Trainer:
     def _finish(self, eval_result: dict, stop: StopFlag, seconds: float) -> dict:
         """summary.json and mixes.png (rank 0); the summary (with a signal that came after the last step)."""
         cfg = self.cfg
-        summary = {
-            "run_dir": str(self.run_dir),
-            "mix": cfg.mixing.mix,
-            "model": cfg.net.model,
-            "epochs": cfg.schedule.epochs,
-            "eval": eval_result,
-            "heads": list(self.mixer.eval_heads()),
-            "skipped_steps": int(self.guard.skipped.item()),
-            "train_seconds": seconds,
-            **({"compile_seconds": round(self.compile_clock.seconds, 2)} if self.compile_clock else {}),
-            **mask_summary(self.history),
-            "stopped": False,
-            "is_main": self.is_main,
-        }
+        summary = rundir.run_summary(
+            cfg, self.run_dir, self.history, eval_result, heads=list(self.mixer.eval_heads()),
+            skipped_steps=int(self.guard.skipped.item()), train_seconds=seconds,
+            compile_seconds=self.compile_clock.seconds if self.compile_clock else None)
+        summary["is_main"] = self.is_main
         if self.is_main:
             rundir.write_json(self.run_dir / rundir.SUMMARY_FILE, summary, "summary")
             if cfg.run.visualize and cfg.mixing.mix == "automix":
