@@ -107,6 +107,20 @@ def test_stored_checkpoint_config_resumes_and_writes_the_same_config_yaml():
         resumed_config((str(path), state), {"resume": str(path), "lr": 0.2})
 
 
+def test_a_field_the_stored_run_predates_reads_as_what_it_ran_as_and_cannot_change_on_resume():
+    """A checkpoint written before the view fields ran with ImageNet's mean/std and zero padding:
+    a recipe that now sets them (CIFAR-100's) is a change on resume, not a silent new value."""
+    path = STORED / "last.pt"
+    state = load_checkpoint(path)
+    assert "mean" not in state["config"]
+    recipe = {"mean": [0.5071, 0.4865, 0.4409], "crop_padding_mode": "reflect"}
+    with pytest.raises(ConfigError, match=r"--mean \(None -> \[0.5071, 0.4865, 0.4409\]\), --crop-padding-mode "
+                                          r"\('zeros' -> 'reflect'\) cannot change on resume"):
+        resumed_config((str(path), state), {"resume": str(path), **recipe})
+    forced = resumed_config((str(path), state), {"resume": str(path), "allow_config_change": True, **recipe})
+    assert config_changes(state["config"], forced) == ["crop_padding_mode", "mean"]
+
+
 def test_a_config_file_may_group_its_keys_by_section(tmp_path):
     nested = tmp_path / "nested.yaml"
     nested.write_text("optim: {lr: 0.2, opt: adamw}\ndata:\n  batch_size: 6\nepochs: 3\n")

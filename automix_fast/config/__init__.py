@@ -26,7 +26,7 @@ from automix_fast.atomic import write_text
 
 __all__ = ["AUTO", "CHOICES", "CONFIG_DIR", "RESUMABLE_FIELDS", "FieldError", "TrainConfig", "build_config",
            "coerce_field", "config_changes", "config_yaml", "file_under_flags", "find_config", "flag_name", "idle_flags",
-           "load_yaml", "read_older", "resumed_config", "save_config", "validate"]
+           "load_yaml", "read_older", "read_stored", "resumed_config", "save_config", "validate"]
 
 AUTO = "auto"
 
@@ -105,6 +105,19 @@ def read_older(values: dict[str, Any]) -> dict[str, Any]:
     if values.get("sched") == "step":
         values["sched"] = "multistep"
     return values
+
+
+def read_stored(values: dict[str, Any]) -> dict[str, Any]:
+    """A config a run stored (a checkpoint's, a config.yaml), as `read_older` reads it, with every
+    field it predates at its default, the value that run ran as (a field is added with the
+    default that keeps what runs did before it): so a value given on resume (a recipe that now
+    sets it) is a change like any other. Returns a new dict when it changes one."""
+    values = read_older(values)
+    missing = [k for k in FIELDS if k not in values]
+    if not values or not missing:
+        return values
+    defaults = TrainConfig().to_flat()
+    return {**values, **{k: defaults[k] for k in missing}}
 
 
 def coerce_field(name: str, value: Any) -> Any:
@@ -424,7 +437,7 @@ def _stored(old: dict[str, Any], key: str) -> Any:
 
 def config_changes(old: dict[str, Any], new: TrainConfig) -> list[str]:
     """Fields outside RESUMABLE_FIELDS whose values differ between a checkpoint's config and this one."""
-    old, values = read_older(old), new.to_flat()
+    old, values = read_stored(old), new.to_flat()
     return [k for k in FLAT_ORDER if k not in RESUMABLE_FIELDS and k in old and _stored(old, k) != values[k]]
 
 
@@ -435,7 +448,7 @@ def resumed_config(found, given: dict[str, Any]) -> TrainConfig:
     stored = state.get("config")
     if not isinstance(stored, dict):
         raise CheckpointError(f"{path} holds no training config to resume with")
-    values = {k: v for k, v in read_older(stored).items() if k in FIELDS}  # fields of older versions are dropped
+    values = {k: v for k, v in read_stored(stored).items() if k in FIELDS}  # fields of older versions are dropped
     given = {k: coerce_field(k, v) for k, v in read_older(given).items()}
     changed = [k for k, v in given.items() if k not in RESUMABLE_FIELDS and k in values and v != _stored(values, k)]
     if changed and not given.get("allow_config_change"):

@@ -20,7 +20,7 @@ import time
 import torch
 
 from automix_fast import ops, rundir
-from automix_fast.config import TrainConfig, config_changes, flag_name, read_older, save_config
+from automix_fast.config import TrainConfig, config_changes, flag_name, read_stored, save_config
 from automix_fast.data import DataSpec, build_loaders, view_options
 from automix_fast.data.shards import seed_of
 from automix_fast.data.torch_loader import resolve_aug
@@ -245,7 +245,7 @@ class Trainer:
                             "--initial-checkpoint)")
         changed = config_changes(state.get("config", {}), self.cfg)
         if changed and not self.cfg.run.allow_config_change:
-            old, now = read_older(state["config"]), self.cfg.to_flat()
+            old, now = read_stored(state["config"]), self.cfg.to_flat()
             details = ", ".join(f"{flag_name(k)}: {old[k]!r} -> {now[k]!r}" for k in changed)
             raise ConfigError(f"resuming {path} with a changed config ({details}); pass --allow-config-change to accept")
         check_same_optimizer(state.get("config", {}).get("opt", self.cfg.optim.opt), self.cfg.optim.opt, path)
