@@ -507,7 +507,7 @@ def test_a_full_temp_folder_for_the_copies_dali_reads_is_one_line(tmp_path, monk
     import errno
     import io
 
-    from automix_fast.data import bad_files as bad_files_mod
+    from automix_fast import atomic
     from automix_fast.errors import OutputError
 
     odd = write(str(tmp_path / "data" / "odd.jpg"), ODD_EDITS["ff00_header"](jpeg_bytes(picture(16, 16, 0))))
@@ -517,7 +517,7 @@ def test_a_full_temp_folder_for_the_copies_dali_reads_is_one_line(tmp_path, monk
         def write(self, data):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(bad_files_mod, "open", lambda path, mode="r", *a, **k: Full(path, "w"), raising=False)
+    monkeypatch.setattr(atomic, "open", lambda path, mode="r", *a, **k: Full(path, "w"), raising=False)
     bad = BadFiles(True, announce=False)
     for path, record in ((odd, lambda: bad.record_header(odd, "FF 00 in the header")),
                          (plain, lambda: bad.record(plain, "DALI fn.decoders.image: unsupported", try_pillow=True))):
@@ -525,5 +525,5 @@ def test_a_full_temp_folder_for_the_copies_dali_reads_is_one_line(tmp_path, monk
             record()
         message = str(info.value)
         assert path in message and "No space left on device" in message and "TMPDIR" in message, message
-        assert "\n" not in message
+        assert "\n" not in message, message
     assert not bad.has_copies and not [f for _, _, files in os.walk(bad._copy_dir) for f in files]

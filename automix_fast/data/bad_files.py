@@ -35,7 +35,6 @@ not empty, and the search for a failing file runs only after a pipeline has rais
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
@@ -45,7 +44,7 @@ import tempfile
 import weakref
 from pathlib import Path
 
-from ..atomic import write_bytes, write_failure
+from ..atomic import write_bytes
 from ..errors import DataError, OutputError
 from .jpeg_header import repaired
 from .transforms import load_rgb
@@ -143,19 +142,14 @@ class BadFiles:
         return REPAIRED
 
     def _write_copy(self, path: str, ext: str, data: bytes) -> None:
-        """`data` becomes the copy DALI reads for `path`. A full or unwritable temp folder is an
-        OutputError in one line (with the copy removed): the copies are what the run reads."""
+        """`data` becomes the copy DALI reads for `path` (written as every file is, atomic.py). A
+        full or unwritable temp folder is an OutputError in one line, no copy left: the copies
+        are what the run reads."""
         copy = self._copy_path(path, ext)
         try:
-            with open(copy, "wb") as f:
-                f.write(data)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                os.unlink(copy)
-            error = write_failure(os.path.dirname(copy), e, f"the copy DALI reads for {path} in")
-            if error is None:
-                raise
-            raise OutputError(f"{error}; set TMPDIR to a folder with room") from None
+            write_bytes(copy, data, f"the copy DALI reads for {path} as")
+        except OutputError as e:
+            raise OutputError(f"{e}; set TMPDIR to a folder with room") from None
         self._copies[path] = copy
 
     def _copy_path(self, path: str, ext: str) -> str:
