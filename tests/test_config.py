@@ -133,6 +133,11 @@ def test_idle_flags_names_the_typed_flags_this_run_never_reads():
     line = idle_flags(build_config({}, typed), typed)
     assert "--amp-dtype (read only with --amp)" in line and "--torchcompile-scope (read only with --torchcompile)" in line
     assert "--mix-alpha (read only with a --mix that mixes)" in line
+    # The border of the cifar aug's crop: idle with --aug imagenet, read with auto (cifar up to 64 px).
+    typed = {"aug": "imagenet", "crop_padding_mode": "reflect"}
+    assert idle_flags(build_config({}, typed), typed) == (
+        "warning: these flags change nothing in this run: --crop-padding-mode (read only with --aug cifar)")
+    assert idle_flags(build_config({}, {"crop_padding_mode": "reflect"}), {"crop_padding_mode": "reflect"}) is None
 
 
 def test_every_idle_flag_rule_names_a_field():

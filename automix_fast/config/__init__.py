@@ -298,6 +298,8 @@ _READ_ONLY_WITH: dict[str, tuple[Any, str]] = {
     "decay_epochs": (lambda c: c.schedule.sched == "step", "--sched step"),
     "decay_milestones": (lambda c: c.schedule.sched == "multistep", "--sched multistep"),
     "decay_rate": (lambda c: c.schedule.sched in ("step", "multistep"), "--sched step/multistep"),
+    # Only the cifar aug pads its crop; auto may resolve to it (up to 64 px), so only an explicit imagenet is idle.
+    "crop_padding_mode": (lambda c: c.data.aug != "imagenet", "--aug cifar"),
 }
 
 
