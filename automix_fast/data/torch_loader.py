@@ -1,8 +1,9 @@
 """Torch loaders: a device-resident loader for small datasets and a streaming one for folders.
 
 Resident (`ResidentLoader`): CIFAR arrays, and image folders of small images (the embedded set)
-decoded once into a uint8 NHWC tensor on spec.device. Each batch is an index_select plus, for
-training, one batched pad-crop-flip gather, then normalization: no per-image Python, no workers.
+decoded once into a uint8 NHWC tensor on spec.device, when the eval view is the whole image at
+the training size (`eval_crop_is_whole`: no crop_pct zoom). Each batch is an index_select plus,
+for training, one batched pad-crop-flip gather, then normalization: no per-image Python, no workers.
 
 Streaming (`StreamingLoader`): a torch DataLoader whose workers decode with PIL and crop to a
 fixed-size uint8 HWC array (RandomResizedCrop + flip for ImageNet-style training; resize +
