@@ -32,6 +32,8 @@ def test_two_processes_match_one_process(data, tmp_path):
     two = torchrun(2, train_args(data, tmp_path, "two", *common, batch=8))
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     assert "cpu x2" in two.stdout  # really ran distributed
+    # The start line says how the global batch is made (the lr is never rescaled for it).
+    assert ", batch 8 x 2 procs = 16, lr 0.05" in two.stdout and ", batch 16, lr 0.05" in one.stdout
 
     # Throughput counts both ranks' images (timm's "Rate"): the rate logged at step k of epoch 1
     # implies the seconds that 16 k images took; between steps 1 and 3 that matches rank 0's clock
