@@ -94,7 +94,7 @@ def test_progress_line_of_a_resumed_and_a_stopped_epoch():
     p.start_clock(replayed=True)  # the loader read the 4 steps' batches again to get there
     p.update(loss=1.0, images=8)
     p.close()
-    assert out.getvalue().startswith("epoch 1/4 stopped at step 5 of 10: 1 steps (resumed at step 4 of 10, "
+    assert out.getvalue().startswith("epoch 1/4 stopped at step 5 of 10: 1 step (resumed at step 4 of 10, "
                                      "its data replayed in ")
     out = io.StringIO()
     p = ProgressLine(2, 4, 10, log_interval=100, stream=out)

@@ -348,7 +348,7 @@ class ProgressLine:
             head = "done" if self.step >= self.total else f"stopped at step {self.step} of {self.total}"
             replay = f", its data replayed in {self.replay_s:.1f}s" if self.replayed else ""
             resumed = f" (resumed at step {self.start_step} of {self.total}{replay})" if self.start_step else ""
-            line = f"epoch {self.epoch}/{self.epochs} {head}: {s['steps']} steps{resumed} in {s['time_s']:.1f}s"
+            line = f"epoch {self.epoch}/{self.epochs} {head}: {s['steps']} step{'s' if s['steps'] != 1 else ''}{resumed} in {s['time_s']:.1f}s"
             if self.epoch_loss.count:
                 line += f" loss {s['loss']:.4f}"
             if self.images:
