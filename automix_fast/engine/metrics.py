@@ -156,7 +156,8 @@ class MetricLogger:
 class ProgressLine:
     """Console progress for one epoch.
 
-        epoch 3/100 [######--------------] 150/500 loss 2.345 = l_mix_q 1.203 + ... lr 0.1 img/s 2450 data 3% eta 2:10 (run 1:35:40)
+        epoch 3/100 [######--------------] 150/500 loss 2.345 = l_mix_q 1.203 + ... lr 0.1 img/s 2450 data 3%
+            eta 2:10 (run 1:35:40)        (one line)
 
     On a TTY the line is redrawn in place with '\\r' at most every `min_interval` seconds and
     fits the terminal's width (read at each draw): the least important fields are left out
@@ -348,7 +349,8 @@ class ProgressLine:
             head = "done" if self.step >= self.total else f"stopped at step {self.step} of {self.total}"
             replay = f", its data replayed in {self.replay_s:.1f}s" if self.replayed else ""
             resumed = f" (resumed at step {self.start_step} of {self.total}{replay})" if self.start_step else ""
-            line = f"epoch {self.epoch}/{self.epochs} {head}: {s['steps']} step{'s' if s['steps'] != 1 else ''}{resumed} in {s['time_s']:.1f}s"
+            steps = f"{s['steps']} step{'s' if s['steps'] != 1 else ''}"
+            line = f"epoch {self.epoch}/{self.epochs} {head}: {steps}{resumed} in {s['time_s']:.1f}s"
             if self.epoch_loss.count:
                 line += f" loss {s['loss']:.4f}"
             if self.images:
