@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import shlex
 import sys
 from dataclasses import fields
 
@@ -56,7 +57,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 # Spelled-out names people type for our flags; a misspelling of one is matched too.
 SYNONYMS = {"--learning-rate": "--lr", "--min-learning-rate": "--min-lr", "--lr-min": "--min-lr",
-            "--batch": "--batch-size", "--wd": "--weight-decay", "--warmup": "--warmup-epochs"}
+            "--batch": "--batch-size", "--wd": "--weight-decay", "--warmup": "--warmup-epochs",
+            "--data": "--data-dir", "--data-path": "--data-dir"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,13 +83,17 @@ class _Parser(argparse.ArgumentParser):
 
     def unrecognized(self, extras: list[str]) -> str:
         """'unrecognized arguments: ...', with '; did you mean --X?' when the first unknown flag is
-        close to one of this parser's (difflib ratio >= 0.75, '_' read as '-')."""
+        close to one of this parser's (difflib ratio >= 0.75, '_' read as '-'), or, for a folder
+        given alone (timm's and NVIDIA's scripts take the data folder as a positional DIR), the
+        --data-dir to type."""
         message = f"unrecognized arguments: {' '.join(extras)}"
+        known = [o for a in self._actions for o in a.option_strings]
         flag = next((a for a in extras if a.startswith("-")), None)
+        if not extras[0].startswith("-") and os.path.isdir(extras[0]) and "--data-dir" in known:
+            return message + f"; the data folder is given with --data-dir {shlex.quote(extras[0])}"
         if flag is None:
             return message
         typed = flag.split("=", 1)[0].replace("_", "-")
-        known = [o for a in self._actions for o in a.option_strings]
         candidates = known + [s for s in SYNONYMS if SYNONYMS[s] in known]
         close = difflib.get_close_matches(typed, candidates, n=1, cutoff=0.75)
         if close:

@@ -31,6 +31,11 @@ ENV = {
 ENV.pop("TRITON_INTERPRET", None)  # every run passes --kernel-backend torch
 
 
+def steps_text(n: int) -> str:
+    """How an epoch's end line counts steps: `1 step`, `2 steps`."""
+    return f"{n} step{'s' if n != 1 else ''}"
+
+
 def make_folder(root: Path, train_per_class: int = 20, val_per_class: int = 7, classes: int = 3) -> Path:
     """An ImageFolder (train/, val/) of distinguishable 32x32 PNGs: class c is brighter in channel c % 3."""
     rng = np.random.default_rng(0)

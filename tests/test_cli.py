@@ -214,6 +214,8 @@ def test_every_flag_has_help_and_shows_its_default():
     (["--weight_decay", "0"], "--weight-decay", "train"),
     (["--no-visualise"], "--no-visualize", "train"),
     (["--xyzzy", "3"], None, "train"),
+    (["--data", "/data/imagenet"], "--data-dir", "train"),  # not --dataset, which names the kind of data
+    (["--data_path", "/data/imagenet"], "--data-dir", "train"),
     (["--checkpoint", "x.pt", "--bach-size", "3"], "--batch-size", "eval"),
 ])
 def test_unknown_flag_points_to_the_subcommand_help_and_the_closest_flag(capsys, typed, suggested, command):
@@ -228,6 +230,22 @@ def test_unknown_flag_points_to_the_subcommand_help_and_the_closest_flag(capsys,
         assert f"; did you mean {suggested}?" in err[0]
     else:
         assert "did you mean" not in err[0]
+
+
+@pytest.mark.parametrize("command", [["train"], ["eval", "--checkpoint", "x.pt"]])
+def test_a_data_folder_given_alone_is_pointed_to_data_dir(capsys, tmp_path, command):
+    """timm's train.py and NVIDIA's DALI scripts take the data folder as a positional DIR: the one
+    line says which flag takes it (a word that is no folder gets no such hint)."""
+    folder = tmp_path / "my data"
+    folder.mkdir()
+    with pytest.raises(SystemExit) as e:
+        main([*command, str(folder), "--epochs", "1"] if command == ["train"] else [*command, str(folder)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert f"; the data folder is given with --data-dir '{folder}' (see automix-fast {command[0]} --help)" in err[0]
+    with pytest.raises(SystemExit):
+        main(["train", "imagenet"])
+    assert "--data-dir" not in capsys.readouterr().err
 
 
 def test_config_errors_name_the_flag_and_the_config_file_key(capsys, tmp_path):

@@ -6,6 +6,7 @@ real file makes DALI crash reproducibly.
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
@@ -64,6 +65,21 @@ def test_a_killed_decoding_process_is_restarted_and_nothing_moves(tmp_path, monk
     assert marker.exists()  # the process was killed
     assert got == clean  # every sample once per epoch, in the same batches: none skipped, none repeated
     assert bad.entries == {} and bad.recoveries == 1  # an outside kill: no innocent file blamed
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_to_the_process_group_leave_the_decoding_process_alone(tmp_path, signum):
+    """Ctrl-C signals the terminal's whole process group (a scheduler's SIGTERM every process of
+    the job): the training process stops at a step boundary, so the decoder must neither die with a
+    KeyboardInterrupt traceback nor need a restart; it serves on, the same batches."""
+    paths = _files(tmp_path, 12)
+    clean = _epoch(_loader(paths, True, False))
+    bad = BadFiles(True, announce=False)
+    loader = _loader(paths, True, True, bad)
+    assert _epoch(loader) == clean  # started and serving (its handlers are set before "ready")
+    os.kill(loader._child.proc.pid, signum)
+    assert loader._child.proc.poll() is None and _epoch(loader) == clean
+    assert bad.recoveries == 0 and loader._child.proc.poll() is None
 
 
 def test_a_process_that_keeps_dying_stops_with_one_line(tmp_path, monkeypatch):

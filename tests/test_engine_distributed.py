@@ -17,7 +17,8 @@ import torch
 
 from automix_fast.engine import distributed
 from automix_fast.errors import ConfigError
-from faultkit import assert_states_equal, cli, make_folder, records, torchrun, train_args, train_losses, weights
+from faultkit import (assert_states_equal, cli, make_folder, records, steps_text, torchrun, train_args, train_losses,
+                      weights)
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,8 @@ def test_two_processes_match_one_process(data, tmp_path):
     two = torchrun(2, train_args(data, tmp_path, "two", *common, batch=8))
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     assert "cpu x2" in two.stdout  # really ran distributed
+    # The start line says how the global batch is made (the lr is never rescaled for it).
+    assert ", batch 8 x 2 procs = 16, lr 0.05" in two.stdout and ", batch 16, lr 0.05" in one.stdout
 
     # Throughput counts both ranks' images (timm's "Rate"): the rate logged at step k of epoch 1
     # implies the seconds that 16 k images took; between steps 1 and 3 that matches rank 0's clock
@@ -253,7 +256,7 @@ def test_two_ranks_resume_a_streaming_epoch_with_grad_accum_as_if_uninterrupted(
     assert 0 < at < 8
     resumed = torchrun(2, args + ["--resume", "auto"])
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert f"epoch 1/1 done: {8 - at} steps (resumed at step {at} of 8) in " in resumed.stdout
+    assert f"epoch 1/1 done: {steps_text(8 - at)} (resumed at step {at} of 8) in " in resumed.stdout
     assert train_losses(tmp_path / "pre") == train_losses(tmp_path / "ref")
     assert_states_equal(weights(tmp_path / "pre" / "last.pt"), weights(tmp_path / "ref" / "last.pt"))
 

@@ -2,11 +2,12 @@ import io
 import json
 import os
 import shutil
+import time
 
 import pytest
 import torch
 
-from automix_fast.engine.metrics import Mean, MeanDict, MetricLogger, ProgressLine, accuracy_topk
+from automix_fast.engine.metrics import Mean, MeanDict, MetricLogger, ProgressLine, accuracy_topk, duration_text
 
 
 def test_accuracy_topk_by_hand():
@@ -61,7 +62,7 @@ def test_progress_line_not_tty():
     assert "\r" not in out.getvalue()
     assert len(lines) == 3  # steps 3 and 6, then the summary
     assert lines[0].startswith("epoch 2/10 [########------------] 3/7 loss 1.000 lr 0.1 img/s ")
-    assert lines[0].endswith(" data 0%")
+    assert lines[0].endswith(" data 0% eta 0:00 (run 0:00)")  # 9 epochs of 7 steps at microseconds a step
     assert " 6/7 loss 4.000 " in lines[1]  # mean over the window since the previous line
     assert lines[2].startswith("epoch 2/10 done: 7 steps in ") and " loss 3.0000 " in lines[2]
     assert s["loss"] == 3.0 and s["steps"] == 7 and s["lr"] == 0.1
@@ -93,7 +94,7 @@ def test_progress_line_of_a_resumed_and_a_stopped_epoch():
     p.start_clock(replayed=True)  # the loader read the 4 steps' batches again to get there
     p.update(loss=1.0, images=8)
     p.close()
-    assert out.getvalue().startswith("epoch 1/4 stopped at step 5 of 10: 1 steps (resumed at step 4 of 10, "
+    assert out.getvalue().startswith("epoch 1/4 stopped at step 5 of 10: 1 step (resumed at step 4 of 10, "
                                      "its data replayed in ")
     out = io.StringIO()
     p = ProgressLine(2, 4, 10, log_interval=100, stream=out)
@@ -141,9 +142,10 @@ def test_progress_line_fits_the_terminal_width(monkeypatch, columns):
     assert line.startswith("epoch 3/100 ") and " 6/500 loss 7.171" in line and "img/s" in line
     if columns == 200:  # room for the loss terms and the global rate's label
         assert "loss 7.171 = l_mix_q 2.424 + l_one_q 2.435 + l_mix_k 2.307 + l_mask 0.005" in line
-        assert "(2 procs)" in line and "lr 0.05" in line
-    else:  # the mask note, the terms, data% (and here the bar) go first; the step count, loss and rate stay
-        assert "l_mix_q" not in line and "mask" not in line and "data" not in line and "lr 0.05" in line
+        assert "(2 procs)" in line and "lr 0.05" in line and " eta 0:00 (run " in line
+    else:  # the mask note, the terms, data%, the bar (and here lr) go first; the count, loss, rate and eta stay
+        assert "l_mix_q" not in line and "mask" not in line and "data" not in line and "lr 0.05" not in line
+        assert " (2 procs) eta 0:00 (run 0:" in line
 
 
 def test_progress_line_off_a_tty_prints_whole_plain_lines(monkeypatch):
@@ -168,3 +170,73 @@ def test_progress_rate_counts_every_process():
     one.update(loss=1.0, images=10)
     assert "procs" not in one.rate_text(10, 1.0) and one.rate_text(10, 1.0) == "img/s 10"
     assert p.rate_text(10, 1.0) == "img/s 30 (3 procs)"
+
+
+def _clocked_steps(progress, seconds):
+    """Run one step per entry of `seconds`, a stand-in console clock moving that long before each
+    step ends (the loop calls update() when a step has finished)."""
+    for s in seconds:
+        _CLOCK[0] += s
+        progress.update(loss=1.0, images=8)
+
+
+_CLOCK = [0.0]
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """time.perf_counter as a stand-in that moves only when a test moves it."""
+    _CLOCK[0] = 1000.0
+    monkeypatch.setattr(time, "perf_counter", lambda: _CLOCK[0])
+    return _CLOCK
+
+
+def test_progress_eta_is_the_epochs_and_the_runs_steps_left_at_the_measured_step_time(clock):
+    """Epoch 2 of 4, 10 steps: the first step takes 100 s (warm-up, compilation), the others 2 s.
+    The eta counts from the end of the first step: 2 s a step, 7 left in the epoch (0:14) and
+    7 + 2 x 10 in the run (0:54). The epoch's summary gives the run's time left at its own
+    seconds per step (first step included: 118 s / 10 steps x 20 steps)."""
+    out = io.StringIO()
+    p = ProgressLine(2, 4, 10, log_interval=3, stream=out)
+    _clocked_steps(p, [100.0] + [2.0] * 9)
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith(" data 0% eta 0:14 (run 0:54)"), lines[0]
+    assert lines[2].endswith(" eta 0:02 (run 0:42)"), lines[2]  # after step 9
+    assert lines[3].startswith("epoch 2/4 done: 10 steps in 118.0s ") and lines[3].endswith(" run eta 3:56")
+
+
+def test_progress_eta_after_a_mid_epoch_resume_counts_the_steps_run_here(clock):
+    """Resumed at step 6 of 10 in epoch 1 of 3, after a 1000 s replay of the batches done: the
+    replay is not a step, and the steps done before the stop are not counted as run here; at 3 s a
+    step, 2 steps are left in the epoch (0:06) and 22 in the run (1:06)."""
+    out = io.StringIO()
+    p = ProgressLine(1, 3, 10, log_interval=4, stream=out, start_step=6)
+    clock[0] += 1000.0
+    p.start_clock(replayed=True)
+    _clocked_steps(p, [3.0] * 4)
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("epoch 1/3 [################----]  8/10 ") and lines[0].endswith(" eta 0:06 (run 1:06)")
+    assert lines[1].endswith(" run eta 1:00"), lines[1]
+
+
+def test_progress_eta_in_the_last_epoch_and_of_a_stopped_one(clock):
+    """The last epoch's line has no run part (it is the epoch's) and its summary no run eta; nor
+    has the summary of an epoch that stopped early. Before any step there is no eta."""
+    out = io.StringIO()
+    p = ProgressLine(3, 3, 4, log_interval=2, stream=out)
+    assert p.eta_text(clock[0]) is None
+    _clocked_steps(p, [5.0] * 4)
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith(" eta 0:10") and "run" not in lines[0] and "eta" not in lines[2]
+    out = io.StringIO()
+    p = ProgressLine(1, 3, 4, log_interval=2, stream=out)
+    _clocked_steps(p, [5.0] * 2)
+    p.close()
+    assert "eta" not in out.getvalue().splitlines()[-1]
+
+
+def test_duration_text():
+    assert [duration_text(s) for s in (0, 59.6, 125, 3725, 90000)] == ["0:00", "1:00", "2:05", "1:02:05", "25:00:00"]

@@ -15,7 +15,8 @@ from automix_fast.cli import main
 from automix_fast.engine import metrics
 from automix_fast.engine.checkpoint import load_checkpoint
 from automix_fast.errors import ConfigError
-from faultkit import assert_states_equal, cli, make_folder, one_thread, popen, records, run_until, train_args  # noqa: F401
+from faultkit import (assert_states_equal, cli, make_folder, one_thread, popen, records, run_until,  # noqa: F401
+                      steps_text, train_args)
 
 
 @pytest.fixture(scope="module")
@@ -127,11 +128,11 @@ def test_ctrl_c_exits_130_and_the_resumed_epoch_says_what_ran(data, tmp_path):
     assert "stopped by SIGINT; checkpoint written" in out
     at = load_checkpoint(tmp_path / "int" / "last.pt")["next_batch"]
     assert 0 < at < 15
-    assert f"epoch 1/2 stopped at step {at} of 15: {at} steps in " in out
+    assert f"epoch 1/2 stopped at step {at} of 15: {steps_text(at)} in " in out
     resumed = cli(args + ["--resume", "auto"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # The resident loader starts at the batch resumed at: nothing is replayed.
-    assert f"epoch 1/2 done: {15 - at} steps (resumed at step {at} of 15) in " in resumed.stdout
+    assert f"epoch 1/2 done: {steps_text(15 - at)} (resumed at step {at} of 15) in " in resumed.stdout
     assert "epoch 2/2 done: 15 steps in " in resumed.stdout
 
 

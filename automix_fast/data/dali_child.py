@@ -20,7 +20,8 @@ and nothing of the parent's `__main__` runs again) and talks to it over two pipe
 `copies` maps a sample index to the file DALI reads instead (bad_files.py: a repaired JPEG or a
 Pillow PNG). The child builds its pipeline (dali_pipelines.build_pipeline) with the seed of the
 first epoch command after it has none, as the in-process loader builds its own, so the batches
-are the same either way. When the parent goes away the child reads EOF and exits.
+are the same either way. When the parent goes away the child reads EOF and exits; it ignores
+SIGINT and SIGTERM (a Ctrl-C or a job's end is the training process's to handle).
 
 Test hook: with `AUTOMIX_FAST_DALI_CRASH` set, the child kills itself, to stand in for a
 decoder crash that no real file reproduces reliably:
@@ -284,6 +285,12 @@ class _Server:
 
 
 def main(argv: list[str]) -> int:
+    # Ctrl-C reaches the terminal's whole process group, and job schedulers signal every process
+    # of a job: the training process handles those signals (it finishes the step and writes a
+    # checkpoint), and ends this one by closing its pipes or SIGKILL. Here they would only print a
+    # KeyboardInterrupt traceback and cost a restart of the decoder for the batches still owed.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     inp, out = Connection(int(argv[0]), writable=False), Connection(int(argv[1]), readable=False)
     try:
         try:

@@ -157,10 +157,11 @@ class ProgressLine:
     """Console progress for one epoch.
 
         epoch 3/100 [######--------------] 150/500 loss 2.345 = l_mix_q 1.203 + ... lr 0.1 img/s 2450 data 3%
+            eta 2:10 (run 1:35:40)        (one line)
 
     On a TTY the line is redrawn in place with '\\r' at most every `min_interval` seconds and
     fits the terminal's width (read at each draw): the least important fields are left out
-    first (the mask note, the loss terms, data%, the bar, lr, img/s), and what still does not
+    first (the mask note, the loss terms, data%, the bar, lr, img/s, the eta), and what still does not
     fit is cut, so the line never wraps (a wrapped line cannot be redrawn). Off a TTY (CI, pipes,
     log files) a whole plain line is printed every `log_interval` steps: no '\\r', no escape codes.
 
@@ -176,6 +177,12 @@ class ProgressLine:
     once the epoch's first batch can be read: a resumed epoch whose loader cannot start
     mid-epoch first replays the batches it had done (their data order), and that time is said
     apart (`start_clock(replayed=True)`), not counted in the rate.
+    `eta` is the time left in the epoch and, before the last epoch, in the run (`run`: this epoch's
+    steps left plus `total_steps` for each epoch after it), at the measured seconds per step of the
+    steps run here since the clock started (from the end of the first of them once a second one
+    ran: the first holds warm-up, compilation and the loader's start); host time only, no device
+    sync. Evaluation and checkpoint time are not in it. The epoch summary ends with the run's
+    time left at its epoch's seconds per step (`run eta`), while epochs remain.
     `close()` prints the epoch summary and returns it as a dict for the metric log: the steps
     that ran in this process (a resumed epoch starts at `start_step`; img/s covers what ran),
     and for an epoch that ended early, where it stopped.
@@ -184,7 +191,7 @@ class ProgressLine:
 
     BAR = 20
     # Fields by how long they stay when the terminal is narrow: 0 always, higher ones leave first.
-    KEEP, RATE, LR, BAR_FIELD, DATA, TERMS, NOTE = 0, 1, 2, 3, 4, 5, 6
+    KEEP, ETA, RATE, LR, BAR_FIELD, DATA, TERMS, NOTE = 0, 1, 2, 3, 4, 5, 6, 7
 
     def __init__(self, epoch: int, epochs: int, total_steps: int, *, log_interval: int = 50,
                  stream=None, is_tty: bool | None = None, enabled: bool = True, min_interval: float = 0.2,
@@ -205,6 +212,7 @@ class ProgressLine:
         self.replay_s = 0.0  # seconds before start_clock(): a resumed epoch's replay of its done batches
         self.replayed = False  # whether that replay happened (a loader without start_at)
         self._last_draw = float("-inf")  # the first step always draws
+        self._first_step_end = None  # when the first step run here ended: the eta's clock starts there
         self.images = self._win_images = 0
         self.data_time = self._win_data = 0.0
         self._drawn = 0  # length of the line currently on screen (TTY), to blank leftovers
@@ -219,6 +227,7 @@ class ProgressLine:
         now = time.perf_counter()
         self.replay_s += now - self.start
         self.start = self._win_start = now
+        self._first_step_end = None
 
     def update(self, *, loss=None, lr: float | None = None, images: int = 0, data_time: float = 0.0,
                note: str | None = None, values: dict | None = None) -> None:
@@ -242,9 +251,11 @@ class ProgressLine:
         self._win_images += images
         self.data_time += data_time
         self._win_data += data_time
+        now = time.perf_counter()
+        if self._first_step_end is None:
+            self._first_step_end = now
         if not self.enabled:
             return
-        now = time.perf_counter()
         if self.is_tty:
             if now - self._last_draw >= self.min_interval or self.step == self.total:
                 self._emit(self._line(now), now)
@@ -255,6 +266,30 @@ class ProgressLine:
         """`img/s N` for all processes' images (this one's x world_size), labelled under torchrun."""
         text = f"img/s {self.world_size * images / max(seconds, 1e-9):.0f}"
         return text + f" ({self.world_size} procs)" if self.world_size > 1 else text
+
+    def step_seconds(self, now: float) -> float | None:
+        """Seconds per step measured in this epoch: since the end of its first step run here once
+        another one ran, else that first step's; None before any step."""
+        ran = self.step - self.start_step
+        if ran == 0:
+            return None
+        if ran == 1 or self._first_step_end is None:
+            return (now - self.start) / ran
+        return (now - self._first_step_end) / (ran - 1)
+
+    def steps_left(self) -> tuple[int, int]:
+        """Steps left in this epoch and in the run (every later epoch has `total_steps`)."""
+        epoch_left = max(self.total - self.step, 0)
+        return epoch_left, epoch_left + max(self.epochs - self.epoch, 0) * self.total
+
+    def eta_text(self, now: float) -> str | None:
+        """`eta M:SS` for the epoch, with `(run H:MM:SS)` before the last epoch; None before any step."""
+        per_step = self.step_seconds(now)
+        if per_step is None:
+            return None
+        epoch_left, run_left = self.steps_left()
+        text = f"eta {duration_text(epoch_left * per_step)}"
+        return text + f" (run {duration_text(run_left * per_step)})" if run_left > epoch_left else text
 
     def fields(self, now: float) -> list[tuple[str, int]]:
         """The line's fields in display order, each with its rank (see KEEP ... NOTE)."""
@@ -275,6 +310,9 @@ class ProgressLine:
         if self._win_images:
             parts.append((self.rate_text(self._win_images, elapsed), self.RATE))
         parts.append((f"data {100 * min(self._win_data / elapsed, 1.0):.0f}%", self.DATA))
+        eta = self.eta_text(now)
+        if eta is not None:
+            parts.append((eta, self.ETA))
         if self._note:
             parts.append((self._note, self.NOTE))
         return parts
@@ -311,15 +349,27 @@ class ProgressLine:
             head = "done" if self.step >= self.total else f"stopped at step {self.step} of {self.total}"
             replay = f", its data replayed in {self.replay_s:.1f}s" if self.replayed else ""
             resumed = f" (resumed at step {self.start_step} of {self.total}{replay})" if self.start_step else ""
-            line = f"epoch {self.epoch}/{self.epochs} {head}: {s['steps']} steps{resumed} in {s['time_s']:.1f}s"
+            steps = f"{s['steps']} step{'s' if s['steps'] != 1 else ''}"
+            line = f"epoch {self.epoch}/{self.epochs} {head}: {steps}{resumed} in {s['time_s']:.1f}s"
             if self.epoch_loss.count:
                 line += f" loss {s['loss']:.4f}"
             if self.images:
                 line += " " + self.rate_text(self.images, s["time_s"])
             line += f" data {100 * s['data_frac']:.0f}%"
+            run_left = self.steps_left()[1] if self.step >= self.total else 0
+            if run_left and s["steps"]:
+                line += f" run eta {duration_text(run_left * s['time_s'] / s['steps'])}"
             self.stream.write(line + "\n")
             self.stream.flush()
         return s
+
+
+def duration_text(seconds: float) -> str:
+    """Seconds as `M:SS`, or `H:MM:SS` from an hour (hours keep counting past a day)."""
+    total = max(0, round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def terminal_width() -> int:

@@ -65,6 +65,18 @@ def seed_rank_generators(seed: int, rank: int, step: int = 0) -> None:
         torch.manual_seed(seed_of(seed, step, rank, _RANK_GENERATOR_STREAM))
 
 
+def batch_text(batch_size: int, world_size: int, accum_steps: int) -> str:
+    """The images per optimizer step, as the start line says it: `256`, or how the global batch
+    is made (`32 x 8 procs = 256`, `64 x 2 accum = 128`), since the lr is never rescaled for it."""
+    factors = [str(batch_size)]
+    if world_size > 1:
+        factors.append(f"{world_size} procs")
+    if accum_steps > 1:
+        factors.append(f"{accum_steps} accum")
+    total = batch_size * world_size * accum_steps
+    return " x ".join(factors) + (f" = {total}" if len(factors) > 1 else "")
+
+
 class Trainer:
     """Everything one training run holds, built from a config; `fit` runs it."""
 
@@ -291,7 +303,9 @@ class Trainer:
             f"{' x' + str(self.dist.world_size) if self.dist.is_distributed else ''}, loader {self.loader_kind}, "
             f"amp {str(amp).replace('torch.', '') if amp is not None else 'off'}, "
             f"{'channels-last' if self.channels_last else 'NCHW'}, "
-            f"{cfg.schedule.epochs} epoch{'s' if cfg.schedule.epochs != 1 else ''} x {self.steps_per_epoch} steps"
+            f"{cfg.schedule.epochs} epoch{'s' if cfg.schedule.epochs != 1 else ''} x {self.steps_per_epoch} steps, "
+            f"batch {batch_text(self.spec.batch_size, self.dist.world_size, cfg.optim.grad_accum_steps)}, "
+            f"lr {cfg.optim.lr:g}"
         )
 
     def log(self, msg: str) -> None:
