@@ -33,3 +33,27 @@ def test_a_forked_child_ignores_the_signal_and_the_installing_process_stops(caps
         assert "received SIGINT: saving a checkpoint at the end of this step" in capsys.readouterr().err
     finally:
         stop.restore()
+
+
+def test_the_same_ctrl_c_arriving_twice_stops_and_a_later_one_aborts(capsys):
+    """Under torchrun a worker gets one Ctrl-C twice (from the terminal and forwarded by
+    torchrun): a SIGINT within REPEAT_GRACE_S of the first signal changes nothing, a later one
+    aborts; other repeats (SIGTERM) never abort."""
+    from automix_fast.engine.stopflag import REPEAT_GRACE_S
+
+    now = [100.0]
+    stop = StopFlag(clock=lambda: now[0]).install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop() and stop.name == "SIGINT"
+        now[0] += REPEAT_GRACE_S / 2
+        os.kill(os.getpid(), signal.SIGINT)  # the forwarded copy: no abort, no second line
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.name == "SIGINT"
+        assert capsys.readouterr().err.count("received") == 1
+        now[0] += REPEAT_GRACE_S
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()

@@ -4,16 +4,24 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
+
+# A SIGINT this soon after the first signal is the same Ctrl-C arriving again: under torchrun a
+# worker gets it from the terminal (the whole foreground group) and from torchrun's forwarding.
+REPEAT_GRACE_S = 2.0
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT; the loop checks it at each step boundary. A second SIGINT aborts.
-    Only in the process that installed it: a process forked after that (a data-loader worker,
-    which Ctrl-C reaches with the whole foreground group) inherits the handler, which does
-    nothing there; the main process stops the workers."""
+    """Set by SIGTERM/SIGINT; the loop checks it at each step boundary. The first signal decides;
+    a SIGINT at least REPEAT_GRACE_S after it aborts (one sooner is the same Ctrl-C again), other
+    repeats change nothing. Only in the process that installed it: a process forked after that
+    (a data-loader worker, which Ctrl-C reaches with the whole foreground group) inherits the
+    handler, which does nothing there; the main process stops the workers."""
 
-    def __init__(self):
+    def __init__(self, clock=time.monotonic):
         self.signal = None
+        self._clock = clock
+        self._first_at = None  # clock() at the first signal
         self._previous = {}
         self._pid = None  # the process that installed the handler
 
@@ -28,9 +36,11 @@ class StopFlag:
     def _handle(self, signum, frame):
         if os.getpid() != self._pid:
             return
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signum
+        if self.signal is not None:
+            if signum == signal.SIGINT and self._clock() - self._first_at >= REPEAT_GRACE_S:
+                raise KeyboardInterrupt
+            return
+        self.signal, self._first_at = signum, self._clock()
         print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint at the end of this step", file=sys.stderr, flush=True)
 
     def install(self):
