@@ -73,7 +73,7 @@ def test_commands_in_the_docs_use_only_flags_their_command_has():
 # Flags the docs name that are not automix-fast's: torchrun's, timm's, and the bench scripts'
 # (bench/README.md documents those, script by script).
 _NOT_OURS = {
-    "--nproc_per_node", "--nnodes", "--rdzv_backend", "--rdzv_endpoint",  # torchrun
+    "--nproc_per_node", "--nnodes", "--rdzv_backend", "--rdzv_endpoint", "--shutdown-timeout",  # torchrun
     "--warmup-prefix", "--lr-base",  # timm's train.py, named where we differ
     "--configs", "--quick", "--dry-run",  # bench/bench_train_step.py, bench/gpu_check.sh
     "--list", "--only", "--plan", "--report", "--runs", "--stop-at",  # bench/quality_study.py
