@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from automix_fast.engine.metrics import Mean, MeanDict, MetricLogger, ProgressLine, accuracy_topk, duration_text
+from automix_fast.engine.metrics import Mean, MeanDict, MetricLogger, ProgressLine, accuracy_topk, duration_text, elapsed_text
 
 
 def test_accuracy_topk_by_hand():
@@ -203,7 +203,7 @@ def test_progress_eta_is_the_epochs_and_the_runs_steps_left_at_the_measured_step
     lines = out.getvalue().splitlines()
     assert lines[0].endswith(" data 0% eta 0:14 (run 0:54)"), lines[0]
     assert lines[2].endswith(" eta 0:02 (run 0:42)"), lines[2]  # after step 9
-    assert lines[3].startswith("epoch 2/4 done: 10 steps in 118.0s ") and lines[3].endswith(" run eta 3:56")
+    assert lines[3].startswith("epoch 2/4 done: 10 steps in 1:58 ") and lines[3].endswith(" run eta 3:56")
 
 
 def test_progress_eta_after_a_mid_epoch_resume_counts_the_steps_run_here(clock):
@@ -240,3 +240,5 @@ def test_progress_eta_in_the_last_epoch_and_of_a_stopped_one(clock):
 
 def test_duration_text():
     assert [duration_text(s) for s in (0, 59.6, 125, 3725, 90000)] == ["0:00", "1:00", "2:05", "1:02:05", "25:00:00"]
+    # a time taken: tenths of a second under a minute, never "60.0s"
+    assert [elapsed_text(s) for s in (8.64, 59.94, 59.96, 5405)] == ["8.6s", "59.9s", "1:00", "1:30:05"]

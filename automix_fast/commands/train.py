@@ -15,6 +15,7 @@ from automix_fast import rundir
 from automix_fast.config import CONFIG_DIR, build_config, file_under_flags, idle_flags, load_yaml, resumed_config
 from automix_fast.data.layout import KIND_NAMES, LayoutError
 from automix_fast.engine.distributed import cleanup
+from automix_fast.engine.metrics import elapsed_text
 from automix_fast.engine.runner import Trainer
 from automix_fast.errors import DataError
 
@@ -101,8 +102,8 @@ def print_summary(summary: dict) -> None:
     ev = summary["eval"]
     epochs = summary["epochs"]
     print(f"\ndone: {summary['mix']} {summary['model']}, {epochs} epoch{'s' if epochs != 1 else ''} "
-          f"in {summary['train_seconds']:.0f}s"
-          + (f" ({summary['compile_seconds']:.0f}s of it compiling)" if "compile_seconds" in summary else ""))
+          f"in {elapsed_text(summary['train_seconds'])}"
+          + (f" ({elapsed_text(summary['compile_seconds'])} of it compiling)" if "compile_seconds" in summary else ""))
     print(f"{'head':<8} {'top-1':>7} {'top-5':>7}")
     for head in summary["heads"]:
         print(f"{head:<8} {ev[head + '_top1']:>7.2f} {ev[head + '_top5']:>7.2f}")

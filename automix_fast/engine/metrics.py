@@ -347,10 +347,10 @@ class ProgressLine:
             if self.is_tty and self._drawn:
                 self.stream.write("\n")
             head = "done" if self.step >= self.total else f"stopped at step {self.step} of {self.total}"
-            replay = f", its data replayed in {self.replay_s:.1f}s" if self.replayed else ""
+            replay = f", its data replayed in {elapsed_text(self.replay_s)}" if self.replayed else ""
             resumed = f" (resumed at step {self.start_step} of {self.total}{replay})" if self.start_step else ""
             steps = f"{s['steps']} step{'s' if s['steps'] != 1 else ''}"
-            line = f"epoch {self.epoch}/{self.epochs} {head}: {steps}{resumed} in {s['time_s']:.1f}s"
+            line = f"epoch {self.epoch}/{self.epochs} {head}: {steps}{resumed} in {elapsed_text(s['time_s'])}"
             if self.epoch_loss.count:
                 line += f" loss {s['loss']:.4f}"
             if self.images:
@@ -362,6 +362,12 @@ class ProgressLine:
             self.stream.write(line + "\n")
             self.stream.flush()
         return s
+
+
+def elapsed_text(seconds: float) -> str:
+    """A time taken: `8.6s` under a minute, else as `duration_text` (`1:30:05` reads better than
+    `5405.0s` on a long epoch)."""
+    return f"{seconds:.1f}s" if seconds < 59.95 else duration_text(seconds)
 
 
 def duration_text(seconds: float) -> str:
