@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from automix_fast.engine.hooks import EvalTimes, evaluates
 from automix_fast.engine.metrics import Mean, MeanDict, MetricLogger, ProgressLine, accuracy_topk, duration_text, elapsed_text
 
 
@@ -242,3 +243,27 @@ def test_duration_text():
     assert [duration_text(s) for s in (0, 59.6, 125, 3725, 90000)] == ["0:00", "1:00", "2:05", "1:02:05", "25:00:00"]
     # a time taken: tenths of a second under a minute, never "60.0s"
     assert [elapsed_text(s) for s in (8.64, 59.94, 59.96, 5405)] == ["8.6s", "59.9s", "1:00", "1:30:05"]
+
+
+def test_progress_run_eta_adds_the_evaluations_to_come(clock):
+    """The run's figure (line and summary) adds the caller's estimate of the evaluations still to
+    come; the epoch's own eta does not. Same steps as above: 2 s a step after a 100 s first one."""
+    out = io.StringIO()
+    p = ProgressLine(2, 4, 10, log_interval=3, stream=out, run_extra_s=60.0)
+    _clocked_steps(p, [100.0] + [2.0] * 9)
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith(" eta 0:14 (run 1:54)"), lines[0]
+    assert lines[3].endswith(" run eta 4:56"), lines[3]
+
+
+def test_eval_times_count_the_evaluations_still_to_come():
+    """Every 3rd epoch and the last of 10 evaluate (ends of epochs 3, 6, 9, 10): from epoch index 4
+    on, 3 are to come, each at the mean measured so far; none measured, nothing is added."""
+    times = EvalTimes(eval_interval=3, epochs=10)
+    assert times.seconds_left(0) == 0.0
+    times.add(10.0)
+    times.add(20.0)
+    assert times.seconds_left(4) == 45.0
+    assert times.seconds_left(9) == 15.0 and times.seconds_left(2) == 60.0
+    assert [evaluates(e, 3, 10) for e in range(10)] == [False, False, True] * 3 + [True]

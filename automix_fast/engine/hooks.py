@@ -69,6 +69,30 @@ class EpochEnd:
         return next_epoch * self.steps_per_epoch + next_batch
 
 
+def evaluates(epoch: int, eval_interval: int, epochs: int) -> bool:
+    """Whether the end of (0-based) `epoch` evaluates: every `eval_interval`-th epoch and the last."""
+    return (epoch + 1) % eval_interval == 0 or epoch + 1 == epochs
+
+
+class EvalTimes:
+    """Host seconds of the evaluations measured so far, each with its epoch's checkpoint write;
+    `seconds_left(epoch)` is their mean times the evaluations from `epoch`'s end on (0 before any
+    was measured): the part of the run's time left that the training steps' rate does not see."""
+
+    def __init__(self, eval_interval: int, epochs: int):
+        self.eval_interval, self.epochs = eval_interval, epochs
+        self.seconds: list[float] = []
+
+    def add(self, seconds: float) -> None:
+        self.seconds.append(seconds)
+
+    def seconds_left(self, epoch: int) -> float:
+        if not self.seconds:
+            return 0.0
+        to_come = sum(evaluates(e, self.eval_interval, self.epochs) for e in range(epoch, self.epochs))
+        return to_come * sum(self.seconds) / len(self.seconds)
+
+
 class Evaluation:
     """Evaluates every --eval-interval epochs and after the last; `latest` is the newest result."""
 
@@ -81,7 +105,7 @@ class Evaluation:
         if end.mid_epoch:
             return
         # --eval-interval: long runs on a CPU evaluate every k-th epoch (and always the last).
-        evaluating = (end.epoch + 1) % self.cfg.run.eval_interval == 0 or end.epoch + 1 == self.cfg.schedule.epochs
+        evaluating = evaluates(end.epoch, self.cfg.run.eval_interval, self.cfg.schedule.epochs)
         end.eval = (evaluate(self.mixer, self.loader, amp_dtype=self.amp_dtype, device=self.device,
                              reduce=self.reduce) if evaluating else {})
         self.latest = end.eval or self.latest

@@ -181,8 +181,9 @@ class ProgressLine:
     steps left plus `total_steps` for each epoch after it), at the measured seconds per step of the
     steps run here since the clock started (from the end of the first of them once a second one
     ran: the first holds warm-up, compilation and the loader's start); host time only, no device
-    sync. Evaluation and checkpoint time are not in it. The epoch summary ends with the run's
-    time left at its epoch's seconds per step (`run eta`), while epochs remain.
+    sync. The run's figure adds `run_extra_s`, the caller's estimate of the evaluations (and their
+    checkpoint writes) still to come, this epoch's included. The epoch summary ends with the run's
+    time left at its epoch's seconds per step, plus `run_extra_s` (`run eta`), while epochs remain.
     `close()` prints the epoch summary and returns it as a dict for the metric log: the steps
     that ran in this process (a resumed epoch starts at `start_step`; img/s covers what ran),
     and for an epoch that ended early, where it stopped.
@@ -195,8 +196,9 @@ class ProgressLine:
 
     def __init__(self, epoch: int, epochs: int, total_steps: int, *, log_interval: int = 50,
                  stream=None, is_tty: bool | None = None, enabled: bool = True, min_interval: float = 0.2,
-                 start_step: int = 0, world_size: int = 1, terms: Sequence[str] = ()):
+                 start_step: int = 0, world_size: int = 1, terms: Sequence[str] = (), run_extra_s: float = 0.0):
         self.epoch, self.epochs, self.total = epoch, epochs, total_steps
+        self.run_extra_s = run_extra_s  # the run's seconds to come outside training steps (evaluations)
         self.log_interval = max(1, int(log_interval))
         self.stream = stream if stream is not None else sys.stdout
         self.is_tty = self.stream.isatty() if is_tty is None and hasattr(self.stream, "isatty") else bool(is_tty)
@@ -289,7 +291,7 @@ class ProgressLine:
             return None
         epoch_left, run_left = self.steps_left()
         text = f"eta {duration_text(epoch_left * per_step)}"
-        return text + f" (run {duration_text(run_left * per_step)})" if run_left > epoch_left else text
+        return text + f" (run {duration_text(run_left * per_step + self.run_extra_s)})" if run_left > epoch_left else text
 
     def fields(self, now: float) -> list[tuple[str, int]]:
         """The line's fields in display order, each with its rank (see KEEP ... NOTE)."""
@@ -358,7 +360,7 @@ class ProgressLine:
             line += f" data {100 * s['data_frac']:.0f}%"
             run_left = self.steps_left()[1] if self.step >= self.total else 0
             if run_left and s["steps"]:
-                line += f" run eta {duration_text(run_left * s['time_s'] / s['steps'])}"
+                line += f" run eta {duration_text(run_left * s['time_s'] / s['steps'] + self.run_extra_s)}"
             self.stream.write(line + "\n")
             self.stream.flush()
         return s

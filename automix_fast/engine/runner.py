@@ -30,7 +30,7 @@ from automix_fast.engine.compile_clock import CompileClock
 from automix_fast.engine.distributed import (all_reduce_sum, average_bn_stats, barrier, convert_sync_batchnorm,
                                              flat_allreduce_mean, init_distributed)
 from automix_fast.engine.hooks import (BadFilesRecord, BadFilesStop, Checkpoints, EpochEnd, EpochLog, Evaluation,
-                                       StopAgreement)
+                                       EvalTimes, StopAgreement)
 from automix_fast.engine.initial_checkpoint import load_initial_checkpoint
 from automix_fast.engine.metrics import MetricLogger, ProgressLine
 from automix_fast.engine.optim import (build_optimizer, check_same_optimizer, host_hyperparameters,
@@ -331,14 +331,21 @@ class Trainer:
         self._announce()
         stop = StopFlag().install()
         evaluation, hooks = self._epoch_end_hooks(logger, checkpoints, stop)
+        eval_times = EvalTimes(self.cfg.run.eval_interval, self.cfg.schedule.epochs)
         t_run = time.perf_counter()
         try:
             with self.compile_clock or contextlib.nullcontext():
                 ctx = self._step_context()
                 for epoch in range(self.start_epoch, self.cfg.schedule.epochs):
-                    end = self._train_epoch(ctx, epoch, logger, stop)
+                    end = self._train_epoch(ctx, epoch, logger, stop, eval_times.seconds_left(epoch))
+                    evaluating = 0.0  # host seconds of this epoch's evaluation and checkpoint write
                     for hook in hooks:
+                        started = time.perf_counter()
                         hook.epoch_end(end)
+                        if hook is evaluation or hook is checkpoints:
+                            evaluating += time.perf_counter() - started
+                    if end.eval:
+                        eval_times.add(evaluating)
                     if self.compile_clock is not None and (note := self.compile_clock.note()):
                         self.log(note)
                     if end.outcome is not None:
@@ -448,14 +455,14 @@ class Trainer:
             ctx.stepper = StaticStep(ctx, capture=self.device.type == "cuda")
         return ctx
 
-    def _train_epoch(self, ctx: StepContext, epoch: int, logger, stop: StopFlag) -> EpochEnd:
+    def _train_epoch(self, ctx: StepContext, epoch: int, logger, stop: StopFlag, run_extra_s: float) -> EpochEnd:
         """One epoch's steps, with its progress line and train records; then BN statistics are
-        averaged over ranks (torchrun)."""
+        averaged over ranks (torchrun). `run_extra_s`: the evaluations still to come, for the run's eta."""
         skip = self.start_batch if epoch == self.start_epoch else 0
         log_interval = self.cfg.run.log_interval
         progress = ProgressLine(epoch + 1, self.cfg.schedule.epochs, self.steps_per_epoch, log_interval=log_interval,
                                 enabled=not self.quiet, start_step=skip,
-                                world_size=self.dist.world_size, terms=self.terms)
+                                world_size=self.dist.world_size, terms=self.terms, run_extra_s=run_extra_s)
 
         def on_log(i, values):
             logger.log("train", values, epoch=epoch + 1, step=epoch * self.steps_per_epoch + i)
