@@ -130,7 +130,7 @@ def test_step_compiled_automix_trains_as_eager_in_one_graph_per_kind_of_step_and
     assert lines[warmup[0] - 2].startswith("epoch 1/2 done:") and lines[warmup[0] - 1].startswith("  eval ")
     summary = json.loads((tmp_path / "step" / "summary.json").read_text())
     assert summary["compile_seconds"] == 4 * window  # 4 windows: 2 frames, 2 backward graphs
-    assert "epochs in " in out and "s (6s of it compiling)" in out
+    assert "epochs in " in out and "s (6.0s of it compiling)" in out
     stored = yaml.safe_load((tmp_path / "step" / "config.yaml").read_text())
     assert (stored["torchcompile"], stored["torchcompile_mode"], stored["torchcompile_scope"]) == \
         ("aot_eager", None, "step")
