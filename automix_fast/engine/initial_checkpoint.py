@@ -17,7 +17,6 @@ fit the model are one line saying what the file holds.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import warnings
 
@@ -125,10 +124,8 @@ def plain_weights(path: str, num_classes: int, model_name: str) -> tuple[dict[st
 def initial_weights(path: str, model_name: str, num_classes: int) -> tuple[dict[str, torch.Tensor], str]:
     """The `model.*` weights of checkpoint `path`, checked against this run's model and classes,
     and where in the file they were found ("" for our checkpoints and plain state dicts)."""
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
-        raise CheckpointError(f"--initial-checkpoint {path}: the file is empty (0 bytes)")
     try:
-        state = load_checkpoint(path)
+        state = load_checkpoint(path)  # an empty file: its one line, re-raised below
     except CheckpointError as e:
         if "unknown header" not in str(e):
             raise
